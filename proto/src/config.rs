@@ -1,0 +1,438 @@
+//! The job configuration: one YAML schema that the CLI, the coordinator and
+//! every worker parse. Defaults are SwiftBrush's (shared/SPEC.md: the paper's
+//! run as in the authors' released script). Parsing is strict
+//! (`deny_unknown_fields`) and every error names the key path.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::Path;
+
+use crate::config_error::{ConfigError, Problem};
+
+/// A whole job: what to distill, how, from which captions, where to write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// A name for logs and the dashboard.
+    #[serde(default = "default_name")]
+    pub name: String,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub method: MethodConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub world: WorldConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub precision: PrecisionConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+fn default_name() -> String {
+    "swiftbrush".to_owned()
+}
+
+/// The teacher and the image size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A diffusers pipeline folder (model_index.json, unet/, text_encoder/,
+    /// tokenizer/, scheduler/, vae/). Required; `--teacher DIR` sets it too.
+    #[serde(default)]
+    pub teacher: Option<String>,
+    /// Image side in pixels. Latents are resolution/8 with a VAE, or the
+    /// pixels themselves for a pixel-space teacher (no vae/ folder).
+    #[serde(default = "default_resolution")]
+    pub resolution: u32,
+}
+
+fn default_resolution() -> u32 {
+    512
+}
+
+/// The SwiftBrush method: SPEC.md "One training iteration".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MethodConfig {
+    /// Timestep fed to the student for its one pass (SPEC step 1).
+    pub student_timestep: u32,
+    /// The constant A in x0_hat = (z - sqrt(1-A) eps) / sqrt(A). The released
+    /// weights use 0.0047; the schedule's true abar_999 is 0.004660.
+    pub student_alpha_bar: f64,
+    /// Use the schedule's alphas_cumprod[student_timestep] instead of
+    /// `student_alpha_bar`.
+    pub student_alpha_bar_from_schedule: bool,
+    /// Smallest timestep drawn for the VSD noise (0.02 T).
+    pub min_timestep: u32,
+    /// Largest timestep drawn for the VSD noise (0.98 T).
+    pub max_timestep: u32,
+    /// Classifier-free guidance for both teachers in the VSD gradient.
+    pub guidance_scale: f64,
+    /// Probability that a LoRA-teacher step uses the null condition for the
+    /// whole batch (text dropout, SPEC step 6).
+    pub null_condition_prob: f64,
+    pub student: OptimizerConfig,
+    pub lora: LoraConfig,
+    pub ema: EmaConfig,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        Self {
+            student_timestep: 999,
+            student_alpha_bar: 0.0047,
+            student_alpha_bar_from_schedule: false,
+            min_timestep: 20,
+            max_timestep: 980,
+            guidance_scale: 4.5,
+            null_condition_prob: 0.1,
+            student: OptimizerConfig::with_lr(1e-6),
+            lora: LoraConfig::default(),
+            ema: EmaConfig::default(),
+        }
+    }
+}
+
+/// Adam with gradient-norm clipping (SPEC steps 5 and 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_adam_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Max global L2 norm of the gradient before the step.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+}
+
+impl OptimizerConfig {
+    pub fn with_lr(lr: f64) -> Self {
+        Self {
+            lr,
+            betas: default_betas(),
+            eps: default_adam_eps(),
+            weight_decay: 0.0,
+            grad_clip: default_grad_clip(),
+        }
+    }
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_adam_eps() -> f64 {
+    1e-8
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+
+/// The LoRA teacher's adapters (PEFT naming) and their optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    pub rank: u32,
+    pub alpha: f64,
+    /// Attention projections that get adapters, in every self- and
+    /// cross-attention of the UNet.
+    pub target_modules: Vec<String>,
+    pub optimizer: OptimizerConfig,
+}
+
+/// Projections a LoRA adapter can target (diffusers' Attention names).
+pub const LORA_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 64,
+            alpha: 108.0,
+            target_modules: vec!["to_q".to_owned(), "to_v".to_owned()],
+            optimizer: OptimizerConfig::with_lr(1e-3),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// alpha / rank: the factor on B·A.
+    pub fn scale(&self) -> f64 {
+        self.alpha / f64::from(self.rank)
+    }
+}
+
+/// Exponential moving average of the student (diffusers EMAModel):
+/// decay_k = min((1 + k) / (10 + k), max_decay).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmaConfig {
+    pub enabled: bool,
+    pub max_decay: f64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_decay: 0.9999,
+        }
+    }
+}
+
+/// Where captions come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Paths or object-store URLs: `.txt` (one caption a line) or `.jsonl`.
+    pub captions: Vec<String>,
+    /// The JSONL field holding the caption; when unset, `caption` then
+    /// `prompt` are tried.
+    pub jsonl_field: Option<String>,
+    /// Shuffle captions per epoch (a permutation seeded by train.seed and the
+    /// epoch).
+    pub shuffle: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            captions: Vec::new(),
+            jsonl_field: None,
+            shuffle: true,
+        }
+    }
+}
+
+/// The loop's length and its randomness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Captions per step over all ranks. Fixed when the world size changes,
+    /// so a resumed run sees the same captions in the same steps.
+    pub global_batch: u32,
+    pub max_steps: u64,
+    /// Seeds the caption order and every draw of noise and timesteps (with
+    /// the step and the rank).
+    pub seed: u64,
+    /// `auto` (first CUDA device, else CPU), `cpu` or `cuda:N`.
+    pub device: String,
+    /// Render sample images from the student every N steps (0: never).
+    pub sample_every_steps: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            global_batch: 16,
+            max_steps: 250_000,
+            seed: 0,
+            device: "auto".to_owned(),
+            sample_every_steps: 0,
+        }
+    }
+}
+
+/// Data-parallel world and failure handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorldConfig {
+    pub min_size: u32,
+    pub max_size: u32,
+    pub backend: CollectiveBackend,
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent this long is declared dead.
+    pub heartbeat_timeout_ms: u64,
+    /// A worker whose step does not advance this long is declared dead.
+    pub progress_timeout_ms: u64,
+    pub max_restarts: u32,
+}
+
+impl Default for WorldConfig {
+    fn default() -> Self {
+        Self {
+            min_size: 1,
+            max_size: 1,
+            backend: CollectiveBackend::Auto,
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 10_000,
+            progress_timeout_ms: 600_000,
+            max_restarts: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveBackend {
+    /// NCCL on CUDA devices, the TCP ring on CPU.
+    Auto,
+    Nccl,
+    Tcp,
+}
+
+/// Checkpoint policy and where the run lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Run directory: a local path, file://, s3://, gs:// URL.
+    pub run_dir: String,
+    pub every_steps: u64,
+    /// Keep the newest K committed checkpoints (the newest valid one is never
+    /// deleted).
+    pub keep_last: u32,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            run_dir: "runs/swiftbrush".to_owned(),
+            every_steps: 1_000,
+            keep_last: 3,
+        }
+    }
+}
+
+/// Number formats of the three networks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrecisionConfig {
+    /// Storage dtype of the frozen teacher (shared with the LoRA teacher).
+    pub teacher_dtype: Dtype,
+    /// Autocast for the teacher passes on CUDA (`none` to run them in
+    /// teacher_dtype as stored). Schedule and losses stay float32.
+    pub autocast: Autocast,
+    /// The student, its EMA and optimizer state are kept in this dtype.
+    pub student_dtype: Dtype,
+    /// The VAE decoder for samples (SPEC: kept in fp32).
+    pub vae_dtype: Dtype,
+}
+
+impl Default for PrecisionConfig {
+    fn default() -> Self {
+        Self {
+            teacher_dtype: Dtype::Bf16,
+            autocast: Autocast::Bf16,
+            student_dtype: Dtype::Fp32,
+            vae_dtype: Dtype::Fp32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
+    None,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Log losses and rates every N steps.
+    pub every_steps: u64,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 10,
+            format: LogFormat::Human,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+impl JobConfig {
+    /// Parses YAML text. `origin` names the source in errors (a file path).
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de)
+            .map_err(|e| ConfigError::from_parse(origin, e.path().to_string(), e.into_inner()))
+    }
+
+    /// Reads and parses a YAML file (not yet validated: see [`Self::validate`]).
+    pub fn from_yaml_file(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: origin.clone(),
+            source,
+        })?;
+        Self::from_yaml_str(&text, &origin)
+    }
+
+    /// Checks every value against what the method and the runtime allow; all
+    /// problems are reported together, each naming its key path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = crate::config_validate::problems(self);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The resolved config as YAML (every default written out).
+    pub fn to_yaml(&self) -> String {
+        // Serializing plain structs of numbers, strings and enums cannot fail.
+        serde_norway::to_string(self).unwrap_or_default()
+    }
+
+    /// sha256 of the resolved config's canonical JSON: a resumed run checks it.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&json);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Adds a problem when `ok` is false (used by validation).
+pub(crate) fn check(
+    problems: &mut Vec<Problem>,
+    ok: bool,
+    key: &str,
+    value: String,
+    allowed: &str,
+) {
+    if !ok {
+        problems.push(Problem {
+            key: key.to_owned(),
+            value,
+            allowed: allowed.to_owned(),
+        });
+    }
+}

@@ -1,0 +1,265 @@
+//! Range and consistency checks of a parsed [`JobConfig`]. Each problem names
+//! the key path, the offending value and what is allowed.
+
+use crate::config::{JobConfig, LORA_TARGETS, OptimizerConfig, check};
+use crate::config_error::Problem;
+
+pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
+    let mut p = Vec::new();
+
+    match &c.model.teacher {
+        None => p.push(Problem {
+            key: "model.teacher".to_owned(),
+            value: "missing".to_owned(),
+            allowed: "a diffusers pipeline folder; set it in the config or pass --teacher DIR"
+                .to_owned(),
+        }),
+        Some(t) => check(
+            &mut p,
+            !t.trim().is_empty(),
+            "model.teacher",
+            format!("{t:?}"),
+            "a non-empty path to a diffusers pipeline folder",
+        ),
+    }
+    let res = c.model.resolution;
+    check(
+        &mut p,
+        res >= 8 && res % 8 == 0,
+        "model.resolution",
+        res.to_string(),
+        "a positive multiple of 8",
+    );
+
+    let m = &c.method;
+    check(
+        &mut p,
+        m.student_timestep <= 999,
+        "method.student_timestep",
+        m.student_timestep.to_string(),
+        "0..=999",
+    );
+    check(
+        &mut p,
+        m.student_alpha_bar > 0.0 && m.student_alpha_bar < 1.0,
+        "method.student_alpha_bar",
+        m.student_alpha_bar.to_string(),
+        "0 < A < 1",
+    );
+    check(
+        &mut p,
+        m.min_timestep < m.max_timestep,
+        "method.min_timestep",
+        m.min_timestep.to_string(),
+        &format!("less than method.max_timestep ({})", m.max_timestep),
+    );
+    check(
+        &mut p,
+        m.max_timestep <= 999,
+        "method.max_timestep",
+        m.max_timestep.to_string(),
+        "0..=999",
+    );
+    check(
+        &mut p,
+        m.guidance_scale.is_finite() && m.guidance_scale >= 1.0,
+        "method.guidance_scale",
+        m.guidance_scale.to_string(),
+        ">= 1 (1 means no guidance)",
+    );
+    check(
+        &mut p,
+        (0.0..=1.0).contains(&m.null_condition_prob),
+        "method.null_condition_prob",
+        m.null_condition_prob.to_string(),
+        "0..=1",
+    );
+    optimizer(&mut p, "method.student", &m.student);
+    optimizer(&mut p, "method.lora.optimizer", &m.lora.optimizer);
+    check(
+        &mut p,
+        m.lora.rank >= 1,
+        "method.lora.rank",
+        m.lora.rank.to_string(),
+        "an integer >= 1",
+    );
+    check(
+        &mut p,
+        m.lora.alpha.is_finite() && m.lora.alpha > 0.0,
+        "method.lora.alpha",
+        m.lora.alpha.to_string(),
+        "> 0",
+    );
+    check(
+        &mut p,
+        !m.lora.target_modules.is_empty(),
+        "method.lora.target_modules",
+        "[]".to_owned(),
+        &format!("a non-empty list of {}", LORA_TARGETS.join(", ")),
+    );
+    for (i, t) in m.lora.target_modules.iter().enumerate() {
+        check(
+            &mut p,
+            LORA_TARGETS.contains(&t.as_str()),
+            &format!("method.lora.target_modules[{i}]"),
+            format!("{t:?}"),
+            &format!("one of {}", LORA_TARGETS.join(", ")),
+        );
+    }
+    check(
+        &mut p,
+        (0.0..1.0).contains(&m.ema.max_decay),
+        "method.ema.max_decay",
+        m.ema.max_decay.to_string(),
+        "0 <= decay < 1",
+    );
+
+    let t = &c.train;
+    check(
+        &mut p,
+        t.global_batch >= 1,
+        "train.global_batch",
+        t.global_batch.to_string(),
+        "an integer >= 1",
+    );
+    check(
+        &mut p,
+        t.max_steps >= 1,
+        "train.max_steps",
+        t.max_steps.to_string(),
+        "an integer >= 1",
+    );
+    check(
+        &mut p,
+        is_device(&t.device),
+        "train.device",
+        format!("{:?}", t.device),
+        "auto, cpu or cuda:N",
+    );
+
+    let w = &c.world;
+    check(
+        &mut p,
+        w.min_size >= 1,
+        "world.min_size",
+        w.min_size.to_string(),
+        "an integer >= 1",
+    );
+    check(
+        &mut p,
+        w.min_size <= w.max_size,
+        "world.max_size",
+        w.max_size.to_string(),
+        &format!(">= world.min_size ({})", w.min_size),
+    );
+    // Every rank takes an equal slice of the fixed global batch.
+    for (key, size) in [
+        ("world.min_size", w.min_size),
+        ("world.max_size", w.max_size),
+    ] {
+        if size >= 1 && t.global_batch >= 1 && t.global_batch % size != 0 {
+            p.push(Problem {
+                key: "train.global_batch".to_owned(),
+                value: t.global_batch.to_string(),
+                allowed: format!("a multiple of the world size: not divisible by {key} = {size}"),
+            });
+        }
+    }
+    check(
+        &mut p,
+        w.heartbeat_interval_ms >= 1,
+        "world.heartbeat_interval_ms",
+        w.heartbeat_interval_ms.to_string(),
+        ">= 1",
+    );
+    check(
+        &mut p,
+        w.heartbeat_timeout_ms > w.heartbeat_interval_ms,
+        "world.heartbeat_timeout_ms",
+        w.heartbeat_timeout_ms.to_string(),
+        &format!(
+            "greater than world.heartbeat_interval_ms ({})",
+            w.heartbeat_interval_ms
+        ),
+    );
+
+    let k = &c.checkpoint;
+    check(
+        &mut p,
+        !k.run_dir.trim().is_empty(),
+        "checkpoint.run_dir",
+        format!("{:?}", k.run_dir),
+        "a path or object-store URL",
+    );
+    check(
+        &mut p,
+        k.every_steps >= 1,
+        "checkpoint.every_steps",
+        k.every_steps.to_string(),
+        "an integer >= 1",
+    );
+    check(
+        &mut p,
+        k.keep_last >= 1,
+        "checkpoint.keep_last",
+        k.keep_last.to_string(),
+        "an integer >= 1",
+    );
+    check(
+        &mut p,
+        c.logging.every_steps >= 1,
+        "logging.every_steps",
+        c.logging.every_steps.to_string(),
+        "an integer >= 1",
+    );
+    p
+}
+
+fn optimizer(p: &mut Vec<Problem>, key: &str, o: &OptimizerConfig) {
+    check(
+        p,
+        o.lr.is_finite() && o.lr > 0.0 && o.lr <= 1.0,
+        &format!("{key}.lr"),
+        o.lr.to_string(),
+        "0 < lr <= 1",
+    );
+    for (i, b) in o.betas.iter().enumerate() {
+        check(
+            p,
+            (0.0..1.0).contains(b),
+            &format!("{key}.betas[{i}]"),
+            b.to_string(),
+            "0 <= beta < 1",
+        );
+    }
+    check(
+        p,
+        o.eps.is_finite() && o.eps > 0.0,
+        &format!("{key}.eps"),
+        o.eps.to_string(),
+        "> 0",
+    );
+    check(
+        p,
+        o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+        &format!("{key}.weight_decay"),
+        o.weight_decay.to_string(),
+        ">= 0",
+    );
+    check(
+        p,
+        o.grad_clip.is_finite() && o.grad_clip > 0.0,
+        &format!("{key}.grad_clip"),
+        o.grad_clip.to_string(),
+        "> 0",
+    );
+}
+
+fn is_device(d: &str) -> bool {
+    match d {
+        "auto" | "cpu" => true,
+        _ => d
+            .strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.parse::<u32>().is_ok()),
+    }
+}

@@ -1,0 +1,1 @@
+//! Noise schedules, samplers and guidance (diffusers-compatible).

@@ -1,0 +1,6 @@
+//! The swiftbrush worker: diffusers-compatible models in tch, the diffusion
+//! schedules and samplers, the SwiftBrush step and the trainer.
+
+pub mod diffusion;
+pub mod models;
+pub mod pipeline;

@@ -1,0 +1,1 @@
+//! Loading diffusers pipeline folders.

@@ -1,0 +1,47 @@
+//! Shared by the worker's integration tests: where the fixtures are and how
+//! tensors are compared.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tch::{Kind, Tensor};
+
+/// The fixtures folder built by `make fixtures` (tests/reference/build_all.py).
+pub fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(
+        std::env::var("SWIFTBRUSH_FIXTURES").unwrap_or_else(|_| "target/fixtures/current".into()),
+    );
+    assert!(
+        dir.join("DONE").exists(),
+        "fixtures missing at {}: run `make fixtures` (or `make test`)",
+        dir.display()
+    );
+    dir
+}
+
+/// A reference pipeline folder: "sd1", "sd2" or "sd2v".
+pub fn pipeline(kind: &str) -> PathBuf {
+    fixtures().join("pipelines").join(kind)
+}
+
+/// All tensors of a golden safetensors file under the fixtures folder.
+pub fn golden(rel: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join(rel);
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max();
+    f64::try_from(d).unwrap()
+}
+
+/// Asserts |a - b| <= tol everywhere, printing the worst difference.
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    let d = max_abs_diff(a, b);
+    assert!(d <= tol, "{what}: max abs diff {d:e} > {tol:e}");
+}
