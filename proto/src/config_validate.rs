@@ -25,7 +25,7 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
     let res = c.model.resolution;
     check(
         &mut p,
-        res >= 8 && res % 8 == 0,
+        res >= 8 && res.is_multiple_of(8),
         "model.resolution",
         res.to_string(),
         "a positive multiple of 8",
@@ -157,7 +157,7 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         ("world.min_size", w.min_size),
         ("world.max_size", w.max_size),
     ] {
-        if size >= 1 && t.global_batch >= 1 && t.global_batch % size != 0 {
+        if size >= 1 && t.global_batch >= 1 && !t.global_batch.is_multiple_of(size) {
             p.push(Problem {
                 key: "train.global_batch".to_owned(),
                 value: t.global_batch.to_string(),
