@@ -5,5 +5,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+        // device.rs loads libtorch_cuda.so from here (see there why).
+        println!("cargo:rustc-env=SWIFTBRUSH_LIBTORCH_LIB={dir}");
     }
 }

@@ -1,1 +1,20 @@
-fn main() {}
+//! The one user-facing binary. Thin on purpose: it parses the command line,
+//! sets up logging and calls into the crates that do the work.
+
+mod cli;
+mod logging;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    logging::init(args.log_format());
+    match cli::run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole anyhow chain on one line per cause.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

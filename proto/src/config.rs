@@ -431,7 +431,7 @@ pub(crate) fn check(
     if !ok {
         problems.push(Problem {
             key: key.to_owned(),
-            value,
+            value: Some(value),
             allowed: allowed.to_owned(),
         });
     }

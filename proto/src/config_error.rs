@@ -2,22 +2,26 @@
 
 use std::fmt;
 
-/// One invalid value.
+/// One invalid or missing value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     /// Dotted key path, e.g. `method.lora.rank`.
     pub key: String,
-    pub value: String,
+    /// The value as written; `None` when the key is missing.
+    pub value: Option<String>,
     pub allowed: String,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: {} is not allowed; expected {}",
-            self.key, self.value, self.allowed
-        )
+        match &self.value {
+            Some(v) => write!(
+                f,
+                "{} = {v} is not allowed; expected {}",
+                self.key, self.allowed
+            ),
+            None => write!(f, "{} is missing; expected {}", self.key, self.allowed),
+        }
     }
 }
 
@@ -57,9 +61,19 @@ impl ConfigError {
             Some(i) => raw[..i].to_owned(),
             None => raw,
         };
+        // ... and prefixes nested errors with its own key path; we print ours.
+        let raw = match raw.split_once(": ") {
+            Some((prefix, rest)) if !prefix.contains(' ') && !prefix.is_empty() => rest.to_owned(),
+            _ => raw,
+        };
         let message = match unknown_field(&raw) {
             Some((field, expected)) => {
-                let key = join_key(&path, &field);
+                // The path already ends with the unknown key.
+                let key = if path == field || path.ends_with(&format!(".{field}")) {
+                    path.clone()
+                } else {
+                    join_key(&path, &field)
+                };
                 let hint = did_you_mean(&field, &expected)
                     .map(|s| format!("did you mean `{s}`? "))
                     .unwrap_or_default();

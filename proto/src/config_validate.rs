@@ -10,7 +10,7 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
     match &c.model.teacher {
         None => p.push(Problem {
             key: "model.teacher".to_owned(),
-            value: "missing".to_owned(),
+            value: None,
             allowed: "a diffusers pipeline folder; set it in the config or pass --teacher DIR"
                 .to_owned(),
         }),
@@ -160,7 +160,7 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         if size >= 1 && t.global_batch >= 1 && !t.global_batch.is_multiple_of(size) {
             p.push(Problem {
                 key: "train.global_batch".to_owned(),
-                value: t.global_batch.to_string(),
+                value: Some(t.global_batch.to_string()),
                 allowed: format!("a multiple of the world size: not divisible by {key} = {size}"),
             });
         }

@@ -1,0 +1,180 @@
+//! The job-config schema: presets resolve, and each class of bad input is an
+//! error that names the key path.
+
+use swiftbrush_proto::{ConfigError, JobConfig};
+
+fn parse(yaml: &str) -> Result<JobConfig, ConfigError> {
+    let c = JobConfig::from_yaml_str(yaml, "test.yaml")?;
+    c.validate()?;
+    Ok(c)
+}
+
+fn err(yaml: &str) -> String {
+    match parse(yaml) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const TEACHER: &str = "model:\n  teacher: /models/sd\n";
+
+#[test]
+fn defaults_are_the_papers() {
+    let c = parse(TEACHER).unwrap();
+    let m = &c.method;
+    assert_eq!(m.student_timestep, 999);
+    assert_eq!(m.student_alpha_bar, 0.0047);
+    assert_eq!((m.min_timestep, m.max_timestep), (20, 980));
+    assert_eq!(m.guidance_scale, 4.5);
+    assert_eq!(m.null_condition_prob, 0.1);
+    assert_eq!(m.student.lr, 1e-6);
+    assert_eq!(m.student.betas, [0.9, 0.999]);
+    assert_eq!(m.student.eps, 1e-8);
+    assert_eq!(m.student.weight_decay, 0.0);
+    assert_eq!(m.student.grad_clip, 1.0);
+    assert_eq!(m.lora.rank, 64);
+    assert_eq!(m.lora.alpha, 108.0);
+    assert_eq!(m.lora.scale(), 1.6875);
+    assert_eq!(m.lora.target_modules, vec!["to_q", "to_v"]);
+    assert_eq!(m.lora.optimizer.lr, 1e-3);
+    assert_eq!(m.ema.max_decay, 0.9999);
+    assert_eq!(c.model.resolution, 512);
+    assert_eq!(c.train.global_batch, 16);
+}
+
+#[test]
+fn presets_parse_and_validate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let mut c = JobConfig::from_yaml_file(&path).unwrap();
+            c.model.teacher.get_or_insert_with(|| "/models/sd".into());
+            c.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // The resolved form parses back to the same config.
+            let again = JobConfig::from_yaml_str(&c.to_yaml(), "resolved").unwrap();
+            assert_eq!(again, c, "{}", path.display());
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    for want in ["sd15.yaml", "sd21-base.yaml", "tiny.yaml"] {
+        assert!(names.iter().any(|n| n == want), "missing preset {want}");
+    }
+}
+
+#[test]
+fn unknown_key_names_path_and_suggests() {
+    let e = err(&format!("{TEACHER}method:\n  gudance_scale: 3\n"));
+    assert!(e.contains("method.gudance_scale: unknown key"), "{e}");
+    assert!(e.contains("did you mean `guidance_scale`?"), "{e}");
+    assert!(e.contains("line 4"), "{e}");
+
+    let e = err("modle:\n  teacher: /t\n");
+    assert!(e.contains("modle: unknown key"), "{e}");
+    assert!(e.contains("did you mean `model`?"), "{e}");
+
+    let e = err(&format!("{TEACHER}method:\n  lora:\n    rnak: 4\n"));
+    assert!(e.contains("method.lora.rnak: unknown key"), "{e}");
+    assert!(e.contains("did you mean `rank`?"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_path_and_expected_type() {
+    let e = err(&format!("{TEACHER}method:\n  guidance_scale: high\n"));
+    assert!(
+        e.contains("method.guidance_scale: invalid type: string \"high\""),
+        "{e}"
+    );
+    assert!(e.contains("expected f64"), "{e}");
+    let e = err(&format!("{TEACHER}precision:\n  teacher_dtype: fp8\n"));
+    assert!(e.contains("precision.teacher_dtype"), "{e}");
+    assert!(e.contains("fp32") && e.contains("bf16"), "{e}");
+}
+
+#[test]
+fn out_of_range_learning_rates() {
+    let e = err(&format!("{TEACHER}method:\n  student:\n    lr: 0\n"));
+    assert!(
+        e.contains("method.student.lr = 0 is not allowed; expected 0 < lr <= 1"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{TEACHER}method:\n  lora:\n    optimizer:\n      lr: 5\n"
+    ));
+    assert!(
+        e.contains("method.lora.optimizer.lr = 5 is not allowed"),
+        "{e}"
+    );
+    let e = err(&format!("{TEACHER}method:\n  student:\n    lr: -1.0e-6\n"));
+    assert!(e.contains("method.student.lr = -0.000001"), "{e}");
+}
+
+#[test]
+fn guidance_below_one() {
+    let e = err(&format!("{TEACHER}method:\n  guidance_scale: 0.5\n"));
+    assert!(
+        e.contains("method.guidance_scale = 0.5 is not allowed; expected >= 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn lora_rank_zero_and_bad_target() {
+    let e = err(&format!("{TEACHER}method:\n  lora:\n    rank: 0\n"));
+    assert!(e.contains("method.lora.rank = 0 is not allowed"), "{e}");
+    let e = err(&format!(
+        "{TEACHER}method:\n  lora:\n    target_modules: [to_q, to_x]\n"
+    ));
+    assert!(
+        e.contains("method.lora.target_modules[1] = \"to_x\""),
+        "{e}"
+    );
+    assert!(e.contains("to_out.0"), "{e}");
+}
+
+#[test]
+fn global_batch_must_divide_by_world_size() {
+    let e = err(&format!(
+        "{TEACHER}train:\n  global_batch: 6\nworld:\n  min_size: 1\n  max_size: 4\n"
+    ));
+    assert!(e.contains("train.global_batch = 6 is not allowed"), "{e}");
+    assert!(e.contains("not divisible by world.max_size = 4"), "{e}");
+    let e = err(&format!("{TEACHER}world:\n  min_size: 3\n  max_size: 2\n"));
+    assert!(e.contains("world.max_size = 2"), "{e}");
+}
+
+#[test]
+fn missing_teacher() {
+    let e = err("name: x\n");
+    assert!(e.contains("missing field `model`"), "{e}");
+    let e = err("model:\n  resolution: 512\n");
+    assert!(e.contains("model.teacher is missing"), "{e}");
+    assert!(e.contains("--teacher"), "{e}");
+}
+
+#[test]
+fn all_problems_are_reported_together() {
+    let e = err(&format!(
+        "{TEACHER}method:\n  guidance_scale: 0\n  lora:\n    rank: 0\n  min_timestep: 990\n"
+    ));
+    for key in [
+        "method.guidance_scale",
+        "method.lora.rank",
+        "method.min_timestep",
+    ] {
+        assert!(e.contains(key), "{key} not in {e}");
+    }
+}
+
+#[test]
+fn fingerprint_changes_with_any_value() {
+    let a = parse(TEACHER).unwrap();
+    let mut b = a.clone();
+    assert_eq!(a.fingerprint(), b.fingerprint());
+    b.method.guidance_scale = 5.0;
+    assert_ne!(a.fingerprint(), b.fingerprint());
+    assert_eq!(a.fingerprint().len(), 64);
+}
