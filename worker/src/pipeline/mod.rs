@@ -1,1 +1,6 @@
-//! Loading diffusers pipeline folders.
+//! Loading diffusers pipeline folders: finding components and weights
+//! (`folder`); building the networks from them lands with the models.
+
+pub mod folder;
+
+pub use folder::{Component, DiffusersFolder, FolderError};
