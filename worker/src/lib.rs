@@ -3,5 +3,7 @@
 
 pub mod device;
 pub mod diffusion;
+pub mod ema;
 pub mod models;
+pub mod optim;
 pub mod pipeline;
