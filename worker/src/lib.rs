@@ -7,3 +7,4 @@ pub mod ema;
 pub mod models;
 pub mod optim;
 pub mod pipeline;
+pub mod vsd;

@@ -1,0 +1,136 @@
+"""One SwiftBrush iteration, SPEC steps 1-6, on the sd1 and sd2v fixtures
+with diffusers' UNet and peft's LoRA, from fixed draws (z, t, eps, t', eps',
+null flag). Saves both losses, the student's gradient and the adapters'
+gradient: the Rust step on the same weights and draws must match.
+
+The adapters' B matrices are set to seeded non-zero values (B = 0 at
+initialisation would make e_T == e_L and the VSD gradient zero, which
+proves nothing); the adapters are saved so the Rust side loads the same."""
+
+import copy
+import os
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from common import save_tensors
+from pipelines import load
+
+A = 0.0047  # SPEC: the student's constant alpha-bar
+GUIDANCE = 4.5
+RANK, ALPHA = 4, 8.0
+TARGETS = ["to_q", "to_v"]
+PROMPTS = ["a red circle on a white background", "a photo of a cat"]
+
+
+def encode(pipe, prompts):
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def to_eps(pred, x, abar, prediction_type):
+    """A model output as epsilon (v-prediction teachers, SPEC)."""
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * pred + (1 - abar).sqrt() * x
+    return pred
+
+
+def guided(unet, x, t, cond, uncond, ptype, abar_t):
+    b = x.shape[0]
+    out = unet(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond.expand(b, -1, -1), cond])
+    ).sample
+    out = to_eps(out, torch.cat([x, x]), torch.cat([abar_t, abar_t]), ptype)
+    u, c = out.chunk(2)
+    return u + GUIDANCE * (c - u)
+
+
+def run(pipe, kind, null_condition, seed):
+    ptype = pipe.scheduler.config.prediction_type
+    abar = pipe.scheduler.alphas_cumprod.to(torch.float32)
+    teacher = pipe.unet
+    student = copy.deepcopy(teacher)
+    teacher.requires_grad_(False)
+    teacher.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=True)
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(teacher.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora_params = {n: p for n, p in teacher.named_parameters() if p.requires_grad}
+    adapters = {k: v.detach().clone() for k, v in get_peft_model_state_dict(teacher).items()}
+
+    cond = encode(pipe, PROMPTS)
+    uncond = encode(pipe, [""])
+    b = len(PROMPTS)
+    shape = (b, 4, 8, 8)
+    z = torch.randn(shape, generator=g)
+    t = torch.tensor([137, 901])
+    eps = torch.randn(shape, generator=g)
+    t2 = torch.tensor([3, 640])
+    eps2 = torch.randn(shape, generator=g)
+
+    # 1. student draw
+    t_student = torch.full((b,), 999)
+    s_out = student(z, t_student, cond).sample
+    eps_s = to_eps(s_out, z, torch.tensor(A).view(1, 1, 1, 1), ptype)
+    x0 = (z - (1 - A) ** 0.5 * eps_s) / A**0.5
+    # 2. noise it
+    abar_t = abar[t].view(-1, 1, 1, 1)
+    x_t = abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * eps
+    # 3. both teachers with guidance
+    with torch.no_grad():
+        teacher.disable_adapters()
+        e_t = guided(teacher, x_t, t, cond, uncond, ptype, abar_t)
+        teacher.enable_adapters()
+        e_l = guided(teacher, x_t, t, cond, uncond, ptype, abar_t)
+    # 4-5. VSD gradient through the surrogate loss
+    grad = torch.nan_to_num((1 - abar_t) * (e_t - e_l))
+    loss_vsd = 0.5 * torch.nn.functional.mse_loss(
+        x0.float(), (x0 - grad).detach().float(), reduction="mean"
+    )
+    loss_vsd.backward()
+    # 6. LoRA teacher's denoising loss on the detached student draw
+    x0d = x0.detach()
+    abar_t2 = abar[t2].view(-1, 1, 1, 1)
+    x2 = abar_t2.sqrt() * x0d + (1 - abar_t2).sqrt() * eps2
+    c2 = uncond.expand(b, -1, -1) if null_condition else cond
+    pred = to_eps(teacher(x2, t2, c2).sample, x2, abar_t2, ptype)
+    loss_lora = torch.mean((abar_t2.sqrt() * (pred - eps2)) ** 2)
+    loss_lora.backward()
+
+    out = {
+        "z": z,
+        "t": t,
+        "eps": eps,
+        "t_lora": t2,
+        "eps_lora": eps2,
+        "null_condition": torch.tensor([int(null_condition)]),
+        "cond": cond,
+        "uncond": uncond,
+        "x0_hat": x0.detach(),
+        "loss_vsd": loss_vsd.detach().reshape(1),
+        "loss_lora": loss_lora.detach().reshape(1),
+    }
+    for k, v in adapters.items():
+        out[f"adapter.{k}"] = v
+    for n, p in student.named_parameters():
+        out[f"student_grad.{n}"] = p.grad
+    for n, p in lora_params.items():
+        # peft names: ...to_q.lora_A.default.weight -> ...to_q.lora_A.weight
+        out[f"lora_grad.{n.replace('.default', '')}"] = p.grad
+    return out
+
+
+def build(root, pipelines):
+    for kind, null_condition, seed in [("sd1", False, 21), ("sd1", True, 22), ("sd2v", False, 23)]:
+        pipe = load(pipelines[kind])
+        out = run(pipe, kind, null_condition, seed)
+        name = f"{kind}_null{int(null_condition)}.safetensors"
+        save_tensors(os.path.join(root, "golden", "vsd", name), out)

@@ -1,0 +1,319 @@
+//! The SwiftBrush step (shared/SPEC.md, "One training iteration", steps
+//! 1-6) as a function of its random draws, so it can be checked against a
+//! reference fed the same draws. It computes both losses and leaves their
+//! gradients in the student's and the adapters' `.grad`; all-reduce,
+//! clipping, optimizer steps and EMA belong to the trainer.
+
+use tch::{Kind, Tensor};
+
+/// A noise-prediction network (a UNet in any role).
+pub trait Denoiser {
+    /// The raw model output for latents `x` [B,C,h,w], one timestep per
+    /// sample `t` [B], text condition `cond` [B,77,D].
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor;
+}
+
+/// The teacher with switchable LoRA adapters: off it is the frozen teacher
+/// eps_phi, on it is the LoRA teacher eps_psi (one copy of the base weights).
+pub trait LoraTeacher: Denoiser {
+    fn set_adapters_enabled(&self, enabled: bool);
+}
+
+/// What the model output means (scheduler_config.json `prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+}
+
+impl Prediction {
+    /// The output as epsilon: v-prediction teachers must be converted
+    /// before any VSD formula (SPEC, known failure modes).
+    pub fn to_eps(self, output: &Tensor, x: &Tensor, alpha_bar: &Tensor) -> Tensor {
+        match self {
+            Prediction::Epsilon => output.shallow_clone(),
+            Prediction::VPrediction => alpha_bar.sqrt() * output + (1f64 - alpha_bar).sqrt() * x,
+        }
+    }
+}
+
+/// The method's constants for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct VsdConfig {
+    pub student_timestep: i64,
+    /// A in x0_hat = (z - sqrt(1 - A) eps) / sqrt(A).
+    pub student_alpha_bar: f64,
+    pub guidance_scale: f64,
+    pub prediction: Prediction,
+}
+
+/// Every random draw of one step (per rank).
+#[derive(Debug)]
+pub struct Draws {
+    /// Student input noise [B,C,h,w].
+    pub z: Tensor,
+    /// VSD timesteps [B], int64 in [min_timestep, max_timestep].
+    pub t: Tensor,
+    /// VSD noise [B,C,h,w].
+    pub eps: Tensor,
+    /// LoRA-loss timesteps [B], int64 in [0, 999].
+    pub t_lora: Tensor,
+    /// LoRA-loss noise [B,C,h,w].
+    pub eps_lora: Tensor,
+    /// The LoRA loss uses the null condition for the whole batch.
+    pub null_condition: bool,
+}
+
+impl Draws {
+    /// Draws from a generator seeded by (seed, step, rank), on the CPU so a
+    /// run's noise does not depend on the device, then moved to `device`.
+    /// Resuming at any step needs no RNG state.
+    pub fn sample(
+        key: DrawKey,
+        latent_shape: &[i64],
+        timestep_range: (i64, i64),
+        null_condition_prob: f64,
+        device: tch::Device,
+    ) -> Self {
+        tch::manual_seed(key.seed_value());
+        let b = latent_shape[0];
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let z = Tensor::randn(latent_shape, opts);
+        let t = Tensor::randint_low(
+            timestep_range.0,
+            timestep_range.1 + 1,
+            [b],
+            (Kind::Int64, tch::Device::Cpu),
+        );
+        let eps = Tensor::randn(latent_shape, opts);
+        let t_lora = Tensor::randint_low(0, 1000, [b], (Kind::Int64, tch::Device::Cpu));
+        let eps_lora = Tensor::randn(latent_shape, opts);
+        let null_condition = Tensor::rand([1], opts).double_value(&[0]) < null_condition_prob;
+        Self {
+            z: z.to_device(device),
+            t: t.to_device(device),
+            eps: eps.to_device(device),
+            t_lora: t_lora.to_device(device),
+            eps_lora: eps_lora.to_device(device),
+            null_condition,
+        }
+    }
+}
+
+/// What seeds one step's draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrawKey {
+    pub seed: u64,
+    pub step: u64,
+    pub rank: u64,
+}
+
+impl DrawKey {
+    /// A well-mixed 63-bit seed (libtorch takes an i64).
+    fn seed_value(self) -> i64 {
+        let mut x = self.seed ^ 0xA076_1D64_78BD_642F;
+        for v in [self.step, self.rank] {
+            x = (x ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            x ^= x >> 29;
+        }
+        (x >> 1) as i64
+    }
+}
+
+/// Text conditions of one batch, computed once and shared by all passes.
+pub struct Conditions {
+    /// [B,77,D]
+    pub cond: Tensor,
+    /// The empty prompt's encoding [1,77,D] (not zeros).
+    pub uncond: Tensor,
+}
+
+/// Both losses of a step (float32 scalars on the host).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VsdLosses {
+    pub vsd: f64,
+    pub lora: f64,
+}
+
+impl VsdLosses {
+    pub fn all_finite(&self) -> bool {
+        self.vsd.is_finite() && self.lora.is_finite()
+    }
+}
+
+/// One SwiftBrush iteration's forward and backward passes (SPEC 1-6).
+/// After it, the student's parameters hold the VSD gradient and the
+/// adapters hold the LoRA loss gradient. `alphas_cumprod` is the float32
+/// schedule [1000] on the latents' device.
+pub fn vsd_step(
+    student: &impl Denoiser,
+    teacher: &impl LoraTeacher,
+    alphas_cumprod: &Tensor,
+    cfg: &VsdConfig,
+    text: &Conditions,
+    draws: &Draws,
+) -> VsdLosses {
+    let b = draws.z.size()[0];
+    let device = draws.z.device();
+    let per_sample = |t: &Tensor| alphas_cumprod.index_select(0, t).view([-1, 1, 1, 1]);
+
+    // 1. Student draw: one pass at t = 999 from pure noise.
+    let t_student = Tensor::full([b], cfg.student_timestep, (Kind::Int64, device));
+    let a = Tensor::full([1, 1, 1, 1], cfg.student_alpha_bar, (Kind::Float, device));
+    let out = student.predict(&draws.z, &t_student, &text.cond);
+    let eps_s = cfg
+        .prediction
+        .to_eps(&out.to_kind(Kind::Float), &draws.z, &a);
+    let x0_hat = (&draws.z - (1f64 - &a).sqrt() * eps_s) / a.sqrt();
+
+    // 2. Noise it; x_t keeps its link to the student.
+    let abar_t = per_sample(&draws.t);
+    let x_t = abar_t.sqrt() * &x0_hat + (1f64 - &abar_t).sqrt() * &draws.eps;
+
+    // 3. Both teachers with guidance, without gradients.
+    let (e_teacher, e_lora) = tch::no_grad(|| {
+        let x = x_t.detach();
+        teacher.set_adapters_enabled(false);
+        let e_t = guided(teacher, &x, &draws.t, &abar_t, text, cfg);
+        teacher.set_adapters_enabled(true);
+        let e_l = guided(teacher, &x, &draws.t, &abar_t, text, cfg);
+        (e_t, e_l)
+    });
+
+    // 4-5. VSD gradient, applied through a surrogate whose gradient wrt
+    // x0_hat is g / numel.
+    let g = ((1f64 - &abar_t) * (e_teacher - e_lora)).nan_to_num(0.0, None, None);
+    let target = (&x0_hat - g).detach();
+    let loss_vsd = (x0_hat.to_kind(Kind::Float) - target.to_kind(Kind::Float))
+        .square()
+        .mean(Kind::Float)
+        * 0.5;
+    loss_vsd.backward();
+
+    // 6. The LoRA teacher learns to denoise the student's (detached) draws.
+    teacher.set_adapters_enabled(true);
+    let x0 = x0_hat.detach();
+    let abar_l = per_sample(&draws.t_lora);
+    let x_l = abar_l.sqrt() * &x0 + (1f64 - &abar_l).sqrt() * &draws.eps_lora;
+    let cond = if draws.null_condition {
+        text.uncond.expand([b, -1, -1], false)
+    } else {
+        text.cond.shallow_clone()
+    };
+    let pred = teacher
+        .predict(&x_l, &draws.t_lora, &cond)
+        .to_kind(Kind::Float);
+    let pred = cfg.prediction.to_eps(&pred, &x_l, &abar_l);
+    let loss_lora = (abar_l.sqrt() * (pred - &draws.eps_lora))
+        .square()
+        .mean(Kind::Float);
+    loss_lora.backward();
+
+    VsdLosses {
+        vsd: loss_vsd.double_value(&[]),
+        lora: loss_lora.double_value(&[]),
+    }
+}
+
+/// Classifier-free guidance as epsilon: cond and null run as one batch.
+fn guided(
+    model: &impl Denoiser,
+    x: &Tensor,
+    t: &Tensor,
+    abar_t: &Tensor,
+    text: &Conditions,
+    cfg: &VsdConfig,
+) -> Tensor {
+    let b = x.size()[0];
+    let xx = Tensor::cat(&[x, x], 0);
+    let tt = Tensor::cat(&[t, t], 0);
+    let cc = Tensor::cat(&[&text.uncond.expand([b, -1, -1], false), &text.cond], 0);
+    let abar = Tensor::cat(&[abar_t, abar_t], 0);
+    let out = model.predict(&xx, &tt, &cc).to_kind(Kind::Float);
+    let eps = cfg.prediction.to_eps(&out, &xx, &abar);
+    let parts = eps.chunk(2, 0);
+    &parts[0] + (&parts[1] - &parts[0]) * cfg.guidance_scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_are_a_function_of_seed_step_and_rank() {
+        let key = DrawKey {
+            seed: 1,
+            step: 5,
+            rank: 0,
+        };
+        let shape = [2, 4, 8, 8];
+        let a = Draws::sample(key, &shape, (20, 980), 0.1, tch::Device::Cpu);
+        let b = Draws::sample(key, &shape, (20, 980), 0.1, tch::Device::Cpu);
+        assert!(a.z.equal(&b.z) && a.t.equal(&b.t) && a.eps_lora.equal(&b.eps_lora));
+        assert_eq!(a.null_condition, b.null_condition);
+        let other_rank = Draws::sample(
+            DrawKey { rank: 1, ..key },
+            &shape,
+            (20, 980),
+            0.1,
+            tch::Device::Cpu,
+        );
+        assert!(!a.z.equal(&other_rank.z));
+        let other_step = Draws::sample(
+            DrawKey { step: 6, ..key },
+            &shape,
+            (20, 980),
+            0.1,
+            tch::Device::Cpu,
+        );
+        assert!(!a.z.equal(&other_step.z));
+        // Timesteps stay in their ranges.
+        for s in 0..50 {
+            let d = Draws::sample(
+                DrawKey { step: s, ..key },
+                &[8, 1, 1, 1],
+                (20, 980),
+                0.1,
+                tch::Device::Cpu,
+            );
+            let (lo, hi) = (d.t.min().int64_value(&[]), d.t.max().int64_value(&[]));
+            assert!((20..=980).contains(&lo) && (20..=980).contains(&hi));
+            let hi = d.t_lora.max().int64_value(&[]);
+            assert!(hi <= 999);
+        }
+    }
+
+    #[test]
+    fn null_condition_frequency_follows_probability() {
+        let n = (0..400)
+            .filter(|&s| {
+                Draws::sample(
+                    DrawKey {
+                        seed: 3,
+                        step: s,
+                        rank: 0,
+                    },
+                    &[1, 1, 1, 1],
+                    (20, 980),
+                    0.1,
+                    tch::Device::Cpu,
+                )
+                .null_condition
+            })
+            .count();
+        assert!((20..=60).contains(&n), "{n} of 400");
+    }
+
+    #[test]
+    fn v_prediction_converts_to_eps() {
+        // x = sqrt(a) x0 + sqrt(1-a) eps, v = sqrt(a) eps - sqrt(1-a) x0.
+        let x0 = Tensor::from_slice(&[0.3f32, -1.0]);
+        let eps = Tensor::from_slice(&[1.5f32, 0.2]);
+        let a = Tensor::from_slice(&[0.36f32]);
+        let x = a.sqrt() * &x0 + (1f64 - &a).sqrt() * &eps;
+        let v = a.sqrt() * &eps - (1f64 - &a).sqrt() * &x0;
+        let got = Prediction::VPrediction.to_eps(&v, &x, &a);
+        let d = (got - eps).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{d}");
+    }
+}
