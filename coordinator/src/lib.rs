@@ -4,5 +4,6 @@
 //! distributed runtime.
 
 pub mod caption_ledger;
+pub mod caption_source;
 
 pub use caption_ledger::{CaptionPlan, PlanError};
