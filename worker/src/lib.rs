@@ -4,6 +4,7 @@
 pub mod device;
 pub mod diffusion;
 pub mod ema;
+pub mod image_io;
 pub mod models;
 pub mod optim;
 pub mod pipeline;
