@@ -25,8 +25,15 @@ fn weights_file(kind: &str) -> PathBuf {
     unet_dir(kind).join("diffusion_pytorch_model.safetensors")
 }
 
+/// These tensors are tiny: libtorch's worker threads only contend for the
+/// CPU (up to 10x slower when test processes run side by side).
+fn single_threaded() {
+    tch::set_num_threads(1);
+}
+
 /// The fixture UNet, built without initialisation and loaded strictly.
 fn load_unet(kind: &str) -> (VarStore, UNet2DConditionModel) {
+    single_threaded();
     let cfg: UNet2DConditionConfig = read_json_config(&unet_dir(kind).join("config.json")).unwrap();
     let mut vs = VarStore::new(Device::Cpu);
     let unet = without_init(|| UNet2DConditionModel::new(vs.root(), &cfg)).unwrap();
@@ -282,4 +289,41 @@ fn unknown_block_type_is_a_config_error_naming_key_and_value() {
         err.contains(&path.display().to_string()) && err.contains("FancyDownBlock2D"),
         "{err}"
     );
+}
+
+#[test]
+fn runs_in_bfloat16_close_to_float32() {
+    let (mut vs, unet) = load_unet("sd2");
+    vs.bfloat16();
+    let g = golden("golden/unet/sd2.safetensors");
+    let bf16 = |t: &Tensor| t.to_kind(Kind::BFloat16);
+    let out = tch::no_grad(|| {
+        unet.forward(
+            &bf16(&g["sample"]),
+            &g["timesteps"],
+            &bf16(&g["encoder_hidden_states"]),
+        )
+    });
+    assert_eq!(out.kind(), Kind::BFloat16);
+    let d = max_abs_diff(&out, &g["out"]);
+    eprintln!("sd2 bfloat16: max abs diff {d:e} from float32 diffusers");
+    assert!(d < 0.1, "bfloat16 output differs by {d}");
+}
+
+#[test]
+fn default_initialisation_gives_a_usable_model() {
+    let cfg: UNet2DConditionConfig =
+        read_json_config(&unet_dir("sd1").join("config.json")).unwrap();
+    single_threaded();
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::new(vs.root(), &cfg).unwrap();
+    let vars = vs.variables();
+    let ones = &vars["down_blocks.0.resnets.0.norm1.weight"];
+    assert_eq!(f64::try_from(ones.min()).unwrap(), 1.0);
+    let g = golden("golden/unet/sd1.safetensors");
+    let out =
+        tch::no_grad(|| unet.forward(&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]));
+    let max = f64::try_from(out.abs().max()).unwrap();
+    assert!(max.is_finite() && max > 0.0, "output magnitude {max}");
 }

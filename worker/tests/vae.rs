@@ -27,6 +27,8 @@ fn weights_file(kind: &str) -> PathBuf {
 }
 
 fn build(kind: &str) -> (VarStore, AutoencoderKL) {
+    // Tiny tensors: libtorch's worker threads would only contend for the CPU.
+    tch::set_num_threads(1);
     let cfg = AutoencoderKLConfig::from_file(&vae_dir(kind).join("config.json")).unwrap();
     let vs = VarStore::new(Device::Cpu);
     let vae = without_init(|| AutoencoderKL::new(vs.root(), &cfg)).unwrap();

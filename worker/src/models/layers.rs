@@ -17,9 +17,10 @@ thread_local! {
 
 /// Runs `build` with variable initialisation switched off, like accelerate's
 /// `init_empty_weights`: every variable created inside (on this thread) is
-/// backed by `Tensor::empty`. The OS commits such pages only when they are
-/// written, so building the full SD UNet this way takes milliseconds and
-/// almost no resident memory until weights are loaded.
+/// backed by `Tensor::empty`. On the CPU the OS commits such pages only
+/// when they are written, so building the full SD UNet this way takes
+/// milliseconds and almost no resident memory until weights are loaded (on
+/// a GPU the memory is reserved but nothing is spent filling it).
 ///
 /// The values are garbage until then. Use it for models whose weights are
 /// loaded next ([`super::weights::load_strict`] writes every variable or
