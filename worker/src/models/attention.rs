@@ -150,7 +150,7 @@ impl Attention {
         let batch = x.size()[0];
         let context = encoder_hidden_states.unwrap_or(&x);
         let split_heads = |t: Tensor| {
-            t.view([batch, -1, self.heads, t.size()[2] / self.heads])
+            t.reshape([batch, -1, self.heads, t.size()[2] / self.heads])
                 .transpose(1, 2)
         };
         let query = split_heads(self.to_q.forward(&x));
