@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod clip;
 pub mod embeddings;
+pub mod layers;
 pub mod resnet;
 pub mod tokenizer;
 pub mod transformer_2d;
