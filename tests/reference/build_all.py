@@ -25,6 +25,8 @@ def content_hash():
     files = sorted(glob.glob(os.path.join(HERE, "*.py")))
     files += [os.path.join(HERE, "requirements.txt"), os.path.join(HERE, "constraints.txt")]
     files += [os.path.join(REPO, "requirements-torch.txt")]
+    # Real-architecture configs the golden scripts read.
+    files += sorted(glob.glob(os.path.join(REPO, "worker", "src", "models", "configs", "*.json")))
     for f in files:
         h.update(os.path.basename(f).encode())
         with open(f, "rb") as fh:
