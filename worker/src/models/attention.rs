@@ -7,13 +7,20 @@
 use tch::{Kind, TchError, Tensor, nn};
 
 use super::layers::{GroupNorm, Init, LayerNorm, new_var};
+use crate::lora::LoraAdapter;
 
 /// torch.nn.Linear (`weight` [out, in], optional `bias`). Every attention
-/// projection is one of these, so adapters can be attached to it by name.
+/// projection is one of these, so adapters can be attached to it by name
+/// (`crate::lora`): with an enabled adapter the output gains
+/// scale * B(A(x)), as PEFT's LoRA layer computes it.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The module's state-dict path, e.g.
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    pub path: String,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -35,11 +42,31 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            path: vs.components().collect::<Vec<_>>().join("."),
+            lora: None,
+        })
+    }
+
+    pub fn in_features(&self) -> i64 {
+        self.weight.size()[1]
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.weight.size()[0]
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match self.lora.as_ref().and_then(|l| l.forward(x)) {
+            Some(delta) => {
+                let delta = delta.to_kind(y.kind());
+                y + delta
+            }
+            None => y,
+        }
     }
 }
 

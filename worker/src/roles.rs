@@ -1,0 +1,99 @@
+//! The three networks of SwiftBrush (shared/SPEC.md): the frozen teacher
+//! and the LoRA teacher as one UNet with switchable adapters, and the
+//! student, a full trainable copy initialised from the teacher.
+
+use std::path::Path;
+
+use tch::{Device, Tensor, nn};
+
+use crate::lora::{LoraError, LoraSet, LoraSpec, attach_lora};
+use crate::models::layers::without_init;
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::{ModelError, weights};
+use crate::pipeline::DiffusersFolder;
+use crate::vsd::{Denoiser, LoraTeacher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Folder(#[from] crate::pipeline::FolderError),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
+    #[error("{0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A UNet and the VarStore that owns its weights.
+pub struct UNet {
+    pub vs: nn::VarStore,
+    pub model: UNet2DConditionModel,
+    pub config: UNet2DConditionConfig,
+}
+
+impl UNet {
+    /// Loads `unet/` of a diffusers folder strictly by name.
+    pub fn load(folder: &DiffusersFolder, device: Device) -> Result<Self, RoleError> {
+        let component = folder.component("unet")?;
+        let config = UNet2DConditionConfig::from_file(&component.config_path()?)?;
+        let files = component.weight_files()?;
+        let mut vs = nn::VarStore::new(device);
+        let model = without_init(|| UNet2DConditionModel::new(vs.root(), &config))?;
+        weights::load_strict(&mut vs, &files).map_err(ModelError::from)?;
+        Ok(Self { vs, model, config })
+    }
+
+    /// A new UNet with the same architecture and a copy of the weights.
+    pub fn duplicate(&self) -> Result<Self, RoleError> {
+        let mut vs = nn::VarStore::new(self.vs.device());
+        let model = without_init(|| UNet2DConditionModel::new(vs.root(), &self.config))?;
+        vs.copy(&self.vs)?;
+        Ok(Self {
+            vs,
+            model,
+            config: self.config.clone(),
+        })
+    }
+
+    /// Loads weights saved by [`weights::save_varstore`] (or any file with
+    /// diffusers' names) over this UNet.
+    pub fn load_weights(&mut self, file: &Path) -> Result<(), RoleError> {
+        weights::load_strict(&mut self.vs, &[file.to_owned()]).map_err(ModelError::from)?;
+        Ok(())
+    }
+}
+
+impl Denoiser for UNet {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
+        self.model.forward(x, t, cond)
+    }
+}
+
+/// The teacher's UNet, frozen, with LoRA adapters: the teacher when the
+/// adapters are off, the LoRA teacher when they are on.
+pub struct TeacherUNet {
+    pub unet: UNet,
+    pub lora: LoraSet,
+}
+
+impl TeacherUNet {
+    pub fn new(mut unet: UNet, spec: &LoraSpec) -> Result<Self, RoleError> {
+        unet.vs.freeze();
+        let device = unet.vs.device();
+        let lora = attach_lora(&mut unet.model, spec, device)?;
+        Ok(Self { unet, lora })
+    }
+}
+
+impl Denoiser for TeacherUNet {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
+        self.unet.model.forward(x, t, cond)
+    }
+}
+
+impl LoraTeacher for TeacherUNet {
+    fn set_adapters_enabled(&self, enabled: bool) {
+        self.lora.switch.set(enabled);
+    }
+}

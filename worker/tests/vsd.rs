@@ -1,0 +1,209 @@
+//! The SwiftBrush step against the pinned diffusers + peft reference
+//! (tests/reference/golden_vsd.py): same weights, same draws, same losses
+//! and gradients; and the LoRA teacher's properties.
+
+mod common;
+
+use std::collections::HashMap;
+
+use swiftbrush_worker::lora::LoraSpec;
+use swiftbrush_worker::pipeline::DiffusersFolder;
+use swiftbrush_worker::roles::{TeacherUNet, UNet};
+use swiftbrush_worker::vsd::{
+    Conditions, Denoiser, Draws, LoraTeacher, Prediction, VsdConfig, vsd_step,
+};
+use tch::{Device, Kind, Tensor};
+
+fn spec() -> LoraSpec {
+    LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        target_modules: vec!["to_q".into(), "to_v".into()],
+    }
+}
+
+fn alphas_cumprod() -> Tensor {
+    // diffusers' scaled_linear schedule in float32 (SPEC).
+    let betas = Tensor::linspace(
+        0.00085f64.sqrt(),
+        0.012f64.sqrt(),
+        1000,
+        (Kind::Float, Device::Cpu),
+    )
+    .square();
+    (1.0f64 - betas).cumprod(0, Kind::Float)
+}
+
+fn roles(kind: &str) -> (UNet, TeacherUNet) {
+    let folder = DiffusersFolder::open(&common::pipeline(kind)).unwrap();
+    let teacher = UNet::load(&folder, Device::Cpu).unwrap();
+    let student = teacher.duplicate().unwrap();
+    let teacher = TeacherUNet::new(teacher, &spec()).unwrap();
+    (student, teacher)
+}
+
+fn check(case: &str, kind: &str, prediction: Prediction) {
+    tch::set_num_threads(1);
+    let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
+    let (student, mut teacher) = roles(kind);
+    let adapters: HashMap<String, Tensor> = g
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("adapter.").map(|n| (n.to_owned(), v.copy())))
+        .collect();
+    teacher.lora.load(&adapters).unwrap();
+
+    let draws = Draws {
+        z: g["z"].copy(),
+        t: g["t"].copy(),
+        eps: g["eps"].copy(),
+        t_lora: g["t_lora"].copy(),
+        eps_lora: g["eps_lora"].copy(),
+        null_condition: g["null_condition"].int64_value(&[0]) == 1,
+    };
+    let text = Conditions {
+        cond: g["cond"].copy(),
+        uncond: g["uncond"].copy(),
+    };
+    let cfg = VsdConfig {
+        student_timestep: 999,
+        student_alpha_bar: 0.0047,
+        guidance_scale: 4.5,
+        prediction,
+    };
+    let losses = vsd_step(&student, &teacher, &alphas_cumprod(), &cfg, &text, &draws);
+
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    let want_vsd = g["loss_vsd"].double_value(&[0]);
+    let want_lora = g["loss_lora"].double_value(&[0]);
+    assert!(
+        rel(losses.vsd, want_vsd) < 1e-4,
+        "{case} vsd loss {} vs {want_vsd}",
+        losses.vsd
+    );
+    assert!(
+        rel(losses.lora, want_lora) < 1e-4,
+        "{case} lora loss {} vs {want_lora}",
+        losses.lora
+    );
+
+    // Gradients: max abs diff <= 1e-4 of the gradient's largest entry.
+    let compare = |prefix: &str, params: Vec<(String, Tensor)>| {
+        let mut worst = 0.0f64;
+        let scale = params
+            .iter()
+            .map(|(n, _)| g[&format!("{prefix}{n}")].abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        assert!(
+            scale > 0.0,
+            "{case}: reference {prefix} gradient is all zero"
+        );
+        for (name, p) in &params {
+            let want = &g[&format!("{prefix}{name}")];
+            let got = p.grad();
+            assert!(got.defined(), "{case}: no gradient for {name}");
+            worst = worst.max(common::max_abs_diff(&got, want));
+        }
+        assert!(
+            worst <= 1e-4 * scale,
+            "{case} {prefix}: max diff {worst:e}, scale {scale:e}"
+        );
+    };
+    let mut student_params: Vec<_> = student.vs.variables().into_iter().collect();
+    student_params.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        student_params.len(),
+        g.keys().filter(|k| k.starts_with("student_grad.")).count()
+    );
+    compare("student_grad.", student_params);
+    let lora_params = teacher.lora.named_parameters();
+    assert_eq!(
+        lora_params.len(),
+        g.keys().filter(|k| k.starts_with("lora_grad.")).count()
+    );
+    compare("lora_grad.", lora_params);
+
+    // The frozen teacher gets no gradient.
+    for (name, p) in teacher.unet.vs.variables() {
+        assert!(!p.requires_grad(), "teacher weight {name} is trainable");
+    }
+}
+
+#[test]
+fn vsd_step_matches_reference_sd1() {
+    check("sd1_null0", "sd1", Prediction::Epsilon);
+}
+
+#[test]
+fn vsd_step_matches_reference_sd1_null_condition() {
+    check("sd1_null1", "sd1", Prediction::Epsilon);
+}
+
+#[test]
+fn vsd_step_matches_reference_v_prediction() {
+    check("sd2v_null0", "sd2v", Prediction::VPrediction);
+}
+
+#[test]
+fn lora_teacher_equals_teacher_at_init_and_differs_after_a_step() {
+    tch::set_num_threads(1);
+    let (_, teacher) = roles("sd1");
+    tch::manual_seed(0);
+    let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[500i64]);
+    let c = Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu));
+    let off = tch::no_grad(|| {
+        teacher.set_adapters_enabled(false);
+        teacher.predict(&x, &t, &c)
+    });
+    teacher.set_adapters_enabled(true);
+    let on = teacher.predict(&x, &t, &c);
+    assert_eq!(
+        common::max_abs_diff(&on, &off),
+        0.0,
+        "B = 0: LoRA teacher == teacher"
+    );
+
+    // One gradient step on the adapters changes the LoRA teacher only.
+    let loss = on.square().mean(Kind::Float);
+    loss.backward();
+    let params = teacher.lora.named_parameters();
+    let mut opt = swiftbrush_worker::optim::Adam::new(
+        params,
+        swiftbrush_worker::optim::AdamConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    );
+    opt.step();
+    let after = tch::no_grad(|| teacher.predict(&x, &t, &c));
+    assert!(
+        common::max_abs_diff(&after, &off) > 1e-6,
+        "LoRA step changed nothing"
+    );
+    teacher.set_adapters_enabled(false);
+    let teacher_after = tch::no_grad(|| teacher.predict(&x, &t, &c));
+    assert_eq!(common::max_abs_diff(&teacher_after, &off), 0.0);
+}
+
+#[test]
+fn adapter_names_are_peft_names() {
+    let (_, teacher) = roles("sd1");
+    let g = common::golden("golden/vsd/sd1_null0.safetensors");
+    let mut ours: Vec<String> = teacher
+        .lora
+        .named_parameters()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut peft: Vec<String> = g
+        .keys()
+        .filter_map(|k| k.strip_prefix("adapter.").map(str::to_owned))
+        .collect();
+    ours.sort();
+    peft.sort();
+    assert_eq!(ours, peft);
+    assert!(ours[0].ends_with(".lora_A.weight"), "{}", ours[0]);
+}
