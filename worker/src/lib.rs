@@ -10,4 +10,5 @@ pub mod models;
 pub mod optim;
 pub mod pipeline;
 pub mod roles;
+pub mod trainer;
 pub mod vsd;

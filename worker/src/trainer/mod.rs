@@ -1,0 +1,6 @@
+//! The training loop and what it is built from: caption feeds and gradient
+//! synchronisation behind traits, so the distributed runtime swaps only
+//! those two.
+
+pub mod caption_feed;
+pub mod gradient_sync;
