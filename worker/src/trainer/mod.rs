@@ -4,3 +4,4 @@
 
 pub mod caption_feed;
 pub mod gradient_sync;
+pub mod tensor_bytes;
