@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::blocking::RunStore;
 use super::error::{Result, RunStoreError};
+use super::layout;
 use super::manifest::{CheckpointMeta, Manifest};
 use super::retention::RetentionReport;
 
@@ -142,6 +143,7 @@ fn run(store: &RunStore, job: CheckpointJob) -> UploadOutcome {
         keep_last,
     } = job;
     let result = (|| {
+        check_names(step, &files)?;
         let mut writer = store.begin_checkpoint(step);
         for (name, bytes) in files {
             writer.put_file(&name, bytes)?;
@@ -157,6 +159,21 @@ fn run(store: &RunStore, job: CheckpointJob) -> UploadOutcome {
         result,
         retention,
     }
+}
+
+/// Before any upload, so that a bad job leaves nothing behind.
+fn check_names(step: u64, files: &[(String, Bytes)]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for (name, _) in files {
+        layout::validate_name(name)?;
+        if !seen.insert(name.as_str()) {
+            return Err(RunStoreError::InvalidWrite {
+                step,
+                problem: format!("file {name:?} is listed twice"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -678,6 +678,10 @@ fn uploader_in_background(dir: &RunDir) {
         outcome.result,
         Err(RunStoreError::InvalidName { .. })
     ));
+    assert!(
+        !statuses(&store).iter().any(|(step, _)| *step == 30),
+        "a rejected job uploads nothing"
+    );
     assert!(uploader.wait().is_none(), "nothing left in flight");
     assert!(uploader.poll().is_none());
 
