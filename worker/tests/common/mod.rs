@@ -36,7 +36,9 @@ pub fn golden(rel: &str) -> HashMap<String, Tensor> {
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shape mismatch");
-    let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max();
+    let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max();
     f64::try_from(d).unwrap()
 }
 
