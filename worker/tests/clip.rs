@@ -121,9 +121,15 @@ fn real_architectures_have_transformers_names_and_sizes() {
         assert_eq!(cfg.num_params(), want, "{name}: CLIPTextConfig::num_params");
 
         let before = resident_bytes();
+        let started = std::time::Instant::now();
         let vs = nn::VarStore::new(Device::Cpu);
         let _model = CLIPTextModel::new(vs.root(), &cfg).unwrap();
         let grown = resident_bytes().saturating_sub(before);
+        eprintln!(
+            "{name}: built {want} parameters in {:?}, resident memory +{} KiB",
+            started.elapsed(),
+            grown >> 10
+        );
         assert_eq!(count_params(&vs), want, "{name}");
         assert!(
             grown < 64 << 20,

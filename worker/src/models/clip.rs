@@ -417,7 +417,7 @@ impl nn::Module for CLIPTextModel {
 /// Loads text encoder weights strictly into `vs` (built by
 /// [`CLIPTextModel::new`] on its root). Files in transformers 5's layout
 /// (no `text_model.` prefix) get the prefix; the legacy `position_ids`
-/// buffer is checked to be arange and dropped. Anything else missing,
+/// buffer is dropped. Anything else missing,
 /// unexpected or mis-shaped is an error listing every offending name.
 pub fn load_text_encoder_weights(
     vs: &mut nn::VarStore,
