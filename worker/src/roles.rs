@@ -65,8 +65,13 @@ impl UNet {
 }
 
 impl Denoiser for UNet {
+    /// Inputs are cast to the weights' dtype (a bf16 teacher takes float32
+    /// latents) and the output comes back as float32.
     fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
-        self.model.forward(x, t, cond)
+        let k = self.vs.kind();
+        self.model
+            .forward(&x.to_kind(k), t, &cond.to_kind(k))
+            .to_kind(tch::Kind::Float)
     }
 }
 
@@ -88,7 +93,7 @@ impl TeacherUNet {
 
 impl Denoiser for TeacherUNet {
     fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
-        self.unet.model.forward(x, t, cond)
+        self.unet.predict(x, t, cond)
     }
 }
 

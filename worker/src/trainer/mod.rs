@@ -3,5 +3,12 @@
 //! those two.
 
 pub mod caption_feed;
+pub mod checkpoint;
 pub mod gradient_sync;
+pub mod progress;
+pub mod run;
+pub mod single;
 pub mod tensor_bytes;
+pub mod text;
+
+pub use run::{Resume, TrainError, TrainSummary, Trainer};

@@ -1,0 +1,229 @@
+//! `swiftbrush train` as a user runs it, on the tiny SD1-style fixture:
+//! checkpoints, exact resume, a process killed mid-checkpoint, bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(
+        std::env::var("SWIFTBRUSH_FIXTURES").unwrap_or_else(|_| "target/fixtures/current".into()),
+    );
+    assert!(dir.join("DONE").exists(), "run `make fixtures` first");
+    dir
+}
+
+fn teacher(kind: &str) -> String {
+    fixtures()
+        .join("pipelines")
+        .join(kind)
+        .display()
+        .to_string()
+}
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
+
+fn train(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_swiftbrush"));
+    cmd.env_clear()
+        .env("RUST_LOG", "warn")
+        .current_dir(dir)
+        .args(["train", "--config", CONFIG, "--teacher", &teacher("sd1")])
+        .args(["--captions", "captions.txt"])
+        .args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("spawn swiftbrush")
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "a very long caption ".repeat(30);
+    let mut text = b"a red circle on a white background\na photo of a cat\n\n".to_vec();
+    text.extend_from_slice(b"bad \xff utf8\n");
+    text.extend_from_slice(format!("{long}\nthe quick brown fox\n").as_bytes());
+    std::fs::write(dir.path().join("captions.txt"), text).unwrap();
+    dir
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "train failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn checkpoint_file(run: &Path, step: u64, name: &str) -> Vec<u8> {
+    let dir = run.join("checkpoints").join(format!("step-{step:08}"));
+    let attempt = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("attempt-"))
+        .unwrap_or_else(|| panic!("no attempt in {}", dir.display()));
+    std::fs::read(attempt.path().join(name)).unwrap()
+}
+
+#[test]
+fn resume_continues_bitwise_and_survives_a_kill_mid_checkpoint() {
+    let dir = setup();
+    let d = dir.path();
+    // Uninterrupted: 4 steps, checkpoints at 2 and 4.
+    let first = train(d, &["--run-dir", "straight", "--max-steps", "4"], &[]);
+    let out = ok(&first);
+    assert!(out.contains("trained steps 0..4"), "{out}");
+    // Blank and invalid UTF-8 lines are skipped and counted.
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(log.contains("skipped 1 blank, 1 invalid UTF-8"), "{log}");
+    assert!(out.contains("last checkpoint: step 4"), "{out}");
+    // The long caption was truncated and counted (it is trained on twice in
+    // 4 steps of 2 over 4 captions).
+    assert!(out.contains("captions truncated to 77 tokens: 2"), "{out}");
+
+    // Interrupted: 2 steps, then a run that is killed while writing the
+    // step-4 checkpoint (after 2 of its files), then a resume.
+    ok(&train(
+        d,
+        &["--run-dir", "resumed", "--max-steps", "2"],
+        &[],
+    ));
+    let killed = train(
+        d,
+        &["--run-dir", "resumed", "--max-steps", "4"],
+        &[("SWIFTBRUSH_FAULT_CHECKPOINT", "4:2")],
+    );
+    assert!(!killed.status.success(), "the fault injection did not fire");
+    let out = ok(&train(
+        d,
+        &["--run-dir", "resumed", "--max-steps", "4"],
+        &[],
+    ));
+    // The partial step-4 checkpoint was ignored: training resumed at 2.
+    assert!(out.contains("trained steps 2..4"), "{out}");
+
+    for name in [
+        "student.safetensors",
+        "ema.safetensors",
+        "lora.safetensors",
+        "optimizer_student.safetensors",
+    ] {
+        let a = checkpoint_file(&d.join("straight"), 4, name);
+        let b = checkpoint_file(&d.join("resumed"), 4, name);
+        assert!(
+            a == b,
+            "{name} differs between the straight and the resumed run"
+        );
+    }
+    // The student moved away from the teacher.
+    let s2 = checkpoint_file(&d.join("straight"), 2, "student.safetensors");
+    let s4 = checkpoint_file(&d.join("straight"), 4, "student.safetensors");
+    assert!(s2 != s4);
+
+    // A run already at max_steps trains nothing more.
+    let out = ok(&train(
+        d,
+        &["--run-dir", "straight", "--max-steps", "4"],
+        &[],
+    ));
+    assert!(out.contains("trained steps 4..4"), "{out}");
+}
+
+#[test]
+fn checkpoint_from_another_teacher_is_refused() {
+    let dir = setup();
+    let d = dir.path();
+    ok(&train(d, &["--run-dir", "run", "--max-steps", "2"], &[]));
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .current_dir(d)
+        .args(["train", "--config", CONFIG, "--teacher", &teacher("sd2")])
+        .args([
+            "--captions",
+            "captions.txt",
+            "--run-dir",
+            "run",
+            "--max-steps",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("distilled from another teacher"), "{err}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = setup();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+            .env_clear()
+            .current_dir(d)
+            .arg("train")
+            .args(["--config", CONFIG])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let sd1 = teacher("sd1");
+    let e = run(&[
+        "--teacher",
+        "/no/such/teacher",
+        "--captions",
+        "captions.txt",
+    ]);
+    assert!(
+        e.contains("/no/such/teacher") && e.contains("no such directory"),
+        "{e}"
+    );
+
+    std::fs::write(d.join("blank.txt"), "\n   \n\n").unwrap();
+    let e = run(&[
+        "--teacher",
+        &sd1,
+        "--captions",
+        "blank.txt",
+        "--run-dir",
+        "r1",
+    ]);
+    assert!(e.contains("blank.txt: no captions"), "{e}");
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    let e = run(&[
+        "--teacher",
+        &sd1,
+        "--captions",
+        "empty.txt",
+        "--run-dir",
+        "r1",
+    ]);
+    assert!(e.contains("empty.txt: no captions"), "{e}");
+    let e = run(&["--teacher", &sd1, "--run-dir", "r1"]);
+    assert!(e.contains("--captions"), "{e}");
+
+    // A run directory under a regular file cannot be created.
+    std::fs::write(d.join("afile"), "x").unwrap();
+    let e = run(&[
+        "--teacher",
+        &sd1,
+        "--captions",
+        "captions.txt",
+        "--run-dir",
+        "afile/run",
+    ]);
+    assert!(e.contains("afile/run"), "{e}");
+
+    let e = run(&[
+        "--teacher",
+        &sd1,
+        "--captions",
+        "captions.txt",
+        "--resume",
+        "7",
+    ]);
+    assert!(e.contains('7'), "{e}");
+}
