@@ -47,6 +47,34 @@ enum Command {
     /// Distill the teacher into a one-step student (SwiftBrush). Resumes
     /// from the run directory's newest checkpoint when there is one.
     Train(TrainArgs),
+    /// Write a trained student as a diffusers UNet folder (EMA weights by
+    /// default), or with --pipeline a whole diffusers pipeline folder.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    /// A run directory (its newest valid checkpoint) or RUN/checkpoints/step-N.
+    #[arg(long)]
+    student: String,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also copy the teacher's text encoder, tokenizer, VAE and scheduler.
+    #[arg(long)]
+    pipeline: bool,
+    /// `ema` (the averaged weights, the paper's export) or `student`.
+    #[arg(long, value_enum, default_value_t = WeightsArg::Ema)]
+    weights: WeightsArg,
+    /// The teacher folder, if it moved since training (the run records it).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WeightsArg {
+    Ema,
+    Student,
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +136,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Train(args) => train(args),
+        Command::Export(args) => {
+            use swiftbrush_worker::export::{StudentCheckpoint, StudentWeights, export};
+            let ckpt = StudentCheckpoint::open(&args.student)?;
+            let which = match args.weights {
+                WeightsArg::Ema => StudentWeights::Ema,
+                WeightsArg::Student => StudentWeights::Raw,
+            };
+            let unet = export(
+                &ckpt,
+                which,
+                &args.out,
+                args.pipeline,
+                args.teacher.as_deref(),
+            )?;
+            println!(
+                "exported step {} ({:?} weights): UNet in {}",
+                ckpt.manifest.step,
+                which,
+                unet.display()
+            );
+            Ok(())
+        }
         Command::Doctor => {
             println!("swiftbrush {}", env!("CARGO_PKG_VERSION"));
             for (key, value) in swiftbrush_worker::device::describe() {

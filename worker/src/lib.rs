@@ -4,6 +4,7 @@
 pub mod device;
 pub mod diffusion;
 pub mod ema;
+pub mod export;
 pub mod image_io;
 pub mod lora;
 pub mod models;

@@ -1,0 +1,152 @@
+//! `swiftbrush export`: what it writes loads in diffusers and peft, as a
+//! user of those libraries would load it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(
+        std::env::var("SWIFTBRUSH_FIXTURES").unwrap_or_else(|_| "target/fixtures/current".into()),
+    );
+    assert!(dir.join("DONE").exists(), "run `make fixtures` first");
+    dir
+}
+
+fn swiftbrush(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("spawn swiftbrush");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs tests/reference/check_export.py with the project's pinned packages.
+fn check(args: &[&str]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/reference/check_export.py"))
+        .args(args)
+        .output()
+        .expect("run the reference python (make venv)");
+    assert!(
+        out.status.success(),
+        "check_export.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn trained_run() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.txt"), "a red circle\na photo of a cat\n").unwrap();
+    let teacher = fixtures().join("pipelines/sd1").display().to_string();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
+    swiftbrush(
+        dir.path(),
+        &[
+            "train",
+            "--config",
+            config,
+            "--teacher",
+            &teacher,
+            "--captions",
+            "c.txt",
+            "--run-dir",
+            "run",
+            "--max-steps",
+            "2",
+        ],
+    );
+    dir
+}
+
+fn attempt_file(run: &Path, step: u64, name: &str) -> PathBuf {
+    let dir = run.join("checkpoints").join(format!("step-{step:08}"));
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("attempt-"))
+        .unwrap()
+        .path()
+        .join(name)
+}
+
+#[test]
+fn exported_unet_and_pipeline_load_in_diffusers_and_adapters_in_peft() {
+    let dir = trained_run();
+    let d = dir.path();
+    let out = swiftbrush(d, &["export", "--student", "run", "--out", "unet_only"]);
+    assert!(out.contains("exported step 2"), "{out}");
+    let report = check(&["unet", &d.join("unet_only").display().to_string()]);
+    assert!(
+        report.contains("\"missing\": []") && report.contains("\"unexpected\": []"),
+        "{report}"
+    );
+    // The export is the EMA weights, byte for byte.
+    let exported = std::fs::read(d.join("unet_only/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(exported == std::fs::read(attempt_file(&d.join("run"), 2, "ema.safetensors")).unwrap());
+
+    // A chosen checkpoint and the raw student weights.
+    swiftbrush(
+        d,
+        &[
+            "export",
+            "--student",
+            "run/checkpoints/step-00000002",
+            "--weights",
+            "student",
+            "--out",
+            "raw",
+            "--pipeline",
+        ],
+    );
+    let raw = std::fs::read(d.join("raw/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert!(raw == std::fs::read(attempt_file(&d.join("run"), 2, "student.safetensors")).unwrap());
+    for part in [
+        "model_index.json",
+        "text_encoder",
+        "tokenizer",
+        "vae",
+        "scheduler",
+    ] {
+        assert!(
+            d.join("raw").join(part).exists(),
+            "{part} missing from the pipeline export"
+        );
+    }
+
+    // The LoRA adapters load into peft with no missing or unexpected keys.
+    let lora = attempt_file(&d.join("run"), 2, "lora.safetensors");
+    let report = check(&[
+        "peft",
+        &d.join("raw/unet").display().to_string(),
+        &lora.display().to_string(),
+        "4",
+        "8",
+        "to_q,to_v",
+    ]);
+    assert_eq!(report, r#"{"missing": [], "unexpected": []}"#);
+}
+
+#[test]
+fn export_of_a_run_without_checkpoints_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("empty_run")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .current_dir(dir.path())
+        .args(["export", "--student", "empty_run", "--out", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("empty_run"), "{err}");
+}

@@ -1,0 +1,65 @@
+"""Checks an exported student with the pinned diffusers and peft, for the
+Rust export tests (run by them; not a fixture builder, so it has no
+build()). Prints one JSON object.
+
+  check_export.py unet DIR                     UNet2DConditionModel.from_pretrained(DIR)
+  check_export.py pipeline DIR PROMPT LATENTS OUT A
+        loads the pipeline folder, runs SwiftBrush's one-step sampling
+        (t = 999, x0 = (z - sqrt(1-A) eps) / sqrt(A), VAE decode) from the
+        safetensors `latents` and writes `images` [B,3,H,W] in [0,1] to OUT
+  check_export.py peft UNET_DIR LORA RANK ALPHA TARGETS
+        attaches peft LoRA adapters and loads LORA with set_peft_model_state_dict
+"""
+
+import json
+import sys
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+
+def unet(path):
+    model, info = UNet2DConditionModel.from_pretrained(path, output_loading_info=True)
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"params": n, "missing": info["missing_keys"], "unexpected": info["unexpected_keys"]}))
+
+
+@torch.no_grad()
+def pipeline(path, prompt, latents_file, out, a):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    z = load_file(latents_file)["latents"]
+    ids = pipe.tokenizer([prompt] * z.shape[0], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    cond = pipe.text_encoder(ids)[0]
+    t = torch.full((z.shape[0],), 999)
+    out_eps = pipe.unet(z, t, cond).sample
+    if pipe.scheduler.config.prediction_type == "v_prediction":
+        out_eps = a**0.5 * out_eps + (1 - a) ** 0.5 * z
+    x0 = (z - (1 - a) ** 0.5 * out_eps) / a**0.5
+    img = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+    save_file({"images": (img / 2 + 0.5).clamp(0, 1).contiguous()}, out)
+    print(json.dumps({"ok": True}))
+
+
+def peft(unet_dir, lora, rank, alpha, targets):
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    model = UNet2DConditionModel.from_pretrained(unet_dir)
+    model.add_adapter(LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=targets.split(",")))
+    result = set_peft_model_state_dict(model, load_file(lora))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    print(json.dumps({"missing": missing, "unexpected": list(result.unexpected_keys)}))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "unet":
+        unet(*args)
+    elif cmd == "pipeline":
+        pipeline(args[0], args[1], args[2], args[3], float(args[4]))
+    elif cmd == "peft":
+        peft(*args)
+    else:
+        raise SystemExit(f"unknown command {cmd}")

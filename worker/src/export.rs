@@ -1,0 +1,184 @@
+//! `swiftbrush export`: a trained student as a diffusers UNet folder
+//! (config.json + diffusion_pytorch_model.safetensors, the EMA weights by
+//! default), or with `pipeline` a whole pipeline folder: the student UNet
+//! plus the teacher's text encoder, tokenizer, VAE and scheduler, which
+//! diffusers loads with `from_pretrained`.
+
+use std::path::{Path, PathBuf};
+
+use swiftbrush_proto::run_store::{Manifest, ResumeFrom, RunStore};
+
+use crate::pipeline::DiffusersFolder;
+use crate::trainer::checkpoint::{EMA, STATE, STUDENT, TrainState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Store(#[from] swiftbrush_proto::run_store::RunStoreError),
+    #[error(transparent)]
+    Folder(#[from] crate::pipeline::FolderError),
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which student weights to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StudentWeights {
+    Ema,
+    Raw,
+}
+
+/// A checkpoint chosen from a user's path: a run directory (its newest
+/// valid checkpoint) or `RUN/checkpoints/step-N`.
+pub struct StudentCheckpoint {
+    pub store: RunStore,
+    pub manifest: Manifest,
+    pub state: TrainState,
+}
+
+impl StudentCheckpoint {
+    pub fn open(path: &str) -> Result<Self, ExportError> {
+        let trimmed = path.trim_end_matches('/');
+        let (run, from) = match split_step(trimmed) {
+            Some((run, step)) => (run, ResumeFrom::Step(step)),
+            None => (trimmed.to_owned(), ResumeFrom::Latest),
+        };
+        let store = RunStore::open(&run)?;
+        let manifest = store.resolve(from)?;
+        let bytes = store.read_manifest_file(&manifest, STATE)?;
+        let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| {
+            ExportError::Invalid(format!(
+                "{run}: checkpoint step {} {STATE}: {e}",
+                manifest.step
+            ))
+        })?;
+        Ok(Self {
+            store,
+            manifest,
+            state,
+        })
+    }
+
+    /// The student weights as a safetensors blob with diffusers' names.
+    pub fn weights(&self, which: StudentWeights) -> Result<bytes::Bytes, ExportError> {
+        let name = match which {
+            StudentWeights::Ema => EMA,
+            StudentWeights::Raw => STUDENT,
+        };
+        Ok(self.store.read_manifest_file(&self.manifest, name)?)
+    }
+
+    /// The teacher folder recorded in the run, unless overridden.
+    pub fn teacher(&self, teacher: Option<&Path>) -> Result<DiffusersFolder, ExportError> {
+        let dir = teacher
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&self.state.teacher));
+        DiffusersFolder::open(&dir).map_err(|e| {
+            ExportError::Invalid(format!(
+                "{e} (the run recorded teacher {}; pass --teacher DIR if it moved)",
+                self.state.teacher
+            ))
+        })
+    }
+}
+
+/// `RUN/checkpoints/step-00000042` -> (RUN, 42).
+fn split_step(path: &str) -> Option<(String, u64)> {
+    let (parent, last) = path.rsplit_once('/')?;
+    let step = last.strip_prefix("step-")?.parse().ok()?;
+    let run = parent.strip_suffix("/checkpoints")?;
+    Some((run.to_owned(), step))
+}
+
+/// Writes the export; returns the UNet folder.
+pub fn export(
+    ckpt: &StudentCheckpoint,
+    which: StudentWeights,
+    out: &Path,
+    pipeline: bool,
+    teacher: Option<&Path>,
+) -> Result<PathBuf, ExportError> {
+    let folder = ckpt.teacher(teacher)?;
+    let unet_src = folder.component("unet")?;
+    let unet_dir = if pipeline {
+        out.join("unet")
+    } else {
+        out.to_owned()
+    };
+    create_dir(&unet_dir)?;
+    copy(&unet_src.config_path()?, &unet_dir.join("config.json"))?;
+    let weights = ckpt.weights(which)?;
+    write(
+        &unet_dir.join("diffusion_pytorch_model.safetensors"),
+        &weights,
+    )?;
+    if pipeline {
+        copy(
+            &folder.root().join("model_index.json"),
+            &out.join("model_index.json"),
+        )?;
+        for name in ["text_encoder", "tokenizer", "vae", "scheduler"] {
+            if let Ok(c) = folder.component(name) {
+                copy_dir(&c.dir, &out.join(name))?;
+            }
+        }
+    }
+    Ok(unet_dir)
+}
+
+fn io(path: &Path, e: std::io::Error) -> ExportError {
+    ExportError::Io {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn create_dir(p: &Path) -> Result<(), ExportError> {
+    std::fs::create_dir_all(p).map_err(|e| io(p, e))
+}
+
+/// Written to a temporary name first, so an interrupted export never
+/// leaves a truncated weights file under the final name.
+fn write(p: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+    let tmp = p.with_extension("partial");
+    std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, p).map_err(|e| io(p, e))
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
+    std::fs::copy(from, to).map(|_| ()).map_err(|e| io(from, e))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), ExportError> {
+    create_dir(to)?;
+    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
+        let entry = entry.map_err(|e| io(from, e))?;
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()))?;
+        } else {
+            copy(&path, &to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_step;
+
+    #[test]
+    fn checkpoint_paths() {
+        assert_eq!(
+            split_step("runs/a/checkpoints/step-00000042"),
+            Some(("runs/a".to_owned(), 42))
+        );
+        assert_eq!(
+            split_step("s3://b/run/checkpoints/step-7"),
+            Some(("s3://b/run".to_owned(), 7))
+        );
+        assert_eq!(split_step("runs/a"), None);
+    }
+}
