@@ -387,24 +387,17 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
     /// finite, clip, Adam for the student and for the adapters. Returns
     /// whether the updates were applied.
     fn optimizer_steps(&mut self, losses: &VsdLosses) -> Result<bool, TrainError> {
-        let student_grads = gradients(self.opt_student.params());
-        let lora_grads = gradients(self.opt_lora.params());
-        self.sync.all_reduce_mean(&student_grads)?;
-        self.sync.all_reduce_mean(&lora_grads)?;
-        let finite = losses.all_finite() && all_finite(&student_grads) && all_finite(&lora_grads);
-        let ok = self.sync.all_ok(finite)?;
-        if ok {
-            clip_grad_norm(self.opt_student.params(), self.cfg.method.student.grad_clip);
-            self.opt_student.step();
-            clip_grad_norm(
-                self.opt_lora.params(),
-                self.cfg.method.lora.optimizer.grad_clip,
-            );
-            self.opt_lora.step();
-        }
-        self.opt_student.zero_grad();
-        self.opt_lora.zero_grad();
-        Ok(ok)
+        let clips = (
+            self.cfg.method.student.grad_clip,
+            self.cfg.method.lora.optimizer.grad_clip,
+        );
+        apply_updates(
+            &mut self.opt_student,
+            &mut self.opt_lora,
+            &mut self.sync,
+            losses,
+            clips,
+        )
     }
 
     /// EMA of the student.
@@ -463,6 +456,35 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
     }
 }
 
+/// Averages both networks' gradients over the ranks, then, only if every
+/// rank's losses and gradients are finite, clips and steps both optimizers.
+/// Gradients are zeroed either way. Returns whether the updates were applied:
+/// a NaN anywhere skips the step everywhere, never applied, so replicas stay
+/// identical.
+pub fn apply_updates(
+    opt_student: &mut Adam,
+    opt_lora: &mut Adam,
+    sync: &mut impl GradientSync,
+    losses: &VsdLosses,
+    (student_clip, lora_clip): (f64, f64),
+) -> Result<bool, TrainError> {
+    let student_grads = gradients(opt_student.params());
+    let lora_grads = gradients(opt_lora.params());
+    sync.all_reduce_mean(&student_grads)?;
+    sync.all_reduce_mean(&lora_grads)?;
+    let finite = losses.all_finite() && all_finite(&student_grads) && all_finite(&lora_grads);
+    let ok = sync.all_ok(finite)?;
+    if ok {
+        clip_grad_norm(opt_student.params(), student_clip);
+        opt_student.step();
+        clip_grad_norm(opt_lora.params(), lora_clip);
+        opt_lora.step();
+    }
+    opt_student.zero_grad();
+    opt_lora.zero_grad();
+    Ok(ok)
+}
+
 fn ema_decay(cfg: &EmaConfig) -> f64 {
     if cfg.enabled { cfg.max_decay } else { 0.0 }
 }
@@ -511,4 +533,77 @@ fn latent_shape(
 /// The device a config asks for.
 pub fn device_of(cfg: &JobConfig) -> Result<Device, TrainError> {
     crate::device::parse_device(&cfg.train.device).map_err(|e| TrainError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::gradient_sync::SingleProcess;
+    use tch::Kind;
+
+    fn adam(p: &Tensor) -> Adam {
+        Adam::new(
+            [("w".to_owned(), p.shallow_clone())],
+            AdamConfig {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        )
+    }
+
+    #[test]
+    fn non_finite_losses_or_gradients_skip_both_updates() {
+        let s = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let l = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let (mut os, mut ol) = (adam(&s), adam(&l));
+        let losses = |vsd: f64| VsdLosses { vsd, lora: 0.5 };
+
+        // A NaN loss: nothing moves, gradients are cleared.
+        (&s * 2.0).sum(Kind::Float).backward();
+        (&l * 2.0).sum(Kind::Float).backward();
+        let applied = apply_updates(
+            &mut os,
+            &mut ol,
+            &mut SingleProcess,
+            &losses(f64::NAN),
+            (1.0, 1.0),
+        )
+        .unwrap();
+        assert!(!applied);
+        assert_eq!(Vec::<f32>::try_from(s.detach()).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(os.num_steps(), 0);
+        assert_eq!(s.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
+
+        // A finite loss but an infinite gradient: skipped too.
+        (&s * f64::INFINITY).sum(Kind::Float).backward();
+        let applied = apply_updates(
+            &mut os,
+            &mut ol,
+            &mut SingleProcess,
+            &losses(0.1),
+            (1.0, 1.0),
+        )
+        .unwrap();
+        assert!(!applied);
+        assert_eq!(Vec::<f32>::try_from(l.detach()).unwrap(), vec![3.0]);
+
+        // All finite: both networks step.
+        (&s * 2.0).sum(Kind::Float).backward();
+        (&l * 2.0).sum(Kind::Float).backward();
+        let applied = apply_updates(
+            &mut os,
+            &mut ol,
+            &mut SingleProcess,
+            &losses(0.1),
+            (1.0, 1.0),
+        )
+        .unwrap();
+        assert!(applied);
+        assert_eq!(os.num_steps(), 1);
+        assert_eq!(ol.num_steps(), 1);
+        assert!(Vec::<f32>::try_from(l.detach()).unwrap()[0] < 3.0);
+    }
 }
