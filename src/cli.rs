@@ -50,6 +50,30 @@ enum Command {
     /// Write a trained student as a diffusers UNet folder (EMA weights by
     /// default), or with --pipeline a whole diffusers pipeline folder.
     Export(ExportArgs),
+    /// Benchmarks (timings live here, never in tests).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Median time, images/s and peak memory of the SwiftBrush training step.
+    VsdStep {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides model.teacher.
+        #[arg(long)]
+        teacher: Option<String>,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        /// Overrides train.device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +160,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Train(args) => train(args),
+        Command::Bench(BenchCommand::VsdStep {
+            config,
+            teacher,
+            steps,
+            device,
+            json,
+        }) => {
+            let mut cfg = load_config(&config, teacher)?;
+            if let Some(d) = device {
+                cfg.train.device = d;
+            }
+            let report = swiftbrush_worker::bench::bench_vsd_step(cfg, steps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
         Command::Export(args) => {
             use swiftbrush_worker::export::{StudentCheckpoint, StudentWeights, export};
             let ckpt = StudentCheckpoint::open(&args.student)?;

@@ -150,3 +150,28 @@ fn export_of_a_run_without_checkpoints_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("empty_run"), "{err}");
 }
+
+#[test]
+fn bench_vsd_step_reports_json() {
+    let teacher = fixtures().join("pipelines/sd1").display().to_string();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let out = swiftbrush(
+        dir.path(),
+        &[
+            "bench",
+            "vsd-step",
+            "--config",
+            config,
+            "--teacher",
+            &teacher,
+            "--steps",
+            "1",
+            "--json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(report["steps"], 1);
+    assert_eq!(report["images_per_step"], 2);
+    assert!(report["median_step_s"].as_f64().unwrap() > 0.0);
+}

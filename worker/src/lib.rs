@@ -1,6 +1,7 @@
 //! The swiftbrush worker: diffusers-compatible models in tch, the diffusion
 //! schedules and samplers, the SwiftBrush step and the trainer.
 
+pub mod bench;
 pub mod device;
 pub mod diffusion;
 pub mod ema;

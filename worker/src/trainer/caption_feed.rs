@@ -63,6 +63,19 @@ impl LocalCaptionFeed {
             captions.extend(parsed.captions);
             skipped.add(&parsed.skipped);
         }
+        let mut feed = Self::from_captions(captions, plan, rank, world_size)?;
+        feed.skipped = skipped;
+        Ok(feed)
+    }
+
+    /// A feed over captions already in memory; `plan` is (global batch,
+    /// seed, shuffle).
+    pub fn from_captions(
+        captions: Vec<String>,
+        plan: (u64, u64, bool),
+        rank: u64,
+        world_size: u64,
+    ) -> Result<Self, FeedError> {
         let (global_batch, seed, shuffle) = plan;
         let plan = CaptionPlan::new(captions.len() as u64, global_batch, seed, shuffle)?;
         plan.per_rank(world_size)?;
@@ -71,7 +84,7 @@ impl LocalCaptionFeed {
             plan,
             rank,
             world_size,
-            skipped,
+            skipped: SkipStats::default(),
         })
     }
 

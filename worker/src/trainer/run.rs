@@ -303,23 +303,7 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
         let mut last_losses = None;
         for step in start_step..max_steps {
             let t0 = Instant::now();
-            let text = self.batch(step)?;
-            let losses = self.vsd_step(step, &text);
-            let applied = self.optimizer_steps(&losses)?;
-            if applied {
-                self.ema_update();
-            } else {
-                self.state.num_nonfinite_steps += 1;
-                tracing::warn!(
-                    step,
-                    vsd = losses.vsd,
-                    lora = losses.lora,
-                    "non-finite loss or gradient: step skipped"
-                );
-            }
-            self.state.step = step + 1;
-            let pos = self.feed_position(step + 1);
-            (self.state.epoch, self.state.caption_index) = pos;
+            let losses = self.train_step(step)?;
             last_losses = Some(losses);
             let images = self.latent_shape[0] as f64 * self.sync.world_size() as f64;
             self.progress
@@ -339,6 +323,32 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
             last_checkpoint: self.last_checkpoint,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// One iteration: batch, vsd step, optimizer steps, EMA; advances the
+    /// state to `step + 1`.
+    pub fn train_step(&mut self, step: u64) -> Result<VsdLosses, TrainError> {
+        let text = self.batch(step)?;
+        let losses = self.vsd_step(step, &text);
+        if self.optimizer_steps(&losses)? {
+            self.ema_update();
+        } else {
+            self.state.num_nonfinite_steps += 1;
+            tracing::warn!(
+                step,
+                vsd = losses.vsd,
+                lora = losses.lora,
+                "non-finite loss or gradient: step skipped"
+            );
+        }
+        self.state.step = step + 1;
+        (self.state.epoch, self.state.caption_index) = self.feed_position(step + 1);
+        Ok(losses)
+    }
+
+    /// Images per step over all ranks.
+    pub fn images_per_step(&self) -> u64 {
+        self.latent_shape[0] as u64 * self.sync.world_size()
     }
 
     /// batch: this rank's captions for `step`, encoded once for all passes.

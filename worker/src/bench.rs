@@ -1,0 +1,102 @@
+//! `swiftbrush bench vsd-step`: how fast the training step runs on this
+//! machine (median step time, images/s, peak host memory). Timings live
+//! here, never in pass/fail tests.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use swiftbrush_proto::JobConfig;
+
+use crate::trainer::caption_feed::LocalCaptionFeed;
+use crate::trainer::gradient_sync::SingleProcess;
+use crate::trainer::run::{Resume, TrainError, Trainer, device_of};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VsdBenchReport {
+    pub device: String,
+    pub images_per_step: u64,
+    pub steps: u64,
+    pub median_step_s: f64,
+    pub mean_step_s: f64,
+    pub images_per_s: f64,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_host_mib: Option<f64>,
+}
+
+impl VsdBenchReport {
+    pub fn table(&self) -> String {
+        format!(
+            "device            {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\n",
+            self.device,
+            self.images_per_step,
+            self.steps,
+            self.median_step_s,
+            self.mean_step_s,
+            self.images_per_s,
+            self.peak_host_mib
+                .map_or("n/a".to_owned(), |m| format!("{m:.0} MiB")),
+        )
+    }
+}
+
+/// Builds the trainer as `train` would (with an in-memory run directory and
+/// fixed captions), runs one untimed warm-up step, then `steps` timed ones.
+pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, TrainError> {
+    cfg.checkpoint.run_dir = "memory://".to_owned();
+    let device = device_of(&cfg)?;
+    let captions: Vec<String> = [
+        "a photo of an astronaut riding a horse on mars",
+        "a red circle on a white background",
+        "an oil painting of a lighthouse at dusk, dramatic light",
+        "a bowl of fruit on a wooden table",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let feed = LocalCaptionFeed::from_captions(
+        captions,
+        (u64::from(cfg.train.global_batch), cfg.train.seed, true),
+        0,
+        1,
+    )?;
+    let mut trainer = Trainer::build(cfg, device, feed, SingleProcess, Resume::Auto)?;
+    trainer.train_step(0)?;
+    let mut times = Vec::with_capacity(steps as usize);
+    for step in 1..=steps {
+        let t0 = Instant::now();
+        trainer.train_step(step)?;
+        if device.is_cuda() {
+            tch::Cuda::synchronize(device_index(device));
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let images = trainer.images_per_step();
+    Ok(VsdBenchReport {
+        device: format!("{device:?}"),
+        images_per_step: images,
+        steps,
+        median_step_s: median,
+        mean_step_s: mean,
+        images_per_s: images as f64 / median,
+        peak_host_mib: peak_rss_mib(),
+    })
+}
+
+fn device_index(device: tch::Device) -> i64 {
+    match device {
+        tch::Device::Cuda(i) => i as i64,
+        _ => 0,
+    }
+}
+
+/// VmHWM from /proc/self/status (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
