@@ -2,6 +2,7 @@
 //! schedules and samplers, the SwiftBrush step and the trainer.
 
 pub mod bench;
+pub mod collective;
 pub mod device;
 pub mod diffusion;
 pub mod ema;

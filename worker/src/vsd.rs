@@ -64,40 +64,74 @@ pub struct Draws {
     pub null_condition: bool,
 }
 
+/// Draws happen under one lock: libtorch's generator is process-global, and
+/// two trainers in one process (tests) must not interleave seed and draw.
+static DRAW_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` with libtorch's global generator seeded to `seed`, holding the
+/// draw lock: for initialisations that must be identical on every rank
+/// (the LoRA adapters' A matrices).
+pub fn with_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed as i64);
+    f()
+}
+
 impl Draws {
-    /// Draws from a generator seeded by (seed, step, rank), on the CPU so a
-    /// run's noise does not depend on the device, then moved to `device`.
-    /// Resuming at any step needs no RNG state.
+    /// Draws the whole global batch from a generator seeded by (seed, step)
+    /// on the CPU, then keeps this rank's rows. So the noise of every sample
+    /// is a function of (seed, step, sample index): independent of the device
+    /// and of the world size (a resumed run with another world size, or one
+    /// rank with the global batch, sees exactly the same draws), and needs no
+    /// RNG state to resume. The null-condition flag is one draw per
+    /// iteration, shared by all ranks.
     pub fn sample(
         key: DrawKey,
         latent_shape: &[i64],
+        slice: RankSlice,
         timestep_range: (i64, i64),
         null_condition_prob: f64,
         device: tch::Device,
     ) -> Self {
+        let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(key.seed_value());
-        let b = latent_shape[0];
+        let per_rank = latent_shape[0];
+        let global = per_rank * slice.world_size as i64;
+        let mut shape = latent_shape.to_vec();
+        shape[0] = global;
         let opts = (Kind::Float, tch::Device::Cpu);
-        let z = Tensor::randn(latent_shape, opts);
-        let t = Tensor::randint_low(
-            timestep_range.0,
-            timestep_range.1 + 1,
-            [b],
-            (Kind::Int64, tch::Device::Cpu),
-        );
-        let eps = Tensor::randn(latent_shape, opts);
-        let t_lora = Tensor::randint_low(0, 1000, [b], (Kind::Int64, tch::Device::Cpu));
-        let eps_lora = Tensor::randn(latent_shape, opts);
+        let ints = (Kind::Int64, tch::Device::Cpu);
+        let z = Tensor::randn(&shape, opts);
+        let t = Tensor::randint_low(timestep_range.0, timestep_range.1 + 1, [global], ints);
+        let eps = Tensor::randn(&shape, opts);
+        let t_lora = Tensor::randint_low(0, 1000, [global], ints);
+        let eps_lora = Tensor::randn(&shape, opts);
         let null_condition = Tensor::rand([1], opts).double_value(&[0]) < null_condition_prob;
+        let start = slice.rank as i64 * per_rank;
+        let mine = |x: Tensor| x.narrow(0, start, per_rank).contiguous().to_device(device);
         Self {
-            z: z.to_device(device),
-            t: t.to_device(device),
-            eps: eps.to_device(device),
-            t_lora: t_lora.to_device(device),
-            eps_lora: eps_lora.to_device(device),
+            z: mine(z),
+            t: mine(t),
+            eps: mine(eps),
+            t_lora: mine(t_lora),
+            eps_lora: mine(eps_lora),
             null_condition,
         }
     }
+}
+
+/// Which rows of the global batch this rank holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RankSlice {
+    pub rank: u64,
+    pub world_size: u64,
+}
+
+impl RankSlice {
+    pub const SINGLE: RankSlice = RankSlice {
+        rank: 0,
+        world_size: 1,
+    };
 }
 
 /// What seeds one step's draws.
@@ -105,17 +139,16 @@ impl Draws {
 pub struct DrawKey {
     pub seed: u64,
     pub step: u64,
-    pub rank: u64,
 }
 
 impl DrawKey {
     /// A well-mixed 63-bit seed (libtorch takes an i64).
     fn seed_value(self) -> i64 {
         let mut x = self.seed ^ 0xA076_1D64_78BD_642F;
-        for v in [self.step, self.rank] {
-            x = (x ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            x ^= x >> 29;
-        }
+        x = (x ^ self.step).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 29;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 32;
         (x >> 1) as i64
     }
 }
@@ -239,67 +272,66 @@ fn guided(
 mod tests {
     use super::*;
 
+    fn draw(seed: u64, step: u64, shape: &[i64], slice: RankSlice) -> Draws {
+        Draws::sample(
+            DrawKey { seed, step },
+            shape,
+            slice,
+            (20, 980),
+            0.1,
+            tch::Device::Cpu,
+        )
+    }
+
     #[test]
-    fn draws_are_a_function_of_seed_step_and_rank() {
-        let key = DrawKey {
-            seed: 1,
-            step: 5,
-            rank: 0,
-        };
+    fn draws_are_a_function_of_seed_step_and_sample_index() {
         let shape = [2, 4, 8, 8];
-        let a = Draws::sample(key, &shape, (20, 980), 0.1, tch::Device::Cpu);
-        let b = Draws::sample(key, &shape, (20, 980), 0.1, tch::Device::Cpu);
+        let a = draw(1, 5, &shape, RankSlice::SINGLE);
+        let b = draw(1, 5, &shape, RankSlice::SINGLE);
         assert!(a.z.equal(&b.z) && a.t.equal(&b.t) && a.eps_lora.equal(&b.eps_lora));
         assert_eq!(a.null_condition, b.null_condition);
-        let other_rank = Draws::sample(
-            DrawKey { rank: 1, ..key },
-            &shape,
-            (20, 980),
-            0.1,
-            tch::Device::Cpu,
+        assert!(!a.z.equal(&draw(1, 6, &shape, RankSlice::SINGLE).z));
+        assert!(!a.z.equal(&draw(2, 5, &shape, RankSlice::SINGLE).z));
+
+        // Two ranks of one sample each hold exactly the rows of one rank
+        // with both samples: the world size does not change any draw.
+        let r0 = draw(
+            1,
+            5,
+            &[1, 4, 8, 8],
+            RankSlice {
+                rank: 0,
+                world_size: 2,
+            },
         );
-        assert!(!a.z.equal(&other_rank.z));
-        let other_step = Draws::sample(
-            DrawKey { step: 6, ..key },
-            &shape,
-            (20, 980),
-            0.1,
-            tch::Device::Cpu,
+        let r1 = draw(
+            1,
+            5,
+            &[1, 4, 8, 8],
+            RankSlice {
+                rank: 1,
+                world_size: 2,
+            },
         );
-        assert!(!a.z.equal(&other_step.z));
+        assert!(Tensor::cat(&[&r0.z, &r1.z], 0).equal(&a.z));
+        assert!(Tensor::cat(&[&r0.t_lora, &r1.t_lora], 0).equal(&a.t_lora));
+        assert!(Tensor::cat(&[&r0.eps, &r1.eps], 0).equal(&a.eps));
+        assert_eq!(r0.null_condition, a.null_condition);
+        assert_eq!(r1.null_condition, a.null_condition);
+
         // Timesteps stay in their ranges.
         for s in 0..50 {
-            let d = Draws::sample(
-                DrawKey { step: s, ..key },
-                &[8, 1, 1, 1],
-                (20, 980),
-                0.1,
-                tch::Device::Cpu,
-            );
+            let d = draw(1, s, &[8, 1, 1, 1], RankSlice::SINGLE);
             let (lo, hi) = (d.t.min().int64_value(&[]), d.t.max().int64_value(&[]));
             assert!((20..=980).contains(&lo) && (20..=980).contains(&hi));
-            let hi = d.t_lora.max().int64_value(&[]);
-            assert!(hi <= 999);
+            assert!(d.t_lora.max().int64_value(&[]) <= 999);
         }
     }
 
     #[test]
     fn null_condition_frequency_follows_probability() {
         let n = (0..400)
-            .filter(|&s| {
-                Draws::sample(
-                    DrawKey {
-                        seed: 3,
-                        step: s,
-                        rank: 0,
-                    },
-                    &[1, 1, 1, 1],
-                    (20, 980),
-                    0.1,
-                    tch::Device::Cpu,
-                )
-                .null_condition
-            })
+            .filter(|&s| draw(3, s, &[1, 1, 1, 1], RankSlice::SINGLE).null_condition)
             .count();
         assert!((20..=60).contains(&n), "{n} of 400");
     }

@@ -28,7 +28,9 @@ use crate::models::weights;
 use crate::optim::{Adam, AdamConfig, OptimError, clip_grad_norm};
 use crate::pipeline::{DiffusersFolder, teacher_fingerprint};
 use crate::roles::{RoleError, TeacherUNet, UNet};
-use crate::vsd::{Conditions, DrawKey, Draws, Prediction, VsdConfig, VsdLosses, vsd_step};
+use crate::vsd::{
+    Conditions, DrawKey, Draws, Prediction, RankSlice, VsdConfig, VsdLosses, vsd_step,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -376,9 +378,12 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
             DrawKey {
                 seed: self.cfg.train.seed,
                 step,
-                rank: self.sync.rank(),
             },
             &self.latent_shape,
+            RankSlice {
+                rank: self.sync.rank(),
+                world_size: self.sync.world_size(),
+            },
             (i64::from(m.min_timestep), i64::from(m.max_timestep)),
             m.null_condition_prob,
             self.device,

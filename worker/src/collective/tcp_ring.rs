@@ -1,0 +1,310 @@
+//! Ring all-reduce over TCP: the CPU collective (tests, CPU clusters), the
+//! same `GradientSync` contract as NCCL. Each rank listens on its own
+//! address, connects to the next rank and accepts the previous one; a sum
+//! is a reduce-scatter then an all-gather around the ring (2(W-1) steps,
+//! each moving 1/W of the buffer), so every rank ends with identical bytes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::trainer::gradient_sync::{GradientSync, SyncError};
+
+/// Sent first on each connection: who is calling, and for which world, so
+/// a stray or stale connection is refused rather than summed.
+const MAGIC: u32 = 0x5342_5247; // "SBRG"
+
+pub struct TcpRing {
+    rank: u64,
+    world_size: u64,
+    next: Option<TcpStream>,
+    prev: Option<TcpStream>,
+}
+
+fn err(what: impl std::fmt::Display) -> SyncError {
+    SyncError::Collective(what.to_string())
+}
+
+impl TcpRing {
+    /// Joins the ring: `listener` is bound to `addrs[rank]`; `generation`
+    /// distinguishes worlds. Retries connecting to the next rank until
+    /// `timeout` (ranks start at different times).
+    pub fn connect(
+        rank: u64,
+        addrs: &[SocketAddr],
+        listener: TcpListener,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<Self, SyncError> {
+        let world_size = addrs.len() as u64;
+        if rank >= world_size {
+            return Err(err(format!("rank {rank} outside a world of {world_size}")));
+        }
+        if world_size == 1 {
+            return Ok(Self {
+                rank,
+                world_size,
+                next: None,
+                prev: None,
+            });
+        }
+        let next_addr = addrs[((rank + 1) % world_size) as usize];
+        let deadline = Instant::now() + timeout;
+        // Connect and accept concurrently: with two ranks each is the
+        // other's next and prev.
+        let accept = std::thread::spawn(move || {
+            accept_prev(listener, rank, world_size, generation, deadline)
+        });
+        let mut next = loop {
+            match TcpStream::connect_timeout(&next_addr, Duration::from_millis(500)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(%next_addr, error = %e, "next rank not up yet");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(err(format!("cannot reach rank at {next_addr}: {e}"))),
+            }
+        };
+        next.set_nodelay(true).map_err(err)?;
+        let mut hello = Vec::with_capacity(20);
+        hello.extend_from_slice(&MAGIC.to_le_bytes());
+        hello.extend_from_slice(&rank.to_le_bytes());
+        hello.extend_from_slice(&generation.to_le_bytes());
+        next.write_all(&hello).map_err(err)?;
+        let prev = accept.join().map_err(|_| err("accept thread panicked"))??;
+        Ok(Self {
+            rank,
+            world_size,
+            next: Some(next),
+            prev: Some(prev),
+        })
+    }
+
+    /// Sums `buf` over all ranks, in place.
+    pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), SyncError> {
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            return Ok(());
+        };
+        let w = self.world_size as usize;
+        let r = self.rank as usize;
+        let bounds: Vec<(usize, usize)> = (0..w)
+            .map(|i| (buf.len() * i / w, buf.len() * (i + 1) / w))
+            .collect();
+        // Reduce-scatter: after W-1 steps rank r holds the full sum of
+        // chunk (r + 1) mod W.
+        for s in 0..w - 1 {
+            let send = bounds[(r + w - s) % w];
+            let recv = bounds[(r + w - s - 1) % w];
+            let incoming = exchange(next, prev, &buf[send.0..send.1], recv.1 - recv.0)?;
+            for (x, y) in buf[recv.0..recv.1].iter_mut().zip(incoming) {
+                *x += y;
+            }
+        }
+        // All-gather: pass the finished chunks around.
+        for s in 0..w - 1 {
+            let send = bounds[(r + 1 + w - s) % w];
+            let recv = bounds[(r + w - s) % w];
+            let incoming = exchange(next, prev, &buf[send.0..send.1], recv.1 - recv.0)?;
+            buf[recv.0..recv.1].copy_from_slice(&incoming);
+        }
+        Ok(())
+    }
+}
+
+fn accept_prev(
+    listener: TcpListener,
+    rank: u64,
+    world_size: u64,
+    generation: u64,
+    deadline: Instant,
+) -> Result<TcpStream, SyncError> {
+    let want = (rank + world_size - 1) % world_size;
+    listener.set_nonblocking(true).map_err(err)?;
+    loop {
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                s.set_nonblocking(false).map_err(err)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(err)?;
+                let mut hello = [0u8; 20];
+                if s.read_exact(&mut hello).is_err() {
+                    continue;
+                }
+                let magic = u32::from_le_bytes(hello[0..4].try_into().unwrap_or_default());
+                let from = u64::from_le_bytes(hello[4..12].try_into().unwrap_or_default());
+                let generation_in =
+                    u64::from_le_bytes(hello[12..20].try_into().unwrap_or_default());
+                if magic != MAGIC || from != want || generation_in != generation {
+                    tracing::warn!(%peer, from, generation_in, "refused a ring connection");
+                    continue;
+                }
+                s.set_read_timeout(None).map_err(err)?;
+                s.set_nodelay(true).map_err(err)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(err(format!("rank {want} never connected to rank {rank}")));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+}
+
+/// Sends `out` to the next rank while receiving `n` floats from the
+/// previous one (concurrently: both sides send at once, and a blocking
+/// send of a large chunk would otherwise deadlock on full socket buffers).
+fn exchange(
+    next: &mut TcpStream,
+    prev: &mut TcpStream,
+    out: &[f32],
+    n: usize,
+) -> Result<Vec<f32>, SyncError> {
+    let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut incoming = vec![0u8; n * 4];
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(|| next.write_all(&bytes));
+        let received = prev.read_exact(&mut incoming);
+        let sent = sender.join().map_err(|_| err("send thread panicked"))?;
+        sent.map_err(|e| err(format!("send to next rank: {e}")))?;
+        received.map_err(|e| err(format!("receive from previous rank: {e}")))
+    })?;
+    Ok(incoming
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+impl GradientSync for TcpRing {
+    fn rank(&self) -> u64 {
+        self.rank
+    }
+
+    fn world_size(&self) -> u64 {
+        self.world_size
+    }
+
+    fn all_reduce_mean(&mut self, grads: &[Tensor]) -> Result<(), SyncError> {
+        if self.world_size == 1 || grads.is_empty() {
+            return Ok(());
+        }
+        // One flat float32 buffer for all gradients: one ring pass.
+        let flat = Tensor::cat(
+            &grads
+                .iter()
+                .map(|g| g.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let mut buf: Vec<f32> = Vec::try_from(&flat).map_err(err)?;
+        self.all_reduce_sum(&mut buf)?;
+        let inv = 1.0 / self.world_size as f32;
+        buf.iter_mut().for_each(|x| *x *= inv);
+        let mut offset = 0i64;
+        let summed = Tensor::from_slice(&buf);
+        tch::no_grad(|| {
+            for g in grads {
+                let n = g.numel() as i64;
+                let part = summed
+                    .narrow(0, offset, n)
+                    .reshape(g.size())
+                    .to_kind(g.kind())
+                    .to_device(g.device());
+                let mut g = g.shallow_clone();
+                g.copy_(&part);
+                offset += n;
+            }
+        });
+        Ok(())
+    }
+
+    fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError> {
+        let mut flag = [if ok { 0.0 } else { 1.0 }];
+        self.all_reduce_sum(&mut flag)?;
+        Ok(flag[0] == 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// W ranks on loopback, each in a thread running `f`.
+    pub(crate) fn with_ring<T: Send + 'static>(
+        w: usize,
+        f: impl Fn(TcpRing) -> T + Send + Sync + Copy + 'static,
+    ) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..w)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || {
+                    let ring =
+                        TcpRing::connect(r as u64, &addrs, l, 7, Duration::from_secs(10)).unwrap();
+                    f(ring)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn sums_agree_for_several_world_sizes_and_odd_lengths() {
+        for w in [2usize, 3, 4] {
+            let results = with_ring(w, move |mut ring| {
+                let r = ring.rank() as f32;
+                // Length not divisible by W, values that depend on rank.
+                let mut buf: Vec<f32> = (0..1001).map(|i| i as f32 * 0.5 + r).collect();
+                ring.all_reduce_sum(&mut buf).unwrap();
+                buf
+            });
+            let wsum: f32 = (0..w).map(|r| r as f32).sum();
+            for buf in &results {
+                assert_eq!(buf, &results[0], "replicas differ");
+                for (i, x) in buf.iter().enumerate() {
+                    assert!((x - (i as f32 * 0.5 * w as f32 + wsum)).abs() < 1e-3);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mean_of_gradients_and_the_finite_vote() {
+        let results = with_ring(2, |mut ring| {
+            let r = ring.rank() as f32;
+            let p = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).set_requires_grad(true);
+            (&p * f64::from(r + 1.0)).sum(Kind::Float).backward();
+            let grads = [p.grad()];
+            ring.all_reduce_mean(&grads).unwrap();
+            let mean: Vec<f32> = Vec::try_from(p.grad()).unwrap();
+            let vote_all = ring.all_ok(true).unwrap();
+            let vote_one = ring.all_ok(ring.rank() == 0).unwrap();
+            (mean, vote_all, vote_one)
+        });
+        for (mean, all, one) in results {
+            assert_eq!(mean, vec![1.5, 1.5, 1.5]);
+            assert!(all);
+            assert!(!one, "one rank's NaN must skip the step everywhere");
+        }
+    }
+
+    #[test]
+    fn a_stale_generation_is_refused() {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+        let a = addrs.clone();
+        let h = std::thread::spawn(move || TcpRing::connect(1, &a, l1, 2, Duration::from_secs(2)));
+        let r0 = TcpRing::connect(0, &addrs, l0, 1, Duration::from_secs(2));
+        assert!(r0.is_err() || h.join().unwrap().is_err());
+    }
+}
