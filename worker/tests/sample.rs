@@ -207,6 +207,7 @@ fn components_that_do_not_fit_are_named() {
 fn fingerprint_is_stable_and_tells_teachers_apart() {
     let sd1 = teacher_fingerprint(&pipeline("sd1")).unwrap();
     assert_eq!(sd1.len(), 64);
+    assert_eq!(load(&pipeline("sd1")).fingerprint().unwrap(), sd1);
     assert_eq!(teacher_fingerprint(&pipeline("sd1")).unwrap(), sd1);
     let sd2 = teacher_fingerprint(&pipeline("sd2")).unwrap();
     let sd2v = teacher_fingerprint(&pipeline("sd2v")).unwrap();

@@ -7,7 +7,7 @@
 //! A pixel-space pipeline (the toy world: model_index.json lists no `vae`)
 //! decodes nothing: its latents are the image in [-1, 1].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
@@ -30,8 +30,8 @@ pub enum PipelineError {
         cause: LoadCause,
     },
     /// Components that load but do not fit together.
-    #[error("{dir}: the components do not fit together: {message}")]
-    Mismatch { dir: String, message: String },
+    #[error("{}: the components do not fit together: {message}", .dir.display())]
+    Mismatch { dir: PathBuf, message: String },
     /// Inputs to sampling that cannot work with this pipeline.
     #[error("{0}")]
     Input(String),
@@ -56,8 +56,11 @@ pub enum LoadCause {
     Schedule(#[from] ScheduleError),
 }
 
-fn load_err(component: &'static str) -> impl FnOnce(LoadCause) -> PipelineError {
-    move |cause| PipelineError::Load { component, cause }
+fn load_err<E: Into<LoadCause>>(component: &'static str) -> impl FnOnce(E) -> PipelineError {
+    move |e| PipelineError::Load {
+        component,
+        cause: e.into(),
+    }
 }
 
 /// Text embeddings for a batch and the null condition, both [B, L, D].
@@ -89,21 +92,18 @@ impl StableDiffusion {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, PipelineError> {
         let folder = DiffusersFolder::open(dir)?;
         let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)
-            .map_err(|e| load_err("tokenizer")(e.into()))?;
+            .map_err(load_err("tokenizer"))?;
         let scheduler_dir = folder.component("scheduler")?.dir;
         let scheduler = SchedulerConfig::from_file(&scheduler_dir.join("scheduler_config.json"))
-            .map_err(|e| load_err("scheduler")(e.into()))?;
+            .map_err(load_err("scheduler"))?;
         let text_encoder = TextEncoder::load(&folder.component("text_encoder")?, device, kind)
-            .map_err(|e| load_err("text_encoder")(e.into()))?;
+            .map_err(load_err("text_encoder"))?;
         folder.component("unet")?;
-        let unet = UNet::load_as(&folder, device, kind).map_err(|e| load_err("unet")(e.into()))?;
+        let unet = UNet::load_as(&folder, device, kind).map_err(load_err("unet"))?;
         // A pipeline without a VAE does not list one; a listed VAE whose
         // folder is gone is a broken download, not a pixel-space model.
         let vae = if folder.component_class("vae").is_some() {
-            Some(
-                Vae::load(&folder.component("vae")?, device, kind)
-                    .map_err(|e| load_err("vae")(e.into()))?,
-            )
+            Some(Vae::load(&folder.component("vae")?, device, kind).map_err(load_err("vae"))?)
         } else {
             None
         };
@@ -161,7 +161,7 @@ impl StableDiffusion {
             Ok(())
         } else {
             Err(PipelineError::Mismatch {
-                dir: self.folder.root().display().to_string(),
+                dir: self.folder.root().to_owned(),
                 message: problems.join("; "),
             })
         }
@@ -169,6 +169,11 @@ impl StableDiffusion {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The teacher's identity (see [`super::fingerprint`]), for checkpoints.
+    pub fn fingerprint(&self) -> Result<String, super::FingerprintError> {
+        super::teacher_fingerprint(self.folder.root())
     }
 
     /// The dtype of the text encoder and the UNet.
