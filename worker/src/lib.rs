@@ -13,5 +13,6 @@ pub mod models;
 pub mod optim;
 pub mod pipeline;
 pub mod roles;
+pub mod sample;
 pub mod trainer;
 pub mod vsd;

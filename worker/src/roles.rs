@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use tch::{Device, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::lora::{LoraError, LoraSet, LoraSpec, attach_lora};
 use crate::models::layers::without_init;
@@ -33,12 +33,24 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// Loads `unet/` of a diffusers folder strictly by name.
+    /// Loads `unet/` of a diffusers folder strictly by name, in float32.
     pub fn load(folder: &DiffusersFolder, device: Device) -> Result<Self, RoleError> {
+        Self::load_as(folder, device, Kind::Float)
+    }
+
+    /// As [`Self::load`], with the weights in `kind` (each tensor converted
+    /// as it is copied in: no float32 copy of the model is ever made).
+    pub fn load_as(
+        folder: &DiffusersFolder,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, RoleError> {
         let component = folder.component("unet")?;
         let config = UNet2DConditionConfig::from_file(&component.config_path()?)?;
         let files = component.weight_files()?;
         let mut vs = nn::VarStore::new(device);
+        // Sets the kind new variables are created in (the store is empty).
+        vs.set_kind(kind);
         let model = without_init(|| UNet2DConditionModel::new(vs.root(), &config))?;
         weights::load_strict(&mut vs, &files).map_err(ModelError::from)?;
         Ok(Self { vs, model, config })

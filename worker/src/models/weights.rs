@@ -44,8 +44,30 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsErr
     refuse_pickle(path)?;
     Tensor::read_safetensors(path).map_err(|e| WeightsError::Read {
         path: path.to_owned(),
-        reason: e.to_string(),
+        reason: explain_read_error(path, &e.to_string()),
     })
+}
+
+/// tch reports `safetensors error <path>: MetadataIncompleteBuffer`; say
+/// once where, and what such a file usually is.
+fn explain_read_error(path: &Path, reason: &str) -> String {
+    let prefix = format!("safetensors error {}: ", path.display());
+    let reason = reason.strip_prefix(&prefix).unwrap_or(reason);
+    const DAMAGED: [&str; 5] = [
+        "HeaderTooSmall",
+        "HeaderTooLarge",
+        "InvalidHeader",
+        "MetadataIncompleteBuffer",
+        "InvalidOffset",
+    ];
+    if DAMAGED.iter().any(|d| reason.contains(d)) {
+        format!(
+            "{reason}: the file is truncated or not a safetensors file \
+             (an interrupted download?)"
+        )
+    } else {
+        reason.to_owned()
+    }
 }
 
 /// `.bin`, `.pt`, `.pth`, `.ckpt` are pickle: refuse with advice.
@@ -248,5 +270,6 @@ mod tests {
         std::fs::write(&f, &bytes[..bytes.len() - 4]).unwrap();
         let err = load_strict(&mut store(), std::slice::from_ref(&f)).unwrap_err();
         assert!(err.to_string().contains("w.safetensors"), "{err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 }

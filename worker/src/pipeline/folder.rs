@@ -105,6 +105,16 @@ impl DiffusersFolder {
             .map(|(_, class)| class.as_str())
     }
 
+    /// Every component model_index.json lists with a class (not null),
+    /// sorted by name, whether or not its folder exists.
+    pub fn component_names(&self) -> Vec<String> {
+        self.components
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
     /// Whether the pipeline has this component (listed, not null, folder
     /// present).
     pub fn has(&self, name: &str) -> bool {

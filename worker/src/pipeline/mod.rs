@@ -1,8 +1,13 @@
-//! Loading diffusers pipeline folders: finding components and weights
-//! (`folder`); building the networks from them lands with the models.
+//! Diffusers pipeline folders: finding components and weights (`folder`),
+//! loading the text encoder and VAE (`components`), the assembled teacher
+//! pipeline with DDIM sampling (`stable_diffusion`), and a cheap identity
+//! of a teacher folder (`fingerprint`).
 
+pub mod components;
 pub mod fingerprint;
 pub mod folder;
+pub mod stable_diffusion;
 
-pub use fingerprint::teacher_fingerprint;
+pub use fingerprint::{FingerprintError, teacher_fingerprint};
 pub use folder::{Component, DiffusersFolder, FolderError};
+pub use stable_diffusion::{PipelineError, PromptEmbeddings, StableDiffusion};

@@ -43,6 +43,8 @@ pub enum TrainError {
     #[error(transparent)]
     Folder(#[from] crate::pipeline::FolderError),
     #[error(transparent)]
+    Fingerprint(#[from] crate::pipeline::FingerprintError),
+    #[error(transparent)]
     Text(#[from] TextError),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
@@ -138,7 +140,7 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
             .clone()
             .ok_or_else(|| TrainError::Invalid("model.teacher is not set".to_owned()))?;
         let folder = DiffusersFolder::open(std::path::Path::new(&teacher_dir))?;
-        let fingerprint = teacher_fingerprint(&folder)?;
+        let fingerprint = teacher_fingerprint(folder.root())?;
         let teacher_err = |source| TrainError::Teacher {
             teacher: teacher_dir.clone(),
             source,

@@ -1,0 +1,405 @@
+//! `swiftbrush sample --teacher`, driven as a user would: the built binary,
+//! a clean environment, the fixture pipelines and diffusers' images from
+//! tests/reference/golden_sample.py; then broken folders and inputs, each
+//! of which must fail with a message naming the problem.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tch::{Device, Kind, Tensor};
+
+fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(
+        std::env::var("SWIFTBRUSH_FIXTURES").unwrap_or_else(|_| "target/fixtures/current".into()),
+    );
+    assert!(
+        dir.join("DONE").exists(),
+        "fixtures missing at {}: run `make fixtures` (or `make test`)",
+        dir.display()
+    );
+    dir
+}
+
+fn sd1() -> PathBuf {
+    fixtures().join("pipelines/sd1")
+}
+
+fn golden(name: &str) -> PathBuf {
+    fixtures().join("golden/sample/sd1").join(name)
+}
+
+fn first_prompt() -> String {
+    let text = std::fs::read_to_string(golden("prompts.txt")).unwrap();
+    text.lines().next().unwrap().to_owned()
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        // No LD_LIBRARY_PATH: libtorch must be found by rpath. One thread:
+        // the fixture models are tiny.
+        .env_clear()
+        .env("OMP_NUM_THREADS", "1")
+        .args(args)
+        .output()
+        .expect("spawn swiftbrush")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output) -> String {
+    assert!(out.status.success(), "{}", stderr(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `sample` on `teacher` with the first prompt and its latents (unless
+/// `extra` brings other latents) and returns stderr, asserting a failure (exit code 1, not a panic's 101).
+fn fails(teacher: &Path, extra: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("x.png");
+    let prompt = first_prompt();
+    let latents = golden("latents0.safetensors");
+    let mut args = vec![
+        "sample",
+        "--teacher",
+        s(teacher),
+        "--prompt",
+        &prompt,
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        s(&png),
+    ];
+    if !extra.contains(&"--latents") {
+        args.extend_from_slice(&["--latents", s(&latents)]);
+    }
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!png.exists());
+    stderr(&out)
+}
+
+fn read(path: &Path, key: &str) -> Tensor {
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .unwrap_or_else(|| panic!("no `{key}` in {}", path.display()))
+        .1
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn first_prompt_matches_diffusers_png_and_floats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (png, raw) = (tmp.path().join("x.png"), tmp.path().join("x.safetensors"));
+    let prompt = first_prompt();
+    let stdout = assert_ok(&run(&[
+        "sample",
+        "--teacher",
+        s(&sd1()),
+        "--prompt",
+        &prompt,
+        "--steps",
+        "4",
+        "--guidance",
+        "4.5",
+        "--latents",
+        s(&golden("latents0.safetensors")),
+        "--out",
+        s(&png),
+        "--raw-out",
+        s(&raw),
+        "--device",
+        "cpu",
+    ]));
+    assert!(
+        stdout.contains(&format!("wrote {}", png.display())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("s per image"), "{stdout}");
+
+    let ours = swiftbrush_worker::image_io::load_png(&png).unwrap();
+    let theirs = swiftbrush_worker::image_io::load_png(&golden("first.png")).unwrap();
+    assert_eq!(ours.size(), [1, 3, 16, 16]);
+    let d = max_abs_diff(&ours, &theirs);
+    assert!(d <= 1.0 / 255.0 + 1e-6, "PNG differs by {d}");
+
+    let images = read(&raw, "images");
+    assert_eq!(images.kind(), Kind::Float);
+    let expected = read(&golden("images.safetensors"), "images").narrow(0, 0, 1);
+    let d = max_abs_diff(&images, &expected);
+    assert!(d <= 1e-3, "raw images differ by {d}");
+}
+
+#[test]
+fn prompts_file_gives_a_grid_and_batch_size_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut raws = Vec::new();
+    for batch in ["2", "1"] {
+        let png = tmp.path().join(format!("grid{batch}.png"));
+        let raw = tmp.path().join(format!("grid{batch}.safetensors"));
+        assert_ok(&run(&[
+            "sample",
+            "--teacher",
+            s(&sd1()),
+            "--prompts",
+            s(&golden("prompts.txt")),
+            "--steps",
+            "4",
+            "--latents",
+            s(&golden("latents.safetensors")),
+            "--out",
+            s(&png),
+            "--raw-out",
+            s(&raw),
+            "--batch-size",
+            batch,
+            "--device",
+            "cpu",
+        ]));
+        let grid = swiftbrush_worker::image_io::load_png(&png).unwrap();
+        assert_eq!(grid.size(), [1, 3, 16, 32], "two images side by side");
+        raws.push(read(&raw, "images"));
+    }
+    let expected = read(&golden("images.safetensors"), "images");
+    for images in &raws {
+        let d = max_abs_diff(images, &expected);
+        assert!(d <= 1e-3, "grid images differ by {d}");
+    }
+}
+
+#[test]
+fn seeded_noise_is_reproducible_and_sized_by_the_configs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = sd1();
+    let sample = |seed: &str, name: &str, extra: &[&str]| {
+        let raw = tmp.path().join(name);
+        let mut args = vec![
+            "sample",
+            "--teacher",
+            s(&teacher),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--seed",
+            seed,
+            "--raw-out",
+            s(&raw),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let stdout = assert_ok(&run(&args));
+        assert!(
+            !stdout.contains("sample.png"),
+            "--raw-out alone writes no PNG"
+        );
+        read(&raw, "images")
+    };
+    let a = sample("3", "a.safetensors", &[]);
+    // sample_size 8 times the VAE's scale factor 2.
+    assert_eq!(a.size(), [1, 3, 16, 16]);
+    assert!(a.equal(&sample("3", "b.safetensors", &[])));
+    assert!(!a.equal(&sample("4", "c.safetensors", &[])));
+    let wide = sample("3", "d.safetensors", &["--width", "24"]);
+    assert_eq!(wide.size(), [1, 3, 16, 24]);
+}
+
+/// A copy of the sd1 fixture pipeline to break.
+fn broken_copy(tmp: &tempfile::TempDir) -> PathBuf {
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = tmp.path().join("teacher");
+    copy_tree(&sd1(), &dir);
+    dir
+}
+
+fn unet_weights(dir: &Path) -> PathBuf {
+    dir.join("unet/diffusion_pytorch_model.safetensors")
+}
+
+/// Rewrites the UNet's weights through `edit` (name -> tensor or drop).
+fn rewrite_unet(dir: &Path, edit: impl Fn(&str, Tensor) -> Option<Tensor>) {
+    let path = unet_weights(dir);
+    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, t)| edit(&k, t).map(|t| (k, t)))
+        .collect();
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+}
+
+#[test]
+fn missing_vae_folder_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = broken_copy(&tmp);
+    std::fs::remove_dir_all(dir.join("vae")).unwrap();
+    let e = fails(&dir, &[]);
+    assert!(
+        e.contains("no `vae` component") && e.contains("does not exist"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_and_misshaped_tensors_are_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = broken_copy(&tmp);
+    rewrite_unet(&dir, |k, t| (k != "conv_out.bias").then_some(t));
+    let e = fails(&dir, &[]);
+    assert!(e.contains("`unet`"), "{e}");
+    assert!(
+        e.contains("missing tensors (1)") && e.contains("conv_out.bias [4]"),
+        "{e}"
+    );
+
+    let tmp2 = tempfile::tempdir().unwrap();
+    let dir2 = broken_copy(&tmp2);
+    rewrite_unet(&dir2, |k, t| {
+        Some(if k == "conv_in.weight" {
+            Tensor::zeros([32, 3, 3, 3], (Kind::Float, Device::Cpu))
+        } else {
+            t
+        })
+    });
+    let e = fails(&dir2, &[]);
+    assert!(
+        e.contains("wrong shapes (1)")
+            && e.contains("conv_in.weight: model expects [32, 4, 3, 3], file has [32, 3, 3, 3]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_block_type_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = broken_copy(&tmp);
+    let config = dir.join("unet/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("\"DownBlock2D\"", "\"FancyDownBlock2D\"", 1),
+    )
+    .unwrap();
+    let e = fails(&dir, &[]);
+    assert!(
+        e.contains("unet/config.json")
+            && e.contains("down_block_types[2] = \"FancyDownBlock2D\" is not supported"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_weights_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = broken_copy(&tmp);
+    let vae = dir.join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&vae).unwrap();
+    std::fs::write(&vae, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(&dir, &[]);
+    assert!(
+        e.contains("`vae`")
+            && e.contains("vae/diffusion_pytorch_model.safetensors")
+            && e.contains("truncated"),
+        "{e}"
+    );
+}
+
+#[test]
+fn pickle_only_weights_get_advice_to_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = broken_copy(&tmp);
+    std::fs::remove_file(dir.join("text_encoder/model.safetensors")).unwrap();
+    std::fs::write(dir.join("text_encoder/pytorch_model.bin"), b"pickle").unwrap();
+    let e = fails(&dir, &[]);
+    assert!(
+        e.contains("pytorch_model.bin")
+            && e.contains("never unpickles")
+            && e.contains("safe_serialization=True"),
+        "{e}"
+    );
+}
+
+#[test]
+fn latents_of_the_wrong_shape_are_refused() {
+    // Two samples for one prompt: refused before the teacher is loaded.
+    let e = fails(&sd1(), &["--latents", s(&golden("latents.safetensors"))]);
+    assert!(
+        e.contains("latents.safetensors") && e.contains("2 sample(s) but 1 prompt(s)"),
+        "{e}"
+    );
+    // Three channels for a UNet with four.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("l.safetensors");
+    let z = Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu));
+    Tensor::write_safetensors(&[("latents", &z)], &path).unwrap();
+    let e = fails(&sd1(), &["--latents", s(&path)]);
+    assert!(
+        e.contains("[1, 4, h, w]") && e.contains("[1, 3, 8, 8]"),
+        "{e}"
+    );
+    // Sizes that disagree with --height.
+    let e = fails(&sd1(), &["--height", "32"]);
+    assert!(e.contains("16x16 images") && e.contains("32x16"), "{e}");
+}
+
+#[test]
+fn missing_teacher_and_student_requests_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = fails(&tmp.path().join("nope"), &[]);
+    assert!(e.contains("nope") && e.contains("no such directory"), "{e}");
+
+    let out = run(&["sample", "--student", "/runs/x", "--prompt", "a cat"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not available yet"),
+        "{}",
+        stderr(&out)
+    );
+
+    // --teacher and --student exclude each other; one is required.
+    let out = run(&[
+        "sample",
+        "--teacher",
+        s(&sd1()),
+        "--student",
+        "/runs/x",
+        "--prompt",
+        "a cat",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["sample", "--prompt", "a cat"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

@@ -1,0 +1,334 @@
+//! `swiftbrush sample --teacher`: images from a diffusers teacher folder
+//! with DDIM and classifier-free guidance, written as a PNG (a grid for
+//! several prompts) and/or the float images as safetensors. Everything a
+//! user passes is checked before the teacher is loaded where it can be.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use swiftbrush_proto::config::Dtype;
+use tch::{Device, Kind, Tensor};
+
+use crate::device::{DeviceError, parse_device};
+use crate::image_io::{ImageError, save_png};
+use crate::pipeline::{PipelineError, StableDiffusion};
+
+/// The tensor name `--latents` files hold.
+pub const LATENTS_KEY: &str = "latents";
+/// The tensor name `--raw-out` files hold.
+pub const IMAGES_KEY: &str = "images";
+/// Where images go when neither `--out` nor `--raw-out` is given.
+pub const DEFAULT_OUT: &str = "sample.png";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("{path}: {reason}")]
+    Prompts { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Latents { path: PathBuf, reason: String },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// What to sample and where to write it (the command line, parsed).
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    pub teacher: PathBuf,
+    pub prompts: Vec<String>,
+    pub steps: i64,
+    pub guidance: f64,
+    /// Seeds the initial noise when `latents` is None.
+    pub seed: u64,
+    /// A safetensors file with `latents` [B,C,h,w] used as initial noise.
+    pub latents: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub raw_out: Option<PathBuf>,
+    /// `auto`, `cpu` or `cuda:N`.
+    pub device: String,
+    /// Text encoder and UNet dtype (the VAE: see `pipeline::components`).
+    pub dtype: Dtype,
+    /// Prompts per sampling pass (bounds memory, not the result).
+    pub batch_size: usize,
+    pub height: Option<i64>,
+    pub width: Option<i64>,
+}
+
+/// What [`sample_teacher`] did.
+#[derive(Debug, Clone)]
+pub struct SampleReport {
+    pub written: Vec<PathBuf>,
+    pub num_images: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub load_seconds: f64,
+    /// Wall time of sampling and decoding divided by the number of images.
+    pub seconds_per_image: f64,
+}
+
+pub fn kind_of(dtype: Dtype) -> Kind {
+    match dtype {
+        Dtype::Fp32 => Kind::Float,
+        Dtype::Fp16 => Kind::Half,
+        Dtype::Bf16 => Kind::BFloat16,
+    }
+}
+
+/// One prompt a line; blank lines are skipped (a line of spaces is not a
+/// prompt anyone means), trailing `\r` removed.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>, SampleError> {
+    let bad = |reason: String| SampleError::Prompts {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    if prompts.is_empty() {
+        return Err(bad("no prompts (one prompt a line)".into()));
+    }
+    Ok(prompts)
+}
+
+/// The `latents` tensor [B,C,h,w] of a safetensors file, as float32 on
+/// the CPU.
+pub fn read_latents(path: &Path) -> Result<Tensor, SampleError> {
+    let bad = |reason: String| SampleError::Latents {
+        path: path.to_owned(),
+        reason,
+    };
+    let tensors = Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))?;
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    let (_, latents) = tensors
+        .iter()
+        .find(|(n, _)| n == LATENTS_KEY)
+        .ok_or_else(|| {
+            bad(format!(
+                "no tensor named `{LATENTS_KEY}` (tensors in the file: {names:?})"
+            ))
+        })?;
+    if latents.dim() != 4 || !latents.is_floating_point() {
+        return Err(bad(format!(
+            "`{LATENTS_KEY}` must be a float tensor [batch, channels, height, width], \
+             got {:?} {:?}",
+            latents.kind(),
+            latents.size()
+        )));
+    }
+    Ok(latents.f_to_kind(Kind::Float)?)
+}
+
+/// Standard normal noise of `shape` from a CPU generator seeded by `seed`:
+/// the same numbers on every device, and the same as diffusers draws with
+/// `generator=torch.Generator("cpu").manual_seed(seed)`.
+pub fn draw_latents(seed: u64, shape: &[i64]) -> Result<Tensor, SampleError> {
+    tch::manual_seed(seed as i64);
+    Ok(Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?)
+}
+
+/// Fails early (before any model is loaded) on an output whose folder does
+/// not exist.
+fn check_writable(path: &Path) -> Result<(), SampleError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if parent.is_dir() {
+        Ok(())
+    } else {
+        Err(SampleError::Write {
+            path: path.to_owned(),
+            reason: format!("{} is not a directory", parent.display()),
+        })
+    }
+}
+
+/// Samples the teacher and writes the requested files.
+pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> {
+    if req.prompts.is_empty() {
+        return Err(SampleError::Input("no prompts given".into()));
+    }
+    if req.batch_size == 0 {
+        return Err(SampleError::Input("batch size must be at least 1".into()));
+    }
+    let out = match (&req.out, &req.raw_out) {
+        (None, None) => Some(PathBuf::from(DEFAULT_OUT)),
+        (out, _) => out.clone(),
+    };
+    for path in out.iter().chain(req.raw_out.iter()) {
+        check_writable(path)?;
+    }
+    let num = req.prompts.len();
+    let given_latents = match &req.latents {
+        Some(path) => {
+            let latents = read_latents(path)?;
+            let b = latents.size()[0];
+            if b != num as i64 {
+                return Err(SampleError::Latents {
+                    path: path.clone(),
+                    reason: format!(
+                        "`{LATENTS_KEY}` holds {b} sample(s) but {num} prompt(s) were given"
+                    ),
+                });
+            }
+            Some(latents)
+        }
+        None => None,
+    };
+    let device = parse_device(&req.device)?;
+
+    let started = Instant::now();
+    let pipe = StableDiffusion::load(&req.teacher, device, kind_of(req.dtype))?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        teacher = %req.teacher.display(),
+        ?device,
+        seconds = format!("{load_seconds:.2}"),
+        "teacher loaded"
+    );
+
+    let latents = match given_latents {
+        Some(latents) => {
+            check_size(&pipe, &latents, req)?;
+            pipe.check_latents(&latents, num)
+                .map_err(|e| SampleError::Latents {
+                    path: req.latents.clone().unwrap_or_default(),
+                    reason: e.to_string(),
+                })?;
+            latents
+        }
+        None => {
+            let (height, width) = match (req.height, req.width, pipe.default_size()) {
+                (Some(h), Some(w), _) => (h, w),
+                (h, w, Some((dh, dw))) => (h.unwrap_or(dh), w.unwrap_or(dw)),
+                (_, _, None) => {
+                    return Err(SampleError::Input(
+                        "the UNet config has no sample_size: pass --height and --width".into(),
+                    ));
+                }
+            };
+            draw_latents(req.seed, &pipe.latent_shape(num as i64, height, width)?)?
+        }
+    };
+
+    let started = Instant::now();
+    let mut images = Vec::new();
+    for (i, chunk) in req.prompts.chunks(req.batch_size).enumerate() {
+        let start = (i * req.batch_size) as i64;
+        let part = latents.f_narrow(0, start, chunk.len() as i64)?;
+        let imgs = pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?;
+        images.push(imgs.f_to_device(Device::Cpu)?);
+    }
+    let images = Tensor::f_cat(&images, 0)?;
+    let seconds_per_image = started.elapsed().as_secs_f64() / num as f64;
+
+    let mut written = Vec::new();
+    if let Some(path) = &out {
+        save_png(&images, path, grid_columns(num))?;
+        written.push(path.clone());
+    }
+    if let Some(path) = &req.raw_out {
+        Tensor::write_safetensors(&[(IMAGES_KEY, images.f_contiguous()?)], path).map_err(|e| {
+            SampleError::Write {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        written.push(path.clone());
+    }
+    Ok(SampleReport {
+        written,
+        num_images: num,
+        device: match device {
+            Device::Cuda(n) => format!("cuda:{n}"),
+            other => format!("{other:?}").to_lowercase(),
+        },
+        load_seconds,
+        seconds_per_image,
+    })
+}
+
+/// Given latents fix the image size; explicit --height/--width must agree.
+fn check_size(
+    pipe: &StableDiffusion,
+    latents: &Tensor,
+    req: &SampleRequest,
+) -> Result<(), SampleError> {
+    let size = latents.size();
+    let f = pipe.vae_scale_factor();
+    let (h, w) = (size[2] * f, size[3] * f);
+    let disagree = req.height.is_some_and(|x| x != h) || req.width.is_some_and(|x| x != w);
+    if disagree {
+        return Err(SampleError::Input(format!(
+            "the latents {size:?} make {h}x{w} images, but --height/--width ask for {}x{}",
+            req.height.unwrap_or(h),
+            req.width.unwrap_or(w)
+        )));
+    }
+    Ok(())
+}
+
+/// A near-square grid: ceil(sqrt(n)) columns.
+pub fn grid_columns(n: usize) -> usize {
+    let mut cols = 1;
+    while cols * cols < n {
+        cols += 1;
+    }
+    cols
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_file_skips_blank_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.txt");
+        std::fs::write(&p, "a cat\r\n\n  \na dog\n").unwrap();
+        assert_eq!(read_prompts(&p).unwrap(), ["a cat", "a dog"]);
+        std::fs::write(&p, "\n\n").unwrap();
+        let e = read_prompts(&p).unwrap_err().to_string();
+        assert!(e.contains("no prompts"), "{e}");
+    }
+
+    #[test]
+    fn latents_file_needs_a_4d_float_tensor_named_latents() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.safetensors");
+        let t = Tensor::zeros([2, 4, 8], (Kind::Float, Device::Cpu));
+        Tensor::write_safetensors(&[("latents", &t)], &p).unwrap();
+        let e = read_latents(&p).unwrap_err().to_string();
+        assert!(e.contains("[2, 4, 8]"), "{e}");
+        Tensor::write_safetensors(&[("noise", &t)], &p).unwrap();
+        let e = read_latents(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("no tensor named `latents`") && e.contains("noise"),
+            "{e}"
+        );
+        let t = Tensor::zeros([1, 4, 2, 2], (Kind::Half, Device::Cpu));
+        Tensor::write_safetensors(&[("latents", &t)], &p).unwrap();
+        assert_eq!(read_latents(&p).unwrap().kind(), Kind::Float);
+    }
+
+    // Seeded noise is checked through the binary (tests/cli_sample.rs): the
+    // generator is process-global and unit tests share the process.
+    #[test]
+    fn grids_are_near_square() {
+        let cols: Vec<usize> = [1, 2, 3, 4, 5, 9, 10].map(grid_columns).to_vec();
+        assert_eq!(cols, [1, 2, 2, 2, 3, 3, 4]);
+    }
+}
