@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::{Dtype, LogFormat};
-use swiftbrush_worker::sample::{SampleRequest, read_prompts, sample_teacher};
+use swiftbrush_worker::sample::{SampleModel, SampleRequest, read_prompts, sample_teacher};
 use swiftbrush_worker::trainer::Resume;
 
 #[derive(Debug, Parser)]
@@ -138,14 +138,17 @@ struct TrainArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("model").required(true).args(["teacher", "student"])))]
+#[command(group(ArgGroup::new("model").required(true).multiple(true).args(["teacher", "student"])))]
 #[command(group(ArgGroup::new("text").required(true).args(["prompt", "prompts"])))]
 struct SampleArgs {
     /// A diffusers Stable Diffusion folder, sampled with DDIM and
     /// classifier-free guidance as diffusers' StableDiffusionPipeline does.
     #[arg(long, value_name = "DIR")]
     teacher: Option<PathBuf>,
-    /// A training run's one-step student (not available yet).
+    /// A trained one-step student: a run directory (its newest valid
+    /// checkpoint, EMA weights), RUN/checkpoints/step-N, or a folder written
+    /// by `export --pipeline`. Text encoder, tokenizer and VAE come from the
+    /// teacher the run recorded (or the exported folder).
     #[arg(long, value_name = "PATH")]
     student: Option<PathBuf>,
     /// One prompt.
@@ -344,11 +347,14 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn sample(args: SampleArgs) -> anyhow::Result<()> {
-    let Some(teacher) = args.teacher else {
-        anyhow::bail!(
-            "sampling a student (--student) is not available yet; \
-             use --teacher DIR to sample a diffusers teacher"
-        );
+    // With --student, --teacher overrides the teacher the run recorded.
+    let model = match (args.teacher, args.student) {
+        (teacher, Some(path)) => SampleModel::Student {
+            path: path.display().to_string(),
+            teacher,
+        },
+        (Some(dir), None) => SampleModel::Teacher(dir),
+        (None, None) => anyhow::bail!("give --teacher DIR or --student PATH"),
     };
     let prompts = match (args.prompt, args.prompts) {
         (Some(p), _) => vec![p],
@@ -356,7 +362,7 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
     };
     let request = SampleRequest {
-        teacher,
+        model,
         prompts,
         steps: args.steps,
         guidance: args.guidance,
@@ -370,8 +376,7 @@ fn sample(args: SampleArgs) -> anyhow::Result<()> {
         height: args.height,
         width: args.width,
     };
-    let report = sample_teacher(&request)
-        .with_context(|| format!("cannot sample the teacher at {}", request.teacher.display()))?;
+    let report = sample_teacher(&request).context("cannot sample")?;
     for path in &report.written {
         println!("wrote {}", path.display());
     }

@@ -175,3 +175,75 @@ fn bench_vsd_step_reports_json() {
     assert_eq!(report["images_per_step"], 2);
     assert!(report["median_step_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
+    let dir = trained_run();
+    let d = dir.path();
+    let latents = fixtures().join("golden/sample/sd1/latents0.safetensors");
+    let latents = latents.display().to_string();
+    let prompt = "a red circle on a white background";
+    // From the run directory (its newest checkpoint's EMA weights).
+    let out = swiftbrush(
+        d,
+        &[
+            "sample",
+            "--student",
+            "run",
+            "--prompt",
+            prompt,
+            "--latents",
+            &latents,
+            "--out",
+            "run.png",
+            "--raw-out",
+            "run.safetensors",
+        ],
+    );
+    assert!(out.contains("wrote run.png"), "{out}");
+    // From the exported pipeline folder.
+    swiftbrush(
+        d,
+        &["export", "--student", "run", "--out", "pipe", "--pipeline"],
+    );
+    swiftbrush(
+        d,
+        &[
+            "sample",
+            "--student",
+            "pipe",
+            "--prompt",
+            prompt,
+            "--latents",
+            &latents,
+            "--raw-out",
+            "pipe.safetensors",
+        ],
+    );
+    // diffusers on the exported folder, same latents, SPEC's one-step formula.
+    check(&[
+        "pipeline",
+        &d.join("pipe").display().to_string(),
+        prompt,
+        &latents,
+        &d.join("diffusers.safetensors").display().to_string(),
+        "0.0047",
+    ]);
+    let read = |name: &str| {
+        let mut t = tch::Tensor::read_safetensors(d.join(name)).unwrap();
+        t.remove(0).1
+    };
+    let (ours, exported, reference) = (
+        read("run.safetensors"),
+        read("pipe.safetensors"),
+        read("diffusers.safetensors"),
+    );
+    assert_eq!(ours.size(), vec![1, 3, 16, 16]);
+    let diff = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(
+        diff(&ours, &reference) <= 1e-3,
+        "vs diffusers: {}",
+        diff(&ours, &reference)
+    );
+    assert_eq!(diff(&ours, &exported), 0.0);
+}

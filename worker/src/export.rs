@@ -30,6 +30,43 @@ pub enum StudentWeights {
     Raw,
 }
 
+/// How a student draws: one pass at `student_timestep`, x0 with the
+/// constant `student_alpha_bar` (from the run's config). Written as
+/// `swiftbrush.json` into exported pipelines so they sample the same way.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OneStep {
+    pub student_timestep: i64,
+    pub student_alpha_bar: f64,
+    /// Use the schedule's alphas_cumprod[student_timestep] instead.
+    #[serde(default)]
+    pub alpha_bar_from_schedule: bool,
+}
+
+impl Default for OneStep {
+    fn default() -> Self {
+        Self {
+            student_timestep: 999,
+            student_alpha_bar: 0.0047,
+            alpha_bar_from_schedule: false,
+        }
+    }
+}
+
+pub const ONE_STEP_FILE: &str = "swiftbrush.json";
+
+impl OneStep {
+    /// From an exported pipeline folder (defaults when the file is absent:
+    /// an export by another tool).
+    pub fn from_export(dir: &Path) -> Result<Self, ExportError> {
+        let path = dir.join(ONE_STEP_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| ExportError::Invalid(format!("{}: {e}", path.display()))),
+            Err(_) => Ok(Self::default()),
+        }
+    }
+}
+
 /// A checkpoint chosen from a user's path: a run directory (its newest
 /// valid checkpoint) or `RUN/checkpoints/step-N`.
 pub struct StudentCheckpoint {
@@ -45,6 +82,16 @@ impl StudentCheckpoint {
             Some((run, step)) => (run, ResumeFrom::Step(step)),
             None => (trimmed.to_owned(), ResumeFrom::Latest),
         };
+        // Reading must not create anything: a mistyped local path is an
+        // error, not a new empty run directory.
+        let local = !run.contains("://") || run.starts_with("file://");
+        let local_path = run.strip_prefix("file://").unwrap_or(&run);
+        if local && !Path::new(local_path).is_dir() {
+            return Err(ExportError::Invalid(format!(
+                "{run}: no such run directory (expected a run directory, \
+                 RUN/checkpoints/step-N or an exported pipeline folder)"
+            )));
+        }
         let store = RunStore::open(&run)?;
         let manifest = store.resolve(from)?;
         let bytes = store.read_manifest_file(&manifest, STATE)?;
@@ -68,6 +115,21 @@ impl StudentCheckpoint {
             StudentWeights::Raw => STUDENT,
         };
         Ok(self.store.read_manifest_file(&self.manifest, name)?)
+    }
+
+    /// The one-step settings of the run (its resolved config.yaml).
+    pub fn one_step(&self) -> Result<OneStep, ExportError> {
+        let Some(text) = self.store.get_run_file("config.yaml")? else {
+            return Ok(OneStep::default());
+        };
+        let text = String::from_utf8_lossy(&text);
+        let cfg = swiftbrush_proto::JobConfig::from_yaml_str(&text, "run config.yaml")
+            .map_err(|e| ExportError::Invalid(e.to_string()))?;
+        Ok(OneStep {
+            student_timestep: i64::from(cfg.method.student_timestep),
+            student_alpha_bar: cfg.method.student_alpha_bar,
+            alpha_bar_from_schedule: cfg.method.student_alpha_bar_from_schedule,
+        })
     }
 
     /// The teacher folder recorded in the run, unless overridden.

@@ -1,7 +1,9 @@
-//! `swiftbrush sample --teacher`: images from a diffusers teacher folder
-//! with DDIM and classifier-free guidance, written as a PNG (a grid for
-//! several prompts) and/or the float images as safetensors. Everything a
-//! user passes is checked before the teacher is loaded where it can be.
+//! `swiftbrush sample`: images from a diffusers teacher folder (DDIM with
+//! classifier-free guidance) or from a trained one-step student (a run
+//! directory, one checkpoint, or an exported pipeline), written as a PNG (a
+//! grid for several prompts) and/or the float images as safetensors.
+//! Everything a user passes is checked before the model is loaded where it
+//! can be.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,8 +12,12 @@ use swiftbrush_proto::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
 use crate::device::{DeviceError, parse_device};
+use crate::diffusion::NoiseSchedule;
+use crate::export::{OneStep, StudentCheckpoint, StudentWeights};
 use crate::image_io::{ImageError, save_png};
+use crate::models::weights;
 use crate::pipeline::{PipelineError, StableDiffusion};
+use crate::trainer::tensor_bytes;
 
 /// The tensor name `--latents` files hold.
 pub const LATENTS_KEY: &str = "latents";
@@ -43,7 +49,7 @@ pub enum SampleError {
 /// What to sample and where to write it (the command line, parsed).
 #[derive(Debug, Clone)]
 pub struct SampleRequest {
-    pub teacher: PathBuf,
+    pub model: SampleModel,
     pub prompts: Vec<String>,
     pub steps: i64,
     pub guidance: f64,
@@ -61,6 +67,30 @@ pub struct SampleRequest {
     pub batch_size: usize,
     pub height: Option<i64>,
     pub width: Option<i64>,
+}
+
+/// Which model draws.
+#[derive(Debug, Clone)]
+pub enum SampleModel {
+    /// A diffusers folder, sampled with DDIM (`steps`, `guidance`).
+    Teacher(PathBuf),
+    /// A student: a run directory (its newest valid checkpoint),
+    /// `RUN/checkpoints/step-N`, or an exported pipeline folder; one step.
+    /// `teacher` overrides the teacher folder the run recorded (for the
+    /// text encoder, tokenizer and VAE).
+    Student {
+        path: String,
+        teacher: Option<PathBuf>,
+    },
+}
+
+impl SampleModel {
+    fn describe(&self) -> String {
+        match self {
+            SampleModel::Teacher(p) => format!("teacher {}", p.display()),
+            SampleModel::Student { path, .. } => format!("student {path}"),
+        }
+    }
 }
 
 /// What [`sample_teacher`] did.
@@ -191,13 +221,13 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
     let device = parse_device(&req.device)?;
 
     let started = Instant::now();
-    let pipe = StableDiffusion::load(&req.teacher, device, kind_of(req.dtype))?;
+    let (pipe, one_step) = load_model(&req.model, device, kind_of(req.dtype))?;
     let load_seconds = started.elapsed().as_secs_f64();
     tracing::info!(
-        teacher = %req.teacher.display(),
+        model = %req.model.describe(),
         ?device,
         seconds = format!("{load_seconds:.2}"),
-        "teacher loaded"
+        "model loaded"
     );
 
     let latents = match given_latents {
@@ -229,7 +259,12 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
     for (i, chunk) in req.prompts.chunks(req.batch_size).enumerate() {
         let start = (i * req.batch_size) as i64;
         let part = latents.f_narrow(0, start, chunk.len() as i64)?;
-        let imgs = pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?;
+        let imgs = match one_step {
+            Some(o) => {
+                pipe.sample_one_step(chunk, &part, o.student_timestep, o.student_alpha_bar)?
+            }
+            None => pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?,
+        };
         images.push(imgs.f_to_device(Device::Cpu)?);
     }
     let images = Tensor::f_cat(&images, 0)?;
@@ -259,6 +294,48 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
         load_seconds,
         seconds_per_image,
     })
+}
+
+/// The pipeline to draw with, and for a student its one-step settings
+/// (with the alpha-bar resolved from the schedule when the run asked so).
+fn load_model(
+    model: &SampleModel,
+    device: Device,
+    kind: Kind,
+) -> Result<(StableDiffusion, Option<OneStep>), SampleError> {
+    match model {
+        SampleModel::Teacher(dir) => Ok((StableDiffusion::load(dir, device, kind)?, None)),
+        SampleModel::Student { path, teacher } => {
+            let dir = Path::new(path);
+            let (pipe, mut one_step) = if dir.join("model_index.json").is_file() {
+                let one_step = OneStep::from_export(dir).map_err(student_error)?;
+                (StableDiffusion::load(dir, device, kind)?, one_step)
+            } else {
+                let ckpt = StudentCheckpoint::open(path).map_err(student_error)?;
+                let folder = ckpt.teacher(teacher.as_deref()).map_err(student_error)?;
+                let mut pipe = StableDiffusion::load(folder.root(), device, kind)?;
+                let bytes = ckpt.weights(StudentWeights::Ema).map_err(student_error)?;
+                let what = format!("{path}: checkpoint step {} EMA weights", ckpt.manifest.step);
+                let tensors = tensor_bytes::from_bytes(&bytes, &what)
+                    .map_err(|e| SampleError::Input(e.to_string()))?;
+                weights::load_tensors_strict(&mut pipe.unet.vs, tensors, &[what.into()])
+                    .map_err(|e| SampleError::Input(e.to_string()))?;
+                (pipe, ckpt.one_step().map_err(student_error)?)
+            };
+            if one_step.alpha_bar_from_schedule {
+                let schedule = NoiseSchedule::new(&pipe.scheduler, Device::Cpu)
+                    .map_err(|e| SampleError::Input(e.to_string()))?;
+                one_step.student_alpha_bar = schedule
+                    .alpha_bar(one_step.student_timestep)
+                    .map_err(|e| SampleError::Input(e.to_string()))?;
+            }
+            Ok((pipe, Some(one_step)))
+        }
+    }
+}
+
+fn student_error(e: crate::export::ExportError) -> SampleError {
+    SampleError::Input(e.to_string())
 }
 
 /// Given latents fix the image size; explicit --height/--width must agree.

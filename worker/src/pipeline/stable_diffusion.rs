@@ -315,6 +315,48 @@ impl StableDiffusion {
         })
     }
 
+    /// SwiftBrush's one-step sampling (shared/SPEC.md, "Inference"): one
+    /// UNet pass at `timestep` on the noise `z`, the output as epsilon,
+    /// x0 = (z - sqrt(1 - A) eps) / sqrt(A), decoded. No guidance.
+    pub fn sample_one_step<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        z: &Tensor,
+        timestep: i64,
+        alpha_bar: f64,
+    ) -> Result<Tensor, PipelineError> {
+        if prompts.is_empty() {
+            return Err(PipelineError::Input("no prompts to sample".into()));
+        }
+        if !(alpha_bar > 0.0 && alpha_bar < 1.0) {
+            return Err(PipelineError::Input(format!(
+                "the student's alpha-bar must be in (0, 1), got {alpha_bar}"
+            )));
+        }
+        self.check_latents(z, prompts.len())?;
+        tch::no_grad(|| {
+            let cond = self.encode_prompts(prompts)?;
+            let z = z.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
+            let b = z.size()[0];
+            let t = Tensor::full([b], timestep, (Kind::Int64, self.device));
+            let out = self
+                .unet
+                .model
+                .forward(&z.f_to_kind(self.kind)?, &t, &cond)
+                .f_to_kind(Kind::Float)?;
+            let a = Tensor::full([1, 1, 1, 1], alpha_bar, (Kind::Float, self.device));
+            let prediction = match self.scheduler.prediction()? {
+                crate::diffusion::PredictionType::VPrediction => {
+                    crate::vsd::Prediction::VPrediction
+                }
+                _ => crate::vsd::Prediction::Epsilon,
+            };
+            let eps = prediction.to_eps(&out, &z, &a);
+            let x0 = (&z - (1f64 - &a).sqrt() * eps) / a.sqrt();
+            self.decode(&x0)
+        })
+    }
+
     /// Latents [B, C, h, w] (as the UNet sees them) -> images [B, 3, H, W]
     /// in [0, 1], float32: `vae.decode(latents / scaling_factor)`, or the
     /// latents themselves without a VAE; then (x / 2 + 0.5).clamp(0, 1).
