@@ -1,16 +1,10 @@
 //! `swiftbrush export`: what it writes loads in diffusers and peft, as a
 //! user of those libraries would load it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    let dir = PathBuf::from(
-        std::env::var("SWIFTBRUSH_FIXTURES").unwrap_or_else(|_| "target/fixtures/current".into()),
-    );
-    assert!(dir.join("DONE").exists(), "run `make fixtures` first");
-    dir
-}
 
 fn swiftbrush(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
@@ -47,7 +41,10 @@ fn check(args: &[&str]) -> String {
 fn trained_run() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("c.txt"), "a red circle\na photo of a cat\n").unwrap();
-    let teacher = fixtures().join("pipelines/sd1").display().to_string();
+    let teacher = common::fixtures()
+        .join("pipelines/sd1")
+        .display()
+        .to_string();
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
     swiftbrush(
         dir.path(),
@@ -153,7 +150,10 @@ fn export_of_a_run_without_checkpoints_is_a_clear_error() {
 
 #[test]
 fn bench_vsd_step_reports_json() {
-    let teacher = fixtures().join("pipelines/sd1").display().to_string();
+    let teacher = common::fixtures()
+        .join("pipelines/sd1")
+        .display()
+        .to_string();
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
     let dir = tempfile::tempdir().unwrap();
     let out = swiftbrush(
@@ -180,7 +180,7 @@ fn bench_vsd_step_reports_json() {
 fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
     let dir = trained_run();
     let d = dir.path();
-    let latents = fixtures().join("golden/sample/sd1/latents0.safetensors");
+    let latents = common::fixtures().join("golden/sample/sd1/latents0.safetensors");
     let latents = latents.display().to_string();
     let prompt = "a red circle on a white background";
     // From the run directory (its newest checkpoint's EMA weights).

@@ -3,29 +3,19 @@
 //! tests/reference/golden_sample.py; then broken folders and inputs, each
 //! of which must fail with a message naming the problem.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use tch::{Device, Kind, Tensor};
 
-fn fixtures() -> PathBuf {
-    let dir = PathBuf::from(
-        std::env::var("SWIFTBRUSH_FIXTURES").unwrap_or_else(|_| "target/fixtures/current".into()),
-    );
-    assert!(
-        dir.join("DONE").exists(),
-        "fixtures missing at {}: run `make fixtures` (or `make test`)",
-        dir.display()
-    );
-    dir
-}
-
 fn sd1() -> PathBuf {
-    fixtures().join("pipelines/sd1")
+    common::fixtures().join("pipelines/sd1")
 }
 
 fn golden(name: &str) -> PathBuf {
-    fixtures().join("golden/sample/sd1").join(name)
+    common::fixtures().join("golden/sample/sd1").join(name)
 }
 
 fn first_prompt() -> String {

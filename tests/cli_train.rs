@@ -1,19 +1,13 @@
 //! `swiftbrush train` as a user runs it, on the tiny SD1-style fixture:
 //! checkpoints, exact resume, a process killed mid-checkpoint, bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    let dir = PathBuf::from(
-        std::env::var("SWIFTBRUSH_FIXTURES").unwrap_or_else(|_| "target/fixtures/current".into()),
-    );
-    assert!(dir.join("DONE").exists(), "run `make fixtures` first");
-    dir
-}
-
 fn teacher(kind: &str) -> String {
-    fixtures()
+    common::fixtures()
         .join("pipelines")
         .join(kind)
         .display()
