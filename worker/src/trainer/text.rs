@@ -2,27 +2,25 @@
 //! batch of captions, and the empty prompt's (the null condition, computed
 //! once: it is not zeros).
 
-use tch::{Device, Tensor, nn};
+use tch::{Device, Kind, Tensor};
 
-use crate::models::ModelError;
-use crate::models::clip::{CLIPTextModel, load_text_encoder};
 use crate::models::tokenizer::{ClipTokenizer, TokenizerError};
 use crate::pipeline::DiffusersFolder;
+use crate::pipeline::components::{ComponentError, TextEncoder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
     #[error(transparent)]
     Folder(#[from] crate::pipeline::FolderError),
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Component(#[from] ComponentError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
 }
 
 pub struct TextConditioner {
     tokenizer: ClipTokenizer,
-    _vs: nn::VarStore,
-    encoder: CLIPTextModel,
+    encoder: TextEncoder,
     uncond: Tensor,
     device: Device,
 }
@@ -36,10 +34,9 @@ pub struct EncodedCaptions {
 impl TextConditioner {
     pub fn load(folder: &DiffusersFolder, device: Device) -> Result<Self, TextError> {
         let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)?;
-        let (vs, encoder, _) = load_text_encoder(&folder.component("text_encoder")?.dir, device)?;
+        let encoder = TextEncoder::load(&folder.component("text_encoder")?, device, Kind::Float)?;
         let mut me = Self {
             tokenizer,
-            _vs: vs,
             encoder,
             uncond: Tensor::new(),
             device,
@@ -51,7 +48,7 @@ impl TextConditioner {
     /// [B,77,D] for the captions, without gradients.
     pub fn encode<S: AsRef<str>>(&self, captions: &[S]) -> Result<EncodedCaptions, TextError> {
         let batch = self.tokenizer.encode_batch(captions, self.device)?;
-        let cond = tch::no_grad(|| self.encoder.forward(&batch.input_ids));
+        let cond = tch::no_grad(|| self.encoder.model.forward(&batch.input_ids));
         Ok(EncodedCaptions {
             cond,
             num_truncated: batch.num_truncated(),
