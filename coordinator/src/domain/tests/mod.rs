@@ -1,0 +1,8 @@
+//! Synchronous tests of the core's transitions: a fake clock (`Sim::now`),
+//! factory helpers, and the invariant check after every transition.
+
+mod commits;
+mod failures;
+mod formation;
+mod refusals;
+mod sim;
