@@ -5,8 +5,16 @@
 //! expose it; `serve` wires everything into one server. The caption ledger
 //! and caption sources are pure modules the worker uses too.
 
+pub mod app;
 pub mod caption_ledger;
 pub mod caption_source;
 pub mod domain;
+pub mod grpc;
+pub mod http;
+mod serve;
 
 pub use caption_ledger::{CaptionPlan, PlanError};
+pub use serve::{
+    DEFAULT_LISTEN, RunningCoordinator, ServeError, ServeOptions, TlsOptions, serve,
+    shutdown_signal, start, start_with_clock,
+};
