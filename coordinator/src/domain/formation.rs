@@ -17,6 +17,11 @@ pub(crate) enum Formation {
 }
 
 impl CoordinatorState {
+    /// The workers waiting in Rendezvous that a new world could take now.
+    pub fn ready_workers(&self, now: Millis) -> Vec<WorkerId> {
+        self.candidates(now)
+    }
+
     /// Ready, alive, unranked workers on hosts not quarantined that can run
     /// the job's backend, first come first placed.
     pub(crate) fn candidates(&self, now: Millis) -> Vec<WorkerId> {

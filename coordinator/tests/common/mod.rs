@@ -21,9 +21,10 @@ use tonic::{Request, Status};
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
-pub type Client = CoordinatorClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+/// Adds (or leaves out) the token on every call.
+pub type TokenInterceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+
+pub type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
 
 pub struct Harness {
     pub server: RunningCoordinator,
@@ -159,13 +160,12 @@ pub async fn channel(addr: std::net::SocketAddr) -> Channel {
 
 /// A client that sends `token` (or nothing) with every call.
 pub async fn client_with_token(addr: std::net::SocketAddr, token: Option<String>) -> Client {
-    let interceptor: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-        Box::new(move |mut request: Request<()>| {
-            if let Some(token) = &token {
-                rpc::authorize(&mut request, token).map_err(|e| Status::internal(e.to_string()))?;
-            }
-            Ok(request)
-        });
+    let interceptor: TokenInterceptor = Box::new(move |mut request: Request<()>| {
+        if let Some(token) = &token {
+            rpc::authorize(&mut request, token).map_err(|e| Status::internal(e.to_string()))?;
+        }
+        Ok(request)
+    });
     CoordinatorClient::with_interceptor(channel(addr).await, interceptor)
 }
 
