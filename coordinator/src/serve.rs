@@ -175,6 +175,7 @@ pub async fn start_with_clock(
     let service = InterceptedService::new(service, options.token.clone().interceptor());
     let mut builder = Server::builder();
     if let Some(tls) = &options.tls {
+        swiftbrush_proto::rpc::install_crypto_provider();
         builder = builder
             .tls_config(tls_config(tls))
             .map_err(ServeError::Tls)?;

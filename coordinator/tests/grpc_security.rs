@@ -7,7 +7,16 @@ mod common;
 
 use common::{Harness, TOKEN, client_with_token};
 use swiftbrush_proto::rpc;
+use swiftbrush_proto::rpc::coordinator_client::CoordinatorClient;
 use tonic::Code;
+
+fn intruder() -> rpc::RegisterRequest {
+    rpc::RegisterRequest {
+        host: "intruder".to_owned(),
+        device: "cpu".to_owned(),
+        capabilities: None,
+    }
+}
 
 fn snapshot(h: &Harness) -> String {
     serde_json::to_string(&h.server.app.status()).expect("status JSON")
@@ -17,22 +26,22 @@ fn snapshot(h: &Harness) -> String {
 async fn missing_or_wrong_tokens_are_unauthenticated() {
     let h = Harness::with_job(10, 1, 1, 4, 4).await;
     let before = snapshot(&h);
-    for token in [
-        None,
-        Some("wrong-token-0123456789abcdef".to_owned()),
-        Some(String::new()),
-        Some(format!("{TOKEN}x")),
-    ] {
-        let mut client = client_with_token(h.server.grpc_addr, token.clone()).await;
-        let err = client
-            .register(rpc::RegisterRequest {
-                host: "intruder".to_owned(),
-                device: "cpu".to_owned(),
-                capabilities: None,
-            })
-            .await
-            .expect_err("refused");
+    // No token at all: a bare client.
+    let mut bare = CoordinatorClient::new(common::channel(h.server.grpc_addr).await);
+    let err = bare.register(intruder()).await.expect_err("refused");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.message(), "missing job token");
+    let err = bare
+        .job_status(rpc::JobStatusRequest {})
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let longer = format!("{TOKEN}x");
+    for token in ["wrong-token-0123456789abcdef", "", &longer, &TOKEN[1..]] {
+        let mut client = client_with_token(h.server.grpc_addr, token).await;
+        let err = client.register(intruder()).await.expect_err("refused");
         assert_eq!(err.code(), Code::Unauthenticated, "token {token:?}");
+        assert_eq!(err.message(), "wrong job token");
         let err = client
             .cancel_job(rpc::CancelJobRequest {
                 reason: "x".to_owned(),
@@ -104,6 +113,10 @@ async fn malformed_and_absurd_messages_are_invalid_arguments() {
     w.join().await;
     let before = snapshot(&h);
     let mut c = h.client().await;
+    let mut unlimited = CoordinatorClient::with_interceptor(
+        common::channel(h.server.grpc_addr).await,
+        rpc::TokenInterceptor::new(TOKEN).expect("token"),
+    );
     let id = w.id;
     let generation = w.generation;
 
@@ -129,7 +142,8 @@ async fn malformed_and_absurd_messages_are_invalid_arguments() {
         ("empty bootstrap blob", Code::InvalidArgument, c.publish_bootstrap(rpc::PublishBootstrapRequest { worker_id: id, generation, rank: 0, blob: vec![] }).await.map(drop)),
         ("a second job while one runs", Code::AlreadyExists, c.submit_job(rpc::SubmitJobRequest { config_yaml: "name: x\nmodel: {teacher: t}\n".into() }).await.map(drop)),
         ("an empty config", Code::InvalidArgument, c.submit_job(rpc::SubmitJobRequest { config_yaml: String::new() }).await.map(drop)),
-        ("a request over the 1 MiB limit", Code::OutOfRange, c.submit_job(rpc::SubmitJobRequest { config_yaml: "#".repeat(2 * 1024 * 1024) }).await.map(drop)),
+        // A client without the usual limit, so that the server's is tested.
+        ("a request over the 1 MiB limit", Code::OutOfRange, unlimited.submit_job(rpc::SubmitJobRequest { config_yaml: "#".repeat(2 * 1024 * 1024) }).await.map(drop)),
     ];
     for (what, code, result) in checks {
         let err = result.expect_err(what);

@@ -12,19 +12,14 @@ use bytes::Bytes;
 use swiftbrush_coordinator::app::ManualClock;
 use swiftbrush_coordinator::grpc::JobToken;
 use swiftbrush_coordinator::{RunningCoordinator, ServeOptions, start_with_clock};
-use swiftbrush_proto::rpc::coordinator_client::CoordinatorClient;
 use swiftbrush_proto::rpc::{self, command, rendezvous_reply};
 use swiftbrush_proto::run_store::AsyncRunStore;
-use tonic::service::interceptor::InterceptedService;
+use tonic::Status;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
-/// Adds (or leaves out) the token on every call.
-pub type TokenInterceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
-
-pub type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
+pub type Client = rpc::CoordinatorConnection;
 
 pub struct Harness {
     pub server: RunningCoordinator,
@@ -106,6 +101,15 @@ impl Harness {
         config: Option<swiftbrush_proto::JobConfig>,
         dir: tempfile::TempDir,
     ) -> Self {
+        Self::start_with(config, dir, |_| {}).await
+    }
+
+    /// [`Harness::start`], with a last say on the server's options.
+    pub async fn start_with(
+        config: Option<swiftbrush_proto::JobConfig>,
+        dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut ServeOptions),
+    ) -> Self {
         let store_url = memory_url();
         let mut options =
             ServeOptions::new(store_url.clone(), JobToken::new(TOKEN).expect("token"));
@@ -115,6 +119,7 @@ impl Harness {
         options.core.settle_ms = 500;
         options.core.restart_backoff_ms = 1_000;
         options.tick = Duration::from_millis(20);
+        tweak(&mut options);
         let clock = ManualClock::new(1_000);
         let server = start_with_clock(options, Arc::new(clock.clone()))
             .await
@@ -134,7 +139,7 @@ impl Harness {
     }
 
     pub async fn client(&self) -> Client {
-        client_with_token(self.server.grpc_addr, Some(TOKEN.to_owned())).await
+        client_with_token(self.server.grpc_addr, TOKEN).await
     }
 
     pub async fn worker(&self, host: &str) -> FakeWorker {
@@ -158,15 +163,11 @@ pub async fn channel(addr: std::net::SocketAddr) -> Channel {
         .expect("connect")
 }
 
-/// A client that sends `token` (or nothing) with every call.
-pub async fn client_with_token(addr: std::net::SocketAddr, token: Option<String>) -> Client {
-    let interceptor: TokenInterceptor = Box::new(move |mut request: Request<()>| {
-        if let Some(token) = &token {
-            rpc::authorize(&mut request, token).map_err(|e| Status::internal(e.to_string()))?;
-        }
-        Ok(request)
-    });
-    CoordinatorClient::with_interceptor(channel(addr).await, interceptor)
+/// A client that sends `token` with every call, as a worker connects.
+pub async fn client_with_token(addr: std::net::SocketAddr, token: &str) -> Client {
+    rpc::connect(&format!("http://{addr}"), token, None)
+        .await
+        .expect("connect")
 }
 
 /// A worker process as the coordinator sees it: register, rendezvous,

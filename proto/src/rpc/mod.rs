@@ -52,3 +52,10 @@ pub fn authorize<T>(
     request.metadata_mut().insert(AUTHORIZATION, value);
     Ok(())
 }
+
+mod client;
+
+pub use client::{
+    ClientTls, ConnectError, CoordinatorConnection, TokenInterceptor, connect,
+    install_crypto_provider,
+};
