@@ -213,7 +213,7 @@ pub async fn start_with_clock(
     let ticker = tokio::spawn(app.clone().run_ticker(options.tick, signal()));
     tracing::info!(
         grpc = %grpc_addr,
-        http = ?http_addr,
+        http = %http_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         store = %app.store().name(),
         tls = options.tls.is_some(),
         "coordinator listening"
