@@ -181,16 +181,18 @@ pub async fn start_with_clock(
             .map_err(ServeError::Tls)?;
     }
     let router = builder.add_service(health_service).add_service(service);
-    let grpc_signal = signal();
-    let grpc = tokio::spawn(async move {
-        let result = router
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), grpc_signal)
-            .await;
-        // Keep the reporter alive while serving; then say so.
+    let stopping = signal();
+    let grpc_signal = async move {
+        stopping.await;
+        // Probes see the coordinator going before connections drain.
         health
             .set_not_serving::<CoordinatorServer<CoordinatorService>>()
             .await;
-        result
+    };
+    let grpc = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), grpc_signal)
+            .await
     });
 
     let (http, http_addr) = match options.http_listen {

@@ -28,6 +28,16 @@ async fn two_workers_train_a_job_to_completion() {
         (2, 2)
     );
     assert_eq!(a_assignment.backend, "tcp");
+    let job = a_assignment
+        .job
+        .as_ref()
+        .expect("the assignment names the job");
+    assert!(
+        job.config_yaml.contains("global_batch: 4"),
+        "{}",
+        job.config_yaml
+    );
+    assert_eq!(job.run_dir, h.store_url);
     let mut ranks = [a.rank, b.rank];
     ranks.sort_unstable();
     assert_eq!(ranks, [0, 1]);

@@ -92,7 +92,10 @@ impl CoordinatorState {
         }
         let Some(size) = best_world_size(n, &job.spec) else {
             return wait(
-                format!("{n} workers ready; a world needs at least {min}"),
+                format!(
+                    "{n} workers ready; a world needs {min}..={} workers, a number dividing the global batch {}",
+                    job.spec.max_size, job.spec.global_batch
+                ),
                 n,
                 min,
                 1_000,

@@ -30,13 +30,14 @@ impl CoordinatorState {
                 remaining_ms,
             });
         }
-        // A process on the same host and device that registers again means
-        // the old one is gone (crashed and restarted): no need to wait for
-        // its heartbeat to time out.
+        // A process on the same host and accelerator that registers again
+        // means the old one is gone (crashed and restarted): no need to wait
+        // for its heartbeat to time out. Several CPU workers may share a host.
         let replaced: Vec<WorkerId> = self
             .workers
             .values()
             .filter(|w| !w.is_dead() && w.host == input.host && w.device == input.device)
+            .filter(|w| w.device != "cpu")
             .map(|w| w.id)
             .collect();
         let live = self.workers.values().filter(|w| !w.is_dead()).count();

@@ -300,6 +300,7 @@ pub fn register_reply(registration: Registration, job: Option<JobInfo>) -> rpc::
 impl From<Assignment> for rpc::Assignment {
     fn from(a: Assignment) -> Self {
         Self {
+            job: None,
             generation: a.generation,
             rank: a.rank,
             world_size: a.world_size,
@@ -318,6 +319,16 @@ impl From<Assignment> for rpc::Assignment {
                 .collect(),
         }
     }
+}
+
+/// The assignment carries the job, so a worker that registered before the
+/// job existed never needs to register again.
+pub fn rendezvous_reply(outcome: RendezvousOutcome, job: Option<JobInfo>) -> rpc::RendezvousReply {
+    let mut reply = rpc::RendezvousReply::from(outcome);
+    if let Some(rpc::rendezvous_reply::Outcome::Assignment(a)) = reply.outcome.as_mut() {
+        a.job = job.map(Into::into);
+    }
+    reply
 }
 
 impl From<RendezvousOutcome> for rpc::RendezvousReply {

@@ -38,7 +38,10 @@ impl CoordinatorRpc for CoordinatorService {
         let outcome = (self.app)
             .rendezvous(worker, req.known_generation, convert::wait(req.wait_ms))
             .await?;
-        Ok(Response::new(outcome.into()))
+        Ok(Response::new(convert::rendezvous_reply(
+            outcome,
+            self.app.job_info(),
+        )))
     }
 
     async fn publish_bootstrap(

@@ -170,8 +170,15 @@ fn leaving_reforms_without_a_restart_or_a_charge() {
 #[test]
 fn registering_again_from_the_same_device_replaces_the_old_process() {
     let mut sim = Sim::with_job(spec(2, 2));
-    let ws = sim.world_of(2);
-    let again = sim.register("h1");
+    let a = sim.register_on("h0", "cuda:0");
+    let b = sim.register_on("h1", "cuda:0");
+    sim.rendezvous(a);
+    sim.assigned(b);
+    let ws = [a, b];
+    // Another CPU process on the same host is no replacement.
+    let cpu = sim.register_on("h1", "cpu");
+    assert_eq!(sim.health(cpu), Health::Alive);
+    let again = sim.register_on("h1", "cuda:0");
     assert_eq!(sim.health(ws[1]), Health::Dead);
     assert!(matches!(
         sim.state.worker(ws[1]).and_then(|w| w.departure.clone()),
