@@ -220,3 +220,46 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_every_worker_and_a_new_job_may_follow() {
+    let h = Harness::with_job(10, 1, 1, 4, 4).await;
+    let mut w = h.worker("host-a").await;
+    w.join().await;
+    let mut operator = h.client().await;
+    let reply = operator
+        .cancel_job(rpc::CancelJobRequest {
+            reason: "operator".to_owned(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(reply.phase, rpc::JobPhase::Cancelled as i32);
+    match w.heartbeat(1).await {
+        command::Kind::Stop(stop) => {
+            assert_eq!(
+                (stop.phase, stop.reason.as_str()),
+                (rpc::JobPhase::Cancelled as i32, "operator")
+            );
+        }
+        other => panic!("expected stop, got {other:?}"),
+    }
+    let err = operator
+        .cancel_job(rpc::CancelJobRequest {
+            reason: "again".to_owned(),
+        })
+        .await
+        .expect_err("nothing to cancel");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    // A new job over the same run directory numbers its worlds past the old.
+    let captions = h.dir.path().join("captions.txt");
+    let yaml = common::config_yaml(&captions.display().to_string(), 1, 1, 4, 4);
+    let submitted = operator
+        .submit_job(rpc::SubmitJobRequest { config_yaml: yaml })
+        .await
+        .expect("resubmit")
+        .into_inner();
+    assert_eq!(submitted.num_captions, 10);
+    assert!(submitted.generation > w.generation);
+    h.shutdown().await;
+}

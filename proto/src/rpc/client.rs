@@ -119,3 +119,19 @@ pub async fn connect(
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interceptor_adds_a_bearer_token_marked_sensitive() {
+        let mut interceptor = TokenInterceptor::new("secret-0123456789").unwrap();
+        let request = interceptor.call(Request::new(())).unwrap();
+        let value = request.metadata().get(AUTHORIZATION).unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer secret-0123456789");
+        assert!(value.is_sensitive());
+        assert_eq!(format!("{interceptor:?}"), "TokenInterceptor(<redacted>)");
+        assert!(TokenInterceptor::new("bad\ntoken").is_err());
+    }
+}

@@ -38,8 +38,10 @@ fn rank_zero_commits_and_the_manifest_meta_names_the_generation() {
     assert!(matches!(err, CoreError::CommitInFlight { step: 5 }));
     sim.apply(|s, now| s.finish_commit(&ticket, CommitResult::Committed, now));
     assert_eq!(sim.state.job().map(|j| j.committed_step), Some(5));
-    let effects = sim.state.take_effects();
-    assert!(effects.contains(&Effect::ApplyRetention { keep_last: 3 }));
+    assert!(
+        sim.effects
+            .contains(&Effect::ApplyRetention { keep_last: 3 })
+    );
     let err = sim.refused(|s, now| s.begin_commit(report(rank0, 1, 5), now));
     assert!(matches!(
         err,

@@ -4,5 +4,6 @@
 mod commits;
 mod failures;
 mod formation;
+mod random_walk;
 mod refusals;
 mod sim;

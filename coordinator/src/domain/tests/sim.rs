@@ -42,6 +42,10 @@ pub fn options() -> CoreOptions {
 pub struct Sim {
     pub state: CoordinatorState,
     pub now: Millis,
+    /// Every effect so far, in order.
+    pub effects: Vec<Effect>,
+    /// Generations that have had a world.
+    formed: std::collections::BTreeSet<u64>,
 }
 
 impl Sim {
@@ -49,6 +53,8 @@ impl Sim {
         Self {
             state: CoordinatorState::new(options()),
             now: 1_000,
+            effects: Vec::new(),
+            formed: Default::default(),
         }
     }
 
@@ -58,7 +64,8 @@ impl Sim {
         sim
     }
 
-    /// Runs one transition and checks the invariants after it.
+    /// Runs one transition and checks the invariants after it, including
+    /// one no single state can show: at most one world per generation.
     pub fn apply<T>(&mut self, f: impl FnOnce(&mut CoordinatorState, Millis) -> T) -> T {
         let out = f(&mut self.state, self.now);
         let bad = self.state.invariant_violations();
@@ -67,6 +74,15 @@ impl Sim {
             "invariants broken at {}: {bad:#?}",
             self.now
         );
+        for effect in self.state.take_effects() {
+            if let Effect::WorldFormed { generation, .. } = effect {
+                assert!(
+                    self.formed.insert(generation),
+                    "a second world of generation {generation}"
+                );
+            }
+            self.effects.push(effect);
+        }
         out
     }
 
