@@ -1,8 +1,9 @@
 //! The gRPC face of the coordinator: the service (handlers only), request
-//! and reply conversion, the error-to-status map and the token check.
+//! checks and conversion, reply conversion, the error-to-status map and the token check.
 
 mod auth;
-mod convert;
+mod replies;
+mod requests;
 mod service;
 mod status;
 

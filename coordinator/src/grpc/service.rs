@@ -4,7 +4,8 @@
 use swiftbrush_proto::rpc::{self, coordinator_server::Coordinator as CoordinatorRpc};
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, CheckpointCall, PublishCall};
+use super::replies;
+use super::requests::{self, CheckpointCall, PublishCall};
 use crate::app::Coordinator;
 use crate::domain::{CaptionRequest, HeartbeatInput, RegisterInput};
 
@@ -26,7 +27,7 @@ impl CoordinatorRpc for CoordinatorService {
     async fn register(&self, request: Request<rpc::RegisterRequest>) -> Reply<rpc::RegisterReply> {
         let input = RegisterInput::try_from(request.into_inner())?;
         let (registration, job) = self.app.register(input)?;
-        Ok(Response::new(convert::register_reply(registration, job)))
+        Ok(Response::new(replies::register_reply(registration, job)))
     }
 
     async fn rendezvous(
@@ -34,11 +35,11 @@ impl CoordinatorRpc for CoordinatorService {
         request: Request<rpc::RendezvousRequest>,
     ) -> Reply<rpc::RendezvousReply> {
         let req = request.into_inner();
-        let worker = convert::checked_worker(req.worker_id)?;
+        let worker = requests::checked_worker(req.worker_id)?;
         let outcome = (self.app)
-            .rendezvous(worker, req.known_generation, convert::wait(req.wait_ms))
+            .rendezvous(worker, req.known_generation, requests::wait(req.wait_ms))
             .await?;
-        Ok(Response::new(convert::rendezvous_reply(
+        Ok(Response::new(replies::rendezvous_reply(
             outcome,
             self.app.job_info(),
         )))
@@ -58,13 +59,13 @@ impl CoordinatorRpc for CoordinatorService {
         request: Request<rpc::FetchBootstrapRequest>,
     ) -> Reply<rpc::FetchBootstrapReply> {
         let req = request.into_inner();
-        let worker = convert::checked_worker(req.worker_id)?;
+        let worker = requests::checked_worker(req.worker_id)?;
         let view = (self.app)
             .fetch_bootstrap(
                 worker,
                 req.generation,
                 req.all_ranks,
-                convert::wait(req.wait_ms),
+                requests::wait(req.wait_ms),
             )
             .await?;
         Ok(Response::new(view.into()))
@@ -76,7 +77,7 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Reply<rpc::GetCaptionsReply> {
         let req = CaptionRequest::try_from(request.into_inner())?;
         let steps = self.app.captions(req)?;
-        Ok(Response::new(convert::captions_reply(steps)))
+        Ok(Response::new(replies::captions_reply(steps)))
     }
 
     async fn heartbeat(
@@ -99,8 +100,8 @@ impl CoordinatorRpc for CoordinatorService {
 
     async fn leave(&self, request: Request<rpc::LeaveRequest>) -> Reply<rpc::LeaveReply> {
         let req = request.into_inner();
-        let worker = convert::checked_worker(req.worker_id)?;
-        self.app.leave(worker, convert::reason(req.reason)?)?;
+        let worker = requests::checked_worker(req.worker_id)?;
+        self.app.leave(worker, requests::reason(req.reason)?)?;
         Ok(Response::new(rpc::LeaveReply {}))
     }
 
@@ -115,7 +116,7 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<rpc::SubmitJobRequest>,
     ) -> Reply<rpc::SubmitJobReply> {
-        let yaml = convert::config_yaml(request.into_inner().config_yaml)?;
+        let yaml = requests::config_yaml(request.into_inner().config_yaml)?;
         let submitted = self.app.submit_yaml(&yaml).await?;
         Ok(Response::new(submitted.into()))
     }
@@ -124,8 +125,8 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<rpc::CancelJobRequest>,
     ) -> Reply<rpc::CancelJobReply> {
-        let reason = convert::reason(request.into_inner().reason)?;
+        let reason = requests::reason(request.into_inner().reason)?;
         let phase = self.app.cancel(reason)?;
-        Ok(Response::new(convert::cancel_reply(phase)))
+        Ok(Response::new(replies::cancel_reply(phase)))
     }
 }
