@@ -1,0 +1,101 @@
+//! Submitting a job: parse and validate the config, point its run directory
+//! at the coordinator's store, read the captions, find the newest committed
+//! checkpoint (the job resumes there, with generations numbered past it),
+//! then hand the core a `JobSpec`.
+
+use bytes::Bytes;
+use serde::Serialize;
+use swiftbrush_proto::JobConfig;
+
+use super::corpus::CaptionCorpus;
+use super::error::AppError;
+use super::{Coordinator, JobData};
+use crate::domain::{CoreError, JobSpec};
+
+/// What a worker learns about the job when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobInfo {
+    pub name: String,
+    /// The resolved config, with checkpoint.run_dir set to the
+    /// coordinator's run directory.
+    pub config_yaml: String,
+    pub config_fingerprint: String,
+    pub run_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Submitted {
+    pub name: String,
+    pub config_fingerprint: String,
+    pub num_captions: u64,
+    pub resume_step: u64,
+    pub generation: u64,
+}
+
+impl Coordinator {
+    pub async fn submit_yaml(&self, yaml: &str) -> Result<Submitted, AppError> {
+        let config = JobConfig::from_yaml_str(yaml, "the submitted config")?;
+        self.submit_config(config).await
+    }
+
+    pub async fn submit_config(&self, mut config: JobConfig) -> Result<Submitted, AppError> {
+        config.validate()?;
+        // Refuse early, before reading captions, if a job is running.
+        self.inspect(|s| match s.job() {
+            Some(job) if !job.phase.is_terminal() => Err(CoreError::JobExists {
+                name: job.spec.name.clone(),
+                phase: job.phase,
+            }),
+            _ => Ok(()),
+        })?;
+        let store = self.store().clone();
+        config.checkpoint.run_dir = store.name().to_owned();
+        let corpus =
+            CaptionCorpus::load(&config.data.captions, config.data.jsonl_field.as_deref()).await?;
+        let (committed_step, last_generation) = match store.latest_valid().await? {
+            Some(manifest) => (manifest.step, manifest.meta.generation),
+            None => (0, 0),
+        };
+        // LATEST may name a newer generation than the newest valid
+        // checkpoint; the store refuses commits from below it.
+        let pointer_generation = store.latest_pointer().await?.map_or(0, |p| p.generation);
+        let last_generation = last_generation.max(pointer_generation);
+        let spec = JobSpec::from_config(&config, corpus.len(), committed_step, last_generation)?;
+        let info = JobInfo {
+            name: config.name.clone(),
+            config_yaml: config.to_yaml(),
+            config_fingerprint: spec.config_fingerprint.clone(),
+            run_dir: store.name().to_owned(),
+        };
+        let num_captions = corpus.len();
+        let generation = {
+            // Held across the transition so that a racing submit cannot
+            // replace the data of the job that won.
+            let mut job = self
+                .inner
+                .job
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let generation = self.transition(|s, now| s.submit(spec, now))?;
+            *job = Some(JobData {
+                info: info.clone(),
+                corpus,
+            });
+            generation
+        };
+        if let Err(e) = store
+            .put_run_file("config.yaml", Bytes::from(info.config_yaml.clone()))
+            .await
+        {
+            tracing::warn!(error = %e, "could not write config.yaml to the run directory");
+        }
+        tracing::info!(job = %info.name, generation, committed_step, num_captions, "job submitted");
+        Ok(Submitted {
+            name: info.name,
+            config_fingerprint: info.config_fingerprint,
+            num_captions,
+            resume_step: committed_step,
+            generation,
+        })
+    }
+}

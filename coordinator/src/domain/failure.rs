@@ -1,0 +1,123 @@
+//! Losing workers and worlds: declaring a worker dead, charging its host
+//! (quarantine), breaking the world it was in (generation bump, restart
+//! count, backoff) and ending the job when restarts run out.
+
+use super::effect::Effect;
+use super::state::CoordinatorState;
+use super::types::{Departure, Health, JobPhase, Millis, WorkerId};
+
+impl CoordinatorState {
+    /// Declares `id` dead. Its rank is released; if it was in the current
+    /// world, that world breaks. Idempotent.
+    pub(crate) fn declare_dead(&mut self, id: WorkerId, departure: Departure, now: Millis) {
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if worker.is_dead() {
+            return;
+        }
+        worker.health = Health::Dead;
+        worker.departure = Some(departure.clone());
+        worker.died_at = Some(now);
+        worker.ready_since = None;
+        let was_member = worker.rank.take().is_some();
+        let host = worker.host.clone();
+        let failure = departure.is_failure();
+        let reason = format!("worker {id} on {host}: {departure}");
+        self.effects.push(Effect::WorkerDied {
+            worker: id,
+            host: host.clone(),
+            departure,
+        });
+        if failure {
+            self.charge_host(&host, now);
+        }
+        if was_member {
+            self.break_world(reason, failure, now);
+        }
+    }
+
+    /// Records a failure on `host`; enough of them quarantine it.
+    fn charge_host(&mut self, host: &str, now: Millis) {
+        let window = self.options.quarantine_window_ms;
+        let threshold = self.options.quarantine_after;
+        let record = self.hosts.entry(host.to_owned()).or_default();
+        record.failures.retain(|&t| now.saturating_sub(t) < window);
+        record.failures.push(now);
+        if threshold > 0 && record.failures.len() >= threshold as usize {
+            let until = now.saturating_add(self.options.quarantine_ms);
+            record.quarantined_until = Some(until);
+            record.failures.clear();
+            self.effects.push(Effect::HostQuarantined {
+                host: host.to_owned(),
+                until,
+            });
+        }
+    }
+
+    /// Ends the current world: every member loses its rank, the generation
+    /// moves on (so the old world can neither fetch captions nor commit),
+    /// and the job gathers a new world. A failure counts as a restart and
+    /// delays the next world by the backoff; past max_restarts the job fails.
+    pub(crate) fn break_world(&mut self, reason: String, failure: bool, now: Millis) {
+        let Some(job) = self.job.as_mut() else {
+            return;
+        };
+        let Some(world) = job.world.take() else {
+            return;
+        };
+        for id in &world.members {
+            if let Some(worker) = self.workers.get_mut(id) {
+                worker.rank = None;
+            }
+        }
+        let from = job.generation;
+        job.generation += 1;
+        job.resize_at = None;
+        job.step_rate = Default::default();
+        if failure {
+            job.restarts += 1;
+        }
+        self.effects.push(Effect::GenerationBumped {
+            from,
+            to: job.generation,
+            reason: reason.clone(),
+            failure,
+        });
+        if failure && job.restarts > job.spec.max_restarts {
+            let why = format!(
+                "{} restarts exceed world.max_restarts {}; last: {reason}",
+                job.restarts, job.spec.max_restarts
+            );
+            self.end_job(JobPhase::Failed, why);
+            return;
+        }
+        if failure {
+            job.not_before = now.saturating_add(self.options.backoff_ms(job.restarts));
+        }
+        job.phase = JobPhase::Reforming;
+        job.phase_since = now;
+        job.reason = reason;
+    }
+
+    /// Moves the job to a terminal phase and releases every rank.
+    pub(crate) fn end_job(&mut self, phase: JobPhase, reason: String) {
+        let Some(job) = self.job.as_mut() else {
+            return;
+        };
+        if let Some(world) = job.world.take() {
+            for id in &world.members {
+                if let Some(worker) = self.workers.get_mut(id) {
+                    worker.rank = None;
+                }
+            }
+        }
+        job.phase = phase;
+        job.reason = reason.clone();
+        job.resize_at = None;
+        for worker in self.workers.values_mut() {
+            worker.ready_since = None;
+        }
+        self.effects.push(Effect::JobEnded { phase, reason });
+    }
+}

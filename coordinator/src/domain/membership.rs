@@ -1,0 +1,160 @@
+//! Joining and leaving: Register (with replacement of a restarted process
+//! and the quarantine check), Rendezvous (becoming ready and being placed in
+//! a world) and Leave.
+
+use super::effect::Effect;
+use super::error::CoreError;
+use super::formation::Formation;
+use super::replies::{Assignment, Member, Registration, RendezvousOutcome, WaitInfo};
+use super::state::CoordinatorState;
+use super::types::{Departure, JobPhase, Millis, WorkerId};
+use super::worker::{Capabilities, Worker};
+
+/// A worker's Register call, validated by the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterInput {
+    pub host: String,
+    pub device: String,
+    pub capabilities: Capabilities,
+}
+
+impl CoordinatorState {
+    pub fn register(
+        &mut self,
+        input: RegisterInput,
+        now: Millis,
+    ) -> Result<Registration, CoreError> {
+        if let Some(remaining_ms) = self.quarantine_remaining(&input.host, now) {
+            return Err(CoreError::HostQuarantined {
+                host: input.host,
+                remaining_ms,
+            });
+        }
+        // A process on the same host and accelerator that registers again
+        // means the old one is gone (crashed and restarted): no need to wait
+        // for its heartbeat to time out. Several CPU workers may share a host.
+        let replaced: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| !w.is_dead() && w.host == input.host && w.device == input.device)
+            .filter(|w| w.device != "cpu")
+            .map(|w| w.id)
+            .collect();
+        let live = self.workers.values().filter(|w| !w.is_dead()).count();
+        if live - replaced.len() >= self.options.max_workers {
+            return Err(CoreError::TooManyWorkers {
+                max: self.options.max_workers,
+            });
+        }
+        let id = WorkerId(self.options.worker_id_base | self.next_seq);
+        self.next_seq += 1;
+        for old in replaced {
+            self.declare_dead(old, Departure::Replaced { by: id }, now);
+        }
+        self.effects.push(Effect::WorkerRegistered {
+            worker: id,
+            host: input.host.clone(),
+            device: input.device.clone(),
+        });
+        self.workers.insert(
+            id,
+            Worker::new(id, input.host, input.device, input.capabilities, now),
+        );
+        Ok(Registration {
+            worker: id,
+            heartbeat_interval_ms: self.heartbeat_interval_ms(),
+            has_job: self.job.is_some(),
+        })
+    }
+
+    /// Marks the worker ready for a world and forms one if it can. Called
+    /// again and again by a waiting worker (long-poll); idempotent for a
+    /// worker already placed.
+    pub fn rendezvous(
+        &mut self,
+        worker: WorkerId,
+        known_generation: u64,
+        now: Millis,
+    ) -> Result<RendezvousOutcome, CoreError> {
+        self.live_worker(worker)?;
+        self.check_not_future(known_generation)?;
+        if let Some(job) = self.job.as_ref()
+            && job.phase.is_terminal()
+        {
+            let (phase, reason) = (job.phase, job.reason.clone());
+            self.live_worker_mut(worker)?.touch(now);
+            return Ok(RendezvousOutcome::Finished { phase, reason });
+        }
+        let w = self.live_worker_mut(worker)?;
+        w.touch(now);
+        if w.rank.is_none() {
+            w.ready_since.get_or_insert(now);
+            w.ready_seen = now;
+        }
+        if let Some(job) = self.job.as_mut()
+            && job.phase == JobPhase::Pending
+        {
+            job.phase = JobPhase::Forming;
+            job.phase_since = now;
+        }
+        self.try_form(now);
+        if let Some(assignment) = self.assignment(worker) {
+            return Ok(RendezvousOutcome::Assigned(assignment));
+        }
+        match self.formation(now) {
+            Formation::Wait(info) => Ok(RendezvousOutcome::Waiting(info)),
+            // try_form just ran, so a world that could form has formed and
+            // this worker is not in it.
+            Formation::Form(_) => Ok(RendezvousOutcome::Waiting(WaitInfo {
+                reason: "standby".to_owned(),
+                num_ready: 0,
+                min_size: self.job.as_ref().map_or(0, |j| j.spec.min_size),
+                retry_after_ms: 1_000,
+            })),
+        }
+    }
+
+    /// The worker's place in the current world, if it has one.
+    pub fn assignment(&self, worker: WorkerId) -> Option<Assignment> {
+        let job = self.job.as_ref()?;
+        let world = job.world.as_ref()?;
+        let rank = world.rank_of(worker)?;
+        let members = world
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(r, id)| {
+                let w = self.workers.get(id)?;
+                Some(Member {
+                    rank: r as u32,
+                    worker: *id,
+                    host: w.host.clone(),
+                    device: w.device.clone(),
+                })
+            })
+            .collect();
+        Some(Assignment {
+            generation: world.generation,
+            rank,
+            world_size: world.size(),
+            resume_step: world.resume_step,
+            per_rank_batch: world.per_rank_batch(job.spec.global_batch),
+            backend: world.backend,
+            members,
+        })
+    }
+
+    /// The worker leaves on purpose: its world re-forms at once, and the
+    /// departure counts neither against its host nor as a restart.
+    pub fn leave(
+        &mut self,
+        worker: WorkerId,
+        reason: String,
+        now: Millis,
+    ) -> Result<(), CoreError> {
+        self.live_worker(worker)?;
+        self.declare_dead(worker, Departure::Left { reason }, now);
+        self.try_form(now);
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! Losing workers: silence, no progress, restarts and backoff, quarantine,
+//! replacement, leaving.
+
+use super::super::*;
+use super::sim::{Sim, spec};
+
+#[test]
+fn silence_makes_a_worker_suspect_then_dead_and_the_world_reforms() {
+    // Like SIGSTOP: the process is there but says nothing.
+    let mut sim = Sim::with_job(spec(1, 2));
+    let ws = sim.world_of(2);
+    let (a, b) = (ws[0], ws[1]);
+    sim.commit(a, 10);
+    for _ in 0..4 {
+        sim.beat_all(&[a], 12);
+        sim.advance(1_000);
+    }
+    assert_eq!(sim.health(b), Health::Suspect, "silent for 4 s > 3 beats");
+    assert_eq!(sim.state.generation(), 1, "a suspect keeps its rank");
+    assert_eq!(sim.rank_of(b), Some(1));
+    for _ in 0..7 {
+        sim.beat_all(&[a], 12);
+        sim.advance(1_000);
+    }
+    assert_eq!(sim.health(b), Health::Dead);
+    assert_eq!(sim.state.generation(), 2);
+    assert_eq!(sim.state.phase(), JobPhase::Reforming);
+    assert_eq!(sim.state.job().map(|j| j.restarts), Some(1));
+    // The survivor is told to abort; the dead one must register again.
+    assert!(matches!(
+        sim.heartbeat(a, 1, 12),
+        Command::AbortAndReform { generation: 2, .. }
+    ));
+    let err = sim.refused(|s, now| s.rendezvous(b, 1, now));
+    assert!(matches!(err, CoreError::WorkerDead { .. }), "{err}");
+    // After the backoff the survivor re-forms alone, from the committed step.
+    sim.waiting(a);
+    sim.advance(1_000);
+    sim.advance(2_000);
+    let assignment = sim.assigned(a);
+    assert_eq!(
+        (
+            assignment.generation,
+            assignment.world_size,
+            assignment.resume_step
+        ),
+        (2, 1, 10)
+    );
+}
+
+#[test]
+fn a_worker_whose_step_does_not_advance_dies() {
+    let mut sim = Sim::with_job(spec(1, 2));
+    let ws = sim.world_of(2);
+    let mut seconds = 0;
+    while sim.health(ws[1]) != Health::Dead {
+        // a trains, b heartbeats but is stuck at step 3.
+        sim.heartbeat(ws[0], 1, 3 + seconds);
+        sim.heartbeat(ws[1], 1, 3);
+        sim.advance(1_000);
+        seconds += 1;
+        assert!(seconds < 100);
+    }
+    assert_eq!(
+        seconds, 61,
+        "dies once stalled longer than progress_timeout_ms = 60 s"
+    );
+    assert_eq!(sim.health(ws[0]), Health::Alive);
+    assert_eq!(sim.health(ws[1]), Health::Dead);
+    let departure = sim.state.worker(ws[1]).and_then(|w| w.departure.clone());
+    assert!(
+        matches!(departure, Some(Departure::NoProgress { step: 3, .. })),
+        "{departure:?}"
+    );
+    assert_eq!(sim.state.generation(), 2);
+}
+
+#[test]
+fn restarts_back_off_and_past_max_restarts_the_job_fails() {
+    let mut sim = Sim::with_job(spec(1, 1));
+    let mut backoffs = Vec::new();
+    for restart in 1..=3 {
+        let w = sim.register(&format!("h{restart}"));
+        sim.rendezvous(w);
+        let formed_at = sim.now;
+        let a = loop {
+            match sim.rendezvous(w) {
+                RendezvousOutcome::Assigned(a) => break a,
+                _ => sim.advance(500),
+            }
+        };
+        backoffs.push(sim.now - formed_at);
+        assert_eq!(a.generation, restart);
+        sim.apply(|s, now| s.declare_dead(w, Departure::HeartbeatTimeout { silent_ms: 0 }, now));
+    }
+    // The first world formed at once; then 1 s, 2 s of backoff.
+    assert_eq!(backoffs, vec![0, 1_000, 2_000]);
+    assert_eq!(sim.state.job().map(|j| j.restarts), Some(3));
+    assert_eq!(sim.state.phase(), JobPhase::Reforming);
+    // The fourth failure exceeds max_restarts = 3.
+    sim.advance(4_000);
+    let w = sim.register("h4");
+    sim.assigned(w);
+    sim.apply(|s, now| s.declare_dead(w, Departure::HeartbeatTimeout { silent_ms: 0 }, now));
+    assert_eq!(sim.state.phase(), JobPhase::Failed);
+    assert_eq!(sim.state.world(), None);
+    let x = sim.register("h5");
+    assert!(matches!(
+        sim.heartbeat(x, 0, 0),
+        Command::Stop {
+            phase: JobPhase::Failed,
+            ..
+        }
+    ));
+    assert!(matches!(
+        sim.rendezvous(x),
+        RendezvousOutcome::Finished { .. }
+    ));
+}
+
+#[test]
+fn a_host_that_fails_repeatedly_is_quarantined_then_released() {
+    let mut sim = Sim::with_job(spec(1, 1));
+    for _ in 0..3 {
+        let w = sim.register("flaky");
+        sim.apply(|s, now| s.declare_dead(w, Departure::HeartbeatTimeout { silent_ms: 0 }, now));
+    }
+    let input = RegisterInput {
+        host: "flaky".to_owned(),
+        device: "cpu".to_owned(),
+        capabilities: Capabilities::default(),
+    };
+    let err = sim.refused(|s, now| s.register(input.clone(), now));
+    assert!(
+        matches!(
+            err,
+            CoreError::HostQuarantined {
+                remaining_ms: 60_000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Other hosts are unaffected.
+    let good = sim.register("good");
+    assert_eq!(sim.assigned(good).world_size, 1);
+    sim.pass(&[good], 1, 30_000);
+    sim.refused(|s, now| s.register(input.clone(), now));
+    sim.pass(&[good], 1, 31_000);
+    sim.apply(|s, now| s.register(input, now)).unwrap();
+}
+
+#[test]
+fn leaving_reforms_without_a_restart_or_a_charge() {
+    let mut sim = Sim::with_job(spec(1, 2));
+    let ws = sim.world_of(2);
+    sim.apply(|s, now| s.leave(ws[1], "preempted".to_owned(), now))
+        .unwrap();
+    let job = sim.state.job().unwrap();
+    assert_eq!(
+        (job.generation, job.restarts, job.not_before <= sim.now),
+        (2, 0, true)
+    );
+    assert!(sim.state.hosts().is_empty());
+    sim.waiting(ws[0]);
+    sim.advance(2_000);
+    assert_eq!(sim.assigned(ws[0]).world_size, 1);
+}
+
+#[test]
+fn registering_again_from_the_same_device_replaces_the_old_process() {
+    let mut sim = Sim::with_job(spec(2, 2));
+    let a = sim.register_on("h0", "cuda:0");
+    let b = sim.register_on("h1", "cuda:0");
+    sim.rendezvous(a);
+    sim.assigned(b);
+    let ws = [a, b];
+    // Another CPU process on the same host is no replacement.
+    let cpu = sim.register_on("h1", "cpu");
+    assert_eq!(sim.health(cpu), Health::Alive);
+    let again = sim.register_on("h1", "cuda:0");
+    assert_eq!(sim.health(ws[1]), Health::Dead);
+    assert!(matches!(
+        sim.state.worker(ws[1]).and_then(|w| w.departure.clone()),
+        Some(Departure::Replaced { by }) if by == again
+    ));
+    assert_eq!(sim.state.generation(), 2);
+    sim.advance(1_000);
+    sim.rendezvous(ws[0]);
+    assert_eq!(sim.assigned(again).world_size, 2);
+}
