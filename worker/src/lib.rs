@@ -10,5 +10,6 @@ pub mod models;
 pub mod optim;
 pub mod pipeline;
 pub mod roles;
+pub mod toy;
 pub mod trainer;
 pub mod vsd;
