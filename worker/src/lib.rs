@@ -14,5 +14,6 @@ pub mod optim;
 pub mod pipeline;
 pub mod roles;
 pub mod sample;
+pub mod toy;
 pub mod trainer;
 pub mod vsd;
