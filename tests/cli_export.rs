@@ -10,6 +10,8 @@ fn swiftbrush(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
         .env_clear()
         .env("RUST_LOG", "warn")
+        // One libtorch thread: tests run two at a time on small machines.
+        .env("OMP_NUM_THREADS", "1")
         .current_dir(dir)
         .args(args)
         .output()

@@ -20,6 +20,8 @@ fn train(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_swiftbrush"));
     cmd.env_clear()
         .env("RUST_LOG", "warn")
+        // One libtorch thread: tests run two at a time on small machines.
+        .env("OMP_NUM_THREADS", "1")
         .current_dir(dir)
         .args(["train", "--config", CONFIG, "--teacher", &teacher("sd1")])
         .args(["--captions", "captions.txt"])
@@ -155,6 +157,7 @@ fn bad_input_is_a_clear_error() {
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
             .env_clear()
+            .env("OMP_NUM_THREADS", "1")
             .current_dir(d)
             .arg("train")
             .args(["--config", CONFIG])
