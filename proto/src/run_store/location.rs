@@ -218,7 +218,11 @@ fn open_local(path: &std::path::Path) -> Result<LocalFileSystem> {
         source,
     };
     std::fs::create_dir_all(path).map_err(io_error)?;
-    let probe = path.join(format!(".write-probe-{}", std::process::id()));
+    // Unique per opener: threads of one process may open the same directory
+    // at once, and a shared probe name made one's remove fail the other.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = path.join(format!(".write-probe-{}-{n}", std::process::id()));
     std::fs::write(&probe, b"").map_err(io_error)?;
     std::fs::remove_file(&probe).map_err(io_error)?;
     let store =
