@@ -298,7 +298,7 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
 
 /// The pipeline to draw with, and for a student its one-step settings
 /// (with the alpha-bar resolved from the schedule when the run asked so).
-fn load_model(
+pub fn load_model(
     model: &SampleModel,
     device: Device,
     kind: Kind,

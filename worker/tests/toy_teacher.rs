@@ -12,7 +12,7 @@ use swiftbrush_worker::models::clip::load_text_encoder;
 use swiftbrush_worker::models::tokenizer::ClipTokenizer;
 use swiftbrush_worker::pipeline::DiffusersFolder;
 use swiftbrush_worker::roles::UNet;
-use swiftbrush_worker::toy::eval::evaluate_teacher;
+use swiftbrush_worker::toy::eval::{SampleOptions, ToyModel, evaluate};
 use swiftbrush_worker::toy::progress::ProgressMode;
 use swiftbrush_worker::toy::vocab::ToyVocab;
 use swiftbrush_worker::toy::{Caption, TeacherSettings, train_teacher};
@@ -154,7 +154,13 @@ fn teacher_folder_loads_here_and_in_diffusers_with_the_same_outputs() {
 
     // The evaluator runs on the folder (an untrained teacher draws nothing
     // right; this checks the plumbing and the counts).
-    let report = evaluate_teacher(&out, 1, 2, 4.0, 0, Device::Cpu).unwrap();
+    let opts = SampleOptions {
+        samples_per_caption: 1,
+        num_inference_steps: 2,
+        guidance_scale: 4.0,
+        seed: 0,
+    };
+    let (_, report) = evaluate(&ToyModel::Teacher(out.clone()), &opts, Device::Cpu).unwrap();
     assert_eq!(report.num_images, 54);
     assert_eq!(report.per_caption.len(), 54);
 }

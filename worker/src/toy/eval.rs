@@ -1,9 +1,13 @@
-//! Judging a toy teacher folder: DDIM sampling with classifier-free
-//! guidance (diffusers' StableDiffusionPipeline loop in pixel space: no
-//! VAE), then the evaluator on every image. Each image's starting noise is
-//! seeded by (seed, image index), so results do not depend on batching.
+//! Sampling and judging toy models: a teacher folder with DDIM and
+//! classifier-free guidance, or a distilled student with one UNet pass.
+//! Both go through the same pipeline code as `swiftbrush sample`
+//! (`StableDiffusion` in pixel space: no VAE). Image i's starting noise is
+//! seeded by (seed, i) whatever the model, so a teacher and a student
+//! sampled with the same seed start from the same noise, and results do
+//! not depend on batching.
 
-use std::path::Path;
+use std::path::PathBuf;
+use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
@@ -11,21 +15,53 @@ use super::ToyError;
 use super::evaluator::ToyReport;
 use super::rng::ToyRng;
 use super::shapes::{CHANNELS, Caption, SIZE, tensor_to_pixels};
-use crate::diffusion::{DDIMScheduler, SchedulerConfig, guide_batched};
-use crate::models::clip::load_text_encoder;
-use crate::models::tokenizer::ClipTokenizer;
-use crate::pipeline::DiffusersFolder;
-use crate::roles::UNet;
+use crate::export::OneStep;
+use crate::pipeline::StableDiffusion;
+use crate::sample::{SampleModel, load_model};
 
 const STREAM_EVAL: u64 = 2;
-/// Images denoised together (each runs as a guided pair).
+/// Images sampled together.
 const CHUNK: usize = 54;
+
+/// Which toy model draws.
+#[derive(Debug, Clone)]
+pub enum ToyModel {
+    /// A toy teacher folder: DDIM with guidance.
+    Teacher(PathBuf),
+    /// A student: a run directory, `RUN/checkpoints/step-N` or an exported
+    /// pipeline; `teacher` overrides the teacher folder the run recorded.
+    Student {
+        path: String,
+        teacher: Option<PathBuf>,
+    },
+}
+
+impl ToyModel {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Teacher(p) => format!("teacher {}", p.display()),
+            Self::Student { path, .. } => format!("student {path}"),
+        }
+    }
+
+    fn as_sample_model(&self) -> SampleModel {
+        match self {
+            Self::Teacher(p) => SampleModel::Teacher(p.clone()),
+            Self::Student { path, teacher } => SampleModel::Student {
+                path: path.clone(),
+                teacher: teacher.clone(),
+            },
+        }
+    }
+}
 
 /// How to sample for an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleOptions {
     pub samples_per_caption: usize,
+    /// DDIM steps of a teacher (a student always takes one pass).
     pub num_inference_steps: i64,
+    /// Guidance of a teacher (a student uses none).
     pub guidance_scale: f64,
     pub seed: u64,
 }
@@ -36,94 +72,114 @@ pub struct Samples {
     pub captions: Vec<Caption>,
     /// HWC bytes, image after image.
     pub pixels: Vec<u8>,
+    /// Wall time of sampling (model loading excluded) per image.
+    pub seconds_per_image: f64,
 }
 
-/// Draws `samples_per_caption` images of each of the 54 captions from the
-/// teacher in `folder` (captions in id order, samples of one caption
-/// together).
-pub fn sample_teacher(
-    folder: &Path,
+impl Samples {
+    /// The images as float [N, 3, 32, 32] in [0, 1], for `image_io::save_png`.
+    pub fn to_unit_tensor(&self) -> Tensor {
+        let n = self.captions.len() as i64;
+        let side = SIZE as i64;
+        Tensor::from_slice(&self.pixels)
+            .view([n, side, side, CHANNELS as i64])
+            .permute([0, 3, 1, 2])
+            .to_kind(Kind::Float)
+            / 255.0
+    }
+
+    /// Judges every image against its caption (with the sampling time).
+    pub fn report(&self) -> ToyReport {
+        let mut report = ToyReport::from_images(&self.captions, &self.pixels);
+        report.seconds_per_image = Some(self.seconds_per_image);
+        report
+    }
+}
+
+/// A loaded toy model, ready to draw.
+pub struct ToySampler {
+    pipe: StableDiffusion,
+    /// Some for a student.
+    one_step: Option<OneStep>,
+    pub load_seconds: f64,
+}
+
+impl ToySampler {
+    pub fn load(model: &ToyModel, device: Device) -> Result<Self, ToyError> {
+        let started = Instant::now();
+        let (pipe, one_step) = load_model(&model.as_sample_model(), device, Kind::Float)
+            .map_err(|e| ToyError::Sample(format!("{}: {e}", model.describe())))?;
+        if pipe.latent_channels() != CHANNELS as i64 || pipe.vae_scale_factor() != 1 {
+            return Err(ToyError::Sample(format!(
+                "{} is not a toy (pixel-space, 3-channel) model",
+                model.describe()
+            )));
+        }
+        Ok(Self {
+            pipe,
+            one_step,
+            load_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn is_student(&self) -> bool {
+        self.one_step.is_some()
+    }
+
+    /// Draws `samples_per_caption` images of each caption (samples of one
+    /// caption together, captions in the order given).
+    pub fn sample(&self, captions: &[Caption], opts: &SampleOptions) -> Result<Samples, ToyError> {
+        let captions: Vec<Caption> = captions
+            .iter()
+            .flat_map(|c| std::iter::repeat_n(*c, opts.samples_per_caption))
+            .collect();
+        let side = SIZE as i64;
+        let mut pixels = Vec::with_capacity(captions.len() * SIZE * SIZE * CHANNELS);
+        let started = Instant::now();
+        for (chunk_index, chunk) in captions.chunks(CHUNK).enumerate() {
+            let mut noise = Vec::with_capacity(chunk.len() * CHANNELS * SIZE * SIZE);
+            for i in 0..chunk.len() {
+                let index = (chunk_index * CHUNK + i) as u64;
+                let mut rng = ToyRng::stream(opts.seed, index, STREAM_EVAL);
+                noise.extend(rng.normals_f32(CHANNELS * SIZE * SIZE));
+            }
+            let z =
+                Tensor::from_slice(&noise).view([chunk.len() as i64, CHANNELS as i64, side, side]);
+            let prompts: Vec<String> = chunk.iter().map(Caption::text).collect();
+            let images = match self.one_step {
+                Some(o) => self.pipe.sample_one_step(
+                    &prompts,
+                    &z,
+                    o.student_timestep,
+                    o.student_alpha_bar,
+                )?,
+                None => self.pipe.sample_ddim(
+                    &prompts,
+                    &z,
+                    opts.num_inference_steps,
+                    opts.guidance_scale,
+                )?,
+            };
+            // [0, 1] back to the toy world's [-1, 1] pixels.
+            pixels.extend(tensor_to_pixels(&(images * 2.0 - 1.0))?);
+        }
+        let seconds_per_image = started.elapsed().as_secs_f64() / captions.len().max(1) as f64;
+        Ok(Samples {
+            captions,
+            pixels,
+            seconds_per_image,
+        })
+    }
+}
+
+/// Samples a toy model on all 54 captions and judges every image.
+pub fn evaluate(
+    model: &ToyModel,
     opts: &SampleOptions,
     device: Device,
-) -> Result<Samples, ToyError> {
-    let pipeline = DiffusersFolder::open(folder)?;
-    let unet = UNet::load(&pipeline, device)?;
-    let te_dir = pipeline.component("text_encoder")?.dir;
-    let (_te_vs, text_model, _) = load_text_encoder(&te_dir, device)?;
-    let tokenizer = ClipTokenizer::from_dir(&pipeline.component("tokenizer")?.dir)?;
-    let scheduler_dir = pipeline.component("scheduler")?.dir;
-    let sched_cfg = SchedulerConfig::from_file(&scheduler_dir.join("scheduler_config.json"))?;
-    let ddim = DDIMScheduler::new(&sched_cfg, opts.num_inference_steps, device)?;
-
-    let all = Caption::all();
-    let mut prompts: Vec<String> = all.iter().map(Caption::text).collect();
-    prompts.push(String::new());
-    let ids = tokenizer.encode_batch(&prompts, device)?;
-    let table = tch::no_grad(|| text_model.f_forward(&ids.input_ids))?;
-    let null_row = all.len() as i64;
-
-    let captions: Vec<Caption> = all
-        .iter()
-        .flat_map(|c| std::iter::repeat_n(*c, opts.samples_per_caption))
-        .collect();
-    let side = SIZE as i64;
-    let mut pixels = Vec::with_capacity(captions.len() * SIZE * SIZE * CHANNELS);
-    for (chunk_index, chunk) in captions.chunks(CHUNK).enumerate() {
-        let b = chunk.len();
-        let mut noise = Vec::with_capacity(b * CHANNELS * SIZE * SIZE);
-        for i in 0..b {
-            let index = (chunk_index * CHUNK + i) as u64;
-            let mut rng = ToyRng::stream(opts.seed, index, STREAM_EVAL);
-            noise.extend(rng.normals_f32(CHANNELS * SIZE * SIZE));
-        }
-        let mut x = Tensor::from_slice(&noise)
-            .view([b as i64, CHANNELS as i64, side, side])
-            .to_device(device);
-        let mut rows: Vec<i64> = vec![null_row; b];
-        rows.extend(chunk.iter().map(|c| c.id() as i64));
-        let cond = table.f_index_select(0, &Tensor::from_slice(&rows).to_device(device))?;
-        x = tch::no_grad(|| -> Result<Tensor, ToyError> {
-            for &t in ddim.timesteps() {
-                let input = Tensor::f_cat(&[&x, &x], 0)?;
-                let tt = Tensor::full([2 * b as i64], t, (Kind::Int64, device));
-                let out = unet.model.forward(&input, &tt, &cond);
-                let eps = guide_batched(&out, opts.guidance_scale)?;
-                x = ddim.step(&eps, t, &x)?.prev_sample;
-            }
-            Ok(x)
-        })?;
-        pixels.extend(tensor_to_pixels(&x)?);
-    }
-    Ok(Samples { captions, pixels })
-}
-
-/// Samples the teacher and judges every image: the toy world's measure of
-/// a teacher (25 steps and guidance 3-7 are the intended settings).
-pub fn evaluate_teacher(
-    folder: &Path,
-    samples_per_caption: usize,
-    steps: i64,
-    guidance: f64,
-    seed: u64,
-    device: Device,
-) -> Result<ToyReport, ToyError> {
-    let opts = SampleOptions {
-        samples_per_caption,
-        num_inference_steps: steps,
-        guidance_scale: guidance,
-        seed,
-    };
-    let s = sample_teacher(folder, &opts, device)?;
-    Ok(ToyReport::from_images(&s.captions, &s.pixels))
-}
-
-/// Samples -> float [N, 3, 32, 32] in [0, 1], for `image_io::save_png`.
-pub fn samples_to_unit_tensor(s: &Samples) -> Tensor {
-    let n = s.captions.len() as i64;
-    let side = SIZE as i64;
-    Tensor::from_slice(&s.pixels)
-        .view([n, side, side, CHANNELS as i64])
-        .permute([0, 3, 1, 2])
-        .to_kind(Kind::Float)
-        / 255.0
+) -> Result<(Samples, ToyReport), ToyError> {
+    let sampler = ToySampler::load(model, device)?;
+    let samples = sampler.sample(&Caption::all(), opts)?;
+    let report = samples.report();
+    Ok((samples, report))
 }

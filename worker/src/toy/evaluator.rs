@@ -177,6 +177,9 @@ pub struct ToyReport {
     /// Mean over captions (those with two or more shapes found).
     pub centroid_spread_px: f64,
     pub sqrt_area_spread_px: f64,
+    /// Sampling time per image, when the images were sampled by a model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds_per_image: Option<f64>,
     pub per_caption: Vec<CaptionStats>,
 }
 
@@ -250,6 +253,7 @@ impl ToyReport {
             no_shape_rate: rate(&|_, j| j.color.is_none()),
             centroid_spread_px: mean_of(&|s| s.centroid_spread_px),
             sqrt_area_spread_px: mean_of(&|s| s.sqrt_area_spread_px),
+            seconds_per_image: None,
             per_caption,
         }
     }
@@ -270,6 +274,9 @@ impl ToyReport {
             self.centroid_spread_px
         );
         let _ = writeln!(s, "sqrt(area) spread {:6.2} px", self.sqrt_area_spread_px);
+        if let Some(secs) = self.seconds_per_image {
+            let _ = writeln!(s, "seconds per image {:9.5}", secs);
+        }
         let mut worst: Vec<&CaptionStats> = self
             .per_caption
             .iter()

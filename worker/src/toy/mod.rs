@@ -6,6 +6,8 @@
 //! ([`teacher`]), written as a diffusers folder ([`export`]) and judged by
 //! DDIM sampling ([`eval`]).
 
+pub mod compare;
+pub mod demo;
 pub mod eval;
 pub mod evaluator;
 pub mod export;
@@ -58,6 +60,11 @@ pub enum ToyError {
     Optim(#[from] crate::optim::OptimError),
     #[error(transparent)]
     Ema(#[from] crate::ema::EmaError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    /// A model that cannot be sampled as a toy model, named.
+    #[error("{0}")]
+    Sample(String),
     #[error("{0}")]
     Torch(#[from] tch::TchError),
     /// Settings that cannot train (batch size 0, ...), named.

@@ -1,0 +1,119 @@
+//! Command-line surface: one subcommand per user action, each in its own
+//! module (flags and the few lines that call into the crates).
+
+mod bench;
+mod export;
+mod sample;
+mod toy;
+mod train;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "swiftbrush",
+    version,
+    about = "Distill a Stable Diffusion teacher into a one-step student (SwiftBrush)"
+)]
+pub struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Human)]
+    log_format: LogFormatArg,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+impl Cli {
+    pub fn log_format(&self) -> LogFormat {
+        match self.log_format {
+            LogFormatArg::Human => LogFormat::Human,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Job configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print what this install sees: libtorch, CPU threads, CUDA devices.
+    Doctor,
+    /// Distill the teacher into a one-step student (SwiftBrush). Resumes
+    /// from the run directory's newest checkpoint when there is one.
+    Train(train::TrainArgs),
+    /// Write a trained student as a diffusers UNet folder (EMA weights by
+    /// default), or with --pipeline a whole diffusers pipeline folder.
+    Export(export::ExportArgs),
+    /// Benchmarks (timings live here, never in tests).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Draw images: from a teacher (diffusers folder, DDIM with guidance).
+    Sample(Box<sample::SampleArgs>),
+    /// The shapes32 toy world (docs/TOYWORLD.md): train and judge a toy teacher.
+    #[command(subcommand)]
+    Toy(toy::ToyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a job config and print it fully resolved (every default
+    /// written out), or name each offending key.
+    Check {
+        /// The YAML job config.
+        file: PathBuf,
+        /// The teacher's diffusers folder (overrides model.teacher).
+        #[arg(long)]
+        teacher: Option<String>,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Config(ConfigCommand::Check { file, teacher }) => {
+            let config = load_config(&file, teacher)?;
+            tracing::info!(
+                file = %file.display(),
+                fingerprint = %config.fingerprint(),
+                "config is valid"
+            );
+            print!("{}", config.to_yaml());
+            Ok(())
+        }
+        Command::Train(args) => train::run(args),
+        Command::Bench(command) => bench::run(command),
+        Command::Export(args) => export::run(args),
+        Command::Toy(command) => toy::run(command),
+        Command::Doctor => {
+            println!("swiftbrush {}", env!("CARGO_PKG_VERSION"));
+            for (key, value) in swiftbrush_worker::device::describe() {
+                println!("{key:>16}: {value}");
+            }
+            Ok(())
+        }
+        Command::Sample(args) => sample::run(*args),
+    }
+}
+
+/// Reads a job config, applies command-line overrides, validates.
+fn load_config(file: &std::path::Path, teacher: Option<String>) -> anyhow::Result<JobConfig> {
+    let mut config = JobConfig::from_yaml_file(file)?;
+    if let Some(t) = teacher {
+        config.model.teacher = Some(t);
+    }
+    config
+        .validate()
+        .with_context(|| format!("{} is not a valid job config", file.display()))?;
+    Ok(config)
+}

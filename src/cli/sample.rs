@@ -1,0 +1,125 @@
+//! `swiftbrush sample`: images from a teacher (DDIM with guidance) or a
+//! one-step student.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{ArgGroup, Args, ValueEnum};
+use swiftbrush_proto::config::Dtype;
+use swiftbrush_worker::sample::{SampleModel, SampleRequest, read_prompts, sample_teacher};
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("model").required(true).multiple(true).args(["teacher", "student"])))]
+#[command(group(ArgGroup::new("text").required(true).args(["prompt", "prompts"])))]
+pub struct SampleArgs {
+    /// A diffusers Stable Diffusion folder, sampled with DDIM and
+    /// classifier-free guidance as diffusers' StableDiffusionPipeline does.
+    #[arg(long, value_name = "DIR")]
+    teacher: Option<PathBuf>,
+    /// A trained one-step student: a run directory (its newest valid
+    /// checkpoint, EMA weights), RUN/checkpoints/step-N, or a folder written
+    /// by `export --pipeline`. Text encoder, tokenizer and VAE come from the
+    /// teacher the run recorded (or the exported folder).
+    #[arg(long, value_name = "PATH")]
+    student: Option<PathBuf>,
+    /// One prompt.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
+    /// A text file with one prompt a line.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// DDIM steps.
+    #[arg(long, default_value_t = 25)]
+    steps: i64,
+    /// Classifier-free guidance scale; <= 1 turns guidance off.
+    #[arg(long, default_value_t = 4.5)]
+    guidance: f64,
+    /// Seeds the initial noise (drawn on the CPU: the same on every device).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Initial noise instead of --seed: a safetensors file with a tensor
+    /// `latents` [number of prompts, channels, height, width].
+    #[arg(long, value_name = "FILE.safetensors")]
+    latents: Option<PathBuf>,
+    /// The PNG to write (a grid for several prompts); sample.png when
+    /// neither --out nor --raw-out is given.
+    #[arg(long, value_name = "OUT.png")]
+    out: Option<PathBuf>,
+    /// Also write the float images [B,3,H,W] in [0,1] (tensor `images`).
+    #[arg(long, value_name = "OUT.safetensors")]
+    raw_out: Option<PathBuf>,
+    /// auto (first CUDA device, else CPU), cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Number format of the text encoder and UNet (the VAE decodes in fp32).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Fp32)]
+    dtype: DtypeArg,
+    /// Prompts per sampling pass.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Image height in pixels (default: the UNet's sample_size times the
+    /// VAE's scale factor).
+    #[arg(long)]
+    height: Option<i64>,
+    /// Image width in pixels (default as for --height).
+    #[arg(long)]
+    width: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl From<DtypeArg> for Dtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::Fp32 => Dtype::Fp32,
+            DtypeArg::Fp16 => Dtype::Fp16,
+            DtypeArg::Bf16 => Dtype::Bf16,
+        }
+    }
+}
+
+pub fn run(args: SampleArgs) -> anyhow::Result<()> {
+    // With --student, --teacher overrides the teacher the run recorded.
+    let model = match (args.teacher, args.student) {
+        (teacher, Some(path)) => SampleModel::Student {
+            path: path.display().to_string(),
+            teacher,
+        },
+        (Some(dir), None) => SampleModel::Teacher(dir),
+        (None, None) => anyhow::bail!("give --teacher DIR or --student PATH"),
+    };
+    let prompts = match (args.prompt, args.prompts) {
+        (Some(p), _) => vec![p],
+        (None, Some(file)) => read_prompts(&file)?,
+        (None, None) => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
+    };
+    let request = SampleRequest {
+        model,
+        prompts,
+        steps: args.steps,
+        guidance: args.guidance,
+        seed: args.seed,
+        latents: args.latents,
+        out: args.out,
+        raw_out: args.raw_out,
+        device: args.device,
+        dtype: args.dtype.into(),
+        batch_size: usize::try_from(args.batch_size).unwrap_or(usize::MAX),
+        height: args.height,
+        width: args.width,
+    };
+    let report = sample_teacher(&request).context("cannot sample")?;
+    for path in &report.written {
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "{} image(s) on {}: {:.3} s per image (teacher loaded in {:.2} s)",
+        report.num_images, report.device, report.seconds_per_image, report.load_seconds
+    );
+    Ok(())
+}
