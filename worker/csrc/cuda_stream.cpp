@@ -65,8 +65,6 @@ bool valid_device(int32_t device, char* err, size_t err_len) {
 }
 }  // namespace
 
-extern "C" int32_t sb_cuda_shim_available(void) { return 1; }
-
 extern "C" int32_t sb_cuda_set_device(int32_t device, char* err, size_t err_len) {
   try {
     if (!valid_device(device, err, err_len)) {
@@ -114,8 +112,6 @@ static const char* const kNoCuda =
     "this swiftbrush build has no CUDA support: libc10_cuda.so was not next to "
     "libtorch when it was compiled (a CPU-only torch wheel); install the CUDA "
     "wheel of torch and rebuild";
-
-extern "C" int32_t sb_cuda_shim_available(void) { return 0; }
 
 extern "C" int32_t sb_cuda_set_device(int32_t, char* err, size_t err_len) {
   write_err(err, err_len, kNoCuda);

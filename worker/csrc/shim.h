@@ -33,8 +33,6 @@ int32_t sb_autocast_exit(int32_t device_type, const sb_autocast_state* prev,
 int32_t sb_autocast_is_enabled(int32_t device_type);
 int32_t sb_autocast_dtype(int32_t device_type);
 
-// 1 when this build has the CUDA part (libc10_cuda was found at build time).
-int32_t sb_cuda_shim_available(void);
 // Makes device the calling thread's current CUDA device (NCCL binds a
 // communicator to the current device).
 int32_t sb_cuda_set_device(int32_t device, char* err, size_t err_len);

@@ -3,7 +3,7 @@
 //! and the one way to call a shim function that can fail. Safe wrappers live
 //! with their users: `precision` (autocast) and `collective::cuda` (stream).
 
-use std::ffi::{CStr, c_char};
+use std::ffi::{CStr, c_char, c_void};
 
 /// libtorch's c10::DeviceType numbering (csrc/autocast.cpp asserts it).
 pub const DEVICE_CPU: i32 = 0;
@@ -38,6 +38,20 @@ unsafe extern "C" {
     ) -> i32;
     pub safe fn sb_autocast_is_enabled(device_type: i32) -> i32;
     pub safe fn sb_autocast_dtype(device_type: i32) -> i32;
+
+    pub fn sb_cuda_set_device(device: i32, err: *mut c_char, err_len: usize) -> i32;
+    pub fn sb_cuda_current_stream(
+        device: i32,
+        stream: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    pub fn sb_cuda_current_stream_query(
+        device: i32,
+        done: *mut i32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
 
 }
 
