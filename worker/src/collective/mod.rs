@@ -1,7 +1,9 @@
 //! Collectives behind the trainer's `GradientSync`: the TCP ring for CPU
 //! ranks, NCCL for CUDA ranks (`NcclComm`; its first lines document the API
-//! a worker process uses), and the gradient buckets NCCL reduces.
+//! a worker process uses), the gradient buckets NCCL reduces, and the
+//! all-reduce benchmark.
 
+pub mod bench;
 pub mod buckets;
 mod cuda;
 pub mod nccl;

@@ -212,6 +212,9 @@ pub struct NcclComm {
 const FIRST_PAUSE: Duration = Duration::from_micros(20);
 const MAX_PAUSE: Duration = Duration::from_millis(2);
 
+/// The CUDA runtime's `cudaStreamPerThread` handle (driver_types.h).
+const CUDA_STREAM_PER_THREAD: usize = 0x2;
+
 impl NcclComm {
     /// A fresh NCCL unique id (rank 0 only; see the module docs).
     pub fn unique_id() -> Result<Vec<u8>, NcclError> {
@@ -417,8 +420,26 @@ impl NcclComm {
                 });
             }
         }
+        self.stream()
+    }
+
+    /// Makes the communicator's device current and returns libtorch's
+    /// current stream on it, the stream every collective is queued on.
+    fn stream(&self) -> Result<RawStream, NcclError> {
         cuda::set_device(self.device).map_err(NcclError::Cuda)?;
-        cuda::current_stream(self.device).map_err(NcclError::Cuda)
+        let stream = cuda::current_stream(self.device).map_err(NcclError::Cuda)?;
+        // A nonblocking communicator launches from its own thread, where
+        // cudaStreamPerThread names another stream (NVIDIA/nccl#1976): the
+        // collective would run unordered with libtorch's work. libtorch
+        // never hands it out unless built for per-thread default streams.
+        if stream.0 as usize == CUDA_STREAM_PER_THREAD {
+            return Err(NcclError::Cuda(
+                "libtorch's current stream is cudaStreamPerThread, which NCCL's nonblocking \
+                 communicators do not order with the caller's work"
+                    .to_owned(),
+            ));
+        }
+        Ok(stream)
     }
 
     fn reduce_mean(&self, grads: &[Tensor]) -> Result<(), NcclError> {
@@ -437,8 +458,7 @@ impl NcclComm {
 
     fn vote(&self, ok: bool) -> Result<bool, NcclError> {
         const WHAT: &str = "the all-ranks-finite vote";
-        cuda::set_device(self.device).map_err(NcclError::Cuda)?;
-        let stream = cuda::current_stream(self.device).map_err(NcclError::Cuda)?;
+        let stream = self.stream()?;
         let deadline = Instant::now() + self.options.timeout;
         let flag = Tensor::from_slice(&[i32::from(ok)]).to_device(Device::Cuda(self.device));
         self.all_reduce_in_place(&flag, NCCL_MIN, stream, WHAT, deadline)?;
