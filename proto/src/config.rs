@@ -318,8 +318,10 @@ impl Default for CheckpointConfig {
 pub struct PrecisionConfig {
     /// Storage dtype of the frozen teacher (shared with the LoRA teacher).
     pub teacher_dtype: Dtype,
-    /// Autocast for the teacher passes on CUDA (`none` to run them in
-    /// teacher_dtype as stored). Schedule and losses stay float32.
+    /// Autocast for the teacher passes, on CUDA or CPU (`none` to run them
+    /// in teacher_dtype as stored). Schedule and losses stay float32. Checked
+    /// against the device and teacher_dtype when the trainer is built
+    /// (worker/src/precision.rs).
     pub autocast: Autocast,
     /// The student, its EMA and optimizer state are kept in this dtype.
     pub student_dtype: Dtype,

@@ -82,6 +82,7 @@ fn check_with(case: &str, kind: &str, prediction: Prediction, spec: &LoraSpec) {
         student_alpha_bar: 0.0047,
         guidance_scale: 4.5,
         prediction,
+        teacher_autocast: None,
     };
     let losses = vsd_step(&student, &teacher, &alphas_cumprod(), &cfg, &text, &draws);
 
