@@ -63,6 +63,12 @@ fn launch_status_and_cancel_drive_a_job_through_the_coordinator() {
         (&"ops".into(), &"pending".into(), &6.into())
     );
 
+    let phase = ok(&swiftbrush(
+        &["status", "--coordinator", &url, "--phase"],
+        &env,
+    ));
+    assert_eq!(phase, "pending\n");
+
     // One job at a time.
     let again = fails(&swiftbrush(
         &["launch", "--coordinator", &url, "--config", &config],

@@ -13,8 +13,12 @@ pub struct StatusArgs {
     #[command(flatten)]
     remote: RemoteArgs,
     /// Print the status as one JSON object instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "phase")]
     json: bool,
+    /// Print only the job's phase (pending, forming, running, reforming,
+    /// completed, failed, cancelled): for scripts.
+    #[arg(long)]
+    phase: bool,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
@@ -26,7 +30,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             .map(tonic::Response::into_inner)
             .map_err(|s| args.remote.refused("JobStatus", &s))
     })?;
-    if args.json {
+    if args.phase {
+        println!("{}", remote::job_phase_name(status.phase));
+    } else if args.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&status))?);
     } else {
         print!("{}", table(&status, &args.remote.address()));
