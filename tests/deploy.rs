@@ -910,10 +910,38 @@ fn check_wiring(rendered: &Rendered) {
         &anti["labelSelector"]["matchLabels"],
         &job["spec"]["template"]["metadata"]["labels"]
     ));
+    let grace_s = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("a grace period");
     assert_eq!(
-        pod["terminationGracePeriodSeconds"].as_u64(),
-        Some(slurm_signal_seconds()),
+        grace_s,
+        slurm_signal_seconds(),
         "the same checkpoint-then-exit budget as the Slurm script's --signal"
+    );
+    // The worker gives up on its checkpoint before Kubernetes kills it.
+    let worker_grace_ms: u64 = flag(worker, "grace-ms")
+        .expect("--grace-ms")
+        .parse()
+        .expect("ms");
+    assert!(
+        worker_grace_ms < grace_s * 1000,
+        "--grace-ms {worker_grace_ms} vs {grace_s} s"
+    );
+    assert!(
+        worker_grace_ms >= 60_000,
+        "time for a step and a checkpoint"
+    );
+    let host = flag(worker, "host").expect("--host");
+    assert_eq!(host, "$(NODE_NAME)", "failures are charged to the node");
+    let node_name = worker["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "NODE_NAME")
+        .expect("NODE_NAME");
+    assert_eq!(
+        node_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
     );
 
     // PodDisruptionBudgets cover the pods they name.
@@ -1089,6 +1117,18 @@ fn the_sbatch_script_requeues_signals_the_workers_and_parses() {
         "{directives:?}"
     );
     assert!(slurm_signal_seconds() >= 60, "time to write a checkpoint");
+    let script = read("deploy/slurm/swiftbrush.sbatch");
+    let grace_ms: u64 = script
+        .split("SWIFTBRUSH_GRACE_MS:-")
+        .nth(1)
+        .and_then(|s| s.split('}').next())
+        .and_then(|s| s.parse().ok())
+        .expect("a default SWIFTBRUSH_GRACE_MS");
+    assert!(
+        grace_ms < slurm_signal_seconds() * 1000,
+        "the workers give up before the time limit"
+    );
+    assert!(script.contains("--grace-ms \"$SWIFTBRUSH_GRACE_MS\""));
     assert!(directives.iter().any(|d| d.starts_with("--gpus-per-node=")));
     let script = read("deploy/slurm/swiftbrush.sbatch");
     for needle in [
