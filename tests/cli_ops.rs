@@ -199,7 +199,7 @@ fn bad_addresses_tokens_and_configs_are_named() {
 
 /// A worker's side of the protocol, enough to hold rank 0 of a world of one
 /// and write the checkpoints it is asked for (the real worker lives in
-/// tests/e2e_*.rs; here the operator commands are under test).
+/// tests/deploy_e2e.rs; here the operator commands are under test).
 struct RankZero {
     client: rpc::CoordinatorConnection,
     id: u64,

@@ -7,7 +7,7 @@
 //! config maps that pods use exist, ports agree between Service, probes and
 //! the coordinator's flags, workers per pod agree with the GPUs and the
 //! job's world size, images agree. The Slurm script's directives and its
-//! refusals are checked here; tests/deploy_e2e.rs runs it.
+//! refusals are checked here; tests/deploy_e2e.rs (with the worker) runs it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
