@@ -24,6 +24,10 @@ pub enum ToyCommand {
         /// Adam learning rate (after a linear warm-up of 100 steps).
         #[arg(long, default_value_t = TeacherSettings::default().lr)]
         lr: f64,
+        /// Offset noise: a per-channel constant of this standard deviation
+        /// added to each sample's noise (0 turns it off).
+        #[arg(long, default_value_t = TeacherSettings::default().noise_offset)]
+        noise_offset: f64,
         /// Save a checkpoint and refresh OUT/unet every this many steps.
         #[arg(long, default_value_t = TeacherSettings::default().checkpoint_every)]
         checkpoint_every: u64,
@@ -119,6 +123,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
             batch_size,
             seed,
             lr,
+            noise_offset,
             checkpoint_every,
             resume,
             device,
@@ -131,6 +136,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
                 batch_size,
                 seed,
                 lr,
+                noise_offset,
                 checkpoint_every,
                 ..TeacherSettings::default()
             };

@@ -89,6 +89,14 @@ pub struct TeacherSettings {
     pub warmup_steps: u64,
     /// Probability that a sample is trained on the empty prompt.
     pub caption_dropout: f64,
+    /// Offset noise (Guttenberg 2023): each sample's noise gets a constant
+    /// per channel drawn from N(0, noise_offset^2). Without it the mean of
+    /// x_999 still carries the image's mean color (sqrt(abar_999) = 0.068),
+    /// the model learns to read the background from it instead of from the
+    /// caption, and sampling from zero-mean noise then gives tinted gray
+    /// backgrounds (white and black ones judged as gray).
+    #[serde(default)]
+    pub noise_offset: f64,
     /// EMA of the weights with this maximum decay (exported instead of the
     /// raw weights); None for no EMA.
     pub ema_decay: Option<f64>,
@@ -109,6 +117,7 @@ impl Default for TeacherSettings {
             lr: 5e-4,
             warmup_steps: 100,
             caption_dropout: 0.1,
+            noise_offset: 0.1,
             ema_decay: Some(0.999),
             grad_clip: 1.0,
             checkpoint_every: 500,
@@ -137,6 +146,12 @@ impl TeacherSettings {
             && !(0.0..1.0).contains(&d)
         {
             return bad(format!("EMA decay must lie in [0, 1), got {d}"));
+        }
+        if !(0.0..=1.0).contains(&self.noise_offset) {
+            return bad(format!(
+                "noise offset must lie in [0, 1], got {}",
+                self.noise_offset
+            ));
         }
         if self.checkpoint_every == 0 {
             return bad("checkpoint_every must be at least 1".into());
@@ -402,9 +417,14 @@ fn train_step(
         })
         .collect();
     let side = super::shapes::SIZE as i64;
-    let eps = Tensor::from_slice(&rng.normals_f32(b * super::shapes::CHANNELS * 1024))
-        .view([b as i64, 3, side, side])
-        .to_device(device);
+    let mut eps = Tensor::from_slice(&rng.normals_f32(b * super::shapes::CHANNELS * 1024))
+        .view([b as i64, 3, side, side]);
+    if settings.noise_offset > 0.0 {
+        let offset = Tensor::from_slice(&rng.normals_f32(b * super::shapes::CHANNELS))
+            .view([b as i64, 3, 1, 1]);
+        eps = eps + offset * settings.noise_offset;
+    }
+    let eps = eps.to_device(device);
     let x0 = batch.to_tensor(device);
     let t = Tensor::from_slice(&t).to_device(device);
     let cond = embeddings.f_index_select(0, &Tensor::from_slice(&rows).to_device(device))?;
