@@ -6,6 +6,7 @@ mod export;
 mod sample;
 mod toy;
 mod train;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -50,9 +51,12 @@ enum Command {
     Config(ConfigCommand),
     /// Print what this install sees: libtorch, CPU threads, CUDA devices.
     Doctor,
-    /// Distill the teacher into a one-step student (SwiftBrush). Resumes
-    /// from the run directory's newest checkpoint when there is one.
+    /// Distill the teacher into a one-step student (SwiftBrush) on this
+    /// machine (a coordinator in-process, --workers N). Resumes from the run
+    /// directory's newest checkpoint when there is one.
     Train(train::TrainArgs),
+    /// Join a coordinator's job as one data-parallel worker on one device.
+    Worker(Box<worker::WorkerArgs>),
     /// Write a trained student as a diffusers UNet folder (EMA weights by
     /// default), or with --pipeline a whole diffusers pipeline folder.
     Export(export::ExportArgs),
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Train(args) => train::run(args),
+        Command::Worker(args) => worker::run(*args),
         Command::Bench(command) => bench::run(command),
         Command::Export(args) => export::run(args),
         Command::Toy(command) => toy::run(command),
