@@ -78,12 +78,12 @@ impl WorkerStatus {
         self.worker_id.load(Ordering::SeqCst)
     }
 
-    /// A new registration: the old id's orders are void.
+    /// A new registration: the old id's orders are void (the coordinator
+    /// may even be a restarted one, numbering its generations anew).
     pub fn set_worker_id(&self, id: u64) {
         self.worker_id.store(id, Ordering::SeqCst);
-        let mut orders = lock(&self.orders);
-        orders.unknown = false;
-        orders.checkpoint_at = None;
+        *lock(&self.orders) = Orders::default();
+        self.coordinator_generation.store(0, Ordering::SeqCst);
     }
 
     pub fn generation(&self) -> u64 {
@@ -159,7 +159,7 @@ impl WorkerStatus {
     pub fn acked(&self, coordinator_generation: u64, interval_ms: u64) {
         self.last_ack_unix_ms.store(unix_ms(), Ordering::SeqCst);
         self.coordinator_generation
-            .fetch_max(coordinator_generation, Ordering::SeqCst);
+            .store(coordinator_generation, Ordering::SeqCst);
         self.set_interval_ms(interval_ms);
         self.orders_changed.notify_all();
     }
@@ -243,10 +243,10 @@ mod tests {
             o.checkpoint_at = Some((3, 7));
             o.reform_to = 4;
         });
+        s.acked(4, 0);
         s.set_worker_id(9);
-        let o = s.orders();
-        assert!(!o.unknown && o.checkpoint_at.is_none());
-        assert_eq!(o.reform_to, 4, "generations only move forward");
+        assert_eq!(s.orders(), Orders::default());
+        assert_eq!(s.coordinator_generation(), 0);
         assert_eq!(s.worker_id(), 9);
     }
 }

@@ -9,7 +9,6 @@ pub mod checkpoint;
 pub mod gradient_sync;
 pub mod progress;
 pub mod run;
-pub mod single;
 pub mod tensor_bytes;
 pub mod text;
 pub mod world;

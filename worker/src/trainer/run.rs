@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use sha2::Digest;
 use std::time::Instant;
 
 use swiftbrush_proto::JobConfig;
@@ -510,7 +512,7 @@ impl Trainer {
     /// EMA; advances the state to `step + 1`.
     pub fn train_step(&mut self, step: u64) -> Result<StepDone, TrainError> {
         let t0 = Instant::now();
-        let (text, num_truncated) = self.batch(step)?;
+        let (text, caption_ids, num_truncated) = self.batch(step)?;
         let losses = self.vsd_step(step, &text)?;
         let preempt = self.active()?.parts.control.preempt_requested();
         let (vote, allreduce_s) = self.optimizer_steps(
@@ -537,6 +539,7 @@ impl Trainer {
         self.state.step = step + 1;
         (self.state.epoch, self.state.caption_index) = self.feed_position(step + 1)?;
         self.last_losses = Some(losses);
+        self.audit(step, caption_ids)?;
         let seconds = t0.elapsed().as_secs_f64();
         let w = self.active()?;
         let images = (w.latent_shape[0] as u64 * w.world_size) as f64;
@@ -571,9 +574,9 @@ impl Trainer {
         }
     }
 
-    /// batch: this rank's captions for `step` (recorded in the audit),
-    /// encoded once for all passes; also how many were truncated.
-    fn batch(&mut self, step: u64) -> Result<(Conditions, u64), TrainError> {
+    /// batch: this rank's captions for `step`, encoded once for all passes;
+    /// also their ids and how many were truncated.
+    fn batch(&mut self, step: u64) -> Result<(Conditions, Vec<u64>, u64), TrainError> {
         let w = self.world.as_mut().ok_or(TrainError::NoWorld)?;
         let batch = w.parts.feed.captions(step)?;
         let per_rank = w.latent_shape[0] as usize;
@@ -584,15 +587,6 @@ impl Trainer {
                 batch.captions.len(),
                 batch.step
             )));
-        }
-        if let Some(audit) = w.parts.audit.as_mut() {
-            audit.record(&AuditEntry {
-                generation: w.parts.generation,
-                rank: w.rank,
-                world_size: w.world_size,
-                step,
-                caption_ids: batch.caption_ids.clone(),
-            })?;
         }
         let encoded = self.text.encode(&batch.captions)?;
         if encoded.num_truncated > 0 {
@@ -607,8 +601,33 @@ impl Trainer {
                 cond: encoded.cond,
                 uncond: self.text.uncond().shallow_clone(),
             },
+            batch.caption_ids,
             encoded.num_truncated as u64,
         ))
+    }
+
+    /// The caption audit's line for a completed step: the captions, and a
+    /// digest of the student after it (equal on every rank: replicas are
+    /// bitwise identical).
+    fn audit(&mut self, step: u64, caption_ids: Vec<u64>) -> Result<(), TrainError> {
+        let Some(w) = self.world.as_mut() else {
+            return Ok(());
+        };
+        let Some(audit) = w.parts.audit.as_mut() else {
+            return Ok(());
+        };
+        let bytes = super::tensor_bytes::to_bytes(&sorted(self.student.vs.variables()))
+            .map_err(CheckpointError::from)?;
+        let digest = sha2::Sha256::digest(&bytes);
+        audit.record(&AuditEntry {
+            generation: w.parts.generation,
+            rank: w.rank,
+            world_size: w.world_size,
+            step,
+            caption_ids,
+            student_sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        })?;
+        Ok(())
     }
 
     /// vsd step: draws from (seed, step, rank), both losses, both backwards.
