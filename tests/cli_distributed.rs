@@ -350,7 +350,7 @@ fn two_worker_processes_end_where_one_process_ends() {
         );
     }
     // Every step's audit lines say the two ranks ended it with the same
-    // student, bit for bit (`exactly_once` checks the digests).
+    // student and adapters, bit for bit (`exactly_once` checks the digests).
     let entries = read_audit_dir(&d.join("audit")).unwrap();
     assert_eq!(
         entries.len() as u64,

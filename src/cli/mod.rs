@@ -42,6 +42,17 @@ impl Cli {
             LogFormatArg::Json => LogFormat::Json,
         }
     }
+
+    /// The log filter when RUST_LOG is unset. `train` runs a coordinator
+    /// inside the process: its bookkeeping is noise there, its warnings not.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Train(_) => {
+                "info,swiftbrush_coordinator=warn,swiftbrush_proto::run_store=warn"
+            }
+            _ => "info",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

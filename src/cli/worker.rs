@@ -94,10 +94,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         },
     );
     let id = summary.worker_id;
-    let worlds = summary.num_worlds;
+    let worlds = match summary.num_worlds {
+        1 => "1 world".to_owned(),
+        n => format!("{n} worlds"),
+    };
     match summary.end {
         WorkerEnd::Completed => {
-            println!("worker {id}: the job completed; {trained} in {worlds} worlds")
+            println!("worker {id}: the job completed; {trained} in {worlds}")
         }
         WorkerEnd::Preempted { step, committed } => println!(
             "worker {id}: stopped by a signal; {trained}; checkpoint {}",

@@ -1,11 +1,12 @@
 //! The caption audit: one JSON line per trained step and rank with the
 //! caption ids it trained on, so a test (or an operator) can prove that the
 //! committed history used every caption exactly once per epoch, however
-//! often worlds broke and re-formed; and the sha256 of the student after the
-//! step, equal on every rank of a world (replicas are bitwise identical).
+//! often worlds broke and re-formed; and the sha256 of the weights that
+//! train (student and LoRA adapters) after the step, equal on every rank of
+//! a world (replicas are bitwise identical).
 //! Each worker appends to its own file in the audit folder, a line when a
-//! step completes. Hashing the student costs a pass over its weights per
-//! step: an option for tests and investigations, off by default.
+//! step completes. Hashing costs a pass over the weights per step: an option
+//! for tests and investigations, off by default.
 //!
 //! A world that breaks loses the steps after its newest committed
 //! checkpoint, and the next world trains them again; so for each step, the
@@ -43,8 +44,9 @@ pub struct AuditEntry {
     pub world_size: u64,
     pub step: u64,
     pub caption_ids: Vec<u64>,
-    /// The student's weights after the step (safetensors bytes, names sorted).
-    pub student_sha256: String,
+    /// The student's and the adapters' weights after the step (their
+    /// safetensors bytes, names sorted).
+    pub weights_sha256: String,
 }
 
 /// An open audit file.
@@ -120,7 +122,7 @@ pub fn read_audit_dir(dir: &Path) -> Result<Vec<AuditEntry>, AuditError> {
 /// The global batch of every step of the committed history: for each step,
 /// the entries of the newest generation that trained it, in rank order,
 /// concatenated. An error names a step whose ranks are incomplete, disagree
-/// about the world size, or ended the step with different students.
+/// about the world size, or ended the step with different weights.
 pub fn committed_history(entries: &[AuditEntry]) -> Result<BTreeMap<u64, Vec<u64>>, String> {
     let mut newest: BTreeMap<u64, u64> = BTreeMap::new();
     for e in entries {
@@ -149,10 +151,10 @@ pub fn committed_history(entries: &[AuditEntry]) -> Result<BTreeMap<u64, Vec<u64
         }
         if ranks
             .iter()
-            .any(|e| e.student_sha256 != ranks[0].student_sha256)
+            .any(|e| e.weights_sha256 != ranks[0].weights_sha256)
         {
             return Err(format!(
-                "step {step} of generation {generation}: the ranks' students differ"
+                "step {step} of generation {generation}: the ranks' weights differ"
             ));
         }
         let ids: Vec<u64> = ranks
@@ -175,7 +177,7 @@ mod tests {
             world_size,
             step,
             caption_ids: ids.to_vec(),
-            student_sha256: format!("{generation}-{step}"),
+            weights_sha256: format!("{generation}-{step}"),
         }
     }
 
@@ -213,9 +215,9 @@ mod tests {
         assert!(e.contains("step 0 of generation 1"), "{e}");
         // So are replicas that diverged.
         let mut diverged = vec![entry(1, 0, 2, 0, &[0]), entry(1, 1, 2, 0, &[1])];
-        diverged[1].student_sha256 = "other".to_owned();
+        diverged[1].weights_sha256 = "other".to_owned();
         let e = committed_history(&diverged).unwrap_err();
-        assert!(e.contains("students differ"), "{e}");
+        assert!(e.contains("weights differ"), "{e}");
     }
 
     #[test]

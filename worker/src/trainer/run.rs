@@ -225,22 +225,27 @@ impl Trainer {
             source,
         };
 
-        let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
-        let student = teacher_unet.duplicate().map_err(teacher_err)?;
-        match cfg.precision.teacher_dtype {
-            Dtype::Fp32 => {}
-            Dtype::Bf16 => teacher_unet.vs.bfloat16(),
-            Dtype::Fp16 => teacher_unet.vs.half(),
-        }
-        // Adapters are initialised from the run's seed: a fresh run is
-        // reproducible, a resumed one loads them. Under the draw lock:
-        // several trainers in one process (local mode) share libtorch's
-        // generator.
-        let teacher = crate::vsd::with_seed(cfg.train.seed, || {
-            TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
-        })
-        .map_err(teacher_err)?;
-        let text = TextConditioner::load(&folder, device)?;
+        // Building draws from libtorch's process-wide generator (initial
+        // weights, then the adapters from the run's seed): under the draw
+        // lock, so that another trainer of this process (local mode) can
+        // neither move the generator between the seed and the adapters' draw
+        // nor see its own draws moved.
+        let (teacher, student, text) = crate::vsd::with_generator(|| {
+            let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
+            let student = teacher_unet.duplicate().map_err(teacher_err)?;
+            match cfg.precision.teacher_dtype {
+                Dtype::Fp32 => {}
+                Dtype::Bf16 => teacher_unet.vs.bfloat16(),
+                Dtype::Fp16 => teacher_unet.vs.half(),
+            }
+            // Adapters are initialised from the run's seed: a fresh run is
+            // reproducible, a resumed one loads them.
+            tch::manual_seed(cfg.train.seed as i64);
+            let teacher = TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
+                .map_err(teacher_err)?;
+            let text = TextConditioner::load(&folder, device)?;
+            Ok::<_, TrainError>((teacher, student, text))
+        })?;
 
         let sched_cfg = SchedulerConfig::from_file(
             &folder
@@ -607,8 +612,8 @@ impl Trainer {
     }
 
     /// The caption audit's line for a completed step: the captions, and a
-    /// digest of the student after it (equal on every rank: replicas are
-    /// bitwise identical).
+    /// digest of the weights that train (student and adapters) after it,
+    /// equal on every rank: replicas are bitwise identical.
     fn audit(&mut self, step: u64, caption_ids: Vec<u64>) -> Result<(), TrainError> {
         let Some(w) = self.world.as_mut() else {
             return Ok(());
@@ -616,16 +621,25 @@ impl Trainer {
         let Some(audit) = w.parts.audit.as_mut() else {
             return Ok(());
         };
-        let bytes = super::tensor_bytes::to_bytes(&sorted(self.student.vs.variables()))
-            .map_err(CheckpointError::from)?;
-        let digest = sha2::Sha256::digest(&bytes);
+        let mut hasher = sha2::Sha256::new();
+        for named in [
+            sorted(self.student.vs.variables()),
+            self.teacher.lora.named_parameters(),
+        ] {
+            let bytes = super::tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
+            hasher.update(&bytes);
+        }
         audit.record(&AuditEntry {
             generation: w.parts.generation,
             rank: w.rank,
             world_size: w.world_size,
             step,
             caption_ids,
-            student_sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+            weights_sha256: hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
         })?;
         Ok(())
     }
