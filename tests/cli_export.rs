@@ -176,6 +176,11 @@ fn bench_vsd_step_reports_json() {
     assert_eq!(report["steps"], 1);
     assert_eq!(report["images_per_step"], 2);
     assert!(report["median_step_s"].as_f64().unwrap() > 0.0);
+    // configs/tiny.yaml: a float32 teacher, no autocast.
+    assert_eq!(
+        report["precision"],
+        "teacher fp32 (autocast none), student fp32, schedule and losses fp32"
+    );
 }
 
 #[test]

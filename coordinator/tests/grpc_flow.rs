@@ -230,6 +230,7 @@ async fn cancelling_stops_every_worker_and_a_new_job_may_follow() {
     let reply = operator
         .cancel_job(rpc::CancelJobRequest {
             reason: "operator".to_owned(),
+            final_checkpoint: false,
         })
         .await
         .expect("cancel")
@@ -247,6 +248,7 @@ async fn cancelling_stops_every_worker_and_a_new_job_may_follow() {
     let err = operator
         .cancel_job(rpc::CancelJobRequest {
             reason: "again".to_owned(),
+            final_checkpoint: false,
         })
         .await
         .expect_err("nothing to cancel");
@@ -261,5 +263,54 @@ async fn cancelling_stops_every_worker_and_a_new_job_may_follow() {
         .into_inner();
     assert_eq!(submitted.num_captions, 10);
     assert!(submitted.generation > w.generation);
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_with_a_final_checkpoint_ends_once_rank_zero_commits_it() {
+    let h = Harness::with_job(10, 1, 1, 4, 20).await;
+    let mut w = h.worker("host-a").await;
+    w.join().await;
+    w.heartbeat(3).await;
+    let mut operator = h.client().await;
+    let reply = operator
+        .cancel_job(rpc::CancelJobRequest {
+            reason: "operator".to_owned(),
+            final_checkpoint: true,
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(
+        (reply.phase, reply.final_checkpoint_step),
+        (rpc::JobPhase::Running as i32, 4)
+    );
+    let status = operator
+        .job_status(rpc::JobStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.stopping_at_step, 4);
+    match w.heartbeat(3).await {
+        command::Kind::Checkpoint(c) => assert_eq!(c.step, 4),
+        other => panic!("expected the final checkpoint, got {other:?}"),
+    }
+    let store = h.store();
+    w.checkpoint(&store, 4).await.expect("commit");
+    match w.heartbeat(4).await {
+        command::Kind::Stop(stop) => {
+            assert_eq!(stop.phase, rpc::JobPhase::Cancelled as i32);
+            assert!(
+                stop.reason.contains("final checkpoint at step 4"),
+                "{}",
+                stop.reason
+            );
+        }
+        other => panic!("expected stop, got {other:?}"),
+    }
+    assert_eq!(
+        store.latest_valid().await.expect("read").map(|m| m.step),
+        Some(4)
+    );
     h.shutdown().await;
 }

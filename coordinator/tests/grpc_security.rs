@@ -45,6 +45,7 @@ async fn missing_or_wrong_tokens_are_unauthenticated() {
         let err = client
             .cancel_job(rpc::CancelJobRequest {
                 reason: "x".to_owned(),
+                final_checkpoint: false,
             })
             .await
             .expect_err("refused");

@@ -143,14 +143,25 @@ fn default_grad_clip() -> f64 {
 pub struct LoraConfig {
     pub rank: u32,
     pub alpha: f64,
-    /// Attention projections that get adapters, in every self- and
-    /// cross-attention of the UNet.
+    /// Layers that get adapters: attention projections (`to_q`, `to_k`,
+    /// `to_v`, `to_out.0`, in every self- and cross-attention) and ResNet
+    /// convolutions (`conv1`, `conv2`, `conv_shortcut`).
     pub target_modules: Vec<String>,
     pub optimizer: OptimizerConfig,
 }
 
-/// Projections a LoRA adapter can target (diffusers' Attention names).
-pub const LORA_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+/// Layers a LoRA adapter can target (PEFT suffix names): the projections
+/// of every attention (diffusers' Attention names), and the convolutions of
+/// every ResNet block.
+pub const LORA_TARGETS: [&str; 7] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+];
 
 impl Default for LoraConfig {
     fn default() -> Self {
@@ -307,8 +318,10 @@ impl Default for CheckpointConfig {
 pub struct PrecisionConfig {
     /// Storage dtype of the frozen teacher (shared with the LoRA teacher).
     pub teacher_dtype: Dtype,
-    /// Autocast for the teacher passes on CUDA (`none` to run them in
-    /// teacher_dtype as stored). Schedule and losses stay float32.
+    /// Autocast for the teacher passes, on CUDA or CPU (`none` to run them
+    /// in teacher_dtype as stored). Schedule and losses stay float32. Checked
+    /// against the device and teacher_dtype when the trainer is built
+    /// (worker/src/precision.rs).
     pub autocast: Autocast,
     /// The student, its EMA and optimizer state are kept in this dtype.
     pub student_dtype: Dtype,

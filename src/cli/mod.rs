@@ -2,8 +2,13 @@
 //! module (flags and the few lines that call into the crates).
 
 mod bench;
+mod cancel;
+mod coordinator;
 mod export;
+mod launch;
+mod remote;
 mod sample;
+mod status;
 mod toy;
 mod train;
 mod worker;
@@ -37,6 +42,10 @@ enum LogFormatArg {
 
 impl Cli {
     pub fn log_format(&self) -> LogFormat {
+        // The coordinator's own --log-json (shared with its binary) counts too.
+        if matches!(&self.command, Command::Coordinator(args) if args.log_json) {
+            return LogFormat::Json;
+        }
         match self.log_format {
             LogFormatArg::Human => LogFormat::Human,
             LogFormatArg::Json => LogFormat::Json,
@@ -79,6 +88,15 @@ enum Command {
     /// The shapes32 toy world (docs/TOYWORLD.md): train and judge a toy teacher.
     #[command(subcommand)]
     Toy(toy::ToyCommand),
+    /// Serve the coordinator of a multi-node job (the same server and flags
+    /// as the libtorch-free `swiftbrush-coordinator`).
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Submit a job to a running coordinator; its workers then train it.
+    Launch(launch::LaunchArgs),
+    /// Show a coordinator's job: phase, world, progress, workers.
+    Status(status::StatusArgs),
+    /// End a coordinator's job, after a final checkpoint unless --now.
+    Cancel(cancel::CancelArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +137,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sample(args) => sample::run(*args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Launch(args) => launch::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Cancel(args) => cancel::run(args),
     }
 }
 

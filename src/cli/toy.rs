@@ -176,6 +176,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
                     teacher_steps,
                     teacher_guidance: guidance,
                     seed,
+                    picture_samples: samples_per_caption.min(4),
                     ..CompareOptions::default()
                 },
                 device: swiftbrush_worker::device::parse_device(&device)?,

@@ -21,6 +21,8 @@ A = 0.0047  # SPEC: the student's constant alpha-bar
 GUIDANCE = 4.5
 RANK, ALPHA = 4, 8.0
 TARGETS = ["to_q", "to_v"]
+# Adapters on the ResNet convolutions too (PEFT's Conv2d LoRA).
+CONV_TARGETS = ["to_q", "to_v", "conv1", "conv2", "conv_shortcut"]
 PROMPTS = ["a red circle on a white background", "a photo of a cat"]
 
 
@@ -49,14 +51,14 @@ def guided(unet, x, t, cond, uncond, ptype, abar_t):
     return u + GUIDANCE * (c - u)
 
 
-def run(pipe, kind, null_condition, seed):
+def run(pipe, kind, null_condition, seed, targets):
     ptype = pipe.scheduler.config.prediction_type
     abar = pipe.scheduler.alphas_cumprod.to(torch.float32)
     teacher = pipe.unet
     student = copy.deepcopy(teacher)
     teacher.requires_grad_(False)
     teacher.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=True)
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=True)
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -129,8 +131,14 @@ def run(pipe, kind, null_condition, seed):
 
 
 def build(root, pipelines):
-    for kind, null_condition, seed in [("sd1", False, 21), ("sd1", True, 22), ("sd2v", False, 23)]:
+    cases = [
+        ("sd1", False, 21, TARGETS, ""),
+        ("sd1", True, 22, TARGETS, ""),
+        ("sd2v", False, 23, TARGETS, ""),
+        ("sd1", False, 24, CONV_TARGETS, "_conv"),
+    ]
+    for kind, null_condition, seed, targets, suffix in cases:
         pipe = load(pipelines[kind])
-        out = run(pipe, kind, null_condition, seed)
-        name = f"{kind}_null{int(null_condition)}.safetensors"
+        out = run(pipe, kind, null_condition, seed, targets)
+        name = f"{kind}{suffix}_null{int(null_condition)}.safetensors"
         save_tensors(os.path.join(root, "golden", "vsd", name), out)

@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use swiftbrush_proto::JobConfig;
 
+use crate::precision;
 use crate::trainer::caption_feed::LocalCaptionFeed;
 use crate::trainer::gradient_sync::SingleProcess;
 use crate::trainer::run::{Resume, TrainError, Trainer, device_of};
@@ -14,6 +15,8 @@ use crate::trainer::run::{Resume, TrainError, Trainer, device_of};
 #[derive(Debug, Clone, Serialize)]
 pub struct VsdBenchReport {
     pub device: String,
+    /// Dtypes of each part of the step (precision::describe).
+    pub precision: String,
     pub images_per_step: u64,
     pub steps: u64,
     pub median_step_s: f64,
@@ -26,8 +29,9 @@ pub struct VsdBenchReport {
 impl VsdBenchReport {
     pub fn table(&self) -> String {
         format!(
-            "device            {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\n",
+            "device            {}\nprecision         {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\n",
             self.device,
+            self.precision,
             self.images_per_step,
             self.steps,
             self.median_step_s,
@@ -44,6 +48,10 @@ impl VsdBenchReport {
 pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, TrainError> {
     cfg.checkpoint.run_dir = "memory://".to_owned();
     let device = device_of(&cfg)?;
+    // The trainer builds its autocast from the same config and device.
+    let autocast = precision::teacher_autocast(&cfg.precision, device)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let precision = precision::describe(&cfg.precision, autocast.as_ref());
     let captions: Vec<String> = [
         "a photo of an astronaut riding a horse on mars",
         "a red circle on a white background",
@@ -77,6 +85,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     let images = trainer.images_per_step();
     Ok(VsdBenchReport {
         device: format!("{device:?}"),
+        precision,
         images_per_step: images,
         steps,
         median_step_s: median,

@@ -13,8 +13,11 @@ pub mod lora;
 pub mod models;
 pub mod optim;
 pub mod pipeline;
+pub mod precision;
 pub mod roles;
 pub mod sample;
+/// The C ABI of the C++ shim in csrc/ (autocast, CUDA stream).
+mod shim;
 pub mod toy;
 pub mod trainer;
 pub mod vsd;

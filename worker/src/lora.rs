@@ -1,4 +1,5 @@
-//! LoRA adapters on the UNet's attention projections, PEFT-compatible.
+//! LoRA adapters on the UNet's attention projections (and, optionally, its
+//! ResNet convolutions), PEFT-compatible.
 //!
 //! The LoRA teacher is the frozen teacher plus adapters: one copy of the
 //! base weights serves both, and a shared switch turns the adapters off
@@ -8,6 +9,13 @@
 //! so `set_peft_model_state_dict` loads them and the optimizer sees only them.
 //! A is Kaiming-uniform (a = sqrt 5), B is zero: at step 0 the LoRA teacher
 //! equals the teacher.
+//!
+//! Targets are PEFT's suffix names: `to_q`, `to_k`, `to_v`, `to_out.0` on
+//! every attention, and `conv1`, `conv2`, `conv_shortcut` on every ResNet
+//! block (PEFT's Conv2d LoRA: A a conv with the base's kernel, stride and
+//! padding, B a 1x1 conv). Convolution targets matter for a UNet whose
+//! highest resolutions have no attention (the toy teacher): there
+//! attention-only adapters cannot follow the student's pixel-level output.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::models::attention::{Attention, Linear};
+use crate::models::layers::Conv2d;
+use crate::models::resnet::ResnetBlock2D;
 use crate::models::transformer_2d::Transformer2DModel;
 use crate::models::unet_2d_condition::{
     UNet2DConditionModel, UNetDownBlock, UNetMidBlock, UNetUpBlock,
@@ -39,14 +49,16 @@ impl LoraSwitch {
     }
 }
 
-/// One projection's low-rank update: scale * B(A(x)).
+/// One layer's low-rank update: scale * B(A(x)).
 #[derive(Debug)]
 pub struct LoraAdapter {
-    /// [rank, in_features]
+    /// Linear: [rank, in_features]; conv: [rank, in, k, k].
     pub a: Tensor,
-    /// [out_features, rank]
+    /// Linear: [out_features, rank]; conv: [out, rank, 1, 1].
     pub b: Tensor,
     pub scale: f64,
+    /// Some((stride, padding)) of the base conv for a conv adapter.
+    conv: Option<(i64, i64)>,
     switch: LoraSwitch,
 }
 
@@ -57,20 +69,36 @@ impl LoraAdapter {
             return None;
         }
         let x = x.to_kind(self.a.kind());
-        Some(
-            x.linear::<&Tensor>(&self.a, None)
-                .linear::<&Tensor>(&self.b, None)
-                * self.scale,
-        )
+        let delta = match self.conv {
+            None => x
+                .linear::<&Tensor>(&self.a, None)
+                .linear::<&Tensor>(&self.b, None),
+            Some((stride, padding)) => x
+                .conv2d::<&Tensor>(
+                    &self.a,
+                    None,
+                    [stride, stride],
+                    [padding, padding],
+                    [1, 1],
+                    1,
+                )
+                .conv2d::<&Tensor>(&self.b, None, [1, 1], [0, 0], [1, 1], 1),
+        };
+        Some(delta * self.scale)
     }
 }
+
+/// Targets on attention projections (Linear).
+pub const ATTENTION_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+/// Targets on ResNet blocks (Conv2d).
+pub const CONV_TARGETS: [&str; 3] = ["conv1", "conv2", "conv_shortcut"];
 
 /// Which projections get adapters, and their size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
     pub rank: i64,
     pub alpha: f64,
-    /// Any of `to_q`, `to_k`, `to_v`, `to_out.0`.
+    /// Any of [`ATTENTION_TARGETS`] and [`CONV_TARGETS`].
     pub target_modules: Vec<String>,
 }
 
@@ -88,9 +116,12 @@ impl From<&swiftbrush_proto::config::LoraConfig> for LoraSpec {
 pub enum LoraError {
     #[error("LoRA rank must be at least 1, got {0}")]
     Rank(i64),
-    #[error("unknown LoRA target module {0:?}: expected one of to_q, to_k, to_v, to_out.0")]
+    #[error(
+        "unknown LoRA target module {0:?}: expected one of to_q, to_k, to_v, to_out.0 \
+         (attention) or conv1, conv2, conv_shortcut (ResNet blocks)"
+    )]
     Target(String),
-    #[error("the UNet has no attention projection named {0}")]
+    #[error("the UNet has no layer named {0} to attach LoRA adapters to")]
     NoTargets(String),
     #[error("adapter weights do not match:\n{0}")]
     Mismatch(String),
@@ -161,19 +192,33 @@ pub fn attach_lora(
         return Err(LoraError::Rank(spec.rank));
     }
     for t in &spec.target_modules {
-        if !matches!(t.as_str(), "to_q" | "to_k" | "to_v" | "to_out.0") {
+        if !ATTENTION_TARGETS.contains(&t.as_str()) && !CONV_TARGETS.contains(&t.as_str()) {
             return Err(LoraError::Target(t.clone()));
         }
     }
     let vs = nn::VarStore::new(device);
     let switch = LoraSwitch::new(true);
     let scale = spec.alpha / spec.rank as f64;
+    let wants = |name: &str| spec.target_modules.iter().any(|t| t == name);
     let mut attached = 0;
     for attn in unet_attentions(unet) {
-        for target in &spec.target_modules {
+        for target in ATTENTION_TARGETS.iter().filter(|t| wants(t)) {
             let linear = projection(attn, target);
-            attach_one(linear, &vs.root(), spec.rank, scale, &switch)?;
+            attach_linear(linear, &vs.root(), spec.rank, scale, &switch)?;
             attached += 1;
+        }
+    }
+    for resnet in unet_resnets(unet) {
+        let convs = [
+            ("conv1", Some(&mut resnet.conv1)),
+            ("conv2", Some(&mut resnet.conv2)),
+            ("conv_shortcut", resnet.conv_shortcut.as_mut()),
+        ];
+        for (name, conv) in convs {
+            if let Some(conv) = conv.filter(|_| wants(name)) {
+                attach_conv(conv, &vs.root(), spec.rank, scale, &switch)?;
+                attached += 1;
+            }
         }
     }
     if attached == 0 {
@@ -186,28 +231,25 @@ pub fn attach_lora(
     })
 }
 
-fn attach_one(
+/// The adapter's variables under the layer's own path (PEFT's names).
+fn adapter_path<'a>(root: &nn::Path<'a>, layer_path: &str) -> nn::Path<'a> {
+    let mut p = root.clone();
+    for part in layer_path.split('.') {
+        p = p.sub(part);
+    }
+    p
+}
+
+fn attach_linear(
     linear: &mut Linear,
     root: &nn::Path,
     rank: i64,
     scale: f64,
     switch: &LoraSwitch,
 ) -> Result<(), LoraError> {
-    let mut p = root.clone();
-    for part in linear.path.split('.') {
-        p = p.sub(part);
-    }
+    let p = adapter_path(root, &linear.path);
     let (fan_in, fan_out) = (linear.in_features(), linear.out_features());
-    // PEFT: kaiming_uniform_(a = sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    let a = p.sub("lora_A").f_var(
-        "weight",
-        &[rank, fan_in],
-        nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?;
+    let a = kaiming_uniform_a(&p, &[rank, fan_in], fan_in)?;
     let b = p
         .sub("lora_B")
         .f_var("weight", &[fan_out, rank], nn::Init::Const(0.0))?;
@@ -215,9 +257,46 @@ fn attach_one(
         a,
         b,
         scale,
+        conv: None,
         switch: switch.clone(),
     });
     Ok(())
+}
+
+fn attach_conv(
+    conv: &mut Conv2d,
+    root: &nn::Path,
+    rank: i64,
+    scale: f64,
+    switch: &LoraSwitch,
+) -> Result<(), LoraError> {
+    let p = adapter_path(root, &conv.path);
+    let (c_in, c_out, k) = (conv.in_channels(), conv.out_channels(), conv.kernel_size());
+    let a = kaiming_uniform_a(&p, &[rank, c_in, k, k], c_in * k * k)?;
+    let b = p
+        .sub("lora_B")
+        .f_var("weight", &[c_out, rank, 1, 1], nn::Init::Const(0.0))?;
+    conv.lora = Some(LoraAdapter {
+        a,
+        b,
+        scale,
+        conv: Some((conv.stride(), conv.padding())),
+        switch: switch.clone(),
+    });
+    Ok(())
+}
+
+/// PEFT: kaiming_uniform_(a = sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+fn kaiming_uniform_a(p: &nn::Path, shape: &[i64], fan_in: i64) -> Result<Tensor, LoraError> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Ok(p.sub("lora_A").f_var(
+        "weight",
+        shape,
+        nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?)
 }
 
 fn projection<'a>(attn: &'a mut Attention, target: &str) -> &'a mut Linear {
@@ -245,6 +324,29 @@ fn unet_attentions(unet: &mut UNet2DConditionModel) -> Vec<&mut Attention> {
     for block in unet.up_blocks.iter_mut() {
         if let UNetUpBlock::CrossAttn(b) = block {
             transformer_attentions(&mut b.attentions, &mut out);
+        }
+    }
+    out
+}
+
+/// Every ResNet block of the UNet, in module order.
+fn unet_resnets(unet: &mut UNet2DConditionModel) -> Vec<&mut ResnetBlock2D> {
+    let mut out = Vec::new();
+    for block in unet.down_blocks.iter_mut() {
+        match block {
+            UNetDownBlock::CrossAttn(b) => out.extend(b.resnets.iter_mut()),
+            UNetDownBlock::Plain(b) => out.extend(b.resnets.iter_mut()),
+        }
+    }
+    match unet.mid_block.as_mut() {
+        Some(UNetMidBlock::CrossAttn(m)) => out.extend(m.resnets.iter_mut()),
+        Some(UNetMidBlock::Plain(m)) => out.extend(m.resnets.iter_mut()),
+        None => {}
+    }
+    for block in unet.up_blocks.iter_mut() {
+        match block {
+            UNetUpBlock::CrossAttn(b) => out.extend(b.resnets.iter_mut()),
+            UNetUpBlock::Plain(b) => out.extend(b.resnets.iter_mut()),
         }
     }
     out

@@ -3,8 +3,16 @@
 //! reference fed the same draws. It computes both losses and leaves their
 //! gradients in the student's and the adapters' `.grad`; all-reduce,
 //! clipping, optimizer steps and EMA belong to the trainer.
+//!
+//! Precision: the teacher passes (frozen and LoRA) run under the configured
+//! autocast (`VsdConfig::teacher_autocast`, see precision.rs) and each of
+//! their outputs is cast to float32 before it leaves the autocast region;
+//! the student pass, the schedule, guidance, the VSD gradient and both
+//! losses are float32.
 
 use tch::{Kind, Tensor};
+
+use crate::precision::AutocastPlan;
 
 /// A noise-prediction network (a UNet in any role).
 pub trait Denoiser {
@@ -45,6 +53,9 @@ pub struct VsdConfig {
     pub student_alpha_bar: f64,
     pub guidance_scale: f64,
     pub prediction: Prediction,
+    /// Autocast for the teacher passes (None: as stored, inputs cast to the
+    /// teacher's dtype). Build it with `precision::teacher_autocast`.
+    pub teacher_autocast: Option<AutocastPlan>,
 }
 
 /// Every random draw of one step (per rank).
@@ -243,9 +254,9 @@ pub fn vsd_step(
     } else {
         text.cond.shallow_clone()
     };
-    let pred = teacher
-        .predict(&x_l, &draws.t_lora, &cond)
-        .to_kind(Kind::Float);
+    // Under autocast with gradients: the backward below runs each op in the
+    // dtype its forward ran in, outside the region (as torch.autocast asks).
+    let pred = teacher_pass(teacher, &x_l, &draws.t_lora, &cond, cfg);
     let pred = cfg.prediction.to_eps(&pred, &x_l, &abar_l);
     let loss_lora = (abar_l.sqrt() * (pred - &draws.eps_lora))
         .square()
@@ -272,10 +283,23 @@ fn guided(
     let tt = Tensor::cat(&[t, t], 0);
     let cc = Tensor::cat(&[&text.uncond.expand([b, -1, -1], false), &text.cond], 0);
     let abar = Tensor::cat(&[abar_t, abar_t], 0);
-    let out = model.predict(&xx, &tt, &cc).to_kind(Kind::Float);
+    let out = teacher_pass(model, &xx, &tt, &cc, cfg);
     let eps = cfg.prediction.to_eps(&out, &xx, &abar);
     let parts = eps.chunk(2, 0);
     &parts[0] + (&parts[1] - &parts[0]) * cfg.guidance_scale
+}
+
+/// One teacher pass under the configured autocast; the output leaves the
+/// region as float32, so what follows is float32 arithmetic.
+fn teacher_pass(
+    model: &impl Denoiser,
+    x: &Tensor,
+    t: &Tensor,
+    cond: &Tensor,
+    cfg: &VsdConfig,
+) -> Tensor {
+    let _autocast = cfg.teacher_autocast.as_ref().map(AutocastPlan::enter);
+    model.predict(x, t, cond).to_kind(Kind::Float)
 }
 
 #[cfg(test)]

@@ -15,10 +15,19 @@ use swiftbrush_worker::vsd::{
 use tch::{Device, Kind, Tensor};
 
 fn spec() -> LoraSpec {
+    spec_with(&["to_q", "to_v"])
+}
+
+/// As golden_vsd.py's CONV_TARGETS: attention and ResNet convolutions.
+fn conv_spec() -> LoraSpec {
+    spec_with(&["to_q", "to_v", "conv1", "conv2", "conv_shortcut"])
+}
+
+fn spec_with(targets: &[&str]) -> LoraSpec {
     LoraSpec {
         rank: 4,
         alpha: 8.0,
-        target_modules: vec!["to_q".into(), "to_v".into()],
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
     }
 }
 
@@ -34,18 +43,22 @@ fn alphas_cumprod() -> Tensor {
     (1.0f64 - betas).cumprod(0, Kind::Float)
 }
 
-fn roles(kind: &str) -> (UNet, TeacherUNet) {
+fn roles(kind: &str, spec: &LoraSpec) -> (UNet, TeacherUNet) {
     let folder = DiffusersFolder::open(&common::pipeline(kind)).unwrap();
     let teacher = UNet::load(&folder, Device::Cpu).unwrap();
     let student = teacher.duplicate().unwrap();
-    let teacher = TeacherUNet::new(teacher, &spec()).unwrap();
+    let teacher = TeacherUNet::new(teacher, spec).unwrap();
     (student, teacher)
 }
 
 fn check(case: &str, kind: &str, prediction: Prediction) {
+    check_with(case, kind, prediction, &spec());
+}
+
+fn check_with(case: &str, kind: &str, prediction: Prediction, spec: &LoraSpec) {
     tch::set_num_threads(1);
     let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
-    let (student, mut teacher) = roles(kind);
+    let (student, mut teacher) = roles(kind, spec);
     let adapters: HashMap<String, Tensor> = g
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("adapter.").map(|n| (n.to_owned(), v.copy())))
@@ -69,6 +82,7 @@ fn check(case: &str, kind: &str, prediction: Prediction) {
         student_alpha_bar: 0.0047,
         guidance_scale: 4.5,
         prediction,
+        teacher_autocast: None,
     };
     let losses = vsd_step(&student, &teacher, &alphas_cumprod(), &cfg, &text, &draws);
 
@@ -144,9 +158,14 @@ fn vsd_step_matches_reference_v_prediction() {
 }
 
 #[test]
+fn vsd_step_matches_reference_with_conv_adapters() {
+    check_with("sd1_conv_null0", "sd1", Prediction::Epsilon, &conv_spec());
+}
+
+#[test]
 fn lora_teacher_equals_teacher_at_init_and_differs_after_a_step() {
     tch::set_num_threads(1);
-    let (_, teacher) = roles("sd1");
+    let (_, teacher) = roles("sd1", &conv_spec());
     tch::manual_seed(0);
     let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
     let t = Tensor::from_slice(&[500i64]);
@@ -190,8 +209,14 @@ fn lora_teacher_equals_teacher_at_init_and_differs_after_a_step() {
 
 #[test]
 fn adapter_names_are_peft_names() {
-    let (_, teacher) = roles("sd1");
-    let g = common::golden("golden/vsd/sd1_null0.safetensors");
+    for (spec, case) in [(spec(), "sd1_null0"), (conv_spec(), "sd1_conv_null0")] {
+        adapter_names_match(&spec, case);
+    }
+}
+
+fn adapter_names_match(spec: &LoraSpec, case: &str) {
+    let (_, teacher) = roles("sd1", spec);
+    let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
     let mut ours: Vec<String> = teacher
         .lora
         .named_parameters()

@@ -212,6 +212,11 @@ impl Coordinator {
         Ok(self.transition(|s, now| s.cancel(reason, now))?)
     }
 
+    /// Cancels after a final checkpoint; the step it waits for (None: ended).
+    pub fn cancel_after_checkpoint(&self, reason: String) -> Result<Option<u64>, AppError> {
+        Ok(self.transition(|s, now| s.cancel_after_checkpoint(reason, now))?)
+    }
+
     pub fn status(&self) -> StatusSnapshot {
         let state = self.lock();
         state.snapshot(self.now())

@@ -108,6 +108,11 @@ impl CoordinatorState {
                     .as_ref()
                     .is_some_and(|w| w.generation == ticket.generation);
             let terminal = job.phase.is_terminal();
+            let stopped = job
+                .stop_at
+                .as_ref()
+                .filter(|stop| committed >= stop.step)
+                .map(|stop| stop.reason.clone());
             self.effects.push(Effect::CheckpointCommitted {
                 step: ticket.step,
                 generation: ticket.generation,
@@ -117,6 +122,11 @@ impl CoordinatorState {
                 self.end_job(
                     JobPhase::Completed,
                     format!("the checkpoint of step {committed} (train.max_steps) is committed"),
+                );
+            } else if let Some(reason) = stopped.filter(|_| !terminal) {
+                self.end_job(
+                    JobPhase::Cancelled,
+                    format!("{reason} (after the final checkpoint at step {committed})"),
                 );
             } else if grow {
                 self.break_world(

@@ -74,6 +74,7 @@ impl CoordinatorState {
         let from = job.generation;
         job.generation += 1;
         job.resize_at = None;
+        let stopping = job.stop_at.take();
         job.step_rate = Default::default();
         if failure {
             job.restarts += 1;
@@ -84,6 +85,15 @@ impl CoordinatorState {
             reason: reason.clone(),
             failure,
         });
+        if let Some(stop) = stopping {
+            let why = format!(
+                "{} (the world ended before the final checkpoint at step {}: {reason}; \
+                 the newest checkpoint is at step {})",
+                stop.reason, stop.step, job.committed_step
+            );
+            self.end_job(JobPhase::Cancelled, why);
+            return;
+        }
         if failure && job.restarts > job.spec.max_restarts {
             let why = format!(
                 "{} restarts exceed world.max_restarts {}; last: {reason}",
@@ -115,6 +125,7 @@ impl CoordinatorState {
         job.phase = phase;
         job.reason = reason.clone();
         job.resize_at = None;
+        job.stop_at = None;
         for worker in self.workers.values_mut() {
             worker.ready_since = None;
         }

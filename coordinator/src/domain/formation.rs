@@ -169,7 +169,7 @@ impl CoordinatorState {
         let Some(job) = self.job.as_ref() else {
             return;
         };
-        if job.phase != JobPhase::Running || job.resize_at.is_some() {
+        if job.phase != JobPhase::Running || job.resize_at.is_some() || job.stop_at.is_some() {
             return;
         }
         let Some(world) = job.world.as_ref() else {

@@ -87,6 +87,17 @@ impl CoordinatorState {
                 reason: "train.max_steps reached: the final checkpoint".to_owned(),
             };
         }
+        if let Some(stop) = &job.stop_at
+            && job.committed_step < stop.step
+        {
+            return Command::CheckpointAt {
+                step: stop.step,
+                reason: format!(
+                    "the job is cancelled ({}): the final checkpoint",
+                    stop.reason
+                ),
+            };
+        }
         if let Some(resize_at) = job.resize_at
             && job.committed_step < resize_at
         {

@@ -71,6 +71,20 @@ impl CoordinatorState {
                 job.phase == JobPhase::Failed || job.restarts <= job.spec.max_restarts,
                 format!("{} restarts and not failed", job.restarts),
             );
+            if let Some(stop) = &job.stop_at {
+                check(
+                    job.phase == JobPhase::Running,
+                    format!("waiting to stop in phase {}", job.phase.name()),
+                );
+                check(
+                    stop.step > job.committed_step && stop.step <= job.spec.max_steps,
+                    format!(
+                        "final checkpoint at {} with {} committed",
+                        stop.step, job.committed_step
+                    ),
+                );
+                check(job.resize_at.is_none(), "growing while stopping".to_owned());
+            }
             if let Some(c) = job.commit_in_flight {
                 check(
                     c.generation <= job.generation,

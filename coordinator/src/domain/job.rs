@@ -147,6 +147,15 @@ pub struct PendingCommit {
     pub generation: u64,
 }
 
+/// A cancel that waits for a final checkpoint: the job ends Cancelled once
+/// a checkpoint at or after `step` commits, or at once if the world breaks
+/// first (nothing re-forms for a cancelled job).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StopAt {
+    pub step: u64,
+    pub reason: String,
+}
+
 /// A running estimate of steps per second from rank 0's heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct StepRate {
@@ -196,6 +205,8 @@ pub struct Job {
     pub commit_in_flight: Option<PendingCommit>,
     /// The world grows once a checkpoint at or after this step commits.
     pub resize_at: Option<u64>,
+    /// A cancel waiting for its final checkpoint (only while a world runs).
+    pub stop_at: Option<StopAt>,
     pub step_rate: StepRate,
     pub captions_served: u64,
     pub checkpoints_committed: u64,

@@ -2,7 +2,7 @@
 
 use super::effect::Effect;
 use super::error::CoreError;
-use super::job::{Job, JobSpec};
+use super::job::{Job, JobSpec, StopAt};
 use super::state::CoordinatorState;
 use super::types::{JobPhase, Millis};
 
@@ -41,6 +41,7 @@ impl CoordinatorState {
             not_before: now,
             commit_in_flight: None,
             resize_at: None,
+            stop_at: None,
             step_rate: Default::default(),
             captions_served: 0,
             checkpoints_committed: 0,
@@ -68,9 +69,51 @@ impl CoordinatorState {
         Ok(generation)
     }
 
+    /// Ends the job at once: every heartbeat then answers Stop. Steps
+    /// trained since the newest commit are lost.
     pub fn cancel(&mut self, reason: String, _now: Millis) -> Result<JobPhase, CoreError> {
         self.active_job()?;
         self.end_job(JobPhase::Cancelled, reason);
         Ok(JobPhase::Cancelled)
+    }
+
+    /// Ends the job after a final checkpoint: while a world runs, rank 0 is
+    /// asked (through the heartbeat's `CheckpointAt`) for a checkpoint one
+    /// step past the newest reported (or committed) step, and the job is Cancelled once it
+    /// commits, or once the world breaks, whichever comes first. Without a
+    /// running world there is nothing to save and it ends at once. Asking
+    /// again while it waits changes nothing. Returns the step it waits for
+    /// (None: ended at once).
+    pub fn cancel_after_checkpoint(
+        &mut self,
+        reason: String,
+        now: Millis,
+    ) -> Result<Option<u64>, CoreError> {
+        let job = self.active_job()?;
+        if let Some(stop) = &job.stop_at {
+            return Ok(Some(stop.step));
+        }
+        let Some(world) = job.world.as_ref() else {
+            self.cancel(reason, now)?;
+            return Ok(None);
+        };
+        let newest = world
+            .members
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .map(|w| w.step)
+            .max()
+            .unwrap_or(0)
+            .max(world.resume_step)
+            // A heartbeat may lag behind a checkpoint rank 0 already committed.
+            .max(job.committed_step);
+        let step = (newest + 1).min(job.spec.max_steps);
+        if let Some(job) = self.job.as_mut() {
+            job.reason = format!("cancelling after the checkpoint at step {step}: {reason}");
+            job.stop_at = Some(StopAt { step, reason });
+            // The world will not grow: it is about to end.
+            job.resize_at = None;
+        }
+        Ok(Some(step))
     }
 }

@@ -33,7 +33,7 @@ pub use checkpoint::CheckpointReport;
 pub use effect::Effect;
 pub use error::CoreError;
 pub use heartbeat::HeartbeatInput;
-pub use job::{BackendPolicy, Job, JobSpec, PendingCommit};
+pub use job::{BackendPolicy, Job, JobSpec, PendingCommit, StopAt};
 pub use membership::RegisterInput;
 pub use options::CoreOptions;
 pub use replies::{

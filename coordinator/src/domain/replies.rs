@@ -124,6 +124,8 @@ pub struct StatusSnapshot {
     pub restarts: u32,
     pub max_restarts: u32,
     pub step_rate: f64,
+    /// A cancel waits for the checkpoint at this step.
+    pub stopping_at_step: Option<u64>,
     pub captions_served: u64,
     pub checkpoints_committed: u64,
     pub last_upload_seconds: f64,

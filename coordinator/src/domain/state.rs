@@ -222,6 +222,7 @@ impl CoordinatorState {
             restarts: job.map_or(0, |j| j.restarts),
             max_restarts: job.map_or(0, |j| j.spec.max_restarts),
             step_rate: job.map_or(0.0, |j| j.step_rate.steps_per_s),
+            stopping_at_step: job.and_then(|j| j.stop_at.as_ref()).map(|s| s.step),
             captions_served: job.map_or(0, |j| j.captions_served),
             checkpoints_committed: job.map_or(0, |j| j.checkpoints_committed),
             last_upload_seconds: job.map_or(0.0, |j| j.last_upload_seconds),

@@ -244,12 +244,15 @@ impl From<StatusSnapshot> for rpc::JobStatusReply {
             workers: s.workers.into_iter().map(Into::into).collect(),
             quarantined_hosts: s.quarantined_hosts,
             step_rate: s.step_rate,
+            stopping_at_step: s.stopping_at_step.unwrap_or(0),
         }
     }
 }
 
-pub fn cancel_reply(phase: JobPhase) -> rpc::CancelJobReply {
+/// `final_checkpoint_step`: the step a cancel waits for (None: ended).
+pub fn cancel_reply(phase: JobPhase, final_checkpoint_step: Option<u64>) -> rpc::CancelJobReply {
     rpc::CancelJobReply {
         phase: phase_i32(phase),
+        final_checkpoint_step: final_checkpoint_step.unwrap_or(0),
     }
 }

@@ -125,8 +125,15 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<rpc::CancelJobRequest>,
     ) -> Reply<rpc::CancelJobReply> {
-        let reason = requests::reason(request.into_inner().reason)?;
-        let phase = self.app.cancel(reason)?;
-        Ok(Response::new(replies::cancel_reply(phase)))
+        let request = request.into_inner();
+        let reason = requests::reason(request.reason)?;
+        if request.final_checkpoint {
+            let step = self.app.cancel_after_checkpoint(reason)?;
+            let phase = self.app.status().phase;
+            Ok(Response::new(replies::cancel_reply(phase, step)))
+        } else {
+            let phase = self.app.cancel(reason)?;
+            Ok(Response::new(replies::cancel_reply(phase, None)))
+        }
     }
 }

@@ -72,12 +72,18 @@ fn fan_in_bound(fan_in: i64) -> f64 {
 }
 
 /// torch.nn.Conv2d with square kernel, stride and padding (`weight`, `bias`).
+/// Like [`super::attention::Linear`] it can carry a LoRA adapter
+/// (`crate::lora`): then the output gains scale * B(A(x)), A a conv with the
+/// base's kernel, stride and padding, B a 1x1 conv, as PEFT's Conv2d LoRA.
 #[derive(Debug)]
 pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     stride: i64,
     padding: i64,
+    /// The module's state-dict path, e.g. `down_blocks.0.resnets.0.conv1`.
+    pub path: String,
+    pub lora: Option<crate::lora::LoraAdapter>,
 }
 
 impl Conv2d {
@@ -102,18 +108,47 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            path: vs.components().collect::<Vec<_>>().join("."),
+            lora: None,
         })
     }
 
+    pub fn in_channels(&self) -> i64 {
+        self.weight.size()[1]
+    }
+
+    pub fn out_channels(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    pub fn kernel_size(&self) -> i64 {
+        self.weight.size()[2]
+    }
+
+    pub fn stride(&self) -> i64 {
+        self.stride
+    }
+
+    pub fn padding(&self) -> i64 {
+        self.padding
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(
+        let y = x.conv2d(
             &self.weight,
             self.bias.as_ref(),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
             1,
-        )
+        );
+        match self.lora.as_ref().and_then(|l| l.forward(x)) {
+            Some(delta) => {
+                let delta = delta.to_kind(y.kind());
+                y + delta
+            }
+            None => y,
+        }
     }
 }
 

@@ -233,10 +233,14 @@ impl Trainer {
         let (teacher, student, text) = crate::vsd::with_generator(|| {
             let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
             let student = teacher_unet.duplicate().map_err(teacher_err)?;
+            // set_kind, not bfloat16()/half(): those convert the weights but
+            // leave the store's kind at float32, and UNet::predict casts its
+            // inputs to the store's kind (a bf16 teacher without autocast
+            // then fails with "mat1 and mat2 must have the same dtype").
             match cfg.precision.teacher_dtype {
                 Dtype::Fp32 => {}
-                Dtype::Bf16 => teacher_unet.vs.bfloat16(),
-                Dtype::Fp16 => teacher_unet.vs.half(),
+                Dtype::Bf16 => teacher_unet.vs.set_kind(tch::Kind::BFloat16),
+                Dtype::Fp16 => teacher_unet.vs.set_kind(tch::Kind::Half),
             }
             // Adapters are initialised from the run's seed: a fresh run is
             // reproducible, a resumed one loads them.
@@ -276,6 +280,8 @@ impl Trainer {
             student_alpha_bar,
             guidance_scale: m.guidance_scale,
             prediction,
+            teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
+                .map_err(|e| TrainError::Invalid(e.to_string()))?,
         };
 
         let sample_shape = sample_shape(&cfg, &folder, &student)?;

@@ -1,6 +1,7 @@
 //! Synchronous tests of the core's transitions: a fake clock (`Sim::now`),
 //! factory helpers, and the invariant check after every transition.
 
+mod cancel;
 mod commits;
 mod failures;
 mod formation;

@@ -1,0 +1,52 @@
+// The C ABI between the worker's Rust code and the two libtorch features tch
+// 0.26 does not expose: autocast with a chosen dtype (autocast.cpp) and the
+// current CUDA stream (cuda_stream.cpp). Rust declares the same functions in
+// worker/src/shim.rs; keep the two in step. No C++ exception crosses this
+// boundary: every function that can fail returns 0 on success and writes a
+// message into err.
+#ifndef SWIFTBRUSH_SHIM_H
+#define SWIFTBRUSH_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Device types and dtypes use libtorch's own numbering (c10::DeviceType,
+// c10::ScalarType); autocast.cpp asserts the values it relies on.
+typedef struct {
+  int32_t enabled;
+  int32_t dtype;
+  int32_t cache_enabled;
+} sb_autocast_state;
+
+// Enables autocast for device_type with dtype on this thread, saving the
+// previous state into *prev (what torch.autocast.__enter__ does).
+int32_t sb_autocast_enter(int32_t device_type, int32_t dtype,
+                          sb_autocast_state* prev, char* err, size_t err_len);
+// Restores *prev; clears the cast cache when leaving the outermost region
+// (torch.autocast.__exit__).
+int32_t sb_autocast_exit(int32_t device_type, const sb_autocast_state* prev,
+                         char* err, size_t err_len);
+int32_t sb_autocast_is_enabled(int32_t device_type);
+int32_t sb_autocast_dtype(int32_t device_type);
+
+// Makes device the calling thread's current CUDA device (NCCL binds a
+// communicator to the current device).
+int32_t sb_cuda_set_device(int32_t device, char* err, size_t err_len);
+// libtorch's current CUDA stream on device for the calling thread, as a
+// cudaStream_t.
+int32_t sb_cuda_current_stream(int32_t device, void** stream, char* err,
+                               size_t err_len);
+// Whether all work queued so far on libtorch's current stream of device has
+// finished: *done = 1 when it has, 0 when it is still running.
+int32_t sb_cuda_current_stream_query(int32_t device, int32_t* done, char* err,
+                                     size_t err_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

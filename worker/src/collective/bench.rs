@@ -1,0 +1,250 @@
+//! `bench allreduce`: the bandwidth of a collective backend, with W ranks as
+//! threads of this process (tcp: a ring on loopback; nccl: one GPU each),
+//! every rank all-reducing one float32 buffer of `size_mb`. Reports the
+//! median time and the bus bandwidth in nccl-tests' convention
+//! (algbw * 2(W-1)/W, the bytes each link carries). Timings live here, never
+//! in pass/fail tests. Each rank checks its first result (the mean of
+//! rank-dependent values), so a wrong collective is an error, not a number.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::{NcclComm, NcclError, NcclOptions, TcpRing};
+use crate::trainer::gradient_sync::{GradientSync, SyncError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Tcp,
+    Nccl,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tcp => "tcp",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllReduceBenchError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Nccl(#[from] NcclError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error("rank {rank}: the all-reduce gave {got}, expected {want}")]
+    WrongResult { rank: usize, got: f64, want: f64 },
+    #[error("a rank's thread panicked")]
+    Panicked,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AllReduceReport {
+    pub backend: String,
+    pub world_size: usize,
+    pub bytes: u64,
+    pub iters: usize,
+    /// Median over rank 0's timed iterations.
+    pub median_s: f64,
+    /// bytes / median_s, GB/s.
+    pub algbw_gb_s: f64,
+    /// algbw * 2(W-1)/W, GB/s.
+    pub busbw_gb_s: f64,
+}
+
+impl AllReduceReport {
+    pub fn table(&self) -> String {
+        format!(
+            "backend           {}\nworld size        {}\nbuffer            {:.1} MB\niterations        {}\nmedian            {:.6} s\nalgorithm bw      {:.3} GB/s\nbus bw            {:.3} GB/s\n",
+            self.backend,
+            self.world_size,
+            self.bytes as f64 / 1e6,
+            self.iters,
+            self.median_s,
+            self.algbw_gb_s,
+            self.busbw_gb_s,
+        )
+    }
+}
+
+/// One untimed all-reduce (checked), then `iters` timed ones per rank.
+pub fn bench_allreduce(
+    backend: Backend,
+    size_mb: f64,
+    world_size: usize,
+    iters: usize,
+) -> Result<AllReduceReport, AllReduceBenchError> {
+    if world_size == 0 || iters == 0 || !(size_mb > 0.0 && size_mb.is_finite()) {
+        return Err(AllReduceBenchError::Invalid(format!(
+            "--world ({world_size}) and --iters ({iters}) must be at least 1 and --size-mb \
+             ({size_mb}) positive"
+        )));
+    }
+    let numel = ((size_mb * 1e6) / 4.0).ceil().max(1.0) as i64;
+    let ranks: Vec<Join> = match backend {
+        Backend::Tcp => tcp_ranks(world_size)?,
+        Backend::Nccl => nccl_ranks(world_size)?,
+    };
+    let handles: Vec<_> = ranks
+        .into_iter()
+        .enumerate()
+        .map(|(rank, join)| {
+            let device = match backend {
+                Backend::Tcp => Device::Cpu,
+                Backend::Nccl => Device::Cuda(rank),
+            };
+            std::thread::spawn(move || -> Result<Vec<f64>, AllReduceBenchError> {
+                let mut sync = join()?;
+                run_rank(sync.as_mut(), rank, world_size, numel, iters, device)
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for (rank, h) in handles.into_iter().enumerate() {
+        let t = h.join().map_err(|_| AllReduceBenchError::Panicked)??;
+        if rank == 0 {
+            times = t;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median_s = times[times.len() / 2];
+    let bytes = numel as u64 * 4;
+    let algbw = bytes as f64 / median_s / 1e9;
+    let w = world_size as f64;
+    Ok(AllReduceReport {
+        backend: backend.name().to_owned(),
+        world_size,
+        bytes,
+        iters,
+        median_s,
+        algbw_gb_s: algbw,
+        busbw_gb_s: algbw * 2.0 * (w - 1.0) / w,
+    })
+}
+
+/// Joins one rank's world (run on that rank's thread).
+type Join = Box<dyn FnOnce() -> Result<Box<dyn GradientSync>, AllReduceBenchError> + Send>;
+
+fn tcp_ranks(world_size: usize) -> Result<Vec<Join>, AllReduceBenchError> {
+    let listeners = (0..world_size)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AllReduceBenchError::Invalid(format!("binding 127.0.0.1: {e}")))?;
+    let addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<Vec<SocketAddr>, _>>()
+        .map_err(|e| AllReduceBenchError::Invalid(e.to_string()))?;
+    Ok(listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let addrs = addrs.clone();
+            Box::new(move || {
+                let ring =
+                    TcpRing::connect(rank as u64, &addrs, listener, 0, Duration::from_secs(60))?;
+                Ok(Box::new(ring) as Box<dyn GradientSync>)
+            }) as Join
+        })
+        .collect())
+}
+
+fn nccl_ranks(world_size: usize) -> Result<Vec<Join>, AllReduceBenchError> {
+    crate::device::load_cuda_backend();
+    let available = tch::Cuda::device_count().max(0) as usize;
+    if available < world_size {
+        return Err(AllReduceBenchError::Invalid(format!(
+            "--backend nccl --world {world_size} needs {world_size} CUDA devices in this \
+             process, and libtorch sees {available}"
+        )));
+    }
+    let id = NcclComm::unique_id()?;
+    Ok((0..world_size)
+        .map(|rank| {
+            let id = id.clone();
+            Box::new(move || {
+                let comm = NcclComm::new(
+                    Device::Cuda(rank),
+                    rank as u64,
+                    world_size as u64,
+                    &id,
+                    NcclOptions::default(),
+                )?;
+                Ok(Box::new(comm) as Box<dyn GradientSync>)
+            }) as Join
+        })
+        .collect())
+}
+
+fn run_rank(
+    sync: &mut dyn GradientSync,
+    rank: usize,
+    world_size: usize,
+    numel: i64,
+    iters: usize,
+    device: Device,
+) -> Result<Vec<f64>, AllReduceBenchError> {
+    let buf = Tensor::full([numel], (rank + 1) as f64, (Kind::Float, device));
+    let grads = [buf];
+    sync.all_reduce_mean(&grads)?;
+    // The mean of 1..=W.
+    let want = (world_size as f64 + 1.0) / 2.0;
+    let got = grads[0].max().double_value(&[]);
+    let low = grads[0].min().double_value(&[]);
+    if (got - want).abs() > 1e-4 || (low - want).abs() > 1e-4 {
+        return Err(AllReduceBenchError::WrongResult {
+            rank,
+            got: if (got - want).abs() > (low - want).abs() {
+                got
+            } else {
+                low
+            },
+            want,
+        });
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        // Both backends return with the collective finished.
+        sync.all_reduce_mean(&grads)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_bench_checks_its_result_and_reports_every_field() {
+        let r = bench_allreduce(Backend::Tcp, 0.25, 3, 2).unwrap();
+        assert_eq!((r.backend.as_str(), r.world_size, r.iters), ("tcp", 3, 2));
+        assert_eq!(r.bytes, 250_000);
+        assert!(r.median_s > 0.0 && r.busbw_gb_s > 0.0);
+        // nccl-tests' bus bandwidth factor for an all-reduce.
+        let factor = r.busbw_gb_s / r.algbw_gb_s;
+        assert!((factor - 4.0 / 3.0).abs() < 1e-9, "{factor}");
+        assert!(r.table().contains("bus bw"));
+    }
+
+    #[test]
+    fn bad_arguments_and_missing_gpus_are_named() {
+        let err = bench_allreduce(Backend::Tcp, 0.0, 2, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--size-mb"), "{err}");
+        if tch::Cuda::device_count() < 64 {
+            let err = bench_allreduce(Backend::Nccl, 1.0, 64, 1)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("needs 64 CUDA devices"), "{err}");
+        }
+    }
+}

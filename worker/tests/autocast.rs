@@ -1,0 +1,268 @@
+//! The teacher under CPU autocast against torch.autocast
+//! (tests/reference/golden_autocast.py): the UNet under the precision guard
+//! matches PyTorch's bf16 and fp16 autocast outputs, and one SwiftBrush step
+//! with autocast teacher passes matches the reference's losses and
+//! gradients. Each comparison also checks that autocast changed the result
+//! measurably, so a guard that did nothing could not pass. The trainer
+//! takes the autocast from `precision` in the job config.
+
+mod common;
+
+use std::collections::HashMap;
+
+use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::{Autocast, Dtype};
+use swiftbrush_worker::lora::LoraSpec;
+use swiftbrush_worker::pipeline::DiffusersFolder;
+use swiftbrush_worker::precision::{AutocastPlan, HalfDtype, autocast_kind};
+use swiftbrush_worker::roles::{TeacherUNet, UNet};
+use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
+use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
+use swiftbrush_worker::trainer::{Resume, TrainError, Trainer};
+use swiftbrush_worker::vsd::{Conditions, Denoiser, Draws, Prediction, VsdConfig, vsd_step};
+use tch::{Device, Kind, Tensor};
+
+fn unet(kind: &str) -> UNet {
+    let folder = DiffusersFolder::open(&common::pipeline(kind)).unwrap();
+    UNet::load(&folder, Device::Cpu).unwrap()
+}
+
+/// The Rust UNet under autocast `dtype` is at least `ratio` times closer to
+/// torch's autocast output than torch's autocast output is to float32.
+fn check_unet(kind: &str, dtype: HalfDtype, ratio: f64) {
+    tch::set_num_threads(1);
+    let g = common::golden(&format!("golden/autocast/unet_{kind}.safetensors"));
+    let model = unet(kind);
+    let (x, t, c) = (&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]);
+    let plan = AutocastPlan::new(Device::Cpu, dtype).unwrap();
+    let got = {
+        let _autocast = plan.enter();
+        model.predict(x, t, c)
+    };
+    assert_eq!(autocast_kind(Device::Cpu), None, "guard left autocast on");
+    assert_eq!(got.kind(), Kind::Float);
+    let want = &g[&format!("out_{}", dtype.name())];
+    let fp32 = &g["out_fp32"];
+    let diff = common::max_abs_diff(&got, want);
+    let effect = common::max_abs_diff(want, fp32);
+    eprintln!(
+        "{kind} {}: vs torch autocast {diff:e}, autocast effect {effect:e}",
+        dtype.name()
+    );
+    assert!(
+        effect > 1e-3,
+        "{kind} {}: autocast changed the reference by only {effect:e}",
+        dtype.name()
+    );
+    assert!(
+        diff * ratio <= effect,
+        "{kind} {}: Rust vs torch autocast differ by {diff:e}, autocast vs fp32 by {effect:e}",
+        dtype.name()
+    );
+    // Without the guard the same model gives the float32 answer.
+    common::assert_close(&format!("{kind} fp32"), &model.predict(x, t, c), fp32, 1e-4);
+}
+
+#[test]
+fn unet_under_bf16_autocast_matches_torch_autocast_sd1() {
+    check_unet("sd1", HalfDtype::Bf16, 20.0);
+}
+
+#[test]
+fn unet_under_fp16_autocast_matches_torch_autocast_sd1() {
+    check_unet("sd1", HalfDtype::Fp16, 20.0);
+}
+
+#[test]
+fn unet_under_bf16_autocast_matches_torch_autocast_v_prediction() {
+    check_unet("sd2v", HalfDtype::Bf16, 20.0);
+}
+
+fn spec() -> LoraSpec {
+    LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        target_modules: vec!["to_q".into(), "to_v".into()],
+    }
+}
+
+fn alphas_cumprod() -> Tensor {
+    let betas = Tensor::linspace(
+        0.00085f64.sqrt(),
+        0.012f64.sqrt(),
+        1000,
+        (Kind::Float, Device::Cpu),
+    )
+    .square();
+    (1.0f64 - betas).cumprod(0, Kind::Float)
+}
+
+/// One step on the reference's weights and draws; returns the losses and
+/// the student's and adapters' gradients by name.
+fn step(
+    g: &HashMap<String, Tensor>,
+    autocast: Option<AutocastPlan>,
+) -> ((f64, f64), HashMap<String, Tensor>) {
+    let teacher = unet("sd1");
+    let student = teacher.duplicate().unwrap();
+    let mut teacher = TeacherUNet::new(teacher, &spec()).unwrap();
+    let adapters: HashMap<String, Tensor> = g
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("adapter.").map(|n| (n.to_owned(), v.copy())))
+        .collect();
+    teacher.lora.load(&adapters).unwrap();
+    let draws = Draws {
+        z: g["z"].copy(),
+        t: g["t"].copy(),
+        eps: g["eps"].copy(),
+        t_lora: g["t_lora"].copy(),
+        eps_lora: g["eps_lora"].copy(),
+        null_condition: false,
+    };
+    let text = Conditions {
+        cond: g["cond"].copy(),
+        uncond: g["uncond"].copy(),
+    };
+    let cfg = VsdConfig {
+        student_timestep: 999,
+        student_alpha_bar: 0.0047,
+        guidance_scale: 4.5,
+        prediction: Prediction::Epsilon,
+        teacher_autocast: autocast,
+    };
+    let losses = vsd_step(&student, &teacher, &alphas_cumprod(), &cfg, &text, &draws);
+    assert_eq!(
+        autocast_kind(Device::Cpu),
+        None,
+        "vsd_step left autocast on"
+    );
+    let mut grads = HashMap::new();
+    for (name, p) in student.vs.variables() {
+        assert_eq!(p.grad().kind(), Kind::Float, "student grad {name}");
+        grads.insert(format!("student_grad.{name}"), p.grad());
+    }
+    for (name, p) in teacher.lora.named_parameters() {
+        assert_eq!(p.grad().kind(), Kind::Float, "adapter grad {name}");
+        grads.insert(format!("lora_grad.{name}"), p.grad());
+    }
+    ((losses.vsd, losses.lora), grads)
+}
+
+/// Max abs difference over all gradients, relative to the largest entry of
+/// the reference's.
+fn grad_diff(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, prefix: &str) -> f64 {
+    let mut worst = 0.0f64;
+    let mut scale = 0.0f64;
+    for (name, g) in got.iter().filter(|(n, _)| n.starts_with(prefix)) {
+        let w = want
+            .get(name)
+            .unwrap_or_else(|| panic!("reference has no {name}"));
+        scale = scale.max(w.abs().max().double_value(&[]));
+        worst = worst.max(common::max_abs_diff(g, w));
+    }
+    assert!(scale > 0.0, "reference {prefix} gradient is all zero");
+    worst / scale
+}
+
+#[test]
+fn vsd_step_with_bf16_autocast_teacher_matches_reference() {
+    tch::set_num_threads(1);
+    let g = common::golden("golden/autocast/vsd_sd1_bf16.safetensors");
+    let plan = AutocastPlan::new(Device::Cpu, HalfDtype::Bf16).unwrap();
+    let ((vsd, lora), grads) = step(&g, Some(plan));
+    let ((vsd32, lora32), grads32) = step(&g, None);
+
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    let want_vsd = g["loss_vsd"].double_value(&[0]);
+    let want_lora = g["loss_lora"].double_value(&[0]);
+    // The VSD loss is the squared teacher difference e_T - e_L: bf16 noise in
+    // both passes moves it a lot, so it tells autocast from float32 clearly.
+    assert!(
+        rel(vsd32, want_vsd) > 0.1,
+        "autocast did not change the VSD loss: {vsd32} vs {want_vsd}"
+    );
+    assert!(
+        rel(vsd, want_vsd) < 0.02,
+        "vsd loss {vsd} vs reference {want_vsd} (fp32 {vsd32})"
+    );
+    assert!(
+        rel(lora, want_lora) < 1e-3,
+        "lora loss {lora} vs reference {want_lora} (fp32 {lora32})"
+    );
+    eprintln!(
+        "losses: vsd {vsd} / fp32 {vsd32} / ref {want_vsd}; lora {lora} / {lora32} / {want_lora}"
+    );
+    for prefix in ["student_grad.", "lora_grad."] {
+        let d = grad_diff(&grads, &g, prefix);
+        let d32 = grad_diff(&grads32, &g, prefix);
+        eprintln!("{prefix}: autocast {d:e}, fp32 {d32:e} (relative to the reference's scale)");
+        assert!(
+            d * 5.0 <= d32,
+            "{prefix}: autocast step differs from the reference by {d:e} of its scale, \
+             the float32 step by {d32:e}"
+        );
+    }
+}
+
+fn tiny_config(teacher_dtype: Dtype, autocast: Autocast) -> JobConfig {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
+    let mut cfg = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
+    cfg.model.teacher = Some(common::pipeline("sd1").display().to_string());
+    cfg.train.max_steps = 2;
+    cfg.checkpoint.run_dir = "memory://autocast".to_owned();
+    cfg.checkpoint.every_steps = 100;
+    cfg.precision.teacher_dtype = teacher_dtype;
+    cfg.precision.autocast = autocast;
+    cfg
+}
+
+fn build(cfg: JobConfig) -> Result<Trainer, TrainError> {
+    let captions = vec!["a red circle".to_owned(), "a photo of a cat".to_owned()];
+    let feed = LocalCaptionFeed::from_captions(captions, (2, 0, true), 0, 1).unwrap();
+    Trainer::build(cfg, Device::Cpu, feed, SingleProcess, Resume::Auto)
+}
+
+#[test]
+fn trainer_applies_precision_autocast_from_the_config() {
+    tch::set_num_threads(1);
+    let first_step = |teacher_dtype, autocast| {
+        let mut trainer = build(tiny_config(teacher_dtype, autocast)).unwrap();
+        let losses = trainer.train_step(0).unwrap().losses;
+        assert!(
+            losses.all_finite(),
+            "{teacher_dtype:?} {autocast:?}: {losses:?}"
+        );
+        assert_eq!(
+            autocast_kind(Device::Cpu),
+            None,
+            "the step left autocast on"
+        );
+        losses
+    };
+    // A float32 teacher under bf16 autocast gives another LoRA loss than
+    // without: the config's autocast reached the teacher passes. (At step 0
+    // the adapters' B is zero, so both teachers agree exactly and the VSD
+    // loss is zero either way.)
+    let with = first_step(Dtype::Fp32, Autocast::Bf16);
+    let without = first_step(Dtype::Fp32, Autocast::None);
+    assert!(
+        (with.lora - without.lora).abs() > 1e-6,
+        "{with:?} vs {without:?}"
+    );
+    // A bf16 teacher runs with autocast (the defaults of configs/sd21-base)
+    // and without (inputs cast to the stored dtype).
+    first_step(Dtype::Bf16, Autocast::Bf16);
+    first_step(Dtype::Bf16, Autocast::None);
+}
+
+#[test]
+fn trainer_refuses_a_teacher_stored_in_the_other_half_dtype() {
+    let err = match build(tiny_config(Dtype::Bf16, Autocast::Fp16)) {
+        Ok(_) => panic!("a bf16 teacher under fp16 autocast was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("precision.autocast fp16") && err.contains("precision.teacher_dtype bf16"),
+        "{err}"
+    );
+}
