@@ -516,7 +516,12 @@ fn the_worker_serves_healthz_and_refuses_what_it_cannot_run() {
     let mut w = Worker::spawn(d, &nccl, "host-n", &[]);
     let (exit, _) = w.wait();
     assert!(!exit.success());
-    assert!(w.log().contains("no NCCL collective"), "{}", w.log());
+    assert!(
+        w.log()
+            .contains("world.backend is nccl, but this worker cannot run it"),
+        "{}",
+        w.log()
+    );
 }
 
 /// A bare HTTP/1.1 GET; the body.

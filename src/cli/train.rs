@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::CollectiveBackend;
 use swiftbrush_proto::run_store::{ResumeFrom, RunStore};
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +120,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
 /// The local world is at most `--workers` ranks: without this, one worker
 /// under a config allowing two would wait for a second that never comes.
+/// Local workers share one device, which NCCL cannot split between ranks:
+/// several of them use the TCP ring.
 fn fit_world(config: &mut JobConfig, workers: u32) -> anyhow::Result<()> {
     let world = &mut config.world;
     anyhow::ensure!(
@@ -127,6 +130,14 @@ fn fit_world(config: &mut JobConfig, workers: u32) -> anyhow::Result<()> {
         world.min_size
     );
     world.max_size = world.max_size.min(workers).max(world.min_size);
+    if world.max_size > 1 {
+        anyhow::ensure!(
+            world.backend != CollectiveBackend::Nccl,
+            "--workers {workers} share one device, and NCCL needs a device per rank: \
+             use world.backend tcp (or auto) here, or one `swiftbrush worker` per GPU"
+        );
+        world.backend = CollectiveBackend::Tcp;
+    }
     Ok(())
 }
 

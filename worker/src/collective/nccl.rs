@@ -484,6 +484,18 @@ impl NcclComm {
     }
 }
 
+/// Whether this process can run the NCCL backend on `device`: a CUDA device
+/// and a libnccl that loads. The reason when not.
+pub fn check_available(device: Device) -> Result<(), NcclError> {
+    if !device.is_cuda() {
+        return Err(NcclError::NotCuda {
+            device: format!("{device:?}"),
+        });
+    }
+    nccl_lib::library()?;
+    Ok(())
+}
+
 impl GradientSync for NcclComm {
     fn rank(&self) -> u64 {
         self.rank

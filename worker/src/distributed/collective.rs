@@ -1,11 +1,11 @@
 //! The collective of one world, chosen by the assignment's `backend`, and
 //! its bootstrap through the coordinator. "tcp": every rank publishes the
 //! address of its ring listener, fetches everyone's and joins a
-//! `collective::TcpRing`. "nccl": rank 0 publishes an NCCL unique id and
-//! the others fetch it, then `collective::nccl::NcclComm` behind the same
-//! `GradientSync` — that backend is not in this build yet, so a world
-//! assigned "nccl" fails with an error that says so (and the worker does
-//! not offer "nccl" when it registers, so `auto` never picks it).
+//! `collective::TcpRing`. "nccl": rank 0 publishes an NCCL unique id, the
+//! others fetch it, and every rank joins a `collective::NcclComm` behind
+//! the same `GradientSync`. A worker offers "nccl" when it registers only
+//! if it can run it (a CUDA device and a libnccl that loads), so `auto`
+//! picks NCCL only for worlds that can.
 //!
 //! Every communicator leaves an abort handle in the [`AbortSlot`], which the
 //! heartbeat thread fires when the coordinator says the world is gone.
@@ -15,15 +15,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use swiftbrush_proto::rpc;
+use tch::Device;
 
 use super::link::{CoordinatorLink, Reaction, RpcError};
+use crate::collective::nccl::{self, NcclAbortHandle, NcclComm, NcclError, NcclOptions};
 use crate::collective::tcp_ring::{RingAbort, RingOptions, TcpRing};
 use crate::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
 
-/// The collective backends this build can run (sent with Register).
-pub fn supported_backends() -> Vec<String> {
-    // Add "nccl" here once collective::nccl::NcclComm is built in.
-    vec!["tcp".to_owned()]
+/// The collective backends this worker can run on `device` (sent with
+/// Register).
+pub fn supported_backends(device: Device) -> Vec<String> {
+    let mut backends = vec!["tcp".to_owned()];
+    if nccl::check_available(device).is_ok() {
+        backends.push("nccl".to_owned());
+    }
+    backends
 }
 
 /// Ends a communicator's blocking calls from another thread.
@@ -34,6 +40,12 @@ pub trait CollectiveAbort: Send + Sync {
 impl CollectiveAbort for RingAbort {
     fn abort(&self) {
         RingAbort::abort(self);
+    }
+}
+
+impl CollectiveAbort for NcclAbortHandle {
+    fn abort(&self) {
+        NcclAbortHandle::abort(self);
     }
 }
 
@@ -73,10 +85,12 @@ impl AbortSlot {
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
     #[error(
-        "the world of generation {generation} uses the nccl backend, but this build of the \
-         worker has no NCCL collective yet (collective::nccl); set world.backend to tcp or auto"
+        "the job's world.backend is nccl, but this worker cannot run it: {reason}; use \
+         world.backend tcp or auto"
     )]
-    NcclUnavailable { generation: u64 },
+    NcclUnavailable { reason: String },
+    #[error("NCCL: {0}")]
+    Nccl(#[from] NcclError),
     #[error("the assignment names an unknown collective backend {0:?} (expected tcp or nccl)")]
     UnknownBackend(String),
     #[error("cannot listen for ring peers on {addr}: {source}")]
@@ -99,6 +113,7 @@ impl CollectiveError {
     pub fn is_fatal(&self) -> bool {
         match self {
             Self::NcclUnavailable { .. } | Self::UnknownBackend(_) | Self::Bind { .. } => true,
+            Self::Nccl(e) => matches!(e, NcclError::Load(_) | NcclError::NotCuda { .. }),
             Self::Rpc(e) => e.reaction() == Reaction::Fatal,
             Self::Bootstrap { .. } | Self::Sync(_) => false,
         }
@@ -129,21 +144,59 @@ pub struct CollectiveOptions {
     pub io_timeout: Duration,
 }
 
-/// Bootstraps and joins the world's collective.
+/// Bootstraps and joins the world's collective on `device`.
 pub fn form(
     link: &CoordinatorLink,
     world: &Membership,
     options: &CollectiveOptions,
     slot: &AbortSlot,
+    device: Device,
 ) -> Result<Box<dyn GradientSync>, CollectiveError> {
     match world.backend.as_str() {
-        "tcp" if world.world_size == 1 => Ok(Box::new(SingleProcess)),
+        "tcp" | "nccl" if world.world_size == 1 => Ok(Box::new(SingleProcess)),
         "tcp" => tcp_ring(link, world, options, slot),
-        "nccl" => Err(CollectiveError::NcclUnavailable {
-            generation: world.generation,
-        }),
+        "nccl" => nccl_comm(link, world, options, slot, device),
         other => Err(CollectiveError::UnknownBackend(other.to_owned())),
     }
+}
+
+/// Rank 0 makes the NCCL unique id and publishes it (its process hosts
+/// NCCL's bootstrap root until everyone joined); the others fetch it.
+fn nccl_comm(
+    link: &CoordinatorLink,
+    world: &Membership,
+    options: &CollectiveOptions,
+    slot: &AbortSlot,
+    device: Device,
+) -> Result<Box<dyn GradientSync>, CollectiveError> {
+    let deadline = Instant::now() + options.connect_timeout;
+    let id = if world.rank == 0 {
+        let id = NcclComm::unique_id()?;
+        publish(link, world, id.clone())?;
+        id
+    } else {
+        let blobs = fetch(link, world, false, deadline)?;
+        blobs
+            .into_iter()
+            .find(|b| b.rank == 0)
+            .map(|b| b.blob)
+            .ok_or_else(|| CollectiveError::Bootstrap {
+                generation: world.generation,
+                reason: "no NCCL unique id from rank 0".to_owned(),
+            })?
+    };
+    let comm = NcclComm::new(
+        device,
+        u64::from(world.rank),
+        u64::from(world.world_size),
+        &id,
+        NcclOptions {
+            timeout: options.io_timeout,
+            ..NcclOptions::default()
+        },
+    )?;
+    slot.set(world.generation, Arc::new(comm.abort_handle()));
+    Ok(Box::new(comm))
 }
 
 fn tcp_ring(
@@ -165,7 +218,7 @@ fn tcp_ring(
     }
     let deadline = Instant::now() + options.connect_timeout;
     publish(link, world, addr.to_string().into_bytes())?;
-    let blobs = fetch_all(link, world, deadline)?;
+    let blobs = fetch(link, world, true, deadline)?;
     let addrs = ring_addresses(world, &blobs)?;
     let abort = RingAbort::new();
     slot.set(world.generation, Arc::new(abort.clone()));
@@ -203,10 +256,11 @@ fn publish(
     Ok(())
 }
 
-/// Long-polls until every rank's blob is there.
-fn fetch_all(
+/// Long-polls until every rank's blob (`all_ranks`) or rank 0's is there.
+fn fetch(
     link: &CoordinatorLink,
     world: &Membership,
+    all_ranks: bool,
     deadline: Instant,
 ) -> Result<Vec<rpc::RankBlob>, CollectiveError> {
     loop {
@@ -215,7 +269,7 @@ fn fetch_all(
         let request = rpc::FetchBootstrapRequest {
             worker_id: world.worker_id,
             generation: world.generation,
-            all_ranks: true,
+            all_ranks,
             wait_ms,
         };
         let reply = link.call(
@@ -230,9 +284,9 @@ fn fetch_all(
             return Err(CollectiveError::Bootstrap {
                 generation: world.generation,
                 reason: format!(
-                    "only {} of {} ranks published their ring address in time",
+                    "only {} of {} ranks published their bootstrap in time",
                     reply.blobs.len(),
-                    world.world_size
+                    if all_ranks { world.world_size } else { 1 }
                 ),
             });
         }
@@ -333,6 +387,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("rank 0") && e.contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn a_cpu_worker_offers_only_the_ring_and_nccl_refusals_are_final() {
+        assert_eq!(supported_backends(Device::Cpu), vec!["tcp".to_owned()]);
+        let e = CollectiveError::Nccl(nccl::check_available(Device::Cpu).unwrap_err());
+        assert!(e.is_fatal(), "{e}");
+        assert!(e.to_string().contains("CUDA device"), "{e}");
     }
 
     #[test]

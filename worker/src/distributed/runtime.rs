@@ -32,6 +32,11 @@ use crate::trainer::{Phase, Resume, TrainError, TrainSummary, Trainer, WorldEnd,
 /// How long one Rendezvous call waits (short, so a signal is noticed soon).
 const RENDEZVOUS_WAIT_MS: u64 = 2_000;
 
+/// Worlds in a row this worker may fail to join (bootstrap or connect)
+/// before it gives up: a worker that no peer can reach would otherwise
+/// break every world it is placed in, forever.
+const MAX_FAILED_JOINS: u32 = 4;
+
 /// How a worker is started.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -140,6 +145,7 @@ pub fn run_worker(options: WorkerOptions) -> Result<WorkerSummary, WorkerError> 
         trainer: None,
         train_started: None,
         num_worlds: 0,
+        failed_joins: 0,
     };
     worker.run()
 }
@@ -165,6 +171,8 @@ struct Worker {
     /// (first step trained, when).
     train_started: Option<(u64, Instant)>,
     num_worlds: u32,
+    /// Worlds in a row this worker could not join.
+    failed_joins: u32,
 }
 
 enum Placement {
@@ -229,11 +237,22 @@ impl Worker {
         let parts = match self.world_parts(&a, &config, job.num_captions) {
             Ok(parts) => parts,
             Err(WorkerError::Collective(e)) if !e.is_fatal() => {
+                // A world that ended meanwhile is nobody's fault; one that
+                // still runs without us might be ours.
+                let gone = matches!(&e, CollectiveError::Rpc(r)
+                    if matches!(r.reaction(), Reaction::Stale | Reaction::Reregister));
+                if !gone {
+                    self.failed_joins += 1;
+                    if self.failed_joins >= MAX_FAILED_JOINS {
+                        return Err(e.into());
+                    }
+                }
                 tracing::warn!(generation = a.generation, error = %e, "could not join the world");
                 return Ok(None);
             }
             Err(e) => return Err(e),
         };
+        self.failed_joins = 0;
         let trainer = self.trainer.as_mut().ok_or(TrainError::NoWorld)?;
         trainer.enter(parts)?;
         self.status.set_world(a.generation, a.resume_step);
@@ -309,8 +328,10 @@ impl Worker {
             // A stopped peer is declared dead after the heartbeat timeout and
             // the abort ends the wait then; this bound only matters when the
             // coordinator cannot be heard either. Generous: rank 0's
-            // checkpoint snapshot holds the ring for a while.
-            io_timeout: Duration::from_millis(world.heartbeat_timeout_ms.saturating_mul(3)),
+            // checkpoint snapshot holds the collective for a while.
+            io_timeout: Duration::from_millis(
+                world.heartbeat_timeout_ms.saturating_mul(3).max(60_000),
+            ),
         };
         let membership = Membership {
             worker_id,
@@ -319,7 +340,7 @@ impl Worker {
             world_size: a.world_size,
             backend: a.backend.clone(),
         };
-        let sync = collective::form(&self.link, &membership, &options, &self.abort)?;
+        let sync = collective::form(&self.link, &membership, &options, &self.abort, self.device)?;
         let feed = CoordinatorCaptionFeed::new(
             self.link.clone(),
             (worker_id, a.generation, a.rank),
@@ -352,7 +373,7 @@ impl Worker {
                 host: self.options.host.clone(),
                 device: self.device_name.clone(),
                 capabilities: Some(rpc::Capabilities {
-                    backends: supported_backends(),
+                    backends: supported_backends(self.device),
                     device_memory_bytes: 0,
                     version: env!("CARGO_PKG_VERSION").to_owned(),
                 }),
@@ -396,9 +417,12 @@ impl Worker {
         };
         let config = JobConfig::from_yaml_str(&job.config_yaml, "the job config")?;
         if config.world.backend == swiftbrush_proto::config::CollectiveBackend::Nccl
-            && !supported_backends().iter().any(|b| b == "nccl")
+            && let Err(e) = crate::collective::nccl::check_available(self.device)
         {
-            return Err(CollectiveError::NcclUnavailable { generation: 0 }.into());
+            return Err(CollectiveError::NcclUnavailable {
+                reason: e.to_string(),
+            }
+            .into());
         }
         Ok(())
     }
