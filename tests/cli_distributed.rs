@@ -464,6 +464,37 @@ fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
 }
 
 #[test]
+fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
+    let max_steps = 40;
+    let dir = setup(2, max_steps);
+    let d = dir.path();
+    let coordinator = Coordinator::start(d, "run");
+    let mut a = Worker::spawn(d, &coordinator, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    coordinator.wait_for("training", &[&a, &b], |s| {
+        s.world_size == 2 && s.workers.iter().any(|w| w.step >= 1)
+    });
+    let app = coordinator.server.as_ref().unwrap().app.clone();
+    let step = {
+        let _guard = coordinator.runtime.enter();
+        app.cancel_after_checkpoint("test: graceful cancel".to_owned())
+            .unwrap()
+            .expect("a world runs: a final checkpoint is awaited")
+    };
+    // Rank 0 writes it when the heartbeat asks (CheckpointAt), the
+    // coordinator commits it, then every worker is told to stop.
+    let done = coordinator.wait_for("cancelled", &[&a, &b], |s| s.phase == JobPhase::Cancelled);
+    assert_eq!(done.committed_step, step, "the final checkpoint committed");
+    assert!(step < max_steps);
+    for w in [&mut a, &mut b] {
+        let (exit, out) = w.wait();
+        assert!(exit.success(), "{}", w.log());
+        assert!(out.contains("the job was cancelled"), "{out}");
+    }
+    assert!(!student(&d.join("run"), step).is_empty());
+}
+
+#[test]
 fn the_worker_serves_healthz_and_refuses_what_it_cannot_run() {
     // min_size 2 and one worker: it waits for a world, heartbeating.
     let dir = setup(2, 2);
