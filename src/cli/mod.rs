@@ -11,6 +11,7 @@ mod sample;
 mod status;
 mod toy;
 mod train;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,17 @@ impl Cli {
             LogFormatArg::Json => LogFormat::Json,
         }
     }
+
+    /// The log filter when RUST_LOG is unset. `train` runs a coordinator
+    /// inside the process: its bookkeeping is noise there, its warnings not.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Train(_) => {
+                "info,swiftbrush_coordinator=warn,swiftbrush_proto::run_store=warn"
+            }
+            _ => "info",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,9 +71,12 @@ enum Command {
     Config(ConfigCommand),
     /// Print what this install sees: libtorch, CPU threads, CUDA devices.
     Doctor,
-    /// Distill the teacher into a one-step student (SwiftBrush). Resumes
-    /// from the run directory's newest checkpoint when there is one.
+    /// Distill the teacher into a one-step student (SwiftBrush) on this
+    /// machine (a coordinator in-process, --workers N). Resumes from the run
+    /// directory's newest checkpoint when there is one.
     Train(train::TrainArgs),
+    /// Join a coordinator's job as one data-parallel worker on one device.
+    Worker(Box<worker::WorkerArgs>),
     /// Write a trained student as a diffusers UNet folder (EMA weights by
     /// default), or with --pipeline a whole diffusers pipeline folder.
     Export(export::ExportArgs),
@@ -110,6 +125,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Train(args) => train::run(args),
+        Command::Worker(args) => worker::run(*args),
         Command::Bench(command) => bench::run(command),
         Command::Export(args) => export::run(args),
         Command::Toy(command) => toy::run(command),

@@ -1,10 +1,17 @@
-//! `swiftbrush train`: the SwiftBrush loop on one process.
+//! `swiftbrush train`: distill on this machine. Local mode: a coordinator
+//! runs in this process on loopback and `--workers N` workers (threads)
+//! join it, through exactly the path a cluster uses (gRPC, caption stream,
+//! heartbeats, checkpoints committed by the coordinator). One worker is the
+//! single-GPU or single-CPU run.
+
+mod local;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use swiftbrush_proto::JobConfig;
-use swiftbrush_worker::trainer::Resume;
+use swiftbrush_proto::config::CollectiveBackend;
+use swiftbrush_proto::run_store::{ResumeFrom, RunStore};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -31,12 +38,21 @@ pub struct TrainArgs {
     /// Overrides train.seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// `latest` (the default when checkpoints exist) or a step number.
+    /// `latest` (the default: the newest valid checkpoint, if any) or a
+    /// step number, which must be the newest valid checkpoint.
     #[arg(long)]
     resume: Option<String>,
     /// auto, cpu or cuda:N (overrides train.device).
     #[arg(long)]
     device: Option<String>,
+    /// Data-parallel workers in this process (threads on the same device;
+    /// world.max_size is capped to it). The result equals one worker's.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
+    /// Append one JSON line per trained step and worker (generation, rank,
+    /// step, caption ids) under DIR: proof of exactly-once.
+    #[arg(long)]
+    caption_audit: Option<PathBuf>,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -62,34 +78,89 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(d) = args.device {
         config.train.device = d;
     }
+    fit_world(&mut config, args.workers)?;
     config
         .validate()
         .with_context(|| format!("{} is not a valid job config", args.config.display()))?;
-    let resume =
-        match args.resume.as_deref() {
-            None | Some("latest") => Resume::Auto,
-            Some(step) => Resume::Step(step.parse().with_context(|| {
-                format!("--resume {step:?}: expected `latest` or a step number")
-            })?),
-        };
+    anyhow::ensure!(
+        !config.data.captions.is_empty(),
+        "no caption sources: set data.captions in the config or pass --captions FILE"
+    );
+    if let Some(resume) = args.resume.as_deref() {
+        check_resume(&config.checkpoint.run_dir, resume)?;
+    }
     let run_dir = config.checkpoint.run_dir.clone();
-    let summary = swiftbrush_worker::trainer::single::train(config, resume)?;
+    let outcome = local::train(
+        config,
+        local::LocalOptions {
+            num_workers: args.workers,
+            caption_audit: args.caption_audit,
+        },
+    )?;
     println!(
         "trained steps {}..{} in {:.1}s; last checkpoint: {}; run directory: {run_dir}",
-        summary.start_step,
-        summary.end_step,
-        summary.seconds,
-        summary
+        outcome.start_step,
+        outcome.end_step,
+        outcome.seconds,
+        outcome
             .last_checkpoint
             .map_or("none".to_owned(), |s| format!("step {s}")),
     );
-    if let Some(l) = summary.last_losses {
+    if let Some(l) = outcome.last_losses {
         println!("last losses: vsd {:.6e}, lora {:.6}", l.vsd, l.lora);
     }
-    if summary.num_nonfinite_steps > 0 || summary.num_truncated_captions > 0 {
+    if outcome.num_nonfinite_steps > 0 || outcome.num_truncated_captions > 0 {
         println!(
             "skipped non-finite steps: {}; captions truncated to 77 tokens: {}",
-            summary.num_nonfinite_steps, summary.num_truncated_captions
+            outcome.num_nonfinite_steps, outcome.num_truncated_captions
+        );
+    }
+    Ok(())
+}
+
+/// The local world is at most `--workers` ranks: without this, one worker
+/// under a config allowing two would wait for a second that never comes.
+/// Local workers share one device, which NCCL cannot split between ranks:
+/// several of them use the TCP ring.
+fn fit_world(config: &mut JobConfig, workers: u32) -> anyhow::Result<()> {
+    let world = &mut config.world;
+    anyhow::ensure!(
+        world.min_size <= workers,
+        "--workers {workers} is fewer than world.min_size = {} of the config",
+        world.min_size
+    );
+    world.max_size = world.max_size.min(workers).max(world.min_size);
+    if world.max_size > 1 {
+        anyhow::ensure!(
+            world.backend != CollectiveBackend::Nccl,
+            "--workers {workers} share one device, and NCCL needs a device per rank: \
+             use world.backend tcp (or auto) here, or one `swiftbrush worker` per GPU"
+        );
+        world.backend = CollectiveBackend::Tcp;
+    }
+    Ok(())
+}
+
+/// A run continues from its newest committed checkpoint (the coordinator
+/// commits only steps past it), so `--resume STEP` must name that one.
+fn check_resume(run_dir: &str, resume: &str) -> anyhow::Result<()> {
+    if resume == "latest" {
+        return Ok(());
+    }
+    let step: u64 = resume
+        .parse()
+        .with_context(|| format!("--resume {resume:?}: expected `latest` or a step number"))?;
+    let store = RunStore::open(run_dir)?;
+    store
+        .resolve(ResumeFrom::Step(step))
+        .with_context(|| format!("--resume {step}"))?;
+    if let Some(newest) = store.latest_valid()?
+        && newest.step > step
+    {
+        anyhow::bail!(
+            "--resume {step}: {run_dir} has a newer checkpoint (step {}); a run continues \
+             from its newest checkpoint, so use --resume latest (or a new --run-dir)",
+            newest.step
         );
     }
     Ok(())

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod collective;
 pub mod device;
 pub mod diffusion;
+pub mod distributed;
 pub mod ema;
 pub mod export;
 pub mod image_io;

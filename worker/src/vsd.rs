@@ -83,8 +83,18 @@ static DRAW_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// draw lock: for initialisations that must be identical on every rank
 /// (the LoRA adapters' A matrices).
 pub fn with_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    with_generator(|| {
+        tch::manual_seed(seed as i64);
+        f()
+    })
+}
+
+/// Runs `f` holding the draw lock, for code that draws from libtorch's
+/// global generator unseeded (a model's initial weights, overwritten by a
+/// load) while another trainer of this process may be seeding it. Inside,
+/// seed with `tch::manual_seed` directly (the lock is not reentrant).
+pub fn with_generator<T>(f: impl FnOnce() -> T) -> T {
     let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    tch::manual_seed(seed as i64);
     f()
 }
 

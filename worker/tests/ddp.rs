@@ -31,7 +31,7 @@ fn captions() -> Vec<String> {
         .collect()
 }
 
-fn train<S: GradientSync>(run_dir: &str, sync: S) -> Vec<(String, Tensor)> {
+fn train<S: GradientSync + 'static>(run_dir: &str, sync: S) -> Vec<(String, Tensor)> {
     let rank = sync.rank();
     let world = sync.world_size();
     let feed = LocalCaptionFeed::from_captions(captions(), (2, 0, true), rank, world).unwrap();

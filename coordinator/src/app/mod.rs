@@ -132,6 +132,14 @@ impl Coordinator {
                     }
                 });
             }
+            // Leaving on purpose and completing are how things should go.
+            Effect::WorkerDied { departure, .. } if !departure.is_failure() => {
+                tracing::info!(effect = %json(effect), "coordinator");
+            }
+            Effect::JobEnded {
+                phase: crate::domain::JobPhase::Completed,
+                ..
+            } => tracing::info!(effect = %json(effect), "coordinator"),
             Effect::WorkerDied { .. }
             | Effect::GenerationBumped { .. }
             | Effect::HostQuarantined { .. }

@@ -21,6 +21,8 @@ pub struct JobInfo {
     pub config_yaml: String,
     pub config_fingerprint: String,
     pub run_dir: String,
+    /// Captions in the job's sources.
+    pub num_captions: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -52,6 +54,9 @@ impl Coordinator {
         config.checkpoint.run_dir = store.name().to_owned();
         let corpus =
             CaptionCorpus::load(&config.data.captions, config.data.jsonl_field.as_deref()).await?;
+        if corpus.skipped.total() > 0 {
+            tracing::warn!("caption lines skipped: {}", corpus.skipped.describe());
+        }
         let (committed_step, last_generation) = match store.latest_valid().await? {
             Some(manifest) => (manifest.step, manifest.meta.generation),
             None => (0, 0),
@@ -66,6 +71,7 @@ impl Coordinator {
             config_yaml: config.to_yaml(),
             config_fingerprint: spec.config_fingerprint.clone(),
             run_dir: store.name().to_owned(),
+            num_captions: corpus.len(),
         };
         let num_captions = corpus.len();
         let generation = {

@@ -22,7 +22,7 @@ impl CoordinatorState {
         let plan = spec.plan()?;
         let previous = self.job.as_ref().map_or(0, |j| j.generation);
         let generation = spec.last_generation.max(previous) + 1;
-        let committed_step = spec.committed_step;
+        let (committed_step, max_steps) = (spec.committed_step, spec.max_steps);
         self.effects.push(Effect::JobSubmitted {
             name: spec.name.clone(),
             generation,
@@ -48,6 +48,18 @@ impl CoordinatorState {
             last_upload_seconds: 0.0,
             upload_seconds_total: 0.0,
         });
+        if committed_step >= max_steps {
+            // Nothing left to train: the job is complete as submitted, and
+            // a worker that asks learns so at once.
+            self.end_job(
+                JobPhase::Completed,
+                format!(
+                    "the run directory already holds the checkpoint of step {committed_step} \
+                     (train.max_steps)"
+                ),
+            );
+            return Ok(generation);
+        }
         if !self.candidates(now).is_empty()
             && let Some(job) = self.job.as_mut()
         {

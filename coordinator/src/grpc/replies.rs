@@ -33,6 +33,7 @@ impl From<JobInfo> for rpc::JobInfo {
             config_yaml: info.config_yaml,
             config_fingerprint: info.config_fingerprint,
             run_dir: info.run_dir,
+            num_captions: info.num_captions,
         }
     }
 }

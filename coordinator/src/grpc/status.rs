@@ -70,8 +70,7 @@ impl From<AppError> for Status {
                 | RunStoreError::Configure { .. }
                 | RunStoreError::InvalidRetention
                 | RunStoreError::BlockingInAsync
-                | RunStoreError::Runtime(_)
-                | RunStoreError::UploadPanicked { .. } => Status::internal(message),
+                | RunStoreError::Runtime(_) => Status::internal(message),
             },
             AppError::Internal(_) => Status::internal(message),
         }

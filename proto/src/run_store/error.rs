@@ -113,13 +113,6 @@ pub enum RunStoreError {
 
     #[error("cannot start the run store's I/O runtime: {0}")]
     Runtime(#[source] std::io::Error),
-
-    #[error("run directory {run}: the upload of checkpoint step {step} panicked: {message}")]
-    UploadPanicked {
-        run: String,
-        step: u64,
-        message: String,
-    },
 }
 
 impl RunStoreError {

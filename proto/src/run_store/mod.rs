@@ -18,8 +18,8 @@
 //! never `LATEST`: the pointer is for people and tools and only moves forward.
 //!
 //! [`AsyncRunStore`] is the async core (the coordinator); [`RunStore`] wraps it
-//! for synchronous callers (the trainer loop), and [`CheckpointUploader`] moves
-//! checkpoint uploads off the training thread.
+//! for synchronous callers (the trainer loop, whose uploader moves checkpoint
+//! uploads off the training thread: `swiftbrush_worker::trainer::checkpoint`).
 
 mod blocking;
 mod commit;
@@ -31,7 +31,6 @@ mod manifest;
 mod retention;
 mod scan;
 mod store;
-mod uploader;
 mod writer;
 
 pub use blocking::{CheckpointWriter, RunStore};
@@ -42,5 +41,4 @@ pub use manifest::{CheckpointMeta, FileEntry, MANIFEST_FORMAT_VERSION, Manifest}
 pub use retention::RetentionReport;
 pub use scan::{CheckpointInfo, CheckpointStatus};
 pub use store::{AsyncRunStore, DEFAULT_UPLOAD_PART_SIZE, ResumeFrom, Verify};
-pub use uploader::{CheckpointJob, CheckpointUploader, UploadOutcome};
 pub use writer::{AsyncCheckpointWriter, StagedCheckpoint};

@@ -10,8 +10,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use swiftbrush_proto::run_store::{
-    CheckpointJob, CheckpointMeta, CheckpointStatus, CheckpointUploader, Manifest, ResumeFrom,
-    RunStore, RunStoreError, Verify,
+    CheckpointMeta, CheckpointStatus, Manifest, ResumeFrom, RunStore, RunStoreError, Verify,
 };
 
 use super::backend::{Backend, RunDir};
@@ -44,7 +43,6 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ),
     ("run_files_round_trip", run_files_round_trip),
     ("staged_commit_elsewhere", staged_commit_elsewhere),
-    ("uploader_in_background", uploader_in_background),
     ("large_file_in_parts", large_file_in_parts),
 ];
 
@@ -623,72 +621,6 @@ fn staged_commit_elsewhere(dir: &RunDir) {
     );
     assert!(err.to_string().contains("missing"), "{err}");
     assert_eq!(statuses(&coordinator), vec![(5, "valid")]);
-}
-
-fn uploader_in_background(dir: &RunDir) {
-    let store = dir.open();
-    let job = |step: u64| CheckpointJob {
-        step,
-        files: vec![
-            (
-                "student.safetensors".to_owned(),
-                Bytes::from(contents(step, "student")),
-            ),
-            (
-                "state.json".to_owned(),
-                Bytes::from(contents(step, "state")),
-            ),
-        ],
-        meta: meta(1),
-        keep_last: Some(2),
-    };
-    let mut uploader = CheckpointUploader::new(store.clone());
-    assert!(uploader.submit(job(10)).is_none(), "nothing was in flight");
-    let first = uploader
-        .submit(job(20))
-        .expect("submitting waits for step 10");
-    assert_eq!(first.step, 10);
-    assert_eq!(first.result.expect("step 10 committed").step, 10);
-    assert!(
-        first
-            .retention
-            .expect("retention ran")
-            .expect("retention ok")
-            .kept
-            == vec![10]
-    );
-
-    // The same step again loses the race, and says so.
-    let second = uploader.submit(job(20)).expect("outcome of step 20");
-    assert_eq!(second.result.expect("step 20 committed").step, 20);
-    let duplicate = uploader.wait().expect("outcome of the duplicate");
-    let err = duplicate.result.unwrap_err();
-    assert!(err.is_lost_race(), "{err}");
-    assert!(
-        duplicate.retention.is_none(),
-        "no retention after a failed commit"
-    );
-
-    // An invalid job fails in the background and is reported, not lost.
-    let mut bad = job(30);
-    bad.files.push(("../escape".to_owned(), Bytes::new()));
-    assert!(uploader.submit(bad).is_none());
-    let outcome = uploader.wait().expect("outcome of step 30");
-    assert!(matches!(
-        outcome.result,
-        Err(RunStoreError::InvalidName { .. })
-    ));
-    assert!(
-        !statuses(&store).iter().any(|(step, _)| *step == 30),
-        "a rejected job uploads nothing"
-    );
-    assert!(uploader.wait().is_none(), "nothing left in flight");
-    assert!(uploader.poll().is_none());
-
-    let _ = uploader.submit(job(40));
-    drop(uploader); // waits for step 40
-    assert_eq!(latest_step(&store), Some(40));
-    assert_eq!(store.valid_steps().expect("steps"), vec![20, 40]);
 }
 
 fn large_file_in_parts(dir: &RunDir) {

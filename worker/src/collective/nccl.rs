@@ -46,7 +46,7 @@ use super::buckets::{self, DEFAULT_BUCKET_BYTES};
 use super::cuda::{self, RawStream};
 use super::nccl_lib::{
     self, Config, LoadError, NCCL_AVG, NCCL_BFLOAT16, NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64,
-    NCCL_IN_PROGRESS, NCCL_INT32, NCCL_MIN, NCCL_SUCCESS, NcclLib, NcclResult, RawComm,
+    NCCL_IN_PROGRESS, NCCL_INT32, NCCL_MIN, NCCL_SUCCESS, NCCL_SUM, NcclLib, NcclResult, RawComm,
     UNIQUE_ID_BYTES, UniqueId,
 };
 use crate::trainer::gradient_sync::{GradientSync, SyncError};
@@ -456,7 +456,7 @@ impl NcclComm {
         self.wait_for_stream(WHAT, deadline)
     }
 
-    fn vote(&self, ok: bool) -> Result<bool, NcclError> {
+    fn all_ranks_ok(&self, ok: bool) -> Result<bool, NcclError> {
         const WHAT: &str = "the all-ranks-finite vote";
         let stream = self.stream()?;
         let deadline = Instant::now() + self.options.timeout;
@@ -465,6 +465,35 @@ impl NcclComm {
         self.wait_for_stream(WHAT, deadline)?;
         Ok(flag.int64_value(&[0]) != 0)
     }
+
+    /// A few host floats summed over the ranks (the trainer's step vote).
+    fn sum_small(&self, values: &mut [f32]) -> Result<(), NcclError> {
+        const WHAT: &str = "the step vote";
+        if values.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        let deadline = Instant::now() + self.options.timeout;
+        let t = Tensor::from_slice(values).to_device(Device::Cuda(self.device));
+        self.all_reduce_in_place(&t, NCCL_SUM, stream, WHAT, deadline)?;
+        self.wait_for_stream(WHAT, deadline)?;
+        let summed = Vec::<f32>::try_from(t.to_device(Device::Cpu))
+            .map_err(|e| NcclError::Cuda(format!("copying {WHAT} back to the host: {e}")))?;
+        values.copy_from_slice(&summed);
+        Ok(())
+    }
+}
+
+/// Whether this process can run the NCCL backend on `device`: a CUDA device
+/// and a libnccl that loads. The reason when not.
+pub fn check_available(device: Device) -> Result<(), NcclError> {
+    if !device.is_cuda() {
+        return Err(NcclError::NotCuda {
+            device: format!("{device:?}"),
+        });
+    }
+    nccl_lib::library()?;
+    Ok(())
 }
 
 impl GradientSync for NcclComm {
@@ -480,8 +509,12 @@ impl GradientSync for NcclComm {
         Ok(self.reduce_mean(grads)?)
     }
 
+    fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError> {
+        Ok(self.sum_small(values)?)
+    }
+
     fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError> {
-        Ok(self.vote(ok)?)
+        Ok(self.all_ranks_ok(ok)?)
     }
 }
 

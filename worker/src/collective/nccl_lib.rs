@@ -29,6 +29,7 @@ pub const NCCL_SUCCESS: NcclResult = 0;
 pub const NCCL_IN_PROGRESS: NcclResult = 7;
 
 /// `ncclRedOp_t` values used here.
+pub const NCCL_SUM: c_int = 0;
 pub const NCCL_MIN: c_int = 3;
 pub const NCCL_AVG: c_int = 4;
 

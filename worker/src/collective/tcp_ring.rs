@@ -3,9 +3,16 @@
 //! address, connects to the next rank and accepts the previous one; a sum
 //! is a reduce-scatter then an all-gather around the ring (2(W-1) steps,
 //! each moving 1/W of the buffer), so every rank ends with identical bytes.
+//!
+//! A dead peer must never hang a survivor: every socket has read and write
+//! timeouts (`RingOptions::io_timeout`), and a [`RingAbort`] handle lets
+//! another thread (the worker's heartbeat, once the coordinator says the
+//! world is gone) end every blocking call at once.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
@@ -27,10 +34,84 @@ fn err(what: impl std::fmt::Display) -> SyncError {
     SyncError::Collective(what.to_string())
 }
 
+/// Ends a ring's blocking calls from another thread: every socket it holds
+/// is shut down and the connect loops give up. Cheap to clone; clones are
+/// the same handle.
+#[derive(Debug, Clone, Default)]
+pub struct RingAbort {
+    inner: Arc<AbortInner>,
+}
+
+#[derive(Debug, Default)]
+struct AbortInner {
+    aborted: AtomicBool,
+    streams: Mutex<Vec<TcpStream>>,
+}
+
+impl RingAbort {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Shuts every socket of the ring down; calls in progress fail at once
+    /// and later ones fail too.
+    pub fn abort(&self) {
+        self.inner.aborted.store(true, Ordering::SeqCst);
+        let streams = self
+            .inner
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for s in streams.iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.inner.aborted.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), SyncError> {
+        if self.is_aborted() {
+            Err(err("the ring was aborted"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Keeps a handle on `stream` so that `abort` can shut it down (at once
+    /// if the ring is already aborted).
+    fn register(&self, stream: &TcpStream) -> Result<(), SyncError> {
+        let clone = stream.try_clone().map_err(err)?;
+        let mut streams = self
+            .inner
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.is_aborted() {
+            let _ = clone.shutdown(Shutdown::Both);
+        }
+        streams.push(clone);
+        drop(streams);
+        self.check()
+    }
+}
+
+/// How patient a ring is.
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// How long to keep trying to reach the neighbours (ranks start at
+    /// different times).
+    pub connect_timeout: Duration,
+    /// The longest one read or write may block; `None`: forever.
+    pub io_timeout: Option<Duration>,
+    pub abort: RingAbort,
+}
+
 impl TcpRing {
     /// Joins the ring: `listener` is bound to `addrs[rank]`; `generation`
     /// distinguishes worlds. Retries connecting to the next rank until
-    /// `timeout` (ranks start at different times).
+    /// `timeout` (ranks start at different times). No I/O timeout.
     pub fn connect(
         rank: u64,
         addrs: &[SocketAddr],
@@ -38,6 +119,24 @@ impl TcpRing {
         generation: u64,
         timeout: Duration,
     ) -> Result<Self, SyncError> {
+        let options = RingOptions {
+            connect_timeout: timeout,
+            io_timeout: None,
+            abort: RingAbort::new(),
+        };
+        Self::connect_with(rank, addrs, listener, generation, &options)
+    }
+
+    /// [`TcpRing::connect`] with I/O timeouts and an abort handle.
+    pub fn connect_with(
+        rank: u64,
+        addrs: &[SocketAddr],
+        listener: TcpListener,
+        generation: u64,
+        options: &RingOptions,
+    ) -> Result<Self, SyncError> {
+        let timeout = options.connect_timeout;
+        let abort = options.abort.clone();
         let world_size = addrs.len() as u64;
         if rank >= world_size {
             return Err(err(format!("rank {rank} outside a world of {world_size}")));
@@ -52,28 +151,30 @@ impl TcpRing {
         }
         let next_addr = addrs[((rank + 1) % world_size) as usize];
         let deadline = Instant::now() + timeout;
+        let io_timeout = options.io_timeout;
         // Connect and accept concurrently: with two ranks each is the
         // other's next and prev.
+        let accept_abort = abort.clone();
         let accept = std::thread::spawn(move || {
-            accept_prev(listener, rank, world_size, generation, deadline)
+            accept_prev(
+                listener,
+                (rank, world_size, generation),
+                deadline,
+                io_timeout,
+                &accept_abort,
+            )
         });
-        let mut next = loop {
-            match TcpStream::connect_timeout(&next_addr, Duration::from_millis(500)) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(%next_addr, error = %e, "next rank not up yet");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(err(format!("cannot reach rank at {next_addr}: {e}"))),
+        let next = connect_next(next_addr, (rank, generation), deadline, io_timeout, &abort);
+        let prev = accept.join().map_err(|_| err("accept thread panicked"))?;
+        let (next, prev) = match (next, prev) {
+            (Ok(next), Ok(prev)) => (next, prev),
+            (Err(e), _) | (_, Err(e)) => {
+                // The other half must not stay connected to a ring that
+                // failed to form.
+                abort.abort();
+                return Err(e);
             }
         };
-        next.set_nodelay(true).map_err(err)?;
-        let mut hello = Vec::with_capacity(20);
-        hello.extend_from_slice(&MAGIC.to_le_bytes());
-        hello.extend_from_slice(&rank.to_le_bytes());
-        hello.extend_from_slice(&generation.to_le_bytes());
-        next.write_all(&hello).map_err(err)?;
-        let prev = accept.join().map_err(|_| err("accept thread panicked"))??;
         Ok(Self {
             rank,
             world_size,
@@ -92,42 +193,83 @@ impl TcpRing {
         let bounds: Vec<(usize, usize)> = (0..w)
             .map(|i| (buf.len() * i / w, buf.len() * (i + 1) / w))
             .collect();
+        let mut incoming = vec![0f32; buf.len().div_ceil(w)];
         // Reduce-scatter: after W-1 steps rank r holds the full sum of
         // chunk (r + 1) mod W.
         for s in 0..w - 1 {
             let send = bounds[(r + w - s) % w];
             let recv = bounds[(r + w - s - 1) % w];
-            let incoming = exchange(next, prev, &buf[send.0..send.1], recv.1 - recv.0)?;
-            for (x, y) in buf[recv.0..recv.1].iter_mut().zip(incoming) {
-                *x += y;
+            let n = recv.1 - recv.0;
+            exchange(next, prev, &buf[send.0..send.1], &mut incoming[..n])?;
+            for (x, y) in buf[recv.0..recv.1].iter_mut().zip(&incoming[..n]) {
+                *x += *y;
             }
         }
         // All-gather: pass the finished chunks around.
         for s in 0..w - 1 {
             let send = bounds[(r + 1 + w - s) % w];
             let recv = bounds[(r + w - s) % w];
-            let incoming = exchange(next, prev, &buf[send.0..send.1], recv.1 - recv.0)?;
-            buf[recv.0..recv.1].copy_from_slice(&incoming);
+            let n = recv.1 - recv.0;
+            exchange(next, prev, &buf[send.0..send.1], &mut incoming[..n])?;
+            buf[recv.0..recv.1].copy_from_slice(&incoming[..n]);
         }
         Ok(())
     }
 }
 
+/// Connects to the next rank and says who is calling.
+fn connect_next(
+    next_addr: SocketAddr,
+    (rank, generation): (u64, u64),
+    deadline: Instant,
+    io_timeout: Option<Duration>,
+    abort: &RingAbort,
+) -> Result<TcpStream, SyncError> {
+    let mut next = loop {
+        abort.check()?;
+        match TcpStream::connect_timeout(&next_addr, Duration::from_millis(500)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(%next_addr, error = %e, "next rank not up yet");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(err(format!("cannot reach rank at {next_addr}: {e}"))),
+        }
+    };
+    abort.register(&next)?;
+    next.set_nodelay(true).map_err(err)?;
+    next.set_read_timeout(io_timeout).map_err(err)?;
+    next.set_write_timeout(io_timeout).map_err(err)?;
+    let mut hello = Vec::with_capacity(20);
+    hello.extend_from_slice(&MAGIC.to_le_bytes());
+    hello.extend_from_slice(&rank.to_le_bytes());
+    hello.extend_from_slice(&generation.to_le_bytes());
+    next.write_all(&hello)
+        .map_err(|e| err(format!("greeting rank at {next_addr}: {e}")))?;
+    Ok(next)
+}
+
+/// Accepts the previous rank (and only it, in this generation).
 fn accept_prev(
     listener: TcpListener,
-    rank: u64,
-    world_size: u64,
-    generation: u64,
+    (rank, world_size, generation): (u64, u64, u64),
     deadline: Instant,
+    io_timeout: Option<Duration>,
+    abort: &RingAbort,
 ) -> Result<TcpStream, SyncError> {
     let want = (rank + world_size - 1) % world_size;
     listener.set_nonblocking(true).map_err(err)?;
     loop {
+        abort.check()?;
         match listener.accept() {
             Ok((mut s, peer)) => {
                 s.set_nonblocking(false).map_err(err)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(err)?;
+                // A stranger that connects and says nothing must not block
+                // the ring's formation for long.
+                let hello_timeout = io_timeout
+                    .unwrap_or(Duration::from_secs(10))
+                    .min(Duration::from_secs(10));
+                s.set_read_timeout(Some(hello_timeout)).map_err(err)?;
                 let mut hello = [0u8; 20];
                 if s.read_exact(&mut hello).is_err() {
                     continue;
@@ -140,7 +282,9 @@ fn accept_prev(
                     tracing::warn!(%peer, from, generation_in, "refused a ring connection");
                     continue;
                 }
-                s.set_read_timeout(None).map_err(err)?;
+                abort.register(&s)?;
+                s.set_read_timeout(io_timeout).map_err(err)?;
+                s.set_write_timeout(io_timeout).map_err(err)?;
                 s.set_nodelay(true).map_err(err)?;
                 return Ok(s);
             }
@@ -155,28 +299,29 @@ fn accept_prev(
     }
 }
 
-/// Sends `out` to the next rank while receiving `n` floats from the
-/// previous one (concurrently: both sides send at once, and a blocking
-/// send of a large chunk would otherwise deadlock on full socket buffers).
+// Floats travel in the hosts' own byte order, copied as they lie in memory
+// (no per-element conversion: this loop is hot, also in debug builds).
+#[cfg(not(target_endian = "little"))]
+compile_error!("the TCP ring sends floats as little-endian bytes");
+
+/// Sends `out` to the next rank while filling `incoming` from the previous
+/// one (concurrently: both sides send at once, and a blocking send of a
+/// large chunk would otherwise deadlock on full socket buffers).
 fn exchange(
     next: &mut TcpStream,
     prev: &mut TcpStream,
     out: &[f32],
-    n: usize,
-) -> Result<Vec<f32>, SyncError> {
-    let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let mut incoming = vec![0u8; n * 4];
+    incoming: &mut [f32],
+) -> Result<(), SyncError> {
+    let bytes: &[u8] = bytemuck::cast_slice(out);
+    let into: &mut [u8] = bytemuck::cast_slice_mut(incoming);
     std::thread::scope(|scope| {
-        let sender = scope.spawn(|| next.write_all(&bytes));
-        let received = prev.read_exact(&mut incoming);
+        let sender = scope.spawn(|| next.write_all(bytes));
+        let received = prev.read_exact(into);
         let sent = sender.join().map_err(|_| err("send thread panicked"))?;
         sent.map_err(|e| err(format!("send to next rank: {e}")))?;
         received.map_err(|e| err(format!("receive from previous rank: {e}")))
-    })?;
-    Ok(incoming
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    })
 }
 
 impl GradientSync for TcpRing {
@@ -202,10 +347,9 @@ impl GradientSync for TcpRing {
         );
         let mut buf: Vec<f32> = Vec::try_from(&flat).map_err(err)?;
         self.all_reduce_sum(&mut buf)?;
-        let inv = 1.0 / self.world_size as f32;
-        buf.iter_mut().for_each(|x| *x *= inv);
+        let inv = 1.0 / self.world_size as f64;
         let mut offset = 0i64;
-        let summed = Tensor::from_slice(&buf);
+        let summed = Tensor::from_slice(&buf) * inv;
         tch::no_grad(|| {
             for g in grads {
                 let n = g.numel() as i64;
@@ -222,10 +366,8 @@ impl GradientSync for TcpRing {
         Ok(())
     }
 
-    fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError> {
-        let mut flag = [if ok { 0.0 } else { 1.0 }];
-        self.all_reduce_sum(&mut flag)?;
-        Ok(flag[0] == 0.0)
+    fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError> {
+        self.all_reduce_sum(values)
     }
 }
 
@@ -306,5 +448,89 @@ mod tests {
         let h = std::thread::spawn(move || TcpRing::connect(1, &a, l1, 2, Duration::from_secs(2)));
         let r0 = TcpRing::connect(0, &addrs, l0, 1, Duration::from_secs(2));
         assert!(r0.is_err() || h.join().unwrap().is_err());
+    }
+
+    /// Two ranks with options; rank 1's ring goes to `peer`, rank 0's is returned.
+    fn pair(options: RingOptions, peer: impl FnOnce(TcpRing) + Send + 'static) -> TcpRing {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+        let a = addrs.clone();
+        let peer_options = RingOptions {
+            abort: RingAbort::new(),
+            ..options.clone()
+        };
+        std::thread::spawn(move || {
+            peer(TcpRing::connect_with(1, &a, l1, 5, &peer_options).unwrap());
+        });
+        TcpRing::connect_with(0, &addrs, l0, 5, &options).unwrap()
+    }
+
+    fn options(io_timeout: Option<Duration>) -> RingOptions {
+        RingOptions {
+            connect_timeout: Duration::from_secs(10),
+            io_timeout,
+            abort: RingAbort::new(),
+        }
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_instead_of_hanging() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        // The peer joins, then never takes part (as a SIGSTOPped process).
+        let mut ring = pair(options(Some(Duration::from_millis(300))), move |ring| {
+            let _ = rx.recv();
+            drop(ring);
+        });
+        let mut buf = vec![1.0f32; 4096];
+        let e = ring.all_reduce_sum(&mut buf).unwrap_err().to_string();
+        assert!(
+            e.contains("previous rank") || e.contains("next rank"),
+            "{e}"
+        );
+        drop(tx);
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error() {
+        let mut ring = pair(options(None), drop);
+        let mut buf = vec![1.0f32; 16];
+        assert!(ring.all_reduce_sum(&mut buf).is_err());
+        assert!(ring.all_ok(true).is_err());
+    }
+
+    #[test]
+    fn abort_ends_a_blocked_call_from_another_thread() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let opts = options(None);
+        let abort = opts.abort.clone();
+        let mut ring = pair(opts, move |ring| {
+            let _ = rx.recv();
+            drop(ring);
+        });
+        let aborter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            abort.abort();
+        });
+        let e = ring.all_ok(true).unwrap_err().to_string();
+        assert!(e.contains("collective failed"), "{e}");
+        aborter.join().unwrap();
+        // Later calls fail at once too.
+        assert!(ring.all_ok(true).is_err());
+        drop(tx);
+    }
+
+    #[test]
+    fn an_aborted_ring_does_not_form() {
+        let opts = options(None);
+        opts.abort.abort();
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = vec![l0.local_addr().unwrap(), other.local_addr().unwrap()];
+        let e = TcpRing::connect_with(0, &addrs, l0, 1, &opts)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("aborted"), "{e}");
     }
 }

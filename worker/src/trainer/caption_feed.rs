@@ -1,7 +1,8 @@
 //! The captions a rank trains on at each step: caption files are read once,
 //! and the coordinator's caption ledger says which ids each (step, rank)
-//! takes. Single-process runs use the same ledger as distributed ones, so
-//! a run's captions never depend on how it was launched.
+//! takes. Single-process runs use the same ledger as distributed ones
+//! (whose feed streams from the coordinator: `distributed::captions`), so a
+//! run's captions never depend on how it was launched.
 
 use std::path::Path;
 
@@ -20,14 +21,27 @@ pub enum FeedError {
     Caption(#[from] CaptionError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The world this feed served is gone (the coordinator moved to another
+    /// generation, or cannot be reached): not a failure of the run, the
+    /// worker joins the next world.
+    #[error("captions for step {step}: {reason}")]
+    WorldGone { step: u64, reason: String },
+    #[error("captions for step {step}: {reason}")]
+    Coordinator { step: u64, reason: String },
+}
+
+/// One rank's captions of one step, with their ids (for the caption audit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepBatch {
+    pub step: u64,
+    pub caption_ids: Vec<u64>,
+    pub captions: Vec<String>,
 }
 
 /// Where a rank's captions come from.
 pub trait CaptionFeed {
     /// The captions of `step` for this rank.
-    fn captions(&mut self, step: u64) -> Result<Vec<String>, FeedError>;
-    /// The epoch `step` starts in.
-    fn epoch(&self, step: u64) -> u64;
+    fn captions(&mut self, step: u64) -> Result<StepBatch, FeedError>;
     fn num_captions(&self) -> u64;
 }
 
@@ -94,16 +108,16 @@ impl LocalCaptionFeed {
 }
 
 impl CaptionFeed for LocalCaptionFeed {
-    fn captions(&mut self, step: u64) -> Result<Vec<String>, FeedError> {
+    fn captions(&mut self, step: u64) -> Result<StepBatch, FeedError> {
         let ids = self.plan.rank_batch_ids(step, self.rank, self.world_size)?;
-        Ok(ids
-            .into_iter()
-            .map(|i| self.captions[i as usize].clone())
-            .collect())
-    }
-
-    fn epoch(&self, step: u64) -> u64 {
-        self.plan.position(step).epoch
+        Ok(StepBatch {
+            step,
+            captions: ids
+                .iter()
+                .map(|&i| self.captions[i as usize].clone())
+                .collect(),
+            caption_ids: ids,
+        })
     }
 
     fn num_captions(&self) -> u64 {
@@ -141,10 +155,13 @@ mod tests {
         assert_eq!(r0.num_captions(), 4);
         assert_eq!(r0.skipped.blank, 1);
         assert_eq!(r0.skipped.bad_json, 1);
-        assert_eq!(r0.captions(0).unwrap(), vec!["one"]);
-        assert_eq!(r1.captions(0).unwrap(), vec!["two"]);
-        assert_eq!(r1.captions(1).unwrap(), vec!["four"]);
-        assert_eq!(r0.epoch(2), 1);
+        assert_eq!(r0.captions(0).unwrap().captions, vec!["one"]);
+        assert_eq!(r1.captions(0).unwrap().captions, vec!["two"]);
+        let b = r1.captions(1).unwrap();
+        assert_eq!(
+            (b.step, b.caption_ids, b.captions),
+            (1, vec![3], vec!["four".to_owned()])
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! How ranks agree: gradient averaging and the all-ranks-finite vote. The
-//! trainer only sees this trait; the single-process implementation is here,
-//! the collective ones (NCCL, TCP ring) live with the distributed runtime.
+//! How ranks agree: gradient averaging and the step vote (every rank's
+//! losses finite, anyone leaving, captions truncated). The trainer only sees
+//! this trait; the single-process implementation is here, the collective
+//! ones (TCP ring, NCCL) live in `collective/`.
 
 use tch::{Kind, Tensor};
 
@@ -15,9 +16,46 @@ pub trait GradientSync {
     fn world_size(&self) -> u64;
     /// Replaces each gradient by its mean over all ranks, in place.
     fn all_reduce_mean(&mut self, grads: &[Tensor]) -> Result<(), SyncError>;
+    /// Sums a few host values over all ranks, in place: the small flags and
+    /// counters of the step vote (exact for integers below 2^24).
+    fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError>;
+
     /// True when every rank passes `ok` (one NaN anywhere skips the step
     /// everywhere, so replicas never diverge).
-    fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError>;
+    fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError> {
+        let mut flag = [if ok { 0.0 } else { 1.0 }];
+        self.all_sum(&mut flag)?;
+        Ok(flag[0] == 0.0)
+    }
+
+    /// Combines every rank's vote in one round.
+    fn vote(&mut self, mine: StepVote) -> Result<StepVote, SyncError> {
+        let mut values = [
+            if mine.finite { 0.0 } else { 1.0 },
+            if mine.preempt { 1.0 } else { 0.0 },
+            mine.num_truncated as f32,
+        ];
+        self.all_sum(&mut values)?;
+        Ok(StepVote {
+            finite: values[0] == 0.0,
+            preempt: values[1] > 0.0,
+            num_truncated: values[2].round().max(0.0) as u64,
+        })
+    }
+}
+
+/// What each rank says after its backward pass. Combined over ranks:
+/// `finite` only if every rank's is, `preempt` if any rank's is, the
+/// counts summed. Every rank acts on the combined vote, so they all take
+/// the same decision at the same step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepVote {
+    /// Losses and gradients are finite.
+    pub finite: bool,
+    /// This rank must stop (SIGTERM): checkpoint at this step boundary.
+    pub preempt: bool,
+    /// Captions cut at 77 tokens in this step's batch.
+    pub num_truncated: u64,
 }
 
 /// One process: nothing to average, nobody to ask.
@@ -34,8 +72,8 @@ impl GradientSync for SingleProcess {
     fn all_reduce_mean(&mut self, _grads: &[Tensor]) -> Result<(), SyncError> {
         Ok(())
     }
-    fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError> {
-        Ok(ok)
+    fn all_sum(&mut self, _values: &mut [f32]) -> Result<(), SyncError> {
+        Ok(())
     }
 }
 
@@ -69,5 +107,19 @@ mod tests {
         assert!(!all_finite(&[c]));
         let mut s = SingleProcess;
         assert!(!s.all_ok(false).unwrap());
+    }
+
+    #[test]
+    fn a_single_process_vote_is_its_own() {
+        let mine = StepVote {
+            finite: false,
+            preempt: true,
+            num_truncated: 3,
+        };
+        assert_eq!(SingleProcess.vote(mine).unwrap(), mine);
+        assert_eq!(
+            SingleProcess.vote(StepVote::default()).unwrap(),
+            StepVote::default()
+        );
     }
 }

@@ -1,14 +1,17 @@
-//! The training loop and what it is built from: caption feeds and gradient
-//! synchronisation behind traits, so the distributed runtime swaps only
-//! those two.
+//! The training loop and what it is built from: caption feeds, gradient
+//! synchronisation, checkpoint sinks and step controls behind traits, so a
+//! single process and a distributed rank differ only in the `WorldParts`
+//! they plug in.
 
+pub mod caption_audit;
 pub mod caption_feed;
 pub mod checkpoint;
 pub mod gradient_sync;
 pub mod progress;
 pub mod run;
-pub mod single;
 pub mod tensor_bytes;
 pub mod text;
+pub mod world;
 
-pub use run::{Resume, TrainError, TrainSummary, Trainer};
+pub use run::{Resume, StepDone, TrainError, TrainSummary, Trainer};
+pub use world::{Directive, Phase, RunToEnd, StepControl, StepReport, WorldEnd, WorldParts};

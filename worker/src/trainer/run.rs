@@ -1,25 +1,33 @@
-//! The SwiftBrush training loop, one process's view. Named steps, in order:
-//! build -> load checkpoint -> for each step: batch, vsd step, optimizer
-//! steps, EMA, log, checkpoint -> close. Captions and gradient averaging come
-//! through traits (`CaptionFeed`, `GradientSync`), so the distributed
-//! runtime swaps only those.
+//! The SwiftBrush training loop, one rank's view. Named steps, in order:
+//! build -> (per world: enter, load checkpoint) -> for each step: boundary
+//! (the world's control), batch, vsd step, optimizer steps (with the step
+//! vote), EMA, log, checkpoint -> close. What differs between a single
+//! process and a distributed rank is only the `WorldParts`: the caption
+//! feed, the gradient sync, the checkpoint sink and the control. The models
+//! stay loaded from one world to the next; each world restores the state
+//! of its resume step.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::Digest;
 use std::time::Instant;
 
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::{Dtype, EmaConfig};
-use swiftbrush_proto::run_store::{ResumeFrom, RunStore, RunStoreError};
+use swiftbrush_proto::run_store::{Manifest, ResumeFrom, RunStore, RunStoreError};
 use tch::{Device, Tensor};
 
+use super::caption_audit::{AuditEntry, AuditError};
 use super::caption_feed::{CaptionFeed, FeedError};
 use super::checkpoint::{
-    self, CheckpointError, EMA, LORA, OPTIM_LORA, OPTIM_STUDENT, STUDENT, Snapshot, TrainState,
-    Uploader,
+    self, CheckpointError, CommitToStore, EMA, LORA, Landing, OPTIM_LORA, OPTIM_STUDENT, STUDENT,
+    Snapshot, TrainState, Uploader,
 };
-use super::gradient_sync::{GradientSync, SyncError, all_finite, gradients};
+use super::gradient_sync::{GradientSync, StepVote, SyncError, all_finite, gradients};
 use super::progress::Progress;
 use super::text::{TextConditioner, TextError};
+use super::world::{Directive, Phase, RunToEnd, StepReport, WorldEnd, WorldParts};
 use crate::diffusion::{NoiseSchedule, PredictionType, ScheduleError, SchedulerConfig};
 use crate::ema::{Ema, EmaError};
 use crate::lora::LoraSpec;
@@ -64,6 +72,14 @@ pub enum TrainError {
     Ema(#[from] EmaError),
     #[error(transparent)]
     Lora(#[from] crate::lora::LoraError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// A world asked for the initial state (resume step 0) after this
+    /// trainer trained: the caller builds a fresh trainer.
+    #[error("the initial state is gone (this trainer has trained); build a fresh one")]
+    InitialStateGone,
+    #[error("no world: enter one before training")]
+    NoWorld,
     #[error(
         "checkpoint step {step} in {run_dir} was distilled from another teacher \
          (fingerprint {found}, this teacher is {expected}); use a new run directory \
@@ -81,12 +97,24 @@ pub enum TrainError {
     Torch(#[from] tch::TchError),
 }
 
+impl TrainError {
+    /// Whether the error means the world is gone rather than the run
+    /// failed: a collective or the coordinator's caption stream broke.
+    pub fn breaks_world(&self) -> bool {
+        matches!(
+            self,
+            Self::Sync(_) | Self::Feed(FeedError::WorldGone { .. })
+        )
+    }
+}
+
 /// Where to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resume {
     /// The newest valid checkpoint if the run directory has one, else fresh.
     Auto,
-    /// Exactly this step's checkpoint (an error if it is not valid).
+    /// Exactly this step's checkpoint (an error if it is not valid); step 0
+    /// is the initial state.
     Step(u64),
 }
 
@@ -102,7 +130,7 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
-pub struct Trainer<F: CaptionFeed, S: GradientSync> {
+pub struct Trainer {
     cfg: JobConfig,
     device: Device,
     text: TextConditioner,
@@ -110,30 +138,81 @@ pub struct Trainer<F: CaptionFeed, S: GradientSync> {
     student: UNet,
     schedule: NoiseSchedule,
     vsd: VsdConfig,
-    /// Latent shape of one rank's batch.
-    latent_shape: [i64; 4],
+    /// Latent shape of one sample: [C, h, w].
+    sample_shape: [i64; 3],
     opt_student: Adam,
     opt_lora: Adam,
     ema: Ema,
-    feed: F,
-    sync: S,
     store: RunStore,
     uploader: Uploader,
     state: TrainState,
-    progress: Progress,
+    /// The models and optimizers still hold the state of a fresh build.
+    initial: bool,
     last_checkpoint: Option<u64>,
+    /// The step of the snapshot handed to the uploader last (each step is
+    /// written once unless its upload did not land).
+    last_submitted: Option<u64>,
+    last_losses: Option<VsdLosses>,
+    world: Option<ActiveWorld>,
 }
 
-impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
-    /// Loads the teacher, builds the LoRA teacher and the student, opens the
-    /// run directory and resumes from a checkpoint if there is one.
+/// The world the loop runs in now.
+struct ActiveWorld {
+    parts: WorldParts,
+    /// [per-rank batch, C, h, w].
+    latent_shape: [i64; 4],
+    rank: u64,
+    world_size: u64,
+    /// Rank 0 shows progress; the others stay quiet.
+    progress: Option<Progress>,
+}
+
+/// One step's outcome.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepDone {
+    pub losses: VsdLosses,
+    /// The combined vote of every rank.
+    pub vote: StepVote,
+}
+
+impl Trainer {
+    /// A single process: loads everything, enters its only world (captions
+    /// from `feed`, gradients through `sync`, checkpoints committed by this
+    /// process) at `resume`, and writes the resolved config into the run
+    /// directory.
     pub fn build(
         cfg: JobConfig,
         device: Device,
-        feed: F,
-        sync: S,
+        feed: impl CaptionFeed + 'static,
+        sync: impl GradientSync + 'static,
         resume: Resume,
     ) -> Result<Self, TrainError> {
+        let keep_last = cfg.checkpoint.keep_last as usize;
+        let rank = sync.rank();
+        let mut trainer = Self::load(cfg, device)?;
+        trainer.restore(resume)?;
+        trainer.enter(WorldParts {
+            generation: 0,
+            feed: Box::new(feed),
+            sync: Box::new(sync),
+            sink: Arc::new(CommitToStore {
+                keep_last,
+                generation: 0,
+            }),
+            control: Box::new(RunToEnd),
+            audit: None,
+        })?;
+        if rank == 0 {
+            trainer
+                .store
+                .put_run_file("config.yaml", bytes::Bytes::from(trainer.cfg.to_yaml()))?;
+        }
+        Ok(trainer)
+    }
+
+    /// Loads the teacher, builds the LoRA teacher and the student, and opens
+    /// the run directory; the state is the initial one.
+    pub fn load(cfg: JobConfig, device: Device) -> Result<Self, TrainError> {
         let teacher_dir = cfg
             .model
             .teacher
@@ -146,23 +225,31 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
             source,
         };
 
-        let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
-        let student = teacher_unet.duplicate().map_err(teacher_err)?;
-        // set_kind, not bfloat16()/half(): those convert the weights but leave
-        // the store's kind at float32, and UNet::predict casts its inputs to
-        // the store's kind (a bf16 teacher without autocast then fails with
-        // "mat1 and mat2 must have the same dtype").
-        match cfg.precision.teacher_dtype {
-            Dtype::Fp32 => {}
-            Dtype::Bf16 => teacher_unet.vs.set_kind(tch::Kind::BFloat16),
-            Dtype::Fp16 => teacher_unet.vs.set_kind(tch::Kind::Half),
-        }
-        // Adapters are initialised from the run's seed: a fresh run is
-        // reproducible, a resumed one loads them.
-        tch::manual_seed(cfg.train.seed as i64);
-        let teacher = TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
-            .map_err(teacher_err)?;
-        let text = TextConditioner::load(&folder, device)?;
+        // Building draws from libtorch's process-wide generator (initial
+        // weights, then the adapters from the run's seed): under the draw
+        // lock, so that another trainer of this process (local mode) can
+        // neither move the generator between the seed and the adapters' draw
+        // nor see its own draws moved.
+        let (teacher, student, text) = crate::vsd::with_generator(|| {
+            let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
+            let student = teacher_unet.duplicate().map_err(teacher_err)?;
+            // set_kind, not bfloat16()/half(): those convert the weights but
+            // leave the store's kind at float32, and UNet::predict casts its
+            // inputs to the store's kind (a bf16 teacher without autocast
+            // then fails with "mat1 and mat2 must have the same dtype").
+            match cfg.precision.teacher_dtype {
+                Dtype::Fp32 => {}
+                Dtype::Bf16 => teacher_unet.vs.set_kind(tch::Kind::BFloat16),
+                Dtype::Fp16 => teacher_unet.vs.set_kind(tch::Kind::Half),
+            }
+            // Adapters are initialised from the run's seed: a fresh run is
+            // reproducible, a resumed one loads them.
+            tch::manual_seed(cfg.train.seed as i64);
+            let teacher = TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
+                .map_err(teacher_err)?;
+            let text = TextConditioner::load(&folder, device)?;
+            Ok::<_, TrainError>((teacher, student, text))
+        })?;
 
         let sched_cfg = SchedulerConfig::from_file(
             &folder
@@ -197,7 +284,7 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
                 .map_err(|e| TrainError::Invalid(e.to_string()))?,
         };
 
-        let latent_shape = latent_shape(&cfg, &folder, &student, sync.world_size())?;
+        let sample_shape = sample_shape(&cfg, &folder, &student)?;
         let student_params: Vec<(String, Tensor)> = sorted(student.vs.variables());
         let opt_student = Adam::new(
             student_params
@@ -212,7 +299,7 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
         let ema = Ema::new(student_params, ema_decay(&m.ema));
 
         let store = RunStore::open(&cfg.checkpoint.run_dir)?;
-        let uploader = Uploader::new(store.clone(), cfg.checkpoint.keep_last as usize);
+        let uploader = Uploader::new(store.clone());
         let state = TrainState {
             step: 0,
             epoch: 0,
@@ -225,8 +312,7 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
             teacher_fingerprint: fingerprint,
             teacher: teacher_dir,
         };
-        let progress = Progress::new(cfg.train.max_steps, cfg.logging.every_steps);
-        let mut trainer = Self {
+        Ok(Self {
             cfg,
             device,
             text,
@@ -234,36 +320,79 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
             student,
             schedule,
             vsd,
-            latent_shape,
+            sample_shape,
             opt_student,
             opt_lora,
             ema,
-            feed,
-            sync,
             store,
             uploader,
             state,
-            progress,
+            initial: true,
             last_checkpoint: None,
-        };
-        trainer.load_checkpoint(resume)?;
-        if trainer.sync.rank() == 0 {
-            trainer
-                .store
-                .put_run_file("config.yaml", bytes::Bytes::from(trainer.cfg.to_yaml()))?;
-        }
-        Ok(trainer)
+            last_submitted: None,
+            last_losses: None,
+            world: None,
+        })
     }
 
-    /// Restores every piece of state from the chosen checkpoint.
-    fn load_checkpoint(&mut self, resume: Resume) -> Result<(), TrainError> {
+    /// Restores the state at `resume` (the initial state needs a trainer
+    /// that has not trained: [`TrainError::InitialStateGone`] otherwise).
+    /// An upload still in flight from the previous world lands first.
+    pub fn restore(&mut self, resume: Resume) -> Result<(), TrainError> {
+        self.leave();
+        match self.uploader.wait() {
+            Ok(Some(landing)) => self.landed(landing),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the previous world's last checkpoint did not land")
+            }
+        }
         let manifest = match resume {
-            Resume::Step(s) => self.store.resolve(ResumeFrom::Step(s))?,
-            Resume::Auto => match self.store.latest_valid()? {
-                Some(m) => m,
-                None => return Ok(()),
-            },
+            Resume::Step(0) => None,
+            Resume::Step(s) => Some(self.store.resolve(ResumeFrom::Step(s))?),
+            Resume::Auto => self.store.latest_valid()?,
         };
+        match manifest {
+            Some(m) => self.load_checkpoint(m),
+            None if self.initial => Ok(()),
+            None => Err(TrainError::InitialStateGone),
+        }
+    }
+
+    /// Whether the models still hold the state of a fresh build.
+    pub fn is_initial(&self) -> bool {
+        self.initial
+    }
+
+    /// Plugs in a world's parts; training continues from the current state
+    /// (see [`Trainer::restore`]).
+    pub fn enter(&mut self, parts: WorldParts) -> Result<(), TrainError> {
+        let rank = parts.sync.rank();
+        let world_size = parts.sync.world_size();
+        let latent_shape = per_rank_shape(&self.cfg, self.sample_shape, world_size)?;
+        // A step that broke half-way may have left gradients behind.
+        self.opt_student.zero_grad();
+        self.opt_lora.zero_grad();
+        self.last_submitted = None;
+        let progress = (rank == 0)
+            .then(|| Progress::new(self.cfg.train.max_steps, self.cfg.logging.every_steps));
+        self.world = Some(ActiveWorld {
+            parts,
+            latent_shape,
+            rank,
+            world_size,
+            progress,
+        });
+        Ok(())
+    }
+
+    /// Leaves the current world (its collective and feed are dropped).
+    pub fn leave(&mut self) -> Option<WorldParts> {
+        self.world.take().map(|w| w.parts)
+    }
+
+    /// Restores every piece of state from a committed checkpoint.
+    fn load_checkpoint(&mut self, manifest: Manifest) -> Result<(), TrainError> {
         if manifest.meta.teacher_fingerprint != self.state.teacher_fingerprint {
             return Err(TrainError::TeacherMismatch {
                 step: manifest.step,
@@ -298,49 +427,115 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
         self.state = restored.state;
         self.state.config_fingerprint = fingerprint;
         self.state.teacher = teacher;
+        self.initial = false;
         self.last_checkpoint = Some(manifest.step);
         tracing::info!(step = manifest.step, run_dir = %self.cfg.checkpoint.run_dir, "resumed from checkpoint");
         Ok(())
     }
 
-    /// Runs from the current step to `train.max_steps`.
+    /// A single process: runs its world to `train.max_steps`.
     pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
         let started = Instant::now();
         let start_step = self.state.step;
-        let max_steps = self.cfg.train.max_steps;
-        let every = self.cfg.checkpoint.every_steps;
-        self.progress.start(start_step);
-        let mut last_losses = None;
-        for step in start_step..max_steps {
-            let t0 = Instant::now();
-            let losses = self.train_step(step)?;
-            last_losses = Some(losses);
-            let images = self.latent_shape[0] as f64 * self.sync.world_size() as f64;
-            self.progress
-                .step(step + 1, &losses, images / t0.elapsed().as_secs_f64());
-            if (step + 1) % every == 0 || step + 1 == max_steps {
-                self.checkpoint()?;
-            }
+        match self.run_world()? {
+            WorldEnd::Completed => Ok(self.summary(start_step, started.elapsed().as_secs_f64())),
+            other => Err(TrainError::Invalid(format!(
+                "the run ended early: {other:?}"
+            ))),
         }
-        self.close()?;
-        self.progress.finish();
-        Ok(TrainSummary {
+    }
+
+    /// What the run did since `start_step`.
+    pub fn summary(&self, start_step: u64, seconds: f64) -> TrainSummary {
+        TrainSummary {
             start_step,
             end_step: self.state.step,
-            last_losses,
+            last_losses: self.last_losses,
             num_nonfinite_steps: self.state.num_nonfinite_steps,
             num_truncated_captions: self.state.num_truncated_captions,
             last_checkpoint: self.last_checkpoint,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+            seconds,
+        }
     }
 
-    /// One iteration: batch, vsd step, optimizer steps, EMA; advances the
-    /// state to `step + 1`.
-    pub fn train_step(&mut self, step: u64) -> Result<VsdLosses, TrainError> {
-        let text = self.batch(step)?;
-        let losses = self.vsd_step(step, &text);
-        if self.optimizer_steps(&losses)? {
+    /// Runs the current world's loop until its control or its parts end it.
+    /// Errors that only mean the world is gone end it as
+    /// [`WorldEnd::Broken`]; other errors are the run's.
+    pub fn run_world(&mut self) -> Result<WorldEnd, TrainError> {
+        let max_steps = self.cfg.train.max_steps;
+        let every = self.cfg.checkpoint.every_steps.max(1);
+        let first = self.state.step;
+        if let Some(p) = self.active()?.progress.as_ref() {
+            p.start(first);
+        }
+        self.set_phase(Phase::Training);
+        loop {
+            let step = self.state.step;
+            if let Some(landing) = self.uploader.poll()? {
+                self.landed(landing);
+            }
+            let directive = if step < max_steps {
+                self.active()?.parts.control.boundary(step)
+            } else {
+                // The final checkpoint lands before the wait for the end.
+                self.close()?;
+                self.set_phase(Phase::Idle);
+                self.active()?.parts.control.after_last_step(step)
+            };
+            match directive {
+                Directive::Continue => {}
+                Directive::Checkpoint => self.checkpoint()?,
+                Directive::Stop(reason) => {
+                    self.close()?;
+                    if let Some(p) = self.active()?.progress.as_ref() {
+                        p.finish();
+                    }
+                    return Ok(if step >= max_steps {
+                        WorldEnd::Completed
+                    } else {
+                        WorldEnd::Stopped { reason }
+                    });
+                }
+                Directive::Abort(reason) => return Ok(WorldEnd::Broken { reason }),
+            }
+            if step >= max_steps {
+                continue;
+            }
+            let done = match self.train_step(step) {
+                Ok(done) => done,
+                Err(e) if e.breaks_world() => {
+                    return Ok(WorldEnd::Broken {
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            if done.vote.preempt {
+                return self.preempted();
+            }
+            if (step + 1).is_multiple_of(every) || step + 1 == max_steps {
+                self.checkpoint()?;
+            }
+        }
+    }
+
+    /// One iteration: batch, vsd step, optimizer steps with the step vote,
+    /// EMA; advances the state to `step + 1`.
+    pub fn train_step(&mut self, step: u64) -> Result<StepDone, TrainError> {
+        let t0 = Instant::now();
+        let (text, caption_ids, num_truncated) = self.batch(step)?;
+        let losses = self.vsd_step(step, &text)?;
+        let preempt = self.active()?.parts.control.preempt_requested();
+        let (vote, allreduce_s) = self.optimizer_steps(
+            &losses,
+            StepVote {
+                finite: true,
+                preempt,
+                num_truncated,
+            },
+        )?;
+        self.initial = false;
+        if vote.finite {
             self.ema_update();
         } else {
             self.state.num_nonfinite_steps += 1;
@@ -351,76 +546,162 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
                 "non-finite loss or gradient: step skipped"
             );
         }
+        self.state.num_truncated_captions += vote.num_truncated;
         self.state.step = step + 1;
-        (self.state.epoch, self.state.caption_index) = self.feed_position(step + 1);
-        Ok(losses)
+        (self.state.epoch, self.state.caption_index) = self.feed_position(step + 1)?;
+        self.last_losses = Some(losses);
+        self.audit(step, caption_ids)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let w = self.active()?;
+        let images = (w.latent_shape[0] as u64 * w.world_size) as f64;
+        let report = StepReport {
+            step: step + 1,
+            losses,
+            step_ms: seconds * 1e3,
+            allreduce_ms: allreduce_s * 1e3,
+            samples_per_s: images / seconds.max(1e-9),
+        };
+        w.parts.control.step_done(&report);
+        if let Some(p) = w.progress.as_ref() {
+            p.step(step + 1, &losses, report.samples_per_s);
+        }
+        Ok(StepDone { losses, vote })
     }
 
     /// Images per step over all ranks.
     pub fn images_per_step(&self) -> u64 {
-        self.latent_shape[0] as u64 * self.sync.world_size()
+        self.world
+            .as_ref()
+            .map_or(0, |w| w.latent_shape[0] as u64 * w.world_size)
     }
 
-    /// batch: this rank's captions for `step`, encoded once for all passes.
-    fn batch(&mut self, step: u64) -> Result<Conditions, TrainError> {
-        let captions = self.feed.captions(step)?;
-        let encoded = self.text.encode(&captions)?;
+    fn active(&mut self) -> Result<&mut ActiveWorld, TrainError> {
+        self.world.as_mut().ok_or(TrainError::NoWorld)
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if let Some(w) = self.world.as_mut() {
+            w.parts.control.phase(phase);
+        }
+    }
+
+    /// batch: this rank's captions for `step`, encoded once for all passes;
+    /// also their ids and how many were truncated.
+    fn batch(&mut self, step: u64) -> Result<(Conditions, Vec<u64>, u64), TrainError> {
+        let w = self.world.as_mut().ok_or(TrainError::NoWorld)?;
+        let batch = w.parts.feed.captions(step)?;
+        let per_rank = w.latent_shape[0] as usize;
+        if batch.step != step || batch.captions.len() != per_rank {
+            return Err(TrainError::Invalid(format!(
+                "the caption feed gave {} captions of step {} for step {step}, \
+                 a per-rank batch of {per_rank}",
+                batch.captions.len(),
+                batch.step
+            )));
+        }
+        let encoded = self.text.encode(&batch.captions)?;
         if encoded.num_truncated > 0 {
-            self.state.num_truncated_captions += encoded.num_truncated as u64;
             tracing::debug!(
                 step,
                 num = encoded.num_truncated,
                 "captions truncated to 77 tokens"
             );
         }
-        Ok(Conditions {
-            cond: encoded.cond,
-            uncond: self.text.uncond().shallow_clone(),
-        })
+        Ok((
+            Conditions {
+                cond: encoded.cond,
+                uncond: self.text.uncond().shallow_clone(),
+            },
+            batch.caption_ids,
+            encoded.num_truncated as u64,
+        ))
+    }
+
+    /// The caption audit's line for a completed step: the captions, and a
+    /// digest of the weights that train (student and adapters) after it,
+    /// equal on every rank: replicas are bitwise identical.
+    fn audit(&mut self, step: u64, caption_ids: Vec<u64>) -> Result<(), TrainError> {
+        let Some(w) = self.world.as_mut() else {
+            return Ok(());
+        };
+        let Some(audit) = w.parts.audit.as_mut() else {
+            return Ok(());
+        };
+        let mut hasher = sha2::Sha256::new();
+        for named in [
+            sorted(self.student.vs.variables()),
+            self.teacher.lora.named_parameters(),
+        ] {
+            let bytes = super::tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
+            hasher.update(&bytes);
+        }
+        audit.record(&AuditEntry {
+            generation: w.parts.generation,
+            rank: w.rank,
+            world_size: w.world_size,
+            step,
+            caption_ids,
+            weights_sha256: hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        })?;
+        Ok(())
     }
 
     /// vsd step: draws from (seed, step, rank), both losses, both backwards.
-    fn vsd_step(&mut self, step: u64, text: &Conditions) -> VsdLosses {
+    fn vsd_step(&mut self, step: u64, text: &Conditions) -> Result<VsdLosses, TrainError> {
+        let w = self.world.as_ref().ok_or(TrainError::NoWorld)?;
         let m = &self.cfg.method;
         let draws = Draws::sample(
             DrawKey {
                 seed: self.cfg.train.seed,
                 step,
             },
-            &self.latent_shape,
+            &w.latent_shape,
             RankSlice {
-                rank: self.sync.rank(),
-                world_size: self.sync.world_size(),
+                rank: w.rank,
+                world_size: w.world_size,
             },
             (i64::from(m.min_timestep), i64::from(m.max_timestep)),
             m.null_condition_prob,
             self.device,
         );
-        vsd_step(
+        Ok(vsd_step(
             &self.student,
             &self.teacher,
             self.schedule.alphas_cumprod(),
             &self.vsd,
             text,
             &draws,
-        )
+        ))
     }
 
-    /// optimizer steps: average gradients over ranks, agree that all is
-    /// finite, clip, Adam for the student and for the adapters. Returns
-    /// whether the updates were applied.
-    fn optimizer_steps(&mut self, losses: &VsdLosses) -> Result<bool, TrainError> {
+    /// optimizer steps: average gradients over ranks, vote (all finite?
+    /// anyone leaving? captions truncated), clip, Adam for the student and
+    /// for the adapters. Returns the combined vote and the seconds spent in
+    /// collectives.
+    fn optimizer_steps(
+        &mut self,
+        losses: &VsdLosses,
+        mine: StepVote,
+    ) -> Result<(StepVote, f64), TrainError> {
         let clips = (
             self.cfg.method.student.grad_clip,
             self.cfg.method.lora.optimizer.grad_clip,
         );
-        apply_updates(
+        let w = self.world.as_mut().ok_or(TrainError::NoWorld)?;
+        let t0 = Instant::now();
+        let vote = apply_updates(
             &mut self.opt_student,
             &mut self.opt_lora,
-            &mut self.sync,
+            w.parts.sync.as_mut(),
             losses,
             clips,
-        )
+            mine,
+        )?;
+        Ok((vote, t0.elapsed().as_secs_f64()))
     }
 
     /// EMA of the student.
@@ -435,11 +716,19 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
         self.state.ema_updates = self.ema.num_updates();
     }
 
-    /// checkpoint: rank 0 snapshots and hands the upload to its thread.
+    /// checkpoint: rank 0 snapshots the state at this boundary and hands
+    /// the upload to its thread (once per step).
     fn checkpoint(&mut self) -> Result<(), TrainError> {
-        if self.sync.rank() != 0 {
+        let step = self.state.step;
+        let w = self.world.as_ref().ok_or(TrainError::NoWorld)?;
+        if w.rank != 0
+            || self.last_submitted == Some(step)
+            || self.last_checkpoint.is_some_and(|c| c >= step)
+        {
             return Ok(());
         }
+        let sink = w.parts.sink.clone();
+        self.set_phase(Phase::Checkpointing);
         let snap = Snapshot::new(
             &self.state,
             [
@@ -450,24 +739,78 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
                 (OPTIM_LORA, self.opt_lora.state_tensors()),
             ],
         )?;
-        if let Some(done) = self.uploader.submit(snap)? {
-            self.last_checkpoint = Some(done.step);
+        let previous = self.uploader.submit(snap, sink)?;
+        self.last_submitted = Some(step);
+        if let Some(landing) = previous {
+            self.landed(landing);
         }
+        self.set_phase(Phase::Training);
         Ok(())
     }
 
-    /// close: wait for the last upload.
+    /// Some rank must stop and every rank knows it at this same boundary:
+    /// rank 0 writes a checkpoint here and waits for it to land, then every
+    /// rank learns whether it did (the leaving rank must not leave before
+    /// the commit: its departure breaks the world, and a broken world's
+    /// report is refused).
+    fn preempted(&mut self) -> Result<WorldEnd, TrainError> {
+        let step = self.state.step;
+        let rank = self.active()?.rank;
+        if rank == 0 {
+            self.checkpoint()?;
+            self.close()?;
+        }
+        let landed_here = rank != 0 || self.last_checkpoint == Some(step);
+        let w = self.active()?;
+        let this_rank = w.parts.control.preempt_requested();
+        match w.parts.sync.all_ok(landed_here) {
+            Ok(committed) => Ok(WorldEnd::Preempted {
+                step,
+                committed,
+                this_rank,
+            }),
+            Err(e) => Ok(WorldEnd::Broken {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// close: wait for the upload in flight.
     fn close(&mut self) -> Result<(), TrainError> {
-        if let Some(done) = self.uploader.wait()? {
-            self.last_checkpoint = Some(done.step);
+        if let Some(landing) = self.uploader.wait()? {
+            self.landed(landing);
         }
         Ok(())
     }
 
-    fn feed_position(&self, step: u64) -> (u64, u64) {
-        let n = self.feed.num_captions().max(1);
+    fn landed(&mut self, landing: Landing) {
+        match landing {
+            Landing::Committed { step } => {
+                self.last_checkpoint = Some(self.last_checkpoint.map_or(step, |c| c.max(step)));
+            }
+            Landing::Refused { step, reason } => {
+                tracing::warn!(step, %reason, "checkpoint not committed");
+                if self.last_submitted == Some(step) {
+                    self.last_submitted = None;
+                }
+            }
+        }
+    }
+
+    fn feed_position(&self, step: u64) -> Result<(u64, u64), TrainError> {
+        let w = self.world.as_ref().ok_or(TrainError::NoWorld)?;
+        let n = w.parts.feed.num_captions().max(1);
         let pos = step * u64::from(self.cfg.train.global_batch);
-        (pos / n, pos % n)
+        Ok((pos / n, pos % n))
+    }
+
+    /// The newest checkpoint this trainer knows to be committed.
+    pub fn last_checkpoint(&self) -> Option<u64> {
+        self.last_checkpoint
+    }
+
+    pub fn config(&self) -> &JobConfig {
+        &self.cfg
     }
 
     pub fn state(&self) -> &TrainState {
@@ -479,25 +822,26 @@ impl<F: CaptionFeed, S: GradientSync> Trainer<F, S> {
     }
 }
 
-/// Averages both networks' gradients over the ranks, then, only if every
-/// rank's losses and gradients are finite, clips and steps both optimizers.
-/// Gradients are zeroed either way. Returns whether the updates were applied:
-/// a NaN anywhere skips the step everywhere, never applied, so replicas stay
-/// identical.
+/// Averages both networks' gradients over the ranks, then votes (`mine`,
+/// with `finite` set from this rank's losses and averaged gradients); only
+/// if every rank's are finite, clips and steps both optimizers. Gradients
+/// are zeroed either way. Returns the combined vote: a NaN anywhere skips
+/// the step everywhere, so replicas stay identical.
 pub fn apply_updates(
     opt_student: &mut Adam,
     opt_lora: &mut Adam,
-    sync: &mut impl GradientSync,
+    sync: &mut dyn GradientSync,
     losses: &VsdLosses,
     (student_clip, lora_clip): (f64, f64),
-) -> Result<bool, TrainError> {
+    mut mine: StepVote,
+) -> Result<StepVote, TrainError> {
     let student_grads = gradients(opt_student.params());
     let lora_grads = gradients(opt_lora.params());
     sync.all_reduce_mean(&student_grads)?;
     sync.all_reduce_mean(&lora_grads)?;
-    let finite = losses.all_finite() && all_finite(&student_grads) && all_finite(&lora_grads);
-    let ok = sync.all_ok(finite)?;
-    if ok {
+    mine.finite = losses.all_finite() && all_finite(&student_grads) && all_finite(&lora_grads);
+    let vote = sync.vote(mine)?;
+    if vote.finite {
         clip_grad_norm(opt_student.params(), student_clip);
         opt_student.step();
         clip_grad_norm(opt_lora.params(), lora_clip);
@@ -505,7 +849,7 @@ pub fn apply_updates(
     }
     opt_student.zero_grad();
     opt_lora.zero_grad();
-    Ok(ok)
+    Ok(vote)
 }
 
 fn ema_decay(cfg: &EmaConfig) -> f64 {
@@ -518,14 +862,13 @@ fn sorted(map: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
     v
 }
 
-/// [per-rank batch, C, h, w]: latents are resolution / 8 with SD's VAE (the
+/// [C, h, w] of one sample: latents are resolution / 8 with SD's VAE (the
 /// VAE's scale factor in general), the pixels themselves without a VAE.
-fn latent_shape(
+fn sample_shape(
     cfg: &JobConfig,
     folder: &DiffusersFolder,
     student: &UNet,
-    world_size: u64,
-) -> Result<[i64; 4], TrainError> {
+) -> Result<[i64; 3], TrainError> {
     let scale = if folder.has("vae") {
         let vae = AutoencoderKLConfig::from_file(&folder.component("vae")?.config_path()?)?;
         1i64 << (vae.block_out_channels.len().saturating_sub(1))
@@ -538,19 +881,22 @@ fn latent_shape(
             "model.resolution = {res} is not a multiple of the VAE's scale factor {scale}"
         )));
     }
+    Ok([student.config.in_channels, res / scale, res / scale])
+}
+
+/// [per-rank batch, C, h, w].
+fn per_rank_shape(
+    cfg: &JobConfig,
+    [c, h, w]: [i64; 3],
+    world_size: u64,
+) -> Result<[i64; 4], TrainError> {
     let global = u64::from(cfg.train.global_batch);
     if world_size == 0 || global % world_size != 0 {
         return Err(TrainError::Invalid(format!(
             "train.global_batch = {global} is not divisible by the world size {world_size}"
         )));
     }
-    let per_rank = (global / world_size) as i64;
-    Ok([
-        per_rank,
-        student.config.in_channels,
-        res / scale,
-        res / scale,
-    ])
+    Ok([(global / world_size) as i64, c, h, w])
 }
 
 /// The device a config asks for.
@@ -583,6 +929,11 @@ mod tests {
         let l = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
         let (mut os, mut ol) = (adam(&s), adam(&l));
         let losses = |vsd: f64| VsdLosses { vsd, lora: 0.5 };
+        let vote = StepVote {
+            finite: true,
+            preempt: false,
+            num_truncated: 2,
+        };
 
         // A NaN loss: nothing moves, gradients are cleared.
         (&s * 2.0).sum(Kind::Float).backward();
@@ -593,9 +944,11 @@ mod tests {
             &mut SingleProcess,
             &losses(f64::NAN),
             (1.0, 1.0),
+            vote,
         )
         .unwrap();
-        assert!(!applied);
+        assert!(!applied.finite);
+        assert_eq!(applied.num_truncated, 2, "the counts travel with the vote");
         assert_eq!(Vec::<f32>::try_from(s.detach()).unwrap(), vec![1.0, 2.0]);
         assert_eq!(os.num_steps(), 0);
         assert_eq!(s.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
@@ -608,9 +961,10 @@ mod tests {
             &mut SingleProcess,
             &losses(0.1),
             (1.0, 1.0),
+            vote,
         )
         .unwrap();
-        assert!(!applied);
+        assert!(!applied.finite);
         assert_eq!(Vec::<f32>::try_from(l.detach()).unwrap(), vec![3.0]);
 
         // All finite: both networks step.
@@ -622,9 +976,10 @@ mod tests {
             &mut SingleProcess,
             &losses(0.1),
             (1.0, 1.0),
+            vote,
         )
         .unwrap();
-        assert!(applied);
+        assert!(applied.finite);
         assert_eq!(os.num_steps(), 1);
         assert_eq!(ol.num_steps(), 1);
         assert!(Vec::<f32>::try_from(l.detach()).unwrap()[0] < 3.0);

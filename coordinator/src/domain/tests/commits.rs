@@ -130,3 +130,19 @@ fn a_resubmitted_job_resumes_at_the_stored_step_with_a_newer_generation() {
     let a = sim.assigned(w);
     assert_eq!((a.generation, a.resume_step), (7, 40));
 }
+
+#[test]
+fn a_job_whose_final_checkpoint_exists_is_complete_when_submitted() {
+    let mut s = spec(1, 2);
+    s.committed_step = s.max_steps;
+    let mut sim = Sim::with_job(s);
+    assert_eq!(sim.state.job().map(|j| j.phase), Some(JobPhase::Completed));
+    let w = sim.register("host-a");
+    assert!(matches!(
+        sim.rendezvous(w),
+        RendezvousOutcome::Finished {
+            phase: JobPhase::Completed,
+            ..
+        }
+    ));
+}

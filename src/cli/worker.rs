@@ -1,0 +1,170 @@
+//! `swiftbrush worker`: one training process on one device that joins a
+//! coordinator's job and works until the job ends or a signal stops it
+//! (SIGTERM: checkpoint at the next step boundary, leave, exit 0).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use swiftbrush_proto::rpc::{ClientTls, JobPhase, TOKEN_ENV};
+use swiftbrush_worker::distributed::{self, WorkerEnd, WorkerOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// The coordinator's gRPC address: http://host:port, or https://host:port
+    /// with --tls-ca.
+    #[arg(long)]
+    coordinator: String,
+    /// The device this worker trains on: auto (the first CUDA device, else
+    /// the CPU), cpu or cuda:N. It overrides the job's train.device.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// File whose first line is the job token. Without it the token comes
+    /// from the SWIFTBRUSH_TOKEN environment variable; it is never an argument.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The CA (PEM) that signed a TLS coordinator's certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a coordinator that requires one ...
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// ... and its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name to check the coordinator's certificate against (default:
+    /// the host of --coordinator).
+    #[arg(long, requires = "tls_ca")]
+    tls_domain: Option<String>,
+    /// The host name the coordinator knows this worker by (failures are
+    /// charged to it; default: this machine's name).
+    #[arg(long)]
+    host: Option<String>,
+    /// Where the TCP ring listens for its neighbours (default: the address
+    /// that routes to the coordinator, any port).
+    #[arg(long)]
+    ring_listen: Option<SocketAddr>,
+    /// Serve /healthz (id, world, step, phase, last heartbeat ack) here; off
+    /// by default. No authentication: use loopback or a private network.
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
+    /// Append one JSON line per trained step (generation, rank, step,
+    /// caption ids) to DIR/worker-<id>.jsonl: proof of exactly-once.
+    #[arg(long)]
+    caption_audit: Option<PathBuf>,
+    /// How long to keep trying to reach the coordinator at start.
+    #[arg(long, default_value_t = 120_000)]
+    connect_timeout_ms: u64,
+    /// After SIGTERM, exit anyway if the checkpoint has not landed by then.
+    #[arg(long, default_value_t = 25_000)]
+    grace_ms: u64,
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let token = read_token(args.token_file.as_deref())?;
+    let tls = client_tls(&args)?;
+    // Signals are the process's: they are watched on a runtime of its own,
+    // which outlives the worker.
+    let signals = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    distributed::signals::install(signals.handle(), Duration::from_millis(args.grace_ms));
+    let options = WorkerOptions {
+        coordinator: args.coordinator,
+        token,
+        tls,
+        device: args.device,
+        host: args.host.unwrap_or_else(host_name),
+        ring_listen: args.ring_listen,
+        health_listen: args.health_listen,
+        caption_audit: args.caption_audit,
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+    };
+    let summary = distributed::run_worker(options)?;
+    let trained = summary.train.as_ref().map_or_else(
+        || "trained nothing".to_owned(),
+        |t| {
+            format!(
+                "trained steps {}..{} in {:.1}s",
+                t.start_step, t.end_step, t.seconds
+            )
+        },
+    );
+    let id = summary.worker_id;
+    let worlds = match summary.num_worlds {
+        1 => "1 world".to_owned(),
+        n => format!("{n} worlds"),
+    };
+    match summary.end {
+        WorkerEnd::Completed => {
+            println!("worker {id}: the job completed; {trained} in {worlds}")
+        }
+        WorkerEnd::Preempted { step, committed } => println!(
+            "worker {id}: stopped by a signal; {trained}; checkpoint {}",
+            match (step, committed) {
+                (Some(s), true) => format!("at step {s} committed"),
+                (Some(s), false) => format!("at step {s} NOT committed"),
+                (None, _) => "not needed (it was not training)".to_owned(),
+            }
+        ),
+        WorkerEnd::JobEnded {
+            phase: JobPhase::Cancelled,
+            reason,
+        } => println!("worker {id}: the job was cancelled ({reason}); {trained}"),
+        WorkerEnd::JobEnded { phase, reason } => {
+            anyhow::bail!("worker {id}: the job ended ({phase:?}): {reason}; {trained}")
+        }
+    }
+    Ok(())
+}
+
+/// The job token: the first line of `file`, or SWIFTBRUSH_TOKEN.
+pub fn read_token(file: Option<&Path>) -> anyhow::Result<String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the token file {}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        None => std::env::var(TOKEN_ENV)
+            .map(|t| t.trim().to_owned())
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no job token: pass --token-file PATH or set {TOKEN_ENV} (never on the command line)"
+                )
+            })?,
+    };
+    anyhow::ensure!(!token.is_empty(), "the job token is empty");
+    Ok(token)
+}
+
+fn client_tls(args: &WorkerArgs) -> anyhow::Result<Option<ClientTls>> {
+    let Some(ca) = &args.tls_ca else {
+        return Ok(None);
+    };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let identity_pem = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    Ok(Some(ClientTls {
+        ca_pem: read(ca)?,
+        identity_pem,
+        domain: args.tls_domain.clone(),
+    }))
+}
+
+/// This machine's name (Linux), else `localhost`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -1,0 +1,607 @@
+//! Distributed training as an operator runs it: a coordinator (the library,
+//! on loopback, with its real gRPC service) and `swiftbrush worker --device
+//! cpu` processes on the tiny SD1-style fixture. Two workers end where one
+//! process ends; a worker killed (SIGKILL), frozen (SIGSTOP) or stopped
+//! (SIGTERM) mid-run costs nothing: the job resumes from the newest
+//! committed checkpoint and the caption audit shows every caption exactly
+//! once per epoch over the committed history.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use swiftbrush_coordinator::domain::{Health, JobPhase, StatusSnapshot};
+use swiftbrush_coordinator::grpc::JobToken;
+use swiftbrush_coordinator::{RunningCoordinator, ServeOptions, start};
+use swiftbrush_proto::JobConfig;
+use swiftbrush_worker::trainer::caption_audit::{committed_history, read_audit_dir};
+use tch::{Kind, Tensor};
+
+const TOKEN: &str = "distributed-test-token-0123456789";
+const NUM_CAPTIONS: u64 = 6;
+const GLOBAL_BATCH: u64 = 2;
+/// Generous: the suite shares two cores with other tests.
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn job_yaml(dir: &Path, min_size: u32, max_steps: u64) -> String {
+    format!(
+        "name: distributed-test
+model:
+  teacher: {teacher}
+  resolution: 16
+method:
+  lora:
+    rank: 4
+    alpha: 8
+data:
+  captions: [{captions}]
+train:
+  global_batch: {GLOBAL_BATCH}
+  max_steps: {max_steps}
+  seed: 0
+  device: cpu
+world:
+  min_size: {min_size}
+  max_size: 2
+  heartbeat_interval_ms: 250
+  heartbeat_timeout_ms: 4000
+  progress_timeout_ms: 120000
+  max_restarts: 5
+checkpoint:
+  every_steps: 2
+  keep_last: 20
+precision:
+  teacher_dtype: fp32
+  autocast: none
+logging:
+  every_steps: 1
+",
+        teacher = common::pipeline("sd1").display(),
+        captions = dir.join("captions.txt").display(),
+    )
+}
+
+fn setup(min_size: u32, max_steps: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let captions: String = (0..NUM_CAPTIONS)
+        .map(|i| format!("a photo of thing number {i}\n"))
+        .collect();
+    std::fs::write(dir.path().join("captions.txt"), captions).unwrap();
+    std::fs::write(
+        dir.path().join("job.yaml"),
+        job_yaml(dir.path(), min_size, max_steps),
+    )
+    .unwrap();
+    // The same job for one process alone.
+    std::fs::write(
+        dir.path().join("alone.yaml"),
+        job_yaml(dir.path(), 1, max_steps),
+    )
+    .unwrap();
+    dir
+}
+
+/// The coordinator, in this process, serving real gRPC on loopback.
+struct Coordinator {
+    runtime: tokio::runtime::Runtime,
+    server: Option<RunningCoordinator>,
+    address: String,
+}
+
+impl Coordinator {
+    fn start(dir: &Path, run: &str) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = JobConfig::from_yaml_file(&dir.join("job.yaml")).unwrap();
+        let mut options = ServeOptions::new(
+            dir.join(run).display().to_string(),
+            JobToken::new(TOKEN).unwrap(),
+        );
+        options.listen = "127.0.0.1:0".parse().unwrap();
+        options.config = Some(config);
+        options.core.settle_ms = 500;
+        options.tick = Duration::from_millis(50);
+        let server = runtime.block_on(start(options)).unwrap();
+        let address = format!("http://{}", server.grpc_addr);
+        Self {
+            runtime,
+            server: Some(server),
+            address,
+        }
+    }
+
+    fn status(&self) -> StatusSnapshot {
+        self.server.as_ref().unwrap().app.status()
+    }
+
+    /// Polls the job status until `ok`; panics with the status and the
+    /// workers' logs after the deadline.
+    fn wait_for(
+        &self,
+        what: &str,
+        workers: &[&Worker],
+        ok: impl Fn(&StatusSnapshot) -> bool,
+    ) -> StatusSnapshot {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let status = self.status();
+            if ok(&status) {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = workers.iter().map(|w| w.log()).collect();
+                panic!("never {what}: {status:#?}\n{}", logs.join("\n----------\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+/// A `swiftbrush worker` process; killed when dropped.
+struct Worker {
+    child: Child,
+    host: String,
+    log_path: PathBuf,
+    out_path: PathBuf,
+}
+
+impl Worker {
+    fn spawn(dir: &Path, coordinator: &Coordinator, host: &str, extra: &[&str]) -> Self {
+        let log_path = dir.join(format!("{host}.log"));
+        let out_path = dir.join(format!("{host}.out"));
+        let child = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+            .env_clear()
+            .env("SWIFTBRUSH_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            // One libtorch thread: several processes share the machine.
+            .env("OMP_NUM_THREADS", "1")
+            .current_dir(dir)
+            .args(["worker", "--coordinator", &coordinator.address])
+            .args(["--device", "cpu", "--host", host])
+            .args(["--caption-audit", "audit"])
+            .args(extra)
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("spawn swiftbrush worker");
+        Self {
+            child,
+            host: host.to_owned(),
+            log_path,
+            out_path,
+        }
+    }
+
+    fn log(&self) -> String {
+        format!(
+            "== {} ==\n{}{}",
+            self.host,
+            std::fs::read_to_string(&self.out_path).unwrap_or_default(),
+            std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        )
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; its status and stdout.
+    fn wait(&mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let out = std::fs::read_to_string(&self.out_path).unwrap_or_default();
+                return (status, out);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker never exited\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The worker's id and rank in the coordinator's current world.
+    fn rank(&self, status: &StatusSnapshot) -> Option<u32> {
+        status
+            .workers
+            .iter()
+            .find(|w| w.host == self.host && w.health != Health::Dead)
+            .and_then(|w| w.rank)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A stopped process cannot die until it runs again.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `swiftbrush train` (local mode, one worker) with the same job: the
+/// uninterrupted reference.
+fn train_alone(dir: &Path, run: &str) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(dir)
+        .args(["train", "--config", "alone.yaml", "--run-dir", run])
+        .args(["--caption-audit", &format!("{run}-audit")])
+        .output()
+        .expect("spawn swiftbrush train");
+    assert!(
+        out.status.success(),
+        "train failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn student(run: &Path, step: u64) -> Vec<(String, Tensor)> {
+    let dir = run.join("checkpoints").join(format!("step-{step:08}"));
+    let attempt = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("attempt-"))
+        .unwrap_or_else(|| panic!("no attempt in {}", dir.display()));
+    let mut t = Tensor::read_safetensors(attempt.path().join("student.safetensors")).unwrap();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb)
+                .abs()
+                .max()
+                .to_kind(Kind::Double)
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The committed history of an audit folder: each step's global batch of
+/// caption ids. Asserts that it covers steps 0..max_steps, that replicas
+/// agreed after every step, and that every epoch used each caption once.
+fn exactly_once(audit: &Path, max_steps: u64) -> BTreeMap<u64, Vec<u64>> {
+    let entries = read_audit_dir(audit).unwrap();
+    let history = committed_history(&entries).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        history.keys().copied().collect::<Vec<_>>(),
+        (0..max_steps).collect::<Vec<_>>(),
+        "the committed history covers every step once"
+    );
+    let stream: Vec<u64> = history.values().flatten().copied().collect();
+    assert_eq!(stream.len() as u64, max_steps * GLOBAL_BATCH);
+    for (epoch, ids) in stream.chunks(NUM_CAPTIONS as usize).enumerate() {
+        if ids.len() == NUM_CAPTIONS as usize {
+            let mut sorted = ids.to_vec();
+            sorted.sort_unstable();
+            assert_eq!(
+                sorted,
+                (0..NUM_CAPTIONS).collect::<Vec<_>>(),
+                "epoch {epoch} used each caption exactly once"
+            );
+        }
+    }
+    history
+}
+
+/// Ends equal to the uninterrupted reference: the same captions at every
+/// step, and the same student to float rounding (the world size changed).
+fn assert_matches_reference(dir: &Path, run: &str, max_steps: u64) {
+    train_alone(dir, "reference");
+    let reference = exactly_once(&dir.join("reference-audit"), max_steps);
+    let history = exactly_once(&dir.join("audit"), max_steps);
+    assert_eq!(history, reference, "the same captions in the same steps");
+    let ours = student(&dir.join(run), max_steps);
+    let theirs = student(&dir.join("reference"), max_steps);
+    let d = max_diff(&ours, &theirs);
+    assert!(d <= 1e-5, "max weight difference {d:e} from the reference");
+    // Not vacuous: the student moved during the run.
+    assert!(max_diff(&ours, &student(&dir.join(run), 2)) > 1e-7);
+}
+
+#[test]
+fn two_worker_processes_end_where_one_process_ends() {
+    let max_steps = 6;
+    let dir = setup(2, max_steps);
+    let d = dir.path();
+    let coordinator = Coordinator::start(d, "run");
+    let mut a = Worker::spawn(d, &coordinator, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    let status = coordinator.wait_for("completed", &[&a, &b], |s| s.phase == JobPhase::Completed);
+    assert_eq!((status.committed_step, status.restarts), (max_steps, 0));
+    for w in [&mut a, &mut b] {
+        let (exit, out) = w.wait();
+        assert!(exit.success(), "{}", w.log());
+        assert!(
+            out.contains("the job completed; trained steps 0..6"),
+            "{out}"
+        );
+    }
+    // Every step's audit lines say the two ranks ended it with the same
+    // student and adapters, bit for bit (`exactly_once` checks the digests).
+    let entries = read_audit_dir(&d.join("audit")).unwrap();
+    assert_eq!(
+        entries.len() as u64,
+        2 * max_steps,
+        "two ranks, every step once"
+    );
+    assert!(entries.iter().all(|e| e.world_size == 2));
+    assert_matches_reference(d, "run", max_steps);
+}
+
+/// Kills (or freezes) one member once a checkpoint is committed; the other
+/// goes on alone from the newest committed checkpoint.
+fn survives(fault: &str) {
+    let max_steps = 12;
+    let dir = setup(1, max_steps);
+    let d = dir.path();
+    let coordinator = Coordinator::start(d, "run");
+    let a = Worker::spawn(d, &coordinator, "host-a", &[]);
+    let b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    let running = coordinator.wait_for("a world of 2 with a commit", &[&a, &b], |s| {
+        s.world_size == 2 && s.committed_step >= 2 && s.phase == JobPhase::Running
+    });
+    assert!(
+        running.committed_step < max_steps,
+        "the job finished too soon to test"
+    );
+    // The harder case: the rank that writes the checkpoints goes.
+    let (victim, mut survivor) = if a.rank(&running) == Some(0) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    victim.signal(fault);
+    let broken = coordinator.wait_for("the victim declared dead", &[&victim, &survivor], |s| {
+        s.generation > running.generation
+            && s.workers
+                .iter()
+                .any(|w| w.host == victim.host && w.health == Health::Dead)
+    });
+    let death = broken
+        .workers
+        .iter()
+        .find(|w| w.host == victim.host)
+        .and_then(|w| w.death_reason.clone())
+        .unwrap_or_default();
+    assert!(
+        death.contains("silent for"),
+        "detected by the heartbeat timeout: {death}"
+    );
+    assert_eq!(broken.restarts, 1);
+    let done = coordinator.wait_for("completed", &[&victim, &survivor], |s| {
+        s.phase == JobPhase::Completed
+    });
+    assert_eq!(done.committed_step, max_steps);
+    assert_eq!(done.world_size, 0, "the world ended with the job");
+    let (exit, out) = survivor.wait();
+    assert!(exit.success(), "{}", survivor.log());
+    assert!(out.contains("in 2 worlds"), "{out}");
+    drop(victim);
+    assert_matches_reference(d, "run", max_steps);
+}
+
+#[test]
+fn a_killed_worker_costs_nothing() {
+    survives("KILL");
+}
+
+#[test]
+fn a_frozen_worker_is_declared_dead_and_its_peer_goes_on() {
+    survives("STOP");
+}
+
+#[test]
+fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
+    let max_steps = 8;
+    let dir = setup(2, max_steps);
+    let d = dir.path();
+    let coordinator = Coordinator::start(d, "run");
+    let a = Worker::spawn(d, &coordinator, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    let running = coordinator.wait_for("training", &[&a, &b], |s| {
+        s.world_size == 2 && s.workers.iter().any(|w| w.step >= 1)
+    });
+    b.signal("TERM");
+    let (exit, out) = b.wait();
+    assert!(exit.success(), "{}", b.log());
+    // It checkpointed at a step boundary (all ranks agreed where), and the
+    // checkpoint was committed before it left.
+    let step: u64 = out
+        .split("checkpoint at step ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no checkpoint step in: {out}"));
+    assert!(out.contains("committed"), "{out}");
+    let waiting = coordinator.wait_for("waiting for a second worker", &[&a, &b], |s| {
+        s.generation > running.generation && s.committed_step == step
+    });
+    assert!(step < max_steps, "stopped before the end");
+    assert_eq!(waiting.restarts, 0, "leaving is not a failure");
+    assert_ne!(
+        waiting.phase,
+        JobPhase::Running,
+        "min_size 2: no world of one"
+    );
+
+    let c = Worker::spawn(d, &coordinator, "host-c", &[]);
+    coordinator.wait_for("completed", &[&a, &c], |s| s.phase == JobPhase::Completed);
+    drop((a, b, c));
+    assert_matches_reference(d, "run", max_steps);
+}
+
+#[test]
+fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
+    let max_steps = 40;
+    let dir = setup(2, max_steps);
+    let d = dir.path();
+    let coordinator = Coordinator::start(d, "run");
+    let mut a = Worker::spawn(d, &coordinator, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    coordinator.wait_for("training", &[&a, &b], |s| {
+        s.world_size == 2 && s.workers.iter().any(|w| w.step >= 1)
+    });
+    let app = coordinator.server.as_ref().unwrap().app.clone();
+    let step = {
+        let _guard = coordinator.runtime.enter();
+        app.cancel_after_checkpoint("test: graceful cancel".to_owned())
+            .unwrap()
+            .expect("a world runs: a final checkpoint is awaited")
+    };
+    // Rank 0 writes it when the heartbeat asks (CheckpointAt), the
+    // coordinator commits it, then every worker is told to stop.
+    let done = coordinator.wait_for("cancelled", &[&a, &b], |s| s.phase == JobPhase::Cancelled);
+    assert_eq!(done.committed_step, step, "the final checkpoint committed");
+    assert!(step < max_steps);
+    for w in [&mut a, &mut b] {
+        let (exit, out) = w.wait();
+        assert!(exit.success(), "{}", w.log());
+        assert!(out.contains("the job was cancelled"), "{out}");
+    }
+    assert!(!student(&d.join("run"), step).is_empty());
+}
+
+#[test]
+fn the_worker_serves_healthz_and_refuses_what_it_cannot_run() {
+    // min_size 2 and one worker: it waits for a world, heartbeating.
+    let dir = setup(2, 2);
+    let d = dir.path();
+    let coordinator = Coordinator::start(d, "run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let health = format!("127.0.0.1:{port}");
+    let w = Worker::spawn(d, &coordinator, "host-a", &["--health-listen", &health]);
+    let deadline = Instant::now() + DEADLINE;
+    let body = loop {
+        if let Ok(body) = http_get(&health, "/healthz")
+            && body.contains("\"alive\":true")
+            && !body.contains("\"last_heartbeat_ack_ms\":null")
+        {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no /healthz\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let id = coordinator
+        .status()
+        .workers
+        .iter()
+        .find(|s| s.host == "host-a")
+        .map(|s| s.worker.0)
+        .unwrap();
+    assert!(body.contains(&format!("\"worker_id\":{id},")), "{body}");
+    assert!(body.contains("\"phase\":\"PHASE_IDLE\""), "{body}");
+    assert!(body.contains("\"step\":0"), "{body}");
+    drop(w);
+
+    // No token: a clear error, before anything else.
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .args(["worker", "--coordinator", &coordinator.address])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("SWIFTBRUSH_TOKEN"), "{err}");
+
+    // A job that needs NCCL, which this build lacks: said, not waited for.
+    let yaml = job_yaml(d, 1, 2).replace("max_size: 2", "max_size: 2\n  backend: nccl");
+    std::fs::write(d.join("job.yaml"), yaml).unwrap();
+    let nccl = Coordinator::start(d, "run-nccl");
+    let mut w = Worker::spawn(d, &nccl, "host-n", &[]);
+    let (exit, _) = w.wait();
+    assert!(!exit.success());
+    assert!(
+        w.log()
+            .contains("world.backend is nccl, but this worker cannot run it"),
+        "{}",
+        w.log()
+    );
+}
+
+/// A bare HTTP/1.1 GET; the body.
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+#[test]
+fn local_mode_with_two_workers_ends_where_one_worker_ends() {
+    let max_steps = 4;
+    let dir = setup(1, max_steps);
+    let d = dir.path();
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(d)
+        .args([
+            "train",
+            "--config",
+            "job.yaml",
+            "--run-dir",
+            "run",
+            "--workers",
+            "2",
+        ])
+        .args(["--caption-audit", "audit"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("trained steps 0..4"), "{stdout}");
+    let entries = read_audit_dir(&d.join("audit")).unwrap();
+    assert!(entries.iter().all(|e| e.world_size == 2), "a world of two");
+    assert_matches_reference(d, "run", max_steps);
+}

@@ -1,0 +1,115 @@
+//! What one world plugs into the training loop, and how the loop learns
+//! what to do at a step boundary. A world is one run of the loop between
+//! formations: its caption feed, its collective, where its checkpoints go,
+//! and its control (commands from the coordinator's heartbeats, preemption).
+//! The single process has one world that runs to the end
+//! ([`RunToEnd`]); a distributed worker has one per generation.
+
+use std::sync::Arc;
+
+use super::caption_audit::CaptionAudit;
+use super::caption_feed::CaptionFeed;
+use super::checkpoint::CheckpointSink;
+use super::gradient_sync::GradientSync;
+use crate::vsd::VsdLosses;
+
+/// The parts of one world.
+pub struct WorldParts {
+    /// Numbers the world (0 for a single process); written into the
+    /// caption audit and the checkpoints' manifests.
+    pub generation: u64,
+    pub feed: Box<dyn CaptionFeed>,
+    pub sync: Box<dyn GradientSync>,
+    pub sink: Arc<dyn CheckpointSink>,
+    pub control: Box<dyn StepControl>,
+    pub audit: Option<CaptionAudit>,
+}
+
+/// What the loop does at a step boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Directive {
+    Continue,
+    /// Rank 0 writes a checkpoint of the state at this boundary (once per
+    /// step; other ranks carry on).
+    Checkpoint,
+    /// The job ended: finish the upload in flight, leave the loop.
+    Stop(String),
+    /// The world is gone: leave the loop at once.
+    Abort(String),
+}
+
+/// The loop's phase, for heartbeats and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Loading,
+    Training,
+    Checkpointing,
+    /// Between worlds, or done training and waiting for the job to end.
+    Idle,
+}
+
+/// Measurements after a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Completed steps.
+    pub step: u64,
+    pub losses: VsdLosses,
+    pub step_ms: f64,
+    pub allreduce_ms: f64,
+    pub samples_per_s: f64,
+}
+
+/// How the loop learns what to do; called on the training thread, so
+/// every method must be quick (a channel read, an atomic store).
+pub trait StepControl {
+    /// At a boundary before step `step` (that many steps completed).
+    fn boundary(&mut self, step: u64) -> Directive;
+    /// Once `train.max_steps` steps are done: wait a little for what comes
+    /// next (the job's end, a checkpoint request, a broken world) and say
+    /// it; `Continue` means ask again.
+    fn after_last_step(&mut self, step: u64) -> Directive;
+    /// Whether this rank must stop soon (SIGTERM); goes into every step's
+    /// vote, so all ranks checkpoint at the same boundary.
+    fn preempt_requested(&self) -> bool;
+    fn phase(&mut self, phase: Phase);
+    fn step_done(&mut self, report: &StepReport);
+}
+
+/// One process alone: train to the end, then stop.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunToEnd;
+
+impl StepControl for RunToEnd {
+    fn boundary(&mut self, _step: u64) -> Directive {
+        Directive::Continue
+    }
+    fn after_last_step(&mut self, _step: u64) -> Directive {
+        Directive::Stop("train.max_steps reached".to_owned())
+    }
+    fn preempt_requested(&self) -> bool {
+        false
+    }
+    fn phase(&mut self, _phase: Phase) {}
+    fn step_done(&mut self, _report: &StepReport) {}
+}
+
+/// How one world's run of the loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorldEnd {
+    /// `train.max_steps` are trained, the final checkpoint has landed and
+    /// the job is over.
+    Completed,
+    /// The job ended before `train.max_steps` (cancelled, failed).
+    Stopped { reason: String },
+    /// The world is gone (the coordinator said so, or a collective or a
+    /// caption fetch failed): join the next one.
+    Broken { reason: String },
+    /// Some rank asked to stop; every rank agreed at `step`, where rank 0
+    /// wrote a checkpoint (`committed` says whether it landed).
+    /// `this_rank`: this rank is the one (or one of those) leaving.
+    Preempted {
+        step: u64,
+        committed: bool,
+        this_rank: bool,
+    },
+}
