@@ -148,6 +148,12 @@ pub struct LoraConfig {
     /// convolutions (`conv1`, `conv2`, `conv_shortcut`).
     pub target_modules: Vec<String>,
     pub optimizer: OptimizerConfig,
+    /// LoRA teacher updates per student update. 1 is SwiftBrush (SPEC step
+    /// 6 once); more is DMD2's critic/generator ratio (SPEC, known
+    /// variants): the extra updates reuse the iteration's student draws
+    /// with fresh t', eps' and null flag, so the LoRA teacher keeps up with
+    /// the student (a lagging one lets the student collapse).
+    pub updates_per_step: u32,
 }
 
 /// Layers a LoRA adapter can target (PEFT suffix names): the projections
@@ -170,6 +176,7 @@ impl Default for LoraConfig {
             alpha: 108.0,
             target_modules: vec!["to_q".to_owned(), "to_v".to_owned()],
             optimizer: OptimizerConfig::with_lr(1e-3),
+            updates_per_step: 1,
         }
     }
 }

@@ -92,6 +92,13 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
     );
     check(
         &mut p,
+        (1..=64).contains(&m.lora.updates_per_step),
+        "method.lora.updates_per_step",
+        m.lora.updates_per_step.to_string(),
+        "an integer in 1..=64",
+    );
+    check(
+        &mut p,
         !m.lora.target_modules.is_empty(),
         "method.lora.target_modules",
         "[]".to_owned(),

@@ -172,6 +172,16 @@ impl DrawKey {
         x ^= x >> 32;
         (x >> 1) as i64
     }
+
+    /// The seed of LoRA update `update` >= 1 of this step: a stream apart
+    /// from every step's main draws.
+    fn extra_seed_value(self, update: u32) -> i64 {
+        let salted = DrawKey {
+            seed: self.seed ^ (u64::from(update)).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+            step: self.step,
+        };
+        salted.seed_value()
+    }
 }
 
 /// Text conditions of one batch, computed once and shared by all passes.
@@ -207,6 +217,19 @@ pub fn vsd_step(
     text: &Conditions,
     draws: &Draws,
 ) -> VsdLosses {
+    vsd_step_keeping_draw(student, teacher, alphas_cumprod, cfg, text, draws).0
+}
+
+/// `vsd_step`, also returning the student's draw x0_hat (detached), on
+/// which further LoRA teacher updates of the iteration train.
+pub fn vsd_step_keeping_draw(
+    student: &impl Denoiser,
+    teacher: &impl LoraTeacher,
+    alphas_cumprod: &Tensor,
+    cfg: &VsdConfig,
+    text: &Conditions,
+    draws: &Draws,
+) -> (VsdLosses, Tensor) {
     let b = draws.z.size()[0];
     let device = draws.z.device();
     let per_sample = |t: &Tensor| alphas_cumprod.index_select(0, t).view([-1, 1, 1, 1]);
@@ -245,10 +268,45 @@ pub fn vsd_step(
     loss_vsd.backward();
 
     // 6. The LoRA teacher learns to denoise the student's (detached) draws.
-    teacher.set_adapters_enabled(true);
     let x0 = x0_hat.detach();
-    let abar_l = per_sample(&draws.t_lora);
-    let x_l = abar_l.sqrt() * &x0 + (1f64 - &abar_l).sqrt() * &draws.eps_lora;
+    let lora = lora_loss_backward(
+        teacher,
+        alphas_cumprod,
+        cfg,
+        text,
+        &x0,
+        &LoraDraws {
+            t_lora: draws.t_lora.shallow_clone(),
+            eps_lora: draws.eps_lora.shallow_clone(),
+            null_condition: draws.null_condition,
+        },
+    );
+
+    (
+        VsdLosses {
+            vsd: loss_vsd.double_value(&[]),
+            lora,
+        },
+        x0,
+    )
+}
+
+/// SPEC step 6 on the student's detached draw `x0`: the LoRA teacher's
+/// denoising loss, backward into the adapters' `.grad`. Returns the loss.
+pub fn lora_loss_backward(
+    teacher: &impl LoraTeacher,
+    alphas_cumprod: &Tensor,
+    cfg: &VsdConfig,
+    text: &Conditions,
+    x0: &Tensor,
+    draws: &LoraDraws,
+) -> f64 {
+    let b = x0.size()[0];
+    teacher.set_adapters_enabled(true);
+    let abar_l = alphas_cumprod
+        .index_select(0, &draws.t_lora)
+        .view([-1, 1, 1, 1]);
+    let x_l = abar_l.sqrt() * x0 + (1f64 - &abar_l).sqrt() * &draws.eps_lora;
     let cond = if draws.null_condition {
         text.uncond.expand([b, -1, -1], false)
     } else {
@@ -262,10 +320,52 @@ pub fn vsd_step(
         .square()
         .mean(Kind::Float);
     loss_lora.backward();
+    loss_lora.double_value(&[])
+}
 
-    VsdLosses {
-        vsd: loss_vsd.double_value(&[]),
-        lora: loss_lora.double_value(&[]),
+/// The draws of one LoRA teacher update (SPEC step 6): the first of an
+/// iteration takes them from `Draws`; each further one
+/// (`method.lora.updates_per_step` > 1) draws its own from
+/// (seed, step, update), on the same terms as `Draws::sample`.
+#[derive(Debug)]
+pub struct LoraDraws {
+    /// Timesteps [B], int64 in [0, 999].
+    pub t_lora: Tensor,
+    /// Noise [B,C,h,w].
+    pub eps_lora: Tensor,
+    /// The null condition for the whole batch.
+    pub null_condition: bool,
+}
+
+impl LoraDraws {
+    /// The draws of LoRA update `update` >= 1 of an iteration: the whole
+    /// global batch from a generator seeded by (seed, step, update), then
+    /// this rank's rows (independent of the device and the world size).
+    pub fn sample_extra(
+        key: DrawKey,
+        update: u32,
+        latent_shape: &[i64],
+        slice: RankSlice,
+        null_condition_prob: f64,
+        device: tch::Device,
+    ) -> Self {
+        let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        tch::manual_seed(key.extra_seed_value(update));
+        let per_rank = latent_shape[0];
+        let global = per_rank * slice.world_size as i64;
+        let mut shape = latent_shape.to_vec();
+        shape[0] = global;
+        let t_lora = Tensor::randint_low(0, 1000, [global], (Kind::Int64, tch::Device::Cpu));
+        let eps_lora = Tensor::randn(&shape, (Kind::Float, tch::Device::Cpu));
+        let null_condition = Tensor::rand([1], (Kind::Float, tch::Device::Cpu)).double_value(&[0])
+            < null_condition_prob;
+        let start = slice.rank as i64 * per_rank;
+        let mine = |x: Tensor| x.narrow(0, start, per_rank).contiguous().to_device(device);
+        Self {
+            t_lora: mine(t_lora),
+            eps_lora: mine(eps_lora),
+            null_condition,
+        }
     }
 }
 

@@ -422,7 +422,7 @@ fn train_step(
     if settings.noise_offset > 0.0 {
         let offset = Tensor::from_slice(&rng.normals_f32(b * super::shapes::CHANNELS))
             .view([b as i64, 3, 1, 1]);
-        eps = eps + offset * settings.noise_offset;
+        eps += offset * settings.noise_offset;
     }
     let eps = eps.to_device(device);
     let x0 = batch.to_tensor(device);

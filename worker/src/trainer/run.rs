@@ -37,7 +37,8 @@ use crate::optim::{Adam, AdamConfig, OptimError, clip_grad_norm};
 use crate::pipeline::{DiffusersFolder, teacher_fingerprint};
 use crate::roles::{RoleError, TeacherUNet, UNet};
 use crate::vsd::{
-    Conditions, DrawKey, Draws, Prediction, RankSlice, VsdConfig, VsdLosses, vsd_step,
+    Conditions, DrawKey, Draws, LoraDraws, Prediction, RankSlice, VsdConfig, VsdLosses,
+    lora_loss_backward, vsd_step_keeping_draw,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -520,13 +521,13 @@ impl Trainer {
     }
 
     /// One iteration: batch, vsd step, optimizer steps with the step vote,
-    /// EMA; advances the state to `step + 1`.
+    /// further LoRA updates, EMA; advances the state to `step + 1`.
     pub fn train_step(&mut self, step: u64) -> Result<StepDone, TrainError> {
         let t0 = Instant::now();
         let (text, caption_ids, num_truncated) = self.batch(step)?;
-        let losses = self.vsd_step(step, &text)?;
+        let (losses, x0) = self.vsd_step(step, &text)?;
         let preempt = self.active()?.parts.control.preempt_requested();
-        let (vote, allreduce_s) = self.optimizer_steps(
+        let (vote, mut allreduce_s) = self.optimizer_steps(
             &losses,
             StepVote {
                 finite: true,
@@ -536,6 +537,7 @@ impl Trainer {
         )?;
         self.initial = false;
         if vote.finite {
+            allreduce_s += self.lora_updates(step, &text, &x0)?;
             self.ema_update();
         } else {
             self.state.num_nonfinite_steps += 1;
@@ -651,7 +653,12 @@ impl Trainer {
     }
 
     /// vsd step: draws from (seed, step, rank), both losses, both backwards.
-    fn vsd_step(&mut self, step: u64, text: &Conditions) -> Result<VsdLosses, TrainError> {
+    /// Also returns the student's detached draw, for `lora_updates`.
+    fn vsd_step(
+        &mut self,
+        step: u64,
+        text: &Conditions,
+    ) -> Result<(VsdLosses, Tensor), TrainError> {
         let w = self.world.as_ref().ok_or(TrainError::NoWorld)?;
         let m = &self.cfg.method;
         let draws = Draws::sample(
@@ -668,7 +675,7 @@ impl Trainer {
             m.null_condition_prob,
             self.device,
         );
-        Ok(vsd_step(
+        Ok(vsd_step_keeping_draw(
             &self.student,
             &self.teacher,
             self.schedule.alphas_cumprod(),
@@ -676,6 +683,69 @@ impl Trainer {
             text,
             &draws,
         ))
+    }
+
+    /// lora updates: the LoRA teacher's further updates of this iteration
+    /// (`method.lora.updates_per_step` - 1; none by default) on the
+    /// student's draw `x0`, each with its own (t', eps', null) from
+    /// (seed, step, update), averaged over ranks, voted finite, clipped and
+    /// stepped like the first. A non-finite one is skipped everywhere.
+    /// Returns the seconds spent in collectives.
+    fn lora_updates(
+        &mut self,
+        step: u64,
+        text: &Conditions,
+        x0: &Tensor,
+    ) -> Result<f64, TrainError> {
+        let updates = self.cfg.method.lora.updates_per_step;
+        let clip = self.cfg.method.lora.optimizer.grad_clip;
+        let null_prob = self.cfg.method.null_condition_prob;
+        let seed = self.cfg.train.seed;
+        let w = self.world.as_mut().ok_or(TrainError::NoWorld)?;
+        let mut collective_s = 0.0;
+        for update in 1..updates {
+            let draws = LoraDraws::sample_extra(
+                DrawKey { seed, step },
+                update,
+                &w.latent_shape,
+                RankSlice {
+                    rank: w.rank,
+                    world_size: w.world_size,
+                },
+                null_prob,
+                self.device,
+            );
+            let loss = lora_loss_backward(
+                &self.teacher,
+                self.schedule.alphas_cumprod(),
+                &self.vsd,
+                text,
+                x0,
+                &draws,
+            );
+            let t0 = Instant::now();
+            let grads = gradients(self.opt_lora.params());
+            w.parts.sync.all_reduce_mean(&grads)?;
+            let vote = w.parts.sync.vote(StepVote {
+                finite: loss.is_finite() && all_finite(&grads),
+                preempt: false,
+                num_truncated: 0,
+            })?;
+            collective_s += t0.elapsed().as_secs_f64();
+            if vote.finite {
+                clip_grad_norm(self.opt_lora.params(), clip);
+                self.opt_lora.step();
+            } else {
+                tracing::warn!(
+                    step,
+                    update,
+                    loss,
+                    "non-finite LoRA loss or gradient: update skipped"
+                );
+            }
+            self.opt_lora.zero_grad();
+        }
+        Ok(collective_s)
     }
 
     /// optimizer steps: average gradients over ranks, vote (all finite?
@@ -819,6 +889,11 @@ impl Trainer {
 
     pub fn student(&self) -> &UNet {
         &self.student
+    }
+
+    /// The LoRA teacher's adapters by PEFT name, sorted.
+    pub fn adapters(&self) -> Vec<(String, Tensor)> {
+        self.teacher.lora.named_parameters()
     }
 }
 

@@ -1,0 +1,108 @@
+//! `method.lora.updates_per_step`: the LoRA teacher's further updates per
+//! iteration (DMD2's critic/generator ratio). They come after the student's
+//! update, so the first student step is unchanged while the adapters move
+//! further; their draws are functions of (seed, step, update), so a resumed
+//! run still continues bit for bit.
+
+mod common;
+
+use swiftbrush_proto::JobConfig;
+use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
+use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
+use swiftbrush_worker::trainer::{Resume, Trainer};
+use tch::{Device, Tensor};
+
+fn config(run_dir: &str, updates: u32, max_steps: u64) -> JobConfig {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
+    let mut cfg = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
+    cfg.model.teacher = Some(common::pipeline("sd1").display().to_string());
+    cfg.method.lora.updates_per_step = updates;
+    cfg.train.max_steps = max_steps;
+    cfg.train.global_batch = 2;
+    cfg.checkpoint.run_dir = run_dir.to_owned();
+    cfg.checkpoint.every_steps = 1;
+    cfg
+}
+
+fn trainer(cfg: JobConfig) -> Trainer {
+    let feed = LocalCaptionFeed::from_captions(
+        vec!["a red circle".to_owned(), "a photo of a cat".to_owned()],
+        (2, 0, true),
+        0,
+        1,
+    )
+    .unwrap();
+    Trainer::build(cfg, Device::Cpu, feed, SingleProcess, Resume::Auto).unwrap()
+}
+
+fn student(t: &Trainer) -> Vec<(String, Tensor)> {
+    let mut v: Vec<_> = t.student().vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn equal(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+}
+
+#[test]
+fn extra_lora_updates_move_the_adapters_after_the_student_step() {
+    tch::set_num_threads(1);
+    let mut once = trainer(config("memory://", 1, 2));
+    let mut thrice = trainer(config("memory://", 3, 2));
+    // Copies: the trainer's tensors are updated in place.
+    let snapshot = |v: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
+        v.into_iter().map(|(n, t)| (n, t.copy())).collect()
+    };
+    let before = snapshot(once.adapters());
+    assert!(equal(&before, &thrice.adapters()), "same initial adapters");
+
+    once.train_step(0).unwrap();
+    thrice.train_step(0).unwrap();
+    assert!(
+        equal(&student(&once), &student(&thrice)),
+        "the first student update must not depend on the LoRA updates after it"
+    );
+    assert!(!equal(&once.adapters(), &before), "one LoRA update moves B");
+    assert!(
+        !equal(&once.adapters(), &thrice.adapters()),
+        "two more LoRA updates must move the adapters further"
+    );
+
+    // The second student update sees the LoRA teacher the extra updates made.
+    once.train_step(1).unwrap();
+    thrice.train_step(1).unwrap();
+    assert!(!equal(&student(&once), &student(&thrice)));
+}
+
+#[test]
+fn a_resumed_run_with_extra_lora_updates_continues_bit_for_bit() {
+    tch::set_num_threads(1);
+    let mut straight = trainer(config("memory://lora-updates-straight", 2, 4));
+    straight.run().unwrap();
+
+    let dir = "memory://lora-updates-resumed";
+    trainer(config(dir, 2, 2)).run().unwrap();
+    let mut resumed = trainer(config(dir, 2, 4));
+    assert_eq!(
+        resumed.state().step,
+        2,
+        "resumes at the checkpoint of step 2"
+    );
+    resumed.run().unwrap();
+
+    assert!(equal(&student(&straight), &student(&resumed)));
+    assert!(equal(&straight.adapters(), &resumed.adapters()));
+}
+
+#[test]
+fn updates_per_step_out_of_range_names_the_key() {
+    let mut cfg = config("memory://", 0, 1);
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("method.lora.updates_per_step"), "{err}");
+    cfg.method.lora.updates_per_step = 65;
+    assert!(cfg.validate().is_err());
+}
