@@ -49,7 +49,7 @@ impl RemoteArgs {
 
     pub async fn connect(&self) -> anyhow::Result<CoordinatorConnection> {
         let address = self.address();
-        let token = read_token(self.token_file.as_deref())?;
+        let token = rpc::read_job_token(self.token_file.as_deref())?;
         let tls = self.tls()?;
         if address.starts_with("https://") != tls.is_some() {
             bail!(
@@ -114,28 +114,6 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
         cause = source;
     }
     cause.to_string()
-}
-
-/// The token the way the coordinator reads it: the first line of the file,
-/// else the environment.
-fn read_token(file: Option<&Path>) -> anyhow::Result<String> {
-    let token = match file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?;
-            text.lines().next().unwrap_or_default().trim().to_owned()
-        }
-        None => match std::env::var(TOKEN_ENV) {
-            Ok(token) => token.trim().to_owned(),
-            Err(_) => bail!(
-                "no job token: pass --token-file PATH or set {TOKEN_ENV} (never on the command line)"
-            ),
-        },
-    };
-    if token.is_empty() {
-        bail!("the job token is empty (--token-file or {TOKEN_ENV})");
-    }
-    Ok(token)
 }
 
 fn read_file(what: &str, path: &Path) -> anyhow::Result<Vec<u8>> {

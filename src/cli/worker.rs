@@ -3,11 +3,11 @@
 //! (SIGTERM: checkpoint at the next step boundary, leave, exit 0).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use swiftbrush_proto::rpc::{ClientTls, JobPhase, TOKEN_ENV};
+use swiftbrush_proto::rpc::{ClientTls, JobPhase};
 use swiftbrush_worker::distributed::{self, WorkerEnd, WorkerOptions};
 
 #[derive(Debug, clap::Args)]
@@ -62,7 +62,7 @@ pub struct WorkerArgs {
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let token = read_token(args.token_file.as_deref())?;
+    let token = swiftbrush_proto::rpc::read_job_token(args.token_file.as_deref())?;
     let tls = client_tls(&args)?;
     // Signals are the process's: they are watched on a runtime of its own,
     // which outlives the worker.
@@ -119,28 +119,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The job token: the first line of `file`, or SWIFTBRUSH_TOKEN.
-pub fn read_token(file: Option<&Path>) -> anyhow::Result<String> {
-    let token = match file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading the token file {}", path.display()))?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-        None => std::env::var(TOKEN_ENV)
-            .map(|t| t.trim().to_owned())
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "no job token: pass --token-file PATH or set {TOKEN_ENV} (never on the command line)"
-                )
-            })?,
-    };
-    anyhow::ensure!(!token.is_empty(), "the job token is empty");
-    Ok(token)
 }
 
 fn client_tls(args: &WorkerArgs) -> anyhow::Result<Option<ClientTls>> {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use swiftbrush_proto::rpc::{AUTHORIZATION, BEARER_PREFIX, TOKEN_ENV};
+use swiftbrush_proto::rpc::{AUTHORIZATION, BEARER_PREFIX, TokenReadError, read_job_token};
 use tonic::{Request, Status};
 
 /// Shorter tokens are refused: a guessable token protects nothing.
@@ -16,14 +16,8 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot read the token file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("no job token: pass --token-file PATH or set {TOKEN_ENV} (never on the command line)")]
-    Missing,
+    #[error(transparent)]
+    Read(#[from] TokenReadError),
     #[error("the job token must be at least {MIN_TOKEN_BYTES} bytes of visible ASCII (no spaces)")]
     Weak,
 }
@@ -50,25 +44,13 @@ impl JobToken {
         })
     }
 
-    /// The first line of a file (a trailing newline is not part of it).
-    pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        warn_if_readable_by_others(path);
-        Self::new(text.lines().next().unwrap_or_default().trim())
-    }
-
-    /// `--token-file` if given, else the environment.
+    /// `--token-file` (its first line) if given, else the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, TokenError> {
-        match file {
-            Some(path) => Self::from_file(path),
-            None => match std::env::var(TOKEN_ENV) {
-                Ok(token) => Self::new(token.trim()),
-                Err(_) => Err(TokenError::Missing),
-            },
+        let token = read_job_token(file)?;
+        if let Some(path) = file {
+            warn_if_readable_by_others(path);
         }
+        Self::new(&token)
     }
 
     pub fn matches(&self, presented: &[u8]) -> bool {
@@ -131,7 +113,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "0123456789abcdef-secret\n").unwrap();
-        let token = JobToken::from_file(&path).unwrap();
+        let token = JobToken::load(Some(&path)).unwrap();
         assert!(token.matches(b"0123456789abcdef-secret"));
     }
 }

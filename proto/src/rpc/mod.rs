@@ -54,8 +54,10 @@ pub fn authorize<T>(
 }
 
 mod client;
+mod token;
 
 pub use client::{
     ClientTls, ConnectError, CoordinatorConnection, TokenInterceptor, connect,
     install_crypto_provider,
 };
+pub use token::{TokenReadError, read_job_token};
