@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 use swiftbrush_worker::toy::TeacherSettings;
+use swiftbrush_worker::toy::compare::TOY_TEACHER_GUIDANCE;
 
 #[derive(Debug, Subcommand)]
 pub enum ToyCommand {
@@ -60,8 +61,9 @@ pub enum ToyCommand {
         /// DDIM steps of the teacher.
         #[arg(long, default_value_t = 25)]
         teacher_steps: i64,
-        /// Guidance of the teacher's sampling.
-        #[arg(long, default_value_t = 4.0)]
+        /// Guidance of the teacher's sampling (the toy teacher is best at
+        /// 1-1.5; stronger guidance oversaturates it: docs/TOYWORLD.md).
+        #[arg(long, default_value_t = TOY_TEACHER_GUIDANCE)]
         guidance: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -89,7 +91,7 @@ pub enum ToyCommand {
         #[arg(long, default_value_t = 25)]
         steps: i64,
         /// Classifier-free guidance scale of a teacher.
-        #[arg(long, default_value_t = 4.0)]
+        #[arg(long, default_value_t = TOY_TEACHER_GUIDANCE)]
         guidance: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
