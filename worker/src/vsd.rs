@@ -116,10 +116,8 @@ impl Draws {
     ) -> Self {
         let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(key.seed_value());
-        let per_rank = latent_shape[0];
-        let global = per_rank * slice.world_size as i64;
-        let mut shape = latent_shape.to_vec();
-        shape[0] = global;
+        let (shape, mine) = slice.rows(latent_shape, device);
+        let global = shape[0];
         let opts = (Kind::Float, tch::Device::Cpu);
         let ints = (Kind::Int64, tch::Device::Cpu);
         let z = Tensor::randn(&shape, opts);
@@ -128,8 +126,6 @@ impl Draws {
         let t_lora = Tensor::randint_low(0, 1000, [global], ints);
         let eps_lora = Tensor::randn(&shape, opts);
         let null_condition = Tensor::rand([1], opts).double_value(&[0]) < null_condition_prob;
-        let start = slice.rank as i64 * per_rank;
-        let mine = |x: Tensor| x.narrow(0, start, per_rank).contiguous().to_device(device);
         Self {
             z: mine(z),
             t: mine(t),
@@ -153,6 +149,22 @@ impl RankSlice {
         rank: 0,
         world_size: 1,
     };
+
+    /// For draws made for the whole global batch: the global shape (this
+    /// rank's `latent_shape` with the batch times the world size), and the
+    /// cut that keeps this rank's rows, moved to `device`.
+    fn rows(
+        self,
+        latent_shape: &[i64],
+        device: tch::Device,
+    ) -> (Vec<i64>, impl Fn(Tensor) -> Tensor) {
+        let per_rank = latent_shape[0];
+        let mut shape = latent_shape.to_vec();
+        shape[0] = per_rank * self.world_size as i64;
+        let start = self.rank as i64 * per_rank;
+        let mine = move |x: Tensor| x.narrow(0, start, per_rank).contiguous().to_device(device);
+        (shape, mine)
+    }
 }
 
 /// What seeds one step's draws.
@@ -351,16 +363,12 @@ impl LoraDraws {
     ) -> Self {
         let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(key.extra_seed_value(update));
-        let per_rank = latent_shape[0];
-        let global = per_rank * slice.world_size as i64;
-        let mut shape = latent_shape.to_vec();
-        shape[0] = global;
+        let (shape, mine) = slice.rows(latent_shape, device);
+        let global = shape[0];
         let t_lora = Tensor::randint_low(0, 1000, [global], (Kind::Int64, tch::Device::Cpu));
         let eps_lora = Tensor::randn(&shape, (Kind::Float, tch::Device::Cpu));
         let null_condition = Tensor::rand([1], (Kind::Float, tch::Device::Cpu)).double_value(&[0])
             < null_condition_prob;
-        let start = slice.rank as i64 * per_rank;
-        let mine = |x: Tensor| x.narrow(0, start, per_rank).contiguous().to_device(device);
         Self {
             t_lora: mine(t_lora),
             eps_lora: mine(eps_lora),
