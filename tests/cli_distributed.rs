@@ -2,9 +2,10 @@
 //! on loopback, with its real gRPC service) and `swiftbrush worker --device
 //! cpu` processes on the tiny SD1-style fixture. Two workers end where one
 //! process ends; a worker killed (SIGKILL), frozen (SIGSTOP) or stopped
-//! (SIGTERM) mid-run costs nothing: the job resumes from the newest
-//! committed checkpoint and the caption audit shows every caption exactly
-//! once per epoch over the committed history.
+//! (SIGTERM) mid-run costs nothing, and so does the coordinator process
+//! killed and started again on the same store: the job resumes from the
+//! newest committed checkpoint and the caption audit shows every caption
+//! exactly once per epoch over the committed history.
 
 mod common;
 
@@ -160,7 +161,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn spawn(dir: &Path, coordinator: &Coordinator, host: &str, extra: &[&str]) -> Self {
+    fn spawn(dir: &Path, coordinator: &str, host: &str, extra: &[&str]) -> Self {
         let log_path = dir.join(format!("{host}.log"));
         let out_path = dir.join(format!("{host}.out"));
         let child = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
@@ -170,7 +171,7 @@ impl Worker {
             // One libtorch thread: several processes share the machine.
             .env("OMP_NUM_THREADS", "1")
             .current_dir(dir)
-            .args(["worker", "--coordinator", &coordinator.address])
+            .args(["worker", "--coordinator", coordinator])
             .args(["--device", "cpu", "--host", host])
             .args(["--caption-audit", "audit"])
             .args(extra)
@@ -337,8 +338,8 @@ fn two_worker_processes_end_where_one_process_ends() {
     let dir = setup(2, max_steps);
     let d = dir.path();
     let coordinator = Coordinator::start(d, "run");
-    let mut a = Worker::spawn(d, &coordinator, "host-a", &[]);
-    let mut b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    let mut a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
     let status = coordinator.wait_for("completed", &[&a, &b], |s| s.phase == JobPhase::Completed);
     assert_eq!((status.committed_step, status.restarts), (max_steps, 0));
     for w in [&mut a, &mut b] {
@@ -368,8 +369,8 @@ fn survives(fault: &str) {
     let dir = setup(1, max_steps);
     let d = dir.path();
     let coordinator = Coordinator::start(d, "run");
-    let a = Worker::spawn(d, &coordinator, "host-a", &[]);
-    let b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    let a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
+    let b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
     let running = coordinator.wait_for("a world of 2 with a commit", &[&a, &b], |s| {
         s.world_size == 2 && s.committed_step >= 2 && s.phase == JobPhase::Running
     });
@@ -429,8 +430,8 @@ fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
     let dir = setup(2, max_steps);
     let d = dir.path();
     let coordinator = Coordinator::start(d, "run");
-    let a = Worker::spawn(d, &coordinator, "host-a", &[]);
-    let mut b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    let a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
     let running = coordinator.wait_for("training", &[&a, &b], |s| {
         s.world_size == 2 && s.workers.iter().any(|w| w.step >= 1)
     });
@@ -457,7 +458,7 @@ fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
         "min_size 2: no world of one"
     );
 
-    let c = Worker::spawn(d, &coordinator, "host-c", &[]);
+    let c = Worker::spawn(d, &coordinator.address, "host-c", &[]);
     coordinator.wait_for("completed", &[&a, &c], |s| s.phase == JobPhase::Completed);
     drop((a, b, c));
     assert_matches_reference(d, "run", max_steps);
@@ -469,8 +470,8 @@ fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
     let dir = setup(2, max_steps);
     let d = dir.path();
     let coordinator = Coordinator::start(d, "run");
-    let mut a = Worker::spawn(d, &coordinator, "host-a", &[]);
-    let mut b = Worker::spawn(d, &coordinator, "host-b", &[]);
+    let mut a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
     coordinator.wait_for("training", &[&a, &b], |s| {
         s.world_size == 2 && s.workers.iter().any(|w| w.step >= 1)
     });
@@ -506,7 +507,12 @@ fn the_worker_serves_healthz_and_refuses_what_it_cannot_run() {
         .unwrap()
         .port();
     let health = format!("127.0.0.1:{port}");
-    let w = Worker::spawn(d, &coordinator, "host-a", &["--health-listen", &health]);
+    let w = Worker::spawn(
+        d,
+        &coordinator.address,
+        "host-a",
+        &["--health-listen", &health],
+    );
     let deadline = Instant::now() + DEADLINE;
     let body = loop {
         if let Ok(body) = http_get(&health, "/healthz")
@@ -544,7 +550,7 @@ fn the_worker_serves_healthz_and_refuses_what_it_cannot_run() {
     let yaml = job_yaml(d, 1, 2).replace("max_size: 2", "max_size: 2\n  backend: nccl");
     std::fs::write(d.join("job.yaml"), yaml).unwrap();
     let nccl = Coordinator::start(d, "run-nccl");
-    let mut w = Worker::spawn(d, &nccl, "host-n", &[]);
+    let mut w = Worker::spawn(d, &nccl.address, "host-n", &[]);
     let (exit, _) = w.wait();
     assert!(!exit.success());
     assert!(
@@ -603,5 +609,146 @@ fn local_mode_with_two_workers_ends_where_one_worker_ends() {
     assert!(stdout.contains("trained steps 0..4"), "{stdout}");
     let entries = read_audit_dir(&d.join("audit")).unwrap();
     assert!(entries.iter().all(|e| e.world_size == 2), "a world of two");
+    assert_matches_reference(d, "run", max_steps);
+}
+
+/// A free loopback port (free when asked; the coordinator binds it soon after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `swiftbrush coordinator` as an operator runs it, on fixed ports: a
+/// restarted one is found where the workers look. Killed when dropped.
+struct CoordinatorProcess {
+    child: Child,
+    http: String,
+    log_path: PathBuf,
+}
+
+impl CoordinatorProcess {
+    fn spawn(dir: &Path, grpc: &str, http: &str, log: &str) -> Self {
+        let log_path = dir.join(log);
+        let child = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+            .env_clear()
+            .env("SWIFTBRUSH_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .current_dir(dir)
+            .args(["coordinator", "--listen", grpc, "--http", http])
+            .args([
+                "--store",
+                "run",
+                "--config",
+                "job.yaml",
+                "--settle-ms",
+                "500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("spawn swiftbrush coordinator");
+        Self {
+            child,
+            http: http.to_owned(),
+            log_path,
+        }
+    }
+
+    /// /status as JSON; None while it does not answer.
+    fn status(&self) -> Option<serde_json::Value> {
+        let body = http_get(&self.http, "/status").ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
+    fn wait_for(
+        &self,
+        what: &str,
+        workers: &[&Worker],
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let status = self.status();
+            if let Some(s) = status.as_ref().filter(|s| ok(s)) {
+                return s.clone();
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = workers.iter().map(|w| w.log()).collect();
+                panic!(
+                    "never {what}: {status:#?}\n== coordinator ==\n{}\n{}",
+                    std::fs::read_to_string(&self.log_path).unwrap_or_default(),
+                    logs.join("\n----------\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: nothing is shut down, flushed or told to anyone.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field(status: &serde_json::Value, name: &str) -> u64 {
+    status[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("/status has no {name}: {status}"))
+}
+
+#[test]
+fn a_killed_and_restarted_coordinator_costs_nothing() {
+    let max_steps = 12;
+    let dir = setup(2, max_steps);
+    let d = dir.path();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let address = format!("http://{grpc}");
+    let first = CoordinatorProcess::spawn(d, &grpc, &http, "coordinator-1.log");
+    let mut a = Worker::spawn(d, &address, "host-a", &[]);
+    let mut b = Worker::spawn(d, &address, "host-b", &[]);
+    let running = first.wait_for("a world of 2 with a commit", &[&a, &b], |s| {
+        s["phase"] == "running" && field(s, "world_size") == 2 && field(s, "committed_step") >= 2
+    });
+    let committed = field(&running, "committed_step");
+    assert!(committed < max_steps, "the job finished too soon to test");
+    first.kill();
+    // Down for longer than a heartbeat timeout (4 s), as a rescheduled pod
+    // is: the workers' calls fail meanwhile and they keep trying.
+    std::thread::sleep(Duration::from_secs(5));
+
+    // The same command again, on the same store: it finds the job's
+    // checkpoints there, and the workers find it.
+    let second = CoordinatorProcess::spawn(d, &grpc, &http, "coordinator-2.log");
+    let resumed = second.wait_for("an answer", &[&a, &b], |_| true);
+    assert!(
+        field(&resumed, "committed_step") >= committed,
+        "no committed step is lost: {resumed}"
+    );
+    let done = second.wait_for("completed", &[&a, &b], |s| s["phase"] == "completed");
+    assert_eq!(field(&done, "committed_step"), max_steps);
+    assert!(
+        field(&done, "generation") > field(&running, "generation"),
+        "the new coordinator's worlds number past the stored ones: {done}"
+    );
+    for w in [&mut a, &mut b] {
+        let (exit, out) = w.wait();
+        assert!(exit.success(), "{}", w.log());
+        // One world before the kill, one after: a restart costs the
+        // workers nothing more (no world broken by a late answer).
+        assert!(out.contains("in 2 worlds"), "{out}\n{}", w.log());
+    }
+    drop(second);
     assert_matches_reference(d, "run", max_steps);
 }

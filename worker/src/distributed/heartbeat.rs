@@ -91,10 +91,12 @@ fn beat(link: &CoordinatorLink, status: &WorkerStatus, abort: &AbortSlot) {
         Err(e) => match e.reaction() {
             Reaction::Reregister => {
                 // Our id is dead to the coordinator (we were silent too
-                // long, or it restarted): the loop registers again.
-                tracing::warn!(worker_id, error = %e, "the coordinator does not know this worker");
-                status.order(|o| o.unknown = true);
-                abort.abort_below(u64::MAX);
+                // long, or it restarted): the loop registers again. Not if
+                // it already has: this beat went out under the old id.
+                if status.forget(worker_id) {
+                    tracing::warn!(worker_id, error = %e, "the coordinator does not know this worker");
+                    abort.abort_below(u64::MAX);
+                }
             }
             Reaction::Fatal => tracing::error!(error = %e, "heartbeat refused"),
             _ => tracing::debug!(error = %e, "heartbeat missed"),

@@ -81,9 +81,29 @@ impl WorkerStatus {
     /// A new registration: the old id's orders are void (the coordinator
     /// may even be a restarted one, numbering its generations anew).
     pub fn set_worker_id(&self, id: u64) {
+        // Under the orders lock, so that `forget` sees either the old id
+        // with the old orders or the new id with fresh ones.
+        let mut orders = lock(&self.orders);
         self.worker_id.store(id, Ordering::SeqCst);
-        *lock(&self.orders) = Orders::default();
+        *orders = Orders::default();
         self.coordinator_generation.store(0, Ordering::SeqCst);
+        drop(orders);
+        self.orders_changed.notify_all();
+    }
+
+    /// The coordinator said it does not know worker `id`: orders the loop
+    /// to register again, unless it already has (a heartbeat sent under
+    /// the old id can be answered after the new registration; it must not
+    /// void the new one). True if the order was given.
+    pub fn forget(&self, id: u64) -> bool {
+        let mut orders = lock(&self.orders);
+        if self.worker_id.load(Ordering::SeqCst) != id {
+            return false;
+        }
+        orders.unknown = true;
+        drop(orders);
+        self.orders_changed.notify_all();
+        true
     }
 
     pub fn generation(&self) -> u64 {
@@ -248,5 +268,16 @@ mod tests {
         assert_eq!(s.orders(), Orders::default());
         assert_eq!(s.coordinator_generation(), 0);
         assert_eq!(s.worker_id(), 9);
+    }
+
+    #[test]
+    fn a_late_not_found_for_the_old_id_spares_the_new_registration() {
+        let s = WorkerStatus::new(1000);
+        s.set_worker_id(7);
+        s.set_worker_id(9);
+        assert!(!s.forget(7), "a reply to a heartbeat sent as worker 7");
+        assert!(!s.orders().unknown);
+        assert!(s.forget(9));
+        assert!(s.orders().unknown);
     }
 }
