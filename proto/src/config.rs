@@ -330,9 +330,11 @@ pub struct PrecisionConfig {
     /// against the device and teacher_dtype when the trainer is built
     /// (worker/src/precision.rs).
     pub autocast: Autocast,
-    /// The student, its EMA and optimizer state are kept in this dtype.
+    /// The student, its EMA and optimizer state: fp32 only (validated; the
+    /// key exists because the paper's script has it).
     pub student_dtype: Dtype,
-    /// The VAE decoder for samples (SPEC: kept in fp32).
+    /// The VAE decoder (SPEC: kept in fp32): fp32 only, training never
+    /// decodes; `swiftbrush sample --dtype` is the sampling precision.
     pub vae_dtype: Dtype,
 }
 

@@ -1,7 +1,7 @@
 //! Range and consistency checks of a parsed [`JobConfig`]. Each problem names
 //! the key path, the offending value and what is allowed.
 
-use crate::config::{JobConfig, LORA_TARGETS, OptimizerConfig, check};
+use crate::config::{Dtype, JobConfig, LORA_TARGETS, OptimizerConfig, check};
 use crate::config_error::Problem;
 
 pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
@@ -218,6 +218,24 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         "logging.every_steps",
         c.logging.every_steps.to_string(),
         "an integer >= 1",
+    );
+    // Keys kept for the paper script's layout; accepting another value
+    // would promise a saving the trainer does not make.
+    let pr = &c.precision;
+    check(
+        &mut p,
+        pr.student_dtype == Dtype::Fp32,
+        "precision.student_dtype",
+        format!("{:?}", pr.student_dtype).to_lowercase(),
+        "fp32 (the student, its EMA and both Adam states train in float32; only the teacher \
+         passes run in lower precision, see precision.autocast)",
+    );
+    check(
+        &mut p,
+        pr.vae_dtype == Dtype::Fp32,
+        "precision.vae_dtype",
+        format!("{:?}", pr.vae_dtype).to_lowercase(),
+        "fp32 (training never decodes; `swiftbrush sample --dtype` sets the sampling precision)",
     );
     p
 }

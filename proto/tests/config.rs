@@ -113,6 +113,21 @@ fn out_of_range_learning_rates() {
 }
 
 #[test]
+fn student_and_vae_dtypes_other_than_fp32_are_refused_not_ignored() {
+    let e = err(&format!("{TEACHER}precision:\n  student_dtype: bf16\n"));
+    assert!(
+        e.contains("precision.student_dtype = bf16 is not allowed; expected fp32"),
+        "{e}"
+    );
+    let e = err(&format!("{TEACHER}precision:\n  vae_dtype: fp16\n"));
+    assert!(
+        e.contains("precision.vae_dtype = fp16 is not allowed; expected fp32"),
+        "{e}"
+    );
+    assert!(e.contains("swiftbrush sample --dtype"), "{e}");
+}
+
+#[test]
 fn guidance_below_one() {
     let e = err(&format!("{TEACHER}method:\n  guidance_scale: 0.5\n"));
     assert!(

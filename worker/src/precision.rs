@@ -206,9 +206,8 @@ pub fn teacher_autocast(
     AutocastPlan::new(device, dtype).map(Some)
 }
 
-/// One line for logs and `bench vsd-step`: what the step computes in. The
-/// student is float32 whatever `precision.student_dtype` says (the trainer
-/// does not apply that key).
+/// One line for logs and `bench vsd-step`: what the step computes in (the
+/// student is float32: the config refuses another `precision.student_dtype`).
 pub fn describe(cfg: &PrecisionConfig, autocast: Option<&AutocastPlan>) -> String {
     let teacher = match cfg.teacher_dtype {
         Dtype::Fp32 => "fp32",
