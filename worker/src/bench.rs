@@ -10,7 +10,7 @@ use swiftbrush_proto::JobConfig;
 use crate::precision;
 use crate::trainer::caption_feed::LocalCaptionFeed;
 use crate::trainer::gradient_sync::SingleProcess;
-use crate::trainer::run::{Resume, TrainError, Trainer, device_of};
+use crate::trainer::{Resume, TrainError, Trainer, device_of};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VsdBenchReport {

@@ -6,12 +6,18 @@
 pub mod caption_audit;
 pub mod caption_feed;
 pub mod checkpoint;
+mod error;
 pub mod gradient_sync;
+mod load;
+mod persist;
 pub mod progress;
 pub mod run;
 pub mod tensor_bytes;
 pub mod text;
 pub mod world;
 
-pub use run::{Resume, StepDone, TrainError, TrainSummary, Trainer};
+pub use error::TrainError;
+pub use load::device_of;
+pub use run::{Resume, StepDone, TrainSummary, Trainer};
+use text::TextConditioner;
 pub use world::{Directive, Phase, RunToEnd, StepControl, StepReport, WorldEnd, WorldParts};

@@ -5,109 +5,32 @@
 //! process and a distributed rank is only the `WorldParts`: the caption
 //! feed, the gradient sync, the checkpoint sink and the control. The models
 //! stay loaded from one world to the next; each world restores the state
-//! of its resume step.
-
-use std::collections::HashMap;
-use std::sync::Arc;
+//! of its resume step. Building a trainer is in `load.rs`, restoring and
+//! writing checkpoints in `persist.rs`.
 
 use sha2::Digest;
 use std::time::Instant;
 
 use swiftbrush_proto::JobConfig;
-use swiftbrush_proto::config::{Dtype, EmaConfig};
-use swiftbrush_proto::run_store::{Manifest, ResumeFrom, RunStore, RunStoreError};
+use swiftbrush_proto::run_store::RunStore;
 use tch::{Device, Tensor};
 
-use super::caption_audit::{AuditEntry, AuditError};
-use super::caption_feed::{CaptionFeed, FeedError};
-use super::checkpoint::{
-    self, CheckpointError, CommitToStore, EMA, LORA, Landing, OPTIM_LORA, OPTIM_STUDENT, STUDENT,
-    Snapshot, TrainState, Uploader,
-};
-use super::gradient_sync::{GradientSync, StepVote, SyncError, all_finite, gradients};
+use super::TrainError;
+use super::caption_audit::AuditEntry;
+use super::checkpoint::{CheckpointError, TrainState, Uploader};
+use super::gradient_sync::{GradientSync, StepVote, all_finite, gradients};
+use super::load::sorted;
 use super::progress::Progress;
-use super::text::{TextConditioner, TextError};
-use super::world::{Directive, Phase, RunToEnd, StepReport, WorldEnd, WorldParts};
-use crate::diffusion::{NoiseSchedule, PredictionType, ScheduleError, SchedulerConfig};
-use crate::ema::{Ema, EmaError};
-use crate::lora::LoraSpec;
-use crate::models::vae::AutoencoderKLConfig;
-use crate::models::weights;
-use crate::optim::{Adam, AdamConfig, OptimError, clip_grad_norm};
-use crate::pipeline::{DiffusersFolder, teacher_fingerprint};
-use crate::roles::{RoleError, TeacherUNet, UNet};
+use super::text::TextConditioner;
+use super::world::{Directive, Phase, StepReport, WorldEnd, WorldParts};
+use crate::diffusion::NoiseSchedule;
+use crate::ema::Ema;
+use crate::optim::{Adam, clip_grad_norm};
+use crate::roles::{TeacherUNet, UNet};
 use crate::vsd::{
-    Conditions, DrawKey, Draws, LoraDraws, Prediction, RankSlice, VsdConfig, VsdLosses,
-    lora_loss_backward, vsd_step_keeping_draw,
+    Conditions, DrawKey, Draws, LoraDraws, RankSlice, VsdConfig, VsdLosses, lora_loss_backward,
+    vsd_step_keeping_draw,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("teacher {teacher}: {source}")]
-    Teacher {
-        teacher: String,
-        #[source]
-        source: RoleError,
-    },
-    #[error(transparent)]
-    Folder(#[from] crate::pipeline::FolderError),
-    #[error(transparent)]
-    Fingerprint(#[from] crate::pipeline::FingerprintError),
-    #[error(transparent)]
-    Text(#[from] TextError),
-    #[error(transparent)]
-    Schedule(#[from] ScheduleError),
-    #[error(transparent)]
-    Model(#[from] crate::models::ModelError),
-    #[error(transparent)]
-    Feed(#[from] FeedError),
-    #[error(transparent)]
-    Sync(#[from] SyncError),
-    #[error(transparent)]
-    Store(#[from] RunStoreError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error(transparent)]
-    Optim(#[from] OptimError),
-    #[error(transparent)]
-    Ema(#[from] EmaError),
-    #[error(transparent)]
-    Lora(#[from] crate::lora::LoraError),
-    #[error(transparent)]
-    Audit(#[from] AuditError),
-    /// A world asked for the initial state (resume step 0) after this
-    /// trainer trained: the caller builds a fresh trainer.
-    #[error("the initial state is gone (this trainer has trained); build a fresh one")]
-    InitialStateGone,
-    #[error("no world: enter one before training")]
-    NoWorld,
-    #[error(
-        "checkpoint step {step} in {run_dir} was distilled from another teacher \
-         (fingerprint {found}, this teacher is {expected}); use a new run directory \
-         or the teacher it was trained from"
-    )]
-    TeacherMismatch {
-        step: u64,
-        run_dir: String,
-        found: String,
-        expected: String,
-    },
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    Torch(#[from] tch::TchError),
-}
-
-impl TrainError {
-    /// Whether the error means the world is gone rather than the run
-    /// failed: a collective or the coordinator's caption stream broke.
-    pub fn breaks_world(&self) -> bool {
-        matches!(
-            self,
-            Self::Sync(_) | Self::Feed(FeedError::WorldGone { .. })
-        )
-    }
-}
 
 /// Where to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,40 +55,40 @@ pub struct TrainSummary {
 }
 
 pub struct Trainer {
-    cfg: JobConfig,
-    device: Device,
-    text: TextConditioner,
-    teacher: TeacherUNet,
-    student: UNet,
-    schedule: NoiseSchedule,
-    vsd: VsdConfig,
+    pub(super) cfg: JobConfig,
+    pub(super) device: Device,
+    pub(super) text: TextConditioner,
+    pub(super) teacher: TeacherUNet,
+    pub(super) student: UNet,
+    pub(super) schedule: NoiseSchedule,
+    pub(super) vsd: VsdConfig,
     /// Latent shape of one sample: [C, h, w].
-    sample_shape: [i64; 3],
-    opt_student: Adam,
-    opt_lora: Adam,
-    ema: Ema,
-    store: RunStore,
-    uploader: Uploader,
-    state: TrainState,
+    pub(super) sample_shape: [i64; 3],
+    pub(super) opt_student: Adam,
+    pub(super) opt_lora: Adam,
+    pub(super) ema: Ema,
+    pub(super) store: RunStore,
+    pub(super) uploader: Uploader,
+    pub(super) state: TrainState,
     /// The models and optimizers still hold the state of a fresh build.
-    initial: bool,
-    last_checkpoint: Option<u64>,
+    pub(super) initial: bool,
+    pub(super) last_checkpoint: Option<u64>,
     /// The step of the snapshot handed to the uploader last (each step is
     /// written once unless its upload did not land).
-    last_submitted: Option<u64>,
-    last_losses: Option<VsdLosses>,
-    world: Option<ActiveWorld>,
+    pub(super) last_submitted: Option<u64>,
+    pub(super) last_losses: Option<VsdLosses>,
+    pub(super) world: Option<ActiveWorld>,
 }
 
 /// The world the loop runs in now.
-struct ActiveWorld {
-    parts: WorldParts,
+pub(super) struct ActiveWorld {
+    pub(super) parts: WorldParts,
     /// [per-rank batch, C, h, w].
-    latent_shape: [i64; 4],
-    rank: u64,
-    world_size: u64,
+    pub(super) latent_shape: [i64; 4],
+    pub(super) rank: u64,
+    pub(super) world_size: u64,
     /// Rank 0 shows progress; the others stay quiet.
-    progress: Option<Progress>,
+    pub(super) progress: Option<Progress>,
 }
 
 /// One step's outcome.
@@ -177,189 +100,6 @@ pub struct StepDone {
 }
 
 impl Trainer {
-    /// A single process: loads everything, enters its only world (captions
-    /// from `feed`, gradients through `sync`, checkpoints committed by this
-    /// process) at `resume`, and writes the resolved config into the run
-    /// directory.
-    pub fn build(
-        cfg: JobConfig,
-        device: Device,
-        feed: impl CaptionFeed + 'static,
-        sync: impl GradientSync + 'static,
-        resume: Resume,
-    ) -> Result<Self, TrainError> {
-        let keep_last = cfg.checkpoint.keep_last as usize;
-        let rank = sync.rank();
-        let mut trainer = Self::load(cfg, device)?;
-        trainer.restore(resume)?;
-        trainer.enter(WorldParts {
-            generation: 0,
-            feed: Box::new(feed),
-            sync: Box::new(sync),
-            sink: Arc::new(CommitToStore {
-                keep_last,
-                generation: 0,
-            }),
-            control: Box::new(RunToEnd),
-            audit: None,
-        })?;
-        if rank == 0 {
-            trainer
-                .store
-                .put_run_file("config.yaml", bytes::Bytes::from(trainer.cfg.to_yaml()))?;
-        }
-        Ok(trainer)
-    }
-
-    /// Loads the teacher, builds the LoRA teacher and the student, and opens
-    /// the run directory; the state is the initial one.
-    pub fn load(cfg: JobConfig, device: Device) -> Result<Self, TrainError> {
-        let teacher_dir = cfg
-            .model
-            .teacher
-            .clone()
-            .ok_or_else(|| TrainError::Invalid("model.teacher is not set".to_owned()))?;
-        let folder = DiffusersFolder::open(std::path::Path::new(&teacher_dir))?;
-        let fingerprint = teacher_fingerprint(folder.root())?;
-        let teacher_err = |source| TrainError::Teacher {
-            teacher: teacher_dir.clone(),
-            source,
-        };
-
-        // Building draws from libtorch's process-wide generator (initial
-        // weights, then the adapters from the run's seed): under the draw
-        // lock, so that another trainer of this process (local mode) can
-        // neither move the generator between the seed and the adapters' draw
-        // nor see its own draws moved.
-        let (teacher, student, text) = crate::vsd::with_generator(|| {
-            let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
-            let student = teacher_unet.duplicate().map_err(teacher_err)?;
-            // set_kind, not bfloat16()/half(): those convert the weights but
-            // leave the store's kind at float32, and UNet::predict casts its
-            // inputs to the store's kind (a bf16 teacher without autocast
-            // then fails with "mat1 and mat2 must have the same dtype").
-            match cfg.precision.teacher_dtype {
-                Dtype::Fp32 => {}
-                Dtype::Bf16 => teacher_unet.vs.set_kind(tch::Kind::BFloat16),
-                Dtype::Fp16 => teacher_unet.vs.set_kind(tch::Kind::Half),
-            }
-            // Adapters are initialised from the run's seed: a fresh run is
-            // reproducible, a resumed one loads them.
-            tch::manual_seed(cfg.train.seed as i64);
-            let teacher = TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
-                .map_err(teacher_err)?;
-            let text = TextConditioner::load(&folder, device)?;
-            Ok::<_, TrainError>((teacher, student, text))
-        })?;
-
-        let sched_cfg = SchedulerConfig::from_file(
-            &folder
-                .component("scheduler")?
-                .dir
-                .join("scheduler_config.json"),
-        )?;
-        let schedule = NoiseSchedule::new(&sched_cfg, device)?;
-        let prediction = match schedule.prediction_type() {
-            PredictionType::Epsilon => Prediction::Epsilon,
-            PredictionType::VPrediction => Prediction::VPrediction,
-            PredictionType::Sample => {
-                return Err(TrainError::Invalid(format!(
-                    "{}: prediction_type \"sample\" teachers are not supported by VSD \
-                     (epsilon and v_prediction are)",
-                    teacher_dir
-                )));
-            }
-        };
-        let m = &cfg.method;
-        let student_alpha_bar = if m.student_alpha_bar_from_schedule {
-            schedule.alpha_bar(i64::from(m.student_timestep))?
-        } else {
-            m.student_alpha_bar
-        };
-        let vsd = VsdConfig {
-            student_timestep: i64::from(m.student_timestep),
-            student_alpha_bar,
-            guidance_scale: m.guidance_scale,
-            prediction,
-            teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
-                .map_err(|e| TrainError::Invalid(e.to_string()))?,
-        };
-
-        let sample_shape = sample_shape(&cfg, &folder, &student)?;
-        let student_params: Vec<(String, Tensor)> = sorted(student.vs.variables());
-        let opt_student = Adam::new(
-            student_params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.shallow_clone())),
-            AdamConfig::from(&m.student),
-        );
-        let opt_lora = Adam::new(
-            teacher.lora.named_parameters(),
-            AdamConfig::from(&m.lora.optimizer),
-        );
-        let ema = Ema::new(student_params, ema_decay(&m.ema));
-
-        let store = RunStore::open(&cfg.checkpoint.run_dir)?;
-        let uploader = Uploader::new(store.clone());
-        let state = TrainState {
-            step: 0,
-            epoch: 0,
-            caption_index: 0,
-            num_nonfinite_steps: 0,
-            num_truncated_captions: 0,
-            ema_updates: 0,
-            seed: cfg.train.seed,
-            config_fingerprint: cfg.fingerprint(),
-            teacher_fingerprint: fingerprint,
-            teacher: teacher_dir,
-        };
-        Ok(Self {
-            cfg,
-            device,
-            text,
-            teacher,
-            student,
-            schedule,
-            vsd,
-            sample_shape,
-            opt_student,
-            opt_lora,
-            ema,
-            store,
-            uploader,
-            state,
-            initial: true,
-            last_checkpoint: None,
-            last_submitted: None,
-            last_losses: None,
-            world: None,
-        })
-    }
-
-    /// Restores the state at `resume` (the initial state needs a trainer
-    /// that has not trained: [`TrainError::InitialStateGone`] otherwise).
-    /// An upload still in flight from the previous world lands first.
-    pub fn restore(&mut self, resume: Resume) -> Result<(), TrainError> {
-        self.leave();
-        match self.uploader.wait() {
-            Ok(Some(landing)) => self.landed(landing),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "the previous world's last checkpoint did not land")
-            }
-        }
-        let manifest = match resume {
-            Resume::Step(0) => None,
-            Resume::Step(s) => Some(self.store.resolve(ResumeFrom::Step(s))?),
-            Resume::Auto => self.store.latest_valid()?,
-        };
-        match manifest {
-            Some(m) => self.load_checkpoint(m),
-            None if self.initial => Ok(()),
-            None => Err(TrainError::InitialStateGone),
-        }
-    }
-
     /// Whether the models still hold the state of a fresh build.
     pub fn is_initial(&self) -> bool {
         self.initial
@@ -390,48 +130,6 @@ impl Trainer {
     /// Leaves the current world (its collective and feed are dropped).
     pub fn leave(&mut self) -> Option<WorldParts> {
         self.world.take().map(|w| w.parts)
-    }
-
-    /// Restores every piece of state from a committed checkpoint.
-    fn load_checkpoint(&mut self, manifest: Manifest) -> Result<(), TrainError> {
-        if manifest.meta.teacher_fingerprint != self.state.teacher_fingerprint {
-            return Err(TrainError::TeacherMismatch {
-                step: manifest.step,
-                run_dir: self.cfg.checkpoint.run_dir.clone(),
-                found: manifest.meta.teacher_fingerprint.clone(),
-                expected: self.state.teacher_fingerprint.clone(),
-            });
-        }
-        let mut restored = checkpoint::read_checkpoint(&self.store, &manifest)?;
-        let take =
-            |r: &mut checkpoint::Restored, name: &str| r.tensors.remove(name).unwrap_or_default();
-        weights::load_tensors_strict(
-            &mut self.student.vs,
-            take(&mut restored, STUDENT),
-            &[format!("checkpoint step {} {STUDENT}", manifest.step).into()],
-        )
-        .map_err(crate::models::ModelError::from)?;
-        self.teacher.lora.load(&take(&mut restored, LORA))?;
-        self.opt_student
-            .load_state(take(&mut restored, OPTIM_STUDENT))?;
-        self.opt_lora.load_state(take(&mut restored, OPTIM_LORA))?;
-        self.ema
-            .load(&take(&mut restored, EMA), restored.state.ema_updates)?;
-        if restored.state.config_fingerprint != self.state.config_fingerprint {
-            tracing::warn!(
-                step = manifest.step,
-                "the job config changed since this checkpoint was written; continuing with the new one"
-            );
-        }
-        let fingerprint = self.state.config_fingerprint.clone();
-        let teacher = self.state.teacher.clone();
-        self.state = restored.state;
-        self.state.config_fingerprint = fingerprint;
-        self.state.teacher = teacher;
-        self.initial = false;
-        self.last_checkpoint = Some(manifest.step);
-        tracing::info!(step = manifest.step, run_dir = %self.cfg.checkpoint.run_dir, "resumed from checkpoint");
-        Ok(())
     }
 
     /// A single process: runs its world to `train.max_steps`.
@@ -577,11 +275,11 @@ impl Trainer {
             .map_or(0, |w| w.latent_shape[0] as u64 * w.world_size)
     }
 
-    fn active(&mut self) -> Result<&mut ActiveWorld, TrainError> {
+    pub(super) fn active(&mut self) -> Result<&mut ActiveWorld, TrainError> {
         self.world.as_mut().ok_or(TrainError::NoWorld)
     }
 
-    fn set_phase(&mut self, phase: Phase) {
+    pub(super) fn set_phase(&mut self, phase: Phase) {
         if let Some(w) = self.world.as_mut() {
             w.parts.control.phase(phase);
         }
@@ -786,87 +484,6 @@ impl Trainer {
         self.state.ema_updates = self.ema.num_updates();
     }
 
-    /// checkpoint: rank 0 snapshots the state at this boundary and hands
-    /// the upload to its thread (once per step).
-    fn checkpoint(&mut self) -> Result<(), TrainError> {
-        let step = self.state.step;
-        let w = self.world.as_ref().ok_or(TrainError::NoWorld)?;
-        if w.rank != 0
-            || self.last_submitted == Some(step)
-            || self.last_checkpoint.is_some_and(|c| c >= step)
-        {
-            return Ok(());
-        }
-        let sink = w.parts.sink.clone();
-        self.set_phase(Phase::Checkpointing);
-        let snap = Snapshot::new(
-            &self.state,
-            [
-                (STUDENT, sorted(self.student.vs.variables())),
-                (EMA, self.ema.tensors()),
-                (LORA, self.teacher.lora.named_parameters()),
-                (OPTIM_STUDENT, self.opt_student.state_tensors()),
-                (OPTIM_LORA, self.opt_lora.state_tensors()),
-            ],
-        )?;
-        let previous = self.uploader.submit(snap, sink)?;
-        self.last_submitted = Some(step);
-        if let Some(landing) = previous {
-            self.landed(landing);
-        }
-        self.set_phase(Phase::Training);
-        Ok(())
-    }
-
-    /// Some rank must stop and every rank knows it at this same boundary:
-    /// rank 0 writes a checkpoint here and waits for it to land, then every
-    /// rank learns whether it did (the leaving rank must not leave before
-    /// the commit: its departure breaks the world, and a broken world's
-    /// report is refused).
-    fn preempted(&mut self) -> Result<WorldEnd, TrainError> {
-        let step = self.state.step;
-        let rank = self.active()?.rank;
-        if rank == 0 {
-            self.checkpoint()?;
-            self.close()?;
-        }
-        let landed_here = rank != 0 || self.last_checkpoint == Some(step);
-        let w = self.active()?;
-        let this_rank = w.parts.control.preempt_requested();
-        match w.parts.sync.all_ok(landed_here) {
-            Ok(committed) => Ok(WorldEnd::Preempted {
-                step,
-                committed,
-                this_rank,
-            }),
-            Err(e) => Ok(WorldEnd::Broken {
-                reason: e.to_string(),
-            }),
-        }
-    }
-
-    /// close: wait for the upload in flight.
-    fn close(&mut self) -> Result<(), TrainError> {
-        if let Some(landing) = self.uploader.wait()? {
-            self.landed(landing);
-        }
-        Ok(())
-    }
-
-    fn landed(&mut self, landing: Landing) {
-        match landing {
-            Landing::Committed { step } => {
-                self.last_checkpoint = Some(self.last_checkpoint.map_or(step, |c| c.max(step)));
-            }
-            Landing::Refused { step, reason } => {
-                tracing::warn!(step, %reason, "checkpoint not committed");
-                if self.last_submitted == Some(step) {
-                    self.last_submitted = None;
-                }
-            }
-        }
-    }
-
     fn feed_position(&self, step: u64) -> Result<(u64, u64), TrainError> {
         let w = self.world.as_ref().ok_or(TrainError::NoWorld)?;
         let n = w.parts.feed.num_captions().max(1);
@@ -927,38 +544,6 @@ pub fn apply_updates(
     Ok(vote)
 }
 
-fn ema_decay(cfg: &EmaConfig) -> f64 {
-    if cfg.enabled { cfg.max_decay } else { 0.0 }
-}
-
-fn sorted(map: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = map.into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// [C, h, w] of one sample: latents are resolution / 8 with SD's VAE (the
-/// VAE's scale factor in general), the pixels themselves without a VAE.
-fn sample_shape(
-    cfg: &JobConfig,
-    folder: &DiffusersFolder,
-    student: &UNet,
-) -> Result<[i64; 3], TrainError> {
-    let scale = if folder.has("vae") {
-        let vae = AutoencoderKLConfig::from_file(&folder.component("vae")?.config_path()?)?;
-        1i64 << (vae.block_out_channels.len().saturating_sub(1))
-    } else {
-        1
-    };
-    let res = i64::from(cfg.model.resolution);
-    if res % scale != 0 {
-        return Err(TrainError::Invalid(format!(
-            "model.resolution = {res} is not a multiple of the VAE's scale factor {scale}"
-        )));
-    }
-    Ok([student.config.in_channels, res / scale, res / scale])
-}
-
 /// [per-rank batch, C, h, w].
 fn per_rank_shape(
     cfg: &JobConfig,
@@ -974,14 +559,10 @@ fn per_rank_shape(
     Ok([(global / world_size) as i64, c, h, w])
 }
 
-/// The device a config asks for.
-pub fn device_of(cfg: &JobConfig) -> Result<Device, TrainError> {
-    crate::device::parse_device(&cfg.train.device).map_err(|e| TrainError::Invalid(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::AdamConfig;
     use crate::trainer::gradient_sync::SingleProcess;
     use tch::Kind;
 
