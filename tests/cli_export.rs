@@ -184,6 +184,39 @@ fn bench_vsd_step_reports_json() {
 }
 
 #[test]
+fn bench_allreduce_reports_json_and_names_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["bench", "allreduce", "--world", "3", "--size-mb", "0.5"];
+    let out = swiftbrush(
+        dir.path(),
+        &[&args[..], &["--iters", "2", "--json"]].concat(),
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(report["backend"], "tcp");
+    assert_eq!(report["world_size"], 3);
+    assert_eq!(report["bytes"], 500_000);
+    let (alg, bus) = (
+        report["algbw_gb_s"].as_f64().unwrap(),
+        report["busbw_gb_s"].as_f64().unwrap(),
+    );
+    assert!(alg > 0.0);
+    assert!(
+        (bus - alg * 4.0 / 3.0).abs() <= 1e-9 * bus,
+        "busbw = algbw 2(W-1)/W"
+    );
+
+    // This build has no GPU: said, not a crash.
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .args(["bench", "allreduce", "--backend", "nccl", "--world", "2"])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs 2 CUDA devices"), "{err}");
+}
+
+#[test]
 fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
     let dir = trained_run();
     let d = dir.path();

@@ -25,6 +25,25 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Bandwidth of a collective backend: W ranks as threads of this
+    /// process (tcp: a ring on loopback; nccl: one GPU each) all-reduce one
+    /// float32 buffer; median time, algorithm and bus bandwidth.
+    Allreduce {
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "nccl"])]
+        backend: String,
+        /// Ranks (nccl: GPUs 0..W-1).
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Buffer size in MB (the trainer's buckets are 25 MB).
+        #[arg(long, default_value_t = 25.0)]
+        size_mb: f64,
+        /// Timed all-reduces (after one checked warm-up).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -41,6 +60,27 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 cfg.train.device = d;
             }
             let report = swiftbrush_worker::bench::bench_vsd_step(cfg, steps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        BenchCommand::Allreduce {
+            backend,
+            world,
+            size_mb,
+            iters,
+            json,
+        } => {
+            use swiftbrush_worker::collective::bench::{Backend, bench_allreduce};
+            let backend = match backend.as_str() {
+                "tcp" => Backend::Tcp,
+                "nccl" => Backend::Nccl,
+                other => unreachable!("clap admits tcp and nccl only, not {other:?}"),
+            };
+            let report = bench_allreduce(backend, size_mb, world, iters)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
