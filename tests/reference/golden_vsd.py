@@ -41,17 +41,24 @@ def to_eps(pred, x, abar, prediction_type):
     return pred
 
 
-def guided(unet, x, t, cond, uncond, ptype, abar_t):
+def plain_pass(unet, x, t, c):
+    """A teacher forward as stored (float32 here)."""
+    return unet(x, t, c).sample
+
+
+def guided(unet, x, t, cond, uncond, ptype, abar_t, teacher_pass=plain_pass):
     b = x.shape[0]
-    out = unet(
-        torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond.expand(b, -1, -1), cond])
-    ).sample
-    out = to_eps(out, torch.cat([x, x]), torch.cat([abar_t, abar_t]), ptype)
+    xx = torch.cat([x, x])
+    out = teacher_pass(unet, xx, torch.cat([t, t]), torch.cat([uncond.expand(b, -1, -1), cond]))
+    out = to_eps(out, xx, torch.cat([abar_t, abar_t]), ptype)
     u, c = out.chunk(2)
     return u + GUIDANCE * (c - u)
 
 
-def run(pipe, kind, null_condition, seed, targets):
+def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass):
+    """The iteration; `teacher_pass` runs the three teacher forwards (frozen,
+    LoRA, LoRA with gradients; golden_autocast.py puts them under autocast),
+    the student pass is always float32."""
     ptype = pipe.scheduler.config.prediction_type
     abar = pipe.scheduler.alphas_cumprod.to(torch.float32)
     teacher = pipe.unet
@@ -89,9 +96,9 @@ def run(pipe, kind, null_condition, seed, targets):
     # 3. both teachers with guidance
     with torch.no_grad():
         teacher.disable_adapters()
-        e_t = guided(teacher, x_t, t, cond, uncond, ptype, abar_t)
+        e_t = guided(teacher, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
         teacher.enable_adapters()
-        e_l = guided(teacher, x_t, t, cond, uncond, ptype, abar_t)
+        e_l = guided(teacher, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
     # 4-5. VSD gradient through the surrogate loss
     grad = torch.nan_to_num((1 - abar_t) * (e_t - e_l))
     loss_vsd = 0.5 * torch.nn.functional.mse_loss(
@@ -103,7 +110,7 @@ def run(pipe, kind, null_condition, seed, targets):
     abar_t2 = abar[t2].view(-1, 1, 1, 1)
     x2 = abar_t2.sqrt() * x0d + (1 - abar_t2).sqrt() * eps2
     c2 = uncond.expand(b, -1, -1) if null_condition else cond
-    pred = to_eps(teacher(x2, t2, c2).sample, x2, abar_t2, ptype)
+    pred = to_eps(teacher_pass(teacher, x2, t2, c2), x2, abar_t2, ptype)
     loss_lora = torch.mean((abar_t2.sqrt() * (pred - eps2)) ** 2)
     loss_lora.backward()
 
