@@ -8,18 +8,19 @@
 
 mod common;
 
+use common::golden_vsd::{alphas_cumprod, inputs, lora_spec, roles};
+
 use std::collections::HashMap;
 
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::{Autocast, Dtype};
-use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::pipeline::DiffusersFolder;
 use swiftbrush_worker::precision::{AutocastPlan, HalfDtype, autocast_kind};
-use swiftbrush_worker::roles::{TeacherUNet, UNet};
+use swiftbrush_worker::roles::UNet;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
 use swiftbrush_worker::trainer::{Resume, TrainError, Trainer};
-use swiftbrush_worker::vsd::{Conditions, Denoiser, Draws, Prediction, VsdConfig, vsd_step};
+use swiftbrush_worker::vsd::{Denoiser, Prediction, VsdConfig, vsd_step};
 use tch::{Device, Kind, Tensor};
 
 fn unet(kind: &str) -> UNet {
@@ -78,51 +79,14 @@ fn unet_under_bf16_autocast_matches_torch_autocast_v_prediction() {
     check_unet("sd2v", HalfDtype::Bf16, 20.0);
 }
 
-fn spec() -> LoraSpec {
-    LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        target_modules: vec!["to_q".into(), "to_v".into()],
-    }
-}
-
-fn alphas_cumprod() -> Tensor {
-    let betas = Tensor::linspace(
-        0.00085f64.sqrt(),
-        0.012f64.sqrt(),
-        1000,
-        (Kind::Float, Device::Cpu),
-    )
-    .square();
-    (1.0f64 - betas).cumprod(0, Kind::Float)
-}
-
 /// One step on the reference's weights and draws; returns the losses and
 /// the student's and adapters' gradients by name.
 fn step(
     g: &HashMap<String, Tensor>,
     autocast: Option<AutocastPlan>,
 ) -> ((f64, f64), HashMap<String, Tensor>) {
-    let teacher = unet("sd1");
-    let student = teacher.duplicate().unwrap();
-    let mut teacher = TeacherUNet::new(teacher, &spec()).unwrap();
-    let adapters: HashMap<String, Tensor> = g
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("adapter.").map(|n| (n.to_owned(), v.copy())))
-        .collect();
-    teacher.lora.load(&adapters).unwrap();
-    let draws = Draws {
-        z: g["z"].copy(),
-        t: g["t"].copy(),
-        eps: g["eps"].copy(),
-        t_lora: g["t_lora"].copy(),
-        eps_lora: g["eps_lora"].copy(),
-        null_condition: false,
-    };
-    let text = Conditions {
-        cond: g["cond"].copy(),
-        uncond: g["uncond"].copy(),
-    };
+    let (student, teacher) = roles("sd1", &lora_spec(&["to_q", "to_v"]), g);
+    let (draws, text) = inputs(g);
     let cfg = VsdConfig {
         student_timestep: 999,
         student_alpha_bar: 0.0047,

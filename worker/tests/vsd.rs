@@ -4,51 +4,19 @@
 
 mod common;
 
-use std::collections::HashMap;
+use common::golden_vsd::{alphas_cumprod, fresh_roles, inputs, lora_spec, roles};
 
 use swiftbrush_worker::lora::LoraSpec;
-use swiftbrush_worker::pipeline::DiffusersFolder;
-use swiftbrush_worker::roles::{TeacherUNet, UNet};
-use swiftbrush_worker::vsd::{
-    Conditions, Denoiser, Draws, LoraTeacher, Prediction, VsdConfig, vsd_step,
-};
+use swiftbrush_worker::vsd::{Denoiser, LoraTeacher, Prediction, VsdConfig, vsd_step};
 use tch::{Device, Kind, Tensor};
 
 fn spec() -> LoraSpec {
-    spec_with(&["to_q", "to_v"])
+    lora_spec(&["to_q", "to_v"])
 }
 
 /// As golden_vsd.py's CONV_TARGETS: attention and ResNet convolutions.
 fn conv_spec() -> LoraSpec {
-    spec_with(&["to_q", "to_v", "conv1", "conv2", "conv_shortcut"])
-}
-
-fn spec_with(targets: &[&str]) -> LoraSpec {
-    LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        target_modules: targets.iter().map(|t| t.to_string()).collect(),
-    }
-}
-
-fn alphas_cumprod() -> Tensor {
-    // diffusers' scaled_linear schedule in float32 (SPEC).
-    let betas = Tensor::linspace(
-        0.00085f64.sqrt(),
-        0.012f64.sqrt(),
-        1000,
-        (Kind::Float, Device::Cpu),
-    )
-    .square();
-    (1.0f64 - betas).cumprod(0, Kind::Float)
-}
-
-fn roles(kind: &str, spec: &LoraSpec) -> (UNet, TeacherUNet) {
-    let folder = DiffusersFolder::open(&common::pipeline(kind)).unwrap();
-    let teacher = UNet::load(&folder, Device::Cpu).unwrap();
-    let student = teacher.duplicate().unwrap();
-    let teacher = TeacherUNet::new(teacher, spec).unwrap();
-    (student, teacher)
+    lora_spec(&["to_q", "to_v", "conv1", "conv2", "conv_shortcut"])
 }
 
 fn check(case: &str, kind: &str, prediction: Prediction) {
@@ -58,25 +26,8 @@ fn check(case: &str, kind: &str, prediction: Prediction) {
 fn check_with(case: &str, kind: &str, prediction: Prediction, spec: &LoraSpec) {
     tch::set_num_threads(1);
     let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
-    let (student, mut teacher) = roles(kind, spec);
-    let adapters: HashMap<String, Tensor> = g
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("adapter.").map(|n| (n.to_owned(), v.copy())))
-        .collect();
-    teacher.lora.load(&adapters).unwrap();
-
-    let draws = Draws {
-        z: g["z"].copy(),
-        t: g["t"].copy(),
-        eps: g["eps"].copy(),
-        t_lora: g["t_lora"].copy(),
-        eps_lora: g["eps_lora"].copy(),
-        null_condition: g["null_condition"].int64_value(&[0]) == 1,
-    };
-    let text = Conditions {
-        cond: g["cond"].copy(),
-        uncond: g["uncond"].copy(),
-    };
+    let (student, teacher) = roles(kind, spec, &g);
+    let (draws, text) = inputs(&g);
     let cfg = VsdConfig {
         student_timestep: 999,
         student_alpha_bar: 0.0047,
@@ -165,7 +116,7 @@ fn vsd_step_matches_reference_with_conv_adapters() {
 #[test]
 fn lora_teacher_equals_teacher_at_init_and_differs_after_a_step() {
     tch::set_num_threads(1);
-    let (_, teacher) = roles("sd1", &conv_spec());
+    let (_, teacher) = fresh_roles("sd1", &conv_spec());
     tch::manual_seed(0);
     let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
     let t = Tensor::from_slice(&[500i64]);
@@ -215,7 +166,7 @@ fn adapter_names_are_peft_names() {
 }
 
 fn adapter_names_match(spec: &LoraSpec, case: &str) {
-    let (_, teacher) = roles("sd1", spec);
+    let (_, teacher) = fresh_roles("sd1", spec);
     let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
     let mut ours: Vec<String> = teacher
         .lora

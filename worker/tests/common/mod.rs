@@ -2,6 +2,8 @@
 //! tensors are compared.
 #![allow(dead_code)]
 
+pub mod golden_vsd;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
