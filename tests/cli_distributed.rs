@@ -371,8 +371,18 @@ fn survives(fault: &str) {
     let coordinator = Coordinator::start(d, "run");
     let a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
     let b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
+    // Rank 0 reports what its checkpoints cost the training thread.
+    let rank0_stall = |s: &StatusSnapshot| {
+        s.workers
+            .iter()
+            .find(|w| w.rank == Some(0) && w.health != Health::Dead)
+            .map_or(0.0, |w| w.metrics.checkpoint_stall_ms)
+    };
     let running = coordinator.wait_for("a world of 2 with a commit", &[&a, &b], |s| {
-        s.world_size == 2 && s.committed_step >= 2 && s.phase == JobPhase::Running
+        s.world_size == 2
+            && s.committed_step >= 2
+            && s.phase == JobPhase::Running
+            && rank0_stall(s) > 0.0
     });
     assert!(
         running.committed_step < max_steps,

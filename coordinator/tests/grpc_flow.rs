@@ -173,6 +173,7 @@ async fn health_service_and_http_side() {
         "swiftbrush_world_size 1",
         "swiftbrush_worker_step_time_seconds{",
         "swiftbrush_worker_allreduce_seconds{",
+        "swiftbrush_worker_checkpoint_stall_seconds{",
         "swiftbrush_checkpoint_upload_seconds ",
         "swiftbrush_restarts_total 0",
     ] {

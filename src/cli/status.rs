@@ -85,6 +85,7 @@ fn to_json(s: &JobStatusReply) -> Value {
                     "step_time_ms": metrics.step_time_ms,
                     "allreduce_ms": metrics.allreduce_ms,
                     "samples_per_s": metrics.samples_per_s,
+                    "checkpoint_stall_ms": metrics.checkpoint_stall_ms,
                 },
                 "death_reason": (!w.death_reason.is_empty()).then_some(&w.death_reason),
             })
@@ -184,6 +185,7 @@ fn header() -> Vec<String> {
         "STEP_MS",
         "ALLREDUCE_MS",
         "SAMPLES/S",
+        "CKPT_STALL_MS",
         "NOTE",
     ]
     .map(str::to_owned)
@@ -207,6 +209,7 @@ fn worker_row(w: &WorkerStatus) -> Vec<String> {
         format!("{:.1}", m.step_time_ms),
         format!("{:.1}", m.allreduce_ms),
         format!("{:.2}", m.samples_per_s),
+        format!("{:.1}", m.checkpoint_stall_ms),
         w.death_reason.clone(),
     ]
 }

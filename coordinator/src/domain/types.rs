@@ -114,6 +114,8 @@ pub struct StepMetrics {
     pub step_time_ms: f64,
     pub allreduce_ms: f64,
     pub samples_per_s: f64,
+    /// The training thread's time in its newest checkpoint step.
+    pub checkpoint_stall_ms: f64,
 }
 
 /// Why a worker is gone.

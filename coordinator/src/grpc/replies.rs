@@ -206,6 +206,7 @@ impl From<StepMetrics> for rpc::StepMetrics {
             step_time_ms: m.step_time_ms,
             allreduce_ms: m.allreduce_ms,
             samples_per_s: m.samples_per_s,
+            checkpoint_stall_ms: m.checkpoint_stall_ms,
         }
     }
 }

@@ -119,6 +119,7 @@ impl TryFrom<rpc::StepMetrics> for StepMetrics {
             step_time_ms: measure("metrics.step_time_ms", m.step_time_ms)?,
             allreduce_ms: measure("metrics.allreduce_ms", m.allreduce_ms)?,
             samples_per_s: measure("metrics.samples_per_s", m.samples_per_s)?,
+            checkpoint_stall_ms: measure("metrics.checkpoint_stall_ms", m.checkpoint_stall_ms)?,
         })
     }
 }

@@ -169,7 +169,7 @@ pub fn render(s: &StatusSnapshot) -> String {
         .iter()
         .filter(|w| w.health != Health::Dead)
         .collect();
-    let per_worker: [PerWorker; 5] = [
+    let per_worker: [PerWorker; 6] = [
         (
             "swiftbrush_worker_heartbeat_age_seconds",
             "Seconds since the worker was last heard from.",
@@ -189,6 +189,11 @@ pub fn render(s: &StatusSnapshot) -> String {
             "swiftbrush_worker_allreduce_seconds",
             "The worker's last all-reduce time.",
             |w| w.metrics.allreduce_ms / 1000.0,
+        ),
+        (
+            "swiftbrush_worker_checkpoint_stall_seconds",
+            "How long the worker's newest checkpoint held its training thread.",
+            |w| w.metrics.checkpoint_stall_ms / 1000.0,
         ),
         (
             "swiftbrush_worker_samples_per_second",

@@ -250,6 +250,7 @@ impl FakeWorker {
                     step_time_ms: 120.0,
                     allreduce_ms: 15.0,
                     samples_per_s: 8.0,
+                    checkpoint_stall_ms: 40.0,
                 }),
             })
             .await

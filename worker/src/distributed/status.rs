@@ -145,6 +145,7 @@ impl WorkerStatus {
             step_time_ms: time(report.step_ms),
             allreduce_ms: time(report.allreduce_ms),
             samples_per_s: time(report.samples_per_s),
+            checkpoint_stall_ms: time(report.checkpoint_stall_ms),
         };
     }
 
@@ -245,12 +246,18 @@ mod tests {
             step_ms: f64::INFINITY,
             allreduce_ms: -1.0,
             samples_per_s: 8.0,
+            checkpoint_stall_ms: f64::NAN,
         });
         let m = s.metrics();
         assert_eq!(s.step(), 3);
         assert_eq!(
-            (m.step_time_ms, m.allreduce_ms, m.samples_per_s),
-            (0.0, 0.0, 8.0)
+            (
+                m.step_time_ms,
+                m.allreduce_ms,
+                m.samples_per_s,
+                m.checkpoint_stall_ms
+            ),
+            (0.0, 0.0, 8.0, 0.0)
         );
         assert!(m.loss_vsd.is_nan());
     }

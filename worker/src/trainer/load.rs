@@ -181,6 +181,7 @@ impl Trainer {
             last_checkpoint: None,
             last_submitted: None,
             last_losses: None,
+            last_stall_ms: 0.0,
             world: None,
         })
     }

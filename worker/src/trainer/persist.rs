@@ -90,6 +90,7 @@ impl Trainer {
             return Ok(());
         }
         let sink = w.parts.sink.clone();
+        let started = std::time::Instant::now();
         self.set_phase(Phase::Checkpointing);
         let snap = Snapshot::new(
             &self.state,
@@ -106,6 +107,9 @@ impl Trainer {
         if let Some(landing) = previous {
             self.landed(landing);
         }
+        // Reported with every step from now on (`swiftbrush status`,
+        // /metrics): the training thread's cost of checkpointing.
+        self.last_stall_ms = started.elapsed().as_secs_f64() * 1e3;
         self.set_phase(Phase::Training);
         Ok(())
     }

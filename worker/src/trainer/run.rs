@@ -77,6 +77,8 @@ pub struct Trainer {
     /// written once unless its upload did not land).
     pub(super) last_submitted: Option<u64>,
     pub(super) last_losses: Option<VsdLosses>,
+    /// How long the newest checkpoint step held the training thread.
+    pub(super) last_stall_ms: f64,
     pub(super) world: Option<ActiveWorld>,
 }
 
@@ -252,6 +254,7 @@ impl Trainer {
         self.last_losses = Some(losses);
         self.audit(step, caption_ids)?;
         let seconds = t0.elapsed().as_secs_f64();
+        let checkpoint_stall_ms = self.last_stall_ms;
         let w = self.active()?;
         let images = (w.latent_shape[0] as u64 * w.world_size) as f64;
         let report = StepReport {
@@ -260,6 +263,7 @@ impl Trainer {
             step_ms: seconds * 1e3,
             allreduce_ms: allreduce_s * 1e3,
             samples_per_s: images / seconds.max(1e-9),
+            checkpoint_stall_ms,
         };
         w.parts.control.step_done(&report);
         if let Some(p) = w.progress.as_ref() {

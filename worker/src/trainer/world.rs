@@ -57,6 +57,8 @@ pub struct StepReport {
     pub step_ms: f64,
     pub allreduce_ms: f64,
     pub samples_per_s: f64,
+    /// How long the newest checkpoint held this thread (0: none yet).
+    pub checkpoint_stall_ms: f64,
 }
 
 /// How the loop learns what to do; called on the training thread, so
