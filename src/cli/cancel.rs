@@ -55,8 +55,9 @@ pub fn run(args: CancelArgs) -> anyhow::Result<()> {
                 before.name, before.committed_step
             ),
             step => println!(
-                "cancelling job {}: rank 0 writes a final checkpoint at step {step}, \
-                 then the job ends and the workers stop",
+                "cancelling job {}: rank 0 writes a final checkpoint at step {step} (or the \
+                 next step boundary, if the workers are already past it), then the job ends \
+                 and the workers stop",
                 before.name
             ),
         }
