@@ -56,7 +56,7 @@ else
 endif
 
 # The toy world end to end on the CPU (docs/TOYWORLD.md): the committed toy
-# teacher (or, without it, one trained here: about an hour), SwiftBrush
+# teacher (or, without it, one trained here: about two hours on 2 cores), SwiftBrush
 # distillation on the 54 captions through `swiftbrush train`
 # (configs/toy.yaml), then runs/demo/compare.png and runs/demo/report.md.
 TOY_TEACHER := assets/toy-teacher

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use swiftbrush_worker::toy::TeacherSettings;
 use swiftbrush_worker::toy::compare::TOY_TEACHER_GUIDANCE;
+use swiftbrush_worker::toy::{DEFAULT_TOP_TIMESTEPS, TeacherSettings, TopTimesteps};
 
 #[derive(Debug, Subcommand)]
 pub enum ToyCommand {
@@ -29,6 +29,16 @@ pub enum ToyCommand {
         /// added to each sample's noise (0 turns it off).
         #[arg(long, default_value_t = TeacherSettings::default().noise_offset)]
         noise_offset: f64,
+        /// From this step on, part of each batch trains near the top of the
+        /// schedule (where the one-step student starts; docs/TOYWORLD.md) ...
+        #[arg(long, default_value_t = DEFAULT_TOP_TIMESTEPS.from_step)]
+        top_t_from_step: u64,
+        /// ... this share of its samples (0 turns the phase off) ...
+        #[arg(long, default_value_t = DEFAULT_TOP_TIMESTEPS.fraction)]
+        top_t_fraction: f64,
+        /// ... with t drawn from [this, 999].
+        #[arg(long, default_value_t = DEFAULT_TOP_TIMESTEPS.min_t)]
+        top_t_min: u64,
         /// Save a checkpoint and refresh OUT/unet every this many steps.
         #[arg(long, default_value_t = TeacherSettings::default().checkpoint_every)]
         checkpoint_every: u64,
@@ -126,6 +136,9 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
             seed,
             lr,
             noise_offset,
+            top_t_from_step,
+            top_t_fraction,
+            top_t_min,
             checkpoint_every,
             resume,
             device,
@@ -139,6 +152,11 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
                 seed,
                 lr,
                 noise_offset,
+                top_timesteps: (top_t_fraction > 0.0).then_some(TopTimesteps {
+                    from_step: top_t_from_step,
+                    fraction: top_t_fraction,
+                    min_t: top_t_min,
+                }),
                 checkpoint_every,
                 ..TeacherSettings::default()
             };

@@ -3,7 +3,7 @@
 //! what `swiftbrush toy teacher` writes with the default settings (the
 //! frozen text encoder is a function of the seed), and the UNet weights
 //! have exactly the names and shapes of `toy_unet_config()`. Its quality is
-//! a benchmark (`swiftbrush toy eval`), recorded in assets/toy-teacher/README.md.
+//! a benchmark (`swiftbrush toy eval`), recorded in docs/TOYWORLD.md ("Runs").
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

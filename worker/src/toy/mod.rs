@@ -23,7 +23,9 @@ use std::path::PathBuf;
 
 pub use evaluator::{Judgement, ToyReport, judge};
 pub use shapes::{Background, Caption, ShapeBatch, ShapeColor, ShapeKind, ShapeParams};
-pub use teacher::{TeacherSettings, TrainOutcome, train_teacher};
+pub use teacher::{
+    DEFAULT_TOP_TIMESTEPS, TeacherSettings, TopTimesteps, TrainOutcome, train_teacher,
+};
 
 /// Sets libtorch's intra-op CPU threads. On a shared machine one thread
 /// can be several times faster than more (no waiting on descheduled peers).

@@ -97,6 +97,10 @@ pub struct TeacherSettings {
     /// backgrounds (white and black ones judged as gray).
     #[serde(default)]
     pub noise_offset: f64,
+    /// A closing phase that trains more often near the top of the
+    /// schedule; see [`TopTimesteps`]. None: t uniform throughout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_timesteps: Option<TopTimesteps>,
     /// EMA of the weights with this maximum decay (exported instead of the
     /// raw weights); None for no EMA.
     pub ema_decay: Option<f64>,
@@ -108,16 +112,38 @@ pub struct TeacherSettings {
     pub unet: UNet2DConditionConfig,
 }
 
+/// From `from_step` on, each sample's t comes with probability `fraction`
+/// from [min_t, 999] instead of [0, 999]. Why: the one-step student starts
+/// as this teacher's prediction at t = 999, x0 = (z - sqrt(1 - A) eps) /
+/// sqrt(A), which multiplies any error in eps by 1 / sqrt(A) = 14.6; in
+/// pixel space (no VAE to hide it) that is visible noise, and uniform-t
+/// training spends only 0.1 % of its samples there (docs/TOYWORLD.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TopTimesteps {
+    pub from_step: u64,
+    pub fraction: f64,
+    pub min_t: u64,
+}
+
+/// The default closing phase: the last 1000 of 7000 steps, half of each
+/// batch at t >= 900 (what assets/toy-teacher was trained with).
+pub const DEFAULT_TOP_TIMESTEPS: TopTimesteps = TopTimesteps {
+    from_step: 6000,
+    fraction: 0.5,
+    min_t: 900,
+};
+
 impl Default for TeacherSettings {
     fn default() -> Self {
         Self {
-            steps: 6000,
+            steps: 7000,
             batch_size: 32,
             seed: 0,
             lr: 5e-4,
             warmup_steps: 100,
             caption_dropout: 0.1,
             noise_offset: 0.1,
+            top_timesteps: Some(DEFAULT_TOP_TIMESTEPS),
             ema_decay: Some(0.999),
             grad_clip: 1.0,
             checkpoint_every: 500,
@@ -153,6 +179,14 @@ impl TeacherSettings {
                 self.noise_offset
             ));
         }
+        if let Some(top) = &self.top_timesteps
+            && !((0.0..=1.0).contains(&top.fraction) && top.min_t < 1000)
+        {
+            return bad(format!(
+                "top timesteps: fraction must lie in [0, 1] and min_t in 0..1000, got {} and {}",
+                top.fraction, top.min_t
+            ));
+        }
         if self.checkpoint_every == 0 {
             return bad("checkpoint_every must be at least 1".into());
         }
@@ -181,6 +215,34 @@ impl TeacherSettings {
             }
         }
         v
+    }
+
+    /// Whether a run checkpointed at `step` with the `saved` settings may
+    /// continue with these: the same identity, or one that differs only by
+    /// a top-timestep phase that starts at or after `step` (the steps
+    /// already trained are what these settings would have trained too).
+    fn may_resume(&self, saved: &TeacherSettings, step: u64) -> bool {
+        if saved.identity() == self.identity() {
+            return true;
+        }
+        match (&saved.top_timesteps, &self.top_timesteps) {
+            (None, Some(top)) if top.from_step >= step => {
+                let mut later = self.clone();
+                later.top_timesteps = None;
+                later.identity() == saved.identity()
+            }
+            _ => false,
+        }
+    }
+
+    /// The timestep of one training sample at `step`.
+    fn draw_t(&self, step: u64, num_t: u64, rng: &mut ToyRng) -> i64 {
+        match &self.top_timesteps {
+            Some(top) if step >= top.from_step && rng.uniform() < top.fraction => {
+                (top.min_t + rng.below(num_t.saturating_sub(top.min_t).max(1))) as i64
+            }
+            _ => rng.below(num_t) as i64,
+        }
     }
 
     fn lr_at(&self, step: u64) -> f64 {
@@ -297,13 +359,14 @@ pub fn train_teacher(
                 let saved: Option<TeacherSettings> =
                     recorded.and_then(|v| serde_json::from_value(v).ok());
                 match saved {
-                    Some(s) if s.identity() == settings.identity() => {}
+                    Some(s) if settings.may_resume(&s, start_step) => {}
                     Some(s) => {
                         return Err(ToyError::Resume {
                             dir: out.to_owned(),
                             reason: format!(
                                 "the checkpoint at step {start_step} was trained with other \
-                                 settings (only --steps may change): saved {}, now {}",
+                                 settings (only --steps may change, or a top-timestep phase be added that starts at or \
+                                 after this step): saved {}, now {}",
                                 s.identity(),
                                 settings.identity()
                             ),
@@ -404,7 +467,9 @@ fn train_step(
     let mut rng = ToyRng::stream(settings.seed, step, STREAM_TRAIN);
     let batch = ShapeBatch::sample(b, &mut rng);
     let num_t = schedule.num_train_timesteps() as u64;
-    let t: Vec<i64> = (0..b).map(|_| rng.below(num_t) as i64).collect();
+    let t: Vec<i64> = (0..b)
+        .map(|_| settings.draw_t(step, num_t, &mut rng))
+        .collect();
     let rows: Vec<i64> = batch
         .captions
         .iter()
@@ -483,4 +548,62 @@ fn export_unet(
         None => vs.variables().into_iter().collect(),
     };
     write_unet(out, &settings.unet, &weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain() -> TeacherSettings {
+        TeacherSettings {
+            top_timesteps: None,
+            ..TeacherSettings::default()
+        }
+    }
+
+    fn draws(s: &TeacherSettings, step: u64) -> Vec<i64> {
+        let mut rng = ToyRng::stream(0, step, STREAM_TRAIN);
+        (0..256).map(|_| s.draw_t(step, 1000, &mut rng)).collect()
+    }
+
+    #[test]
+    fn the_top_timestep_phase_changes_nothing_before_it_starts() {
+        let with = TeacherSettings::default();
+        let from = DEFAULT_TOP_TIMESTEPS.from_step;
+        assert_eq!(draws(&with, from - 1), draws(&plain(), from - 1));
+        let late = draws(&with, from);
+        let top = late.iter().filter(|&&t| t >= 900).count();
+        // Half of them on purpose, plus uniform's own 10 % of the rest.
+        assert!((120..=170).contains(&top), "{top} of 256 at t >= 900");
+        assert!(late.iter().all(|&t| (0..1000).contains(&t)));
+        let all_top = TeacherSettings {
+            top_timesteps: Some(TopTimesteps {
+                fraction: 1.0,
+                ..DEFAULT_TOP_TIMESTEPS
+            }),
+            ..plain()
+        };
+        assert!(draws(&all_top, from).iter().all(|&t| t >= 900));
+    }
+
+    #[test]
+    fn a_run_may_take_up_the_phase_only_before_it_starts() {
+        let with = TeacherSettings::default();
+        let from = DEFAULT_TOP_TIMESTEPS.from_step;
+        assert!(with.may_resume(&with, from + 10));
+        assert!(with.may_resume(&plain(), from), "added at its first step");
+        assert!(
+            !with.may_resume(&plain(), from + 1),
+            "steps already trained without it"
+        );
+        assert!(!plain().may_resume(&with, 10), "nor dropped");
+        let other = TeacherSettings {
+            lr: 1e-4,
+            ..plain()
+        };
+        assert!(
+            !with.may_resume(&other, 10),
+            "anything else is still refused"
+        );
+    }
 }
