@@ -7,6 +7,7 @@
 //! newest committed checkpoint and the caption audit shows every caption
 //! exactly once per epoch over the committed history.
 
+mod cluster;
 mod common;
 
 use std::collections::BTreeMap;
@@ -511,12 +512,7 @@ fn the_worker_serves_healthz_and_refuses_what_it_cannot_run() {
     let dir = setup(2, 2);
     let d = dir.path();
     let coordinator = Coordinator::start(d, "run");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let health = format!("127.0.0.1:{port}");
+    let health = format!("127.0.0.1:{}", cluster::free_port());
     let w = Worker::spawn(
         d,
         &coordinator.address,
@@ -622,92 +618,29 @@ fn local_mode_with_two_workers_ends_where_one_worker_ends() {
     assert_matches_reference(d, "run", max_steps);
 }
 
-/// A free loopback port (free when asked; the coordinator binds it soon after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `swiftbrush coordinator` as an operator runs it, on fixed ports: a
-/// restarted one is found where the workers look. Killed when dropped.
-struct CoordinatorProcess {
-    child: Child,
-    http: String,
-    log_path: PathBuf,
-}
-
-impl CoordinatorProcess {
-    fn spawn(dir: &Path, grpc: &str, http: &str, log: &str) -> Self {
-        let log_path = dir.join(log);
-        let child = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
-            .env_clear()
-            .env("SWIFTBRUSH_TOKEN", TOKEN)
-            .env("RUST_LOG", "info")
-            .current_dir(dir)
-            .args(["coordinator", "--listen", grpc, "--http", http])
-            .args([
-                "--store",
-                "run",
-                "--config",
-                "job.yaml",
-                "--settle-ms",
-                "500",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .expect("spawn swiftbrush coordinator");
-        Self {
-            child,
-            http: http.to_owned(),
-            log_path,
+/// Polls the coordinator process's /status until `ok`; panics with it, the
+/// coordinator's log and the workers' logs after the deadline.
+fn wait_for_process(
+    coordinator: &cluster::CoordinatorProcess,
+    what: &str,
+    workers: &[&Worker],
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = cluster::status_json(&coordinator.http);
+        if ok(&status) {
+            return status;
         }
-    }
-
-    /// /status as JSON; None while it does not answer.
-    fn status(&self) -> Option<serde_json::Value> {
-        let body = http_get(&self.http, "/status").ok()?;
-        serde_json::from_str(&body).ok()
-    }
-
-    fn wait_for(
-        &self,
-        what: &str,
-        workers: &[&Worker],
-        ok: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let status = self.status();
-            if let Some(s) = status.as_ref().filter(|s| ok(s)) {
-                return s.clone();
-            }
-            if Instant::now() > deadline {
-                let logs: Vec<String> = workers.iter().map(|w| w.log()).collect();
-                panic!(
-                    "never {what}: {status:#?}\n== coordinator ==\n{}\n{}",
-                    std::fs::read_to_string(&self.log_path).unwrap_or_default(),
-                    logs.join("\n----------\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() > deadline {
+            let logs: Vec<String> = workers.iter().map(|w| w.log()).collect();
+            panic!(
+                "never {what}: {status:#}\n== coordinator ==\n{}\n{}",
+                coordinator.log(),
+                logs.join("\n----------\n")
+            );
         }
-    }
-
-    /// SIGKILL: nothing is shut down, flushed or told to anyone.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -722,13 +655,28 @@ fn a_killed_and_restarted_coordinator_costs_nothing() {
     let max_steps = 12;
     let dir = setup(2, max_steps);
     let d = dir.path();
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let http = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", cluster::free_port());
+    let http = format!("127.0.0.1:{}", cluster::free_port());
     let address = format!("http://{grpc}");
-    let first = CoordinatorProcess::spawn(d, &grpc, &http, "coordinator-1.log");
+    std::fs::write(d.join("token"), TOKEN).unwrap();
+    let path = |name: &str| d.join(name).display().to_string();
+    let (store, config, token) = (path("run"), path("job.yaml"), path("token"));
+    // `swiftbrush coordinator` as an operator runs it, on fixed ports so
+    // that the restarted one is found where the workers look.
+    let args = [
+        "--store",
+        &store,
+        "--config",
+        &config,
+        "--token-file",
+        &token,
+        "--settle-ms",
+        "500",
+    ];
+    let first = cluster::CoordinatorProcess::start_at(&grpc, &http, &args);
     let mut a = Worker::spawn(d, &address, "host-a", &[]);
     let mut b = Worker::spawn(d, &address, "host-b", &[]);
-    let running = first.wait_for("a world of 2 with a commit", &[&a, &b], |s| {
+    let running = wait_for_process(&first, "a world of 2 with a commit", &[&a, &b], |s| {
         s["phase"] == "running" && field(s, "world_size") == 2 && field(s, "committed_step") >= 2
     });
     let committed = field(&running, "committed_step");
@@ -740,13 +688,15 @@ fn a_killed_and_restarted_coordinator_costs_nothing() {
 
     // The same command again, on the same store: it finds the job's
     // checkpoints there, and the workers find it.
-    let second = CoordinatorProcess::spawn(d, &grpc, &http, "coordinator-2.log");
-    let resumed = second.wait_for("an answer", &[&a, &b], |_| true);
+    let second = cluster::CoordinatorProcess::start_at(&grpc, &http, &args);
+    let resumed = cluster::status_json(&second.http);
     assert!(
         field(&resumed, "committed_step") >= committed,
         "no committed step is lost: {resumed}"
     );
-    let done = second.wait_for("completed", &[&a, &b], |s| s["phase"] == "completed");
+    let done = wait_for_process(&second, "completed", &[&a, &b], |s| {
+        s["phase"] == "completed"
+    });
     assert_eq!(field(&done, "committed_step"), max_steps);
     assert!(
         field(&done, "generation") > field(&running, "generation"),

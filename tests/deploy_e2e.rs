@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster::{BIN, CoordinatorProcess, JobDir, fails, ok, poll, status_json, swiftbrush};
+use cluster::{
+    BIN, CoordinatorProcess, JobDir, fails, free_port, ok, poll, status_json, swiftbrush,
+};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -65,13 +67,6 @@ fn committed_steps(run: &Path) -> Vec<u64> {
         .unwrap_or_default();
     steps.sort_unstable();
     steps
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Waits for `child` with a deadline; kills it (and says so) past it.

@@ -74,17 +74,34 @@ pub struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts one on 127.0.0.1:0 (gRPC and HTTP) over `job`'s run directory.
     pub fn start(job: &JobDir, extra: &[&str]) -> Self {
+        let store = job.run_dir().display().to_string();
+        let token = job.token_file().display().to_string();
+        let args = [
+            &[
+                "--settle-ms",
+                "300",
+                "--store",
+                &store,
+                "--token-file",
+                &token,
+            ][..],
+            extra,
+        ]
+        .concat();
+        Self::start_at("127.0.0.1:0", "127.0.0.1:0", &args)
+    }
+
+    /// Starts one serving gRPC on `grpc` and HTTP on `http` (fixed ports:
+    /// a restarted coordinator is found where the workers look), with
+    /// `args` after those flags.
+    pub fn start_at(grpc: &str, http: &str, args: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .env_clear()
             .env("RUST_LOG", "info")
             .env("OMP_NUM_THREADS", "1")
             .args(["--log-format", "json", "coordinator"])
-            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .args(["--settle-ms", "300", "--store"])
-            .arg(job.run_dir())
-            .arg("--token-file")
-            .arg(job.token_file())
-            .args(extra)
+            .args(["--listen", grpc, "--http", http])
+            .args(args)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -147,6 +164,12 @@ impl CoordinatorProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// SIGKILL: nothing is shut down, flushed or told to anyone.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill the coordinator");
+        self.child.wait().expect("wait for the coordinator");
+    }
 }
 
 impl Drop for CoordinatorProcess {
@@ -198,6 +221,14 @@ pub fn fails(out: &Output) -> String {
         stderr(out)
     );
     stderr(out)
+}
+
+/// A loopback port that was free when asked.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// GET `path` from `addr` (host:port): the status code and the body.
