@@ -60,12 +60,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 cfg.train.device = d;
             }
             let report = swiftbrush_worker::bench::bench_vsd_step(cfg, steps)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            print_report(&report, report.table(), json)
         }
         BenchCommand::Allreduce {
             backend,
@@ -81,12 +76,17 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 other => unreachable!("clap admits tcp and nccl only, not {other:?}"),
             };
             let report = bench_allreduce(backend, size_mb, world, iters)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            print_report(&report, report.table(), json)
         }
     }
+}
+
+/// A benchmark's report on stdout: JSON with `--json`, else its table.
+fn print_report(report: &impl serde::Serialize, table: String, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{table}");
+    }
+    Ok(())
 }
