@@ -365,8 +365,8 @@ pub fn train_teacher(
                             dir: out.to_owned(),
                             reason: format!(
                                 "the checkpoint at step {start_step} was trained with other \
-                                 settings (only --steps may change, or a top-timestep phase be added that starts at or \
-                                 after this step): saved {}, now {}",
+                                 settings (only --steps may change, or a top-timestep phase be \
+                                 added that starts at or after this step): saved {}, now {}",
                                 s.identity(),
                                 settings.identity()
                             ),
