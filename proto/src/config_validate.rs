@@ -226,7 +226,7 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         &mut p,
         pr.student_dtype == Dtype::Fp32,
         "precision.student_dtype",
-        format!("{:?}", pr.student_dtype).to_lowercase(),
+        pr.student_dtype.name().to_owned(),
         "fp32 (the student, its EMA and both Adam states train in float32; only the teacher \
          passes run in lower precision, see precision.autocast)",
     );
@@ -234,7 +234,7 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         &mut p,
         pr.vae_dtype == Dtype::Fp32,
         "precision.vae_dtype",
-        format!("{:?}", pr.vae_dtype).to_lowercase(),
+        pr.vae_dtype.name().to_owned(),
         "fp32 (training never decodes; `swiftbrush sample --dtype` sets the sampling precision)",
     );
     p

@@ -209,13 +209,9 @@ pub fn teacher_autocast(
 /// One line for logs and `bench vsd-step`: what the step computes in (the
 /// student is float32: the config refuses another `precision.student_dtype`).
 pub fn describe(cfg: &PrecisionConfig, autocast: Option<&AutocastPlan>) -> String {
-    let teacher = match cfg.teacher_dtype {
-        Dtype::Fp32 => "fp32",
-        Dtype::Bf16 => "bf16",
-        Dtype::Fp16 => "fp16",
-    };
     format!(
-        "teacher {teacher} (autocast {}), student fp32, schedule and losses fp32",
+        "teacher {} (autocast {}), student fp32, schedule and losses fp32",
+        cfg.teacher_dtype.name(),
         autocast.map_or("none", |a| a.dtype().name()),
     )
 }
