@@ -74,6 +74,8 @@ pub struct MethodConfig {
     pub max_timestep: u32,
     /// Classifier-free guidance for both teachers in the VSD gradient.
     pub guidance_scale: f64,
+    /// How the VSD gradient is weighted per sample (SPEC step 4).
+    pub vsd_weighting: VsdWeighting,
     /// Probability that a LoRA-teacher step uses the null condition for the
     /// whole batch (text dropout, SPEC step 6).
     pub null_condition_prob: f64,
@@ -91,12 +93,27 @@ impl Default for MethodConfig {
             min_timestep: 20,
             max_timestep: 980,
             guidance_scale: 4.5,
+            vsd_weighting: VsdWeighting::Paper,
             null_condition_prob: 0.1,
             student: OptimizerConfig::with_lr(1e-6),
             lora: LoraConfig::default(),
             ema: EmaConfig::default(),
         }
     }
+}
+
+/// The per-sample weighting of the VSD gradient g (SPEC step 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VsdWeighting {
+    /// SwiftBrush's w(t) = 1 - abar_t on the eps difference.
+    Paper,
+    /// DMD's: the difference of the two teachers' x0 predictions divided by
+    /// the sample's mean |x0_hat - x0_teacher|. It weighs every timestep by
+    /// how far the teacher would move the draw, so the small-t passes that
+    /// see pixel-level detail count as much as the large-t ones that see
+    /// layout (the paper's weight gives t = 20 a seventh of t = 500).
+    Dmd,
 }
 
 /// Adam with gradient-norm clipping (SPEC steps 5 and 6).

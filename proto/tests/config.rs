@@ -1,6 +1,7 @@
 //! The job-config schema: presets resolve, and each class of bad input is an
 //! error that names the key path.
 
+use swiftbrush_proto::config::VsdWeighting;
 use swiftbrush_proto::{ConfigError, JobConfig};
 
 fn parse(yaml: &str) -> Result<JobConfig, ConfigError> {
@@ -192,4 +193,19 @@ fn fingerprint_changes_with_any_value() {
     b.method.guidance_scale = 5.0;
     assert_ne!(a.fingerprint(), b.fingerprint());
     assert_eq!(a.fingerprint().len(), 64);
+}
+
+#[test]
+fn vsd_weighting_parses_and_a_bad_one_names_the_choices() {
+    let c = JobConfig::from_yaml_str(
+        &format!("{TEACHER}method:\n  vsd_weighting: dmd\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.method.vsd_weighting, VsdWeighting::Dmd);
+    let plain = JobConfig::from_yaml_str(TEACHER, "t.yaml").unwrap();
+    assert_eq!(plain.method.vsd_weighting, VsdWeighting::Paper);
+    let e = err(&format!("{TEACHER}method:\n  vsd_weighting: sds\n"));
+    assert!(e.contains("method.vsd_weighting"), "{e}");
+    assert!(e.contains("paper") && e.contains("dmd"), "{e}");
 }

@@ -55,10 +55,10 @@ def guided(unet, x, t, cond, uncond, ptype, abar_t, teacher_pass=plain_pass):
     return u + GUIDANCE * (c - u)
 
 
-def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass):
+def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass, weighting="paper"):
     """The iteration; `teacher_pass` runs the three teacher forwards (frozen,
     LoRA, LoRA with gradients; golden_autocast.py puts them under autocast),
-    the student pass is always float32."""
+    the student pass is always float32. `weighting` is method.vsd_weighting."""
     ptype = pipe.scheduler.config.prediction_type
     abar = pipe.scheduler.alphas_cumprod.to(torch.float32)
     teacher = pipe.unet
@@ -100,7 +100,18 @@ def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass):
         teacher.enable_adapters()
         e_l = guided(teacher, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
     # 4-5. VSD gradient through the surrogate loss
-    grad = torch.nan_to_num((1 - abar_t) * (e_t - e_l))
+    if weighting == "dmd":
+        # DMD2's distribution matching gradient, as its code writes it: in
+        # x0 space, normalised by the sample's mean |x0 - x0_real|.
+        x0d = x0.detach()
+        pred_real = (x_t - (1 - abar_t).sqrt() * e_t) / abar_t.sqrt()
+        pred_fake = (x_t - (1 - abar_t).sqrt() * e_l) / abar_t.sqrt()
+        p_real = x0d - pred_real
+        p_fake = x0d - pred_fake
+        grad = (p_real - p_fake) / torch.abs(p_real).mean(dim=[1, 2, 3], keepdim=True)
+        grad = torch.nan_to_num(grad.detach())
+    else:
+        grad = torch.nan_to_num((1 - abar_t) * (e_t - e_l))
     loss_vsd = 0.5 * torch.nn.functional.mse_loss(
         x0.float(), (x0 - grad).detach().float(), reduction="mean"
     )
@@ -143,9 +154,11 @@ def build(root, pipelines):
         ("sd1", True, 22, TARGETS, ""),
         ("sd2v", False, 23, TARGETS, ""),
         ("sd1", False, 24, CONV_TARGETS, "_conv"),
+        ("sd1", False, 25, TARGETS, "_dmd"),
     ]
     for kind, null_condition, seed, targets, suffix in cases:
         pipe = load(pipelines[kind])
-        out = run(pipe, kind, null_condition, seed, targets)
+        weighting = "dmd" if suffix == "_dmd" else "paper"
+        out = run(pipe, kind, null_condition, seed, targets, weighting=weighting)
         name = f"{kind}{suffix}_null{int(null_condition)}.safetensors"
         save_tensors(os.path.join(root, "golden", "vsd", name), out)

@@ -13,6 +13,7 @@
 use tch::{Kind, Tensor};
 
 use crate::precision::AutocastPlan;
+pub use swiftbrush_proto::config::VsdWeighting;
 
 /// A noise-prediction network (a UNet in any role).
 pub trait Denoiser {
@@ -52,6 +53,7 @@ pub struct VsdConfig {
     /// A in x0_hat = (z - sqrt(1 - A) eps) / sqrt(A).
     pub student_alpha_bar: f64,
     pub guidance_scale: f64,
+    pub weighting: VsdWeighting,
     pub prediction: Prediction,
     /// Autocast for the teacher passes (None: as stored, inputs cast to the
     /// teacher's dtype). Build it with `precision::teacher_autocast`.
@@ -271,7 +273,15 @@ pub fn vsd_step_keeping_draw(
 
     // 4-5. VSD gradient, applied through a surrogate whose gradient wrt
     // x0_hat is g / numel.
-    let g = ((1f64 - &abar_t) * (e_teacher - e_lora)).nan_to_num(0.0, None, None);
+    let g = vsd_gradient(
+        cfg.weighting,
+        &x0_hat.detach(),
+        &x_t.detach(),
+        &abar_t,
+        &e_teacher,
+        &e_lora,
+    )
+    .nan_to_num(0.0, None, None);
     let target = (&x0_hat - g).detach();
     let loss_vsd = (x0_hat.to_kind(Kind::Float) - target.to_kind(Kind::Float))
         .square()
@@ -301,6 +311,33 @@ pub fn vsd_step_keeping_draw(
         },
         x0,
     )
+}
+
+/// SPEC step 4 without the nan_to_num: the direction in which the draw
+/// `x0_hat` moves away from (so minus the step toward) the teacher's
+/// distribution, from both teachers' guided eps on `x_t`.
+fn vsd_gradient(
+    weighting: VsdWeighting,
+    x0_hat: &Tensor,
+    x_t: &Tensor,
+    abar_t: &Tensor,
+    e_teacher: &Tensor,
+    e_lora: &Tensor,
+) -> Tensor {
+    match weighting {
+        VsdWeighting::Paper => (1f64 - abar_t) * (e_teacher - e_lora),
+        VsdWeighting::Dmd => {
+            // x0_L - x0_T = sqrt((1 - abar) / abar) (e_T - e_L): the fake
+            // minus the real x0 prediction, DMD's gradient before its norm.
+            let ratio = ((1f64 - abar_t) / abar_t).sqrt();
+            let x0_teacher = (x_t - (1f64 - abar_t).sqrt() * e_teacher) / abar_t.sqrt();
+            let norm =
+                (x0_hat - x0_teacher)
+                    .abs()
+                    .mean_dim([1i64, 2, 3].as_slice(), true, Kind::Float);
+            ratio * (e_teacher - e_lora) / norm
+        }
+    }
 }
 
 /// SPEC step 6 on the student's detached draw `x0`: the LoRA teacher's

@@ -7,7 +7,9 @@ mod common;
 use common::golden_vsd::{alphas_cumprod, fresh_roles, inputs, lora_spec, roles};
 
 use swiftbrush_worker::lora::LoraSpec;
-use swiftbrush_worker::vsd::{Denoiser, LoraTeacher, Prediction, VsdConfig, vsd_step};
+use swiftbrush_worker::vsd::{
+    Denoiser, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step,
+};
 use tch::{Device, Kind, Tensor};
 
 fn spec() -> LoraSpec {
@@ -20,10 +22,16 @@ fn conv_spec() -> LoraSpec {
 }
 
 fn check(case: &str, kind: &str, prediction: Prediction) {
-    check_with(case, kind, prediction, &spec());
+    check_with(case, kind, prediction, &spec(), VsdWeighting::Paper);
 }
 
-fn check_with(case: &str, kind: &str, prediction: Prediction, spec: &LoraSpec) {
+fn check_with(
+    case: &str,
+    kind: &str,
+    prediction: Prediction,
+    spec: &LoraSpec,
+    weighting: VsdWeighting,
+) {
     tch::set_num_threads(1);
     let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
     let (student, teacher) = roles(kind, spec, &g);
@@ -32,6 +40,7 @@ fn check_with(case: &str, kind: &str, prediction: Prediction, spec: &LoraSpec) {
         student_timestep: 999,
         student_alpha_bar: 0.0047,
         guidance_scale: 4.5,
+        weighting,
         prediction,
         teacher_autocast: None,
     };
@@ -110,7 +119,25 @@ fn vsd_step_matches_reference_v_prediction() {
 
 #[test]
 fn vsd_step_matches_reference_with_conv_adapters() {
-    check_with("sd1_conv_null0", "sd1", Prediction::Epsilon, &conv_spec());
+    check_with(
+        "sd1_conv_null0",
+        "sd1",
+        Prediction::Epsilon,
+        &conv_spec(),
+        VsdWeighting::Paper,
+    );
+}
+
+/// `method.vsd_weighting: dmd` against DMD2's own x0-space formulation.
+#[test]
+fn vsd_step_matches_reference_with_dmd_weighting() {
+    check_with(
+        "sd1_dmd_null0",
+        "sd1",
+        Prediction::Epsilon,
+        &spec(),
+        VsdWeighting::Dmd,
+    );
 }
 
 #[test]

@@ -129,6 +129,7 @@ impl Trainer {
             student_timestep: i64::from(m.student_timestep),
             student_alpha_bar,
             guidance_scale: m.guidance_scale,
+            weighting: m.vsd_weighting,
             prediction,
             teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
                 .map_err(|e| TrainError::Invalid(e.to_string()))?,
