@@ -76,6 +76,10 @@ pub struct MethodConfig {
     pub guidance_scale: f64,
     /// How the VSD gradient is weighted per sample (SPEC step 4).
     pub vsd_weighting: VsdWeighting,
+    /// What eps_psi is: LoRA adapters on the teacher (SwiftBrush) or a full
+    /// trainable copy of it (DMD2). Either trains with `lora.optimizer`
+    /// and `lora.updates_per_step`; rank, alpha and targets are LoRA's.
+    pub fake_score: FakeScore,
     /// Probability that a LoRA-teacher step uses the null condition for the
     /// whole batch (text dropout, SPEC step 6).
     pub null_condition_prob: f64,
@@ -94,6 +98,7 @@ impl Default for MethodConfig {
             max_timestep: 980,
             guidance_scale: 4.5,
             vsd_weighting: VsdWeighting::Paper,
+            fake_score: FakeScore::Lora,
             null_condition_prob: 0.1,
             student: OptimizerConfig::with_lr(1e-6),
             lora: LoraConfig::default(),
@@ -114,6 +119,18 @@ pub enum VsdWeighting {
     /// see pixel-level detail count as much as the large-t ones that see
     /// layout (the paper's weight gives t = 20 a seventh of t = 500).
     Dmd,
+}
+
+/// The network that learns the student's distribution (SPEC's LoRA
+/// teacher eps_psi).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FakeScore {
+    /// LoRA adapters over the teacher's own weights: one copy of the base.
+    Lora,
+    /// A full copy of the teacher UNet, every weight trainable (DMD2's
+    /// variant): one more UNet and its optimizer state in memory.
+    Unet,
 }
 
 /// Adam with gradient-norm clipping (SPEC steps 5 and 6).

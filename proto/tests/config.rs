@@ -1,7 +1,7 @@
 //! The job-config schema: presets resolve, and each class of bad input is an
 //! error that names the key path.
 
-use swiftbrush_proto::config::VsdWeighting;
+use swiftbrush_proto::config::{FakeScore, VsdWeighting};
 use swiftbrush_proto::{ConfigError, JobConfig};
 
 fn parse(yaml: &str) -> Result<JobConfig, ConfigError> {
@@ -208,4 +208,14 @@ fn vsd_weighting_parses_and_a_bad_one_names_the_choices() {
     let e = err(&format!("{TEACHER}method:\n  vsd_weighting: sds\n"));
     assert!(e.contains("method.vsd_weighting"), "{e}");
     assert!(e.contains("paper") && e.contains("dmd"), "{e}");
+}
+
+#[test]
+fn fake_score_parses_and_a_bad_one_names_the_choices() {
+    let c = parse(&format!("{TEACHER}method:\n  fake_score: unet\n")).unwrap();
+    assert_eq!(c.method.fake_score, FakeScore::Unet);
+    assert_eq!(parse(TEACHER).unwrap().method.fake_score, FakeScore::Lora);
+    let e = err(&format!("{TEACHER}method:\n  fake_score: full\n"));
+    assert!(e.contains("method.fake_score"), "{e}");
+    assert!(e.contains("lora") && e.contains("unet"), "{e}");
 }

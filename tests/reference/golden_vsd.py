@@ -55,25 +55,59 @@ def guided(unet, x, t, cond, uncond, ptype, abar_t, teacher_pass=plain_pass):
     return u + GUIDANCE * (c - u)
 
 
-def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass, weighting="paper"):
+def run(
+    pipe,
+    kind,
+    null_condition,
+    seed,
+    targets,
+    teacher_pass=plain_pass,
+    weighting="paper",
+    fake="lora",
+):
     """The iteration; `teacher_pass` runs the three teacher forwards (frozen,
     LoRA, LoRA with gradients; golden_autocast.py puts them under autocast),
-    the student pass is always float32. `weighting` is method.vsd_weighting."""
+    the student pass is always float32. `weighting` is method.vsd_weighting,
+    `fake` method.fake_score: "lora", or "unet" for DMD2's full trainable
+    copy of the teacher as the fake score."""
     ptype = pipe.scheduler.config.prediction_type
     abar = pipe.scheduler.alphas_cumprod.to(torch.float32)
     teacher = pipe.unet
     student = copy.deepcopy(teacher)
     teacher.requires_grad_(False)
-    teacher.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=True)
-    )
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(teacher.named_parameters()):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    lora_params = {n: p for n, p in teacher.named_parameters() if p.requires_grad}
-    adapters = {k: v.detach().clone() for k, v in get_peft_model_state_dict(teacher).items()}
+    if fake == "unet":
+        # Perturbed so that it differs from the teacher (an unperturbed
+        # copy gives a zero VSD gradient, which proves nothing); saved so
+        # the Rust side loads the same weights.
+        fake_unet = copy.deepcopy(teacher).requires_grad_(True)
+        with torch.no_grad():
+            for _, p in sorted(fake_unet.named_parameters()):
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        fake_params = dict(fake_unet.named_parameters())
+        saved = {f"fake.{n}": p.detach().clone() for n, p in fake_params.items()}
+        grad_prefix = "fake_grad."
+        real_model, fake_model = teacher, fake_unet
+        disable = enable = lambda: None
+    else:
+        teacher.add_adapter(
+            LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=True)
+        )
+        with torch.no_grad():
+            for name, p in sorted(teacher.named_parameters()):
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        # peft names: ...to_q.lora_A.default.weight -> ...to_q.lora_A.weight
+        fake_params = {
+            n.replace(".default", ""): p for n, p in teacher.named_parameters() if p.requires_grad
+        }
+        saved = {
+            f"adapter.{k}": v.detach().clone()
+            for k, v in get_peft_model_state_dict(teacher).items()
+        }
+        grad_prefix = "lora_grad."
+        real_model = fake_model = teacher
+        disable, enable = teacher.disable_adapters, teacher.enable_adapters
 
     cond = encode(pipe, PROMPTS)
     uncond = encode(pipe, [""])
@@ -95,10 +129,10 @@ def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass, weig
     x_t = abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * eps
     # 3. both teachers with guidance
     with torch.no_grad():
-        teacher.disable_adapters()
-        e_t = guided(teacher, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
-        teacher.enable_adapters()
-        e_l = guided(teacher, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
+        disable()
+        e_t = guided(real_model, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
+        enable()
+        e_l = guided(fake_model, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
     # 4-5. VSD gradient through the surrogate loss
     if weighting == "dmd":
         # DMD2's distribution matching gradient, as its code writes it: in
@@ -121,7 +155,7 @@ def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass, weig
     abar_t2 = abar[t2].view(-1, 1, 1, 1)
     x2 = abar_t2.sqrt() * x0d + (1 - abar_t2).sqrt() * eps2
     c2 = uncond.expand(b, -1, -1) if null_condition else cond
-    pred = to_eps(teacher_pass(teacher, x2, t2, c2), x2, abar_t2, ptype)
+    pred = to_eps(teacher_pass(fake_model, x2, t2, c2), x2, abar_t2, ptype)
     loss_lora = torch.mean((abar_t2.sqrt() * (pred - eps2)) ** 2)
     loss_lora.backward()
 
@@ -138,13 +172,11 @@ def run(pipe, kind, null_condition, seed, targets, teacher_pass=plain_pass, weig
         "loss_vsd": loss_vsd.detach().reshape(1),
         "loss_lora": loss_lora.detach().reshape(1),
     }
-    for k, v in adapters.items():
-        out[f"adapter.{k}"] = v
+    out.update(saved)
     for n, p in student.named_parameters():
         out[f"student_grad.{n}"] = p.grad
-    for n, p in lora_params.items():
-        # peft names: ...to_q.lora_A.default.weight -> ...to_q.lora_A.weight
-        out[f"lora_grad.{n.replace('.default', '')}"] = p.grad
+    for n, p in fake_params.items():
+        out[f"{grad_prefix}{n}"] = p.grad
     return out
 
 
@@ -155,10 +187,12 @@ def build(root, pipelines):
         ("sd2v", False, 23, TARGETS, ""),
         ("sd1", False, 24, CONV_TARGETS, "_conv"),
         ("sd1", False, 25, TARGETS, "_dmd"),
+        ("sd1", False, 26, TARGETS, "_fullfake"),
     ]
     for kind, null_condition, seed, targets, suffix in cases:
         pipe = load(pipelines[kind])
         weighting = "dmd" if suffix == "_dmd" else "paper"
-        out = run(pipe, kind, null_condition, seed, targets, weighting=weighting)
+        fake = "unet" if suffix == "_fullfake" else "lora"
+        out = run(pipe, kind, null_condition, seed, targets, weighting=weighting, fake=fake)
         name = f"{kind}{suffix}_null{int(null_condition)}.safetensors"
         save_tensors(os.path.join(root, "golden", "vsd", name), out)

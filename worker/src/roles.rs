@@ -1,8 +1,12 @@
 //! The three networks of SwiftBrush (shared/SPEC.md): the frozen teacher
 //! and the LoRA teacher as one UNet with switchable adapters, and the
-//! student, a full trainable copy initialised from the teacher.
+//! student, a full trainable copy initialised from the teacher. DMD2's
+//! variant replaces the adapters by a full trainable copy
+//! (`method.fake_score: unet`): [`FullFakeScore`]; [`Teachers`] is either.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{Device, Kind, Tensor, nn};
 
@@ -112,5 +116,99 @@ impl Denoiser for TeacherUNet {
 impl LoraTeacher for TeacherUNet {
     fn set_adapters_enabled(&self, enabled: bool) {
         self.lora.switch.set(enabled);
+    }
+}
+
+/// The frozen teacher beside a full trainable copy of it as the fake score
+/// (DMD2): "adapters on" selects the copy.
+pub struct FullFakeScore {
+    pub teacher: UNet,
+    pub fake: UNet,
+    fake_on: AtomicBool,
+}
+
+impl FullFakeScore {
+    /// `fake` is a copy of the teacher in float32 (made before the teacher
+    /// is cast to a half dtype): it trains.
+    pub fn new(mut teacher: UNet, fake: UNet) -> Self {
+        teacher.vs.freeze();
+        Self {
+            teacher,
+            fake,
+            fake_on: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Denoiser for FullFakeScore {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
+        if self.fake_on.load(Ordering::Relaxed) {
+            self.fake.predict(x, t, cond)
+        } else {
+            self.teacher.predict(x, t, cond)
+        }
+    }
+}
+
+impl LoraTeacher for FullFakeScore {
+    fn set_adapters_enabled(&self, enabled: bool) {
+        self.fake_on.store(enabled, Ordering::Relaxed);
+    }
+}
+
+/// The frozen teacher and the fake score, in either form: what the trainer
+/// holds.
+pub enum Teachers {
+    Lora(Box<TeacherUNet>),
+    Unet(Box<FullFakeScore>),
+}
+
+impl Teachers {
+    /// The fake score's trainable tensors by name, sorted: the adapters by
+    /// PEFT name, or the copy's weights by diffusers name.
+    pub fn fake_parameters(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Teachers::Lora(t) => t.lora.named_parameters(),
+            Teachers::Unet(t) => {
+                let mut v: Vec<_> = t.fake.vs.variables().into_iter().collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            }
+        }
+    }
+
+    /// Copies saved fake-score tensors in, strictly by name and shape;
+    /// `origin` names them in errors.
+    pub fn load_fake(
+        &mut self,
+        tensors: HashMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<(), RoleError> {
+        match self {
+            Teachers::Lora(t) => Ok(t.lora.load(&tensors)?),
+            Teachers::Unet(t) => {
+                weights::load_tensors_strict(&mut t.fake.vs, tensors, &[PathBuf::from(origin)])
+                    .map_err(ModelError::from)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Denoiser for Teachers {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
+        match self {
+            Teachers::Lora(m) => m.predict(x, t, cond),
+            Teachers::Unet(m) => m.predict(x, t, cond),
+        }
+    }
+}
+
+impl LoraTeacher for Teachers {
+    fn set_adapters_enabled(&self, enabled: bool) {
+        match self {
+            Teachers::Lora(m) => m.set_adapters_enabled(enabled),
+            Teachers::Unet(m) => m.set_adapters_enabled(enabled),
+        }
     }
 }

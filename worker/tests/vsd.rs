@@ -4,9 +4,12 @@
 
 mod common;
 
-use common::golden_vsd::{alphas_cumprod, fresh_roles, inputs, lora_spec, roles};
+use std::collections::HashMap;
+
+use common::golden_vsd::{alphas_cumprod, fresh_roles, full_fake_roles, inputs, lora_spec, roles};
 
 use swiftbrush_worker::lora::LoraSpec;
+use swiftbrush_worker::roles::{Teachers, UNet};
 use swiftbrush_worker::vsd::{
     Denoiser, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step,
 };
@@ -32,10 +35,30 @@ fn check_with(
     spec: &LoraSpec,
     weighting: VsdWeighting,
 ) {
-    tch::set_num_threads(1);
     let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
     let (student, teacher) = roles(kind, spec, &g);
-    let (draws, text) = inputs(&g);
+    check_step(
+        case,
+        &g,
+        &student,
+        &Teachers::Lora(Box::new(teacher)),
+        prediction,
+        weighting,
+    );
+}
+
+/// One step of `student` and `teachers` on the golden file's draws: both
+/// losses and every trainable gradient as the reference's.
+fn check_step(
+    case: &str,
+    g: &HashMap<String, Tensor>,
+    student: &UNet,
+    teachers: &Teachers,
+    prediction: Prediction,
+    weighting: VsdWeighting,
+) {
+    tch::set_num_threads(1);
+    let (draws, text) = inputs(g);
     let cfg = VsdConfig {
         student_timestep: 999,
         student_alpha_bar: 0.0047,
@@ -44,7 +67,7 @@ fn check_with(
         prediction,
         teacher_autocast: None,
     };
-    let losses = vsd_step(&student, &teacher, &alphas_cumprod(), &cfg, &text, &draws);
+    let losses = vsd_step(student, teachers, &alphas_cumprod(), &cfg, &text, &draws);
 
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
     let want_vsd = g["loss_vsd"].double_value(&[0]);
@@ -62,6 +85,11 @@ fn check_with(
 
     // Gradients: max abs diff <= 1e-4 of the gradient's largest entry.
     let compare = |prefix: &str, params: Vec<(String, Tensor)>| {
+        assert_eq!(
+            params.len(),
+            g.keys().filter(|k| k.starts_with(prefix)).count(),
+            "{case}: {prefix} tensor count"
+        );
         let mut worst = 0.0f64;
         let scale = params
             .iter()
@@ -84,20 +112,15 @@ fn check_with(
     };
     let mut student_params: Vec<_> = student.vs.variables().into_iter().collect();
     student_params.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(
-        student_params.len(),
-        g.keys().filter(|k| k.starts_with("student_grad.")).count()
-    );
     compare("student_grad.", student_params);
-    let lora_params = teacher.lora.named_parameters();
-    assert_eq!(
-        lora_params.len(),
-        g.keys().filter(|k| k.starts_with("lora_grad.")).count()
-    );
-    compare("lora_grad.", lora_params);
+    let (prefix, frozen) = match teachers {
+        Teachers::Lora(t) => ("lora_grad.", &t.unet),
+        Teachers::Unet(t) => ("fake_grad.", &t.teacher),
+    };
+    compare(prefix, teachers.fake_parameters());
 
     // The frozen teacher gets no gradient.
-    for (name, p) in teacher.unet.vs.variables() {
+    for (name, p) in frozen.vs.variables() {
         assert!(!p.requires_grad(), "teacher weight {name} is trainable");
     }
 }
@@ -124,6 +147,23 @@ fn vsd_step_matches_reference_with_conv_adapters() {
         "sd1",
         Prediction::Epsilon,
         &conv_spec(),
+        VsdWeighting::Paper,
+    );
+}
+
+/// `method.fake_score: unet` (DMD2's full copy of the teacher, perturbed
+/// in the reference so that the VSD gradient is not zero): the copy's
+/// weights get the reference's gradients, the teacher none.
+#[test]
+fn vsd_step_matches_reference_with_a_full_unet_fake_score() {
+    let g = common::golden("golden/vsd/sd1_fullfake_null0.safetensors");
+    let (student, teachers) = full_fake_roles("sd1", &g);
+    check_step(
+        "sd1_fullfake_null0",
+        &g,
+        &student,
+        &Teachers::Unet(Box::new(teachers)),
+        Prediction::Epsilon,
         VsdWeighting::Paper,
     );
 }

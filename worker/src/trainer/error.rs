@@ -19,6 +19,9 @@ pub enum TrainError {
         #[source]
         source: RoleError,
     },
+    /// Restoring the fake score (a checkpoint's adapters or UNet copy).
+    #[error(transparent)]
+    Role(#[from] RoleError),
     #[error(transparent)]
     Folder(#[from] crate::pipeline::FolderError),
     #[error(transparent)]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use swiftbrush_proto::JobConfig;
-use swiftbrush_proto::config::{Dtype, EmaConfig};
+use swiftbrush_proto::config::{Dtype, EmaConfig, FakeScore};
 use swiftbrush_proto::run_store::RunStore;
 use tch::{Device, Tensor};
 
@@ -22,7 +22,7 @@ use crate::lora::LoraSpec;
 use crate::models::vae::AutoencoderKLConfig;
 use crate::optim::{Adam, AdamConfig};
 use crate::pipeline::{DiffusersFolder, teacher_fingerprint};
-use crate::roles::{TeacherUNet, UNet};
+use crate::roles::{FullFakeScore, TeacherUNet, Teachers, UNet};
 use crate::vsd::{Prediction, VsdConfig};
 
 impl Trainer {
@@ -83,6 +83,12 @@ impl Trainer {
         let (teacher, student, text) = crate::vsd::with_generator(|| {
             let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
             let student = teacher_unet.duplicate().map_err(teacher_err)?;
+            // DMD2's fake score: a float32 copy, made before the teacher
+            // takes its storage dtype.
+            let fake = match cfg.method.fake_score {
+                FakeScore::Lora => None,
+                FakeScore::Unet => Some(teacher_unet.duplicate().map_err(teacher_err)?),
+            };
             // set_kind, not bfloat16()/half(): those convert the weights but
             // leave the store's kind at float32, and UNet::predict casts its
             // inputs to the store's kind (a bf16 teacher without autocast
@@ -95,8 +101,13 @@ impl Trainer {
             // Adapters are initialised from the run's seed: a fresh run is
             // reproducible, a resumed one loads them.
             tch::manual_seed(cfg.train.seed as i64);
-            let teacher = TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
-                .map_err(teacher_err)?;
+            let teacher = match fake {
+                None => Teachers::Lora(Box::new(
+                    TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
+                        .map_err(teacher_err)?,
+                )),
+                Some(fake) => Teachers::Unet(Box::new(FullFakeScore::new(teacher_unet, fake))),
+            };
             let text = TextConditioner::load(&folder, device)?;
             Ok::<_, TrainError>((teacher, student, text))
         })?;
@@ -144,7 +155,7 @@ impl Trainer {
             AdamConfig::from(&m.student),
         );
         let opt_lora = Adam::new(
-            teacher.lora.named_parameters(),
+            teacher.fake_parameters(),
             AdamConfig::from(&m.lora.optimizer),
         );
         let ema = Ema::new(student_params, ema_decay(&m.ema));

@@ -55,7 +55,10 @@ impl Trainer {
             &[format!("checkpoint step {} {STUDENT}", manifest.step).into()],
         )
         .map_err(crate::models::ModelError::from)?;
-        self.teacher.lora.load(&take(&mut restored, LORA))?;
+        self.teacher.load_fake(
+            take(&mut restored, LORA),
+            &format!("checkpoint step {} {LORA}", manifest.step),
+        )?;
         self.opt_student
             .load_state(take(&mut restored, OPTIM_STUDENT))?;
         self.opt_lora.load_state(take(&mut restored, OPTIM_LORA))?;
@@ -97,7 +100,7 @@ impl Trainer {
             [
                 (STUDENT, sorted(self.student.vs.variables())),
                 (EMA, self.ema.tensors()),
-                (LORA, self.teacher.lora.named_parameters()),
+                (LORA, self.teacher.fake_parameters()),
                 (OPTIM_STUDENT, self.opt_student.state_tensors()),
                 (OPTIM_LORA, self.opt_lora.state_tensors()),
             ],

@@ -26,7 +26,7 @@ use super::world::{Directive, Phase, StepReport, WorldEnd, WorldParts};
 use crate::diffusion::NoiseSchedule;
 use crate::ema::Ema;
 use crate::optim::{Adam, clip_grad_norm};
-use crate::roles::{TeacherUNet, UNet};
+use crate::roles::{Teachers, UNet};
 use crate::vsd::{
     Conditions, DrawKey, Draws, LoraDraws, RankSlice, VsdConfig, VsdLosses, lora_loss_backward,
     vsd_step_keeping_draw,
@@ -58,7 +58,7 @@ pub struct Trainer {
     pub(super) cfg: JobConfig,
     pub(super) device: Device,
     pub(super) text: TextConditioner,
-    pub(super) teacher: TeacherUNet,
+    pub(super) teacher: Teachers,
     pub(super) student: UNet,
     pub(super) schedule: NoiseSchedule,
     pub(super) vsd: VsdConfig,
@@ -334,7 +334,7 @@ impl Trainer {
         let mut hasher = sha2::Sha256::new();
         for named in [
             sorted(self.student.vs.variables()),
-            self.teacher.lora.named_parameters(),
+            self.teacher.fake_parameters(),
         ] {
             let bytes = super::tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
             hasher.update(&bytes);
@@ -512,9 +512,10 @@ impl Trainer {
         &self.student
     }
 
-    /// The LoRA teacher's adapters by PEFT name, sorted.
+    /// The fake score's trainable tensors, sorted: the LoRA adapters by
+    /// PEFT name, or the full copy's weights (`method.fake_score: unet`).
     pub fn adapters(&self) -> Vec<(String, Tensor)> {
-        self.teacher.lora.named_parameters()
+        self.teacher.fake_parameters()
     }
 }
 

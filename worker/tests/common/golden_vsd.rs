@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 
 use swiftbrush_worker::lora::LoraSpec;
+use swiftbrush_worker::models::weights;
 use swiftbrush_worker::pipeline::DiffusersFolder;
-use swiftbrush_worker::roles::{TeacherUNet, UNet};
+use swiftbrush_worker::roles::{FullFakeScore, TeacherUNet, UNet};
 use swiftbrush_worker::vsd::{Conditions, Draws};
 use tch::{Device, Kind, Tensor};
 
@@ -50,6 +51,21 @@ pub fn roles(kind: &str, spec: &LoraSpec, g: &HashMap<String, Tensor>) -> (UNet,
         .collect();
     teacher.lora.load(&adapters).unwrap();
     (student, teacher)
+}
+
+/// The student and DMD2's fake score (the teacher beside a full copy with
+/// the golden file's perturbed weights) of fixture pipeline `kind`.
+pub fn full_fake_roles(kind: &str, g: &HashMap<String, Tensor>) -> (UNet, FullFakeScore) {
+    let folder = DiffusersFolder::open(&super::pipeline(kind)).unwrap();
+    let teacher = UNet::load(&folder, Device::Cpu).unwrap();
+    let student = teacher.duplicate().unwrap();
+    let mut fake = teacher.duplicate().unwrap();
+    let weights: HashMap<String, Tensor> = g
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("fake.").map(|n| (n.to_owned(), v.copy())))
+        .collect();
+    weights::load_tensors_strict(&mut fake.vs, weights, &[]).unwrap();
+    (student, FullFakeScore::new(teacher, fake))
 }
 
 /// The golden file's draws and text conditions.

@@ -1,0 +1,137 @@
+//! `method.fake_score: unet`: DMD2's fake score, a full trainable copy of
+//! the teacher instead of LoRA adapters, through the real trainer: every
+//! weight of the copy trains, the teacher stays as loaded, and a resumed
+//! run continues bit for bit (the copy and its optimizer are checkpointed).
+//! The step itself is checked against the reference in vsd.rs.
+
+mod common;
+
+use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::FakeScore;
+use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
+use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
+use swiftbrush_worker::trainer::{Resume, Trainer};
+use tch::{Device, Tensor};
+
+fn config(run_dir: &str, fake: FakeScore, max_steps: u64) -> JobConfig {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
+    let mut cfg = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
+    cfg.model.teacher = Some(common::pipeline("sd1").display().to_string());
+    cfg.method.fake_score = fake;
+    cfg.train.max_steps = max_steps;
+    cfg.train.global_batch = 2;
+    cfg.checkpoint.run_dir = run_dir.to_owned();
+    cfg.checkpoint.every_steps = 1;
+    cfg
+}
+
+fn trainer(cfg: JobConfig) -> Trainer {
+    let feed = LocalCaptionFeed::from_captions(
+        vec!["a red circle".to_owned(), "a photo of a cat".to_owned()],
+        (2, 0, true),
+        0,
+        1,
+    )
+    .unwrap();
+    Trainer::build(cfg, Device::Cpu, feed, SingleProcess, Resume::Auto).unwrap()
+}
+
+fn sorted(v: impl IntoIterator<Item = (String, Tensor)>) -> Vec<(String, Tensor)> {
+    let mut v: Vec<_> = v.into_iter().map(|(n, t)| (n, t.copy())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn student(t: &Trainer) -> Vec<(String, Tensor)> {
+    sorted(t.student().vs.variables())
+}
+
+fn equal(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+}
+
+#[test]
+fn a_full_unet_fake_score_trains_every_weight_of_its_copy() {
+    tch::set_num_threads(1);
+    let mut full = trainer(config("memory://", FakeScore::Unet, 2));
+    let mut lora = trainer(config("memory://", FakeScore::Lora, 2));
+
+    // The copy starts as the teacher (so as the student), under the
+    // teacher's diffusers names.
+    let before = sorted(full.adapters());
+    assert!(
+        equal(&before, &student(&full)),
+        "the fake score starts as a copy of the teacher"
+    );
+    assert!(lora.adapters()[0].0.contains(".lora_A."));
+
+    full.train_step(0).unwrap();
+    lora.train_step(0).unwrap();
+    // At step 0 both fake scores equal the teacher, so the first student
+    // update is the same; the fake scores then train differently.
+    assert!(equal(&student(&full), &student(&lora)));
+    let after = sorted(full.adapters());
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|((_, a), (_, b))| !a.equal(b))
+        .count();
+    assert!(
+        moved * 10 >= before.len() * 9,
+        "{moved} of {} fake-score tensors moved in one update",
+        before.len()
+    );
+    full.train_step(1).unwrap();
+    lora.train_step(1).unwrap();
+    assert!(
+        !equal(&student(&full), &student(&lora)),
+        "the second student update follows the fake score"
+    );
+}
+
+#[test]
+fn a_resumed_run_with_a_full_unet_fake_score_continues_bit_for_bit() {
+    tch::set_num_threads(1);
+    let mut straight = trainer(config("memory://full-fake-straight", FakeScore::Unet, 4));
+    straight.run().unwrap();
+
+    let dir = "memory://full-fake-resumed";
+    trainer(config(dir, FakeScore::Unet, 2)).run().unwrap();
+    let mut resumed = trainer(config(dir, FakeScore::Unet, 4));
+    assert_eq!(
+        resumed.state().step,
+        2,
+        "resumes at the checkpoint of step 2"
+    );
+    resumed.run().unwrap();
+
+    assert!(equal(&student(&straight), &student(&resumed)));
+    assert!(equal(
+        &sorted(straight.adapters()),
+        &sorted(resumed.adapters())
+    ));
+}
+
+#[test]
+fn a_lora_checkpoint_does_not_load_into_a_full_unet_fake_score() {
+    tch::set_num_threads(1);
+    let dir = "memory://full-fake-mismatch";
+    trainer(config(dir, FakeScore::Lora, 1)).run().unwrap();
+    let feed =
+        LocalCaptionFeed::from_captions(vec!["a cat".to_owned()], (2, 0, true), 0, 1).unwrap();
+    let err = Trainer::build(
+        config(dir, FakeScore::Unet, 2),
+        Device::Cpu,
+        feed,
+        SingleProcess,
+        Resume::Auto,
+    )
+    .err()
+    .expect("a LoRA checkpoint resumed as a full fake score must fail")
+    .to_string();
+    assert!(err.contains("lora.safetensors"), "{err}");
+    assert!(err.contains("missing"), "{err}");
+}
