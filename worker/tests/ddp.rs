@@ -6,20 +6,14 @@ mod common;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
+use common::tiny_run;
 use swiftbrush_proto::JobConfig;
 use swiftbrush_worker::collective::TcpRing;
-use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
-use swiftbrush_worker::trainer::{Resume, Trainer};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 fn config(run_dir: &str) -> JobConfig {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
-    let mut cfg = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
-    cfg.model.teacher = Some(common::pipeline("sd1").display().to_string());
-    cfg.train.max_steps = 3;
-    cfg.train.global_batch = 2;
-    cfg.checkpoint.run_dir = run_dir.to_owned();
+    let mut cfg = tiny_run::config(run_dir, 3);
     cfg.checkpoint.every_steps = 100;
     // A further LoRA update per step, so the extra updates' draws and
     // all-reduce are held to the same equivalence.
@@ -27,23 +21,12 @@ fn config(run_dir: &str) -> JobConfig {
     cfg
 }
 
-fn captions() -> Vec<String> {
-    ["a red circle", "a photo of a cat", "a blue square", "a dog"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
+const CAPTIONS: [&str; 4] = ["a red circle", "a photo of a cat", "a blue square", "a dog"];
 
 fn train<S: GradientSync + 'static>(run_dir: &str, sync: S) -> Vec<(String, Tensor)> {
-    let rank = sync.rank();
-    let world = sync.world_size();
-    let feed = LocalCaptionFeed::from_captions(captions(), (2, 0, true), rank, world).unwrap();
-    let mut trainer =
-        Trainer::build(config(run_dir), Device::Cpu, feed, sync, Resume::Auto).unwrap();
+    let mut trainer = tiny_run::trainer_with(config(run_dir), &CAPTIONS, sync);
     trainer.run().unwrap();
-    let mut v: Vec<_> = trainer.student().vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
+    tiny_run::student(&trainer)
 }
 
 fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
@@ -92,7 +75,7 @@ fn two_ranks_equal_one_rank_with_the_same_global_batch() {
     // The student moved (the comparison is not vacuous).
     let folder =
         swiftbrush_worker::pipeline::DiffusersFolder::open(&common::pipeline("sd1")).unwrap();
-    let teacher = swiftbrush_worker::roles::UNet::load(&folder, Device::Cpu).unwrap();
+    let teacher = swiftbrush_worker::roles::UNet::load(&folder, tch::Device::Cpu).unwrap();
     let mut t: Vec<_> = teacher.vs.variables().into_iter().collect();
     t.sort_by(|a, b| a.0.cmp(&b.0));
     assert!(max_diff(&single, &t) > 1e-7);

@@ -6,51 +6,18 @@
 
 mod common;
 
+use common::tiny_run::{self, equal, snapshot, student, trainer};
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::FakeScore;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
 use swiftbrush_worker::trainer::{Resume, Trainer};
-use tch::{Device, Tensor};
+use tch::Device;
 
 fn config(run_dir: &str, fake: FakeScore, max_steps: u64) -> JobConfig {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
-    let mut cfg = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
-    cfg.model.teacher = Some(common::pipeline("sd1").display().to_string());
+    let mut cfg = tiny_run::config(run_dir, max_steps);
     cfg.method.fake_score = fake;
-    cfg.train.max_steps = max_steps;
-    cfg.train.global_batch = 2;
-    cfg.checkpoint.run_dir = run_dir.to_owned();
-    cfg.checkpoint.every_steps = 1;
     cfg
-}
-
-fn trainer(cfg: JobConfig) -> Trainer {
-    let feed = LocalCaptionFeed::from_captions(
-        vec!["a red circle".to_owned(), "a photo of a cat".to_owned()],
-        (2, 0, true),
-        0,
-        1,
-    )
-    .unwrap();
-    Trainer::build(cfg, Device::Cpu, feed, SingleProcess, Resume::Auto).unwrap()
-}
-
-fn sorted(v: impl IntoIterator<Item = (String, Tensor)>) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = v.into_iter().map(|(n, t)| (n, t.copy())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn student(t: &Trainer) -> Vec<(String, Tensor)> {
-    sorted(t.student().vs.variables())
-}
-
-fn equal(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
 }
 
 #[test]
@@ -61,7 +28,7 @@ fn a_full_unet_fake_score_trains_every_weight_of_its_copy() {
 
     // The copy starts as the teacher (so as the student), under the
     // teacher's diffusers names.
-    let before = sorted(full.adapters());
+    let before = snapshot(full.adapters());
     assert!(
         equal(&before, &student(&full)),
         "the fake score starts as a copy of the teacher"
@@ -73,7 +40,7 @@ fn a_full_unet_fake_score_trains_every_weight_of_its_copy() {
     // At step 0 both fake scores equal the teacher, so the first student
     // update is the same; the fake scores then train differently.
     assert!(equal(&student(&full), &student(&lora)));
-    let after = sorted(full.adapters());
+    let after = snapshot(full.adapters());
     let moved = before
         .iter()
         .zip(&after)
@@ -110,8 +77,8 @@ fn a_resumed_run_with_a_full_unet_fake_score_continues_bit_for_bit() {
 
     assert!(equal(&student(&straight), &student(&resumed)));
     assert!(equal(
-        &sorted(straight.adapters()),
-        &sorted(resumed.adapters())
+        &snapshot(straight.adapters()),
+        &snapshot(resumed.adapters())
     ));
 }
 

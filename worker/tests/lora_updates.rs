@@ -6,46 +6,13 @@
 
 mod common;
 
+use common::tiny_run::{self, equal, snapshot, student, trainer};
 use swiftbrush_proto::JobConfig;
-use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
-use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
-use swiftbrush_worker::trainer::{Resume, Trainer};
-use tch::{Device, Tensor};
 
 fn config(run_dir: &str, updates: u32, max_steps: u64) -> JobConfig {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
-    let mut cfg = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
-    cfg.model.teacher = Some(common::pipeline("sd1").display().to_string());
+    let mut cfg = tiny_run::config(run_dir, max_steps);
     cfg.method.lora.updates_per_step = updates;
-    cfg.train.max_steps = max_steps;
-    cfg.train.global_batch = 2;
-    cfg.checkpoint.run_dir = run_dir.to_owned();
-    cfg.checkpoint.every_steps = 1;
     cfg
-}
-
-fn trainer(cfg: JobConfig) -> Trainer {
-    let feed = LocalCaptionFeed::from_captions(
-        vec!["a red circle".to_owned(), "a photo of a cat".to_owned()],
-        (2, 0, true),
-        0,
-        1,
-    )
-    .unwrap();
-    Trainer::build(cfg, Device::Cpu, feed, SingleProcess, Resume::Auto).unwrap()
-}
-
-fn student(t: &Trainer) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = t.student().vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-fn equal(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
 }
 
 #[test]
@@ -53,10 +20,6 @@ fn extra_lora_updates_move_the_adapters_after_the_student_step() {
     tch::set_num_threads(1);
     let mut once = trainer(config("memory://", 1, 2));
     let mut thrice = trainer(config("memory://", 3, 2));
-    // Copies: the trainer's tensors are updated in place.
-    let snapshot = |v: Vec<(String, Tensor)>| -> Vec<(String, Tensor)> {
-        v.into_iter().map(|(n, t)| (n, t.copy())).collect()
-    };
     let before = snapshot(once.adapters());
     assert!(equal(&before, &thrice.adapters()), "same initial adapters");
 

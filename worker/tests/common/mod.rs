@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod golden_vsd;
+pub mod tiny_run;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

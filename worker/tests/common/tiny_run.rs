@@ -1,0 +1,61 @@
+//! A real trainer on configs/tiny.yaml and the sd1 fixture pipeline, for
+//! the tests that train a few steps in-process (lora_updates.rs,
+//! fake_score.rs, ddp.rs), and how they compare weights.
+
+use swiftbrush_proto::JobConfig;
+use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
+use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
+use swiftbrush_worker::trainer::{Resume, Trainer};
+use tch::{Device, Tensor};
+
+/// configs/tiny.yaml on the sd1 fixture: global batch 2, `max_steps`,
+/// a checkpoint every step into `run_dir`.
+pub fn config(run_dir: &str, max_steps: u64) -> JobConfig {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
+    let mut cfg = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
+    cfg.model.teacher = Some(super::pipeline("sd1").display().to_string());
+    cfg.train.max_steps = max_steps;
+    cfg.train.global_batch = 2;
+    cfg.checkpoint.run_dir = run_dir.to_owned();
+    cfg.checkpoint.every_steps = 1;
+    cfg
+}
+
+/// A single-process trainer on two captions, resuming if `cfg`'s run
+/// directory holds a checkpoint.
+pub fn trainer(cfg: JobConfig) -> Trainer {
+    trainer_with(cfg, &["a red circle", "a photo of a cat"], SingleProcess)
+}
+
+/// A trainer on `captions`, sharded by `sync`'s rank and world size.
+pub fn trainer_with<S: GradientSync + 'static>(
+    cfg: JobConfig,
+    captions: &[&str],
+    sync: S,
+) -> Trainer {
+    let captions = captions.iter().map(|s| s.to_string()).collect();
+    let feed =
+        LocalCaptionFeed::from_captions(captions, (2, 0, true), sync.rank(), sync.world_size())
+            .unwrap();
+    Trainer::build(cfg, Device::Cpu, feed, sync, Resume::Auto).unwrap()
+}
+
+/// Copies of `tensors`, sorted by name (the trainer updates its own in place).
+pub fn snapshot(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Vec<(String, Tensor)> {
+    let mut v: Vec<_> = tensors.into_iter().map(|(n, t)| (n, t.copy())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The student's weights now, sorted by name.
+pub fn student(t: &Trainer) -> Vec<(String, Tensor)> {
+    snapshot(t.student().vs.variables())
+}
+
+/// Same names, bit-identical tensors.
+pub fn equal(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+}
