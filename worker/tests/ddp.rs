@@ -1,5 +1,7 @@
 //! Data parallelism is exact: two ranks with the TCP ring and global batch G
-//! end with the same student as one rank with G (and as each other).
+//! end with the same student as one rank with G (and as each other), with
+//! either fake score (LoRA adapters, or DMD2's full UNet copy, whose every
+//! weight's gradient is all-reduced).
 
 mod common;
 
@@ -8,12 +10,14 @@ use std::time::Duration;
 
 use common::tiny_run;
 use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::FakeScore;
 use swiftbrush_worker::collective::TcpRing;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
 use tch::{Kind, Tensor};
 
-fn config(run_dir: &str) -> JobConfig {
+fn config(run_dir: &str, fake: FakeScore) -> JobConfig {
     let mut cfg = tiny_run::config(run_dir, 3);
+    cfg.method.fake_score = fake;
     cfg.checkpoint.every_steps = 100;
     // A further LoRA update per step, so the extra updates' draws and
     // all-reduce are held to the same equivalence.
@@ -23,8 +27,12 @@ fn config(run_dir: &str) -> JobConfig {
 
 const CAPTIONS: [&str; 4] = ["a red circle", "a photo of a cat", "a blue square", "a dog"];
 
-fn train<S: GradientSync + 'static>(run_dir: &str, sync: S) -> Vec<(String, Tensor)> {
-    let mut trainer = tiny_run::trainer_with(config(run_dir), &CAPTIONS, sync);
+fn train<S: GradientSync + 'static>(
+    run_dir: &str,
+    fake: FakeScore,
+    sync: S,
+) -> Vec<(String, Tensor)> {
+    let mut trainer = tiny_run::trainer_with(config(run_dir, fake), &CAPTIONS, sync);
     trainer.run().unwrap();
     tiny_run::student(&trainer)
 }
@@ -45,8 +53,17 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
 
 #[test]
 fn two_ranks_equal_one_rank_with_the_same_global_batch() {
+    two_ranks_equal_one_rank(FakeScore::Lora, "lora");
+}
+
+#[test]
+fn two_ranks_equal_one_rank_with_a_full_unet_fake_score() {
+    two_ranks_equal_one_rank(FakeScore::Unet, "unet");
+}
+
+fn two_ranks_equal_one_rank(fake: FakeScore, tag: &str) {
     tch::set_num_threads(1);
-    let single = train("memory://ddp-single", SingleProcess);
+    let single = train(&format!("memory://ddp-{tag}-single"), fake, SingleProcess);
 
     let listeners: Vec<TcpListener> = (0..2)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
@@ -57,11 +74,12 @@ fn two_ranks_equal_one_rank_with_the_same_global_batch() {
         .enumerate()
         .map(|(r, l)| {
             let addrs = addrs.clone();
+            let run_dir = format!("memory://ddp-{tag}-rank{r}");
             std::thread::spawn(move || {
                 tch::set_num_threads(1);
                 let ring =
                     TcpRing::connect(r as u64, &addrs, l, 0, Duration::from_secs(30)).unwrap();
-                train(&format!("memory://ddp-rank{r}"), ring)
+                train(&run_dir, fake, ring)
             })
         })
         .collect();
