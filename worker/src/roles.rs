@@ -72,6 +72,14 @@ impl UNet {
         })
     }
 
+    /// The weights by diffusers name, sorted (the order optimizers, EMA and
+    /// checkpoints use).
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<_> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Loads weights saved by [`weights::save_varstore`] (or any file with
     /// diffusers' names) over this UNet.
     pub fn load_weights(&mut self, file: &Path) -> Result<(), RoleError> {
@@ -169,11 +177,7 @@ impl Teachers {
     pub fn fake_parameters(&self) -> Vec<(String, Tensor)> {
         match self {
             Teachers::Lora(t) => t.lora.named_parameters(),
-            Teachers::Unet(t) => {
-                let mut v: Vec<_> = t.fake.vs.variables().into_iter().collect();
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                v
-            }
+            Teachers::Unet(t) => t.fake.named_parameters(),
         }
     }
 

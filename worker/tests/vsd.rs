@@ -110,9 +110,7 @@ fn check_step(
             "{case} {prefix}: max diff {worst:e}, scale {scale:e}"
         );
     };
-    let mut student_params: Vec<_> = student.vs.variables().into_iter().collect();
-    student_params.sort_by(|a, b| a.0.cmp(&b.0));
-    compare("student_grad.", student_params);
+    compare("student_grad.", student.named_parameters());
     let (prefix, frozen) = match teachers {
         Teachers::Lora(t) => ("lora_grad.", &t.unet),
         Teachers::Unet(t) => ("fake_grad.", &t.teacher),

@@ -2,7 +2,6 @@
 //! overlaid on it, the student copied from it, the schedule, optimizers and
 //! EMA, and the run directory opened; the state is the initial one.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use swiftbrush_proto::JobConfig;
@@ -147,7 +146,7 @@ impl Trainer {
         };
 
         let sample_shape = sample_shape(&cfg, &folder, &student)?;
-        let student_params: Vec<(String, Tensor)> = sorted(student.vs.variables());
+        let student_params: Vec<(String, Tensor)> = student.named_parameters();
         let opt_student = Adam::new(
             student_params
                 .iter()
@@ -228,11 +227,4 @@ fn sample_shape(
 /// The device a config asks for.
 pub fn device_of(cfg: &JobConfig) -> Result<Device, TrainError> {
     crate::device::parse_device(&cfg.train.device).map_err(|e| TrainError::Invalid(e.to_string()))
-}
-
-/// Variables sorted by name (the order optimizers, EMA and checkpoints use).
-pub(super) fn sorted(map: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = map.into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }

@@ -6,7 +6,6 @@ use swiftbrush_proto::run_store::{Manifest, ResumeFrom};
 
 use super::TrainError;
 use super::checkpoint::{self, EMA, LORA, Landing, OPTIM_LORA, OPTIM_STUDENT, STUDENT, Snapshot};
-use super::load::sorted;
 use super::run::{Resume, Trainer};
 use super::world::{Phase, WorldEnd};
 use crate::models::weights;
@@ -98,7 +97,7 @@ impl Trainer {
         let snap = Snapshot::new(
             &self.state,
             [
-                (STUDENT, sorted(self.student.vs.variables())),
+                (STUDENT, self.student.named_parameters()),
                 (EMA, self.ema.tensors()),
                 (LORA, self.teacher.fake_parameters()),
                 (OPTIM_STUDENT, self.opt_student.state_tensors()),

@@ -19,7 +19,6 @@ use super::TrainError;
 use super::caption_audit::AuditEntry;
 use super::checkpoint::{CheckpointError, TrainState, Uploader};
 use super::gradient_sync::{GradientSync, StepVote, all_finite, gradients};
-use super::load::sorted;
 use super::progress::Progress;
 use super::text::TextConditioner;
 use super::world::{Directive, Phase, StepReport, WorldEnd, WorldParts};
@@ -333,7 +332,7 @@ impl Trainer {
         };
         let mut hasher = sha2::Sha256::new();
         for named in [
-            sorted(self.student.vs.variables()),
+            self.student.named_parameters(),
             self.teacher.fake_parameters(),
         ] {
             let bytes = super::tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
@@ -483,7 +482,7 @@ impl Trainer {
         } else {
             // Exports read the EMA weights: without averaging they are the
             // student's own.
-            self.ema = Ema::new(sorted(self.student.vs.variables()), 0.0);
+            self.ema = Ema::new(self.student.named_parameters(), 0.0);
         }
         self.state.ema_updates = self.ema.num_updates();
     }
