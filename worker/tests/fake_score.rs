@@ -9,10 +9,7 @@ mod common;
 use common::tiny_run::{self, equal, snapshot, student, trainer};
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::FakeScore;
-use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
-use swiftbrush_worker::trainer::{Resume, Trainer};
-use tch::Device;
 
 fn config(run_dir: &str, fake: FakeScore, max_steps: u64) -> JobConfig {
     let mut cfg = tiny_run::config(run_dir, max_steps);
@@ -87,18 +84,11 @@ fn a_lora_checkpoint_does_not_load_into_a_full_unet_fake_score() {
     tch::set_num_threads(1);
     let dir = "memory://full-fake-mismatch";
     trainer(config(dir, FakeScore::Lora, 1)).run().unwrap();
-    let feed =
-        LocalCaptionFeed::from_captions(vec!["a cat".to_owned()], (2, 0, true), 0, 1).unwrap();
-    let err = Trainer::build(
-        config(dir, FakeScore::Unet, 2),
-        Device::Cpu,
-        feed,
-        SingleProcess,
-        Resume::Auto,
-    )
-    .err()
-    .expect("a LoRA checkpoint resumed as a full fake score must fail")
-    .to_string();
+    let err =
+        tiny_run::try_trainer_with(config(dir, FakeScore::Unet, 2), &["a cat"], SingleProcess)
+            .err()
+            .expect("a LoRA checkpoint resumed as a full fake score must fail")
+            .to_string();
     assert!(err.contains("lora.safetensors"), "{err}");
     assert!(err.contains("missing"), "{err}");
 }

@@ -5,7 +5,7 @@
 use swiftbrush_proto::JobConfig;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
-use swiftbrush_worker::trainer::{Resume, Trainer};
+use swiftbrush_worker::trainer::{Resume, TrainError, Trainer};
 use tch::{Device, Tensor};
 
 /// configs/tiny.yaml on the sd1 fixture: global batch 2, `max_steps`,
@@ -33,11 +33,20 @@ pub fn trainer_with<S: GradientSync + 'static>(
     captions: &[&str],
     sync: S,
 ) -> Trainer {
+    try_trainer_with(cfg, captions, sync).unwrap()
+}
+
+/// [`trainer_with`], returning the build's error (a refused resume).
+pub fn try_trainer_with<S: GradientSync + 'static>(
+    cfg: JobConfig,
+    captions: &[&str],
+    sync: S,
+) -> Result<Trainer, TrainError> {
     let captions = captions.iter().map(|s| s.to_string()).collect();
     let feed =
         LocalCaptionFeed::from_captions(captions, (2, 0, true), sync.rank(), sync.world_size())
             .unwrap();
-    Trainer::build(cfg, Device::Cpu, feed, sync, Resume::Auto).unwrap()
+    Trainer::build(cfg, Device::Cpu, feed, sync, Resume::Auto)
 }
 
 /// Copies of `tensors`, sorted by name (the trainer updates its own in place).
