@@ -130,7 +130,10 @@ pub enum FakeScore {
     /// LoRA adapters over the teacher's own weights: one copy of the base.
     Lora,
     /// A full copy of the teacher UNet, every weight trainable (DMD2's
-    /// variant): one more UNet and its optimizer state in memory.
+    /// variant): one more UNet and its optimizer state in memory. Trained,
+    /// as DMD2 trains it, with the unweighted eps-MSE and no text dropout
+    /// (`null_condition_prob` is then unused), and scored on the caption
+    /// alone (no guidance) in the VSD gradient.
     Unet,
 }
 

@@ -132,7 +132,11 @@ def run(
         disable()
         e_t = guided(real_model, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
         enable()
-        e_l = guided(fake_model, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
+        if fake == "unet":
+            # DMD2 scores its fake on the caption alone (fake guidance 1).
+            e_l = to_eps(teacher_pass(fake_model, x_t, t, cond), x_t, abar_t, ptype)
+        else:
+            e_l = guided(fake_model, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
     # 4-5. VSD gradient through the surrogate loss
     if weighting == "dmd":
         # DMD2's distribution matching gradient, as its code writes it: in
@@ -154,9 +158,14 @@ def run(
     x0d = x0.detach()
     abar_t2 = abar[t2].view(-1, 1, 1, 1)
     x2 = abar_t2.sqrt() * x0d + (1 - abar_t2).sqrt() * eps2
-    c2 = uncond.expand(b, -1, -1) if null_condition else cond
-    pred = to_eps(teacher_pass(fake_model, x2, t2, c2), x2, abar_t2, ptype)
-    loss_lora = torch.mean((abar_t2.sqrt() * (pred - eps2)) ** 2)
+    if fake == "unet":
+        # DMD2's fake-score loss: unweighted eps-MSE, no text dropout.
+        pred = to_eps(teacher_pass(fake_model, x2, t2, cond), x2, abar_t2, ptype)
+        loss_lora = torch.mean((pred - eps2) ** 2)
+    else:
+        c2 = uncond.expand(b, -1, -1) if null_condition else cond
+        pred = to_eps(teacher_pass(fake_model, x2, t2, c2), x2, abar_t2, ptype)
+        loss_lora = torch.mean((abar_t2.sqrt() * (pred - eps2)) ** 2)
     loss_lora.backward()
 
     out = {
@@ -187,7 +196,8 @@ def build(root, pipelines):
         ("sd2v", False, 23, TARGETS, ""),
         ("sd1", False, 24, CONV_TARGETS, "_conv"),
         ("sd1", False, 25, TARGETS, "_dmd"),
-        ("sd1", False, 26, TARGETS, "_fullfake"),
+        # The null flag set: DMD2's fake score must ignore it.
+        ("sd1", True, 26, TARGETS, "_fullfake"),
     ]
     for kind, null_condition, seed, targets, suffix in cases:
         pipe = load(pipelines[kind])

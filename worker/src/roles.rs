@@ -15,7 +15,7 @@ use crate::models::layers::without_init;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::{ModelError, weights};
 use crate::pipeline::DiffusersFolder;
-use crate::vsd::{Denoiser, LoraTeacher};
+use crate::vsd::{Denoiser, FakeScore, LoraTeacher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -172,6 +172,14 @@ pub enum Teachers {
 }
 
 impl Teachers {
+    /// Which form of fake score this is (`method.fake_score`).
+    pub fn fake_score(&self) -> FakeScore {
+        match self {
+            Teachers::Lora(_) => FakeScore::Lora,
+            Teachers::Unet(_) => FakeScore::Unet,
+        }
+    }
+
     /// The fake score's trainable tensors by name, sorted: the adapters by
     /// PEFT name, or the copy's weights by diffusers name.
     pub fn fake_parameters(&self) -> Vec<(String, Tensor)> {

@@ -13,7 +13,7 @@
 use tch::{Kind, Tensor};
 
 use crate::precision::AutocastPlan;
-pub use swiftbrush_proto::config::VsdWeighting;
+pub use swiftbrush_proto::config::{FakeScore, VsdWeighting};
 
 /// A noise-prediction network (a UNet in any role).
 pub trait Denoiser {
@@ -54,6 +54,14 @@ pub struct VsdConfig {
     pub student_alpha_bar: f64,
     pub guidance_scale: f64,
     pub weighting: VsdWeighting,
+    /// Which fake score the teacher carries, and so how it is scored and
+    /// trained: SwiftBrush's LoRA teacher (guided in step 3; step 6 weighted
+    /// by sqrt(abar_t') with text dropout) or DMD2's full copy (SPEC "known
+    /// variants": unweighted eps-MSE, no text dropout, and so scored on the
+    /// caption alone in step 3, DMD2's fake guidance 1: its null branch
+    /// never trains, so guiding it would mix a tracking score with the
+    /// frozen teacher's).
+    pub fake_score: FakeScore,
     pub prediction: Prediction,
     /// Autocast for the teacher passes (None: as stored, inputs cast to the
     /// teacher's dtype). Build it with `precision::teacher_autocast`.
@@ -267,7 +275,13 @@ pub fn vsd_step_keeping_draw(
         teacher.set_adapters_enabled(false);
         let e_t = guided(teacher, &x, &draws.t, &abar_t, text, cfg);
         teacher.set_adapters_enabled(true);
-        let e_l = guided(teacher, &x, &draws.t, &abar_t, text, cfg);
+        let e_l = match cfg.fake_score {
+            FakeScore::Lora => guided(teacher, &x, &draws.t, &abar_t, text, cfg),
+            FakeScore::Unet => {
+                let out = teacher_pass(teacher, &x, &draws.t, &text.cond, cfg);
+                cfg.prediction.to_eps(&out, &x, &abar_t)
+            }
+        };
         (e_t, e_l)
     });
 
@@ -342,6 +356,9 @@ fn vsd_gradient(
 
 /// SPEC step 6 on the student's detached draw `x0`: the LoRA teacher's
 /// denoising loss, backward into the adapters' `.grad`. Returns the loss.
+/// DMD2's full fake score (`FakeScore::Unet`) trains on the caption always
+/// (the draws' null flag is ignored, so the random stream is the same for
+/// both forms) with the unweighted eps-MSE.
 pub fn lora_loss_backward(
     teacher: &impl LoraTeacher,
     alphas_cumprod: &Tensor,
@@ -356,7 +373,7 @@ pub fn lora_loss_backward(
         .index_select(0, &draws.t_lora)
         .view([-1, 1, 1, 1]);
     let x_l = abar_l.sqrt() * x0 + (1f64 - &abar_l).sqrt() * &draws.eps_lora;
-    let cond = if draws.null_condition {
+    let cond = if draws.null_condition && cfg.fake_score == FakeScore::Lora {
         text.uncond.expand([b, -1, -1], false)
     } else {
         text.cond.shallow_clone()
@@ -365,9 +382,11 @@ pub fn lora_loss_backward(
     // dtype its forward ran in, outside the region (as torch.autocast asks).
     let pred = teacher_pass(teacher, &x_l, &draws.t_lora, &cond, cfg);
     let pred = cfg.prediction.to_eps(&pred, &x_l, &abar_l);
-    let loss_lora = (abar_l.sqrt() * (pred - &draws.eps_lora))
-        .square()
-        .mean(Kind::Float);
+    let residual = pred - &draws.eps_lora;
+    let loss_lora = match cfg.fake_score {
+        FakeScore::Lora => (abar_l.sqrt() * residual).square().mean(Kind::Float),
+        FakeScore::Unet => residual.square().mean(Kind::Float),
+    };
     loss_lora.backward();
     loss_lora.double_value(&[])
 }

@@ -21,22 +21,21 @@ fn config(run_dir: &str, fake: FakeScore, max_steps: u64) -> JobConfig {
 fn a_full_unet_fake_score_trains_every_weight_of_its_copy() {
     tch::set_num_threads(1);
     let mut full = trainer(config("memory://", FakeScore::Unet, 2));
-    let mut lora = trainer(config("memory://", FakeScore::Lora, 2));
+    let lora = trainer(config("memory://", FakeScore::Lora, 2));
 
     // The copy starts as the teacher (so as the student), under the
     // teacher's diffusers names.
     let before = snapshot(full.adapters());
+    let student_before = student(&full);
     assert!(
-        equal(&before, &student(&full)),
+        equal(&before, &student_before),
         "the fake score starts as a copy of the teacher"
     );
     assert!(lora.adapters()[0].0.contains(".lora_A."));
 
+    // Even at step 0 the student has a gradient: the teacher is scored with
+    // guidance, the copy (DMD2) on the caption alone.
     full.train_step(0).unwrap();
-    lora.train_step(0).unwrap();
-    // At step 0 both fake scores equal the teacher, so the first student
-    // update is the same; the fake scores then train differently.
-    assert!(equal(&student(&full), &student(&lora)));
     let after = snapshot(full.adapters());
     let moved = before
         .iter()
@@ -48,11 +47,9 @@ fn a_full_unet_fake_score_trains_every_weight_of_its_copy() {
         "{moved} of {} fake-score tensors moved in one update",
         before.len()
     );
-    full.train_step(1).unwrap();
-    lora.train_step(1).unwrap();
     assert!(
-        !equal(&student(&full), &student(&lora)),
-        "the second student update follows the fake score"
+        !equal(&student_before, &student(&full)),
+        "the student's first update follows the guided teacher against the copy"
     );
 }
 

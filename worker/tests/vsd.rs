@@ -64,6 +64,7 @@ fn check_step(
         student_alpha_bar: 0.0047,
         guidance_scale: 4.5,
         weighting,
+        fake_score: teachers.fake_score(),
         prediction,
         teacher_autocast: None,
     };
@@ -151,13 +152,16 @@ fn vsd_step_matches_reference_with_conv_adapters() {
 
 /// `method.fake_score: unet` (DMD2's full copy of the teacher, perturbed
 /// in the reference so that the VSD gradient is not zero): the copy's
-/// weights get the reference's gradients, the teacher none.
+/// weights get the reference's gradients, the teacher none. The draws ask
+/// for the null condition, which DMD2's fake score ignores (no text
+/// dropout); its loss is the unweighted eps-MSE and it is scored on the
+/// caption alone.
 #[test]
 fn vsd_step_matches_reference_with_a_full_unet_fake_score() {
-    let g = common::golden("golden/vsd/sd1_fullfake_null0.safetensors");
+    let g = common::golden("golden/vsd/sd1_fullfake_null1.safetensors");
     let (student, teachers) = full_fake_roles("sd1", &g);
     check_step(
-        "sd1_fullfake_null0",
+        "sd1_fullfake_null1",
         &g,
         &student,
         &Teachers::Unet(Box::new(teachers)),
