@@ -137,11 +137,11 @@ def run(
             e_l = to_eps(teacher_pass(fake_model, x_t, t, cond), x_t, abar_t, ptype)
         else:
             e_l = guided(fake_model, x_t, t, cond, uncond, ptype, abar_t, teacher_pass)
+    x0d = x0.detach()
     # 4-5. VSD gradient through the surrogate loss
     if weighting == "dmd":
         # DMD2's distribution matching gradient, as its code writes it: in
         # x0 space, normalised by the sample's mean |x0 - x0_real|.
-        x0d = x0.detach()
         pred_real = (x_t - (1 - abar_t).sqrt() * e_t) / abar_t.sqrt()
         pred_fake = (x_t - (1 - abar_t).sqrt() * e_l) / abar_t.sqrt()
         p_real = x0d - pred_real
@@ -155,7 +155,6 @@ def run(
     )
     loss_vsd.backward()
     # 6. LoRA teacher's denoising loss on the detached student draw
-    x0d = x0.detach()
     abar_t2 = abar[t2].view(-1, 1, 1, 1)
     x2 = abar_t2.sqrt() * x0d + (1 - abar_t2).sqrt() * eps2
     if fake == "unet":
