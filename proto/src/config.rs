@@ -72,8 +72,15 @@ pub struct MethodConfig {
     pub min_timestep: u32,
     /// Largest timestep drawn for the VSD noise (0.98 T).
     pub max_timestep: u32,
+    /// Anneals the largest VSD timestep linearly from `max_timestep` at
+    /// step 0 to this at `train.max_steps` (threestudio's schedule; SPEC:
+    /// known to over-saturate). Unset: constant.
+    pub max_timestep_final: Option<u32>,
     /// Classifier-free guidance for both teachers in the VSD gradient.
     pub guidance_scale: f64,
+    /// Draws the guidance scale uniformly from [lo, hi] once per iteration,
+    /// for both teachers (SNOOPI), instead of `guidance_scale`.
+    pub guidance_scale_range: Option<[f64; 2]>,
     /// How the VSD gradient is weighted per sample (SPEC step 4).
     pub vsd_weighting: VsdWeighting,
     /// What eps_psi is: LoRA adapters on the teacher (SwiftBrush) or a full
@@ -96,7 +103,9 @@ impl Default for MethodConfig {
             student_alpha_bar_from_schedule: false,
             min_timestep: 20,
             max_timestep: 980,
+            max_timestep_final: None,
             guidance_scale: 4.5,
+            guidance_scale_range: None,
             vsd_weighting: VsdWeighting::Paper,
             fake_score: FakeScore::Lora,
             null_condition_prob: 0.1,

@@ -60,6 +60,18 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         m.max_timestep.to_string(),
         "0..=999",
     );
+    if let Some(last) = m.max_timestep_final {
+        check(
+            &mut p,
+            m.min_timestep < last && last <= m.max_timestep,
+            "method.max_timestep_final",
+            last.to_string(),
+            &format!(
+                "above method.min_timestep ({}) and at most method.max_timestep ({})",
+                m.min_timestep, m.max_timestep
+            ),
+        );
+    }
     check(
         &mut p,
         m.guidance_scale.is_finite() && m.guidance_scale >= 1.0,
@@ -67,6 +79,15 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         m.guidance_scale.to_string(),
         ">= 1 (1 means no guidance)",
     );
+    if let Some([lo, hi]) = m.guidance_scale_range {
+        check(
+            &mut p,
+            lo.is_finite() && hi.is_finite() && 1.0 <= lo && lo <= hi,
+            "method.guidance_scale_range",
+            format!("[{lo}, {hi}]"),
+            "[lo, hi] with 1 <= lo <= hi",
+        );
+    }
     check(
         &mut p,
         (0.0..=1.0).contains(&m.null_condition_prob),

@@ -219,3 +219,38 @@ fn fake_score_parses_and_a_bad_one_names_the_choices() {
     assert!(e.contains("method.fake_score"), "{e}");
     assert!(e.contains("lora") && e.contains("unet"), "{e}");
 }
+
+#[test]
+fn guidance_scale_range_parses_and_a_reversed_one_is_refused() {
+    let c = parse(&format!(
+        "{TEACHER}method:\n  guidance_scale_range: [2.0, 6.0]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.method.guidance_scale_range, Some([2.0, 6.0]));
+    assert_eq!(parse(TEACHER).unwrap().method.guidance_scale_range, None);
+    let e = err(&format!(
+        "{TEACHER}method:\n  guidance_scale_range: [6.0, 2.0]\n"
+    ));
+    assert!(
+        e.contains("method.guidance_scale_range = [6, 2] is not allowed"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{TEACHER}method:\n  guidance_scale_range: [0.5, 2.0]\n"
+    ));
+    assert!(e.contains("1 <= lo <= hi"), "{e}");
+}
+
+#[test]
+fn max_timestep_final_must_lie_between_the_timestep_bounds() {
+    let c = parse(&format!("{TEACHER}method:\n  max_timestep_final: 500\n")).unwrap();
+    assert_eq!(c.method.max_timestep_final, Some(500));
+    for bad in [10, 990] {
+        let e = err(&format!("{TEACHER}method:\n  max_timestep_final: {bad}\n"));
+        assert!(
+            e.contains(&format!("method.max_timestep_final = {bad} is not allowed")),
+            "{e}"
+        );
+        assert!(e.contains("method.min_timestep (20)"), "{e}");
+    }
+}

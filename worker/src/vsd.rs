@@ -13,6 +13,7 @@
 use tch::{Kind, Tensor};
 
 use crate::precision::AutocastPlan;
+use swiftbrush_proto::config::MethodConfig;
 pub use swiftbrush_proto::config::{FakeScore, VsdWeighting};
 
 /// A noise-prediction network (a UNet in any role).
@@ -83,6 +84,42 @@ pub struct Draws {
     pub eps_lora: Tensor,
     /// The LoRA loss uses the null condition for the whole batch.
     pub null_condition: bool,
+    /// This iteration's guidance scale for both teachers, drawn when
+    /// `method.guidance_scale_range` is set (else `VsdConfig`'s).
+    pub guidance_scale: Option<f64>,
+}
+
+/// What one step's draws are drawn from, besides their key and shape: the
+/// method's ranges.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawSpec {
+    /// VSD timesteps, both ends included.
+    pub timesteps: (i64, i64),
+    pub null_condition_prob: f64,
+    /// SNOOPI's per-iteration guidance scale, uniform in [lo, hi].
+    pub guidance_range: Option<(f64, f64)>,
+}
+
+impl DrawSpec {
+    /// The spec of step `step` of a run of `max_steps`: the VSD timesteps'
+    /// upper bound anneals linearly from `max_timestep` to
+    /// `max_timestep_final` when that is set (rounded to the nearest step;
+    /// a function of the step, so a resumed run draws the same).
+    pub fn at_step(m: &MethodConfig, step: u64, max_steps: u64) -> Self {
+        let (lo, hi) = (i64::from(m.min_timestep), i64::from(m.max_timestep));
+        let hi = match m.max_timestep_final {
+            Some(last) if max_steps > 0 => {
+                let done = (step.min(max_steps) as f64) / (max_steps as f64);
+                (hi as f64 + (f64::from(last) - hi as f64) * done).round() as i64
+            }
+            _ => hi,
+        };
+        Self {
+            timesteps: (lo, hi.max(lo)),
+            null_condition_prob: m.null_condition_prob,
+            guidance_range: m.guidance_scale_range.map(|[a, b]| (a, b)),
+        }
+    }
 }
 
 /// Draws happen under one lock: libtorch's generator is process-global, and
@@ -114,16 +151,18 @@ impl Draws {
     /// is a function of (seed, step, sample index): independent of the device
     /// and of the world size (a resumed run with another world size, or one
     /// rank with the global batch, sees exactly the same draws), and needs no
-    /// RNG state to resume. The null-condition flag is one draw per
-    /// iteration, shared by all ranks.
+    /// RNG state to resume. The null-condition flag and the guidance scale
+    /// are one draw per iteration, shared by all ranks; the guidance scale
+    /// is drawn last and only when asked for, so the other draws do not
+    /// depend on whether it is.
     pub fn sample(
         key: DrawKey,
         latent_shape: &[i64],
         slice: RankSlice,
-        timestep_range: (i64, i64),
-        null_condition_prob: f64,
+        spec: &DrawSpec,
         device: tch::Device,
     ) -> Self {
+        let (timestep_range, null_condition_prob) = (spec.timesteps, spec.null_condition_prob);
         let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(key.seed_value());
         let (shape, mine) = slice.rows(latent_shape, device);
@@ -136,6 +175,9 @@ impl Draws {
         let t_lora = Tensor::randint_low(0, 1000, [global], ints);
         let eps_lora = Tensor::randn(&shape, opts);
         let null_condition = Tensor::rand([1], opts).double_value(&[0]) < null_condition_prob;
+        let guidance_scale = spec
+            .guidance_range
+            .map(|(lo, hi)| lo + (hi - lo) * Tensor::rand([1], opts).double_value(&[0]));
         Self {
             z: mine(z),
             t: mine(t),
@@ -143,6 +185,7 @@ impl Draws {
             t_lora: mine(t_lora),
             eps_lora: mine(eps_lora),
             null_condition,
+            guidance_scale,
         }
     }
 }
@@ -272,11 +315,12 @@ pub fn vsd_step_keeping_draw(
     // 3. Both teachers with guidance, without gradients.
     let (e_teacher, e_lora) = tch::no_grad(|| {
         let x = x_t.detach();
+        let scale = draws.guidance_scale.unwrap_or(cfg.guidance_scale);
         teacher.set_adapters_enabled(false);
-        let e_t = guided(teacher, &x, &draws.t, &abar_t, text, cfg);
+        let e_t = guided(teacher, &x, &draws.t, &abar_t, text, scale, cfg);
         teacher.set_adapters_enabled(true);
         let e_l = match cfg.fake_score {
-            FakeScore::Lora => guided(teacher, &x, &draws.t, &abar_t, text, cfg),
+            FakeScore::Lora => guided(teacher, &x, &draws.t, &abar_t, text, scale, cfg),
             FakeScore::Unet => {
                 let out = teacher_pass(teacher, &x, &draws.t, &text.cond, cfg);
                 cfg.prediction.to_eps(&out, &x, &abar_t)
@@ -433,13 +477,15 @@ impl LoraDraws {
     }
 }
 
-/// Classifier-free guidance as epsilon: cond and null run as one batch.
+/// Classifier-free guidance at `scale`, as epsilon: cond and null run as
+/// one batch.
 fn guided(
     model: &impl Denoiser,
     x: &Tensor,
     t: &Tensor,
     abar_t: &Tensor,
     text: &Conditions,
+    scale: f64,
     cfg: &VsdConfig,
 ) -> Tensor {
     let b = x.size()[0];
@@ -450,7 +496,7 @@ fn guided(
     let out = teacher_pass(model, &xx, &tt, &cc, cfg);
     let eps = cfg.prediction.to_eps(&out, &xx, &abar);
     let parts = eps.chunk(2, 0);
-    &parts[0] + (&parts[1] - &parts[0]) * cfg.guidance_scale
+    &parts[0] + (&parts[1] - &parts[0]) * scale
 }
 
 /// One teacher pass under the configured autocast; the output leaves the
@@ -470,15 +516,64 @@ fn teacher_pass(
 mod tests {
     use super::*;
 
+    const SPEC: DrawSpec = DrawSpec {
+        timesteps: (20, 980),
+        null_condition_prob: 0.1,
+        guidance_range: None,
+    };
+
     fn draw(seed: u64, step: u64, shape: &[i64], slice: RankSlice) -> Draws {
-        Draws::sample(
-            DrawKey { seed, step },
-            shape,
-            slice,
-            (20, 980),
-            0.1,
-            tch::Device::Cpu,
-        )
+        draw_with(seed, step, shape, slice, &SPEC)
+    }
+
+    fn draw_with(seed: u64, step: u64, shape: &[i64], slice: RankSlice, spec: &DrawSpec) -> Draws {
+        Draws::sample(DrawKey { seed, step }, shape, slice, spec, tch::Device::Cpu)
+    }
+
+    #[test]
+    fn a_guidance_range_draws_one_scale_per_iteration_for_every_rank() {
+        let spec = DrawSpec {
+            guidance_range: Some((2.0, 6.0)),
+            ..SPEC
+        };
+        let shape = [2, 4, 8, 8];
+        let plain = draw(1, 5, &shape, RankSlice::SINGLE);
+        let ranged = draw_with(1, 5, &shape, RankSlice::SINGLE, &spec);
+        assert_eq!(plain.guidance_scale, None);
+        // Drawn last: every other draw is the same as without the range.
+        assert!(plain.z.equal(&ranged.z) && plain.eps_lora.equal(&ranged.eps_lora));
+        assert_eq!(plain.null_condition, ranged.null_condition);
+
+        let half = |rank| RankSlice {
+            rank,
+            world_size: 2,
+        };
+        let r1 = draw_with(1, 5, &[1, 4, 8, 8], half(1), &spec);
+        assert_eq!(r1.guidance_scale, ranged.guidance_scale, "shared by ranks");
+
+        let scales: Vec<f64> = (0..200)
+            .map(|s| draw_with(1, s, &[1, 1, 1, 1], RankSlice::SINGLE, &spec))
+            .map(|d| d.guidance_scale.unwrap())
+            .collect();
+        assert!(scales.iter().all(|g| (2.0..=6.0).contains(g)), "{scales:?}");
+        let mean = scales.iter().sum::<f64>() / scales.len() as f64;
+        assert!((3.7..4.3).contains(&mean), "mean {mean}");
+        assert!(scales.iter().any(|&g| g < 2.5) && scales.iter().any(|&g| g > 5.5));
+    }
+
+    #[test]
+    fn the_upper_timestep_anneals_linearly_over_the_run() {
+        let mut m = MethodConfig::default();
+        assert_eq!(DrawSpec::at_step(&m, 500, 1000).timesteps, (20, 980));
+        m.max_timestep_final = Some(500);
+        let hi = |step| DrawSpec::at_step(&m, step, 1000).timesteps.1;
+        assert_eq!((hi(0), hi(250), hi(500), hi(1000)), (980, 860, 740, 500));
+        assert_eq!(hi(5000), 500, "past max_steps it stays at the end");
+        for s in 0..20 {
+            let spec = DrawSpec::at_step(&m, 1000, 1000);
+            let d = draw_with(1, s, &[8, 1, 1, 1], RankSlice::SINGLE, &spec);
+            assert!(d.t.max().int64_value(&[]) <= 500);
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use common::golden_vsd::{alphas_cumprod, fresh_roles, full_fake_roles, inputs, l
 use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::roles::{Teachers, UNet};
 use swiftbrush_worker::vsd::{
-    Denoiser, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step,
+    Denoiser, Draws, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -57,9 +57,22 @@ fn check_step(
     prediction: Prediction,
     weighting: VsdWeighting,
 ) {
+    check_step_with(case, g, student, teachers, prediction, weighting, |_, _| {});
+}
+
+/// `check_step` with the draws and the step's constants edited first.
+fn check_step_with(
+    case: &str,
+    g: &HashMap<String, Tensor>,
+    student: &UNet,
+    teachers: &Teachers,
+    prediction: Prediction,
+    weighting: VsdWeighting,
+    edit: impl FnOnce(&mut Draws, &mut VsdConfig),
+) {
     tch::set_num_threads(1);
-    let (draws, text) = inputs(g);
-    let cfg = VsdConfig {
+    let (mut draws, text) = inputs(g);
+    let mut cfg = VsdConfig {
         student_timestep: 999,
         student_alpha_bar: 0.0047,
         guidance_scale: 4.5,
@@ -68,6 +81,7 @@ fn check_step(
         prediction,
         teacher_autocast: None,
     };
+    edit(&mut draws, &mut cfg);
     let losses = vsd_step(student, teachers, &alphas_cumprod(), &cfg, &text, &draws);
 
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
@@ -127,6 +141,26 @@ fn check_step(
 #[test]
 fn vsd_step_matches_reference_sd1() {
     check("sd1_null0", "sd1", Prediction::Epsilon);
+}
+
+/// `method.guidance_scale_range`: the iteration's drawn scale (here the
+/// reference's 4.5) guides both teachers, not the configured one.
+#[test]
+fn vsd_step_guides_both_teachers_with_the_drawn_scale() {
+    let g = common::golden("golden/vsd/sd1_null0.safetensors");
+    let (student, teacher) = roles("sd1", &spec(), &g);
+    check_step_with(
+        "sd1_null0 with a drawn scale",
+        &g,
+        &student,
+        &Teachers::Lora(Box::new(teacher)),
+        Prediction::Epsilon,
+        VsdWeighting::Paper,
+        |draws, cfg| {
+            cfg.guidance_scale = 1.0;
+            draws.guidance_scale = Some(4.5);
+        },
+    );
 }
 
 #[test]

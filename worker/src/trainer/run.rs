@@ -27,8 +27,8 @@ use crate::ema::Ema;
 use crate::optim::{Adam, clip_grad_norm};
 use crate::roles::{Teachers, UNet};
 use crate::vsd::{
-    Conditions, DrawKey, Draws, LoraDraws, RankSlice, VsdConfig, VsdLosses, lora_loss_backward,
-    vsd_step_keeping_draw,
+    Conditions, DrawKey, DrawSpec, Draws, LoraDraws, RankSlice, VsdConfig, VsdLosses,
+    lora_loss_backward, vsd_step_keeping_draw,
 };
 
 /// Where to start.
@@ -372,8 +372,7 @@ impl Trainer {
                 rank: w.rank,
                 world_size: w.world_size,
             },
-            (i64::from(m.min_timestep), i64::from(m.max_timestep)),
-            m.null_condition_prob,
+            &DrawSpec::at_step(m, step, self.cfg.train.max_steps),
             self.device,
         );
         Ok(vsd_step_keeping_draw(

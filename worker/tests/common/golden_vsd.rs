@@ -77,6 +77,7 @@ pub fn inputs(g: &HashMap<String, Tensor>) -> (Draws, Conditions) {
         t_lora: g["t_lora"].copy(),
         eps_lora: g["eps_lora"].copy(),
         null_condition: g["null_condition"].int64_value(&[0]) == 1,
+        guidance_scale: None,
     };
     let text = Conditions {
         cond: g["cond"].copy(),
