@@ -44,24 +44,14 @@ fn check_with(
         &Teachers::Lora(Box::new(teacher)),
         prediction,
         weighting,
+        |_, _| {},
     );
 }
 
-/// One step of `student` and `teachers` on the golden file's draws: both
+/// One step of `student` and `teachers` on the golden file's draws, after
+/// `edit` (of the draws and the step's constants; most cases none): both
 /// losses and every trainable gradient as the reference's.
 fn check_step(
-    case: &str,
-    g: &HashMap<String, Tensor>,
-    student: &UNet,
-    teachers: &Teachers,
-    prediction: Prediction,
-    weighting: VsdWeighting,
-) {
-    check_step_with(case, g, student, teachers, prediction, weighting, |_, _| {});
-}
-
-/// `check_step` with the draws and the step's constants edited first.
-fn check_step_with(
     case: &str,
     g: &HashMap<String, Tensor>,
     student: &UNet,
@@ -149,7 +139,7 @@ fn vsd_step_matches_reference_sd1() {
 fn vsd_step_guides_both_teachers_with_the_drawn_scale() {
     let g = common::golden("golden/vsd/sd1_null0.safetensors");
     let (student, teacher) = roles("sd1", &spec(), &g);
-    check_step_with(
+    check_step(
         "sd1_null0 with a drawn scale",
         &g,
         &student,
@@ -201,6 +191,7 @@ fn vsd_step_matches_reference_with_a_full_unet_fake_score() {
         &Teachers::Unet(Box::new(teachers)),
         Prediction::Epsilon,
         VsdWeighting::Paper,
+        |_, _| {},
     );
 }
 
