@@ -125,6 +125,10 @@ impl LoraTeacher for TeacherUNet {
     fn set_adapters_enabled(&self, enabled: bool) {
         self.lora.switch.set(enabled);
     }
+
+    fn fake_score(&self) -> FakeScore {
+        FakeScore::Lora
+    }
 }
 
 /// The frozen teacher beside a full trainable copy of it as the fake score
@@ -162,6 +166,10 @@ impl LoraTeacher for FullFakeScore {
     fn set_adapters_enabled(&self, enabled: bool) {
         self.fake_on.store(enabled, Ordering::Relaxed);
     }
+
+    fn fake_score(&self) -> FakeScore {
+        FakeScore::Unet
+    }
 }
 
 /// The frozen teacher and the fake score, in either form: what the trainer
@@ -172,14 +180,6 @@ pub enum Teachers {
 }
 
 impl Teachers {
-    /// Which form of fake score this is (`method.fake_score`).
-    pub fn fake_score(&self) -> FakeScore {
-        match self {
-            Teachers::Lora(_) => FakeScore::Lora,
-            Teachers::Unet(_) => FakeScore::Unet,
-        }
-    }
-
     /// The fake score's trainable tensors by name, sorted: the adapters by
     /// PEFT name, or the copy's weights by diffusers name.
     pub fn fake_parameters(&self) -> Vec<(String, Tensor)> {
@@ -221,6 +221,13 @@ impl LoraTeacher for Teachers {
         match self {
             Teachers::Lora(m) => m.set_adapters_enabled(enabled),
             Teachers::Unet(m) => m.set_adapters_enabled(enabled),
+        }
+    }
+
+    fn fake_score(&self) -> FakeScore {
+        match self {
+            Teachers::Lora(m) => m.fake_score(),
+            Teachers::Unet(m) => m.fake_score(),
         }
     }
 }

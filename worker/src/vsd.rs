@@ -27,6 +27,14 @@ pub trait Denoiser {
 /// eps_phi, on it is the LoRA teacher eps_psi (one copy of the base weights).
 pub trait LoraTeacher: Denoiser {
     fn set_adapters_enabled(&self, enabled: bool);
+    /// Which fake score "adapters on" is, and so how the step scores and
+    /// trains it: SwiftBrush's LoRA teacher (guided in step 3; step 6
+    /// weighted by sqrt(abar_t') with text dropout) or DMD2's full copy
+    /// (SPEC "known variants": unweighted eps-MSE, no text dropout, and so
+    /// scored on the caption alone in step 3, DMD2's fake guidance 1: its
+    /// null branch never trains, so guiding it would mix a tracking score
+    /// with the frozen teacher's).
+    fn fake_score(&self) -> FakeScore;
 }
 
 /// What the model output means (scheduler_config.json `prediction_type`).
@@ -55,14 +63,6 @@ pub struct VsdConfig {
     pub student_alpha_bar: f64,
     pub guidance_scale: f64,
     pub weighting: VsdWeighting,
-    /// Which fake score the teacher carries, and so how it is scored and
-    /// trained: SwiftBrush's LoRA teacher (guided in step 3; step 6 weighted
-    /// by sqrt(abar_t') with text dropout) or DMD2's full copy (SPEC "known
-    /// variants": unweighted eps-MSE, no text dropout, and so scored on the
-    /// caption alone in step 3, DMD2's fake guidance 1: its null branch
-    /// never trains, so guiding it would mix a tracking score with the
-    /// frozen teacher's).
-    pub fake_score: FakeScore,
     pub prediction: Prediction,
     /// Autocast for the teacher passes (None: as stored, inputs cast to the
     /// teacher's dtype). Build it with `precision::teacher_autocast`.
@@ -162,7 +162,6 @@ impl Draws {
         spec: &DrawSpec,
         device: tch::Device,
     ) -> Self {
-        let (timestep_range, null_condition_prob) = (spec.timesteps, spec.null_condition_prob);
         let _guard = DRAW_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(key.seed_value());
         let (shape, mine) = slice.rows(latent_shape, device);
@@ -170,11 +169,11 @@ impl Draws {
         let opts = (Kind::Float, tch::Device::Cpu);
         let ints = (Kind::Int64, tch::Device::Cpu);
         let z = Tensor::randn(&shape, opts);
-        let t = Tensor::randint_low(timestep_range.0, timestep_range.1 + 1, [global], ints);
+        let t = Tensor::randint_low(spec.timesteps.0, spec.timesteps.1 + 1, [global], ints);
         let eps = Tensor::randn(&shape, opts);
         let t_lora = Tensor::randint_low(0, 1000, [global], ints);
         let eps_lora = Tensor::randn(&shape, opts);
-        let null_condition = Tensor::rand([1], opts).double_value(&[0]) < null_condition_prob;
+        let null_condition = Tensor::rand([1], opts).double_value(&[0]) < spec.null_condition_prob;
         let guidance_scale = spec
             .guidance_range
             .map(|(lo, hi)| lo + (hi - lo) * Tensor::rand([1], opts).double_value(&[0]));
@@ -319,7 +318,7 @@ pub fn vsd_step_keeping_draw(
         teacher.set_adapters_enabled(false);
         let e_t = guided(teacher, &x, &draws.t, &abar_t, text, scale, cfg);
         teacher.set_adapters_enabled(true);
-        let e_l = match cfg.fake_score {
+        let e_l = match teacher.fake_score() {
             FakeScore::Lora => guided(teacher, &x, &draws.t, &abar_t, text, scale, cfg),
             FakeScore::Unet => {
                 let out = teacher_pass(teacher, &x, &draws.t, &text.cond, cfg);
@@ -417,7 +416,8 @@ pub fn lora_loss_backward(
         .index_select(0, &draws.t_lora)
         .view([-1, 1, 1, 1]);
     let x_l = abar_l.sqrt() * x0 + (1f64 - &abar_l).sqrt() * &draws.eps_lora;
-    let cond = if draws.null_condition && cfg.fake_score == FakeScore::Lora {
+    let fake_score = teacher.fake_score();
+    let cond = if draws.null_condition && fake_score == FakeScore::Lora {
         text.uncond.expand([b, -1, -1], false)
     } else {
         text.cond.shallow_clone()
@@ -427,7 +427,7 @@ pub fn lora_loss_backward(
     let pred = teacher_pass(teacher, &x_l, &draws.t_lora, &cond, cfg);
     let pred = cfg.prediction.to_eps(&pred, &x_l, &abar_l);
     let residual = pred - &draws.eps_lora;
-    let loss_lora = match cfg.fake_score {
+    let loss_lora = match fake_score {
         FakeScore::Lora => (abar_l.sqrt() * residual).square().mean(Kind::Float),
         FakeScore::Unet => residual.square().mean(Kind::Float),
     };

@@ -20,7 +20,7 @@ use swiftbrush_worker::roles::UNet;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
 use swiftbrush_worker::trainer::{Resume, TrainError, Trainer};
-use swiftbrush_worker::vsd::{Denoiser, FakeScore, Prediction, VsdConfig, VsdWeighting, vsd_step};
+use swiftbrush_worker::vsd::{Denoiser, Prediction, VsdConfig, VsdWeighting, vsd_step};
 use tch::{Device, Kind, Tensor};
 
 fn unet(kind: &str) -> UNet {
@@ -92,7 +92,6 @@ fn step(
         student_alpha_bar: 0.0047,
         guidance_scale: 4.5,
         weighting: VsdWeighting::Paper,
-        fake_score: FakeScore::Lora,
         prediction: Prediction::Epsilon,
         teacher_autocast: autocast,
     };

@@ -67,7 +67,6 @@ fn check_step(
         student_alpha_bar: 0.0047,
         guidance_scale: 4.5,
         weighting,
-        fake_score: teachers.fake_score(),
         prediction,
         teacher_autocast: None,
     };

@@ -140,7 +140,6 @@ impl Trainer {
             student_alpha_bar,
             guidance_scale: m.guidance_scale,
             weighting: m.vsd_weighting,
-            fake_score: m.fake_score,
             prediction,
             teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
                 .map_err(|e| TrainError::Invalid(e.to_string()))?,
