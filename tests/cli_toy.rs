@@ -110,6 +110,13 @@ fn demo_runs_end_to_end_on_a_briefly_trained_teacher() {
         Some("a red circle on a white background")
     );
 
+    // configs/toy.yaml's sample step (pixel space: no VAE) after the last
+    // step: six prompts, 32 px each, a grid of 3 x 2.
+    assert_eq!(
+        png_size(&demo.join("student/samples/step-00000002.png")),
+        (96, 64)
+    );
+
     // The picture: 18 caption rows of 96 px; one teacher and one student
     // sample per row (96 px each) with a 24 px gap.
     assert_eq!(png_size(&demo.join("compare.png")), (216, 18 * 96));

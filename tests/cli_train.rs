@@ -1,5 +1,6 @@
 //! `swiftbrush train` as a user runs it, on the tiny SD1-style fixture:
-//! checkpoints, exact resume, a process killed mid-checkpoint, bad input.
+//! checkpoints, exact resume, a process killed mid-checkpoint, the sample
+//! step's pictures, bad input.
 
 mod common;
 
@@ -17,19 +18,40 @@ fn teacher(kind: &str) -> String {
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
 
 fn train(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    train_with(CONFIG, dir, extra, env)
+}
+
+fn train_with(config: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_swiftbrush"));
     cmd.env_clear()
         .env("RUST_LOG", "warn")
         // One libtorch thread: tests run two at a time on small machines.
         .env("OMP_NUM_THREADS", "1")
         .current_dir(dir)
-        .args(["train", "--config", CONFIG, "--teacher", &teacher("sd1")])
+        .args(["train", "--config", config, "--teacher", &teacher("sd1")])
         .args(["--captions", "captions.txt"])
         .args(extra);
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.output().expect("spawn swiftbrush")
+}
+
+const SAMPLE_PROMPTS: [&str; 3] = ["a red circle", "a photo of a cat", "a lighthouse at dusk"];
+
+/// configs/tiny.yaml with the sample step on: pictures every 2 steps.
+fn sampling_config(dir: &Path) -> String {
+    let tiny = std::fs::read_to_string(CONFIG).unwrap();
+    let prompts = SAMPLE_PROMPTS.map(|p| format!("{p:?}")).join(", ");
+    let with = tiny.replacen(
+        "train:\n",
+        &format!("train:\n  sample_every_steps: 2\n  sample_prompts: [{prompts}]\n"),
+        1,
+    );
+    assert!(with != tiny, "configs/tiny.yaml has no train section");
+    let path = dir.join("sampling.yaml");
+    std::fs::write(&path, with).unwrap();
+    path.display().to_string()
 }
 
 fn setup() -> tempfile::TempDir {
@@ -79,19 +101,24 @@ fn resume_continues_bitwise_and_survives_a_kill_mid_checkpoint() {
     assert!(out.contains("captions truncated to 77 tokens: 2"), "{out}");
 
     // Interrupted: 2 steps, then a run that is killed while writing the
-    // step-4 checkpoint (after 2 of its files), then a resume.
-    ok(&train(
+    // step-4 checkpoint (after 2 of its files), then a resume. These runs
+    // also draw sample pictures every 2 steps, which must change nothing.
+    let sampling = sampling_config(d);
+    ok(&train_with(
+        &sampling,
         d,
         &["--run-dir", "resumed", "--max-steps", "2"],
         &[],
     ));
-    let killed = train(
+    let killed = train_with(
+        &sampling,
         d,
         &["--run-dir", "resumed", "--max-steps", "4"],
         &[("SWIFTBRUSH_FAULT_CHECKPOINT", "4:2")],
     );
     assert!(!killed.status.success(), "the fault injection did not fire");
-    let out = ok(&train(
+    let out = ok(&train_with(
+        &sampling,
         d,
         &["--run-dir", "resumed", "--max-steps", "4"],
         &[],
@@ -116,6 +143,48 @@ fn resume_continues_bitwise_and_survives_a_kill_mid_checkpoint() {
     let s2 = checkpoint_file(&d.join("straight"), 2, "student.safetensors");
     let s4 = checkpoint_file(&d.join("straight"), 4, "student.safetensors");
     assert!(s2 != s4);
+
+    // The sample step's pictures: after steps 2 and 4, and the step-4 one is
+    // what `sample` draws from that checkpoint with the run's seed.
+    assert!(
+        !d.join("straight/samples").exists(),
+        "sampling is off by default"
+    );
+    let picture = |step: u64| {
+        let path = d.join(format!("resumed/samples/step-{step:08}.png"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let (p2, p4) = (picture(2), picture(4));
+    assert!(
+        p2 != p4,
+        "the student's pictures did not change from step 2 to 4"
+    );
+    std::fs::write(d.join("prompts.txt"), SAMPLE_PROMPTS.join("\n")).unwrap();
+    let sampled = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(d)
+        .args(["sample", "--student", "resumed/checkpoints/step-00000004"])
+        .args([
+            "--prompts",
+            "prompts.txt",
+            "--seed",
+            "0",
+            "--batch-size",
+            "8",
+        ])
+        .args(["--height", "16", "--width", "16", "--out", "s4.png"])
+        .output()
+        .unwrap();
+    assert!(
+        sampled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sampled.stderr)
+    );
+    assert!(
+        std::fs::read(d.join("s4.png")).unwrap() == p4,
+        "samples/step-00000004.png differs from `sample --student` of that checkpoint"
+    );
 
     // A run already at max_steps trains nothing more.
     let out = ok(&train(

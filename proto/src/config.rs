@@ -290,8 +290,20 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `auto` (first CUDA device, else CPU), `cpu` or `cuda:N`.
     pub device: String,
-    /// Render sample images from the student every N steps (0: never).
+    /// The most samples a rank puts through the networks at once: its
+    /// share of the global batch runs in chunks of this size whose
+    /// gradients add up before one optimizer step (gradient accumulation;
+    /// null: all at once). Only memory and speed depend on it, not the
+    /// result (to float rounding).
+    pub micro_batch: Option<u32>,
+    /// Every N steps (0: never) rank 0 draws `sample_prompts` with the
+    /// student's EMA weights in one step and writes
+    /// RUN/samples/step-XXXXXXXX.png.
     pub sample_every_steps: u64,
+    /// The prompts of those pictures, one image each (a grid); their noise
+    /// is drawn from `seed` once, so every picture of a run shows the same
+    /// draws.
+    pub sample_prompts: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -301,7 +313,9 @@ impl Default for TrainConfig {
             max_steps: 250_000,
             seed: 0,
             device: "auto".to_owned(),
+            micro_batch: None,
             sample_every_steps: 0,
+            sample_prompts: Vec::new(),
         }
     }
 }
@@ -492,9 +506,13 @@ impl JobConfig {
         serde_norway::to_string(self).unwrap_or_default()
     }
 
-    /// sha256 of the resolved config's canonical JSON: a resumed run checks it.
+    /// sha256 of the resolved config's canonical JSON: a resumed run checks
+    /// it. `train.micro_batch` is left out: it is each device's memory
+    /// matter (a worker may override it) and changes no result.
     pub fn fingerprint(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut canonical = self.clone();
+        canonical.train.micro_batch = None;
+        let json = serde_json::to_vec(&canonical).unwrap_or_default();
         let digest = Sha256::digest(&json);
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }

@@ -164,6 +164,33 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         format!("{:?}", t.device),
         "auto, cpu or cuda:N",
     );
+    if let Some(n) = t.micro_batch {
+        check(
+            &mut p,
+            n >= 1,
+            "train.micro_batch",
+            n.to_string(),
+            "an integer >= 1, or null for the whole per-rank batch at once",
+        );
+    }
+    check(
+        &mut p,
+        t.sample_every_steps == 0 || !t.sample_prompts.is_empty(),
+        "train.sample_prompts",
+        "[]".to_owned(),
+        &format!(
+            "at least one prompt when train.sample_every_steps = {} (or sample_every_steps: 0)",
+            t.sample_every_steps
+        ),
+    );
+    const MAX_SAMPLE_PROMPTS: usize = 64;
+    check(
+        &mut p,
+        t.sample_prompts.len() <= MAX_SAMPLE_PROMPTS,
+        "train.sample_prompts",
+        format!("{} prompts", t.sample_prompts.len()),
+        &format!("at most {MAX_SAMPLE_PROMPTS} prompts"),
+    );
 
     let w = &c.world;
     check(

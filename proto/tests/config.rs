@@ -254,3 +254,37 @@ fn max_timestep_final_must_lie_between_the_timestep_bounds() {
         assert!(e.contains("method.min_timestep (20)"), "{e}");
     }
 }
+
+#[test]
+fn the_sample_step_needs_prompts() {
+    let c = parse(&format!(
+        "{TEACHER}train:\n  sample_every_steps: 100\n  sample_prompts: [\"a cat\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.train.sample_every_steps, 100);
+    assert_eq!(c.train.sample_prompts, vec!["a cat"]);
+    let e = err(&format!("{TEACHER}train:\n  sample_every_steps: 100\n"));
+    assert!(
+        e.contains("train.sample_prompts = [] is not allowed"),
+        "{e}"
+    );
+    assert!(e.contains("train.sample_every_steps = 100"), "{e}");
+    let many = vec!["\"x\""; 65].join(", ");
+    let e = err(&format!("{TEACHER}train:\n  sample_prompts: [{many}]\n"));
+    assert!(e.contains("at most 64 prompts"), "{e}");
+}
+
+#[test]
+fn micro_batch_is_a_positive_count_or_null() {
+    let c = parse(TEACHER).unwrap();
+    assert_eq!(c.train.micro_batch, None);
+    let c = parse(&format!("{TEACHER}train:\n  micro_batch: 4\n")).unwrap();
+    assert_eq!(c.train.micro_batch, Some(4));
+    let e = err(&format!("{TEACHER}train:\n  micro_batch: 0\n"));
+    assert!(e.contains("train.micro_batch = 0 is not allowed"), "{e}");
+    // It changes no result, so a resumed run does not see a new config.
+    let whole = parse(TEACHER).unwrap();
+    assert_eq!(c.fingerprint(), whole.fingerprint());
+    let other = parse(&format!("{TEACHER}train:\n  global_batch: 32\n")).unwrap();
+    assert_ne!(other.fingerprint(), whole.fingerprint());
+}

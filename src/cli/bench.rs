@@ -21,6 +21,10 @@ pub enum BenchCommand {
         /// Overrides train.device.
         #[arg(long)]
         device: Option<String>,
+        /// Overrides train.micro_batch (what fits in memory is what this
+        /// measures).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        micro_batch: Option<u32>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -53,11 +57,15 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             teacher,
             steps,
             device,
+            micro_batch,
             json,
         } => {
             let mut cfg = load_config(&config, teacher)?;
             if let Some(d) = device {
                 cfg.train.device = d;
+            }
+            if micro_batch.is_some() {
+                cfg.train.micro_batch = micro_batch;
             }
             let report = swiftbrush_worker::bench::bench_vsd_step(cfg, steps)?;
             print_report(&report, report.table(), json)

@@ -45,6 +45,11 @@ pub struct TrainArgs {
     /// auto, cpu or cuda:N (overrides train.device).
     #[arg(long)]
     device: Option<String>,
+    /// At most N samples through the networks at once per worker: gradient
+    /// accumulation over the worker's share of the global batch (overrides
+    /// train.micro_batch; the result does not change, the memory does).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    micro_batch: Option<u32>,
     /// Data-parallel workers in this process (threads on the same device;
     /// world.max_size is capped to it). The result equals one worker's.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -77,6 +82,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(d) = args.device {
         config.train.device = d;
+    }
+    if let Some(n) = args.micro_batch {
+        config.train.micro_batch = Some(n);
     }
     fit_world(&mut config, args.workers)?;
     config

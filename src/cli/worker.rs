@@ -53,6 +53,11 @@ pub struct WorkerArgs {
     /// caption ids) to DIR/worker-<id>.jsonl: proof of exactly-once.
     #[arg(long)]
     caption_audit: Option<PathBuf>,
+    /// At most N samples through the networks at once on this worker's
+    /// device (overrides the job's train.micro_batch: gradient accumulation
+    /// changes the memory, not the result).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    micro_batch: Option<u32>,
     /// How long to keep trying to reach the coordinator at start.
     #[arg(long, default_value_t = 120_000)]
     connect_timeout_ms: u64,
@@ -81,6 +86,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         ring_listen: args.ring_listen,
         health_listen: args.health_listen,
         caption_audit: args.caption_audit,
+        micro_batch: args.micro_batch,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
     };
     let summary = distributed::run_worker(options)?;

@@ -77,6 +77,23 @@ impl Ema {
             .collect()
     }
 
+    /// Exchanges the averaged weights with `params`' values in place (one
+    /// tensor at a time, so it costs one tensor's memory): after one call
+    /// the network holds the EMA weights, after a second everything is as
+    /// before, bit for bit. Names not in `params` are left alone.
+    pub fn swap_with(&mut self, params: &HashMap<String, Tensor>) {
+        tch::no_grad(|| {
+            for (name, s) in self.names.iter().zip(self.shadow.iter_mut()) {
+                if let Some(p) = params.get(name) {
+                    let held = p.detach().copy();
+                    let mut p = p.detach();
+                    p.copy_(s);
+                    s.copy_(&held);
+                }
+            }
+        });
+    }
+
     /// Restores weights and the update count saved from [`Self::tensors`].
     pub fn load(
         &mut self,
@@ -138,5 +155,25 @@ mod tests {
         let got: Vec<f32> = Vec::try_from(&ema.tensors()[0].1).unwrap();
         assert!((got[0] - 12.0).abs() < 1e-5 && (got[1] - 4.0).abs() < 1e-6);
         assert_eq!(ema.num_updates(), 2);
+    }
+
+    #[test]
+    fn swapping_twice_restores_both_sides_bitwise() {
+        let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let mut ema = Ema::new([("w".to_owned(), w.detach().copy())], 0.9999);
+        let mut params = HashMap::new();
+        params.insert("w".to_owned(), w.shallow_clone());
+        tch::no_grad(|| {
+            w.detach().copy_(&Tensor::from_slice(&[0.1f32, 0.3]));
+        });
+        ema.swap_with(&params);
+        assert_eq!(Vec::<f32>::try_from(w.detach()).unwrap(), vec![1.0, 2.0]);
+        let shadow: Vec<f32> = Vec::try_from(&ema.tensors()[0].1).unwrap();
+        assert_eq!(shadow, vec![0.1, 0.3]);
+        ema.swap_with(&params);
+        assert_eq!(Vec::<f32>::try_from(w.detach()).unwrap(), vec![0.1, 0.3]);
+        let shadow: Vec<f32> = Vec::try_from(&ema.tensors()[0].1).unwrap();
+        assert_eq!(shadow, vec![1.0, 2.0]);
+        assert!(w.requires_grad(), "the parameter stays trainable");
     }
 }

@@ -34,16 +34,41 @@ pub fn to_u8(images: &Tensor) -> Result<Tensor, ImageError> {
 /// Writes one PNG: the single image, or a grid of `cols` columns for a
 /// batch (filled row by row).
 pub fn save_png(images: &Tensor, path: &Path, cols: usize) -> Result<(), ImageError> {
+    let write_err = |reason: String| ImageError::Write {
+        path: path.display().to_string(),
+        reason,
+    };
+    grid(images, cols, write_err)?
+        .save(path)
+        .map_err(|e| write_err(e.to_string()))
+}
+
+/// The PNG file `save_png` would write, in memory (for object stores).
+pub fn png_bytes(images: &Tensor, cols: usize) -> Result<Vec<u8>, ImageError> {
+    let write_err = |reason: String| ImageError::Write {
+        path: "(PNG in memory)".to_owned(),
+        reason,
+    };
+    let mut out = std::io::Cursor::new(Vec::new());
+    grid(images, cols, write_err)?
+        .write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| write_err(e.to_string()))?;
+    Ok(out.into_inner())
+}
+
+/// The batch as one picture, `cols` images a row.
+fn grid(
+    images: &Tensor,
+    cols: usize,
+    write_err: impl Fn(String) -> ImageError,
+) -> Result<image::RgbImage, ImageError> {
     let bytes = to_u8(images)?;
     let size = bytes.size();
     let (b, h, w) = (size[0] as usize, size[1] as usize, size[2] as usize);
     let cols = cols.clamp(1, b.max(1));
     let rows = b.div_ceil(cols);
     let data: Vec<u8> =
-        Vec::try_from(bytes.reshape([-1])).map_err(|e: tch::TchError| ImageError::Write {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        Vec::try_from(bytes.reshape([-1])).map_err(|e: tch::TchError| write_err(e.to_string()))?;
     let mut grid = image::RgbImage::new((cols * w) as u32, (rows * h) as u32);
     for i in 0..b {
         let (gx, gy) = ((i % cols) * w, (i / cols) * h);
@@ -55,10 +80,7 @@ pub fn save_png(images: &Tensor, path: &Path, cols: usize) -> Result<(), ImageEr
             }
         }
     }
-    grid.save(path).map_err(|e| ImageError::Write {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    Ok(grid)
 }
 
 /// Reads a PNG as [1,3,H,W] floats in [0,1] (for tests and inspection).

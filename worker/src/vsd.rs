@@ -189,6 +189,33 @@ impl Draws {
     }
 }
 
+impl Draws {
+    /// Rows `start..start + len` of every per-sample draw (one micro-batch);
+    /// the per-iteration draws are shared.
+    pub fn rows(&self, start: i64, len: i64) -> Draws {
+        Draws {
+            z: self.z.narrow(0, start, len),
+            t: self.t.narrow(0, start, len),
+            eps: self.eps.narrow(0, start, len),
+            t_lora: self.t_lora.narrow(0, start, len),
+            eps_lora: self.eps_lora.narrow(0, start, len),
+            null_condition: self.null_condition,
+            guidance_scale: self.guidance_scale,
+        }
+    }
+}
+
+/// The micro-batches of a batch of `b` rows taken at most `micro` at a time
+/// (`train.micro_batch`; None: all at once), as (start, len); the last may
+/// be shorter.
+pub fn micro_batches(b: i64, micro: Option<u32>) -> Vec<(i64, i64)> {
+    let size = micro.map_or(b, |m| i64::from(m).clamp(1, b.max(1)));
+    (0..b)
+        .step_by(size.max(1) as usize)
+        .map(|start| (start, size.min(b - start)))
+        .collect()
+}
+
 /// Which rows of the global batch this rank holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RankSlice {
@@ -256,6 +283,17 @@ pub struct Conditions {
     pub uncond: Tensor,
 }
 
+impl Conditions {
+    /// Rows `start..start + len` of the captions' encodings (one
+    /// micro-batch); the null condition is shared.
+    pub fn rows(&self, start: i64, len: i64) -> Conditions {
+        Conditions {
+            cond: self.cond.narrow(0, start, len),
+            uncond: self.uncond.shallow_clone(),
+        }
+    }
+}
+
 /// Both losses of a step (float32 scalars on the host).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VsdLosses {
@@ -294,18 +332,70 @@ pub fn vsd_step_keeping_draw(
     text: &Conditions,
     draws: &Draws,
 ) -> (VsdLosses, Tensor) {
+    vsd_step_in_micro_batches(student, teacher, alphas_cumprod, cfg, text, draws, None)
+}
+
+/// `vsd_step_keeping_draw` with the batch run `micro` rows at a time
+/// (gradient accumulation): each micro-batch's losses are scaled by its
+/// share of the batch before their backward, so the gradients left behind
+/// and the losses returned are the whole batch's (to float rounding; with
+/// one micro-batch, bit for bit). Activations live for one micro-batch.
+pub fn vsd_step_in_micro_batches(
+    student: &impl Denoiser,
+    teacher: &impl LoraTeacher,
+    alphas_cumprod: &Tensor,
+    cfg: &VsdConfig,
+    text: &Conditions,
+    draws: &Draws,
+    micro: Option<u32>,
+) -> (VsdLosses, Tensor) {
     let b = draws.z.size()[0];
-    let device = draws.z.device();
+    let parts = micro_batches(b, micro);
+    if let [(0, len)] = parts[..]
+        && len == b
+    {
+        return vsd_part(student, teacher, alphas_cumprod, cfg, text, draws, 1.0);
+    }
+    let mut losses = VsdLosses {
+        vsd: 0.0,
+        lora: 0.0,
+    };
+    let mut x0 = Vec::with_capacity(parts.len());
+    for (start, len) in parts {
+        let share = len as f64 / b as f64;
+        let (part, part_x0) = vsd_part(
+            student,
+            teacher,
+            alphas_cumprod,
+            cfg,
+            &text.rows(start, len),
+            &draws.rows(start, len),
+            share,
+        );
+        losses.vsd += share * part.vsd;
+        losses.lora += share * part.lora;
+        x0.push(part_x0);
+    }
+    (losses, Tensor::cat(&x0, 0))
+}
+
+/// SPEC steps 1-6 on one micro-batch whose losses are `share` of the
+/// batch's: both backwards run on `share` times the losses (skipped at 1,
+/// so the one-micro-batch step is exactly the unsplit one); the losses
+/// returned are the micro-batch's own.
+fn vsd_part(
+    student: &impl Denoiser,
+    teacher: &impl LoraTeacher,
+    alphas_cumprod: &Tensor,
+    cfg: &VsdConfig,
+    text: &Conditions,
+    draws: &Draws,
+    share: f64,
+) -> (VsdLosses, Tensor) {
     let per_sample = |t: &Tensor| alphas_cumprod.index_select(0, t).view([-1, 1, 1, 1]);
 
     // 1. Student draw: one pass at t = 999 from pure noise.
-    let t_student = Tensor::full([b], cfg.student_timestep, (Kind::Int64, device));
-    let a = Tensor::full([1, 1, 1, 1], cfg.student_alpha_bar, (Kind::Float, device));
-    let out = student.predict(&draws.z, &t_student, &text.cond);
-    let eps_s = cfg
-        .prediction
-        .to_eps(&out.to_kind(Kind::Float), &draws.z, &a);
-    let x0_hat = (&draws.z - (1f64 - &a).sqrt() * eps_s) / a.sqrt();
+    let x0_hat = one_step_x0(student, &draws.z, &text.cond, cfg);
 
     // 2. Noise it; x_t keeps its link to the student.
     let abar_t = per_sample(&draws.t);
@@ -344,11 +434,11 @@ pub fn vsd_step_keeping_draw(
         .square()
         .mean(Kind::Float)
         * 0.5;
-    loss_vsd.backward();
+    backward_share(&loss_vsd, share);
 
     // 6. The LoRA teacher learns to denoise the student's (detached) draws.
     let x0 = x0_hat.detach();
-    let lora = lora_loss_backward(
+    let lora = lora_part(
         teacher,
         alphas_cumprod,
         cfg,
@@ -359,6 +449,7 @@ pub fn vsd_step_keeping_draw(
             eps_lora: draws.eps_lora.shallow_clone(),
             null_condition: draws.null_condition,
         },
+        share,
     );
 
     (
@@ -368,6 +459,19 @@ pub fn vsd_step_keeping_draw(
         },
         x0,
     )
+}
+
+/// The student's one-step draw (SPEC step 1 and "Inference"): one pass at
+/// the student timestep on the noise `z` [B,C,h,w] under `cond` [B,77,D],
+/// the output as epsilon, x0_hat = (z - sqrt(1 - A) eps) / sqrt(A), in
+/// float32. With gradients when called with them.
+pub fn one_step_x0(student: &impl Denoiser, z: &Tensor, cond: &Tensor, cfg: &VsdConfig) -> Tensor {
+    let (b, device) = (z.size()[0], z.device());
+    let t_student = Tensor::full([b], cfg.student_timestep, (Kind::Int64, device));
+    let a = Tensor::full([1, 1, 1, 1], cfg.student_alpha_bar, (Kind::Float, device));
+    let out = student.predict(z, &t_student, cond);
+    let eps_s = cfg.prediction.to_eps(&out.to_kind(Kind::Float), z, &a);
+    (z - (1f64 - &a).sqrt() * eps_s) / a.sqrt()
 }
 
 /// SPEC step 4 without the nan_to_num: the direction in which the draw
@@ -397,8 +501,18 @@ fn vsd_gradient(
     }
 }
 
+/// The backward of `share` times `loss` (the plain backward at 1).
+fn backward_share(loss: &Tensor, share: f64) {
+    if share == 1.0 {
+        loss.backward();
+    } else {
+        (loss * share).backward();
+    }
+}
+
 /// SPEC step 6 on the student's detached draw `x0`: the LoRA teacher's
-/// denoising loss, backward into the adapters' `.grad`. Returns the loss.
+/// denoising loss, backward into the adapters' `.grad`, run `micro` rows at
+/// a time as `vsd_step_in_micro_batches` does. Returns the loss.
 /// DMD2's full fake score (`FakeScore::Unet`) trains on the caption always
 /// (the draws' null flag is ignored, so the random stream is the same for
 /// both forms) with the unweighted eps-MSE.
@@ -409,6 +523,40 @@ pub fn lora_loss_backward(
     text: &Conditions,
     x0: &Tensor,
     draws: &LoraDraws,
+    micro: Option<u32>,
+) -> f64 {
+    let b = x0.size()[0];
+    let parts = micro_batches(b, micro);
+    if let [(0, len)] = parts[..]
+        && len == b
+    {
+        return lora_part(teacher, alphas_cumprod, cfg, text, x0, draws, 1.0);
+    }
+    parts
+        .into_iter()
+        .map(|(start, len)| {
+            let share = len as f64 / b as f64;
+            let part = LoraDraws {
+                t_lora: draws.t_lora.narrow(0, start, len),
+                eps_lora: draws.eps_lora.narrow(0, start, len),
+                null_condition: draws.null_condition,
+            };
+            let x0 = x0.narrow(0, start, len);
+            let text = text.rows(start, len);
+            share * lora_part(teacher, alphas_cumprod, cfg, &text, &x0, &part, share)
+        })
+        .sum()
+}
+
+/// `lora_loss_backward` on one micro-batch that is `share` of the batch.
+fn lora_part(
+    teacher: &impl LoraTeacher,
+    alphas_cumprod: &Tensor,
+    cfg: &VsdConfig,
+    text: &Conditions,
+    x0: &Tensor,
+    draws: &LoraDraws,
+    share: f64,
 ) -> f64 {
     let b = x0.size()[0];
     teacher.set_adapters_enabled(true);
@@ -431,7 +579,7 @@ pub fn lora_loss_backward(
         FakeScore::Lora => (abar_l.sqrt() * residual).square().mean(Kind::Float),
         FakeScore::Unet => residual.square().mean(Kind::Float),
     };
-    loss_lora.backward();
+    backward_share(&loss_lora, share);
     loss_lora.double_value(&[])
 }
 
@@ -619,6 +767,16 @@ mod tests {
             assert!((20..=980).contains(&lo) && (20..=980).contains(&hi));
             assert!(d.t_lora.max().int64_value(&[]) <= 999);
         }
+    }
+
+    #[test]
+    fn micro_batches_cover_the_batch_in_order() {
+        assert_eq!(micro_batches(6, None), vec![(0, 6)]);
+        assert_eq!(micro_batches(6, Some(6)), vec![(0, 6)]);
+        assert_eq!(micro_batches(6, Some(64)), vec![(0, 6)]);
+        assert_eq!(micro_batches(6, Some(2)), vec![(0, 2), (2, 2), (4, 2)]);
+        assert_eq!(micro_batches(7, Some(3)), vec![(0, 3), (3, 3), (6, 1)]);
+        assert_eq!(micro_batches(1, Some(1)), vec![(0, 1)]);
     }
 
     #[test]

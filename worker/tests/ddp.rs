@@ -1,7 +1,8 @@
 //! Data parallelism is exact: two ranks with the TCP ring and global batch G
 //! end with the same student as one rank with G (and as each other), with
 //! either fake score (LoRA adapters, or DMD2's full UNet copy, whose every
-//! weight's gradient is all-reduced).
+//! weight's gradient is all-reduced). Gradient accumulation is exact too:
+//! one rank running its batch in micro-batches ends with the same student.
 
 mod common;
 
@@ -49,6 +50,26 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
                 .double_value(&[])
         })
         .fold(0.0, f64::max)
+}
+
+#[test]
+fn micro_batches_of_one_equal_the_whole_batch_at_once() {
+    tch::set_num_threads(1);
+    let whole = train("memory://micro-whole", FakeScore::Lora, SingleProcess);
+    let mut cfg = config("memory://micro-one", FakeScore::Lora);
+    cfg.train.micro_batch = Some(1);
+    let mut trainer = tiny_run::trainer_with(cfg, &CAPTIONS, SingleProcess);
+    trainer.run().unwrap();
+    let micro = tiny_run::student(&trainer);
+    let d = max_diff(&micro, &whole);
+    assert!(
+        d <= 1e-5,
+        "micro-batches vs the whole batch: max weight diff {d:e}"
+    );
+    let folder =
+        swiftbrush_worker::pipeline::DiffusersFolder::open(&common::pipeline("sd1")).unwrap();
+    let teacher = swiftbrush_worker::roles::UNet::load(&folder, tch::Device::Cpu).unwrap();
+    assert!(max_diff(&whole, &teacher.named_parameters()) > 1e-7);
 }
 
 #[test]

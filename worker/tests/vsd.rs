@@ -12,6 +12,7 @@ use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::roles::{Teachers, UNet};
 use swiftbrush_worker::vsd::{
     Denoiser, Draws, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step,
+    vsd_step_in_micro_batches,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -44,13 +45,21 @@ fn check_with(
         &Teachers::Lora(Box::new(teacher)),
         prediction,
         weighting,
-        |_, _| {},
+        |_| {},
     );
 }
 
+/// What a case may change before its step: the draws, the step's
+/// constants, the micro-batch size.
+struct StepInputs {
+    draws: Draws,
+    cfg: VsdConfig,
+    micro: Option<u32>,
+}
+
 /// One step of `student` and `teachers` on the golden file's draws, after
-/// `edit` (of the draws and the step's constants; most cases none): both
-/// losses and every trainable gradient as the reference's.
+/// `edit` (most cases none): both losses and every trainable gradient as
+/// the reference's.
 fn check_step(
     case: &str,
     g: &HashMap<String, Tensor>,
@@ -58,20 +67,39 @@ fn check_step(
     teachers: &Teachers,
     prediction: Prediction,
     weighting: VsdWeighting,
-    edit: impl FnOnce(&mut Draws, &mut VsdConfig),
+    edit: impl FnOnce(&mut StepInputs),
 ) {
     tch::set_num_threads(1);
-    let (mut draws, text) = inputs(g);
-    let mut cfg = VsdConfig {
-        student_timestep: 999,
-        student_alpha_bar: 0.0047,
-        guidance_scale: 4.5,
-        weighting,
-        prediction,
-        teacher_autocast: None,
+    let (draws, text) = inputs(g);
+    let mut inputs = StepInputs {
+        draws,
+        cfg: VsdConfig {
+            student_timestep: 999,
+            student_alpha_bar: 0.0047,
+            guidance_scale: 4.5,
+            weighting,
+            prediction,
+            teacher_autocast: None,
+        },
+        micro: None,
     };
-    edit(&mut draws, &mut cfg);
-    let losses = vsd_step(student, teachers, &alphas_cumprod(), &cfg, &text, &draws);
+    edit(&mut inputs);
+    let StepInputs { draws, cfg, micro } = inputs;
+    let losses = match micro {
+        None => vsd_step(student, teachers, &alphas_cumprod(), &cfg, &text, &draws),
+        Some(_) => {
+            vsd_step_in_micro_batches(
+                student,
+                teachers,
+                &alphas_cumprod(),
+                &cfg,
+                &text,
+                &draws,
+                micro,
+            )
+            .0
+        }
+    };
 
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
     let want_vsd = g["loss_vsd"].double_value(&[0]);
@@ -145,10 +173,39 @@ fn vsd_step_guides_both_teachers_with_the_drawn_scale() {
         &Teachers::Lora(Box::new(teacher)),
         Prediction::Epsilon,
         VsdWeighting::Paper,
-        |draws, cfg| {
-            cfg.guidance_scale = 1.0;
-            draws.guidance_scale = Some(4.5);
+        |s| {
+            s.cfg.guidance_scale = 1.0;
+            s.draws.guidance_scale = Some(4.5);
         },
+    );
+}
+
+/// `train.micro_batch`: the batch of 2 run one sample at a time leaves the
+/// whole batch's gradients and losses, for both fake-score forms (the
+/// LoRA teacher with the null condition, DMD2's full copy).
+#[test]
+fn micro_batches_accumulate_the_whole_batch_step() {
+    let g = common::golden("golden/vsd/sd1_null1.safetensors");
+    let (student, teacher) = roles("sd1", &spec(), &g);
+    check_step(
+        "sd1_null1 in micro-batches of 1",
+        &g,
+        &student,
+        &Teachers::Lora(Box::new(teacher)),
+        Prediction::Epsilon,
+        VsdWeighting::Paper,
+        |s| s.micro = Some(1),
+    );
+    let g = common::golden("golden/vsd/sd1_fullfake_null1.safetensors");
+    let (student, teachers) = full_fake_roles("sd1", &g);
+    check_step(
+        "sd1_fullfake_null1 in micro-batches of 1",
+        &g,
+        &student,
+        &Teachers::Unet(Box::new(teachers)),
+        Prediction::Epsilon,
+        VsdWeighting::Paper,
+        |s| s.micro = Some(1),
     );
 }
 
@@ -190,7 +247,7 @@ fn vsd_step_matches_reference_with_a_full_unet_fake_score() {
         &Teachers::Unet(Box::new(teachers)),
         Prediction::Epsilon,
         VsdWeighting::Paper,
-        |_, _| {},
+        |_| {},
     );
 }
 

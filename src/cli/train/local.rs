@@ -76,6 +76,8 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
             ring_listen: Some(([127, 0, 0, 1], 0).into()),
             health_listen: None,
             caption_audit: options.caption_audit.clone(),
+            // The job config carries `--micro-batch`.
+            micro_batch: None,
             connect_timeout: Duration::from_secs(10),
         };
         let done = done_tx.clone();

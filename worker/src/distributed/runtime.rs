@@ -57,6 +57,9 @@ pub struct WorkerOptions {
     /// Append the caption audit (one JSON line per trained step) to
     /// `DIR/worker-<id>.jsonl`.
     pub caption_audit: Option<PathBuf>,
+    /// Overrides the job's `train.micro_batch` on this worker (its device's
+    /// memory decides; the result does not change).
+    pub micro_batch: Option<u32>,
     /// How long to keep trying to reach the coordinator at start.
     pub connect_timeout: Duration,
 }
@@ -222,7 +225,10 @@ impl Worker {
             .job
             .clone()
             .ok_or_else(|| WorkerError::Invalid("the assignment carries no job".to_owned()))?;
-        let config = JobConfig::from_yaml_str(&job.config_yaml, "the job config")?;
+        let mut config = JobConfig::from_yaml_str(&job.config_yaml, "the job config")?;
+        if self.options.micro_batch.is_some() {
+            config.train.micro_batch = self.options.micro_batch;
+        }
         tracing::info!(
             generation = a.generation,
             rank = a.rank,

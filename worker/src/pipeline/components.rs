@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tch::{Device, Kind, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::models::ModelError;
 use crate::models::clip::{CLIPTextConfig, CLIPTextModel, load_text_encoder_weights};
@@ -87,6 +87,29 @@ impl Vae {
     pub fn scale_factor(&self) -> i64 {
         1 << (self.config.block_out_channels.len().saturating_sub(1))
     }
+}
+
+/// Latents [B, C, h, w] (as the UNet sees them) -> images [B, 3, H, W] in
+/// [0, 1], float32, without gradients: `vae.decode(latents /
+/// scaling_factor)`, or the latents themselves for a pixel-space pipeline
+/// (no VAE); then (x / 2 + 0.5).clamp(0, 1), as diffusers does.
+pub fn decode_images(vae: Option<&Vae>, latents: &Tensor) -> Result<Tensor, tch::TchError> {
+    tch::no_grad(|| {
+        let image = match vae {
+            Some(vae) => {
+                let z = latents
+                    .f_to_kind(vae.kind())?
+                    .f_div_scalar(vae.config.scaling_factor)?;
+                vae.model.decode(&z)
+            }
+            None => latents.shallow_clone(),
+        };
+        image
+            .f_div_scalar(2.0)?
+            .f_add_scalar(0.5)?
+            .f_clamp(0.0, 1.0)?
+            .f_to_kind(Kind::Float)
+    })
 }
 
 /// An empty store whose new variables are created in `kind`.

@@ -365,21 +365,9 @@ impl StableDiffusion {
             latents,
             latents.size().first().copied().unwrap_or(0) as usize,
         )?;
-        tch::no_grad(|| {
-            let image = match &self.vae {
-                Some(vae) => {
-                    let z = latents
-                        .f_to_kind(vae.kind())?
-                        .f_div_scalar(vae.config.scaling_factor)?;
-                    vae.model.decode(&z)
-                }
-                None => latents.shallow_clone(),
-            };
-            Ok(image
-                .f_div_scalar(2.0)?
-                .f_add_scalar(0.5)?
-                .f_clamp(0.0, 1.0)?
-                .f_to_kind(Kind::Float)?)
-        })
+        Ok(super::components::decode_images(
+            self.vae.as_ref(),
+            latents,
+        )?)
     }
 }

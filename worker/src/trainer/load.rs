@@ -13,6 +13,7 @@ use super::caption_feed::CaptionFeed;
 use super::checkpoint::{CommitToStore, TrainState, Uploader};
 use super::gradient_sync::GradientSync;
 use super::run::{Resume, Trainer};
+use super::samples::TrainingSamples;
 use super::world::{RunToEnd, WorldParts};
 use super::{TextConditioner, TrainError};
 use crate::diffusion::{NoiseSchedule, PredictionType, SchedulerConfig};
@@ -146,6 +147,7 @@ impl Trainer {
         };
 
         let sample_shape = sample_shape(&cfg, &folder, &student)?;
+        let samples = TrainingSamples::load(&cfg, &folder, &text, sample_shape, device)?;
         let student_params: Vec<(String, Tensor)> = student.named_parameters();
         let opt_student = Adam::new(
             student_params
@@ -194,6 +196,7 @@ impl Trainer {
             last_losses: None,
             last_stall_ms: 0.0,
             world: None,
+            samples,
         })
     }
 }

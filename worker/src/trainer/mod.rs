@@ -12,6 +12,7 @@ mod load;
 mod persist;
 pub mod progress;
 pub mod run;
+mod samples;
 pub mod tensor_bytes;
 pub mod text;
 pub mod world;

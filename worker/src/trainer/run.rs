@@ -1,7 +1,7 @@
 //! The SwiftBrush training loop, one rank's view. Named steps, in order:
 //! build -> (per world: enter, load checkpoint) -> for each step: boundary
 //! (the world's control), batch, vsd step, optimizer steps (with the step
-//! vote), EMA, log, checkpoint -> close. What differs between a single
+//! vote), EMA, log, checkpoint, sample -> close. What differs between a single
 //! process and a distributed rank is only the `WorldParts`: the caption
 //! feed, the gradient sync, the checkpoint sink and the control. The models
 //! stay loaded from one world to the next; each world restores the state
@@ -20,6 +20,7 @@ use super::caption_audit::AuditEntry;
 use super::checkpoint::{CheckpointError, TrainState, Uploader};
 use super::gradient_sync::{GradientSync, StepVote, all_finite, gradients};
 use super::progress::Progress;
+use super::samples::TrainingSamples;
 use super::text::TextConditioner;
 use super::world::{Directive, Phase, StepReport, WorldEnd, WorldParts};
 use crate::diffusion::NoiseSchedule;
@@ -28,7 +29,7 @@ use crate::optim::{Adam, clip_grad_norm};
 use crate::roles::{Teachers, UNet};
 use crate::vsd::{
     Conditions, DrawKey, DrawSpec, Draws, LoraDraws, RankSlice, VsdConfig, VsdLosses,
-    lora_loss_backward, vsd_step_keeping_draw,
+    lora_loss_backward, vsd_step_in_micro_batches,
 };
 
 /// Where to start.
@@ -79,6 +80,8 @@ pub struct Trainer {
     /// How long the newest checkpoint step held the training thread.
     pub(super) last_stall_ms: f64,
     pub(super) world: Option<ActiveWorld>,
+    /// The sample step's prompts, noise and VAE (`train.sample_every_steps`).
+    pub(super) samples: Option<TrainingSamples>,
 }
 
 /// The world the loop runs in now.
@@ -216,6 +219,31 @@ impl Trainer {
             if (step + 1).is_multiple_of(every) || step + 1 == max_steps {
                 self.checkpoint()?;
             }
+            self.sample(step + 1);
+        }
+    }
+
+    /// sample: rank 0's pictures of the student (EMA weights) after step
+    /// `done`, when `train.sample_every_steps` asks for them. A picture
+    /// that cannot be written is reported and the run goes on: it is worth
+    /// less than the training.
+    fn sample(&mut self, done: u64) {
+        let Some(samples) = self.samples.as_ref() else {
+            return;
+        };
+        let rank = self.world.as_ref().map_or(0, |w| w.rank);
+        if rank != 0 || !samples.due(done, self.cfg.train.max_steps) {
+            return;
+        }
+        let t0 = Instant::now();
+        match samples.write(done, &self.student, &mut self.ema, &self.vsd, &self.store) {
+            Ok(name) => tracing::info!(
+                step = done,
+                file = %name,
+                seconds = format!("{:.2}", t0.elapsed().as_secs_f64()),
+                "samples written"
+            ),
+            Err(e) => tracing::warn!(step = done, "samples not written: {e}"),
         }
     }
 
@@ -375,13 +403,14 @@ impl Trainer {
             &DrawSpec::at_step(m, step, self.cfg.train.max_steps),
             self.device,
         );
-        Ok(vsd_step_keeping_draw(
+        Ok(vsd_step_in_micro_batches(
             &self.student,
             &self.teacher,
             self.schedule.alphas_cumprod(),
             &self.vsd,
             text,
             &draws,
+            self.cfg.train.micro_batch,
         ))
     }
 
@@ -422,6 +451,7 @@ impl Trainer {
                 text,
                 x0,
                 &draws,
+                self.cfg.train.micro_batch,
             );
             let t0 = Instant::now();
             let grads = gradients(self.opt_lora.params());
