@@ -375,3 +375,85 @@ fn missing_teacher_and_student_requests_are_clear() {
     let out = run(&["sample", "--prompt", "a cat"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// `eval clip-score` scores exactly the pictures `sample` draws with the
+/// same flags, picture by picture, in batches of any size; a missing CLIP
+/// folder or an unwritable scores file fails before any drawing.
+#[test]
+fn eval_clip_score_scores_what_sample_draws() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = common::fixtures().join("clip_model");
+    let prompts = golden("prompts.txt");
+    let raw = tmp.path().join("raw.safetensors");
+    let teacher = sd1();
+    let draw = [
+        "--teacher",
+        s(&teacher),
+        "--prompts",
+        s(&prompts),
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+    ];
+    let mut args = vec!["sample", "--raw-out", s(&raw)];
+    args.extend(draw);
+    assert_ok(&run(&args));
+    let scores_out = tmp.path().join("scores.jsonl");
+    let mut args = vec!["eval", "clip-score", "--clip", s(&clip), "--json"];
+    args.extend(draw);
+    args.extend(["--batch-size", "1", "--scores-out", s(&scores_out)]);
+    let report: serde_json::Value = serde_json::from_str(&assert_ok(&run(&args))).unwrap();
+
+    let texts: Vec<String> = std::fs::read_to_string(&prompts)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let scorer = swiftbrush_worker::eval::ClipScorer::load(&clip, Device::Cpu).unwrap();
+    let want: Vec<f32> =
+        Vec::try_from(&scorer.scores(&read(&raw, "images"), &texts).unwrap()).unwrap();
+    let got: Vec<f64> = report["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(got.len(), texts.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - f64::from(*w)).abs() <= 1e-5, "score {g} vs {w}");
+    }
+    let mean = got.iter().sum::<f64>() / got.len() as f64;
+    assert!((report["clip_score"].as_f64().unwrap() - mean).abs() < 1e-12);
+    let lines = std::fs::read_to_string(&scores_out).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(first["prompt"], texts[0].as_str());
+    assert_eq!(lines.lines().count(), texts.len());
+
+    let mut args = vec!["eval", "clip-score", "--clip", "/no/such/clip"];
+    args.extend(draw);
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("CLIP model /no/such/clip"),
+        "{}",
+        stderr(&out)
+    );
+    let mut args = vec![
+        "eval",
+        "clip-score",
+        "--clip",
+        s(&clip),
+        "--scores-out",
+        "/no/such/dir/s.jsonl",
+    ];
+    args.extend(draw);
+    let out = run(&args);
+    assert!(
+        stderr(&out).contains("cannot write /no/such/dir/s.jsonl"),
+        "{}",
+        stderr(&out)
+    );
+}

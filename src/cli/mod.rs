@@ -4,6 +4,7 @@
 mod bench;
 mod cancel;
 mod coordinator;
+mod eval;
 mod export;
 mod launch;
 mod remote;
@@ -85,6 +86,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Draw images: from a teacher (diffusers folder, DDIM with guidance).
     Sample(Box<sample::SampleArgs>),
+    /// Judge a teacher's or a student's pictures (CLIP score).
+    #[command(subcommand)]
+    Eval(Box<eval::EvalCommand>),
     /// The shapes32 toy world (docs/TOYWORLD.md): train and judge a toy teacher.
     #[command(subcommand)]
     Toy(toy::ToyCommand),
@@ -137,6 +141,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sample(args) => sample::run(*args),
+        Command::Eval(command) => eval::run(*command),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Launch(args) => launch::run(args),
         Command::Status(args) => status::run(args),

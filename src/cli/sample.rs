@@ -9,9 +9,23 @@ use swiftbrush_proto::config::Dtype;
 use swiftbrush_worker::sample::{SampleModel, SampleRequest, read_prompts, sample_teacher};
 
 #[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    draw: DrawArgs,
+    /// The PNG to write (a grid for several prompts); sample.png when
+    /// neither --out nor --raw-out is given.
+    #[arg(long, value_name = "OUT.png")]
+    out: Option<PathBuf>,
+    /// Also write the float images [B,3,H,W] in [0,1] (tensor `images`).
+    #[arg(long, value_name = "OUT.safetensors")]
+    raw_out: Option<PathBuf>,
+}
+
+/// What draws which pictures: shared by `sample` and `eval`.
+#[derive(Debug, Args)]
 #[command(group(ArgGroup::new("model").required(true).multiple(true).args(["teacher", "student"])))]
 #[command(group(ArgGroup::new("text").required(true).args(["prompt", "prompts"])))]
-pub struct SampleArgs {
+pub struct DrawArgs {
     /// A diffusers Stable Diffusion folder, sampled with DDIM and
     /// classifier-free guidance as diffusers' StableDiffusionPipeline does.
     #[arg(long, value_name = "DIR")]
@@ -41,13 +55,6 @@ pub struct SampleArgs {
     /// `latents` [number of prompts, channels, height, width].
     #[arg(long, value_name = "FILE.safetensors")]
     latents: Option<PathBuf>,
-    /// The PNG to write (a grid for several prompts); sample.png when
-    /// neither --out nor --raw-out is given.
-    #[arg(long, value_name = "OUT.png")]
-    out: Option<PathBuf>,
-    /// Also write the float images [B,3,H,W] in [0,1] (tensor `images`).
-    #[arg(long, value_name = "OUT.safetensors")]
-    raw_out: Option<PathBuf>,
     /// auto (first CUDA device, else CPU), cpu or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -64,6 +71,45 @@ pub struct SampleArgs {
     /// Image width in pixels (default as for --height).
     #[arg(long)]
     width: Option<i64>,
+}
+
+impl DrawArgs {
+    /// The request, writing `out` and `raw_out` when `sample` runs it.
+    pub fn request(
+        self,
+        out: Option<PathBuf>,
+        raw_out: Option<PathBuf>,
+    ) -> anyhow::Result<SampleRequest> {
+        // With --student, --teacher overrides the teacher the run recorded.
+        let model = match (self.teacher, self.student) {
+            (teacher, Some(path)) => SampleModel::Student {
+                path: path.display().to_string(),
+                teacher,
+            },
+            (Some(dir), None) => SampleModel::Teacher(dir),
+            (None, None) => anyhow::bail!("give --teacher DIR or --student PATH"),
+        };
+        let prompts = match (self.prompt, self.prompts) {
+            (Some(p), _) => vec![p],
+            (None, Some(file)) => read_prompts(&file)?,
+            (None, None) => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
+        };
+        Ok(SampleRequest {
+            model,
+            prompts,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            latents: self.latents,
+            out,
+            raw_out,
+            device: self.device,
+            dtype: self.dtype.into(),
+            batch_size: usize::try_from(self.batch_size).unwrap_or(usize::MAX),
+            height: self.height,
+            width: self.width,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -84,35 +130,7 @@ impl From<DtypeArg> for Dtype {
 }
 
 pub fn run(args: SampleArgs) -> anyhow::Result<()> {
-    // With --student, --teacher overrides the teacher the run recorded.
-    let model = match (args.teacher, args.student) {
-        (teacher, Some(path)) => SampleModel::Student {
-            path: path.display().to_string(),
-            teacher,
-        },
-        (Some(dir), None) => SampleModel::Teacher(dir),
-        (None, None) => anyhow::bail!("give --teacher DIR or --student PATH"),
-    };
-    let prompts = match (args.prompt, args.prompts) {
-        (Some(p), _) => vec![p],
-        (None, Some(file)) => read_prompts(&file)?,
-        (None, None) => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
-    };
-    let request = SampleRequest {
-        model,
-        prompts,
-        steps: args.steps,
-        guidance: args.guidance,
-        seed: args.seed,
-        latents: args.latents,
-        out: args.out,
-        raw_out: args.raw_out,
-        device: args.device,
-        dtype: args.dtype.into(),
-        batch_size: usize::try_from(args.batch_size).unwrap_or(usize::MAX),
-        height: args.height,
-        width: args.width,
-    };
+    let request = args.draw.request(args.out, args.raw_out)?;
     let report = sample_teacher(&request).context("cannot sample")?;
     for path in &report.written {
         println!("wrote {}", path.display());

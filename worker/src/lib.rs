@@ -7,6 +7,7 @@ pub mod device;
 pub mod diffusion;
 pub mod distributed;
 pub mod ema;
+pub mod eval;
 pub mod export;
 pub mod image_io;
 pub mod lora;

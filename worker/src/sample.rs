@@ -85,7 +85,7 @@ pub enum SampleModel {
 }
 
 impl SampleModel {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             SampleModel::Teacher(p) => format!("teacher {}", p.display()),
             SampleModel::Student { path, .. } => format!("student {path}"),
@@ -188,18 +188,69 @@ fn check_writable(path: &Path) -> Result<(), SampleError> {
 
 /// Samples the teacher and writes the requested files.
 pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> {
-    if req.prompts.is_empty() {
-        return Err(SampleError::Input("no prompts given".into()));
-    }
-    if req.batch_size == 0 {
-        return Err(SampleError::Input("batch size must be at least 1".into()));
-    }
     let out = match (&req.out, &req.raw_out) {
         (None, None) => Some(PathBuf::from(DEFAULT_OUT)),
         (out, _) => out.clone(),
     };
     for path in out.iter().chain(req.raw_out.iter()) {
         check_writable(path)?;
+    }
+    let mut images = Vec::new();
+    let drawn = draw_in_batches(req, |_, _, imgs| {
+        images.push(imgs.shallow_clone());
+        Ok(())
+    })?;
+    let images = Tensor::f_cat(&images, 0)?;
+    let num = req.prompts.len();
+
+    let mut written = Vec::new();
+    if let Some(path) = &out {
+        save_png(&images, path, grid_columns(num))?;
+        written.push(path.clone());
+    }
+    if let Some(path) = &req.raw_out {
+        Tensor::write_safetensors(&[(IMAGES_KEY, images.f_contiguous()?)], path).map_err(|e| {
+            SampleError::Write {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        written.push(path.clone());
+    }
+    Ok(SampleReport {
+        written,
+        num_images: num,
+        device: drawn.device,
+        load_seconds: drawn.load_seconds,
+        seconds_per_image: drawn.seconds_per_image,
+    })
+}
+
+/// What [`draw_in_batches`] did, besides handing out the pictures.
+#[derive(Debug, Clone)]
+pub struct Drawn {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub load_seconds: f64,
+    /// Wall time of sampling, decoding and the callback per image.
+    pub seconds_per_image: f64,
+}
+
+/// Loads the request's model and draws its prompts `batch_size` at a time,
+/// handing each batch's pictures ([b,3,H,W] in [0,1], on the CPU) to `each`
+/// with the index of its first prompt and its prompts, then drops them: a
+/// long prompt list never holds more than one batch of pictures. The noise
+/// is the whole list's (seeded as `sample` seeds it), so a picture does not
+/// depend on the batch size.
+pub fn draw_in_batches(
+    req: &SampleRequest,
+    mut each: impl FnMut(usize, &[String], &Tensor) -> Result<(), SampleError>,
+) -> Result<Drawn, SampleError> {
+    if req.prompts.is_empty() {
+        return Err(SampleError::Input("no prompts given".into()));
+    }
+    if req.batch_size == 0 {
+        return Err(SampleError::Input("batch size must be at least 1".into()));
     }
     let num = req.prompts.len();
     let given_latents = match &req.latents {
@@ -255,44 +306,24 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
     };
 
     let started = Instant::now();
-    let mut images = Vec::new();
     for (i, chunk) in req.prompts.chunks(req.batch_size).enumerate() {
-        let start = (i * req.batch_size) as i64;
-        let part = latents.f_narrow(0, start, chunk.len() as i64)?;
+        let start = i * req.batch_size;
+        let part = latents.f_narrow(0, start as i64, chunk.len() as i64)?;
         let imgs = match one_step {
             Some(o) => {
                 pipe.sample_one_step(chunk, &part, o.student_timestep, o.student_alpha_bar)?
             }
             None => pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?,
         };
-        images.push(imgs.f_to_device(Device::Cpu)?);
+        each(start, chunk, &imgs.f_to_device(Device::Cpu)?)?;
     }
-    let images = Tensor::f_cat(&images, 0)?;
-    let seconds_per_image = started.elapsed().as_secs_f64() / num as f64;
-
-    let mut written = Vec::new();
-    if let Some(path) = &out {
-        save_png(&images, path, grid_columns(num))?;
-        written.push(path.clone());
-    }
-    if let Some(path) = &req.raw_out {
-        Tensor::write_safetensors(&[(IMAGES_KEY, images.f_contiguous()?)], path).map_err(|e| {
-            SampleError::Write {
-                path: path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        written.push(path.clone());
-    }
-    Ok(SampleReport {
-        written,
-        num_images: num,
+    Ok(Drawn {
         device: match device {
             Device::Cuda(n) => format!("cuda:{n}"),
             other => format!("{other:?}").to_lowercase(),
         },
         load_seconds,
-        seconds_per_image,
+        seconds_per_image: started.elapsed().as_secs_f64() / num as f64,
     })
 }
 

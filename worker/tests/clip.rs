@@ -1,15 +1,98 @@
-//! CLIP text encoder against transformers (golden_clip.py).
+//! CLIP text encoder against transformers (golden_clip.py), and the whole
+//! CLIPModel with its image processor, what CLIP score uses
+//! (golden_clip_score.py).
 
 mod common;
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use swiftbrush_worker::eval::{ClipImageProcessor, ClipScorer};
 use swiftbrush_worker::models::clip::{
     CLIPTextConfig, CLIPTextModel, count_params, load_text_encoder, load_text_encoder_weights,
 };
+use swiftbrush_worker::models::clip_model::CLIPModel;
 use swiftbrush_worker::models::tokenizer::ClipTokenizer;
-use tch::{Device, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
+
+fn score_prompts() -> Vec<String> {
+    let path = common::fixtures().join("golden/clip_score/prompts.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The golden pictures, uint8 [N,H,W,3], as [N,3,H,W] floats in [0,1].
+fn pictures(g: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    g["images"].permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0
+}
+
+#[test]
+fn clip_model_embeddings_match_transformers() {
+    tch::set_num_threads(1);
+    let dir = common::fixtures().join("clip_model");
+    let (_vs, model) = CLIPModel::load(&dir, Device::Cpu).unwrap();
+    let tok = ClipTokenizer::from_dir(&dir).unwrap();
+    for case in ["up", "down"] {
+        let g = common::golden(&format!("golden/clip_score/{case}.safetensors"));
+        let ids = tok
+            .encode_batch(&score_prompts(), Device::Cpu)
+            .unwrap()
+            .input_ids;
+        assert!(ids.equal(&g["input_ids"]), "{case}: token ids differ");
+        let text = model.text_embeds(&ids).unwrap();
+        common::assert_close(
+            &format!("{case} text embeds"),
+            &text,
+            &g["text_embeds"],
+            1e-5,
+        );
+        let image = model.image_embeds(&g["pixel_values"]).unwrap();
+        common::assert_close(
+            &format!("{case} image embeds"),
+            &image,
+            &g["image_embeds"],
+            1e-5,
+        );
+    }
+}
+
+/// CLIPImageProcessor (PIL's bicubic on 8-bit pixels) up- and downsampling:
+/// PIL's fixed-point arithmetic leaves a few pixels a level or two apart
+/// (0.5 % of them in these pictures), and the scores agree within 1e-3.
+#[test]
+fn clip_scores_match_transformers_from_the_pictures() {
+    tch::set_num_threads(1);
+    let dir = common::fixtures().join("clip_model");
+    let processor = ClipImageProcessor::from_file(&dir.join("preprocessor_config.json")).unwrap();
+    assert_eq!(processor.size.shortest_edge, 30);
+    let scorer = ClipScorer::load(&dir, Device::Cpu).unwrap();
+    for case in ["up", "down"] {
+        let g = common::golden(&format!("golden/clip_score/{case}.safetensors"));
+        let pixels = processor.pixel_values(&pictures(&g)).unwrap();
+        // One 8-bit level, in normalised units: 1 / 255 / the smallest std.
+        let level = 1.0 / 255.0 / 0.2613;
+        let d = common::max_abs_diff(&pixels, &g["pixel_values"]);
+        assert!(
+            d <= 2.01 * level,
+            "{case}: pixel values differ by {d} (a level is {level})"
+        );
+        let mean = (&pixels - &g["pixel_values"])
+            .abs()
+            .mean(Kind::Double)
+            .double_value(&[]);
+        assert!(mean <= 0.05 * level, "{case}: mean pixel difference {mean}");
+        let scores = scorer.scores(&pictures(&g), &score_prompts()).unwrap();
+        common::assert_close(&format!("{case} scores"), &scores, &g["scores"], 1e-3);
+    }
+    // A folder without a CLIP model names what is missing.
+    let err = ClipScorer::load(&common::pipeline("sd1"), Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") || err.contains("model.safetensors"),
+        "{err}"
+    );
+}
 
 fn prompts() -> Vec<String> {
     let path = common::fixtures().join("golden/clip/prompts.json");

@@ -130,14 +130,14 @@ impl CLIPTextConfig {
 
 /// transformers' ACT2FN entries that CLIP configs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Activation {
+pub(super) enum Activation {
     QuickGelu,
     Gelu,
     GeluTanh,
 }
 
 impl Activation {
-    fn parse(name: &str) -> Result<Self, String> {
+    pub(super) fn parse(name: &str) -> Result<Self, String> {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
@@ -163,7 +163,7 @@ impl Activation {
 /// ever runs with loaded weights, which [`weights::load_strict`] writes into
 /// every one of them. Untouched pages are never committed by the OS, so
 /// building SD 2.x's 340M parameters costs no memory until loading.
-fn param(vs: &nn::Path, name: &str, dims: &[i64]) -> Result<Tensor, tch::TchError> {
+pub(super) fn param(vs: &nn::Path, name: &str, dims: &[i64]) -> Result<Tensor, tch::TchError> {
     let t = Tensor::f_empty(dims, (vs.kind(), vs.device()))?;
     Ok(vs.add(name, t, true))
 }
@@ -187,15 +187,40 @@ impl Linear {
     }
 }
 
+/// The sizes of one transformer tower (CLIP's text or vision encoder) and
+/// whether its attention is causal (text) or not (vision).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TowerDims {
+    pub hidden: i64,
+    pub intermediate: i64,
+    pub heads: i64,
+    pub eps: f64,
+    pub activation: Activation,
+    pub causal: bool,
+}
+
+impl TowerDims {
+    fn text(cfg: &CLIPTextConfig, activation: Activation) -> Self {
+        Self {
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            heads: cfg.num_attention_heads,
+            eps: cfg.layer_norm_eps,
+            activation,
+            causal: true,
+        }
+    }
+}
+
 #[derive(Debug)]
-struct LayerNorm {
+pub(super) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl LayerNorm {
-    fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self, tch::TchError> {
+    pub(super) fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self, tch::TchError> {
         Ok(Self {
             weight: param(&vs, "weight", &[dim])?,
             bias: param(&vs, "bias", &[dim])?,
@@ -203,7 +228,7 @@ impl LayerNorm {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(super) fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
         let dim = self.weight.size();
         xs.f_layer_norm(dim, Some(&self.weight), Some(&self.bias), self.eps, true)
     }
@@ -237,7 +262,7 @@ impl CLIPTextEmbeddings {
     }
 }
 
-/// transformers' `CLIPAttention`, causal.
+/// transformers' `CLIPAttention`: causal in the text tower.
 #[derive(Debug)]
 struct CLIPAttention {
     q_proj: Linear,
@@ -245,17 +270,19 @@ struct CLIPAttention {
     v_proj: Linear,
     out_proj: Linear,
     num_heads: i64,
+    causal: bool,
 }
 
 impl CLIPAttention {
-    fn new(vs: nn::Path, cfg: &CLIPTextConfig) -> Result<Self, tch::TchError> {
-        let h = cfg.hidden_size;
+    fn new(vs: nn::Path, dims: &TowerDims) -> Result<Self, tch::TchError> {
+        let h = dims.hidden;
         Ok(Self {
             q_proj: Linear::new(&vs / "q_proj", h, h)?,
             k_proj: Linear::new(&vs / "k_proj", h, h)?,
             v_proj: Linear::new(&vs / "v_proj", h, h)?,
             out_proj: Linear::new(&vs / "out_proj", h, h)?,
-            num_heads: cfg.num_attention_heads,
+            num_heads: dims.heads,
+            causal: dims.causal,
         })
     }
 
@@ -277,7 +304,7 @@ impl CLIPAttention {
             &v,
             None::<Tensor>,
             0.0,
-            true,
+            self.causal,
             None,
             false,
         )?;
@@ -296,15 +323,11 @@ struct CLIPMLP {
 }
 
 impl CLIPMLP {
-    fn new(
-        vs: nn::Path,
-        cfg: &CLIPTextConfig,
-        activation: Activation,
-    ) -> Result<Self, tch::TchError> {
+    fn new(vs: nn::Path, dims: &TowerDims) -> Result<Self, tch::TchError> {
         Ok(Self {
-            fc1: Linear::new(&vs / "fc1", cfg.hidden_size, cfg.intermediate_size)?,
-            fc2: Linear::new(&vs / "fc2", cfg.intermediate_size, cfg.hidden_size)?,
-            activation,
+            fc1: Linear::new(&vs / "fc1", dims.hidden, dims.intermediate)?,
+            fc2: Linear::new(&vs / "fc2", dims.intermediate, dims.hidden)?,
+            activation: dims.activation,
         })
     }
 
@@ -316,7 +339,7 @@ impl CLIPMLP {
 
 /// transformers' `CLIPEncoderLayer` (pre-norm).
 #[derive(Debug)]
-struct CLIPEncoderLayer {
+pub(super) struct CLIPEncoderLayer {
     self_attn: CLIPAttention,
     layer_norm1: LayerNorm,
     mlp: CLIPMLP,
@@ -324,21 +347,17 @@ struct CLIPEncoderLayer {
 }
 
 impl CLIPEncoderLayer {
-    fn new(
-        vs: nn::Path,
-        cfg: &CLIPTextConfig,
-        activation: Activation,
-    ) -> Result<Self, tch::TchError> {
-        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+    pub(super) fn new(vs: nn::Path, dims: &TowerDims) -> Result<Self, tch::TchError> {
+        let (h, eps) = (dims.hidden, dims.eps);
         Ok(Self {
-            self_attn: CLIPAttention::new(&vs / "self_attn", cfg)?,
+            self_attn: CLIPAttention::new(&vs / "self_attn", dims)?,
             layer_norm1: LayerNorm::new(&vs / "layer_norm1", h, eps)?,
-            mlp: CLIPMLP::new(&vs / "mlp", cfg, activation)?,
+            mlp: CLIPMLP::new(&vs / "mlp", dims)?,
             layer_norm2: LayerNorm::new(&vs / "layer_norm2", h, eps)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(super) fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
         let xs = xs.f_add(&self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
         xs.f_add(&self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)
     }
@@ -366,8 +385,9 @@ impl CLIPTextModel {
         let vs = &vs / TEXT_MODEL_PREFIX;
         let embeddings = CLIPTextEmbeddings::new(&vs / "embeddings", cfg)?;
         let encoder = &vs / "encoder" / "layers";
+        let dims = TowerDims::text(cfg, activation);
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| CLIPEncoderLayer::new(&encoder / i, cfg, activation))
+            .map(|i| CLIPEncoderLayer::new(&encoder / i, &dims))
             .collect::<Result<Vec<_>, _>>()?;
         let final_layer_norm = LayerNorm::new(
             &vs / "final_layer_norm",

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_model;
 pub mod embeddings;
 pub mod layers;
 pub mod resnet;
