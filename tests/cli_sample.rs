@@ -457,3 +457,80 @@ fn eval_clip_score_scores_what_sample_draws() {
         stderr(&out)
     );
 }
+
+/// `eval fid`: a model's saved statistics are at distance 0 from the same
+/// draws and the distance to other statistics is what the library computes
+/// from both files; bad requests fail before drawing, naming the problem.
+#[test]
+fn eval_fid_compares_statistics_of_what_sample_draws() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = common::fixtures();
+    let inception = fixtures.join("fid/inception.safetensors");
+    let teacher = sd1();
+    let prompts = golden("prompts.txt");
+    let saved = tmp.path().join("teacher.safetensors");
+    let fid = |extra: &[&str]| {
+        let mut args = vec!["eval", "fid", "--inception", s(&inception), "--json"];
+        args.extend(["--teacher", s(&teacher), "--prompts", s(&prompts)]);
+        args.extend(["--steps", "2", "--device", "cpu"]);
+        args.extend(extra);
+        run(&args)
+    };
+    let report =
+        |out: &Output| -> serde_json::Value { serde_json::from_str(&assert_ok(out)).unwrap() };
+    let first = report(&fid(&["--save-stats", s(&saved)]));
+    assert_eq!(first["num_images"], 2);
+    assert!(first["fid"].is_null(), "no reference given: {first}");
+    let same = report(&fid(&["--reference-stats", s(&saved)]));
+    let d = same["fid"].as_f64().unwrap();
+    assert!(d.abs() <= 1e-3, "the same draws are at FID {d}");
+    let npz = fixtures.join("fid/stats_a.npz");
+    let other = report(&fid(&["--reference-stats", s(&npz), "--seed", "3"]));
+    let d = other["fid"].as_f64().unwrap();
+    let again = tmp.path().join("seed3.safetensors");
+    report(&fid(&["--save-stats", s(&again), "--seed", "3"]));
+    use swiftbrush_worker::eval::fid::read_stats;
+    let (mu1, s1) = read_stats(&again).unwrap();
+    let (mu2, s2) = read_stats(&npz).unwrap();
+    let want = swiftbrush_worker::eval::frechet_distance(&mu1, &s1, &mu2, &s2).unwrap();
+    // Eigen-decompositions on other thread counts: not bit for bit.
+    assert!(d > 1.0 && (d - want).abs() <= 1e-6 * want, "{d} vs {want}");
+
+    let fails = |args: &[&str], needle: &str| {
+        let out = fid(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    };
+    fails(&[], "--reference-stats FILE");
+    let mut missing = vec!["eval", "fid", "--inception", "/no/such.safetensors"];
+    missing.extend(["--teacher", s(&teacher), "--prompts", s(&prompts)]);
+    missing.extend(["--save-stats", s(&saved)]);
+    let out = run(&missing);
+    assert!(
+        stderr(&out).contains("FID Inception weights /no/such.safetensors"),
+        "{}",
+        stderr(&out)
+    );
+    let mut pickle = vec!["eval", "fid", "--inception", "pt_inception.pth"];
+    pickle.extend(["--teacher", s(&teacher), "--prompts", s(&prompts)]);
+    pickle.extend(["--save-stats", s(&saved)]);
+    let out = run(&pickle);
+    assert!(stderr(&out).contains("convert"), "{}", stderr(&out));
+    let bad = fixtures.join("fid/golden.safetensors");
+    fails(&["--reference-stats", s(&bad)], "no `mu` array");
+    let mut one = vec![
+        "eval",
+        "fid",
+        "--inception",
+        s(&inception),
+        "--teacher",
+        s(&teacher),
+    ];
+    one.extend(["--prompt", "a cat", "--save-stats", s(&saved)]);
+    let out = run(&one);
+    assert!(
+        stderr(&out).contains("at least 2 pictures"),
+        "{}",
+        stderr(&out)
+    );
+}

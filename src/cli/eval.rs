@@ -1,4 +1,5 @@
-//! `swiftbrush eval ...`: judging a teacher's or a student's pictures.
+//! `swiftbrush eval ...`: judging a teacher's or a student's pictures
+//! (CLIP score, FID).
 
 use std::path::PathBuf;
 
@@ -23,6 +24,27 @@ pub enum EvalCommand {
         /// Also write one JSON line per prompt (index, prompt, score).
         #[arg(long, value_name = "FILE.jsonl")]
         scores_out: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// FID: draw each prompt (as `sample` does), embed every picture with
+    /// pytorch-fid's Inception and compare the features' statistics with a
+    /// reference's (pytorch-fid's `--save-stats` .npz of real images, or a
+    /// file this command saved for another model).
+    Fid {
+        /// The FID Inception's weights as safetensors: pytorch-fid's
+        /// pt_inception-2015-12-05-6726825d.pth converted (see README).
+        #[arg(long, value_name = "FILE.safetensors")]
+        inception: PathBuf,
+        /// Statistics to compare with: .npz (mu, sigma) or .safetensors.
+        #[arg(long, value_name = "FILE")]
+        reference_stats: Option<PathBuf>,
+        /// Write these pictures' statistics (mu, sigma) as .safetensors.
+        #[arg(long, value_name = "FILE.safetensors")]
+        save_stats: Option<PathBuf>,
+        #[command(flatten)]
+        draw: DrawArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -60,6 +82,33 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
                 std::fs::write(path, lines)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        EvalCommand::Fid {
+            inception,
+            reference_stats,
+            save_stats,
+            draw,
+            json,
+        } => {
+            let request = draw.request(None, None)?;
+            if let Some(path) = &save_stats {
+                // Fail before the drawing, not after.
+                std::fs::write(path, b"")
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            let fid = swiftbrush_worker::eval::FidRequest {
+                inception,
+                reference: reference_stats,
+                save_stats,
+            };
+            let report =
+                swiftbrush_worker::eval::fid(&request, &fid).context("cannot compute the FID")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

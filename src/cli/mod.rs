@@ -86,7 +86,7 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Draw images: from a teacher (diffusers folder, DDIM with guidance).
     Sample(Box<sample::SampleArgs>),
-    /// Judge a teacher's or a student's pictures (CLIP score).
+    /// Judge a teacher's or a student's pictures (CLIP score, FID).
     #[command(subcommand)]
     Eval(Box<eval::EvalCommand>),
     /// The shapes32 toy world (docs/TOYWORLD.md): train and judge a toy teacher.

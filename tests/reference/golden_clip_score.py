@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from common import perturb, save_tensors, write_clip_tokenizer_files
 from pipelines import NUM_MERGES
@@ -82,7 +82,9 @@ def build(root, pipelines):
     model = CLIPModel(config).eval()
     perturb(model, seed=78)
     model.save_pretrained(folder, safe_serialization=True)
-    processor = CLIPImageProcessor(
+    # The PIL backend explicitly: what CLIP score tools have long run, and
+    # what CLIPImageProcessor falls back to without torchvision.
+    processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     processor.save_pretrained(folder)

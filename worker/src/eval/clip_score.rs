@@ -11,25 +11,12 @@ use std::time::Instant;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn};
 
+use super::EvalError;
 use super::clip_image::ClipImageProcessor;
 use crate::models::ModelError;
 use crate::models::clip_model::CLIPModel;
-use crate::models::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::models::tokenizer::ClipTokenizer;
 use crate::sample::{SampleError, SampleRequest, draw_in_batches};
-
-/// The causes are part of each message (not a `source` chain, which the
-/// command line would print twice).
-#[derive(Debug, thiserror::Error)]
-pub enum EvalError {
-    #[error("CLIP model {dir}: {cause}")]
-    Clip { dir: PathBuf, cause: ModelError },
-    #[error("CLIP model {dir}: {cause}")]
-    Tokenizer { dir: PathBuf, cause: TokenizerError },
-    #[error(transparent)]
-    Sample(#[from] SampleError),
-    #[error("{0}")]
-    Torch(#[from] tch::TchError),
-}
 
 /// A loaded CLIP model with its tokenizer and image processor.
 pub struct ClipScorer {

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod clip;
 pub mod clip_model;
 pub mod embeddings;
+pub mod inception;
 pub mod layers;
 pub mod resnet;
 pub mod tokenizer;
