@@ -293,3 +293,99 @@ fn bad_input_is_a_clear_error() {
     ]);
     assert!(e.contains('7'), "{e}");
 }
+
+/// Runs tests/reference/check_tensorboard.py (TensorBoard's own loader,
+/// which checks every record's CRCs) on a run directory.
+fn tensorboard_files(run: &Path) -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/reference/check_tensorboard.py"))
+        .arg(run)
+        .output()
+        .expect("run the reference python (make venv)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The trainer's TensorBoard files: every step's losses and rates, as
+/// TensorBoard reads them; a resumed run adds a file with its own steps;
+/// `logging.tensorboard: false` writes none.
+#[test]
+fn tensorboard_reads_every_steps_losses() {
+    let dir = setup();
+    let d = dir.path();
+    let out = ok(&train(d, &["--run-dir", "run", "--max-steps", "3"], &[]));
+    let files = tensorboard_files(&d.join("run"));
+    let files = files["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0]["version"], "brain.Event:2");
+    let scalars = &files[0]["scalars"];
+    for tag in [
+        "loss/vsd",
+        "loss/lora",
+        "perf/images_per_s",
+        "perf/step_ms",
+        "perf/allreduce_ms",
+    ] {
+        let steps: Vec<u64> = scalars[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {scalars}"))
+            .iter()
+            .map(|p| p[0].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3], "{tag}");
+    }
+    // The last step's losses are the ones `train` prints (6 digits there,
+    // float32 in the file).
+    let last = |tag: &str| scalars[tag][2][1].as_f64().unwrap();
+    let printed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("last losses: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let value = |name: &str| -> f64 {
+        printed
+            .split(", ")
+            .find_map(|p| p.strip_prefix(&format!("{name} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    for (tag, name) in [("loss/vsd", "vsd"), ("loss/lora", "lora")] {
+        let (got, want) = (last(tag), value(name));
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "{tag}: {got} vs {want}"
+        );
+    }
+
+    // Resumed: a second file with steps 4 and 5.
+    ok(&train(d, &["--run-dir", "run", "--max-steps", "5"], &[]));
+    let files = tensorboard_files(&d.join("run"));
+    let files = files["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let mut steps: Vec<u64> = files
+        .iter()
+        .flat_map(|f| f["scalars"]["loss/vsd"].as_array().unwrap().clone())
+        .map(|p| p[0].as_u64().unwrap())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, [1, 2, 3, 4, 5]);
+
+    let tiny = std::fs::read_to_string(CONFIG).unwrap();
+    let off = tiny.replacen("logging:\n", "logging:\n  tensorboard: false\n", 1);
+    assert!(off != tiny, "configs/tiny.yaml has no logging section");
+    std::fs::write(d.join("off.yaml"), off).unwrap();
+    let config = d.join("off.yaml").display().to_string();
+    ok(&train_with(
+        &config,
+        d,
+        &["--run-dir", "quiet", "--max-steps", "1"],
+        &[],
+    ));
+    assert!(d.join("quiet/checkpoints").exists());
+    assert!(!d.join("quiet/tensorboard").exists());
+}

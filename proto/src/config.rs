@@ -443,6 +443,9 @@ pub struct LoggingConfig {
     /// Log losses and rates every N steps.
     pub every_steps: u64,
     pub format: LogFormat,
+    /// Rank 0 writes every step's losses and rates as TensorBoard event
+    /// files under RUN/tensorboard/ (`tensorboard --logdir RUN`).
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingConfig {
@@ -450,6 +453,7 @@ impl Default for LoggingConfig {
         Self {
             every_steps: 10,
             format: LogFormat::Human,
+            tensorboard: true,
         }
     }
 }

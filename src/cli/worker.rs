@@ -82,7 +82,9 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         token,
         tls,
         device: args.device,
-        host: args.host.unwrap_or_else(host_name),
+        host: args
+            .host
+            .unwrap_or_else(swiftbrush_worker::device::host_name),
         ring_listen: args.ring_listen,
         health_listen: args.health_listen,
         caption_audit: args.caption_audit,
@@ -141,14 +143,4 @@ fn client_tls(args: &WorkerArgs) -> anyhow::Result<Option<ClientTls>> {
         identity_pem,
         domain: args.tls_domain.clone(),
     }))
-}
-
-/// This machine's name (Linux), else `localhost`.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".to_owned())
 }

@@ -7,6 +7,7 @@ pub mod caption_audit;
 pub mod caption_feed;
 pub mod checkpoint;
 mod error;
+pub mod events;
 pub mod gradient_sync;
 mod load;
 mod persist;

@@ -145,6 +145,7 @@ impl Trainer {
 
     /// close: wait for the upload in flight.
     pub(super) fn close(&mut self) -> Result<(), TrainError> {
+        self.write_events(true);
         if let Some(landing) = self.uploader.wait()? {
             self.landed(landing);
         }

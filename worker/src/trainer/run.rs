@@ -18,6 +18,7 @@ use tch::{Device, Tensor};
 use super::TrainError;
 use super::caption_audit::AuditEntry;
 use super::checkpoint::{CheckpointError, TrainState, Uploader};
+use super::events::EventFile;
 use super::gradient_sync::{GradientSync, StepVote, all_finite, gradients};
 use super::progress::Progress;
 use super::samples::TrainingSamples;
@@ -93,6 +94,8 @@ pub(super) struct ActiveWorld {
     pub(super) world_size: u64,
     /// Rank 0 shows progress; the others stay quiet.
     pub(super) progress: Option<Progress>,
+    /// Rank 0's TensorBoard file for this world (`logging.tensorboard`).
+    pub(super) events: Option<EventFile>,
 }
 
 /// One step's outcome.
@@ -121,12 +124,17 @@ impl Trainer {
         self.last_submitted = None;
         let progress = (rank == 0)
             .then(|| Progress::new(self.cfg.train.max_steps, self.cfg.logging.every_steps));
+        let events = (rank == 0 && self.cfg.logging.tensorboard).then(|| {
+            let tag = format!("{}.g{}", std::process::id(), parts.generation);
+            EventFile::new(&crate::device::host_name(), &tag)
+        });
         self.world = Some(ActiveWorld {
             parts,
             latent_shape,
             rank,
             world_size,
             progress,
+            events,
         });
         Ok(())
     }
@@ -218,8 +226,29 @@ impl Trainer {
             }
             if (step + 1).is_multiple_of(every) || step + 1 == max_steps {
                 self.checkpoint()?;
+                self.write_events(true);
             }
             self.sample(step + 1);
+        }
+    }
+
+    /// Writes rank 0's TensorBoard file when it changed and a minute has
+    /// passed, or now with `force`. A file that cannot be written is
+    /// reported and training goes on.
+    pub(super) fn write_events(&mut self, force: bool) {
+        let Some(w) = self.world.as_mut() else {
+            return;
+        };
+        let Some(events) = w.events.as_mut() else {
+            return;
+        };
+        let name = events.name().to_owned();
+        if let Some(bytes) = events.take_due(force)
+            && let Err(e) = self
+                .store
+                .put_run_file(&name, bytes::Bytes::copy_from_slice(bytes))
+        {
+            tracing::warn!(file = %name, "TensorBoard events not written: {e}");
         }
     }
 
@@ -296,6 +325,19 @@ impl Trainer {
         if let Some(p) = w.progress.as_ref() {
             p.step(step + 1, &losses, report.samples_per_s);
         }
+        if let Some(events) = w.events.as_mut() {
+            events.scalars(
+                step + 1,
+                &[
+                    ("loss/vsd", losses.vsd),
+                    ("loss/lora", losses.lora),
+                    ("perf/images_per_s", report.samples_per_s),
+                    ("perf/step_ms", report.step_ms),
+                    ("perf/allreduce_ms", report.allreduce_ms),
+                ],
+            );
+        }
+        self.write_events(false);
         Ok(StepDone { losses, vote })
     }
 
