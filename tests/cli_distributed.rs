@@ -420,7 +420,7 @@ fn survives(fault: &str) {
     assert_eq!(done.world_size, 0, "the world ended with the job");
     let (exit, out) = survivor.wait();
     assert!(exit.success(), "{}", survivor.log());
-    assert!(out.contains("in 2 worlds"), "{out}");
+    assert!(out.contains("in 2 worlds"), "{out}\n{}", survivor.log());
     drop(victim);
     assert_matches_reference(d, "run", max_steps);
 }
@@ -495,8 +495,16 @@ fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
     };
     // Rank 0 writes it when the heartbeat asks (CheckpointAt), the
     // coordinator commits it, then every worker is told to stop.
+    // The step asked for is one past the newest step the heartbeats had
+    // reported; workers already past it checkpoint at their next boundary
+    // instead, which ends the job the same way.
     let done = coordinator.wait_for("cancelled", &[&a, &b], |s| s.phase == JobPhase::Cancelled);
-    assert_eq!(done.committed_step, step, "the final checkpoint committed");
+    assert!(
+        done.committed_step >= step,
+        "the final checkpoint committed: {} < {step}",
+        done.committed_step
+    );
+    let step = done.committed_step;
     assert!(step < max_steps);
     for w in [&mut a, &mut b] {
         let (exit, out) = w.wait();

@@ -389,3 +389,68 @@ fn tensorboard_reads_every_steps_losses() {
     assert!(d.join("quiet/checkpoints").exists());
     assert!(!d.join("quiet/tensorboard").exists());
 }
+
+/// `eval clip-score --all-checkpoints`: every valid checkpoint of a run,
+/// oldest first, each scored as `eval` scores that checkpoint alone.
+#[test]
+fn eval_scores_every_checkpoint_of_a_run() {
+    let dir = setup();
+    let d = dir.path();
+    ok(&train(d, &["--run-dir", "run", "--max-steps", "4"], &[]));
+    std::fs::write(d.join("p.txt"), "a red circle\na photo of a cat\n").unwrap();
+    let clip = common::fixtures().join("clip_model").display().to_string();
+    let eval = |student: &str, extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+            .env_clear()
+            .env("OMP_NUM_THREADS", "1")
+            .current_dir(d)
+            .args(["eval", "clip-score", "--clip", &clip, "--student", student])
+            .args([
+                "--prompts",
+                "p.txt",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&ok(&out)).unwrap()
+    };
+    let all = eval("run", &["--all-checkpoints"]);
+    let all = all.as_array().unwrap();
+    let steps: Vec<u64> = all.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(
+        steps,
+        [2, 4],
+        "configs/tiny.yaml keeps the last 2 of every 2 steps"
+    );
+    for e in all {
+        let step = e["step"].as_u64().unwrap();
+        let one = eval(&format!("run/checkpoints/step-{step:08}"), &[]);
+        assert_eq!(one["scores"], e["scores"], "step {step}");
+    }
+    assert_ne!(all[0]["scores"], all[1]["scores"]);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .current_dir(d)
+        .args([
+            "eval",
+            "clip-score",
+            "--clip",
+            &clip,
+            "--teacher",
+            &teacher("sd1"),
+        ])
+        .args(["--prompts", "p.txt", "--all-checkpoints"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--student RUN"),
+        "{err}"
+    );
+}

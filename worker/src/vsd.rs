@@ -319,24 +319,13 @@ pub fn vsd_step(
     text: &Conditions,
     draws: &Draws,
 ) -> VsdLosses {
-    vsd_step_keeping_draw(student, teacher, alphas_cumprod, cfg, text, draws).0
+    vsd_step_in_micro_batches(student, teacher, alphas_cumprod, cfg, text, draws, None).0
 }
 
-/// `vsd_step`, also returning the student's draw x0_hat (detached), on
-/// which further LoRA teacher updates of the iteration train.
-pub fn vsd_step_keeping_draw(
-    student: &impl Denoiser,
-    teacher: &impl LoraTeacher,
-    alphas_cumprod: &Tensor,
-    cfg: &VsdConfig,
-    text: &Conditions,
-    draws: &Draws,
-) -> (VsdLosses, Tensor) {
-    vsd_step_in_micro_batches(student, teacher, alphas_cumprod, cfg, text, draws, None)
-}
-
-/// `vsd_step_keeping_draw` with the batch run `micro` rows at a time
-/// (gradient accumulation): each micro-batch's losses are scaled by its
+/// `vsd_step` with the batch run `micro` rows at a time (gradient
+/// accumulation; None: all at once), also returning the student's draw
+/// x0_hat (detached), on which further LoRA teacher updates of the
+/// iteration train. Each micro-batch's losses are scaled by its
 /// share of the batch before their backward, so the gradients left behind
 /// and the losses returned are the whole batch's (to float rounding; with
 /// one micro-batch, bit for bit). Activations live for one micro-batch.

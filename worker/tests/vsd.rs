@@ -11,8 +11,7 @@ use common::golden_vsd::{alphas_cumprod, fresh_roles, full_fake_roles, inputs, l
 use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::roles::{Teachers, UNet};
 use swiftbrush_worker::vsd::{
-    Denoiser, Draws, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step,
-    vsd_step_in_micro_batches,
+    Denoiser, Draws, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step_in_micro_batches,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -85,21 +84,15 @@ fn check_step(
     };
     edit(&mut inputs);
     let StepInputs { draws, cfg, micro } = inputs;
-    let losses = match micro {
-        None => vsd_step(student, teachers, &alphas_cumprod(), &cfg, &text, &draws),
-        Some(_) => {
-            vsd_step_in_micro_batches(
-                student,
-                teachers,
-                &alphas_cumprod(),
-                &cfg,
-                &text,
-                &draws,
-                micro,
-            )
-            .0
-        }
-    };
+    let (losses, _) = vsd_step_in_micro_batches(
+        student,
+        teachers,
+        &alphas_cumprod(),
+        &cfg,
+        &text,
+        &draws,
+        micro,
+    );
 
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
     let want_vsd = g["loss_vsd"].double_value(&[0]);
