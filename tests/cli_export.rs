@@ -24,20 +24,9 @@ fn swiftbrush(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs tests/reference/check_export.py with the project's pinned packages.
+/// tests/reference/check_export.py: diffusers and peft load what was written.
 fn check(args: &[&str]) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/reference/check_export.py"))
-        .args(args)
-        .output()
-        .expect("run the reference python (make venv)");
-    assert!(
-        out.status.success(),
-        "check_export.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    common::reference_python("check_export.py", args)
 }
 
 fn trained_run() -> tempfile::TempDir {

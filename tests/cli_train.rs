@@ -297,18 +297,7 @@ fn bad_input_is_a_clear_error() {
 /// Runs tests/reference/check_tensorboard.py (TensorBoard's own loader,
 /// which checks every record's CRCs) on a run directory.
 fn tensorboard_files(run: &Path) -> serde_json::Value {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/reference/check_tensorboard.py"))
-        .arg(run)
-        .output()
-        .expect("run the reference python (make venv)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&common::reference_python("check_tensorboard.py", &[run])).unwrap()
 }
 
 /// The trainer's TensorBoard files: every step's losses and rates, as
