@@ -85,11 +85,7 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
             output,
         } => {
             let request = draw.request(None, None)?;
-            if let Some(path) = &scores_out {
-                // Fail before hours of drawing, not after.
-                std::fs::write(path, b"")
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            check_writable(scores_out.as_ref())?;
             let mut done = Vec::new();
             for (step, request) in models(&request, output.all_checkpoints)? {
                 let report = swiftbrush_worker::eval::clip_score(&request, &clip)
@@ -109,11 +105,7 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
             output,
         } => {
             let request = draw.request(None, None)?;
-            if let Some(path) = &save_stats {
-                // Fail before the drawing, not after.
-                std::fs::write(path, b"")
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            check_writable(save_stats.as_ref())?;
             let fid = swiftbrush_worker::eval::FidRequest {
                 inception,
                 reference: reference_stats,
@@ -133,6 +125,15 @@ pub fn run(command: EvalCommand) -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// An output file is created empty up front: an unwritable one fails
+/// before hours of drawing, not after.
+fn check_writable(path: Option<&PathBuf>) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, b"").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The request itself, or with `all` one request per valid checkpoint of

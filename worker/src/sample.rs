@@ -198,7 +198,7 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
     let mut images = Vec::new();
     let drawn = draw_in_batches(req, |_, _, imgs| {
         images.push(imgs.shallow_clone());
-        Ok(())
+        Ok::<(), SampleError>(())
     })?;
     let images = Tensor::f_cat(&images, 0)?;
     let num = req.prompts.len();
@@ -242,10 +242,45 @@ pub struct Drawn {
 /// long prompt list never holds more than one batch of pictures. The noise
 /// is the whole list's (seeded as `sample` seeds it), so a picture does not
 /// depend on the batch size.
-pub fn draw_in_batches(
+/// `each`'s own error type passes through (a scorer's, say), so stopping
+/// at its first error needs nothing more than `?`.
+pub fn draw_in_batches<E: From<SampleError>>(
     req: &SampleRequest,
-    mut each: impl FnMut(usize, &[String], &Tensor) -> Result<(), SampleError>,
-) -> Result<Drawn, SampleError> {
+    mut each: impl FnMut(usize, &[String], &Tensor) -> Result<(), E>,
+) -> Result<Drawn, E> {
+    let (pipe, one_step, latents, device, load_seconds) = prepare_draw(req)?;
+    let started = Instant::now();
+    for (i, chunk) in req.prompts.chunks(req.batch_size).enumerate() {
+        let start = i * req.batch_size;
+        let imgs = (|| -> Result<Tensor, SampleError> {
+            let part = latents.f_narrow(0, start as i64, chunk.len() as i64)?;
+            let imgs = match one_step {
+                Some(o) => {
+                    pipe.sample_one_step(chunk, &part, o.student_timestep, o.student_alpha_bar)?
+                }
+                None => pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?,
+            };
+            Ok(imgs.f_to_device(Device::Cpu)?)
+        })()?;
+        each(start, chunk, &imgs)?;
+    }
+    Ok(Drawn {
+        device: match device {
+            Device::Cuda(n) => format!("cuda:{n}"),
+            other => format!("{other:?}").to_lowercase(),
+        },
+        load_seconds,
+        seconds_per_image: started.elapsed().as_secs_f64() / req.prompts.len() as f64,
+    })
+}
+
+/// Everything `draw_in_batches` checks and loads before the first batch:
+/// the model, its one-step settings, the whole list's noise, the device
+/// and the load time.
+#[allow(clippy::type_complexity)]
+fn prepare_draw(
+    req: &SampleRequest,
+) -> Result<(StableDiffusion, Option<OneStep>, Tensor, Device, f64), SampleError> {
     if req.prompts.is_empty() {
         return Err(SampleError::Input("no prompts given".into()));
     }
@@ -304,27 +339,7 @@ pub fn draw_in_batches(
             draw_latents(req.seed, &pipe.latent_shape(num as i64, height, width)?)?
         }
     };
-
-    let started = Instant::now();
-    for (i, chunk) in req.prompts.chunks(req.batch_size).enumerate() {
-        let start = i * req.batch_size;
-        let part = latents.f_narrow(0, start as i64, chunk.len() as i64)?;
-        let imgs = match one_step {
-            Some(o) => {
-                pipe.sample_one_step(chunk, &part, o.student_timestep, o.student_alpha_bar)?
-            }
-            None => pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?,
-        };
-        each(start, chunk, &imgs.f_to_device(Device::Cpu)?)?;
-    }
-    Ok(Drawn {
-        device: match device {
-            Device::Cuda(n) => format!("cuda:{n}"),
-            other => format!("{other:?}").to_lowercase(),
-        },
-        load_seconds,
-        seconds_per_image: started.elapsed().as_secs_f64() / num as f64,
-    })
+    Ok((pipe, one_step, latents, device, load_seconds))
 }
 
 /// The pipeline to draw with, and for a student its one-step settings

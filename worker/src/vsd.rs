@@ -339,20 +339,8 @@ pub fn vsd_step_in_micro_batches(
     micro: Option<u32>,
 ) -> (VsdLosses, Tensor) {
     let b = draws.z.size()[0];
-    let parts = micro_batches(b, micro);
-    if let [(0, len)] = parts[..]
-        && len == b
-    {
-        return vsd_part(student, teacher, alphas_cumprod, cfg, text, draws, 1.0);
-    }
-    let mut losses = VsdLosses {
-        vsd: 0.0,
-        lora: 0.0,
-    };
-    let mut x0 = Vec::with_capacity(parts.len());
-    for (start, len) in parts {
-        let share = len as f64 / b as f64;
-        let (part, part_x0) = vsd_part(
+    let parts = each_micro_batch(b, micro, |start, len, share| {
+        vsd_part(
             student,
             teacher,
             alphas_cumprod,
@@ -360,12 +348,38 @@ pub fn vsd_step_in_micro_batches(
             &text.rows(start, len),
             &draws.rows(start, len),
             share,
-        );
+        )
+    });
+    let mut losses = VsdLosses {
+        vsd: 0.0,
+        lora: 0.0,
+    };
+    let mut x0 = Vec::with_capacity(parts.len());
+    for (share, (part, part_x0)) in parts {
         losses.vsd += share * part.vsd;
         losses.lora += share * part.lora;
         x0.push(part_x0);
     }
     (losses, Tensor::cat(&x0, 0))
+}
+
+/// Runs `part(start, len, share)` on each micro-batch of a batch of `b`
+/// rows (see [`micro_batches`]), `share` being its fraction of the rows:
+/// exactly 1 when one micro-batch is the whole batch, whose views of the
+/// batch's tensors then are those tensors, so the step is the unsplit one
+/// bit for bit.
+fn each_micro_batch<T>(
+    b: i64,
+    micro: Option<u32>,
+    mut part: impl FnMut(i64, i64, f64) -> T,
+) -> Vec<(f64, T)> {
+    micro_batches(b, micro)
+        .into_iter()
+        .map(|(start, len)| {
+            let share = if len == b { 1.0 } else { len as f64 / b as f64 };
+            (share, part(start, len, share))
+        })
+        .collect()
 }
 
 /// SPEC steps 1-6 on one micro-batch whose losses are `share` of the
@@ -384,7 +398,7 @@ fn vsd_part(
     let per_sample = |t: &Tensor| alphas_cumprod.index_select(0, t).view([-1, 1, 1, 1]);
 
     // 1. Student draw: one pass at t = 999 from pure noise.
-    let x0_hat = one_step_x0(student, &draws.z, &text.cond, cfg);
+    let x0_hat = one_step_x0(student, &draws.z, &text.cond, &cfg.one_step());
 
     // 2. Noise it; x_t keeps its link to the student.
     let abar_t = per_sample(&draws.t);
@@ -451,16 +465,41 @@ fn vsd_part(
 }
 
 /// The student's one-step draw (SPEC step 1 and "Inference"): one pass at
-/// the student timestep on the noise `z` [B,C,h,w] under `cond` [B,77,D],
-/// the output as epsilon, x0_hat = (z - sqrt(1 - A) eps) / sqrt(A), in
-/// float32. With gradients when called with them.
-pub fn one_step_x0(student: &impl Denoiser, z: &Tensor, cond: &Tensor, cfg: &VsdConfig) -> Tensor {
+/// `cfg`'s student timestep on the noise `z` [B,C,h,w] under `cond`
+/// [B,77,D], the output as epsilon, x0_hat = (z - sqrt(1 - A) eps) /
+/// sqrt(A), in float32. With gradients when called with them. Training,
+/// its sample step and `sample --student` all draw through it.
+pub fn one_step_x0(
+    student: &impl Denoiser,
+    z: &Tensor,
+    cond: &Tensor,
+    cfg: &OneStepDraw,
+) -> Tensor {
     let (b, device) = (z.size()[0], z.device());
-    let t_student = Tensor::full([b], cfg.student_timestep, (Kind::Int64, device));
-    let a = Tensor::full([1, 1, 1, 1], cfg.student_alpha_bar, (Kind::Float, device));
+    let t_student = Tensor::full([b], cfg.timestep, (Kind::Int64, device));
+    let a = Tensor::full([1, 1, 1, 1], cfg.alpha_bar, (Kind::Float, device));
     let out = student.predict(z, &t_student, cond);
     let eps_s = cfg.prediction.to_eps(&out.to_kind(Kind::Float), z, &a);
     (z - (1f64 - &a).sqrt() * eps_s) / a.sqrt()
+}
+
+/// What the student's one-step draw needs: its timestep, the constant A,
+/// and what the UNet's output means.
+#[derive(Debug, Clone, Copy)]
+pub struct OneStepDraw {
+    pub timestep: i64,
+    pub alpha_bar: f64,
+    pub prediction: Prediction,
+}
+
+impl VsdConfig {
+    pub fn one_step(&self) -> OneStepDraw {
+        OneStepDraw {
+            timestep: self.student_timestep,
+            alpha_bar: self.student_alpha_bar,
+            prediction: self.prediction,
+        }
+    }
 }
 
 /// SPEC step 4 without the nan_to_num: the direction in which the draw
@@ -514,27 +553,13 @@ pub fn lora_loss_backward(
     draws: &LoraDraws,
     micro: Option<u32>,
 ) -> f64 {
-    let b = x0.size()[0];
-    let parts = micro_batches(b, micro);
-    if let [(0, len)] = parts[..]
-        && len == b
-    {
-        return lora_part(teacher, alphas_cumprod, cfg, text, x0, draws, 1.0);
-    }
-    parts
-        .into_iter()
-        .map(|(start, len)| {
-            let share = len as f64 / b as f64;
-            let part = LoraDraws {
-                t_lora: draws.t_lora.narrow(0, start, len),
-                eps_lora: draws.eps_lora.narrow(0, start, len),
-                null_condition: draws.null_condition,
-            };
-            let x0 = x0.narrow(0, start, len);
-            let text = text.rows(start, len);
-            share * lora_part(teacher, alphas_cumprod, cfg, &text, &x0, &part, share)
-        })
-        .sum()
+    let parts = each_micro_batch(x0.size()[0], micro, |start, len, share| {
+        let text = text.rows(start, len);
+        let x0 = x0.narrow(0, start, len);
+        let part = draws.rows(start, len);
+        lora_part(teacher, alphas_cumprod, cfg, &text, &x0, &part, share)
+    });
+    parts.into_iter().map(|(share, loss)| share * loss).sum()
 }
 
 /// `lora_loss_backward` on one micro-batch that is `share` of the batch.
@@ -587,6 +612,15 @@ pub struct LoraDraws {
 }
 
 impl LoraDraws {
+    /// Rows `start..start + len` (one micro-batch); the null flag is shared.
+    pub fn rows(&self, start: i64, len: i64) -> LoraDraws {
+        LoraDraws {
+            t_lora: self.t_lora.narrow(0, start, len),
+            eps_lora: self.eps_lora.narrow(0, start, len),
+            null_condition: self.null_condition,
+        }
+    }
+
     /// The draws of LoRA update `update` >= 1 of an iteration: the whole
     /// global batch from a generator seeded by (seed, step, update), then
     /// this rank's rows (independent of the device and the world size).

@@ -144,22 +144,11 @@ pub fn clip_score(req: &SampleRequest, clip: &Path) -> Result<ClipScoreReport, E
     let scorer = ClipScorer::load(clip, device)?;
     let started = Instant::now();
     let mut scores = Vec::with_capacity(req.prompts.len());
-    let mut failure = None;
     let drawn = draw_in_batches(req, |_, prompts, images| {
-        match scorer.scores(images, prompts) {
-            Ok(s) => scores.extend(Vec::<f32>::try_from(&s)?.into_iter().map(f64::from)),
-            Err(e) => failure = Some(e),
-        }
-        // Stop drawing once scoring failed; the error is reported below.
-        match &failure {
-            Some(e) => Err(SampleError::Input(e.to_string())),
-            None => Ok(()),
-        }
-    });
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let drawn = drawn?;
+        let batch = scorer.scores(images, prompts)?;
+        scores.extend(Vec::<f32>::try_from(&batch)?.into_iter().map(f64::from));
+        Ok::<(), EvalError>(())
+    })?;
     let n = scores.len().max(1) as f64;
     let mean = scores.iter().sum::<f64>() / n;
     let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n;

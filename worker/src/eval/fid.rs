@@ -266,19 +266,10 @@ pub fn fid(req: &SampleRequest, fid: &FidRequest) -> Result<FidReport, EvalError
     }
     let started = Instant::now();
     let mut stats = FeatureStats::new(FID_FEATURES);
-    let mut failure = None;
     let drawn = draw_in_batches(req, |_, _, images| {
-        if let Err(e) = network.features(images).and_then(|f| Ok(stats.add(&f)?)) {
-            let message = e.to_string();
-            failure = Some(e);
-            return Err(SampleError::Input(message));
-        }
-        Ok(())
-    });
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let drawn = drawn?;
+        stats.add(&network.features(images)?)?;
+        Ok::<(), EvalError>(())
+    })?;
     let (mu, sigma) = stats.mean_and_cov()?;
     if let Some(path) = &fid.save_stats {
         write_stats(path, &mu, &sigma)?;

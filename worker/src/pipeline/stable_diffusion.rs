@@ -337,23 +337,18 @@ impl StableDiffusion {
         tch::no_grad(|| {
             let cond = self.encode_prompts(prompts)?;
             let z = z.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
-            let b = z.size()[0];
-            let t = Tensor::full([b], timestep, (Kind::Int64, self.device));
-            let out = self
-                .unet
-                .model
-                .forward(&z.f_to_kind(self.kind)?, &t, &cond)
-                .f_to_kind(Kind::Float)?;
-            let a = Tensor::full([1, 1, 1, 1], alpha_bar, (Kind::Float, self.device));
             let prediction = match self.scheduler.prediction()? {
                 crate::diffusion::PredictionType::VPrediction => {
                     crate::vsd::Prediction::VPrediction
                 }
                 _ => crate::vsd::Prediction::Epsilon,
             };
-            let eps = prediction.to_eps(&out, &z, &a);
-            let x0 = (&z - (1f64 - &a).sqrt() * eps) / a.sqrt();
-            self.decode(&x0)
+            let draw = crate::vsd::OneStepDraw {
+                timestep,
+                alpha_bar,
+                prediction,
+            };
+            self.decode(&crate::vsd::one_step_x0(&self.unet, &z, &cond, &draw))
         })
     }
 

@@ -113,7 +113,7 @@ impl TrainingSamples {
                 let len = (n - start).min(CHUNK as i64);
                 let z = self.z.narrow(0, start, len);
                 let cond = self.cond.narrow(0, start, len);
-                let x0 = one_step_x0(student, &z, &cond, vsd);
+                let x0 = one_step_x0(student, &z, &cond, &vsd.one_step());
                 images.push(decode_images(self.vae.as_ref(), &x0)?.to_device(Device::Cpu));
             }
             Ok(Tensor::f_cat(&images, 0)?)
