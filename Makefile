@@ -43,6 +43,9 @@ check-deps:
 	@if cargo tree -p swiftbrush-coordinator -e normal,build | grep -E '\b(tch|torch-sys)\b'; then \
 		echo "error: swiftbrush-coordinator must not depend on libtorch"; exit 1; \
 	else echo "ok: swiftbrush-coordinator has no libtorch dependency"; fi
+	@if cargo tree -p swiftbrush-worker -e normal,build | grep -E '\bswiftbrush-coordinator\b'; then \
+		echo "error: swiftbrush-worker must not depend on swiftbrush-coordinator"; exit 1; \
+	else echo "ok: swiftbrush-worker does not depend on the coordinator"; fi
 
 lint: $(STAMP)
 	cargo fmt --all -- --check

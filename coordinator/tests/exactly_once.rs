@@ -192,7 +192,7 @@ async fn every_caption_once_per_epoch_across_world_changes() {
         ids.sort_unstable();
         assert_eq!(ids, (0..NUM_CAPTIONS as u64).collect::<Vec<_>>());
     }
-    let plan = swiftbrush_coordinator::CaptionPlan::new(
+    let plan = swiftbrush_proto::caption_ledger::CaptionPlan::new(
         NUM_CAPTIONS as u64,
         u64::from(GLOBAL_BATCH),
         3,

@@ -83,14 +83,14 @@ pub struct MethodConfig {
     pub guidance_scale_range: Option<[f64; 2]>,
     /// How the VSD gradient is weighted per sample (SPEC step 4).
     pub vsd_weighting: VsdWeighting,
-    /// What eps_psi is: LoRA adapters on the teacher (SwiftBrush) or a full
-    /// trainable copy of it (DMD2). Either trains with `lora.optimizer`
-    /// and `lora.updates_per_step`; rank, alpha and targets are LoRA's.
-    pub fake_score: FakeScore,
-    /// Probability that a LoRA-teacher step uses the null condition for the
-    /// whole batch (text dropout, SPEC step 6).
+    /// The fake score eps_psi (SPEC's LoRA teacher): what it is and how it
+    /// trains.
+    pub fake_score: FakeScoreConfig,
+    /// Probability that a fake-score update uses the null condition for the
+    /// whole batch (text dropout, SPEC step 6; LoRA only).
     pub null_condition_prob: f64,
     pub student: OptimizerConfig,
+    /// The LoRA teacher's adapters (`fake_score.kind: lora`).
     pub lora: LoraConfig,
     pub ema: EmaConfig,
 }
@@ -107,7 +107,7 @@ impl Default for MethodConfig {
             guidance_scale: 4.5,
             guidance_scale_range: None,
             vsd_weighting: VsdWeighting::Paper,
-            fake_score: FakeScore::Lora,
+            fake_score: FakeScoreConfig::default(),
             null_condition_prob: 0.1,
             student: OptimizerConfig::with_lr(1e-6),
             lora: LoraConfig::default(),
@@ -144,6 +144,32 @@ pub enum FakeScore {
     /// (`null_condition_prob` is then unused), and scored on the caption
     /// alone (no guidance) in the VSD gradient.
     Unet,
+}
+
+/// The fake score and its training (either form): `method.fake_score`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FakeScoreConfig {
+    /// LoRA adapters on the teacher (SwiftBrush; rank, alpha and targets
+    /// in `method.lora`) or a full trainable copy of it (DMD2).
+    pub kind: FakeScore,
+    pub optimizer: OptimizerConfig,
+    /// Fake-score updates per student update. 1 is SwiftBrush (SPEC step
+    /// 6 once); more is DMD2's critic/generator ratio (SPEC, known
+    /// variants): the extra updates reuse the iteration's student draws
+    /// with fresh t', eps' and null flag, so the fake score keeps up with
+    /// the student (a lagging one lets the student collapse).
+    pub updates_per_step: u32,
+}
+
+impl Default for FakeScoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: FakeScore::Lora,
+            optimizer: OptimizerConfig::with_lr(1e-3),
+            updates_per_step: 1,
+        }
+    }
 }
 
 /// Adam with gradient-norm clipping (SPEC steps 5 and 6).
@@ -184,7 +210,8 @@ fn default_grad_clip() -> f64 {
     1.0
 }
 
-/// The LoRA teacher's adapters (PEFT naming) and their optimizer.
+/// The LoRA teacher's adapters (PEFT naming); they train with
+/// `method.fake_score.optimizer`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
@@ -194,13 +221,6 @@ pub struct LoraConfig {
     /// `to_v`, `to_out.0`, in every self- and cross-attention) and ResNet
     /// convolutions (`conv1`, `conv2`, `conv_shortcut`).
     pub target_modules: Vec<String>,
-    pub optimizer: OptimizerConfig,
-    /// LoRA teacher updates per student update. 1 is SwiftBrush (SPEC step
-    /// 6 once); more is DMD2's critic/generator ratio (SPEC, known
-    /// variants): the extra updates reuse the iteration's student draws
-    /// with fresh t', eps' and null flag, so the LoRA teacher keeps up with
-    /// the student (a lagging one lets the student collapse).
-    pub updates_per_step: u32,
 }
 
 /// Layers a LoRA adapter can target (PEFT suffix names): the projections
@@ -222,8 +242,6 @@ impl Default for LoraConfig {
             rank: 64,
             alpha: 108.0,
             target_modules: vec!["to_q".to_owned(), "to_v".to_owned()],
-            optimizer: OptimizerConfig::with_lr(1e-3),
-            updates_per_step: 1,
         }
     }
 }
@@ -478,6 +496,12 @@ impl fmt::Display for LogFormat {
 impl JobConfig {
     /// Parses YAML text. `origin` names the source in errors (a file path).
     pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        if let Some(message) = crate::config_moved::moved_key(text) {
+            return Err(ConfigError::Parse {
+                origin: origin.to_owned(),
+                message,
+            });
+        }
         let de = serde_norway::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de)
             .map_err(|e| ConfigError::from_parse(origin, e.path().to_string(), e.into_inner()))

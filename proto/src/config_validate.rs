@@ -96,7 +96,11 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         "0..=1",
     );
     optimizer(&mut p, "method.student", &m.student);
-    optimizer(&mut p, "method.lora.optimizer", &m.lora.optimizer);
+    optimizer(
+        &mut p,
+        "method.fake_score.optimizer",
+        &m.fake_score.optimizer,
+    );
     check(
         &mut p,
         m.lora.rank >= 1,
@@ -113,9 +117,9 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
     );
     check(
         &mut p,
-        (1..=64).contains(&m.lora.updates_per_step),
-        "method.lora.updates_per_step",
-        m.lora.updates_per_step.to_string(),
+        (1..=64).contains(&m.fake_score.updates_per_step),
+        "method.fake_score.updates_per_step",
+        m.fake_score.updates_per_step.to_string(),
         "an integer in 1..=64",
     );
     check(

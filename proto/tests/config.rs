@@ -37,7 +37,9 @@ fn defaults_are_the_papers() {
     assert_eq!(m.lora.alpha, 108.0);
     assert_eq!(m.lora.scale(), 1.6875);
     assert_eq!(m.lora.target_modules, vec!["to_q", "to_v"]);
-    assert_eq!(m.lora.optimizer.lr, 1e-3);
+    assert_eq!(m.fake_score.kind, FakeScore::Lora);
+    assert_eq!(m.fake_score.optimizer.lr, 1e-3);
+    assert_eq!(m.fake_score.updates_per_step, 1);
     assert_eq!(m.ema.max_decay, 0.9999);
     assert_eq!(c.model.resolution, 512);
     assert_eq!(c.train.global_batch, 16);
@@ -103,10 +105,10 @@ fn out_of_range_learning_rates() {
         "{e}"
     );
     let e = err(&format!(
-        "{TEACHER}method:\n  lora:\n    optimizer:\n      lr: 5\n"
+        "{TEACHER}method:\n  fake_score:\n    optimizer:\n      lr: 5\n"
     ));
     assert!(
-        e.contains("method.lora.optimizer.lr = 5 is not allowed"),
+        e.contains("method.fake_score.optimizer.lr = 5 is not allowed"),
         "{e}"
     );
     let e = err(&format!("{TEACHER}method:\n  student:\n    lr: -1.0e-6\n"));
@@ -212,12 +214,54 @@ fn vsd_weighting_parses_and_a_bad_one_names_the_choices() {
 
 #[test]
 fn fake_score_parses_and_a_bad_one_names_the_choices() {
-    let c = parse(&format!("{TEACHER}method:\n  fake_score: unet\n")).unwrap();
-    assert_eq!(c.method.fake_score, FakeScore::Unet);
-    assert_eq!(parse(TEACHER).unwrap().method.fake_score, FakeScore::Lora);
-    let e = err(&format!("{TEACHER}method:\n  fake_score: full\n"));
-    assert!(e.contains("method.fake_score"), "{e}");
+    let c = parse(&format!(
+        "{TEACHER}method:\n  fake_score:\n    kind: unet\n    updates_per_step: 2\n    optimizer:\n      lr: 2.0e-3\n"
+    ))
+    .unwrap();
+    assert_eq!(c.method.fake_score.kind, FakeScore::Unet);
+    assert_eq!(c.method.fake_score.updates_per_step, 2);
+    assert_eq!(c.method.fake_score.optimizer.lr, 2e-3);
+    assert_eq!(
+        parse(TEACHER).unwrap().method.fake_score.kind,
+        FakeScore::Lora
+    );
+    let e = err(&format!(
+        "{TEACHER}method:\n  fake_score:\n    kind: full\n"
+    ));
+    assert!(e.contains("method.fake_score.kind"), "{e}");
     assert!(e.contains("lora") && e.contains("unet"), "{e}");
+    let e = err(&format!(
+        "{TEACHER}method:\n  fake_score:\n    updates_per_step: 0\n"
+    ));
+    assert!(
+        e.contains("method.fake_score.updates_per_step = 0 is not allowed"),
+        "{e}"
+    );
+}
+
+/// Configs written before the fake score got its own section are refused
+/// with the key each setting moved to, not a bare "unknown key".
+#[test]
+fn moved_fake_score_keys_are_refused_naming_the_new_ones() {
+    let e = err(&format!("{TEACHER}method:\n  fake_score: unet\n"));
+    assert!(
+        e.contains("method.fake_score.kind") && e.contains("kind: unet"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{TEACHER}method:\n  lora:\n    rank: 4\n    optimizer:\n      lr: 1.0e-3\n"
+    ));
+    assert!(
+        e.contains("method.lora.optimizer has moved to method.fake_score.optimizer"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{TEACHER}method:\n  lora:\n    updates_per_step: 2\n"
+    ));
+    assert!(
+        e.contains("method.lora.updates_per_step has moved to method.fake_score.updates_per_step"),
+        "{e}"
+    );
 }
 
 #[test]

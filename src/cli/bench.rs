@@ -77,12 +77,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             iters,
             json,
         } => {
-            use swiftbrush_worker::collective::bench::{Backend, bench_allreduce};
-            let backend = match backend.as_str() {
-                "tcp" => Backend::Tcp,
-                "nccl" => Backend::Nccl,
-                other => unreachable!("clap admits tcp and nccl only, not {other:?}"),
-            };
+            use swiftbrush_worker::collective::{Backend, bench::bench_allreduce};
+            let backend = Backend::from_name(&backend)
+                .ok_or_else(|| anyhow::anyhow!("--backend {backend}: expected tcp or nccl"))?;
             let report = bench_allreduce(backend, size_mb, world, iters)?;
             print_report(&report, report.table(), json)
         }

@@ -115,7 +115,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             .map_or("none".to_owned(), |s| format!("step {s}")),
     );
     if let Some(l) = outcome.last_losses {
-        println!("last losses: vsd {:.6e}, lora {:.6}", l.vsd, l.lora);
+        println!("last losses: vsd {:.6e}, lora {:.6}", l.vsd, l.fake_score);
     }
     if outcome.num_nonfinite_steps > 0 || outcome.num_truncated_captions > 0 {
         println!(

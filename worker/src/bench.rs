@@ -10,7 +10,7 @@ use swiftbrush_proto::JobConfig;
 use crate::precision;
 use crate::trainer::caption_feed::LocalCaptionFeed;
 use crate::trainer::gradient_sync::SingleProcess;
-use crate::trainer::{Resume, TrainError, Trainer, device_of};
+use crate::trainer::{Resume, SoloTrainer, TrainError, device_of};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VsdBenchReport {
@@ -67,7 +67,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         0,
         1,
     )?;
-    let mut trainer = Trainer::build(cfg, device, feed, SingleProcess, Resume::Auto)?;
+    let mut trainer = SoloTrainer::build(cfg, device, feed, SingleProcess, Resume::Auto)?;
     trainer.train_step(0)?;
     let mut times = Vec::with_capacity(steps as usize);
     for step in 1..=steps {

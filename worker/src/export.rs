@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use swiftbrush_proto::run_store::{Manifest, ResumeFrom, RunStore};
 
 use crate::pipeline::DiffusersFolder;
-use crate::trainer::checkpoint::{EMA, STATE, STUDENT, TrainState};
+use crate::trainer::checkpoint::{STATE, TensorGroup, TrainState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -111,8 +111,8 @@ impl StudentCheckpoint {
     /// The student weights as a safetensors blob with diffusers' names.
     pub fn weights(&self, which: StudentWeights) -> Result<bytes::Bytes, ExportError> {
         let name = match which {
-            StudentWeights::Ema => EMA,
-            StudentWeights::Raw => STUDENT,
+            StudentWeights::Ema => TensorGroup::Ema.file(),
+            StudentWeights::Raw => TensorGroup::Student.file(),
         };
         Ok(self.store.read_manifest_file(&self.manifest, name)?)
     }

@@ -3,7 +3,8 @@
 //!
 //! The LoRA teacher is the frozen teacher plus adapters: one copy of the
 //! base weights serves both, and a shared switch turns the adapters off
-//! (teacher eps_phi) or on (LoRA teacher eps_psi). Adapter variables live in
+//! for the teacher eps_phi's pass (on, the model is the LoRA teacher
+//! eps_psi). Adapter variables live in
 //! their own VarStore under PEFT's names
 //! (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`),
 //! so `set_peft_model_state_dict` loads them and the optimizer sees only them.
@@ -21,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Device, Tensor, nn};
 
 use crate::models::attention::{Attention, Linear};
 use crate::models::layers::Conv2d;
@@ -31,21 +32,36 @@ use crate::models::unet_2d_condition::{
     UNet2DConditionModel, UNetDownBlock, UNetMidBlock, UNetUpBlock,
 };
 
-/// Adapters on or off, shared by every adapter of one model.
+/// Adapters on or off, shared by every adapter of one model. On unless an
+/// [`AdaptersOff`] guard is alive: the frozen teacher's pass holds one
+/// (`roles::TeacherUNet`'s `Scores::real`), so no caller can forget to turn
+/// them back on.
 #[derive(Debug, Clone)]
 pub struct LoraSwitch(Arc<AtomicBool>);
 
 impl LoraSwitch {
-    pub fn new(enabled: bool) -> Self {
-        Self(Arc::new(AtomicBool::new(enabled)))
+    fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
     }
 
-    pub fn set(&self, enabled: bool) {
-        self.0.store(enabled, Ordering::Relaxed);
+    /// The adapters are off until the guard drops (also on panic).
+    pub fn off(&self) -> AdaptersOff<'_> {
+        self.0.store(false, Ordering::Relaxed);
+        AdaptersOff(self)
     }
 
     pub fn enabled(&self) -> bool {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// While alive, the adapters of one model are off.
+#[must_use = "the adapters are back on as soon as the guard drops"]
+pub struct AdaptersOff<'a>(&'a LoraSwitch);
+
+impl Drop for AdaptersOff<'_> {
+    fn drop(&mut self) {
+        self.0.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -197,7 +213,7 @@ pub fn attach_lora(
         }
     }
     let vs = nn::VarStore::new(device);
-    let switch = LoraSwitch::new(true);
+    let switch = LoraSwitch::new();
     let scale = spec.alpha / spec.rank as f64;
     let wants = |name: &str| spec.target_modules.iter().any(|t| t == name);
     let mut attached = 0;
@@ -364,12 +380,4 @@ fn transformer_attentions<'a>(
             }
         }
     }
-}
-
-/// Casts adapter tensors for saving (PEFT files are usually fp32).
-pub fn adapter_tensors(set: &LoraSet, kind: Kind) -> Vec<(String, Tensor)> {
-    set.named_parameters()
-        .into_iter()
-        .map(|(k, v)| (k, v.detach().to_kind(kind).to_device(Device::Cpu)))
-        .collect()
 }

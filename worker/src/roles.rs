@@ -1,21 +1,23 @@
-//! The three networks of SwiftBrush (shared/SPEC.md): the frozen teacher
-//! and the LoRA teacher as one UNet with switchable adapters, and the
-//! student, a full trainable copy initialised from the teacher. DMD2's
-//! variant replaces the adapters by a full trainable copy
-//! (`method.fake_score: unet`): [`FullFakeScore`]; [`Teachers`] is either.
+//! The networks of SwiftBrush (shared/SPEC.md): the frozen teacher, the
+//! fake score that learns the student's distribution, and the student, a
+//! full trainable copy initialised from the teacher. The fake score is
+//! SwiftBrush's LoRA teacher ([`TeacherUNet`]: adapters over the teacher's
+//! own weights) or DMD2's full trainable copy ([`FullFakeScore`],
+//! `method.fake_score.kind: unet`); [`ScorePair`] is either, and every one
+//! of them answers [`Scores::real`] and [`Scores::fake`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Device, Kind, TchError, Tensor, nn};
 
+use crate::diffusion::Denoiser;
 use crate::lora::{LoraError, LoraSet, LoraSpec, attach_lora};
 use crate::models::layers::without_init;
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::{ModelError, weights};
 use crate::pipeline::DiffusersFolder;
-use crate::vsd::{Denoiser, FakeScore, LoraTeacher};
+use crate::vsd::{FakeScore, Scores};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -26,7 +28,7 @@ pub enum RoleError {
     #[error(transparent)]
     Lora(#[from] LoraError),
     #[error("{0}")]
-    Torch(#[from] tch::TchError),
+    Torch(#[from] TchError),
 }
 
 /// A UNet and the VarStore that owns its weights.
@@ -80,10 +82,15 @@ impl UNet {
         v
     }
 
-    /// Loads weights saved by [`weights::save_varstore`] (or any file with
-    /// diffusers' names) over this UNet.
-    pub fn load_weights(&mut self, file: &Path) -> Result<(), RoleError> {
-        weights::load_strict(&mut self.vs, &[file.to_owned()]).map_err(ModelError::from)?;
+    /// Copies saved weights in, strictly by name and shape; `origin` names
+    /// them in errors.
+    pub fn load_tensors(
+        &mut self,
+        tensors: HashMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<(), RoleError> {
+        weights::load_tensors_strict(&mut self.vs, tensors, &[PathBuf::from(origin)])
+            .map_err(ModelError::from)?;
         Ok(())
     }
 }
@@ -91,16 +98,18 @@ impl UNet {
 impl Denoiser for UNet {
     /// Inputs are cast to the weights' dtype (a bf16 teacher takes float32
     /// latents) and the output comes back as float32.
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, TchError> {
         let k = self.vs.kind();
+        // MERGE: f_forward once models/ is fallible.
         self.model
-            .forward(&x.to_kind(k), t, &cond.to_kind(k))
-            .to_kind(tch::Kind::Float)
+            .forward(&x.f_to_kind(k)?, t, &cond.f_to_kind(k)?)
+            .f_to_kind(Kind::Float)
     }
 }
 
-/// The teacher's UNet, frozen, with LoRA adapters: the teacher when the
-/// adapters are off, the LoRA teacher when they are on.
+/// The teacher's UNet, frozen, with LoRA adapters: the teacher with the
+/// adapters off, the LoRA teacher with them on (one copy of the base
+/// weights).
 pub struct TeacherUNet {
     pub unet: UNet,
     pub lora: LoraSet,
@@ -115,28 +124,26 @@ impl TeacherUNet {
     }
 }
 
-impl Denoiser for TeacherUNet {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
-        self.unet.predict(x, t, cond)
-    }
-}
-
-impl LoraTeacher for TeacherUNet {
-    fn set_adapters_enabled(&self, enabled: bool) {
-        self.lora.switch.set(enabled);
+impl Scores for TeacherUNet {
+    fn real(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        let _off = self.lora.switch.off();
+        self.unet.predict(x, t, c)
     }
 
-    fn fake_score(&self) -> FakeScore {
+    fn fake(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        self.unet.predict(x, t, c)
+    }
+
+    fn form(&self) -> FakeScore {
         FakeScore::Lora
     }
 }
 
 /// The frozen teacher beside a full trainable copy of it as the fake score
-/// (DMD2): "adapters on" selects the copy.
+/// (DMD2).
 pub struct FullFakeScore {
     pub teacher: UNet,
     pub fake: UNet,
-    fake_on: AtomicBool,
 }
 
 impl FullFakeScore {
@@ -144,48 +151,38 @@ impl FullFakeScore {
     /// is cast to a half dtype): it trains.
     pub fn new(mut teacher: UNet, fake: UNet) -> Self {
         teacher.vs.freeze();
-        Self {
-            teacher,
-            fake,
-            fake_on: AtomicBool::new(true),
-        }
+        Self { teacher, fake }
     }
 }
 
-impl Denoiser for FullFakeScore {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
-        if self.fake_on.load(Ordering::Relaxed) {
-            self.fake.predict(x, t, cond)
-        } else {
-            self.teacher.predict(x, t, cond)
-        }
-    }
-}
-
-impl LoraTeacher for FullFakeScore {
-    fn set_adapters_enabled(&self, enabled: bool) {
-        self.fake_on.store(enabled, Ordering::Relaxed);
+impl Scores for FullFakeScore {
+    fn real(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        self.teacher.predict(x, t, c)
     }
 
-    fn fake_score(&self) -> FakeScore {
+    fn fake(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        self.fake.predict(x, t, c)
+    }
+
+    fn form(&self) -> FakeScore {
         FakeScore::Unet
     }
 }
 
 /// The frozen teacher and the fake score, in either form: what the trainer
 /// holds.
-pub enum Teachers {
+pub enum ScorePair {
     Lora(Box<TeacherUNet>),
     Unet(Box<FullFakeScore>),
 }
 
-impl Teachers {
+impl ScorePair {
     /// The fake score's trainable tensors by name, sorted: the adapters by
     /// PEFT name, or the copy's weights by diffusers name.
     pub fn fake_parameters(&self) -> Vec<(String, Tensor)> {
         match self {
-            Teachers::Lora(t) => t.lora.named_parameters(),
-            Teachers::Unet(t) => t.fake.named_parameters(),
+            ScorePair::Lora(t) => t.lora.named_parameters(),
+            ScorePair::Unet(t) => t.fake.named_parameters(),
         }
     }
 
@@ -197,37 +194,37 @@ impl Teachers {
         origin: &str,
     ) -> Result<(), RoleError> {
         match self {
-            Teachers::Lora(t) => Ok(t.lora.load(&tensors)?),
-            Teachers::Unet(t) => {
-                weights::load_tensors_strict(&mut t.fake.vs, tensors, &[PathBuf::from(origin)])
-                    .map_err(ModelError::from)?;
-                Ok(())
-            }
+            ScorePair::Lora(t) => Ok(t.lora.load(&tensors)?),
+            ScorePair::Unet(t) => t.fake.load_tensors(tensors, origin),
+        }
+    }
+
+    /// The frozen teacher's UNet.
+    pub fn teacher(&self) -> &UNet {
+        match self {
+            ScorePair::Lora(t) => &t.unet,
+            ScorePair::Unet(t) => &t.teacher,
+        }
+    }
+
+    fn scores(&self) -> &dyn Scores {
+        match self {
+            ScorePair::Lora(m) => m.as_ref(),
+            ScorePair::Unet(m) => m.as_ref(),
         }
     }
 }
 
-impl Denoiser for Teachers {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Tensor {
-        match self {
-            Teachers::Lora(m) => m.predict(x, t, cond),
-            Teachers::Unet(m) => m.predict(x, t, cond),
-        }
-    }
-}
-
-impl LoraTeacher for Teachers {
-    fn set_adapters_enabled(&self, enabled: bool) {
-        match self {
-            Teachers::Lora(m) => m.set_adapters_enabled(enabled),
-            Teachers::Unet(m) => m.set_adapters_enabled(enabled),
-        }
+impl Scores for ScorePair {
+    fn real(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        self.scores().real(x, t, c)
     }
 
-    fn fake_score(&self) -> FakeScore {
-        match self {
-            Teachers::Lora(m) => m.fake_score(),
-            Teachers::Unet(m) => m.fake_score(),
-        }
+    fn fake(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        self.scores().fake(x, t, c)
+    }
+
+    fn form(&self) -> FakeScore {
+        self.scores().form()
     }
 }

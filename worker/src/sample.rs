@@ -248,7 +248,13 @@ pub fn draw_in_batches<E: From<SampleError>>(
     req: &SampleRequest,
     mut each: impl FnMut(usize, &[String], &Tensor) -> Result<(), E>,
 ) -> Result<Drawn, E> {
-    let (pipe, one_step, latents, device, load_seconds) = prepare_draw(req)?;
+    let PreparedDraw {
+        pipe,
+        one_step,
+        latents,
+        device,
+        load_seconds,
+    } = prepare_draw(req)?;
     let started = Instant::now();
     for (i, chunk) in req.prompts.chunks(req.batch_size).enumerate() {
         let start = i * req.batch_size;
@@ -274,13 +280,18 @@ pub fn draw_in_batches<E: From<SampleError>>(
     })
 }
 
-/// Everything `draw_in_batches` checks and loads before the first batch:
-/// the model, its one-step settings, the whole list's noise, the device
-/// and the load time.
-#[allow(clippy::type_complexity)]
-fn prepare_draw(
-    req: &SampleRequest,
-) -> Result<(StableDiffusion, Option<OneStep>, Tensor, Device, f64), SampleError> {
+/// Everything `draw_in_batches` checks and loads before the first batch.
+struct PreparedDraw {
+    pipe: StableDiffusion,
+    /// A student's one-step settings (None: the teacher, with DDIM).
+    one_step: Option<OneStep>,
+    /// The whole prompt list's noise.
+    latents: Tensor,
+    device: Device,
+    load_seconds: f64,
+}
+
+fn prepare_draw(req: &SampleRequest) -> Result<PreparedDraw, SampleError> {
     if req.prompts.is_empty() {
         return Err(SampleError::Input("no prompts given".into()));
     }
@@ -339,7 +350,13 @@ fn prepare_draw(
             draw_latents(req.seed, &pipe.latent_shape(num as i64, height, width)?)?
         }
     };
-    Ok((pipe, one_step, latents, device, load_seconds))
+    Ok(PreparedDraw {
+        pipe,
+        one_step,
+        latents,
+        device,
+        load_seconds,
+    })
 }
 
 /// The pipeline to draw with, and for a student its one-step settings

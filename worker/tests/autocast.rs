@@ -8,19 +8,21 @@
 
 mod common;
 
-use common::golden_vsd::{alphas_cumprod, inputs, lora_spec, roles};
+use common::golden_vsd::{inputs, lora_spec, roles, schedule, vsd_config};
 
 use std::collections::HashMap;
 
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::{Autocast, Dtype};
+use swiftbrush_worker::diffusion::{Denoiser, PredictionType};
 use swiftbrush_worker::pipeline::DiffusersFolder;
 use swiftbrush_worker::precision::{AutocastPlan, HalfDtype, autocast_kind};
+use swiftbrush_worker::roles::ScorePair;
 use swiftbrush_worker::roles::UNet;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
-use swiftbrush_worker::trainer::{Resume, TrainError, Trainer};
-use swiftbrush_worker::vsd::{Denoiser, Prediction, VsdConfig, VsdWeighting, vsd_step};
+use swiftbrush_worker::trainer::{Resume, SoloTrainer, TrainError};
+use swiftbrush_worker::vsd::{VsdStep, VsdWeighting};
 use tch::{Device, Kind, Tensor};
 
 fn unet(kind: &str) -> UNet {
@@ -38,7 +40,7 @@ fn check_unet(kind: &str, dtype: HalfDtype, ratio: f64) {
     let plan = AutocastPlan::new(Device::Cpu, dtype).unwrap();
     let got = {
         let _autocast = plan.enter();
-        model.predict(x, t, c)
+        model.predict(x, t, c).unwrap()
     };
     assert_eq!(autocast_kind(Device::Cpu), None, "guard left autocast on");
     assert_eq!(got.kind(), Kind::Float);
@@ -61,7 +63,12 @@ fn check_unet(kind: &str, dtype: HalfDtype, ratio: f64) {
         dtype.name()
     );
     // Without the guard the same model gives the float32 answer.
-    common::assert_close(&format!("{kind} fp32"), &model.predict(x, t, c), fp32, 1e-4);
+    common::assert_close(
+        &format!("{kind} fp32"),
+        &model.predict(x, t, c).unwrap(),
+        fp32,
+        1e-4,
+    );
 }
 
 #[test]
@@ -86,16 +93,15 @@ fn step(
     autocast: Option<AutocastPlan>,
 ) -> ((f64, f64), HashMap<String, Tensor>) {
     let (student, teacher) = roles("sd1", &lora_spec(&["to_q", "to_v"]), g);
+    let scores = ScorePair::Lora(Box::new(teacher));
     let (draws, text) = inputs(g);
-    let cfg = VsdConfig {
-        student_timestep: 999,
-        student_alpha_bar: 0.0047,
-        guidance_scale: 4.5,
-        weighting: VsdWeighting::Paper,
-        prediction: Prediction::Epsilon,
-        teacher_autocast: autocast,
+    let step = VsdStep {
+        student: &student,
+        scores: &scores,
+        schedule: &schedule(PredictionType::Epsilon),
+        config: &vsd_config(VsdWeighting::Paper, autocast),
     };
-    let losses = vsd_step(&student, &teacher, &alphas_cumprod(), &cfg, &text, &draws);
+    let losses = step.run(&text, &draws, None).unwrap().losses;
     assert_eq!(
         autocast_kind(Device::Cpu),
         None,
@@ -106,11 +112,11 @@ fn step(
         assert_eq!(p.grad().kind(), Kind::Float, "student grad {name}");
         grads.insert(format!("student_grad.{name}"), p.grad());
     }
-    for (name, p) in teacher.lora.named_parameters() {
+    for (name, p) in scores.fake_parameters() {
         assert_eq!(p.grad().kind(), Kind::Float, "adapter grad {name}");
         grads.insert(format!("lora_grad.{name}"), p.grad());
     }
-    ((losses.vsd, losses.lora), grads)
+    ((losses.vsd, losses.fake_score), grads)
 }
 
 /// Max abs difference over all gradients, relative to the largest entry of
@@ -181,10 +187,10 @@ fn tiny_config(teacher_dtype: Dtype, autocast: Autocast) -> JobConfig {
     cfg
 }
 
-fn build(cfg: JobConfig) -> Result<Trainer, TrainError> {
+fn build(cfg: JobConfig) -> Result<SoloTrainer, TrainError> {
     let captions = vec!["a red circle".to_owned(), "a photo of a cat".to_owned()];
     let feed = LocalCaptionFeed::from_captions(captions, (2, 0, true), 0, 1).unwrap();
-    Trainer::build(cfg, Device::Cpu, feed, SingleProcess, Resume::Auto)
+    SoloTrainer::build(cfg, Device::Cpu, feed, SingleProcess, Resume::Auto)
 }
 
 #[test]
@@ -211,7 +217,7 @@ fn trainer_applies_precision_autocast_from_the_config() {
     let with = first_step(Dtype::Fp32, Autocast::Bf16);
     let without = first_step(Dtype::Fp32, Autocast::None);
     assert!(
-        (with.lora - without.lora).abs() > 1e-6,
+        (with.fake_score - without.fake_score).abs() > 1e-6,
         "{with:?} vs {without:?}"
     );
     // A bf16 teacher runs with autocast (the defaults of configs/sd21-base)

@@ -18,11 +18,11 @@ use tch::{Kind, Tensor};
 
 fn config(run_dir: &str, fake: FakeScore) -> JobConfig {
     let mut cfg = tiny_run::config(run_dir, 3);
-    cfg.method.fake_score = fake;
+    cfg.method.fake_score.kind = fake;
     cfg.checkpoint.every_steps = 100;
     // A further LoRA update per step, so the extra updates' draws and
     // all-reduce are held to the same equivalence.
-    cfg.method.lora.updates_per_step = 2;
+    cfg.method.fake_score.updates_per_step = 2;
     cfg
 }
 

@@ -13,7 +13,7 @@ use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
 
 fn config(run_dir: &str, fake: FakeScore, max_steps: u64) -> JobConfig {
     let mut cfg = tiny_run::config(run_dir, max_steps);
-    cfg.method.fake_score = fake;
+    cfg.method.fake_score.kind = fake;
     cfg
 }
 
@@ -25,18 +25,18 @@ fn a_full_unet_fake_score_trains_every_weight_of_its_copy() {
 
     // The copy starts as the teacher (so as the student), under the
     // teacher's diffusers names.
-    let before = snapshot(full.adapters());
+    let before = snapshot(full.fake_score_parameters());
     let student_before = student(&full);
     assert!(
         equal(&before, &student_before),
         "the fake score starts as a copy of the teacher"
     );
-    assert!(lora.adapters()[0].0.contains(".lora_A."));
+    assert!(lora.fake_score_parameters()[0].0.contains(".lora_A."));
 
     // Even at step 0 the student has a gradient: the teacher is scored with
     // guidance, the copy (DMD2) on the caption alone.
     full.train_step(0).unwrap();
-    let after = snapshot(full.adapters());
+    let after = snapshot(full.fake_score_parameters());
     let moved = before
         .iter()
         .zip(&after)
@@ -71,8 +71,8 @@ fn a_resumed_run_with_a_full_unet_fake_score_continues_bit_for_bit() {
 
     assert!(equal(&student(&straight), &student(&resumed)));
     assert!(equal(
-        &snapshot(straight.adapters()),
-        &snapshot(resumed.adapters())
+        &snapshot(straight.fake_score_parameters()),
+        &snapshot(resumed.fake_score_parameters())
     ));
 }
 

@@ -6,13 +6,14 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::golden_vsd::{alphas_cumprod, fresh_roles, full_fake_roles, inputs, lora_spec, roles};
-
-use swiftbrush_worker::lora::LoraSpec;
-use swiftbrush_worker::roles::{Teachers, UNet};
-use swiftbrush_worker::vsd::{
-    Denoiser, Draws, LoraTeacher, Prediction, VsdConfig, VsdWeighting, vsd_step_in_micro_batches,
+use common::golden_vsd::{
+    fresh_roles, full_fake_roles, inputs, lora_spec, roles, schedule, vsd_config,
 };
+
+use swiftbrush_worker::diffusion::PredictionType;
+use swiftbrush_worker::lora::LoraSpec;
+use swiftbrush_worker::roles::{ScorePair, UNet};
+use swiftbrush_worker::vsd::{Draws, Scores, VsdConfig, VsdStep, VsdWeighting};
 use tch::{Device, Kind, Tensor};
 
 fn spec() -> LoraSpec {
@@ -24,14 +25,14 @@ fn conv_spec() -> LoraSpec {
     lora_spec(&["to_q", "to_v", "conv1", "conv2", "conv_shortcut"])
 }
 
-fn check(case: &str, kind: &str, prediction: Prediction) {
+fn check(case: &str, kind: &str, prediction: PredictionType) {
     check_with(case, kind, prediction, &spec(), VsdWeighting::Paper);
 }
 
 fn check_with(
     case: &str,
     kind: &str,
-    prediction: Prediction,
+    prediction: PredictionType,
     spec: &LoraSpec,
     weighting: VsdWeighting,
 ) {
@@ -41,7 +42,7 @@ fn check_with(
         case,
         &g,
         &student,
-        &Teachers::Lora(Box::new(teacher)),
+        &ScorePair::Lora(Box::new(teacher)),
         prediction,
         weighting,
         |_| {},
@@ -63,8 +64,8 @@ fn check_step(
     case: &str,
     g: &HashMap<String, Tensor>,
     student: &UNet,
-    teachers: &Teachers,
-    prediction: Prediction,
+    teachers: &ScorePair,
+    prediction: PredictionType,
     weighting: VsdWeighting,
     edit: impl FnOnce(&mut StepInputs),
 ) {
@@ -72,27 +73,18 @@ fn check_step(
     let (draws, text) = inputs(g);
     let mut inputs = StepInputs {
         draws,
-        cfg: VsdConfig {
-            student_timestep: 999,
-            student_alpha_bar: 0.0047,
-            guidance_scale: 4.5,
-            weighting,
-            prediction,
-            teacher_autocast: None,
-        },
+        cfg: vsd_config(weighting, None),
         micro: None,
     };
     edit(&mut inputs);
     let StepInputs { draws, cfg, micro } = inputs;
-    let (losses, _) = vsd_step_in_micro_batches(
+    let step = VsdStep {
         student,
-        teachers,
-        &alphas_cumprod(),
-        &cfg,
-        &text,
-        &draws,
-        micro,
-    );
+        scores: teachers,
+        schedule: &schedule(prediction),
+        config: &cfg,
+    };
+    let losses = step.run(&text, &draws, micro).unwrap().losses;
 
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
     let want_vsd = g["loss_vsd"].double_value(&[0]);
@@ -103,9 +95,9 @@ fn check_step(
         losses.vsd
     );
     assert!(
-        rel(losses.lora, want_lora) < 1e-4,
+        rel(losses.fake_score, want_lora) < 1e-4,
         "{case} lora loss {} vs {want_lora}",
-        losses.lora
+        losses.fake_score
     );
 
     // Gradients: max abs diff <= 1e-4 of the gradient's largest entry.
@@ -137,8 +129,8 @@ fn check_step(
     };
     compare("student_grad.", student.named_parameters());
     let (prefix, frozen) = match teachers {
-        Teachers::Lora(t) => ("lora_grad.", &t.unet),
-        Teachers::Unet(t) => ("fake_grad.", &t.teacher),
+        ScorePair::Lora(t) => ("lora_grad.", &t.unet),
+        ScorePair::Unet(t) => ("fake_grad.", &t.teacher),
     };
     compare(prefix, teachers.fake_parameters());
 
@@ -150,7 +142,7 @@ fn check_step(
 
 #[test]
 fn vsd_step_matches_reference_sd1() {
-    check("sd1_null0", "sd1", Prediction::Epsilon);
+    check("sd1_null0", "sd1", PredictionType::Epsilon);
 }
 
 /// `method.guidance_scale_range`: the iteration's drawn scale (here the
@@ -163,8 +155,8 @@ fn vsd_step_guides_both_teachers_with_the_drawn_scale() {
         "sd1_null0 with a drawn scale",
         &g,
         &student,
-        &Teachers::Lora(Box::new(teacher)),
-        Prediction::Epsilon,
+        &ScorePair::Lora(Box::new(teacher)),
+        PredictionType::Epsilon,
         VsdWeighting::Paper,
         |s| {
             s.cfg.guidance_scale = 1.0;
@@ -184,8 +176,8 @@ fn micro_batches_accumulate_the_whole_batch_step() {
         "sd1_null1 in micro-batches of 1",
         &g,
         &student,
-        &Teachers::Lora(Box::new(teacher)),
-        Prediction::Epsilon,
+        &ScorePair::Lora(Box::new(teacher)),
+        PredictionType::Epsilon,
         VsdWeighting::Paper,
         |s| s.micro = Some(1),
     );
@@ -195,8 +187,8 @@ fn micro_batches_accumulate_the_whole_batch_step() {
         "sd1_fullfake_null1 in micro-batches of 1",
         &g,
         &student,
-        &Teachers::Unet(Box::new(teachers)),
-        Prediction::Epsilon,
+        &ScorePair::Unet(Box::new(teachers)),
+        PredictionType::Epsilon,
         VsdWeighting::Paper,
         |s| s.micro = Some(1),
     );
@@ -204,12 +196,12 @@ fn micro_batches_accumulate_the_whole_batch_step() {
 
 #[test]
 fn vsd_step_matches_reference_sd1_null_condition() {
-    check("sd1_null1", "sd1", Prediction::Epsilon);
+    check("sd1_null1", "sd1", PredictionType::Epsilon);
 }
 
 #[test]
 fn vsd_step_matches_reference_v_prediction() {
-    check("sd2v_null0", "sd2v", Prediction::VPrediction);
+    check("sd2v_null0", "sd2v", PredictionType::VPrediction);
 }
 
 #[test]
@@ -217,7 +209,7 @@ fn vsd_step_matches_reference_with_conv_adapters() {
     check_with(
         "sd1_conv_null0",
         "sd1",
-        Prediction::Epsilon,
+        PredictionType::Epsilon,
         &conv_spec(),
         VsdWeighting::Paper,
     );
@@ -237,8 +229,8 @@ fn vsd_step_matches_reference_with_a_full_unet_fake_score() {
         "sd1_fullfake_null1",
         &g,
         &student,
-        &Teachers::Unet(Box::new(teachers)),
-        Prediction::Epsilon,
+        &ScorePair::Unet(Box::new(teachers)),
+        PredictionType::Epsilon,
         VsdWeighting::Paper,
         |_| {},
     );
@@ -250,7 +242,7 @@ fn vsd_step_matches_reference_with_dmd_weighting() {
     check_with(
         "sd1_dmd_null0",
         "sd1",
-        Prediction::Epsilon,
+        PredictionType::Epsilon,
         &spec(),
         VsdWeighting::Dmd,
     );
@@ -264,12 +256,8 @@ fn lora_teacher_equals_teacher_at_init_and_differs_after_a_step() {
     let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
     let t = Tensor::from_slice(&[500i64]);
     let c = Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu));
-    let off = tch::no_grad(|| {
-        teacher.set_adapters_enabled(false);
-        teacher.predict(&x, &t, &c)
-    });
-    teacher.set_adapters_enabled(true);
-    let on = teacher.predict(&x, &t, &c);
+    let off = tch::no_grad(|| teacher.real(&x, &t, &c)).unwrap();
+    let on = teacher.fake(&x, &t, &c).unwrap();
     assert_eq!(
         common::max_abs_diff(&on, &off),
         0.0,
@@ -291,14 +279,17 @@ fn lora_teacher_equals_teacher_at_init_and_differs_after_a_step() {
         },
     );
     opt.step();
-    let after = tch::no_grad(|| teacher.predict(&x, &t, &c));
+    let after = tch::no_grad(|| teacher.fake(&x, &t, &c)).unwrap();
     assert!(
         common::max_abs_diff(&after, &off) > 1e-6,
         "LoRA step changed nothing"
     );
-    teacher.set_adapters_enabled(false);
-    let teacher_after = tch::no_grad(|| teacher.predict(&x, &t, &c));
+    let teacher_after = tch::no_grad(|| teacher.real(&x, &t, &c)).unwrap();
     assert_eq!(common::max_abs_diff(&teacher_after, &off), 0.0);
+    // The real score's pass leaves the adapters on: the fake score is
+    // still the LoRA teacher.
+    let again = tch::no_grad(|| teacher.fake(&x, &t, &c)).unwrap();
+    assert_eq!(common::max_abs_diff(&again, &after), 0.0);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use swiftbrush_proto::run_store::AsyncRunStore;
 
-use crate::caption_source::{CaptionError, CaptionFormat, SkipStats, parse_captions};
+use swiftbrush_proto::caption_source::{CaptionError, CaptionFormat, SkipStats, parse_captions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {

@@ -9,7 +9,7 @@ use swiftbrush_proto::config::CollectiveBackend;
 use super::error::CoreError;
 use super::types::{JobPhase, Millis};
 use super::world::World;
-use crate::caption_ledger::CaptionPlan;
+use swiftbrush_proto::caption_ledger::CaptionPlan;
 
 /// What the core needs of a job, taken from a validated config plus what
 /// the shell found in storage.

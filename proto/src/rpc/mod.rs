@@ -43,16 +43,6 @@ pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
 /// Longest host, device, version or reason string accepted.
 pub const MAX_NAME_BYTES: usize = 253;
 
-/// Adds the job token to an outgoing request's metadata.
-pub fn authorize<T>(
-    request: &mut tonic::Request<T>,
-    token: &str,
-) -> Result<(), tonic::metadata::errors::InvalidMetadataValue> {
-    let value = format!("{BEARER_PREFIX}{token}").parse()?;
-    request.metadata_mut().insert(AUTHORIZATION, value);
-    Ok(())
-}
-
 mod client;
 mod token;
 

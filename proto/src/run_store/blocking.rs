@@ -91,10 +91,6 @@ impl RunStore {
         }
     }
 
-    pub fn as_async(&self) -> &AsyncRunStore {
-        &self.inner
-    }
-
     pub fn name(&self) -> &str {
         self.inner.name()
     }

@@ -22,16 +22,6 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
-impl FileEntry {
-    pub fn for_bytes(name: &str, bytes: &[u8]) -> Self {
-        Self {
-            name: name.to_owned(),
-            size: bytes.len() as u64,
-            sha256: sha256_hex(bytes),
-        }
-    }
-}
-
 /// What the trainer records about a checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
@@ -144,7 +134,11 @@ mod tests {
             step: 5,
             attempt: "attempt-0123456789abcdef".to_owned(),
             created_at: Utc::now(),
-            files: vec![FileEntry::for_bytes("a.bin", b"abc")],
+            files: vec![FileEntry {
+                name: "a.bin".to_owned(),
+                size: 3,
+                sha256: sha256_hex(b"abc"),
+            }],
             meta: CheckpointMeta::default(),
         }
     }

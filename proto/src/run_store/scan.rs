@@ -28,11 +28,6 @@ pub enum CheckpointStatus {
 }
 
 impl CheckpointInfo {
-    /// A manifest exists (valid or not).
-    pub fn is_committed(&self) -> bool {
-        !matches!(self.status, CheckpointStatus::Uncommitted)
-    }
-
     pub fn is_valid(&self) -> bool {
         matches!(self.status, CheckpointStatus::Valid(_))
     }

@@ -12,23 +12,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{NcclComm, NcclError, NcclOptions, TcpRing};
+use super::{Backend, NcclComm, NcclError, NcclOptions, TcpRing};
 use crate::trainer::gradient_sync::{GradientSync, SyncError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Tcp,
-    Nccl,
-}
-
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Tcp => "tcp",
-            Backend::Nccl => "nccl",
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AllReduceBenchError {

@@ -1,13 +1,18 @@
 //! Noise schedules, samplers and guidance (diffusers-compatible): the DDPM
-//! schedule and forward process ([`schedule`]), the DDIM sampler ([`ddim`]),
-//! and classifier-free guidance ([`guidance`]).
+//! schedule, the forward process and the conversions between epsilon, v and
+//! x0 ([`schedule`]), the DDIM sampler ([`ddim`]), the student's one-step
+//! draw ([`one_step`]) and classifier-free guidance ([`guidance`]). Each
+//! formula lives here once; the VSD step calls them.
 
 pub mod ddim;
 pub mod guidance;
+pub mod one_step;
 pub mod schedule;
 
 pub use ddim::{DDIMScheduler, DDIMStepOutput, ddim_timesteps};
 pub use guidance::{classifier_free_guidance, guide_batched};
+pub use one_step::{Denoiser, OneStepDraw, one_step_x0};
 pub use schedule::{
     BetaSchedule, NoiseSchedule, PredictionType, ScheduleError, SchedulerConfig, TimestepSpacing,
+    one_minus, to_epsilon, to_x0,
 };

@@ -409,7 +409,7 @@ impl NoiseSchedule {
         t: &Tensor,
     ) -> Result<Tensor, ScheduleError> {
         let a = self.alpha_bar_at(t, x_t.dim())?;
-        to_epsilon(self.prediction_type, model_output, x_t, &a)
+        Ok(to_epsilon(self.prediction_type, model_output, x_t, &a)?)
     }
 
     /// The clean sample a model output implies at x_t (per-sample t).
@@ -420,17 +420,19 @@ impl NoiseSchedule {
         t: &Tensor,
     ) -> Result<Tensor, ScheduleError> {
         let a = self.alpha_bar_at(t, x_t.dim())?;
-        to_x0(self.prediction_type, model_output, x_t, &a)
+        Ok(to_x0(self.prediction_type, model_output, x_t, &a)?)
     }
+}
+
+/// 1 - abar.
+pub fn one_minus(alpha_bar: &Tensor) -> Result<Tensor, tch::TchError> {
+    alpha_bar.f_neg()?.f_add_scalar(1.0)
 }
 
 /// (sqrt(abar), sqrt(1 - abar)).
 fn sqrt_pair(alpha_bar: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
     let sa = alpha_bar.f_pow_tensor_scalar(0.5)?;
-    let sb = alpha_bar
-        .f_neg()?
-        .f_add_scalar(1.0)?
-        .f_pow_tensor_scalar(0.5)?;
+    let sb = one_minus(alpha_bar)?.f_pow_tensor_scalar(0.5)?;
     Ok((sa, sb))
 }
 
@@ -442,7 +444,7 @@ pub fn to_epsilon(
     model_output: &Tensor,
     x_t: &Tensor,
     alpha_bar: &Tensor,
-) -> Result<Tensor, ScheduleError> {
+) -> Result<Tensor, tch::TchError> {
     let (sa, sb) = sqrt_pair(alpha_bar)?;
     let eps = match prediction {
         PredictionType::Epsilon => model_output.shallow_clone(),
@@ -458,7 +460,7 @@ pub fn to_x0(
     model_output: &Tensor,
     x_t: &Tensor,
     alpha_bar: &Tensor,
-) -> Result<Tensor, ScheduleError> {
+) -> Result<Tensor, tch::TchError> {
     let (sa, sb) = sqrt_pair(alpha_bar)?;
     let x0 = match prediction {
         PredictionType::Epsilon => x_t.f_sub(&model_output.f_mul(&sb)?)?.f_div(&sa)?,

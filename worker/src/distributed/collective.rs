@@ -18,6 +18,7 @@ use swiftbrush_proto::rpc;
 use tch::Device;
 
 use super::link::{CoordinatorLink, Reaction, RpcError};
+pub use crate::collective::Backend;
 use crate::collective::nccl::{self, NcclAbortHandle, NcclComm, NcclError, NcclOptions};
 use crate::collective::tcp_ring::{RingAbort, RingOptions, TcpRing};
 use crate::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
@@ -25,11 +26,11 @@ use crate::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
 /// The collective backends this worker can run on `device` (sent with
 /// Register).
 pub fn supported_backends(device: Device) -> Vec<String> {
-    let mut backends = vec!["tcp".to_owned()];
+    let mut backends = vec![Backend::Tcp];
     if nccl::check_available(device).is_ok() {
-        backends.push("nccl".to_owned());
+        backends.push(Backend::Nccl);
     }
-    backends
+    backends.iter().map(|b| b.name().to_owned()).collect()
 }
 
 /// Ends a communicator's blocking calls from another thread.
@@ -127,7 +128,7 @@ pub struct Membership {
     pub generation: u64,
     pub rank: u32,
     pub world_size: u32,
-    pub backend: String,
+    pub backend: Backend,
 }
 
 #[derive(Debug, Clone)]
@@ -152,11 +153,10 @@ pub fn form(
     slot: &AbortSlot,
     device: Device,
 ) -> Result<Box<dyn GradientSync>, CollectiveError> {
-    match world.backend.as_str() {
-        "tcp" | "nccl" if world.world_size == 1 => Ok(Box::new(SingleProcess)),
-        "tcp" => tcp_ring(link, world, options, slot),
-        "nccl" => nccl_comm(link, world, options, slot, device),
-        other => Err(CollectiveError::UnknownBackend(other.to_owned())),
+    match world.backend {
+        _ if world.world_size == 1 => Ok(Box::new(SingleProcess)),
+        Backend::Tcp => tcp_ring(link, world, options, slot),
+        Backend::Nccl => nccl_comm(link, world, options, slot, device),
     }
 }
 
@@ -365,7 +365,7 @@ mod tests {
             generation: 4,
             rank: 0,
             world_size: size,
-            backend: "tcp".to_owned(),
+            backend: Backend::Tcp,
         }
     }
 
@@ -395,6 +395,14 @@ mod tests {
         let e = CollectiveError::Nccl(nccl::check_available(Device::Cpu).unwrap_err());
         assert!(e.is_fatal(), "{e}");
         assert!(e.to_string().contains("CUDA device"), "{e}");
+    }
+
+    #[test]
+    fn backends_are_parsed_by_their_protocol_names() {
+        for b in [Backend::Tcp, Backend::Nccl] {
+            assert_eq!(Backend::from_name(b.name()), Some(b));
+        }
+        assert_eq!(Backend::from_name("gloo"), None);
     }
 
     #[test]

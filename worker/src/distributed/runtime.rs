@@ -18,7 +18,7 @@ use tch::Device;
 
 use super::captions::CoordinatorCaptionFeed;
 use super::collective::{
-    self, AbortSlot, CollectiveError, CollectiveOptions, Membership, supported_backends,
+    self, AbortSlot, Backend, CollectiveError, CollectiveOptions, Membership, supported_backends,
 };
 use super::control::WorldControl;
 use super::heartbeat::Heartbeat;
@@ -169,7 +169,7 @@ struct Worker {
     abort: AbortSlot,
     advertise_ip: std::net::IpAddr,
     /// The job, from Register or an assignment.
-    job: Option<rpc::JobInfo>,
+    job: Option<Job>,
     trainer: Option<Trainer>,
     /// (first step trained, when).
     train_started: Option<(u64, Instant)>,
@@ -178,8 +178,41 @@ struct Worker {
     failed_joins: u32,
 }
 
+/// The job this worker trains, its config parsed once when it arrives.
+struct Job {
+    info: rpc::JobInfo,
+    /// As this worker runs it (`--micro-batch` applied).
+    config: JobConfig,
+}
+
+/// A place in a world, as the coordinator's assignment gives it, with the
+/// backend's name turned into a [`Backend`].
+#[derive(Debug, Clone, Copy)]
+struct Assignment {
+    generation: u64,
+    rank: u32,
+    world_size: u32,
+    resume_step: u64,
+    backend: Backend,
+}
+
+impl TryFrom<&rpc::Assignment> for Assignment {
+    type Error = CollectiveError;
+
+    fn try_from(a: &rpc::Assignment) -> Result<Self, CollectiveError> {
+        Ok(Self {
+            generation: a.generation,
+            rank: a.rank,
+            world_size: a.world_size,
+            resume_step: a.resume_step,
+            backend: Backend::from_name(&a.backend)
+                .ok_or_else(|| CollectiveError::UnknownBackend(a.backend.clone()))?,
+        })
+    }
+}
+
 enum Placement {
-    Assigned(rpc::Assignment),
+    Assigned(Assignment),
     Finished {
         phase: rpc::JobPhase,
         reason: String,
@@ -217,30 +250,21 @@ impl Worker {
 
     /// One world: restore, bootstrap, train. `None`: the world ended and
     /// the worker joins the next one.
-    fn train_in(&mut self, a: rpc::Assignment) -> Result<Option<WorkerEnd>, WorkerError> {
-        if let Some(job) = a.job.clone() {
-            self.job = Some(job);
-        }
-        let job = self
-            .job
-            .clone()
-            .ok_or_else(|| WorkerError::Invalid("the assignment carries no job".to_owned()))?;
-        let mut config = JobConfig::from_yaml_str(&job.config_yaml, "the job config")?;
-        if self.options.micro_batch.is_some() {
-            config.train.micro_batch = self.options.micro_batch;
-        }
+    fn train_in(&mut self, a: Assignment) -> Result<Option<WorkerEnd>, WorkerError> {
+        let job = self.job()?;
+        let (config, num_captions) = (job.config.clone(), job.info.num_captions);
         tracing::info!(
             generation = a.generation,
             rank = a.rank,
             world_size = a.world_size,
             resume_step = a.resume_step,
-            backend = %a.backend,
+            backend = a.backend.name(),
             "placed in a world"
         );
         self.status.set_phase(Phase::Loading);
         let trainer = self.trainer_for(&config, a.resume_step)?;
         trainer.restore(Resume::Step(a.resume_step))?;
-        let parts = match self.world_parts(&a, &config, job.num_captions) {
+        let parts = match self.world_parts(&a, &config, num_captions) {
             Ok(parts) => parts,
             Err(WorkerError::Collective(e)) if !e.is_fatal() => {
                 // A world that ended meanwhile is nobody's fault; one that
@@ -259,14 +283,18 @@ impl Worker {
             Err(e) => return Err(e),
         };
         self.failed_joins = 0;
-        let trainer = self.trainer.as_mut().ok_or(TrainError::NoWorld)?;
-        trainer.enter(parts)?;
+        let trainer = self
+            .trainer
+            .as_mut()
+            .ok_or_else(|| WorkerError::Invalid("no trainer for the world".to_owned()))?;
+        let mut world = trainer.join(parts)?;
         self.status.set_world(a.generation, a.resume_step);
         self.train_started
             .get_or_insert((a.resume_step, Instant::now()));
         self.num_worlds += 1;
-        let end = trainer.run_world();
-        trainer.leave();
+        let end = trainer.run_world(&mut world);
+        // Leaving the world drops its collective and caption feed.
+        drop(world);
         self.abort.clear();
         Ok(match end? {
             WorldEnd::Completed => Some(WorkerEnd::Completed),
@@ -318,9 +346,28 @@ impl Worker {
         Ok(self.trainer.insert(trainer))
     }
 
+    /// The job this worker was given (Register's reply or an assignment).
+    fn job(&self) -> Result<&Job, WorkerError> {
+        self.job.as_ref().ok_or_else(|| {
+            WorkerError::Invalid("the coordinator placed this worker without a job".to_owned())
+        })
+    }
+
+    /// Takes the job the coordinator sent, parsing its config once: a
+    /// config this worker cannot read is an error now, not a fallback
+    /// later.
+    fn set_job(&mut self, info: rpc::JobInfo) -> Result<(), WorkerError> {
+        let mut config = JobConfig::from_yaml_str(&info.config_yaml, "the job config")?;
+        if self.options.micro_batch.is_some() {
+            config.train.micro_batch = self.options.micro_batch;
+        }
+        self.job = Some(Job { info, config });
+        Ok(())
+    }
+
     fn world_parts(
         &self,
-        a: &rpc::Assignment,
+        a: &Assignment,
         config: &JobConfig,
         num_captions: u64,
     ) -> Result<WorldParts, WorkerError> {
@@ -344,7 +391,7 @@ impl Worker {
             generation: a.generation,
             rank: a.rank,
             world_size: a.world_size,
-            backend: a.backend.clone(),
+            backend: a.backend,
         };
         let sync = collective::form(&self.link, &membership, &options, &self.abort, self.device)?;
         let feed = CoordinatorCaptionFeed::new(
@@ -393,8 +440,8 @@ impl Worker {
                 Ok(reply) => {
                     self.status.set_worker_id(reply.worker_id);
                     self.status.set_interval_ms(reply.heartbeat_interval_ms);
-                    if reply.job.is_some() {
-                        self.job = reply.job;
+                    if let Some(job) = reply.job {
+                        self.set_job(job)?;
                     }
                     self.check_backend()?;
                     tracing::info!(worker_id = reply.worker_id, host = %self.options.host, device = %self.device_name, "registered");
@@ -421,8 +468,7 @@ impl Worker {
         let Some(job) = &self.job else {
             return Ok(());
         };
-        let config = JobConfig::from_yaml_str(&job.config_yaml, "the job config")?;
-        if config.world.backend == swiftbrush_proto::config::CollectiveBackend::Nccl
+        if job.config.world.backend == swiftbrush_proto::config::CollectiveBackend::Nccl
             && let Err(e) = crate::collective::nccl::check_available(self.device)
         {
             return Err(CollectiveError::NcclUnavailable {
@@ -452,7 +498,11 @@ impl Worker {
             );
             match result.map(|r| r.outcome) {
                 Ok(Some(rendezvous_reply::Outcome::Assignment(a))) => {
-                    return Ok(Placement::Assigned(a));
+                    let placed = Assignment::try_from(&a)?;
+                    if let Some(job) = a.job {
+                        self.set_job(job)?;
+                    }
+                    return Ok(Placement::Assigned(placed));
                 }
                 Ok(Some(rendezvous_reply::Outcome::Finished(f))) => {
                     return Ok(Placement::Finished {
@@ -488,11 +538,7 @@ impl Worker {
     /// rank cannot train with them), leave and come back as a new worker,
     /// so that the world re-forms.
     fn await_world_end(&mut self, generation: u64) -> Result<(), WorkerError> {
-        let timeout_ms = self
-            .job
-            .as_ref()
-            .and_then(|j| JobConfig::from_yaml_str(&j.config_yaml, "the job config").ok())
-            .map_or(10_000, |c| c.world.heartbeat_timeout_ms);
+        let timeout_ms = self.job()?.config.world.heartbeat_timeout_ms;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms.saturating_mul(2));
         loop {
             let orders = self.status.orders();

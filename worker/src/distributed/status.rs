@@ -141,7 +141,7 @@ impl WorkerStatus {
         };
         *lock(&self.metrics) = rpc::StepMetrics {
             loss_vsd: report.losses.vsd,
-            loss_lora: report.losses.lora,
+            loss_lora: report.losses.fake_score,
             step_time_ms: time(report.step_ms),
             allreduce_ms: time(report.allreduce_ms),
             samples_per_s: time(report.samples_per_s),
@@ -241,7 +241,7 @@ mod tests {
             step: 3,
             losses: VsdLosses {
                 vsd: f64::NAN,
-                lora: 0.5,
+                fake_score: 0.5,
             },
             step_ms: f64::INFINITY,
             allreduce_ms: -1.0,

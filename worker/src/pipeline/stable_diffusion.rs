@@ -13,7 +13,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::components::{ComponentError, TextEncoder, Vae};
 use super::folder::{DiffusersFolder, FolderError};
-use crate::diffusion::{DDIMScheduler, ScheduleError, SchedulerConfig, guide_batched};
+use crate::diffusion::{
+    DDIMScheduler, OneStepDraw, ScheduleError, SchedulerConfig, guide_batched, one_step_x0,
+};
 use crate::models::tokenizer::{ClipTokenizer, TokenizerError};
 use crate::models::unet_2d_condition::OneOrMany;
 use crate::roles::{RoleError, UNet};
@@ -337,18 +339,12 @@ impl StableDiffusion {
         tch::no_grad(|| {
             let cond = self.encode_prompts(prompts)?;
             let z = z.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
-            let prediction = match self.scheduler.prediction()? {
-                crate::diffusion::PredictionType::VPrediction => {
-                    crate::vsd::Prediction::VPrediction
-                }
-                _ => crate::vsd::Prediction::Epsilon,
-            };
-            let draw = crate::vsd::OneStepDraw {
+            let draw = OneStepDraw {
                 timestep,
                 alpha_bar,
-                prediction,
+                prediction: self.scheduler.prediction()?,
             };
-            self.decode(&crate::vsd::one_step_x0(&self.unet, &z, &cond, &draw))
+            self.decode(&one_step_x0(&self.unet, &z, &cond, &draw)?)
         })
     }
 

@@ -94,12 +94,6 @@ pub struct Bar {
     pub met: bool,
 }
 
-impl Comparison {
-    pub fn all_bars_met(&self) -> bool {
-        self.bars.iter().all(|b| b.met)
-    }
-}
-
 /// Samples both models with the same seeds, judges them, times them.
 pub fn compare(
     teacher: &ToyModel,

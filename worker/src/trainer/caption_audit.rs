@@ -2,7 +2,7 @@
 //! caption ids it trained on, so a test (or an operator) can prove that the
 //! committed history used every caption exactly once per epoch, however
 //! often worlds broke and re-formed; and the sha256 of the weights that
-//! train (student and LoRA adapters) after the step, equal on every rank of
+//! train (student and fake score) after the step, equal on every rank of
 //! a world (replicas are bitwise identical).
 //! Each worker appends to its own file in the audit folder, a line when a
 //! step completes. Hashing costs a pass over the weights per step: an option

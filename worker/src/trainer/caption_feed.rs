@@ -4,12 +4,8 @@
 //! (whose feed streams from the coordinator: `distributed::captions`), so a
 //! run's captions never depend on how it was launched.
 
-use std::path::Path;
-
-use swiftbrush_coordinator::caption_ledger::{CaptionPlan, PlanError};
-use swiftbrush_coordinator::caption_source::{
-    CaptionError, CaptionFormat, SkipStats, parse_captions,
-};
+use swiftbrush_proto::caption_ledger::{CaptionPlan, PlanError};
+use swiftbrush_proto::caption_source::{CaptionError, CaptionFormat, SkipStats, parse_captions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -125,18 +121,16 @@ impl CaptionFeed for LocalCaptionFeed {
     }
 }
 
-/// Reads a local caption file (a path or file:// URL).
-pub fn read_local(source: &str) -> Result<Vec<u8>, FeedError> {
-    let path = source.strip_prefix("file://").unwrap_or(source);
-    std::fs::read(Path::new(path)).map_err(|e| FeedError::Read {
-        path: source.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read_local(source: &str) -> Result<Vec<u8>, FeedError> {
+        std::fs::read(std::path::Path::new(source)).map_err(|e| FeedError::Read {
+            path: source.to_owned(),
+            reason: e.to_string(),
+        })
+    }
 
     #[test]
     fn reads_sources_in_order_and_slices_by_rank() {

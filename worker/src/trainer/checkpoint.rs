@@ -1,7 +1,8 @@
 //! What a training checkpoint holds and how it is written and read back.
 //!
-//! Files (safetensors unless noted): the student, its EMA, the LoRA
-//! adapters (PEFT names), both Adam states, and `state.json`. Tensors are
+//! Files (safetensors unless noted): one per [`TensorGroup`] (the student,
+//! its EMA, the fake score: LoRA adapters by PEFT name or the full copy by
+//! diffusers name, both Adam states), and `state.json`. Tensors are
 //! copied to host bytes on the training thread (that copy is the snapshot);
 //! the upload runs on a background thread, one checkpoint in flight, and the
 //! manifest is written last, so a checkpoint killed mid-write never exists
@@ -21,11 +22,39 @@ use tch::Tensor;
 
 use super::tensor_bytes::{self, TensorBytesError};
 
-pub const STUDENT: &str = "student.safetensors";
-pub const EMA: &str = "ema.safetensors";
-pub const LORA: &str = "lora.safetensors";
-pub const OPTIM_STUDENT: &str = "optimizer_student.safetensors";
-pub const OPTIM_LORA: &str = "optimizer_lora.safetensors";
+/// The tensor files of a checkpoint, in the order they are written and
+/// read: one list for saving and restoring (`persist.rs` says what each
+/// holds). The file names are the format's: the fake score's files keep
+/// their first names (`lora`) for both forms, so old checkpoints load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorGroup {
+    Student,
+    Ema,
+    FakeScore,
+    StudentOptimizer,
+    FakeScoreOptimizer,
+}
+
+impl TensorGroup {
+    pub const ALL: [TensorGroup; 5] = [
+        TensorGroup::Student,
+        TensorGroup::Ema,
+        TensorGroup::FakeScore,
+        TensorGroup::StudentOptimizer,
+        TensorGroup::FakeScoreOptimizer,
+    ];
+
+    pub fn file(self) -> &'static str {
+        match self {
+            TensorGroup::Student => "student.safetensors",
+            TensorGroup::Ema => "ema.safetensors",
+            TensorGroup::FakeScore => "lora.safetensors",
+            TensorGroup::StudentOptimizer => "optimizer_student.safetensors",
+            TensorGroup::FakeScoreOptimizer => "optimizer_lora.safetensors",
+        }
+    }
+}
+
 pub const STATE: &str = "state.json";
 
 /// The loop's own state, saved as `state.json`.
@@ -79,12 +108,12 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn new(
         state: &TrainState,
-        tensors: [(&str, Vec<(String, Tensor)>); 5],
+        tensors: [(TensorGroup, Vec<(String, Tensor)>); 5],
     ) -> Result<Self, CheckpointError> {
         let mut files = Vec::with_capacity(6);
-        for (name, named) in tensors {
+        for (group, named) in tensors {
             files.push((
-                name.to_owned(),
+                group.file().to_owned(),
                 Bytes::from(tensor_bytes::to_bytes(&named)?),
             ));
         }
@@ -126,7 +155,7 @@ pub fn read_checkpoint(store: &RunStore, manifest: &Manifest) -> Result<Restored
     let state: TrainState =
         serde_json::from_slice(&state_bytes).map_err(|e| bad(STATE, e.to_string()))?;
     let mut tensors = HashMap::new();
-    for name in [STUDENT, EMA, LORA, OPTIM_STUDENT, OPTIM_LORA] {
+    for name in TensorGroup::ALL.map(TensorGroup::file) {
         let bytes = store.read_manifest_file(manifest, name)?;
         let what = format!("checkpoint step {} {name}", manifest.step);
         tensors.insert(name.to_owned(), tensor_bytes::from_bytes(&bytes, &what)?);
@@ -260,11 +289,6 @@ impl Uploader {
         Ok(previous)
     }
 
-    /// The step being uploaded, if any.
-    pub fn in_flight(&self) -> Option<u64> {
-        self.in_flight
-    }
-
     /// The outcome of the upload in flight if it has ended, without
     /// blocking.
     pub fn poll(&mut self) -> Result<Option<Landing>, CheckpointError> {
@@ -352,7 +376,10 @@ mod tests {
                 STATE.to_owned(),
                 Bytes::from(format!("{{\"step\": {step}}}")),
             ),
-            (STUDENT.to_owned(), Bytes::from(vec![step as u8; 64])),
+            (
+                TensorGroup::Student.file().to_owned(),
+                Bytes::from(vec![step as u8; 64]),
+            ),
         ];
         if let Some(name) = extra {
             files.push((name.to_owned(), Bytes::new()));
@@ -380,7 +407,7 @@ mod tests {
         });
         let mut up = Uploader::new(store.clone());
         assert_eq!(up.submit(snapshot(10, None), sink.clone()).unwrap(), None);
-        assert_eq!(up.in_flight(), Some(10));
+        assert_eq!(up.in_flight, Some(10));
         // Submitting waits for the previous upload and returns its outcome.
         let first = up.submit(snapshot(20, None), sink.clone()).unwrap();
         assert_eq!(first, Some(Landing::Committed { step: 10 }));

@@ -52,8 +52,6 @@ pub enum TrainError {
     /// trainer trained: the caller builds a fresh trainer.
     #[error("the initial state is gone (this trainer has trained); build a fresh one")]
     InitialStateGone,
-    #[error("no world: enter one before training")]
-    NoWorld,
     #[error(
         "checkpoint step {step} in {run_dir} was distilled from another teacher \
          (fingerprint {found}, this teacher is {expected}); use a new run directory \
@@ -69,6 +67,8 @@ pub enum TrainError {
     Invalid(String),
     #[error("{0}")]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Step(#[from] crate::vsd::VsdError),
 }
 
 impl TrainError {

@@ -1,20 +1,18 @@
-//! Building a trainer: the teacher folder loaded once, the LoRA teacher
-//! overlaid on it, the student copied from it, the schedule, optimizers and
-//! EMA, and the run directory opened; the state is the initial one.
-
-use std::sync::Arc;
+//! Building a trainer: the teacher folder loaded once, the fake score
+//! overlaid on it (LoRA adapters) or copied from it (DMD2's full copy), the
+//! student copied from it, the schedule, optimizers and EMA, and the run
+//! directory opened; the state is the initial one.
 
 use swiftbrush_proto::JobConfig;
-use swiftbrush_proto::config::{Dtype, EmaConfig, FakeScore};
+use swiftbrush_proto::config::{Dtype, FakeScore};
 use swiftbrush_proto::run_store::RunStore;
-use tch::{Device, Tensor};
+use tch::Device;
 
-use super::caption_feed::CaptionFeed;
-use super::checkpoint::{CommitToStore, TrainState, Uploader};
-use super::gradient_sync::GradientSync;
-use super::run::{Resume, Trainer};
+use super::checkpoint::TrainState;
+use super::checkpointer::Checkpointer;
+use super::optimizers::Optimizers;
+use super::run::{Networks, Trainer};
 use super::samples::TrainingSamples;
-use super::world::{RunToEnd, WorldParts};
 use super::{TextConditioner, TrainError};
 use crate::diffusion::{NoiseSchedule, PredictionType, SchedulerConfig};
 use crate::ema::Ema;
@@ -22,45 +20,11 @@ use crate::lora::LoraSpec;
 use crate::models::vae::AutoencoderKLConfig;
 use crate::optim::{Adam, AdamConfig};
 use crate::pipeline::{DiffusersFolder, teacher_fingerprint};
-use crate::roles::{FullFakeScore, TeacherUNet, Teachers, UNet};
-use crate::vsd::{Prediction, VsdConfig};
+use crate::roles::{FullFakeScore, ScorePair, TeacherUNet, UNet};
+use crate::vsd::{VsdConfig, with_generator};
 
 impl Trainer {
-    /// A single process: loads everything, enters its only world (captions
-    /// from `feed`, gradients through `sync`, checkpoints committed by this
-    /// process) at `resume`, and writes the resolved config into the run
-    /// directory.
-    pub fn build(
-        cfg: JobConfig,
-        device: Device,
-        feed: impl CaptionFeed + 'static,
-        sync: impl GradientSync + 'static,
-        resume: Resume,
-    ) -> Result<Self, TrainError> {
-        let keep_last = cfg.checkpoint.keep_last as usize;
-        let rank = sync.rank();
-        let mut trainer = Self::load(cfg, device)?;
-        trainer.restore(resume)?;
-        trainer.enter(WorldParts {
-            generation: 0,
-            feed: Box::new(feed),
-            sync: Box::new(sync),
-            sink: Arc::new(CommitToStore {
-                keep_last,
-                generation: 0,
-            }),
-            control: Box::new(RunToEnd),
-            audit: None,
-        })?;
-        if rank == 0 {
-            trainer
-                .store
-                .put_run_file("config.yaml", bytes::Bytes::from(trainer.cfg.to_yaml()))?;
-        }
-        Ok(trainer)
-    }
-
-    /// Loads the teacher, builds the LoRA teacher and the student, and opens
+    /// Loads the teacher, builds the fake score and the student, and opens
     /// the run directory; the state is the initial one.
     pub fn load(cfg: JobConfig, device: Device) -> Result<Self, TrainError> {
         let teacher_dir = cfg
@@ -70,99 +34,30 @@ impl Trainer {
             .ok_or_else(|| TrainError::Invalid("model.teacher is not set".to_owned()))?;
         let folder = DiffusersFolder::open(std::path::Path::new(&teacher_dir))?;
         let fingerprint = teacher_fingerprint(folder.root())?;
-        let teacher_err = |source| TrainError::Teacher {
-            teacher: teacher_dir.clone(),
-            source,
-        };
+        let networks = load_networks(&cfg, &folder, &teacher_dir, device)?;
+        let samples =
+            TrainingSamples::load(&cfg, &folder, &networks.text, networks.sample_shape, device)?;
 
-        // Building draws from libtorch's process-wide generator (initial
-        // weights, then the adapters from the run's seed): under the draw
-        // lock, so that another trainer of this process (local mode) can
-        // neither move the generator between the seed and the adapters' draw
-        // nor see its own draws moved.
-        let (teacher, student, text) = crate::vsd::with_generator(|| {
-            let mut teacher_unet = UNet::load(&folder, device).map_err(teacher_err)?;
-            let student = teacher_unet.duplicate().map_err(teacher_err)?;
-            // DMD2's fake score: a float32 copy, made before the teacher
-            // takes its storage dtype.
-            let fake = match cfg.method.fake_score {
-                FakeScore::Lora => None,
-                FakeScore::Unet => Some(teacher_unet.duplicate().map_err(teacher_err)?),
-            };
-            // set_kind, not bfloat16()/half(): those convert the weights but
-            // leave the store's kind at float32, and UNet::predict casts its
-            // inputs to the store's kind (a bf16 teacher without autocast
-            // then fails with "mat1 and mat2 must have the same dtype").
-            match cfg.precision.teacher_dtype {
-                Dtype::Fp32 => {}
-                Dtype::Bf16 => teacher_unet.vs.set_kind(tch::Kind::BFloat16),
-                Dtype::Fp16 => teacher_unet.vs.set_kind(tch::Kind::Half),
-            }
-            // Adapters are initialised from the run's seed: a fresh run is
-            // reproducible, a resumed one loads them.
-            tch::manual_seed(cfg.train.seed as i64);
-            let teacher = match fake {
-                None => Teachers::Lora(Box::new(
-                    TeacherUNet::new(teacher_unet, &LoraSpec::from(&cfg.method.lora))
-                        .map_err(teacher_err)?,
-                )),
-                Some(fake) => Teachers::Unet(Box::new(FullFakeScore::new(teacher_unet, fake))),
-            };
-            let text = TextConditioner::load(&folder, device)?;
-            Ok::<_, TrainError>((teacher, student, text))
-        })?;
-
-        let sched_cfg = SchedulerConfig::from_file(
-            &folder
-                .component("scheduler")?
-                .dir
-                .join("scheduler_config.json"),
-        )?;
-        let schedule = NoiseSchedule::new(&sched_cfg, device)?;
-        let prediction = match schedule.prediction_type() {
-            PredictionType::Epsilon => Prediction::Epsilon,
-            PredictionType::VPrediction => Prediction::VPrediction,
-            PredictionType::Sample => {
-                return Err(TrainError::Invalid(format!(
-                    "{}: prediction_type \"sample\" teachers are not supported by VSD \
-                     (epsilon and v_prediction are)",
-                    teacher_dir
-                )));
-            }
-        };
         let m = &cfg.method;
-        let student_alpha_bar = if m.student_alpha_bar_from_schedule {
-            schedule.alpha_bar(i64::from(m.student_timestep))?
-        } else {
-            m.student_alpha_bar
-        };
-        let vsd = VsdConfig {
-            student_timestep: i64::from(m.student_timestep),
-            student_alpha_bar,
-            guidance_scale: m.guidance_scale,
-            weighting: m.vsd_weighting,
-            prediction,
-            teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
-                .map_err(|e| TrainError::Invalid(e.to_string()))?,
-        };
-
-        let sample_shape = sample_shape(&cfg, &folder, &student)?;
-        let samples = TrainingSamples::load(&cfg, &folder, &text, sample_shape, device)?;
-        let student_params: Vec<(String, Tensor)> = student.named_parameters();
-        let opt_student = Adam::new(
-            student_params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.shallow_clone())),
-            AdamConfig::from(&m.student),
+        let optimizers = Optimizers::new(
+            Adam::new(
+                networks.student.named_parameters(),
+                AdamConfig::from(&m.student),
+            ),
+            Adam::new(
+                networks.scores.fake_parameters(),
+                AdamConfig::from(&m.fake_score.optimizer),
+            ),
+            m.student.grad_clip,
+            m.fake_score.optimizer.grad_clip,
         );
-        let opt_lora = Adam::new(
-            teacher.fake_parameters(),
-            AdamConfig::from(&m.lora.optimizer),
-        );
-        let ema = Ema::new(student_params, ema_decay(&m.ema));
+        let ema = m
+            .ema
+            .enabled
+            .then(|| Ema::new(networks.student.named_parameters(), m.ema.max_decay));
 
         let store = RunStore::open(&cfg.checkpoint.run_dir)?;
-        let uploader = Uploader::new(store.clone());
+        let checkpointer = Checkpointer::new(store, cfg.checkpoint.every_steps);
         let state = TrainState {
             step: 0,
             epoch: 0,
@@ -178,31 +73,102 @@ impl Trainer {
         Ok(Self {
             cfg,
             device,
-            text,
-            teacher,
-            student,
-            schedule,
-            vsd,
-            sample_shape,
-            opt_student,
-            opt_lora,
+            networks,
+            optimizers,
             ema,
-            store,
-            uploader,
+            checkpointer,
             state,
             initial: true,
-            last_checkpoint: None,
-            last_submitted: None,
             last_losses: None,
-            last_stall_ms: 0.0,
-            world: None,
             samples,
         })
     }
 }
 
-fn ema_decay(cfg: &EmaConfig) -> f64 {
-    if cfg.enabled { cfg.max_decay } else { 0.0 }
+/// The networks, the schedule and the step's constants.
+fn load_networks(
+    cfg: &JobConfig,
+    folder: &DiffusersFolder,
+    teacher_dir: &str,
+    device: Device,
+) -> Result<Networks, TrainError> {
+    let teacher_err = |source| TrainError::Teacher {
+        teacher: teacher_dir.to_owned(),
+        source,
+    };
+    // Building draws from libtorch's process-wide generator (initial
+    // weights, then the adapters from the run's seed): under the draw
+    // lock, so that another trainer of this process (local mode) can
+    // neither move the generator between the seed and the adapters' draw
+    // nor see its own draws moved.
+    let (scores, student, text) = with_generator(|| {
+        let mut teacher = UNet::load(folder, device).map_err(teacher_err)?;
+        let student = teacher.duplicate().map_err(teacher_err)?;
+        // DMD2's fake score: a float32 copy, made before the teacher takes
+        // its storage dtype.
+        let fake = match cfg.method.fake_score.kind {
+            FakeScore::Lora => None,
+            FakeScore::Unet => Some(teacher.duplicate().map_err(teacher_err)?),
+        };
+        // set_kind, not bfloat16()/half(): those convert the weights but
+        // leave the store's kind at float32, and UNet::predict casts its
+        // inputs to the store's kind (a bf16 teacher without autocast then
+        // fails with "mat1 and mat2 must have the same dtype").
+        match cfg.precision.teacher_dtype {
+            Dtype::Fp32 => {}
+            Dtype::Bf16 => teacher.vs.set_kind(tch::Kind::BFloat16),
+            Dtype::Fp16 => teacher.vs.set_kind(tch::Kind::Half),
+        }
+        // Adapters are initialised from the run's seed: a fresh run is
+        // reproducible, a resumed one loads them.
+        tch::manual_seed(cfg.train.seed as i64);
+        let scores = match fake {
+            None => ScorePair::Lora(Box::new(
+                TeacherUNet::new(teacher, &LoraSpec::from(&cfg.method.lora))
+                    .map_err(teacher_err)?,
+            )),
+            Some(fake) => ScorePair::Unet(Box::new(FullFakeScore::new(teacher, fake))),
+        };
+        let text = TextConditioner::load(folder, device)?;
+        Ok::<_, TrainError>((scores, student, text))
+    })?;
+
+    let sched_cfg = SchedulerConfig::from_file(
+        &folder
+            .component("scheduler")?
+            .dir
+            .join("scheduler_config.json"),
+    )?;
+    let schedule = NoiseSchedule::new(&sched_cfg, device)?;
+    if schedule.prediction_type() == PredictionType::Sample {
+        return Err(TrainError::Invalid(format!(
+            "{teacher_dir}: prediction_type \"sample\" teachers are not supported by VSD \
+             (epsilon and v_prediction are)"
+        )));
+    }
+    let m = &cfg.method;
+    let student_alpha_bar = if m.student_alpha_bar_from_schedule {
+        schedule.alpha_bar(i64::from(m.student_timestep))?
+    } else {
+        m.student_alpha_bar
+    };
+    let vsd = VsdConfig {
+        student_timestep: i64::from(m.student_timestep),
+        student_alpha_bar,
+        guidance_scale: m.guidance_scale,
+        weighting: m.vsd_weighting,
+        teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?,
+    };
+    let sample_shape = sample_shape(cfg, folder, &student)?;
+    Ok(Networks {
+        text,
+        scores,
+        student,
+        schedule,
+        vsd,
+        sample_shape,
+    })
 }
 
 /// [C, h, w] of one sample: latents are resolution / 8 with SD's VAE (the

@@ -1,38 +1,68 @@
-//! The trainer's state across processes and worlds: restoring a committed
-//! checkpoint, snapshotting one at a step boundary for the upload thread,
-//! the preemption checkpoint, and what a landed (or refused) upload means.
+//! The trainer's state across processes and worlds: which tensors a
+//! checkpoint holds and how each is restored (one list,
+//! [`TensorGroup::ALL`]), restoring a committed checkpoint, snapshotting
+//! one at a step boundary for the upload thread, the preemption
+//! checkpoint, and closing a world.
 
-use swiftbrush_proto::run_store::{Manifest, ResumeFrom};
+use std::collections::HashMap;
+
+use swiftbrush_proto::run_store::Manifest;
+use tch::Tensor;
 
 use super::TrainError;
-use super::checkpoint::{self, EMA, LORA, Landing, OPTIM_LORA, OPTIM_STUDENT, STUDENT, Snapshot};
+use super::checkpoint::{Snapshot, TensorGroup};
 use super::run::{Resume, Trainer};
-use super::world::{Phase, WorldEnd};
-use crate::models::weights;
+use super::world::{Phase, World, WorldEnd};
 
 impl Trainer {
     /// Restores the state at `resume` (the initial state needs a trainer
     /// that has not trained: [`TrainError::InitialStateGone`] otherwise).
     /// An upload still in flight from the previous world lands first.
     pub fn restore(&mut self, resume: Resume) -> Result<(), TrainError> {
-        self.leave();
-        match self.uploader.wait() {
-            Ok(Some(landing)) => self.landed(landing),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "the previous world's last checkpoint did not land")
-            }
-        }
-        let manifest = match resume {
-            Resume::Step(0) => None,
-            Resume::Step(s) => Some(self.store.resolve(ResumeFrom::Step(s))?),
-            Resume::Auto => self.store.latest_valid()?,
-        };
-        match manifest {
+        self.checkpointer.finish_previous_world();
+        match self.checkpointer.resolve(resume)? {
             Some(m) => self.load_checkpoint(m),
             None if self.initial => Ok(()),
             None => Err(TrainError::InitialStateGone),
         }
+    }
+
+    /// A group's tensors as a checkpoint saves them.
+    fn tensors_of(&self, group: TensorGroup) -> Vec<(String, Tensor)> {
+        match group {
+            TensorGroup::Student => self.networks.student.named_parameters(),
+            // Without averaging the EMA weights are the student's own.
+            TensorGroup::Ema => match &self.ema {
+                Some(ema) => ema.tensors(),
+                None => self.networks.student.named_parameters(),
+            },
+            TensorGroup::FakeScore => self.networks.scores.fake_parameters(),
+            TensorGroup::StudentOptimizer => self.optimizers.student.state_tensors(),
+            TensorGroup::FakeScoreOptimizer => self.optimizers.fake_score.state_tensors(),
+        }
+    }
+
+    /// Copies a group's saved tensors in (strictly by name and shape;
+    /// `origin` names them in errors).
+    fn restore_group(
+        &mut self,
+        group: TensorGroup,
+        tensors: HashMap<String, Tensor>,
+        origin: &str,
+        ema_updates: i64,
+    ) -> Result<(), TrainError> {
+        match group {
+            TensorGroup::Student => self.networks.student.load_tensors(tensors, origin)?,
+            TensorGroup::Ema => {
+                if let Some(ema) = self.ema.as_mut() {
+                    ema.load(&tensors, ema_updates)?;
+                }
+            }
+            TensorGroup::FakeScore => self.networks.scores.load_fake(tensors, origin)?,
+            TensorGroup::StudentOptimizer => self.optimizers.student.load_state(tensors)?,
+            TensorGroup::FakeScoreOptimizer => self.optimizers.fake_score.load_state(tensors)?,
+        }
+        Ok(())
     }
 
     /// Restores every piece of state from a committed checkpoint.
@@ -45,24 +75,12 @@ impl Trainer {
                 expected: self.state.teacher_fingerprint.clone(),
             });
         }
-        let mut restored = checkpoint::read_checkpoint(&self.store, &manifest)?;
-        let take =
-            |r: &mut checkpoint::Restored, name: &str| r.tensors.remove(name).unwrap_or_default();
-        weights::load_tensors_strict(
-            &mut self.student.vs,
-            take(&mut restored, STUDENT),
-            &[format!("checkpoint step {} {STUDENT}", manifest.step).into()],
-        )
-        .map_err(crate::models::ModelError::from)?;
-        self.teacher.load_fake(
-            take(&mut restored, LORA),
-            &format!("checkpoint step {} {LORA}", manifest.step),
-        )?;
-        self.opt_student
-            .load_state(take(&mut restored, OPTIM_STUDENT))?;
-        self.opt_lora.load_state(take(&mut restored, OPTIM_LORA))?;
-        self.ema
-            .load(&take(&mut restored, EMA), restored.state.ema_updates)?;
+        let mut restored = self.checkpointer.read(&manifest)?;
+        for group in TensorGroup::ALL {
+            let origin = format!("checkpoint step {} {}", manifest.step, group.file());
+            let tensors = restored.tensors.remove(group.file()).unwrap_or_default();
+            self.restore_group(group, tensors, &origin, restored.state.ema_updates)?;
+        }
         if restored.state.config_fingerprint != self.state.config_fingerprint {
             tracing::warn!(
                 step = manifest.step,
@@ -75,44 +93,28 @@ impl Trainer {
         self.state.config_fingerprint = fingerprint;
         self.state.teacher = teacher;
         self.initial = false;
-        self.last_checkpoint = Some(manifest.step);
+        self.checkpointer.restored(manifest.step);
         tracing::info!(step = manifest.step, run_dir = %self.cfg.checkpoint.run_dir, "resumed from checkpoint");
         Ok(())
     }
 
     /// checkpoint: rank 0 snapshots the state at this boundary and hands
     /// the upload to its thread (once per step).
-    pub(super) fn checkpoint(&mut self) -> Result<(), TrainError> {
+    pub(super) fn checkpoint(&mut self, world: &mut World) -> Result<(), TrainError> {
         let step = self.state.step;
-        let w = self.world.as_ref().ok_or(TrainError::NoWorld)?;
-        if w.rank != 0
-            || self.last_submitted == Some(step)
-            || self.last_checkpoint.is_some_and(|c| c >= step)
-        {
+        if world.rank != 0 || !self.checkpointer.wants(step) {
             return Ok(());
         }
-        let sink = w.parts.sink.clone();
         let started = std::time::Instant::now();
-        self.set_phase(Phase::Checkpointing);
+        world.parts.control.phase(Phase::Checkpointing);
         let snap = Snapshot::new(
             &self.state,
-            [
-                (STUDENT, self.student.named_parameters()),
-                (EMA, self.ema.tensors()),
-                (LORA, self.teacher.fake_parameters()),
-                (OPTIM_STUDENT, self.opt_student.state_tensors()),
-                (OPTIM_LORA, self.opt_lora.state_tensors()),
-            ],
+            TensorGroup::ALL.map(|g| (g, self.tensors_of(g))),
         )?;
-        let previous = self.uploader.submit(snap, sink)?;
-        self.last_submitted = Some(step);
-        if let Some(landing) = previous {
-            self.landed(landing);
-        }
-        // Reported with every step from now on (`swiftbrush status`,
-        // /metrics): the training thread's cost of checkpointing.
-        self.last_stall_ms = started.elapsed().as_secs_f64() * 1e3;
-        self.set_phase(Phase::Training);
+        self.checkpointer.submit(snap, world.parts.sink.clone())?;
+        self.checkpointer
+            .set_stall_ms(started.elapsed().as_secs_f64() * 1e3);
+        world.parts.control.phase(Phase::Training);
         Ok(())
     }
 
@@ -121,17 +123,15 @@ impl Trainer {
     /// rank learns whether it did (the leaving rank must not leave before
     /// the commit: its departure breaks the world, and a broken world's
     /// report is refused).
-    pub(super) fn preempted(&mut self) -> Result<WorldEnd, TrainError> {
+    pub(super) fn preempted(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
         let step = self.state.step;
-        let rank = self.active()?.rank;
-        if rank == 0 {
-            self.checkpoint()?;
-            self.close()?;
+        if world.rank == 0 {
+            self.checkpoint(world)?;
+            self.close(world)?;
         }
-        let landed_here = rank != 0 || self.last_checkpoint == Some(step);
-        let w = self.active()?;
-        let this_rank = w.parts.control.preempt_requested();
-        match w.parts.sync.all_ok(landed_here) {
+        let landed_here = world.rank != 0 || self.checkpointer.committed() == Some(step);
+        let this_rank = world.parts.control.preempt_requested();
+        match world.parts.sync.all_ok(landed_here) {
             Ok(committed) => Ok(WorldEnd::Preempted {
                 step,
                 committed,
@@ -143,26 +143,10 @@ impl Trainer {
         }
     }
 
-    /// close: wait for the upload in flight.
-    pub(super) fn close(&mut self) -> Result<(), TrainError> {
-        self.write_events(true);
-        if let Some(landing) = self.uploader.wait()? {
-            self.landed(landing);
-        }
-        Ok(())
-    }
-
-    pub(super) fn landed(&mut self, landing: Landing) {
-        match landing {
-            Landing::Committed { step } => {
-                self.last_checkpoint = Some(self.last_checkpoint.map_or(step, |c| c.max(step)));
-            }
-            Landing::Refused { step, reason } => {
-                tracing::warn!(step, %reason, "checkpoint not committed");
-                if self.last_submitted == Some(step) {
-                    self.last_submitted = None;
-                }
-            }
-        }
+    /// close: the world's TensorBoard file written, the upload in flight
+    /// waited for.
+    pub(super) fn close(&mut self, world: &mut World) -> Result<(), TrainError> {
+        world.metrics.flush(true);
+        self.checkpointer.finish()
     }
 }

@@ -47,13 +47,13 @@ impl Progress {
             bar.set_position(step);
             bar.set_message(format!(
                 "vsd {:.3e} lora {:.4} {:.2} img/s",
-                losses.vsd, losses.lora, images_per_s
+                losses.vsd, losses.fake_score, images_per_s
             ));
         } else if step.is_multiple_of(self.every) || step == self.max_steps {
             tracing::info!(
                 step,
                 loss_vsd = losses.vsd,
-                loss_lora = losses.lora,
+                loss_lora = losses.fake_score,
                 images_per_s,
                 "step"
             );

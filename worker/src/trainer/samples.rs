@@ -5,7 +5,8 @@
 //! the one `swiftbrush sample --student RUN/checkpoints/step-N --prompts P
 //! --seed S` draws at that step (S = train.seed, the noise drawn once);
 //! drawing it changes nothing in the run: the EMA weights are swapped into
-//! the student and back, bit for bit.
+//! the student and back, bit for bit (without an EMA, `ema.enabled: false`,
+//! the student's own weights are the EMA weights).
 
 use bytes::Bytes;
 use swiftbrush_proto::JobConfig;
@@ -14,13 +15,14 @@ use tch::{Device, Kind, Tensor};
 
 use super::TrainError;
 use super::text::TextConditioner;
+use crate::diffusion::{OneStepDraw, one_step_x0};
 use crate::ema::Ema;
 use crate::image_io::png_bytes;
 use crate::pipeline::DiffusersFolder;
 use crate::pipeline::components::{Vae, decode_images};
 use crate::roles::UNet;
 use crate::sample::grid_columns;
-use crate::vsd::{VsdConfig, one_step_x0, with_generator};
+use crate::vsd::with_generator;
 
 /// Prompts a student pass takes at once: bounds the memory of a long list.
 const CHUNK: usize = 8;
@@ -88,15 +90,20 @@ impl TrainingSamples {
         &self,
         step: u64,
         student: &UNet,
-        ema: &mut Ema,
-        vsd: &VsdConfig,
+        ema: Option<&mut Ema>,
+        draw: &OneStepDraw,
         store: &RunStore,
     ) -> Result<String, TrainError> {
-        let variables = student.vs.variables();
-        ema.swap_with(&variables);
-        let images = self.draw(student, vsd);
-        ema.swap_with(&variables);
-        let images = images?;
+        let images = match ema {
+            Some(ema) => {
+                let variables = student.vs.variables();
+                ema.swap_with(&variables);
+                let images = self.draw(student, draw);
+                ema.swap_with(&variables);
+                images
+            }
+            None => self.draw(student, draw),
+        }?;
         let n = images.size()[0] as usize;
         let png = png_bytes(&images, grid_columns(n))
             .map_err(|e| TrainError::Invalid(format!("samples of step {step}: {e}")))?;
@@ -105,7 +112,7 @@ impl TrainingSamples {
         Ok(name)
     }
 
-    fn draw(&self, student: &UNet, vsd: &VsdConfig) -> Result<Tensor, TrainError> {
+    fn draw(&self, student: &UNet, draw: &OneStepDraw) -> Result<Tensor, TrainError> {
         tch::no_grad(|| {
             let n = self.z.size()[0];
             let mut images = Vec::new();
@@ -113,8 +120,8 @@ impl TrainingSamples {
                 let len = (n - start).min(CHUNK as i64);
                 let z = self.z.narrow(0, start, len);
                 let cond = self.cond.narrow(0, start, len);
-                let x0 = one_step_x0(student, &z, &cond, &vsd.one_step());
-                images.push(decode_images(self.vae.as_ref(), &x0)?.to_device(Device::Cpu));
+                let x0 = one_step_x0(student, &z, &cond, draw)?;
+                images.push(decode_images(self.vae.as_ref(), &x0)?.f_to_device(Device::Cpu)?);
             }
             Ok(Tensor::f_cat(&images, 0)?)
         })

@@ -7,11 +7,16 @@
 
 use std::sync::Arc;
 
+use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::run_store::RunStore;
+
+use super::TrainError;
 use super::caption_audit::CaptionAudit;
 use super::caption_feed::CaptionFeed;
 use super::checkpoint::CheckpointSink;
 use super::gradient_sync::GradientSync;
-use crate::vsd::VsdLosses;
+use super::metrics::Metrics;
+use crate::vsd::{RankSlice, VsdLosses};
 
 /// The parts of one world.
 pub struct WorldParts {
@@ -23,6 +28,61 @@ pub struct WorldParts {
     pub sink: Arc<dyn CheckpointSink>,
     pub control: Box<dyn StepControl>,
     pub audit: Option<CaptionAudit>,
+}
+
+/// The world the loop runs in now, passed to each of its steps: the parts,
+/// this rank's place in it and its reporting. [`Trainer::join`] makes one;
+/// dropping it leaves the world (its collective and feed go with it).
+///
+/// [`Trainer::join`]: super::Trainer::join
+pub struct World {
+    pub(super) parts: WorldParts,
+    /// [per-rank batch, C, h, w].
+    pub(super) latent_shape: [i64; 4],
+    pub(super) rank: u64,
+    pub(super) world_size: u64,
+    pub(super) metrics: Metrics,
+}
+
+impl World {
+    /// `parts`' world for samples of shape `[C, h, w]`: the global batch
+    /// must divide evenly among its ranks.
+    pub(super) fn new(
+        parts: WorldParts,
+        cfg: &JobConfig,
+        [c, h, w]: [i64; 3],
+        store: &RunStore,
+    ) -> Result<Self, TrainError> {
+        let rank = parts.sync.rank();
+        let world_size = parts.sync.world_size();
+        let global = u64::from(cfg.train.global_batch);
+        if world_size == 0 || global % world_size != 0 {
+            return Err(TrainError::Invalid(format!(
+                "train.global_batch = {global} is not divisible by the world size {world_size}"
+            )));
+        }
+        let metrics = Metrics::for_rank(rank, parts.generation, cfg, store);
+        Ok(Self {
+            parts,
+            latent_shape: [(global / world_size) as i64, c, h, w],
+            rank,
+            world_size,
+            metrics,
+        })
+    }
+
+    /// Images per step over all ranks.
+    pub fn images_per_step(&self) -> u64 {
+        self.latent_shape[0] as u64 * self.world_size
+    }
+
+    /// Which rows of the global batch this rank draws.
+    pub(super) fn slice(&self) -> RankSlice {
+        RankSlice {
+            rank: self.rank,
+            world_size: self.world_size,
+        }
+    }
 }
 
 /// What the loop does at a step boundary.

@@ -5,12 +5,14 @@
 
 use std::collections::HashMap;
 
+use swiftbrush_worker::diffusion::{NoiseSchedule, PredictionType, SchedulerConfig};
 use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::models::weights;
 use swiftbrush_worker::pipeline::DiffusersFolder;
+use swiftbrush_worker::precision::AutocastPlan;
 use swiftbrush_worker::roles::{FullFakeScore, TeacherUNet, UNet};
-use swiftbrush_worker::vsd::{Conditions, Draws};
-use tch::{Device, Kind, Tensor};
+use swiftbrush_worker::vsd::{Conditions, Draws, FakeScoreDraws, VsdConfig, VsdWeighting};
+use tch::{Device, Tensor};
 
 /// The reference's LoRA: rank 4, alpha 8 on `targets`.
 pub fn lora_spec(targets: &[&str]) -> LoraSpec {
@@ -21,16 +23,31 @@ pub fn lora_spec(targets: &[&str]) -> LoraSpec {
     }
 }
 
-/// diffusers' scaled_linear schedule in float32 (SPEC).
-pub fn alphas_cumprod() -> Tensor {
-    let betas = Tensor::linspace(
-        0.00085f64.sqrt(),
-        0.012f64.sqrt(),
-        1000,
-        (Kind::Float, Device::Cpu),
-    )
-    .square();
-    (1.0f64 - betas).cumprod(0, Kind::Float)
+/// Stable Diffusion's scaled_linear schedule (SPEC) for a model whose
+/// output means `prediction`.
+pub fn schedule(prediction: PredictionType) -> NoiseSchedule {
+    let prediction_type = match prediction {
+        PredictionType::Epsilon => "epsilon",
+        PredictionType::VPrediction => "v_prediction",
+        PredictionType::Sample => "sample",
+    };
+    let cfg = SchedulerConfig {
+        prediction_type: prediction_type.into(),
+        ..SchedulerConfig::stable_diffusion()
+    };
+    NoiseSchedule::new(&cfg, Device::Cpu).unwrap()
+}
+
+/// The reference step's constants: the student at t = 999 with A = 0.0047,
+/// guidance 4.5.
+pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan>) -> VsdConfig {
+    VsdConfig {
+        student_timestep: 999,
+        student_alpha_bar: 0.0047,
+        guidance_scale: 4.5,
+        weighting,
+        teacher_autocast,
+    }
 }
 
 /// The student and the LoRA teacher of fixture pipeline `kind`, freshly
@@ -74,9 +91,11 @@ pub fn inputs(g: &HashMap<String, Tensor>) -> (Draws, Conditions) {
         z: g["z"].copy(),
         t: g["t"].copy(),
         eps: g["eps"].copy(),
-        t_lora: g["t_lora"].copy(),
-        eps_lora: g["eps_lora"].copy(),
-        null_condition: g["null_condition"].int64_value(&[0]) == 1,
+        fake: FakeScoreDraws {
+            t: g["t_lora"].copy(),
+            eps: g["eps_lora"].copy(),
+            null_condition: g["null_condition"].int64_value(&[0]) == 1,
+        },
         guidance_scale: None,
     };
     let text = Conditions {

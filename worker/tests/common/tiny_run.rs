@@ -5,7 +5,7 @@
 use swiftbrush_proto::JobConfig;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
-use swiftbrush_worker::trainer::{Resume, TrainError, Trainer};
+use swiftbrush_worker::trainer::{Resume, SoloTrainer, TrainError};
 use tch::{Device, Tensor};
 
 /// configs/tiny.yaml on the sd1 fixture: global batch 2, `max_steps`,
@@ -23,7 +23,7 @@ pub fn config(run_dir: &str, max_steps: u64) -> JobConfig {
 
 /// A single-process trainer on two captions, resuming if `cfg`'s run
 /// directory holds a checkpoint.
-pub fn trainer(cfg: JobConfig) -> Trainer {
+pub fn trainer(cfg: JobConfig) -> SoloTrainer {
     trainer_with(cfg, &["a red circle", "a photo of a cat"], SingleProcess)
 }
 
@@ -32,7 +32,7 @@ pub fn trainer_with<S: GradientSync + 'static>(
     cfg: JobConfig,
     captions: &[&str],
     sync: S,
-) -> Trainer {
+) -> SoloTrainer {
     try_trainer_with(cfg, captions, sync).unwrap()
 }
 
@@ -41,12 +41,12 @@ pub fn try_trainer_with<S: GradientSync + 'static>(
     cfg: JobConfig,
     captions: &[&str],
     sync: S,
-) -> Result<Trainer, TrainError> {
+) -> Result<SoloTrainer, TrainError> {
     let captions = captions.iter().map(|s| s.to_string()).collect();
     let feed =
         LocalCaptionFeed::from_captions(captions, (2, 0, true), sync.rank(), sync.world_size())
             .unwrap();
-    Trainer::build(cfg, Device::Cpu, feed, sync, Resume::Auto)
+    SoloTrainer::build(cfg, Device::Cpu, feed, sync, Resume::Auto)
 }
 
 /// Copies of `tensors`, sorted by name (the trainer updates its own in place).
@@ -57,7 +57,7 @@ pub fn snapshot(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Vec<(Str
 }
 
 /// The student's weights now, sorted by name.
-pub fn student(t: &Trainer) -> Vec<(String, Tensor)> {
+pub fn student(t: &SoloTrainer) -> Vec<(String, Tensor)> {
     snapshot(t.student().vs.variables())
 }
 

@@ -1,4 +1,4 @@
-//! `method.lora.updates_per_step`: the LoRA teacher's further updates per
+//! `method.fake_score.updates_per_step`: the fake score's further updates per
 //! iteration (DMD2's critic/generator ratio). They come after the student's
 //! update, so the first student step is unchanged while the adapters move
 //! further; their draws are functions of (seed, step, update), so a resumed
@@ -11,7 +11,7 @@ use swiftbrush_proto::JobConfig;
 
 fn config(run_dir: &str, updates: u32, max_steps: u64) -> JobConfig {
     let mut cfg = tiny_run::config(run_dir, max_steps);
-    cfg.method.lora.updates_per_step = updates;
+    cfg.method.fake_score.updates_per_step = updates;
     cfg
 }
 
@@ -20,8 +20,11 @@ fn extra_lora_updates_move_the_adapters_after_the_student_step() {
     tch::set_num_threads(1);
     let mut once = trainer(config("memory://", 1, 2));
     let mut thrice = trainer(config("memory://", 3, 2));
-    let before = snapshot(once.adapters());
-    assert!(equal(&before, &thrice.adapters()), "same initial adapters");
+    let before = snapshot(once.fake_score_parameters());
+    assert!(
+        equal(&before, &thrice.fake_score_parameters()),
+        "same initial adapters"
+    );
 
     once.train_step(0).unwrap();
     thrice.train_step(0).unwrap();
@@ -29,9 +32,15 @@ fn extra_lora_updates_move_the_adapters_after_the_student_step() {
         equal(&student(&once), &student(&thrice)),
         "the first student update must not depend on the LoRA updates after it"
     );
-    assert!(!equal(&once.adapters(), &before), "one LoRA update moves B");
     assert!(
-        !equal(&once.adapters(), &thrice.adapters()),
+        !equal(&once.fake_score_parameters(), &before),
+        "one LoRA update moves B"
+    );
+    assert!(
+        !equal(
+            &once.fake_score_parameters(),
+            &thrice.fake_score_parameters()
+        ),
         "two more LoRA updates must move the adapters further"
     );
 
@@ -58,14 +67,17 @@ fn a_resumed_run_with_extra_lora_updates_continues_bit_for_bit() {
     resumed.run().unwrap();
 
     assert!(equal(&student(&straight), &student(&resumed)));
-    assert!(equal(&straight.adapters(), &resumed.adapters()));
+    assert!(equal(
+        &straight.fake_score_parameters(),
+        &resumed.fake_score_parameters()
+    ));
 }
 
 #[test]
 fn updates_per_step_out_of_range_names_the_key() {
     let mut cfg = config("memory://", 0, 1);
     let err = cfg.validate().unwrap_err().to_string();
-    assert!(err.contains("method.lora.updates_per_step"), "{err}");
-    cfg.method.lora.updates_per_step = 65;
+    assert!(err.contains("method.fake_score.updates_per_step"), "{err}");
+    cfg.method.fake_score.updates_per_step = 65;
     assert!(cfg.validate().is_err());
 }

@@ -1,0 +1,99 @@
+//! SwiftBrush's variational score distillation (shared/SPEC.md, "One
+//! training iteration"), one rank's view:
+//!
+//! | file | owns |
+//! |---|---|
+//! | `step.rs` | [`VsdStep`]: steps 1-6 as a function of the draws, both losses, both backwards |
+//! | `scores.rs` | [`Scores`]: the real and the fake score the gradient compares |
+//! | `draws.rs` | every random draw of a step, a function of (seed, step, sample index) |
+//! | `micro_batch.rs` | gradient accumulation over a rank's batch |
+//!
+//! Precision: the score passes (real and fake) run under the configured
+//! autocast (`VsdConfig::teacher_autocast`, see precision.rs) and each of
+//! their outputs is cast to float32 before it leaves the autocast region;
+//! the student pass, the schedule, guidance, the VSD gradient and both
+//! losses are float32.
+
+mod draws;
+mod micro_batch;
+mod scores;
+mod step;
+
+use tch::{TchError, Tensor};
+
+pub use draws::{DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice, with_generator};
+pub use micro_batch::{MicroBatch, each_micro_batch, micro_batches};
+pub use scores::{FakeScore, Scores};
+pub use step::{StepOutput, VsdStep};
+pub use swiftbrush_proto::config::VsdWeighting;
+
+use crate::diffusion::{OneStepDraw, PredictionType, ScheduleError};
+use crate::precision::AutocastPlan;
+
+/// The method's constants for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct VsdConfig {
+    pub student_timestep: i64,
+    /// A in x0_hat = (z - sqrt(1 - A) eps) / sqrt(A).
+    pub student_alpha_bar: f64,
+    pub guidance_scale: f64,
+    pub weighting: VsdWeighting,
+    /// Autocast for the score passes (None: as stored, inputs cast to the
+    /// teacher's dtype). Build it with `precision::teacher_autocast`.
+    pub teacher_autocast: Option<AutocastPlan>,
+}
+
+impl VsdConfig {
+    /// The student's one-step draw for a UNet whose output means
+    /// `prediction`.
+    pub fn one_step(&self, prediction: PredictionType) -> OneStepDraw {
+        OneStepDraw {
+            timestep: self.student_timestep,
+            alpha_bar: self.student_alpha_bar,
+            prediction,
+        }
+    }
+}
+
+/// Text conditions of one batch, computed once and shared by all passes.
+pub struct Conditions {
+    /// [B,77,D]
+    pub cond: Tensor,
+    /// The empty prompt's encoding [1,77,D] (not zeros).
+    pub uncond: Tensor,
+}
+
+impl Conditions {
+    /// Rows `start..start + len` of the captions' encodings (one
+    /// micro-batch); the null condition is shared.
+    pub fn rows(&self, start: i64, len: i64) -> Conditions {
+        Conditions {
+            cond: self.cond.narrow(0, start, len),
+            uncond: self.uncond.shallow_clone(),
+        }
+    }
+}
+
+/// Both losses of a step (float32 scalars on the host).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VsdLosses {
+    pub vsd: f64,
+    /// The fake score's denoising loss (SPEC step 6).
+    pub fake_score: f64,
+}
+
+impl VsdLosses {
+    pub fn all_finite(&self) -> bool {
+        self.vsd.is_finite() && self.fake_score.is_finite()
+    }
+}
+
+/// A step that could not run: a tensor op failed (a shape or device
+/// mismatch, out of memory) or a timestep is outside the schedule.
+#[derive(Debug, thiserror::Error)]
+pub enum VsdError {
+    #[error("the VSD step failed: {0}")]
+    Torch(#[from] TchError),
+    #[error("the VSD step failed: {0}")]
+    Schedule(#[from] ScheduleError),
+}

@@ -1,0 +1,263 @@
+//! One SwiftBrush iteration's passes, shared/SPEC.md "One training
+//! iteration" steps 1-6, as a function of its draws: it computes both
+//! losses and leaves their gradients in the student's and the fake score's
+//! `.grad`. All-reduce, clipping, optimizer steps and EMA belong to the
+//! trainer. The formulas themselves (noising, epsilon from a model output,
+//! x0, guidance, the one-step draw) live in `diffusion/`.
+
+use tch::{Kind, Tensor};
+
+use super::draws::{Draws, FakeScoreDraws};
+use super::micro_batch::{MicroBatch, each_micro_batch};
+use super::scores::{FakeScore, Scores};
+use super::{Conditions, VsdConfig, VsdError, VsdLosses};
+use crate::diffusion::{
+    Denoiser, NoiseSchedule, PredictionType, guide_batched, one_minus, one_step_x0, to_x0,
+};
+use swiftbrush_proto::config::VsdWeighting;
+
+/// The networks and constants of a step; [`VsdStep::run`] is one iteration.
+pub struct VsdStep<'a, S, F> {
+    pub student: &'a S,
+    pub scores: &'a F,
+    pub schedule: &'a NoiseSchedule,
+    pub config: &'a VsdConfig,
+}
+
+/// What a step leaves besides the gradients.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// Both losses of the rank's batch.
+    pub losses: VsdLosses,
+    /// The student's draw x0_hat, detached: further fake-score updates of
+    /// the iteration train on it.
+    pub x0: Tensor,
+}
+
+/// Which of the two scores a pass runs.
+#[derive(Debug, Clone, Copy)]
+enum Score {
+    Real,
+    Fake,
+}
+
+impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
+    /// SPEC steps 1-6 on the rank's batch, `micro` rows at a time
+    /// (gradient accumulation; None: all at once). The gradients left
+    /// behind and the losses returned are the whole batch's (to float
+    /// rounding; with one micro-batch, bit for bit).
+    pub fn run(
+        &self,
+        text: &Conditions,
+        draws: &Draws,
+        micro: Option<u32>,
+    ) -> Result<StepOutput, VsdError> {
+        let parts = each_micro_batch(draws.z.size()[0], micro, |m| {
+            self.iteration(&text.rows(m.start, m.len), &draws.rows(m.start, m.len), m)
+        })?;
+        let mut losses = VsdLosses {
+            vsd: 0.0,
+            fake_score: 0.0,
+        };
+        let mut x0 = Vec::with_capacity(parts.len());
+        for (share, (part, part_x0)) in parts {
+            losses.vsd += share * part.vsd;
+            losses.fake_score += share * part.fake_score;
+            x0.push(part_x0);
+        }
+        Ok(StepOutput {
+            losses,
+            x0: Tensor::f_cat(&x0, 0)?,
+        })
+    }
+
+    /// SPEC step 6 alone: a further update of the fake score on the
+    /// student's detached draw `x0` with its own draws, `micro` rows at a
+    /// time as [`Self::run`]. Returns the loss.
+    pub fn update_fake_score(
+        &self,
+        text: &Conditions,
+        x0: &Tensor,
+        draws: &FakeScoreDraws,
+        micro: Option<u32>,
+    ) -> Result<f64, VsdError> {
+        let parts = each_micro_batch(x0.size()[0], micro, |m| {
+            self.fake_score_loss(
+                &text.rows(m.start, m.len),
+                &x0.narrow(0, m.start, m.len),
+                &draws.rows(m.start, m.len),
+                m,
+            )
+        })?;
+        Ok(parts.into_iter().map(|(share, loss)| share * loss).sum())
+    }
+
+    /// Steps 1-6 on one micro-batch; both backwards run on its share of
+    /// the losses, and the losses returned are the micro-batch's own.
+    fn iteration(
+        &self,
+        text: &Conditions,
+        draws: &Draws,
+        part: MicroBatch,
+    ) -> Result<(VsdLosses, Tensor), VsdError> {
+        // 1. Student draw: one pass at t = 999 from pure noise.
+        let one_step = self.config.one_step(self.schedule.prediction_type());
+        let x0_hat = one_step_x0(self.student, &draws.z, &text.cond, &one_step)?;
+
+        // 2. Noise it; x_t keeps its link to the student.
+        let x_t = self.schedule.add_noise(&x0_hat, &draws.eps, &draws.t)?;
+
+        // 3. Both scores with guidance, without gradients.
+        let scale = draws.guidance_scale.unwrap_or(self.config.guidance_scale);
+        let (e_real, e_fake) = tch::no_grad(|| -> Result<_, VsdError> {
+            let x = x_t.f_detach()?;
+            let e_real = self.guided(Score::Real, &x, &draws.t, text, scale)?;
+            let e_fake = match self.scores.form() {
+                FakeScore::Lora => self.guided(Score::Fake, &x, &draws.t, text, scale)?,
+                FakeScore::Unet => self.epsilon(Score::Fake, &x, &draws.t, &text.cond)?,
+            };
+            Ok((e_real, e_fake))
+        })?;
+
+        // 4-5. The VSD gradient, applied through a surrogate whose gradient
+        // wrt x0_hat is g / numel.
+        let abar_t = self.schedule.alpha_bar_at(&draws.t, 4)?;
+        let g = vsd_gradient(
+            self.config.weighting,
+            &x0_hat.f_detach()?,
+            &x_t.f_detach()?,
+            &abar_t,
+            &e_real,
+            &e_fake,
+        )?
+        .f_nan_to_num(0.0, None, None)?;
+        let target = x0_hat.f_sub(&g)?.f_detach()?;
+        let loss_vsd = x0_hat
+            .f_to_kind(Kind::Float)?
+            .f_sub(&target.f_to_kind(Kind::Float)?)?
+            .f_square()?
+            .f_mean(Kind::Float)?
+            .f_mul_scalar(0.5)?;
+        part.backward(&loss_vsd)?;
+
+        // 6. The fake score learns to denoise the student's (detached) draws.
+        let x0 = x0_hat.f_detach()?;
+        let fake_score = self.fake_score_loss(text, &x0, &draws.fake, part)?;
+
+        let losses = VsdLosses {
+            vsd: loss_vsd.f_double_value(&[])?,
+            fake_score,
+        };
+        Ok((losses, x0))
+    }
+
+    /// SPEC step 6 on one micro-batch: the fake score's denoising loss on
+    /// `x0`, backward into its weights' `.grad`; returns the loss. The
+    /// LoRA teacher's is weighted by sqrt(abar_t') with text dropout;
+    /// DMD2's full copy trains on the caption always (the draws' null flag
+    /// is ignored, so the random stream is the same for both forms) with
+    /// the unweighted eps-MSE.
+    fn fake_score_loss(
+        &self,
+        text: &Conditions,
+        x0: &Tensor,
+        draws: &FakeScoreDraws,
+        part: MicroBatch,
+    ) -> Result<f64, VsdError> {
+        let form = self.scores.form();
+        let x = self.schedule.add_noise(x0, &draws.eps, &draws.t)?;
+        let cond = if draws.null_condition && form == FakeScore::Lora {
+            text.uncond.f_expand([x0.size()[0], -1, -1], false)?
+        } else {
+            text.cond.shallow_clone()
+        };
+        // Under autocast with gradients: the backward below runs each op in
+        // the dtype its forward ran in, outside the region (as
+        // torch.autocast asks).
+        let residual = self
+            .epsilon(Score::Fake, &x, &draws.t, &cond)?
+            .f_sub(&draws.eps)?;
+        let loss = match form {
+            FakeScore::Lora => self
+                .schedule
+                .alpha_bar_at(&draws.t, 4)?
+                .f_sqrt()?
+                .f_mul(&residual)?
+                .f_square()?
+                .f_mean(Kind::Float)?,
+            FakeScore::Unet => residual.f_square()?.f_mean(Kind::Float)?,
+        };
+        part.backward(&loss)?;
+        Ok(loss.f_double_value(&[])?)
+    }
+
+    /// Classifier-free guidance at `scale`, as epsilon: the null condition
+    /// and the caption run as one batch.
+    fn guided(
+        &self,
+        score: Score,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Conditions,
+        scale: f64,
+    ) -> Result<Tensor, VsdError> {
+        let b = x.size()[0];
+        let xx = Tensor::f_cat(&[x, x], 0)?;
+        let tt = Tensor::f_cat(&[t, t], 0)?;
+        let uncond = text.uncond.f_expand([b, -1, -1], false)?;
+        let cc = Tensor::f_cat(&[&uncond, &text.cond], 0)?;
+        let eps = self.epsilon(score, &xx, &tt, &cc)?;
+        Ok(guide_batched(&eps, scale)?)
+    }
+
+    /// One pass of a score as epsilon. The pass runs under the configured
+    /// autocast and leaves it as float32, so what follows is float32
+    /// arithmetic.
+    fn epsilon(
+        &self,
+        score: Score,
+        x: &Tensor,
+        t: &Tensor,
+        c: &Tensor,
+    ) -> Result<Tensor, VsdError> {
+        let out = {
+            let _autocast = self.config.teacher_autocast.as_ref().map(|a| a.enter());
+            match score {
+                Score::Real => self.scores.real(x, t, c)?,
+                Score::Fake => self.scores.fake(x, t, c)?,
+            }
+            .f_to_kind(Kind::Float)?
+        };
+        Ok(self.schedule.to_epsilon(&out, x, t)?)
+    }
+}
+
+/// SPEC step 4 without the nan_to_num: the direction in which the draw
+/// `x0_hat` moves away from (so minus the step toward) the teacher's
+/// distribution, from both scores' guided eps on `x_t`.
+fn vsd_gradient(
+    weighting: VsdWeighting,
+    x0_hat: &Tensor,
+    x_t: &Tensor,
+    abar_t: &Tensor,
+    e_real: &Tensor,
+    e_fake: &Tensor,
+) -> Result<Tensor, VsdError> {
+    let difference = e_real.f_sub(e_fake)?;
+    Ok(match weighting {
+        VsdWeighting::Paper => one_minus(abar_t)?.f_mul(&difference)?,
+        VsdWeighting::Dmd => {
+            // x0_fake - x0_real = sqrt((1 - abar) / abar) (e_real - e_fake):
+            // the fake minus the real x0 prediction, DMD's gradient before
+            // its norm.
+            let ratio = one_minus(abar_t)?.f_div(abar_t)?.f_sqrt()?;
+            let x0_real = to_x0(PredictionType::Epsilon, e_real, x_t, abar_t)?;
+            let norm = x0_hat.f_sub(&x0_real)?.f_abs()?.f_mean_dim(
+                [1i64, 2, 3].as_slice(),
+                true,
+                Kind::Float,
+            )?;
+            ratio.f_mul(&difference)?.f_div(&norm)?
+        }
+    })
+}
