@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::{Tensor, nn};
+use tch::{TchError, Tensor, nn};
 
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::layers::{Activation, Conv2d, GroupNorm};
@@ -780,53 +780,53 @@ impl UNet2DConditionModel {
     /// `timestep` ([B] with one value per sample, [1] or 0-d for all; any
     /// numeric kind, moved to the sample's device) given
     /// `encoder_hidden_states` [B, 77, cross_attention_dim] in the model's
-    /// dtype. Works under autograd and under `tch::no_grad`.
-    pub fn forward(
+    /// dtype. Works under autograd and under `tch::no_grad`. A shape,
+    /// dtype or device mismatch, or running out of memory, is an error.
+    pub fn f_forward(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
-    ) -> Tensor {
-        let size = sample.size();
-        let batch = size[0];
+    ) -> Result<Tensor, TchError> {
+        let (batch, _, height, width) = sample.size4()?;
         let num_upsamplers = self.up_blocks.iter().filter(|b| b.has_upsampler()).count();
         let factor = 1i64 << num_upsamplers;
         // diffusers then upsamples to each skip's size instead of doubling.
-        let forward_upsample_size = size[2..].iter().any(|d| d % factor != 0);
+        let forward_upsample_size = [height, width].iter().any(|d| d % factor != 0);
 
         let sample = if self.center_input_sample {
-            sample * 2.0 - 1.0
+            sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?
         } else {
             sample.shallow_clone()
         };
-        let timestep = timestep.to_device(sample.device());
+        let timestep = timestep.f_to_device(sample.device())?;
         let timestep = if timestep.dim() == 0 {
-            timestep.unsqueeze(0)
+            timestep.f_unsqueeze(0)?
         } else {
             timestep
         };
         let t_emb = self
             .time_proj
-            .forward(&timestep.expand([batch], false))
-            .to_kind(sample.kind());
-        let emb = self.time_embedding.forward(&t_emb);
+            .forward(&timestep.f_expand([batch], false)?)?
+            .f_to_kind(sample.f_kind()?)?;
+        let emb = self.time_embedding.forward(&t_emb)?;
         let temb = Some(&emb);
         let context = encoder_hidden_states;
 
-        let mut x = self.conv_in.forward(&sample);
+        let mut x = self.conv_in.forward(&sample)?;
         let mut skips = vec![x.shallow_clone()];
         for block in &self.down_blocks {
             let (out, block_skips) = match block {
-                UNetDownBlock::CrossAttn(b) => b.forward(&x, temb, context),
-                UNetDownBlock::Plain(b) => b.forward(&x, temb),
+                UNetDownBlock::CrossAttn(b) => b.forward(&x, temb, context)?,
+                UNetDownBlock::Plain(b) => b.forward(&x, temb)?,
             };
             x = out;
             skips.extend(block_skips);
         }
         if let Some(mid) = &self.mid_block {
             x = match mid {
-                UNetMidBlock::CrossAttn(b) => b.forward(&x, temb, context),
-                UNetMidBlock::Plain(b) => b.forward(&x, temb),
+                UNetMidBlock::CrossAttn(b) => b.forward(&x, temb, context)?,
+                UNetMidBlock::Plain(b) => b.forward(&x, temb)?,
             };
         }
         let num_up = self.up_blocks.len();
@@ -841,13 +841,28 @@ impl UNet2DConditionModel {
             };
             x = match block {
                 UNetUpBlock::CrossAttn(b) => {
-                    b.forward(&x, &block_skips, temb, context, upsample_size)
+                    b.forward(&x, &block_skips, temb, context, upsample_size)?
                 }
-                UNetUpBlock::Plain(b) => b.forward(&x, &block_skips, temb, upsample_size),
+                UNetUpBlock::Plain(b) => b.forward(&x, &block_skips, temb, upsample_size)?,
             };
         }
-        let x = self.act.forward(&self.conv_norm_out.forward(&x));
+        let x = self.act.forward(&self.conv_norm_out.forward(&x)?)?;
         self.conv_out.forward(&x)
+    }
+
+    /// As [`Self::f_forward`], panicking on error: for tests and callers
+    /// whose inputs cannot be malformed and that do not handle running out
+    /// of memory.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Tensor {
+        match self.f_forward(sample, timestep, encoder_hidden_states) {
+            Ok(t) => t,
+            Err(e) => panic!("UNet2DConditionModel::forward: {e}"),
+        }
     }
 }
 
