@@ -80,27 +80,27 @@ pub struct LoraAdapter {
 
 impl LoraAdapter {
     /// The update for input `x`, or None while the adapters are off.
-    pub fn forward(&self, x: &Tensor) -> Option<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>, tch::TchError> {
         if !self.switch.enabled() {
-            return None;
+            return Ok(None);
         }
-        let x = x.to_kind(self.a.kind());
+        let x = x.f_to_kind(self.a.f_kind()?)?;
         let delta = match self.conv {
             None => x
-                .linear::<&Tensor>(&self.a, None)
-                .linear::<&Tensor>(&self.b, None),
+                .f_linear::<&Tensor>(&self.a, None)?
+                .f_linear::<&Tensor>(&self.b, None)?,
             Some((stride, padding)) => x
-                .conv2d::<&Tensor>(
+                .f_conv2d::<&Tensor>(
                     &self.a,
                     None,
                     [stride, stride],
                     [padding, padding],
                     [1, 1],
                     1,
-                )
-                .conv2d::<&Tensor>(&self.b, None, [1, 1], [0, 0], [1, 1], 1),
+                )?
+                .f_conv2d::<&Tensor>(&self.b, None, [1, 1], [0, 0], [1, 1], 1)?,
         };
-        Some(delta * self.scale)
+        Ok(Some(delta.f_mul_scalar(self.scale)?))
     }
 }
 

@@ -149,6 +149,49 @@ fn forward_and_backward_under_autograd() {
     assert!(!out.requires_grad());
 }
 
+#[test]
+fn malformed_inputs_are_errors_not_panics() {
+    let (_vs, unet) = load_unet("sd1");
+    let g = golden("golden/unet/sd1.safetensors");
+    let (sample, t, ctx) = (&g["sample"], &g["timesteps"], &g["encoder_hidden_states"]);
+    tch::no_grad(|| {
+        let good = unet.f_forward(sample, t, ctx).unwrap();
+        assert!(good.equal(&unet.forward(sample, t, ctx)));
+        let cases = [
+            (
+                "3-D sample",
+                sample.get(0),
+                t.shallow_clone(),
+                ctx.shallow_clone(),
+            ),
+            (
+                "channels",
+                sample.narrow(1, 0, 3),
+                t.shallow_clone(),
+                ctx.shallow_clone(),
+            ),
+            (
+                "context width",
+                sample.shallow_clone(),
+                t.shallow_clone(),
+                ctx.narrow(2, 0, 5),
+            ),
+            (
+                "timesteps",
+                sample.shallow_clone(),
+                Tensor::from_slice(&[1i64, 2, 3]),
+                ctx.shallow_clone(),
+            ),
+        ];
+        for (what, sample, t, ctx) in cases {
+            let err = unet.f_forward(&sample, &t, &ctx).err();
+            assert!(err.is_some(), "{what}: no error");
+            let err = err.unwrap().to_string();
+            eprintln!("{what}: {}", err.lines().next().unwrap_or_default());
+        }
+    });
+}
+
 fn shapes(vs: &VarStore) -> BTreeMap<String, Vec<i64>> {
     vs.variables()
         .into_iter()

@@ -54,10 +54,25 @@ fn matches_diffusers(kind: &str) {
     assert_eq!(vae.scaling_factor(), 0.18215);
     let g = golden(&format!("golden/vae/{kind}.safetensors"));
     tch::no_grad(|| {
-        check(kind, "decode", &vae.decode(&g["latents"]), &g["decoded"]);
-        let posterior = vae.encode(&g["image"]);
+        check(
+            kind,
+            "decode",
+            &vae.f_decode(&g["latents"]).unwrap(),
+            &g["decoded"],
+        );
+        let posterior = vae.f_encode(&g["image"]).unwrap();
         check(kind, "encode mean", &posterior.mean, &g["mean"]);
         check(kind, "encode logvar", &posterior.logvar, &g["logvar"]);
+    });
+}
+
+#[test]
+fn malformed_inputs_are_errors_not_panics() {
+    let (_vs, vae) = load_vae("sd1");
+    let g = golden("golden/vae/sd1.safetensors");
+    tch::no_grad(|| {
+        assert!(vae.f_decode(&g["latents"].narrow(1, 0, 3)).is_err());
+        assert!(vae.f_encode(&g["image"].narrow(1, 0, 2)).is_err());
     });
 }
 

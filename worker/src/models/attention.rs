@@ -58,14 +58,18 @@ impl Linear {
         self.weight.size()[0]
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
-        match self.lora.as_ref().and_then(|l| l.forward(x)) {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        let delta = match &self.lora {
+            Some(lora) => lora.forward(x)?,
+            None => None,
+        };
+        match delta {
             Some(delta) => {
-                let delta = delta.to_kind(y.kind());
-                y + delta
+                let delta = delta.f_to_kind(y.f_kind()?)?;
+                y.f_add(&delta)
             }
-            None => y,
+            None => Ok(y),
         }
     }
 }
@@ -158,66 +162,78 @@ impl Attention {
     /// `hidden_states`: [B, N, C] tokens or a [B, C, H, W] feature map
     /// (attended over its H*W positions and returned in the same layout).
     /// `encoder_hidden_states`: [B, M, cross_attention_dim] or None for
-    /// self-attention.
+    /// self-attention. Tokens that are neither 3-D nor 4-D, or a context
+    /// whose width does not fit, are an error.
     pub fn forward(
         &self,
         hidden_states: &Tensor,
         encoder_hidden_states: Option<&Tensor>,
-    ) -> Tensor {
+    ) -> Result<Tensor, TchError> {
         let spatial = (hidden_states.dim() == 4).then(|| hidden_states.size());
         let mut x = match &spatial {
             Some(s) => hidden_states
-                .reshape([s[0], s[1], s[2] * s[3]])
-                .transpose(1, 2),
+                .f_reshape([s[0], s[1], s[2] * s[3]])?
+                .f_transpose(1, 2)?,
             None => hidden_states.shallow_clone(),
         };
         if let Some(norm) = &self.group_norm {
-            x = norm.forward(&x.transpose(1, 2)).transpose(1, 2);
+            x = norm.forward(&x.f_transpose(1, 2)?)?.f_transpose(1, 2)?;
         }
-        let batch = x.size()[0];
+        let (batch, _, _) = x.size3()?;
         let context = encoder_hidden_states.unwrap_or(&x);
-        let split_heads = |t: Tensor| {
-            t.reshape([batch, -1, self.heads, t.size()[2] / self.heads])
-                .transpose(1, 2)
+        let split_heads = |t: Tensor| -> Result<Tensor, TchError> {
+            let (_, _, width) = t.size3()?;
+            t.f_reshape([batch, -1, self.heads, width / self.heads])?
+                .f_transpose(1, 2)
         };
-        let query = split_heads(self.to_q.forward(&x));
-        let key = split_heads(self.to_k.forward(context));
-        let value = split_heads(self.to_v.forward(context));
-        let kind = query.kind();
+        let query = split_heads(self.to_q.forward(&x)?)?;
+        let key = split_heads(self.to_k.forward(context)?)?;
+        let value = split_heads(self.to_v.forward(context)?)?;
+        let kind = query.f_kind()?;
         let out = if self.upcast_attention && matches!(kind, Kind::Half | Kind::BFloat16) {
             sdpa(
-                &query.to_kind(Kind::Float),
-                &key.to_kind(Kind::Float),
-                &value.to_kind(Kind::Float),
-            )
-            .to_kind(kind)
+                &query.f_to_kind(Kind::Float)?,
+                &key.f_to_kind(Kind::Float)?,
+                &value.f_to_kind(Kind::Float)?,
+            )?
+            .f_to_kind(kind)?
         } else {
-            sdpa(&query, &key, &value)
+            sdpa(&query, &key, &value)?
         };
+        let (_, heads, _, head_dim) = out.size4()?;
         let out = out
-            .transpose(1, 2)
-            .reshape([batch, -1, out.size()[1] * out.size()[3]]);
-        let out = self.to_out.forward(&out);
+            .f_transpose(1, 2)?
+            .f_reshape([batch, -1, heads * head_dim])?;
+        let out = self.to_out.forward(&out)?;
         let out = match &spatial {
-            Some(s) => out.transpose(-1, -2).reshape(s.as_slice()),
+            Some(s) => out.f_transpose(-1, -2)?.f_reshape(s.as_slice())?,
             None => out,
         };
         let out = if self.residual_connection {
-            out + hidden_states
+            out.f_add(hidden_states)?
         } else {
             out
         };
         if self.rescale_output_factor != 1.0 {
-            out / self.rescale_output_factor
+            out.f_div_scalar(self.rescale_output_factor)
         } else {
-            out
+            Ok(out)
         }
     }
 }
 
 /// Softmax(q k^T / sqrt(d)) v on [B, heads, N, d], no mask, no dropout.
-fn sdpa(query: &Tensor, key: &Tensor, value: &Tensor) -> Tensor {
-    Tensor::scaled_dot_product_attention(query, key, value, None::<Tensor>, 0.0, false, None, false)
+fn sdpa(query: &Tensor, key: &Tensor, value: &Tensor) -> Result<Tensor, TchError> {
+    Tensor::f_scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        None::<Tensor>,
+        0.0,
+        false,
+        None,
+        false,
+    )
 }
 
 /// diffusers' `GEGLU`: one projection to twice the width, half of it gating
@@ -234,10 +250,10 @@ impl GEGLU {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let projected = self.proj.forward(x);
-        let halves = projected.chunk(2, -1);
-        &halves[0] * halves[1].gelu("none")
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let projected = self.proj.forward(x)?;
+        let halves = projected.f_chunk(2, -1)?;
+        halves[0].f_mul(&halves[1].f_gelu("none")?)
     }
 }
 
@@ -260,8 +276,8 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.out.forward(&self.act.forward(x))
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        self.out.forward(&self.act.forward(x)?)
     }
 }
 
@@ -336,12 +352,15 @@ impl BasicTransformerBlock {
 
     /// `x`: [B, N, dim]; `context`: [B, M, cross_attention_dim]. Without a
     /// context attn2 attends to `x` itself, as in diffusers.
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
-        let mut x = self.attn1.forward(&self.norm1.forward(x), None) + x;
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor, TchError> {
+        let mut x = self
+            .attn1
+            .forward(&self.norm1.forward(x)?, None)?
+            .f_add(x)?;
         if let (Some(norm2), Some(attn2)) = (&self.norm2, &self.attn2) {
-            x = attn2.forward(&norm2.forward(&x), context) + &x;
+            x = attn2.forward(&norm2.forward(&x)?, context)?.f_add(&x)?;
         }
-        self.ff.forward(&self.norm3.forward(&x)) + &x
+        self.ff.forward(&self.norm3.forward(&x)?)?.f_add(&x)
     }
 }
 
@@ -363,7 +382,9 @@ mod tests {
         let q = Tensor::randn([2, 3, 5, 4], (Kind::Float, Device::Cpu));
         let k = Tensor::randn([2, 3, 7, 4], (Kind::Float, Device::Cpu));
         let v = Tensor::randn([2, 3, 7, 4], (Kind::Float, Device::Cpu));
-        let diff = (sdpa(&q, &k, &v) - naive_attention(&q, &k, &v)).abs().max();
+        let diff = (sdpa(&q, &k, &v).unwrap() - naive_attention(&q, &k, &v))
+            .abs()
+            .max();
         assert!(f64::try_from(diff).unwrap() < 1e-5);
     }
 
@@ -380,7 +401,7 @@ mod tests {
         let attn = Attention::new(vs.root() / "attn", 16, Some(12), cfg).unwrap();
         let x = Tensor::randn([2, 6, 16], (Kind::Float, Device::Cpu));
         let ctx = Tensor::randn([2, 5, 12], (Kind::Float, Device::Cpu));
-        let reference = tch::no_grad(|| attn.forward(&x, Some(&ctx)));
+        let reference = tch::no_grad(|| attn.forward(&x, Some(&ctx))).unwrap();
 
         let mut vs_bf16 = VarStore::new(Device::Cpu);
         let attn_bf16 = Attention::new(vs_bf16.root() / "attn", 16, Some(12), cfg).unwrap();
@@ -391,7 +412,8 @@ mod tests {
                 &x.to_kind(Kind::BFloat16),
                 Some(&ctx.to_kind(Kind::BFloat16)),
             )
-        });
+        })
+        .unwrap();
         assert_eq!(out.kind(), Kind::BFloat16);
         let diff = (out.to_kind(Kind::Float) - reference).abs().max();
         assert!(f64::try_from(diff).unwrap() < 5e-2);

@@ -31,27 +31,30 @@ impl Timesteps {
 
     /// `timesteps`: [N], any numeric kind, may be fractional. Returns
     /// [N, num_channels] float32.
-    pub fn forward(&self, timesteps: &Tensor) -> Tensor {
+    pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor, TchError> {
         let half_dim = self.num_channels / 2;
-        let exponent =
-            Tensor::arange(half_dim, (Kind::Float, timesteps.device())) * (-self.max_period.ln());
-        let exponent = exponent / (half_dim as f64 - self.downscale_freq_shift);
-        let emb = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
+        let exponent = Tensor::f_arange(half_dim, (Kind::Float, timesteps.device()))?
+            .f_mul_scalar(-self.max_period.ln())?;
+        let exponent = exponent.f_div_scalar(half_dim as f64 - self.downscale_freq_shift)?;
+        let emb = timesteps
+            .f_to_kind(Kind::Float)?
+            .f_unsqueeze(1)?
+            .f_mul(&exponent.f_exp()?.f_unsqueeze(0)?)?;
         let emb = if self.scale != 1.0 {
-            emb * self.scale
+            emb.f_mul_scalar(self.scale)?
         } else {
             emb
         };
-        let (sin, cos) = (emb.sin(), emb.cos());
+        let (sin, cos) = (emb.f_sin()?, emb.f_cos()?);
         let emb = if self.flip_sin_to_cos {
-            Tensor::cat(&[cos, sin], -1)
+            Tensor::f_cat(&[cos, sin], -1)?
         } else {
-            Tensor::cat(&[sin, cos], -1)
+            Tensor::f_cat(&[sin, cos], -1)?
         };
         if self.num_channels % 2 == 1 {
-            emb.constant_pad_nd([0, 1, 0, 0])
+            emb.f_constant_pad_nd([0, 1, 0, 0])
         } else {
-            emb
+            Ok(emb)
         }
     }
 }
@@ -79,9 +82,9 @@ impl TimestepEmbedding {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         self.linear_2
-            .forward(&self.act.forward(&self.linear_1.forward(x)))
+            .forward(&self.act.forward(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -93,10 +96,10 @@ mod tests {
     #[test]
     fn flip_puts_cosine_first_and_t0_gives_ones_then_zeros() {
         let t = Tensor::from_slice(&[0i64]);
-        let emb = Timesteps::new(8, true, 0.0).forward(&t);
+        let emb = Timesteps::new(8, true, 0.0).forward(&t).unwrap();
         let expected = Tensor::from_slice(&[1f32, 1., 1., 1., 0., 0., 0., 0.]).unsqueeze(0);
         assert_eq!(emb, expected);
-        let emb = Timesteps::new(7, false, 1.0).forward(&t);
+        let emb = Timesteps::new(7, false, 1.0).forward(&t).unwrap();
         assert_eq!(emb.size(), [1, 7]);
     }
 
@@ -104,7 +107,7 @@ mod tests {
     fn frequencies_follow_max_period_and_shift() {
         // With shift 0 the last of 4 frequencies is 10000^(-3/4).
         let t = Tensor::from_slice(&[1.0f64]).to_device(Device::Cpu);
-        let emb = Timesteps::new(8, false, 0.0).forward(&t);
+        let emb = Timesteps::new(8, false, 0.0).forward(&t).unwrap();
         let last_sin = f64::try_from(emb.get(0).get(3)).unwrap();
         assert!((last_sin - (10000f64.powf(-0.75)).sin()).abs() < 1e-7);
     }

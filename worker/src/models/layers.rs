@@ -133,21 +133,25 @@ impl Conv2d {
         self.padding
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.conv2d(
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let y = x.f_conv2d(
             &self.weight,
             self.bias.as_ref(),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
             1,
-        );
-        match self.lora.as_ref().and_then(|l| l.forward(x)) {
+        )?;
+        let delta = match &self.lora {
+            Some(lora) => lora.forward(x)?,
+            None => None,
+        };
+        match delta {
             Some(delta) => {
-                let delta = delta.to_kind(y.kind());
-                y + delta
+                let delta = delta.f_to_kind(y.f_kind()?)?;
+                y.f_add(&delta)
             }
-            None => y,
+            None => Ok(y),
         }
     }
 }
@@ -176,8 +180,8 @@ impl GroupNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.group_norm(
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_group_norm(
             self.num_groups,
             Some(&self.weight),
             Some(&self.bias),
@@ -206,8 +210,8 @@ impl LayerNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_layer_norm(
             [self.dim],
             Some(&self.weight),
             Some(&self.bias),
@@ -238,12 +242,12 @@ impl Activation {
         }
     }
 
-    pub fn forward(self, x: &Tensor) -> Tensor {
+    pub fn forward(self, x: &Tensor) -> Result<Tensor, TchError> {
         match self {
-            Self::Silu => x.silu(),
-            Self::Mish => x.mish(),
-            Self::Gelu => x.gelu("none"),
-            Self::Relu => x.relu(),
+            Self::Silu => x.f_silu(),
+            Self::Mish => x.f_mish(),
+            Self::Gelu => x.f_gelu("none"),
+            Self::Relu => x.f_relu(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod tokenizer;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
+pub mod unet_2d_condition_config;
 pub mod vae;
 pub mod weights;
 

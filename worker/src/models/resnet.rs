@@ -95,28 +95,28 @@ impl ResnetBlock2D {
 
     /// `x`: [B, C, H, W]; `temb`: [B, temb_channels] (ignored by a block
     /// built without `temb_channels`).
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor, TchError> {
         let h = self
             .conv1
-            .forward(&self.act.forward(&self.norm1.forward(x)));
+            .forward(&self.act.forward(&self.norm1.forward(x)?)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
-                let temb = proj.forward(&self.act.forward(temb));
-                h + temb.unsqueeze(-1).unsqueeze(-1)
+                let temb = proj.forward(&self.act.forward(temb)?)?;
+                h.f_add(&temb.f_unsqueeze(-1)?.f_unsqueeze(-1)?)?
             }
             _ => h,
         };
         let h = self
             .conv2
-            .forward(&self.act.forward(&self.norm2.forward(&h)));
+            .forward(&self.act.forward(&self.norm2.forward(&h)?)?)?;
         let out = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x) + h,
-            None => x + h,
+            Some(conv) => conv.forward(x)?.f_add(&h)?,
+            None => x.f_add(&h)?,
         };
         if self.output_scale_factor != 1.0 {
-            out / self.output_scale_factor
+            out.f_div_scalar(self.output_scale_factor)
         } else {
-            out
+            Ok(out)
         }
     }
 }
@@ -143,9 +143,9 @@ impl Downsample2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         if self.padding == 0 {
-            self.conv.forward(&x.constant_pad_nd([0, 1, 0, 1]))
+            self.conv.forward(&x.f_constant_pad_nd([0, 1, 0, 1])?)
         } else {
             self.conv.forward(x)
         }
@@ -169,12 +169,12 @@ impl Upsample2D {
     /// `output_size`: (H, W) to interpolate to instead of doubling; the UNet
     /// passes it when the input size is not a multiple of its total
     /// upsampling factor.
-    pub fn forward(&self, x: &Tensor, output_size: Option<(i64, i64)>) -> Tensor {
+    pub fn forward(&self, x: &Tensor, output_size: Option<(i64, i64)>) -> Result<Tensor, TchError> {
         let up = match output_size {
-            Some((h, w)) => x.upsample_nearest2d([h, w], None, None),
+            Some((h, w)) => x.f_upsample_nearest2d([h, w], None, None)?,
             None => {
-                let s = x.size();
-                x.upsample_nearest2d([s[2] * 2, s[3] * 2], Some(2.0), Some(2.0))
+                let (_, _, h, w) = x.size4()?;
+                x.f_upsample_nearest2d([h * 2, w * 2], Some(2.0), Some(2.0))?
             }
         };
         self.conv.forward(&up)

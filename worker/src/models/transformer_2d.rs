@@ -94,33 +94,33 @@ impl Transformer2DModel {
     }
 
     /// `x`: [B, C, H, W]; `context`: [B, M, cross_attention_dim].
-    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
-        let s = x.size();
-        let (batch, height, width) = (s[0], s[2], s[3]);
-        let h = self.norm.forward(x);
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor, TchError> {
+        let (batch, _, height, width) = x.size4()?;
+        let h = self.norm.forward(x)?;
         // [B, C, H, W] <-> [B, H*W, C]; the conv projection runs on the map,
         // the linear one on the tokens, as in diffusers.
-        let to_tokens = |t: &Tensor| {
-            let c = t.size()[1];
-            t.permute([0, 2, 3, 1]).reshape([batch, height * width, c])
+        let to_tokens = |t: &Tensor| -> Result<Tensor, TchError> {
+            let (_, c, _, _) = t.size4()?;
+            t.f_permute([0, 2, 3, 1])?
+                .f_reshape([batch, height * width, c])
         };
-        let to_map = |t: &Tensor| {
-            let c = t.size()[2];
-            t.reshape([batch, height, width, c])
-                .permute([0, 3, 1, 2])
-                .contiguous()
+        let to_map = |t: &Tensor| -> Result<Tensor, TchError> {
+            let (_, _, c) = t.size3()?;
+            t.f_reshape([batch, height, width, c])?
+                .f_permute([0, 3, 1, 2])?
+                .f_contiguous()
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&h)),
-            Projection::Linear(linear) => linear.forward(&to_tokens(&h)),
+            Projection::Conv(conv) => to_tokens(&conv.forward(&h)?)?,
+            Projection::Linear(linear) => linear.forward(&to_tokens(&h)?)?,
         };
         for block in &self.transformer_blocks {
-            tokens = block.forward(&tokens, context);
+            tokens = block.forward(&tokens, context)?;
         }
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_map(&tokens)),
-            Projection::Linear(linear) => to_map(&linear.forward(&tokens)),
+            Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
+            Projection::Linear(linear) => to_map(&linear.forward(&tokens)?)?,
         };
-        out + x
+        out.f_add(x)
     }
 }

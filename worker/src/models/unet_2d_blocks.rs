@@ -163,18 +163,22 @@ impl DownBlock2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> (Tensor, Vec<Tensor>) {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>), TchError> {
         let mut x = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for resnet in &self.resnets {
-            x = resnet.forward(&x, temb);
+            x = resnet.forward(&x, temb)?;
             skips.push(x.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
-            x = down.forward(&x);
+            x = down.forward(&x)?;
             skips.push(x.shallow_clone());
         }
-        (x, skips)
+        Ok((x, skips))
     }
 }
 
@@ -219,18 +223,18 @@ impl CrossAttnDownBlock2D {
         x: &Tensor,
         temb: Option<&Tensor>,
         context: &Tensor,
-    ) -> (Tensor, Vec<Tensor>) {
+    ) -> Result<(Tensor, Vec<Tensor>), TchError> {
         let mut x = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            x = attn.forward(&resnet.forward(&x, temb), Some(context));
+            x = attn.forward(&resnet.forward(&x, temb)?, Some(context))?;
             skips.push(x.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
-            x = down.forward(&x);
+            x = down.forward(&x)?;
             skips.push(x.shallow_clone());
         }
-        (x, skips)
+        Ok((x, skips))
     }
 }
 
@@ -293,12 +297,17 @@ impl UNetMidBlock2DCrossAttn {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, context: &Tensor) -> Tensor {
-        let mut x = self.resnets[0].forward(x, temb);
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: Option<&Tensor>,
+        context: &Tensor,
+    ) -> Result<Tensor, TchError> {
+        let mut x = self.resnets[0].forward(x, temb)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = resnet.forward(&attn.forward(&x, Some(context)), temb);
+            x = resnet.forward(&attn.forward(&x, Some(context))?, temb)?;
         }
-        x
+        Ok(x)
     }
 }
 
@@ -377,15 +386,15 @@ impl UNetMidBlock2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let mut x = self.resnets[0].forward(x, temb);
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor, TchError> {
+        let mut x = self.resnets[0].forward(x, temb)?;
         for (i, resnet) in self.resnets[1..].iter().enumerate() {
             if let Some(attn) = self.attentions.get(i) {
-                x = attn.forward(&x, None);
+                x = attn.forward(&x, None)?;
             }
-            x = resnet.forward(&x, temb);
+            x = resnet.forward(&x, temb)?;
         }
-        x
+        Ok(x)
     }
 }
 
@@ -500,14 +509,14 @@ impl UpBlock2D {
         skips: &[Tensor],
         temb: Option<&Tensor>,
         upsample_size: Option<(i64, i64)>,
-    ) -> Tensor {
+    ) -> Result<Tensor, TchError> {
         let mut x = x.shallow_clone();
         for (resnet, skip) in self.resnets.iter().zip(skips.iter().rev()) {
-            x = resnet.forward(&Tensor::cat(&[&x, skip], 1), temb);
+            x = resnet.forward(&Tensor::f_cat(&[&x, skip], 1)?, temb)?;
         }
         match &self.upsampler {
             Some(up) => up.forward(&x, upsample_size),
-            None => x,
+            None => Ok(x),
         }
     }
 }
@@ -562,16 +571,16 @@ impl CrossAttnUpBlock2D {
         temb: Option<&Tensor>,
         context: &Tensor,
         upsample_size: Option<(i64, i64)>,
-    ) -> Tensor {
+    ) -> Result<Tensor, TchError> {
         let mut x = x.shallow_clone();
         let layers = self.resnets.iter().zip(&self.attentions);
         for ((resnet, attn), skip) in layers.zip(skips.iter().rev()) {
-            let h = resnet.forward(&Tensor::cat(&[&x, skip], 1), temb);
-            x = attn.forward(&h, Some(context));
+            let h = resnet.forward(&Tensor::f_cat(&[&x, skip], 1)?, temb)?;
+            x = attn.forward(&h, Some(context))?;
         }
         match &self.upsampler {
             Some(up) => up.forward(&x, upsample_size),
-            None => x,
+            None => Ok(x),
         }
     }
 }
@@ -597,14 +606,14 @@ impl DownEncoderBlock2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let mut x = x.shallow_clone();
         for resnet in &self.resnets {
-            x = resnet.forward(&x, None);
+            x = resnet.forward(&x, None)?;
         }
         match &self.downsampler {
             Some(down) => down.forward(&x),
-            None => x,
+            None => Ok(x),
         }
     }
 }
@@ -644,14 +653,14 @@ impl UpDecoderBlock2D {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let mut x = x.shallow_clone();
         for resnet in &self.resnets {
-            x = resnet.forward(&x, None);
+            x = resnet.forward(&x, None)?;
         }
         match &self.upsampler {
             Some(up) => up.forward(&x, None),
-            None => x,
+            None => Ok(x),
         }
     }
 }

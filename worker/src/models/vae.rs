@@ -2,7 +2,8 @@
 //! schema ([`AutoencoderKLConfig`]), the [`Encoder`] and [`Decoder`],
 //! `quant_conv`/`post_quant_conv`, and the posterior
 //! ([`DiagonalGaussianDistribution`]). Latent scaling is the caller's:
-//! `decode(latents / scaling_factor)`.
+//! `f_decode(latents / scaling_factor)`. Every pass returns a
+//! `tch::TchError` on a shape, device or out-of-memory error.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -237,14 +238,14 @@ impl Encoder {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut x = self.conv_in.forward(x);
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let mut x = self.conv_in.forward(x)?;
         for block in &self.down_blocks {
-            x = block.forward(&x);
+            x = block.forward(&x)?;
         }
-        let x = self.mid_block.forward(&x, None);
+        let x = self.mid_block.forward(&x, None)?;
         self.conv_out
-            .forward(&self.act.forward(&self.conv_norm_out.forward(&x)))
+            .forward(&self.act.forward(&self.conv_norm_out.forward(&x)?)?)
     }
 }
 
@@ -304,14 +305,14 @@ impl Decoder {
         })
     }
 
-    pub fn forward(&self, z: &Tensor) -> Tensor {
-        let x = self.conv_in.forward(z);
-        let mut x = self.mid_block.forward(&x, None);
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor, TchError> {
+        let x = self.conv_in.forward(z)?;
+        let mut x = self.mid_block.forward(&x, None)?;
         for block in &self.up_blocks {
-            x = block.forward(&x);
+            x = block.forward(&x)?;
         }
         self.conv_out
-            .forward(&self.act.forward(&self.conv_norm_out.forward(&x)))
+            .forward(&self.act.forward(&self.conv_norm_out.forward(&x)?)?)
     }
 }
 
@@ -325,21 +326,29 @@ pub struct DiagonalGaussianDistribution {
 
 impl DiagonalGaussianDistribution {
     /// Splits [B, 2C, h, w] posterior parameters into mean and logvar.
-    pub fn new(parameters: &Tensor) -> Self {
-        let halves = parameters.chunk(2, 1);
-        Self {
-            mean: halves[0].shallow_clone(),
-            logvar: halves[1].clamp(-30.0, 20.0),
+    pub fn new(parameters: &Tensor) -> Result<Self, TchError> {
+        let halves = parameters.f_chunk(2, 1)?;
+        match halves.as_slice() {
+            [mean, logvar] => Ok(Self {
+                mean: mean.shallow_clone(),
+                logvar: logvar.f_clamp(-30.0, 20.0)?,
+            }),
+            _ => Err(TchError::Shape(format!(
+                "posterior parameters need an even number (>= 2) of channels in dim 1, got {:?}",
+                parameters.size()
+            ))),
         }
     }
 
-    pub fn std(&self) -> Tensor {
-        (&self.logvar * 0.5).exp()
+    pub fn std(&self) -> Result<Tensor, TchError> {
+        self.logvar.f_mul_scalar(0.5)?.f_exp()
     }
 
     /// mean + std * N(0, I), from torch's global generator.
-    pub fn sample(&self) -> Tensor {
-        &self.mean + self.std() * self.mean.randn_like()
+    pub fn sample(&self) -> Result<Tensor, TchError> {
+        let std = self.std()?;
+        let noise = self.mean.f_randn_like()?;
+        self.mean.f_add(&std.f_mul(&noise)?)
     }
 
     pub fn mode(&self) -> Tensor {
@@ -408,10 +417,10 @@ impl AutoencoderKL {
     }
 
     /// Image in [-1, 1], [B, in_channels, H, W] -> posterior over z.
-    pub fn encode(&self, x: &Tensor) -> DiagonalGaussianDistribution {
-        let h = self.encoder.forward(x);
+    pub fn f_encode(&self, x: &Tensor) -> Result<DiagonalGaussianDistribution, TchError> {
+        let h = self.encoder.forward(x)?;
         let h = match &self.quant_conv {
-            Some(conv) => conv.forward(&h),
+            Some(conv) => conv.forward(&h)?,
             None => h,
         };
         DiagonalGaussianDistribution::new(&h)
@@ -419,9 +428,9 @@ impl AutoencoderKL {
 
     /// z (unscaled: divide UNet latents by `scaling_factor` first) -> image
     /// in about [-1, 1].
-    pub fn decode(&self, z: &Tensor) -> Tensor {
+    pub fn f_decode(&self, z: &Tensor) -> Result<Tensor, TchError> {
         let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z),
+            Some(conv) => conv.forward(z)?,
             None => z.shallow_clone(),
         };
         self.decoder.forward(&z)

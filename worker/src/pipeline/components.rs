@@ -100,7 +100,7 @@ pub fn decode_images(vae: Option<&Vae>, latents: &Tensor) -> Result<Tensor, tch:
                 let z = latents
                     .f_to_kind(vae.kind())?
                     .f_div_scalar(vae.config.scaling_factor)?;
-                vae.model.decode(&z)
+                vae.model.f_decode(&z)?
             }
             None => latents.shallow_clone(),
         };

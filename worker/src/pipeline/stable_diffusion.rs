@@ -305,7 +305,7 @@ impl StableDiffusion {
                     latents.shallow_clone()
                 };
                 let timestep = Tensor::from(t).f_to_device(self.device)?;
-                let output = self.unet.model.forward(&input, &timestep, &context);
+                let output = self.unet.model.f_forward(&input, &timestep, &context)?;
                 let output = if guided {
                     guide_batched(&output, guidance_scale)?
                 } else {

@@ -494,7 +494,7 @@ fn train_step(
     let t = Tensor::from_slice(&t).to_device(device);
     let cond = embeddings.f_index_select(0, &Tensor::from_slice(&rows).to_device(device))?;
     let x_t = schedule.add_noise(&x0, &eps, &t)?;
-    let pred = unet.forward(&x_t, &t, &cond);
+    let pred = unet.f_forward(&x_t, &t, &cond)?;
     let loss = pred.f_sub(&eps)?.f_square()?.f_mean(Kind::Float)?;
     loss.f_backward()?;
     clip_grad_norm(adam.params(), settings.grad_clip);
