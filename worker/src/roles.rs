@@ -100,9 +100,8 @@ impl Denoiser for UNet {
     /// latents) and the output comes back as float32.
     fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, TchError> {
         let k = self.vs.kind();
-        // MERGE: f_forward once models/ is fallible.
         self.model
-            .forward(&x.f_to_kind(k)?, t, &cond.f_to_kind(k)?)
+            .f_forward(&x.f_to_kind(k)?, t, &cond.f_to_kind(k)?)?
             .f_to_kind(Kind::Float)
     }
 }

@@ -16,6 +16,8 @@ pub enum TextError {
     Component(#[from] ComponentError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error("the text encoder failed: {0}")]
+    Torch(#[from] tch::TchError),
 }
 
 pub struct TextConditioner {
@@ -48,7 +50,7 @@ impl TextConditioner {
     /// [B,77,D] for the captions, without gradients.
     pub fn encode<S: AsRef<str>>(&self, captions: &[S]) -> Result<EncodedCaptions, TextError> {
         let batch = self.tokenizer.encode_batch(captions, self.device)?;
-        let cond = tch::no_grad(|| self.encoder.model.forward(&batch.input_ids));
+        let cond = tch::no_grad(|| self.encoder.model.f_forward(&batch.input_ids))?;
         Ok(EncodedCaptions {
             cond,
             num_truncated: batch.num_truncated(),
