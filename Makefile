@@ -46,6 +46,9 @@ check-deps:
 	@if cargo tree -p swiftbrush-worker -e normal,build | grep -E '\bswiftbrush-coordinator\b'; then \
 		echo "error: swiftbrush-worker must not depend on swiftbrush-coordinator"; exit 1; \
 	else echo "ok: swiftbrush-worker does not depend on the coordinator"; fi
+	@if cargo tree -p swiftbrush -e normal,build,features -i swiftbrush-worker | grep -F 'fault-injection'; then \
+		echo "error: a user's swiftbrush binary would have fault injection (SWIFTBRUSH_FAULT_CHECKPOINT)"; exit 1; \
+	else echo "ok: the swiftbrush binary has no fault injection"; fi
 
 lint: $(STAMP)
 	cargo fmt --all -- --check

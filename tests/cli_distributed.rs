@@ -20,7 +20,7 @@ use swiftbrush_coordinator::grpc::JobToken;
 use swiftbrush_coordinator::{RunningCoordinator, ServeOptions, start};
 use swiftbrush_proto::JobConfig;
 use swiftbrush_worker::trainer::caption_audit::{committed_history, read_audit_dir};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 const TOKEN: &str = "distributed-test-token-0123456789";
 const NUM_CAPTIONS: u64 = 6;
@@ -276,21 +276,6 @@ fn student(run: &Path, step: u64) -> Vec<(String, Tensor)> {
     t
 }
 
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb)
-                .abs()
-                .max()
-                .to_kind(Kind::Double)
-                .double_value(&[])
-        })
-        .fold(0.0, f64::max)
-}
-
 /// The committed history of an audit folder: each step's global batch of
 /// caption ids. Asserts that it covers steps 0..max_steps, that replicas
 /// agreed after every step, and that every epoch used each caption once.
@@ -327,10 +312,10 @@ fn assert_matches_reference(dir: &Path, run: &str, max_steps: u64) {
     assert_eq!(history, reference, "the same captions in the same steps");
     let ours = student(&dir.join(run), max_steps);
     let theirs = student(&dir.join("reference"), max_steps);
-    let d = max_diff(&ours, &theirs);
+    let d = common::tensors::max_abs_diff_named(&ours, &theirs);
     assert!(d <= 1e-5, "max weight difference {d:e} from the reference");
     // Not vacuous: the student moved during the run.
-    assert!(max_diff(&ours, &student(&dir.join(run), 2)) > 1e-7);
+    assert!(common::tensors::max_abs_diff_named(&ours, &student(&dir.join(run), 2)) > 1e-7);
 }
 
 #[test]

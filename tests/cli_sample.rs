@@ -86,14 +86,6 @@ fn read(path: &Path, key: &str) -> Tensor {
         .1
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
 #[test]
 fn first_prompt_matches_diffusers_png_and_floats() {
     let tmp = tempfile::tempdir().unwrap();
@@ -127,13 +119,13 @@ fn first_prompt_matches_diffusers_png_and_floats() {
     let ours = swiftbrush_worker::image_io::load_png(&png).unwrap();
     let theirs = swiftbrush_worker::image_io::load_png(&golden("first.png")).unwrap();
     assert_eq!(ours.size(), [1, 3, 16, 16]);
-    let d = max_abs_diff(&ours, &theirs);
+    let d = common::tensors::max_abs_diff(&ours, &theirs);
     assert!(d <= 1.0 / 255.0 + 1e-6, "PNG differs by {d}");
 
     let images = read(&raw, "images");
     assert_eq!(images.kind(), Kind::Float);
     let expected = read(&golden("images.safetensors"), "images").narrow(0, 0, 1);
-    let d = max_abs_diff(&images, &expected);
+    let d = common::tensors::max_abs_diff(&images, &expected);
     assert!(d <= 1e-3, "raw images differ by {d}");
 }
 
@@ -169,7 +161,7 @@ fn prompts_file_gives_a_grid_and_batch_size_changes_nothing() {
     }
     let expected = read(&golden("images.safetensors"), "images");
     for images in &raws {
-        let d = max_abs_diff(images, &expected);
+        let d = common::tensors::max_abs_diff(images, &expected);
         assert!(d <= 1e-3, "grid images differ by {d}");
     }
 }

@@ -2,6 +2,8 @@
 //! Python checks.
 #![allow(dead_code)]
 
+pub mod tensors;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -122,15 +122,18 @@ fn step(
 /// Max abs difference over all gradients, relative to the largest entry of
 /// the reference's.
 fn grad_diff(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, prefix: &str) -> f64 {
-    let mut worst = 0.0f64;
-    let mut scale = 0.0f64;
-    for (name, g) in got.iter().filter(|(n, _)| n.starts_with(prefix)) {
-        let w = want
-            .get(name)
-            .unwrap_or_else(|| panic!("reference has no {name}"));
-        scale = scale.max(w.abs().max().double_value(&[]));
-        worst = worst.max(common::max_abs_diff(g, w));
-    }
+    let pairs: Vec<(&Tensor, &Tensor)> = got
+        .iter()
+        .filter(|(n, _)| n.starts_with(prefix))
+        .map(|(name, g)| {
+            let w = want
+                .get(name)
+                .unwrap_or_else(|| panic!("reference has no {name}"));
+            (g, w)
+        })
+        .collect();
+    let scale = common::nan_max(pairs.iter().map(|(_, w)| w.abs().max().double_value(&[])));
+    let worst = common::nan_max(pairs.iter().map(|(g, w)| common::max_abs_diff(g, w)));
     assert!(scale > 0.0, "reference {prefix} gradient is all zero");
     worst / scale
 }

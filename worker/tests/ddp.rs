@@ -14,15 +14,13 @@ use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::FakeScore;
 use swiftbrush_worker::collective::TcpRing;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 fn config(run_dir: &str, fake: FakeScore) -> JobConfig {
-    let mut cfg = tiny_run::config(run_dir, 3);
-    cfg.method.fake_score.kind = fake;
+    // A further fake-score update per step, so the extra updates' draws
+    // and all-reduce are held to the same equivalence.
+    let mut cfg = tiny_run::fake_score_config(run_dir, 3, fake, 2);
     cfg.checkpoint.every_steps = 100;
-    // A further LoRA update per step, so the extra updates' draws and
-    // all-reduce are held to the same equivalence.
-    cfg.method.fake_score.updates_per_step = 2;
     cfg
 }
 
@@ -38,20 +36,6 @@ fn train<S: GradientSync + 'static>(
     tiny_run::student(&trainer)
 }
 
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb)
-                .abs()
-                .max()
-                .to_kind(Kind::Double)
-                .double_value(&[])
-        })
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn micro_batches_of_one_equal_the_whole_batch_at_once() {
     tch::set_num_threads(1);
@@ -61,7 +45,7 @@ fn micro_batches_of_one_equal_the_whole_batch_at_once() {
     let mut trainer = tiny_run::trainer_with(cfg, &CAPTIONS, SingleProcess);
     trainer.run().unwrap();
     let micro = tiny_run::student(&trainer);
-    let d = max_diff(&micro, &whole);
+    let d = common::max_abs_diff_named(&micro, &whole);
     assert!(
         d <= 1e-5,
         "micro-batches vs the whole batch: max weight diff {d:e}"
@@ -69,7 +53,7 @@ fn micro_batches_of_one_equal_the_whole_batch_at_once() {
     let folder =
         swiftbrush_worker::pipeline::DiffusersFolder::open(&common::pipeline("sd1")).unwrap();
     let teacher = swiftbrush_worker::roles::UNet::load(&folder, tch::Device::Cpu).unwrap();
-    assert!(max_diff(&whole, &teacher.named_parameters()) > 1e-7);
+    assert!(common::max_abs_diff_named(&whole, &teacher.named_parameters()) > 1e-7);
 }
 
 #[test]
@@ -107,13 +91,29 @@ fn two_ranks_equal_one_rank(fake: FakeScore, tag: &str) {
     let ranks: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
     // Replicas are identical, bit for bit.
-    assert_eq!(max_diff(&ranks[0], &ranks[1]), 0.0);
+    assert_eq!(common::max_abs_diff_named(&ranks[0], &ranks[1]), 0.0);
     // And equal to one rank with the whole batch, to float rounding.
-    let d = max_diff(&ranks[0], &single);
+    let d = common::max_abs_diff_named(&ranks[0], &single);
     assert!(d <= 1e-5, "2 ranks vs 1: max weight diff {d:e}");
     // The student moved (the comparison is not vacuous).
     let folder =
         swiftbrush_worker::pipeline::DiffusersFolder::open(&common::pipeline("sd1")).unwrap();
     let teacher = swiftbrush_worker::roles::UNet::load(&folder, tch::Device::Cpu).unwrap();
-    assert!(max_diff(&single, &teacher.named_parameters()) > 1e-7);
+    assert!(common::max_abs_diff_named(&single, &teacher.named_parameters()) > 1e-7);
+}
+
+/// The comparisons above would pass on a NaN if their maximum dropped it
+/// (`fold(0.0, f64::max)` does).
+#[test]
+fn the_max_difference_keeps_a_nan() {
+    assert!(common::nan_max([0.5, f64::NAN, 0.1]).is_nan());
+    assert!(common::nan_max([f64::NAN, 0.5]).is_nan());
+    assert_eq!(common::nan_max([0.5, 2.0]), 2.0);
+    let a = vec![("w".to_owned(), Tensor::from_slice(&[1.0f32, f32::NAN]))];
+    let b = vec![("w".to_owned(), Tensor::from_slice(&[1.0f32, 2.0]))];
+    assert!(common::max_abs_diff_named(&a, &b).is_nan());
+    assert!(
+        common::max_abs_diff_named(&a, &a).is_nan(),
+        "NaN is not equal to NaN"
+    );
 }

@@ -12,9 +12,7 @@ use swiftbrush_proto::config::FakeScore;
 use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
 
 fn config(run_dir: &str, fake: FakeScore, max_steps: u64) -> JobConfig {
-    let mut cfg = tiny_run::config(run_dir, max_steps);
-    cfg.method.fake_score.kind = fake;
-    cfg
+    tiny_run::fake_score_config(run_dir, max_steps, fake, 1)
 }
 
 #[test]

@@ -8,15 +8,14 @@ mod common;
 
 use common::tiny_run::{self, equal, snapshot, student, trainer};
 use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::FakeScore;
 
 fn config(run_dir: &str, updates: u32, max_steps: u64) -> JobConfig {
-    let mut cfg = tiny_run::config(run_dir, max_steps);
-    cfg.method.fake_score.updates_per_step = updates;
-    cfg
+    tiny_run::fake_score_config(run_dir, max_steps, FakeScore::Lora, updates)
 }
 
 #[test]
-fn extra_lora_updates_move_the_adapters_after_the_student_step() {
+fn extra_fake_score_updates_move_the_adapters_after_the_student_step() {
     tch::set_num_threads(1);
     let mut once = trainer(config("memory://", 1, 2));
     let mut thrice = trainer(config("memory://", 3, 2));
@@ -51,7 +50,7 @@ fn extra_lora_updates_move_the_adapters_after_the_student_step() {
 }
 
 #[test]
-fn a_resumed_run_with_extra_lora_updates_continues_bit_for_bit() {
+fn a_resumed_run_with_extra_fake_score_updates_continues_bit_for_bit() {
     tch::set_num_threads(1);
     let mut straight = trainer(config("memory://lora-updates-straight", 2, 4));
     straight.run().unwrap();

@@ -107,21 +107,20 @@ fn check_step(
             g.keys().filter(|k| k.starts_with(prefix)).count(),
             "{case}: {prefix} tensor count"
         );
-        let mut worst = 0.0f64;
-        let scale = params
-            .iter()
-            .map(|(n, _)| g[&format!("{prefix}{n}")].abs().max().double_value(&[]))
-            .fold(0.0, f64::max);
+        let scale = common::nan_max(
+            params
+                .iter()
+                .map(|(n, _)| g[&format!("{prefix}{n}")].abs().max().double_value(&[])),
+        );
         assert!(
             scale > 0.0,
             "{case}: reference {prefix} gradient is all zero"
         );
-        for (name, p) in &params {
-            let want = &g[&format!("{prefix}{name}")];
+        let worst = common::nan_max(params.iter().map(|(name, p)| {
             let got = p.grad();
             assert!(got.defined(), "{case}: no gradient for {name}");
-            worst = worst.max(common::max_abs_diff(&got, want));
-        }
+            common::max_abs_diff(&got, &g[&format!("{prefix}{name}")])
+        }));
         assert!(
             worst <= 1e-4 * scale,
             "{case} {prefix}: max diff {worst:e}, scale {scale:e}"

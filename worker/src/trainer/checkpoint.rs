@@ -359,11 +359,19 @@ fn upload(
 }
 
 /// `SWIFTBRUSH_FAULT_CHECKPOINT=STEP:FILES`: abort after writing FILES
-/// files of checkpoint STEP. Only for fault-injection tests.
+/// files of checkpoint STEP. Only in builds with the `fault-injection`
+/// feature (the tests' build), so no user's binary can be crashed by an
+/// environment variable.
+#[cfg(feature = "fault-injection")]
 fn fault_point() -> Option<(u64, usize)> {
     let v = std::env::var("SWIFTBRUSH_FAULT_CHECKPOINT").ok()?;
     let (s, f) = v.split_once(':')?;
     Some((s.parse().ok()?, f.parse().ok()?))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fault_point() -> Option<(u64, usize)> {
+    None
 }
 
 #[cfg(test)]

@@ -3,12 +3,17 @@
 #![allow(dead_code)]
 
 pub mod golden_vsd;
+#[path = "../../../tests/common/tensors.rs"]
+pub mod tensors;
 pub mod tiny_run;
+
+#[allow(unused_imports)] // each test binary uses some of them
+pub use tensors::{max_abs_diff, max_abs_diff_named, nan_max};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The fixtures folder built by `make fixtures` (tests/reference/build_all.py).
 pub fn fixtures() -> PathBuf {
@@ -35,14 +40,6 @@ pub fn golden(rel: &str) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("cannot read golden {}: {e}", path.display()))
         .into_iter()
         .collect()
-}
-
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shape mismatch");
-    let d = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max();
-    f64::try_from(d).unwrap()
 }
 
 /// Asserts |a - b| <= tol everywhere, printing the worst difference.

@@ -3,6 +3,7 @@
 //! fake_score.rs, ddp.rs), and how they compare weights.
 
 use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::FakeScore;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
 use swiftbrush_worker::trainer::{Resume, SoloTrainer, TrainError};
@@ -18,6 +19,20 @@ pub fn config(run_dir: &str, max_steps: u64) -> JobConfig {
     cfg.train.global_batch = 2;
     cfg.checkpoint.run_dir = run_dir.to_owned();
     cfg.checkpoint.every_steps = 1;
+    cfg
+}
+
+/// [`config`] with the fake score `kind` and `updates` fake-score updates
+/// per step.
+pub fn fake_score_config(
+    run_dir: &str,
+    max_steps: u64,
+    kind: FakeScore,
+    updates: u32,
+) -> JobConfig {
+    let mut cfg = config(run_dir, max_steps);
+    cfg.method.fake_score.kind = kind;
+    cfg.method.fake_score.updates_per_step = updates;
     cfg
 }
 

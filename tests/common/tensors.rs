@@ -1,0 +1,36 @@
+//! Comparing tensors in tests, shared by the CLI tests and the worker's
+//! (worker/tests/common includes this file): maxima that keep a NaN.
+//! `f64::max` and a `fold(0.0, f64::max)` drop NaN, so a NaN anywhere would
+//! read as a perfect match.
+
+use tch::{Kind, Tensor};
+
+/// The largest of `values` (0 for none), NaN if any is NaN.
+pub fn nan_max(values: impl IntoIterator<Item = f64>) -> f64 {
+    values.into_iter().fold(0.0, |worst, v| {
+        if worst.is_nan() || v.is_nan() {
+            f64::NAN
+        } else {
+            worst.max(v)
+        }
+    })
+}
+
+/// max |a - b| over every entry, in float64; NaN when either holds a NaN
+/// (libtorch's max propagates it).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// [`max_abs_diff`] over two lists of named tensors with the same names.
+pub fn max_abs_diff_named(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len(), "tensor count");
+    nan_max(a.iter().zip(b).map(|((na, ta), (nb, tb))| {
+        assert_eq!(na, nb);
+        max_abs_diff(ta, tb)
+    }))
+}
