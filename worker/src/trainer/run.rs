@@ -444,6 +444,11 @@ impl Trainer {
         &self.networks.student
     }
 
+    /// The student's EMA; None with `method.ema.enabled: false`.
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
+    }
+
     /// The fake score's trainable tensors, sorted: the LoRA adapters by
     /// PEFT name, or the full copy's weights (`method.fake_score.kind: unet`).
     pub fn fake_score_parameters(&self) -> Vec<(String, Tensor)> {
