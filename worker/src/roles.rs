@@ -198,14 +198,6 @@ impl ScorePair {
         }
     }
 
-    /// The frozen teacher's UNet.
-    pub fn teacher(&self) -> &UNet {
-        match self {
-            ScorePair::Lora(t) => &t.unet,
-            ScorePair::Unet(t) => &t.teacher,
-        }
-    }
-
     fn scores(&self) -> &dyn Scores {
         match self {
             ScorePair::Lora(m) => m.as_ref(),

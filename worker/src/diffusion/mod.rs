@@ -14,5 +14,5 @@ pub use guidance::{classifier_free_guidance, guide_batched};
 pub use one_step::{Denoiser, OneStepDraw, one_step_x0};
 pub use schedule::{
     BetaSchedule, NoiseSchedule, PredictionType, ScheduleError, SchedulerConfig, TimestepSpacing,
-    one_minus, to_epsilon, to_x0,
+    add_noise_at, one_minus, to_epsilon, to_x0,
 };

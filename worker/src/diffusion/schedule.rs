@@ -384,8 +384,7 @@ impl NoiseSchedule {
         t: &Tensor,
     ) -> Result<Tensor, ScheduleError> {
         let a = self.alpha_bar_at(t, x0.dim())?;
-        let (sa, sb) = sqrt_pair(&a)?;
-        Ok(x0.f_mul(&sa)?.f_add(&eps.f_mul(&sb)?)?)
+        Ok(add_noise_at(x0, eps, &a)?)
     }
 
     /// diffusers' `get_velocity`: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.
@@ -434,6 +433,18 @@ fn sqrt_pair(alpha_bar: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
     let sa = alpha_bar.f_pow_tensor_scalar(0.5)?;
     let sb = one_minus(alpha_bar)?.f_pow_tensor_scalar(0.5)?;
     Ok((sa, sb))
+}
+
+/// The forward process at a given abar (any shape broadcasting against
+/// x0): sqrt(abar) x0 + sqrt(1 - abar) eps, as [`NoiseSchedule::add_noise`]
+/// with the abar already looked up.
+pub fn add_noise_at(
+    x0: &Tensor,
+    eps: &Tensor,
+    alpha_bar: &Tensor,
+) -> Result<Tensor, tch::TchError> {
+    let (sa, sb) = sqrt_pair(alpha_bar)?;
+    x0.f_mul(&sa)?.f_add(&eps.f_mul(&sb)?)
 }
 
 /// Epsilon from a model output, given abar (any shape broadcasting against

@@ -13,6 +13,12 @@ use super::TrainError;
 use super::checkpoint::{self, CheckpointSink, Landing, Restored, Snapshot, Uploader};
 use super::run::Resume;
 
+/// Whether a step done every `every` steps and after the last is due once
+/// `done` of `max_steps` steps are complete (checkpoints, samples).
+pub fn every_and_last(done: u64, every: u64, max_steps: u64) -> bool {
+    done.is_multiple_of(every) || done == max_steps
+}
+
 pub struct Checkpointer {
     store: RunStore,
     uploader: Uploader,
@@ -46,7 +52,7 @@ impl Checkpointer {
     /// Whether the loop checkpoints after completing step `done` of
     /// `max_steps`: every `checkpoint.every_steps`, and at the end.
     pub fn due(&self, done: u64, max_steps: u64) -> bool {
-        done.is_multiple_of(self.every) || done == max_steps
+        every_and_last(done, self.every, max_steps)
     }
 
     /// A new world writes its boundaries again (a step whose upload the

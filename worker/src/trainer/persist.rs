@@ -102,7 +102,7 @@ impl Trainer {
     /// the upload to its thread (once per step).
     pub(super) fn checkpoint(&mut self, world: &mut World) -> Result<(), TrainError> {
         let step = self.state.step;
-        if world.rank != 0 || !self.checkpointer.wants(step) {
+        if world.rank() != 0 || !self.checkpointer.wants(step) {
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -125,11 +125,11 @@ impl Trainer {
     /// report is refused).
     pub(super) fn preempted(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
         let step = self.state.step;
-        if world.rank == 0 {
+        if world.rank() == 0 {
             self.checkpoint(world)?;
             self.close(world)?;
         }
-        let landed_here = world.rank != 0 || self.checkpointer.committed() == Some(step);
+        let landed_here = world.rank() != 0 || self.checkpointer.committed() == Some(step);
         let this_rank = world.parts.control.preempt_requested();
         match world.parts.sync.all_ok(landed_here) {
             Ok(committed) => Ok(WorldEnd::Preempted {

@@ -362,7 +362,7 @@ impl Trainer {
         let Some(samples) = self.samples.as_ref() else {
             return;
         };
-        if world.rank != 0 || !samples.due(done, self.cfg.train.max_steps) {
+        if world.rank() != 0 || !samples.due(done, self.cfg.train.max_steps) {
             return;
         }
         let t0 = Instant::now();
@@ -392,6 +392,7 @@ impl Trainer {
     /// digest of the weights that train (student and fake score) after it,
     /// equal on every rank: replicas are bitwise identical.
     fn audit(&self, world: &mut World, step: u64, caption_ids: Vec<u64>) -> Result<(), TrainError> {
+        let (rank, world_size) = (world.rank(), world.world_size());
         let Some(audit) = world.parts.audit.as_mut() else {
             return Ok(());
         };
@@ -405,8 +406,8 @@ impl Trainer {
         }
         audit.record(&AuditEntry {
             generation: world.parts.generation,
-            rank: world.rank,
-            world_size: world.world_size,
+            rank,
+            world_size,
             step,
             caption_ids,
             weights_sha256: hasher

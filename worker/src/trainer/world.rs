@@ -39,8 +39,6 @@ pub struct World {
     pub(super) parts: WorldParts,
     /// [per-rank batch, C, h, w].
     pub(super) latent_shape: [i64; 4],
-    pub(super) rank: u64,
-    pub(super) world_size: u64,
     pub(super) metrics: Metrics,
 }
 
@@ -65,22 +63,29 @@ impl World {
         Ok(Self {
             parts,
             latent_shape: [(global / world_size) as i64, c, h, w],
-            rank,
-            world_size,
             metrics,
         })
     }
 
+    /// This rank's place in the world (its gradient sync's).
+    pub(super) fn rank(&self) -> u64 {
+        self.parts.sync.rank()
+    }
+
+    pub(super) fn world_size(&self) -> u64 {
+        self.parts.sync.world_size()
+    }
+
     /// Images per step over all ranks.
     pub fn images_per_step(&self) -> u64 {
-        self.latent_shape[0] as u64 * self.world_size
+        self.latent_shape[0] as u64 * self.world_size()
     }
 
     /// Which rows of the global batch this rank draws.
     pub(super) fn slice(&self) -> RankSlice {
         RankSlice {
-            rank: self.rank,
-            world_size: self.world_size,
+            rank: self.rank(),
+            world_size: self.world_size(),
         }
     }
 }

@@ -22,7 +22,6 @@ mod step;
 use tch::{TchError, Tensor};
 
 pub use draws::{DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice, with_generator};
-pub use micro_batch::{MicroBatch, each_micro_batch, micro_batches};
 pub use scores::{FakeScore, Scores};
 pub use step::{StepOutput, VsdStep};
 pub use swiftbrush_proto::config::VsdWeighting;

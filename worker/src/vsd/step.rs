@@ -12,7 +12,8 @@ use super::micro_batch::{MicroBatch, each_micro_batch};
 use super::scores::{FakeScore, Scores};
 use super::{Conditions, VsdConfig, VsdError, VsdLosses};
 use crate::diffusion::{
-    Denoiser, NoiseSchedule, PredictionType, guide_batched, one_minus, one_step_x0, to_x0,
+    Denoiser, NoiseSchedule, PredictionType, add_noise_at, guide_batched, one_minus, one_step_x0,
+    to_epsilon, to_x0,
 };
 use swiftbrush_proto::config::VsdWeighting;
 
@@ -104,24 +105,26 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         let one_step = self.config.one_step(self.schedule.prediction_type());
         let x0_hat = one_step_x0(self.student, &draws.z, &text.cond, &one_step)?;
 
-        // 2. Noise it; x_t keeps its link to the student.
-        let x_t = self.schedule.add_noise(&x0_hat, &draws.eps, &draws.t)?;
+        // 2. Noise it; x_t keeps its link to the student. abar_t is looked
+        // up once for every formula of the step.
+        let abar_t = self.schedule.alpha_bar_at(&draws.t, draws.z.dim())?;
+        let x_t = add_noise_at(&x0_hat, &draws.eps, &abar_t)?;
 
         // 3. Both scores with guidance, without gradients.
         let scale = draws.guidance_scale.unwrap_or(self.config.guidance_scale);
         let (e_real, e_fake) = tch::no_grad(|| -> Result<_, VsdError> {
             let x = x_t.f_detach()?;
-            let e_real = self.guided(Score::Real, &x, &draws.t, text, scale)?;
+            let at = (&draws.t, &abar_t);
+            let e_real = self.guided(Score::Real, &x, at, text, scale)?;
             let e_fake = match self.scores.form() {
-                FakeScore::Lora => self.guided(Score::Fake, &x, &draws.t, text, scale)?,
-                FakeScore::Unet => self.epsilon(Score::Fake, &x, &draws.t, &text.cond)?,
+                FakeScore::Lora => self.guided(Score::Fake, &x, at, text, scale)?,
+                FakeScore::Unet => self.epsilon(Score::Fake, &x, at, &text.cond)?,
             };
             Ok((e_real, e_fake))
         })?;
 
         // 4-5. The VSD gradient, applied through a surrogate whose gradient
         // wrt x0_hat is g / numel.
-        let abar_t = self.schedule.alpha_bar_at(&draws.t, 4)?;
         let g = vsd_gradient(
             self.config.weighting,
             &x0_hat.f_detach()?,
@@ -165,7 +168,8 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         part: MicroBatch,
     ) -> Result<f64, VsdError> {
         let form = self.scores.form();
-        let x = self.schedule.add_noise(x0, &draws.eps, &draws.t)?;
+        let abar = self.schedule.alpha_bar_at(&draws.t, x0.dim())?;
+        let x = add_noise_at(x0, &draws.eps, &abar)?;
         let cond = if draws.null_condition && form == FakeScore::Lora {
             text.uncond.f_expand([x0.size()[0], -1, -1], false)?
         } else {
@@ -175,12 +179,10 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         // the dtype its forward ran in, outside the region (as
         // torch.autocast asks).
         let residual = self
-            .epsilon(Score::Fake, &x, &draws.t, &cond)?
+            .epsilon(Score::Fake, &x, (&draws.t, &abar), &cond)?
             .f_sub(&draws.eps)?;
         let loss = match form {
-            FakeScore::Lora => self
-                .schedule
-                .alpha_bar_at(&draws.t, 4)?
+            FakeScore::Lora => abar
                 .f_sqrt()?
                 .f_mul(&residual)?
                 .f_square()?
@@ -197,27 +199,28 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         &self,
         score: Score,
         x: &Tensor,
-        t: &Tensor,
+        (t, abar): (&Tensor, &Tensor),
         text: &Conditions,
         scale: f64,
     ) -> Result<Tensor, VsdError> {
         let b = x.size()[0];
         let xx = Tensor::f_cat(&[x, x], 0)?;
         let tt = Tensor::f_cat(&[t, t], 0)?;
+        let abar2 = Tensor::f_cat(&[abar, abar], 0)?;
         let uncond = text.uncond.f_expand([b, -1, -1], false)?;
         let cc = Tensor::f_cat(&[&uncond, &text.cond], 0)?;
-        let eps = self.epsilon(score, &xx, &tt, &cc)?;
+        let eps = self.epsilon(score, &xx, (&tt, &abar2), &cc)?;
         Ok(guide_batched(&eps, scale)?)
     }
 
-    /// One pass of a score as epsilon. The pass runs under the configured
-    /// autocast and leaves it as float32, so what follows is float32
-    /// arithmetic.
+    /// One pass of a score at timesteps `t` (whose abar is `abar`) as
+    /// epsilon. The pass runs under the configured autocast and leaves it
+    /// as float32, so what follows is float32 arithmetic.
     fn epsilon(
         &self,
         score: Score,
         x: &Tensor,
-        t: &Tensor,
+        (t, abar): (&Tensor, &Tensor),
         c: &Tensor,
     ) -> Result<Tensor, VsdError> {
         let out = {
@@ -228,7 +231,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
             }
             .f_to_kind(Kind::Float)?
         };
-        Ok(self.schedule.to_epsilon(&out, x, t)?)
+        Ok(to_epsilon(self.schedule.prediction_type(), &out, x, abar)?)
     }
 }
 
