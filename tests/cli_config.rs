@@ -33,17 +33,127 @@ fn help_runs_without_any_environment() {
     assert!(text.contains("config"), "{text}");
 }
 
-#[test]
-fn doctor_finds_libtorch_by_rpath() {
-    let out = run(&["doctor"]);
+/// `doctor --json` of `cmd`, which must succeed.
+fn doctor_json(mut cmd: Command) -> serde_json::Value {
+    let out = cmd
+        .args(["doctor", "--json"])
+        .output()
+        .expect("spawn swiftbrush");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("libtorch: /"), "{text}");
-    assert!(text.contains("cpu threads:"), "{text}");
+    serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON")
+}
+
+fn canonical(p: impl AsRef<Path>) -> std::path::PathBuf {
+    p.as_ref().canonicalize().unwrap()
+}
+
+#[test]
+fn doctor_says_what_it_loaded_and_from_where() {
+    let report = doctor_json(swiftbrush());
+    let libtorch = &report["libtorch"];
+    assert_eq!(libtorch["source"], "loaded", "{report:#}");
+    let dir = Path::new(libtorch["dir"].as_str().unwrap());
+    // The pinned wheel (requirements-torch.txt), found by rpath.
+    assert_eq!(
+        canonical(dir),
+        canonical(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/libtorch/lib"))
+    );
+    assert!(
+        libtorch["version"].as_str().unwrap().starts_with("2.11.0"),
+        "{report:#}"
+    );
+    // The pinned wheel is the CUDA build: its backend loads even with no
+    // driver, and its libnccl comes from beside it.
+    let backend = &report["cuda_backend"];
+    assert_eq!(backend["status"], "loaded", "{report:#}");
+    assert_eq!(
+        Path::new(backend["path"].as_str().unwrap()),
+        dir.join("libtorch_cuda.so")
+    );
+    assert_eq!(report["nccl"]["status"], "loaded", "{report:#}");
+    let text = String::from_utf8_lossy(&run(&["doctor"]).stdout).into_owned();
+    for key in [
+        "libtorch ",
+        "CUDA backend ",
+        "libnccl ",
+        "GPUs ",
+        "CPU threads ",
+    ] {
+        assert!(text.contains(key), "{key:?} missing in\n{text}");
+    }
+    // No GPU here (CI): a plain line that says so and why.
+    if report["gpus"]["status"] == "missing" {
+        let line = text.lines().find(|l| l.starts_with("GPUs")).unwrap();
+        assert!(line.contains("none: libcuda.so.1 not found"), "{line}");
+    }
+}
+
+/// A copy of the binary whose baked-in libtorch directory (rpath, and the
+/// build-time fallback) names a directory that does not exist: the binary
+/// as it arrives on another machine.
+fn copy_without_rpath(dir: &Path, built_dir: &str) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_swiftbrush")).unwrap();
+    let from = built_dir.as_bytes();
+    let gone = format!("/no-such-libtorch-{}", "x".repeat(from.len()));
+    let to = &gone.as_bytes()[..from.len()];
+    let mut replaced = 0;
+    let mut i = 0;
+    while let Some(at) = bytes[i..].windows(from.len()).position(|w| w == from) {
+        bytes[i + at..i + at + from.len()].copy_from_slice(to);
+        replaced += 1;
+        i += at + from.len();
+    }
+    assert!(replaced > 0, "{built_dir} is not in the binary");
+    let path = dir.join("swiftbrush");
+    std::fs::write(&path, bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn without_its_rpath_directory_the_binary_takes_libtorch_from_ld_library_path() {
+    let report = doctor_json(swiftbrush());
+    let built = report["libtorch"]["dir"].as_str().unwrap().to_owned();
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = copy_without_rpath(tmp.path(), &built);
+
+    // Nothing given: the loader cannot find libtorch, and says so.
+    let mut bare = Command::new(&bin);
+    bare.env_clear();
+    let out = bare.arg("doctor").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("libtorch") || err.contains("libc10"), "{err}");
+
+    // Another site-packages holding the same wheel (links to it), given by
+    // LD_LIBRARY_PATH: libtorch, its CUDA backend and libnccl all come from
+    // there.
+    let wheel = canonical(&built);
+    let torch = wheel.parent().unwrap();
+    let site = tmp.path().join("site-packages");
+    std::fs::create_dir(&site).unwrap();
+    std::os::unix::fs::symlink(torch, site.join("torch")).unwrap();
+    let nvidia = torch.parent().unwrap().join("nvidia");
+    std::os::unix::fs::symlink(&nvidia, site.join("nvidia")).unwrap();
+    let lib = site.join("torch/lib");
+    let mut cmd = Command::new(&bin);
+    cmd.env_clear().env("LD_LIBRARY_PATH", &lib);
+    let moved = doctor_json(cmd);
+    assert_eq!(moved["libtorch"]["source"], "loaded", "{moved:#}");
+    assert_eq!(Path::new(moved["libtorch"]["dir"].as_str().unwrap()), lib);
+    assert_eq!(moved["libtorch"]["version"], report["libtorch"]["version"]);
+    assert_eq!(
+        Path::new(moved["cuda_backend"]["path"].as_str().unwrap()),
+        lib.join("libtorch_cuda.so"),
+        "{moved:#}"
+    );
+    let nccl = moved["nccl"]["path"].as_str().unwrap();
+    assert!(nccl.starts_with(site.to_str().unwrap()), "{moved:#}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! - bakes libtorch's directory into the rpath, so the worker's test
 //!   binaries run without LD_LIBRARY_PATH;
 //! - compiles the C++ shim in csrc/ (autocast with a dtype; libtorch's
-//!   current CUDA stream), which tch 0.26 does not expose. The CUDA part is
+//!   current CUDA stream), which tch 0.24 does not expose. The CUDA part is
 //!   compiled only when libc10_cuda.so sits next to libtorch (a CUDA wheel);
 //!   a CPU-only wheel gets functions that report CUDA as missing.
 use std::path::Path;
@@ -24,9 +24,9 @@ fn main() {
         );
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
-    // device.rs loads libtorch_cuda.so from here (see there why), and
-    // collective/nccl_lib.rs looks for the wheel's libnccl next to it.
-    println!("cargo:rustc-env=SWIFTBRUSH_LIBTORCH_LIB={dir}");
+    // Only a fallback: libtorch.rs reads the directory libtorch was really
+    // loaded from, which is this one only on the build machine.
+    println!("cargo:rustc-env=SWIFTBRUSH_BUILT_LIBTORCH_LIB={dir}");
     compile_shim(Path::new(&dir));
 }
 

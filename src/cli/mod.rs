@@ -70,8 +70,13 @@ enum Command {
     /// Job configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Print what this install sees: libtorch, CPU threads, CUDA devices.
-    Doctor,
+    /// Print what this install loaded and sees: libtorch, its CUDA backend
+    /// and libnccl (each with where it came from), the GPUs, CPU threads.
+    Doctor {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Distill the teacher into a one-step student (SwiftBrush) on this
     /// machine (a coordinator in-process, --workers N). Resumes from the run
     /// directory's newest checkpoint when there is one.
@@ -133,10 +138,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(command),
         Command::Export(args) => export::run(args),
         Command::Toy(command) => toy::run(command),
-        Command::Doctor => {
-            println!("swiftbrush {}", env!("CARGO_PKG_VERSION"));
-            for (key, value) in swiftbrush_worker::device::describe() {
-                println!("{key:>16}: {value}");
+        Command::Doctor { json } => {
+            let report = swiftbrush_worker::doctor::report();
+            if json {
+                let mut value = serde_json::to_value(&report)?;
+                value["swiftbrush"] = env!("CARGO_PKG_VERSION").into();
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("swiftbrush {}", env!("CARGO_PKG_VERSION"));
+                print!("{}", report.table());
             }
             Ok(())
         }

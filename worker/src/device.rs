@@ -4,32 +4,73 @@
 //! The linker drops libtorch_cuda.so from our binaries (nothing references
 //! it by symbol: `--as-needed`), and then libtorch sees no CUDA. Loading it
 //! explicitly at start-up registers the CUDA backend; on machines without a
-//! driver that load still succeeds and CUDA simply reports no devices.
+//! driver that load still succeeds and CUDA simply reports no devices. It is
+//! loaded from the running libtorch's own directory (libtorch.rs), so a
+//! binary started with LD_LIBRARY_PATH on another machine uses that
+//! machine's backend.
 
-use std::sync::Once;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use tch::{Cuda, Device};
 
-/// libtorch's lib directory, baked in by build.rs.
-const LIBTORCH_LIB: Option<&str> = option_env!("SWIFTBRUSH_LIBTORCH_LIB");
+/// What became of libtorch's CUDA backend in this process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum CudaBackend {
+    /// libtorch_cuda.so is loaded from `path`.
+    Loaded { path: PathBuf },
+    /// The libtorch in use has no CUDA backend (a CPU-only build), or its
+    /// directory is unknown.
+    Missing { reason: String },
+    /// It is there but did not load (the dynamic loader's message).
+    Failed { path: PathBuf, error: String },
+}
 
-static LOAD_CUDA: Once = Once::new();
-
-/// Loads libtorch's CUDA backend if the wheel ships one. Idempotent.
-pub fn load_cuda_backend() {
-    LOAD_CUDA.call_once(|| {
-        let Some(dir) = LIBTORCH_LIB else { return };
-        let path = format!("{dir}/libtorch_cuda.so\0");
-        if std::path::Path::new(&path[..path.len() - 1]).exists() {
-            // SAFETY: a NUL-terminated path; the handle is intentionally kept
-            // for the life of the process (the backend must stay registered).
-            let handle =
-                unsafe { libc::dlopen(path.as_ptr().cast(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-            if handle.is_null() {
-                tracing::debug!(%path, "libtorch_cuda.so could not be loaded; CUDA disabled");
-            }
+/// Loads libtorch's CUDA backend from the directory the running libtorch
+/// was loaded from (see libtorch.rs why never another). Idempotent; the
+/// outcome is kept.
+pub fn load_cuda_backend() -> &'static CudaBackend {
+    static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let Some(dir) = crate::libtorch::lib_dir() else {
+            return CudaBackend::Missing {
+                reason: "the libtorch directory is unknown".to_owned(),
+            };
+        };
+        let path = dir.path.join("libtorch_cuda.so");
+        if !path.exists() {
+            return CudaBackend::Missing {
+                reason: format!(
+                    "{} does not exist (a CPU-only libtorch): CUDA is unavailable",
+                    path.display()
+                ),
+            };
         }
-    });
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return CudaBackend::Failed {
+                path,
+                error: "the path contains a NUL byte".to_owned(),
+            };
+        };
+        // SAFETY: a NUL-terminated path; the handle is intentionally kept
+        // for the life of the process (the backend must stay registered).
+        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            // SAFETY: dlerror returns a thread-local message or null.
+            let msg = unsafe { libc::dlerror() };
+            let error = if msg.is_null() {
+                "not loadable".to_owned()
+            } else {
+                unsafe { std::ffi::CStr::from_ptr(msg) }
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            tracing::debug!(path = %path.display(), %error, "libtorch_cuda.so did not load; CUDA disabled");
+            return CudaBackend::Failed { path, error };
+        }
+        CudaBackend::Loaded { path }
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,18 +107,6 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
             }
         }
     }
-}
-
-/// What `swiftbrush doctor` prints: enough to debug an install.
-pub fn describe() -> Vec<(&'static str, String)> {
-    load_cuda_backend();
-    vec![
-        ("libtorch", LIBTORCH_LIB.unwrap_or("(unknown)").to_owned()),
-        ("cpu threads", tch::get_num_threads().to_string()),
-        ("cuda available", Cuda::is_available().to_string()),
-        ("cuda devices", Cuda::device_count().to_string()),
-        ("cudnn available", Cuda::cudnn_is_available().to_string()),
-    ]
 }
 
 /// This machine's name (Linux), else `localhost`.

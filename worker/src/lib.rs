@@ -3,13 +3,16 @@
 
 pub mod bench;
 pub mod collective;
+pub mod cuda_driver;
 pub mod device;
 pub mod diffusion;
 pub mod distributed;
+pub mod doctor;
 pub mod ema;
 pub mod eval;
 pub mod export;
 pub mod image_io;
+pub mod libtorch;
 pub mod lora;
 pub mod models;
 pub mod optim;

@@ -3,7 +3,7 @@
 //! on for the calling thread and restores the previous state when dropped,
 //! also on panic or early return (`AutocastPlan::enter`).
 //!
-//! tch 0.26's `tch::autocast` only toggles CUDA autocast with its default
+//! tch 0.24's `tch::autocast` only toggles CUDA autocast with its default
 //! dtype (fp16) and does nothing without CUDA; the guard calls ATen's
 //! autocast API through the C++ shim (csrc/autocast.cpp) instead, with
 //! bf16 or fp16, on CPU or CUDA, exactly as `torch.autocast` does.

@@ -7,7 +7,7 @@ pub mod bench;
 pub mod buckets;
 mod cuda;
 pub mod nccl;
-mod nccl_lib;
+pub(crate) mod nccl_lib;
 pub mod tcp_ring;
 
 pub use nccl::{NcclAbortHandle, NcclComm, NcclError, NcclOptions};

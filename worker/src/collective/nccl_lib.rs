@@ -13,8 +13,9 @@
 //! 2. the copy libtorch already loaded (libtorch_cuda.so links the wheel's
 //!    libnccl.so.2; `device::load_cuda_backend` loads it), so one process
 //!    never holds two NCCLs;
-//! 3. the wheel's file next to libtorch: `<libtorch lib>/../../nvidia/nccl/
-//!    lib/libnccl.so.2`;
+//! 3. the wheel's file beside the running libtorch (libtorch.rs: the
+//!    directory the loader took it from, rpath or LD_LIBRARY_PATH):
+//!    `<libtorch lib>/../../nvidia/nccl/lib/libnccl.so.2`;
 //! 4. `libnccl.so.2` on the system's library path.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -244,10 +245,15 @@ fn dlopen(path: &str, flags: c_int) -> Result<*mut c_void, String> {
     Ok(handle)
 }
 
-/// The wheel's libnccl next to the libtorch this binary was built against.
+/// The wheel's libnccl beside the running libtorch (the nvidia-nccl
+/// package installs it under `site-packages/nvidia/nccl/lib`, two levels up
+/// from `site-packages/torch/lib`).
 pub fn wheel_path() -> Option<String> {
-    let lib = option_env!("SWIFTBRUSH_LIBTORCH_LIB")?;
-    Some(format!("{lib}/../../nvidia/nccl/lib/libnccl.so.2"))
+    let lib = &crate::libtorch::lib_dir()?.path;
+    Some(format!(
+        "{}/../../nvidia/nccl/lib/libnccl.so.2",
+        lib.display()
+    ))
 }
 
 /// The process's NCCL, loaded on first use (see the module docs for the
@@ -277,7 +283,11 @@ fn load_first(explicit: Option<&str>) -> Result<NcclLib, LoadError> {
     crate::device::load_cuda_backend();
     // Already in the process (libtorch_cuda.so depends on it): reuse it.
     if let Ok(handle) = dlopen("libnccl.so.2", libc::RTLD_NOW | libc::RTLD_NOLOAD) {
-        return NcclLib::resolve("libnccl.so.2 (loaded by libtorch)", handle);
+        let path = crate::libtorch::loaded_library_dir("libnccl.so.2").map_or_else(
+            || "libnccl.so.2 (loaded by libtorch)".to_owned(),
+            |dir| format!("{}/libnccl.so.2 (loaded by libtorch)", dir.display()),
+        );
+        return NcclLib::resolve(&path, handle);
     }
     let mut tried = Vec::new();
     for path in wheel_path().into_iter().chain(["libnccl.so.2".to_owned()]) {
