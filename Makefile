@@ -12,7 +12,7 @@ REQS := requirements-torch.txt tests/reference/requirements.txt tests/reference/
 FIXTURES := target/fixtures
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all venv build release fixtures test lint check-deps demo clean-fixtures
+.PHONY: all venv build release fixtures test lint check-deps demo clean-fixtures gpu-bundle
 
 all: build
 
@@ -70,6 +70,12 @@ demo: $(STAMP)
 	cargo build --release --bin swiftbrush
 	target/release/swiftbrush toy demo --out runs/demo --config configs/toy.yaml \
 		$(if $(wildcard $(TOY_TEACHER)/model_index.json),--teacher $(TOY_TEACHER))
+
+# What the GPU check (scripts/gpu-check) needs on a GPU machine that has
+# PyTorch 2.11 but no Rust, no diffusers and no network: gpu-bundle/, at most
+# 60 MiB (README, "Running on a GPU"; docs/GPU.md).
+gpu-bundle: release fixtures
+	scripts/make-gpu-bundle gpu-bundle
 
 clean-fixtures:
 	rm -rf $(FIXTURES)

@@ -320,6 +320,9 @@ def main():
     ap.add_argument("--micro-batch", type=int, help="overrides train.micro_batch")
     ap.add_argument("--student-fp32", action="store_true",
                     help="keep the student pass out of autocast (what the Rust step does)")
+    ap.add_argument("--count-flops", action="store_true",
+                    help="count one more (untimed) step's FLOPs with torch's FlopCounterMode: "
+                    "matrix products and convolutions, forward and backward (the MFU's numerator)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--check", action="store_true",
                     help="assert finite losses and that the student and fake-score weights changed")
@@ -346,6 +349,13 @@ def main():
             torch.cuda.synchronize(args.device)
         times.append(time.perf_counter() - t0)
     median = sorted(times)[len(times) // 2] if times else float("nan")  # bench.rs's median
+    flops = None
+    if args.count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step.run(captions, micro)
+        flops = counter.get_total_flops()
     report = {
         "impl": "pytorch+diffusers+peft",
         "device": args.device,
@@ -358,6 +368,7 @@ def main():
         "images_per_s": batch / median,
         "peak_host_mib": peak_host_mib(),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(args.device) / 2**20 if cuda else None,
+        "flops_per_step": flops,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,

@@ -75,6 +75,19 @@ fn doctor_says_what_it_loaded_and_from_where() {
         dir.join("libtorch_cuda.so")
     );
     assert_eq!(report["nccl"]["status"], "loaded", "{report:#}");
+    // fp32 is IEEE fp32 on CUDA unless asked (libtorch's own default lets
+    // cuDNN convolutions use TF32).
+    assert_eq!(
+        (&report["tf32_matmul"], &report["tf32_conv"]),
+        (&false.into(), &false.into())
+    );
+    let mut tf32 = swiftbrush();
+    tf32.env("SWIFTBRUSH_TF32", "1");
+    let allowed = doctor_json(tf32);
+    assert_eq!(
+        (&allowed["tf32_matmul"], &allowed["tf32_conv"]),
+        (&true.into(), &true.into())
+    );
     let text = String::from_utf8_lossy(&run(&["doctor"]).stdout).into_owned();
     for key in [
         "libtorch ",

@@ -4,12 +4,17 @@
 //! - bakes libtorch's directory into the rpath, so the worker's test
 //!   binaries run without LD_LIBRARY_PATH;
 //! - compiles the C++ shim in csrc/ (autocast with a dtype; libtorch's
-//!   current CUDA stream), which tch 0.24 does not expose. The CUDA part is
+//!   current CUDA stream; TF32), which tch 0.24 does not expose. The CUDA part is
 //!   compiled only when libc10_cuda.so sits next to libtorch (a CUDA wheel);
 //!   a CPU-only wheel gets functions that report CUDA as missing.
 use std::path::Path;
 
-const SHIM_FILES: [&str; 3] = ["csrc/shim.h", "csrc/autocast.cpp", "csrc/cuda_stream.cpp"];
+const SHIM_FILES: [&str; 4] = [
+    "csrc/shim.h",
+    "csrc/autocast.cpp",
+    "csrc/cuda_stream.cpp",
+    "csrc/math_mode.cpp",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -60,7 +65,8 @@ fn compile_shim(lib_dir: &Path) {
         .flag("-Wall")
         .flag("-Wextra")
         .file("csrc/autocast.cpp")
-        .file("csrc/cuda_stream.cpp");
+        .file("csrc/cuda_stream.cpp")
+        .file("csrc/math_mode.cpp");
     if with_cuda {
         build.define("SWIFTBRUSH_WITH_CUDA", None);
     }

@@ -3,7 +3,7 @@
 //! `f64::max` and a `fold(0.0, f64::max)` drop NaN, so a NaN anywhere would
 //! read as a perfect match.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The largest of `values` (0 for none), NaN if any is NaN.
 pub fn nan_max(values: impl IntoIterator<Item = f64>) -> f64 {
@@ -16,14 +16,12 @@ pub fn nan_max(values: impl IntoIterator<Item = f64>) -> f64 {
     })
 }
 
-/// max |a - b| over every entry, in float64; NaN when either holds a NaN
-/// (libtorch's max propagates it).
+/// max |a - b| over every entry, in float64 on the CPU (either may live on
+/// a GPU); NaN when either holds a NaN (libtorch's max propagates it).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shape mismatch");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
+    let host = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    (host(a) - host(b)).abs().max().double_value(&[])
 }
 
 /// [`max_abs_diff`] over two lists of named tensors with the same names.

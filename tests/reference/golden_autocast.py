@@ -23,8 +23,9 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def teacher_pass(unet, x, t, c, dtype):
-    """A teacher forward under CPU autocast; float32 out."""
-    with torch.autocast("cpu", dtype=dtype):
+    """A teacher forward under autocast on the tensors' device (CPU here;
+    CUDA when scripts/gpu-check runs vsd_step there); float32 out."""
+    with torch.autocast(x.device.type, dtype=dtype):
         out = unet(x, t, c).sample
     return out.float()
 
@@ -49,13 +50,19 @@ def unet_outputs(root, pipelines):
         save_tensors(os.path.join(root, "golden", "autocast", f"unet_{kind}.safetensors"), out)
 
 
-def vsd_step(pipe, seed, dtype):
+def vsd_step(pipe, seed, dtype, device="cpu"):
     """golden_vsd.run with the teacher passes under autocast."""
     # peft initialises lora_A from the global generator: seed it, so this
     # golden does not depend on what ran before it.
     torch.manual_seed(seed)
     return golden_vsd.run(
-        pipe, "sd1", False, seed, TARGETS, lambda unet, x, t, c: teacher_pass(unet, x, t, c, dtype)
+        pipe,
+        "sd1",
+        False,
+        seed,
+        TARGETS,
+        lambda unet, x, t, c: teacher_pass(unet, x, t, c, dtype),
+        device=device,
     )
 
 
@@ -64,3 +71,10 @@ def build(root, pipelines):
     # The Rust test computes the float32 baseline itself on these inputs.
     out = vsd_step(pl.load(pipelines["sd1"]), 21, torch.bfloat16)
     save_tensors(os.path.join(root, "golden", "autocast", "vsd_sd1_bf16.safetensors"), out)
+
+
+def vsd_step_on(device, fixtures, out_path):
+    """The bf16 golden step run on `device` (scripts/gpu-check: torch.autocast
+    on CUDA as the reference of the Rust step under CUDA autocast)."""
+    out = vsd_step(pl.load(os.path.join(fixtures, "pipelines", "sd1")), 21, torch.bfloat16, device)
+    save_tensors(out_path, out)

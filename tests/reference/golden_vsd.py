@@ -64,12 +64,15 @@ def run(
     teacher_pass=plain_pass,
     weighting="paper",
     fake="lora",
+    device="cpu",
 ):
     """The iteration; `teacher_pass` runs the three teacher forwards (frozen,
     LoRA, LoRA with gradients; golden_autocast.py puts them under autocast),
     the student pass is always float32. `weighting` is method.vsd_weighting,
     `fake` method.fake_score: "lora", or "unet" for DMD2's full trainable
-    copy of the teacher as the fake score."""
+    copy of the teacher as the fake score. `device`: where the iteration
+    runs (scripts/gpu-check: "cuda"); weights and draws are made on the CPU
+    first either way, so they are the same values everywhere."""
     ptype = pipe.scheduler.config.prediction_type
     abar = pipe.scheduler.alphas_cumprod.to(torch.float32)
     teacher = pipe.unet
@@ -118,11 +121,18 @@ def run(
     eps = torch.randn(shape, generator=g)
     t2 = torch.tensor([3, 640])
     eps2 = torch.randn(shape, generator=g)
+    if device != "cpu":
+        for model in {id(m): m for m in (teacher, student, real_model, fake_model)}.values():
+            model.to(device)  # moves the parameters in place: fake_params stay valid
+        cond, uncond, z, t, eps, t2, eps2 = (
+            v.to(device) for v in (cond, uncond, z, t, eps, t2, eps2)
+        )
+        abar = abar.to(device)
 
     # 1. student draw
-    t_student = torch.full((b,), 999)
+    t_student = torch.full((b,), 999, device=z.device)
     s_out = student(z, t_student, cond).sample
-    eps_s = to_eps(s_out, z, torch.tensor(A).view(1, 1, 1, 1), ptype)
+    eps_s = to_eps(s_out, z, torch.tensor(A, device=z.device).view(1, 1, 1, 1), ptype)
     x0 = (z - (1 - A) ** 0.5 * eps_s) / A**0.5
     # 2. noise it
     abar_t = abar[t].view(-1, 1, 1, 1)
@@ -185,7 +195,7 @@ def run(
         out[f"student_grad.{n}"] = p.grad
     for n, p in fake_params.items():
         out[f"{grad_prefix}{n}"] = p.grad
-    return out
+    return {k: v.detach().cpu() for k, v in out.items()}
 
 
 def build(root, pipelines):

@@ -1,6 +1,6 @@
-// The C ABI between the worker's Rust code and the two libtorch features tch
-// 0.26 does not expose: autocast with a chosen dtype (autocast.cpp) and the
-// current CUDA stream (cuda_stream.cpp). Rust declares the same functions in
+// The C ABI between the worker's Rust code and the libtorch features tch
+// 0.24 does not expose: autocast with a chosen dtype (autocast.cpp), the
+// current CUDA stream (cuda_stream.cpp) and the TF32 switch (math_mode.cpp). Rust declares the same functions in
 // worker/src/shim.rs; keep the two in step. No C++ exception crosses this
 // boundary: every function that can fail returns 0 on success and writes a
 // message into err.
@@ -44,6 +44,12 @@ int32_t sb_cuda_current_stream(int32_t device, void** stream, char* err,
 // finished: *done = 1 when it has, 0 when it is still running.
 int32_t sb_cuda_current_stream_query(int32_t device, int32_t* done, char* err,
                                      size_t err_len);
+
+// Allows (1) or forbids (0) TF32 for float32 cuBLAS products and cuDNN
+// convolutions.
+int32_t sb_set_allow_tf32(int32_t allow, char* err, size_t err_len);
+// Bit 0: cuBLAS may use TF32; bit 1: cuDNN may.
+int32_t sb_allow_tf32(void);
 
 #ifdef __cplusplus
 }

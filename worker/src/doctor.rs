@@ -48,6 +48,10 @@ pub struct DoctorReport {
     pub cudnn_available: bool,
     pub nccl: NcclReport,
     pub gpus: GpusReport,
+    /// Whether float32 cuBLAS products / cuDNN convolutions may use TF32
+    /// (device::TF32_VAR).
+    pub tf32_matmul: bool,
+    pub tf32_conv: bool,
     pub cpu_threads: i32,
 }
 
@@ -83,6 +87,8 @@ pub fn report() -> DoctorReport {
         cudnn_available: tch::Cuda::cudnn_is_available(),
         nccl,
         gpus,
+        tf32_matmul: device::tf32_state().0,
+        tf32_conv: device::tf32_state().1,
         cpu_threads: tch::get_num_threads(),
     }
 }
@@ -171,6 +177,16 @@ impl DoctorReport {
                     "unavailable"
                 }
             ),
+        );
+        line(
+            "fp32 on CUDA",
+            match (self.tf32_matmul, self.tf32_conv) {
+                (false, false) => format!("IEEE fp32 (no TF32; {}=1 allows it)", device::TF32_VAR),
+                (m, c) => format!(
+                    "TF32 allowed (matrix products {m}, convolutions {c}; {})",
+                    device::TF32_VAR
+                ),
+            },
         );
         line("CPU threads", self.cpu_threads.to_string());
         out

@@ -39,6 +39,8 @@ unsafe extern "C" {
     pub safe fn sb_autocast_is_enabled(device_type: i32) -> i32;
     pub safe fn sb_autocast_dtype(device_type: i32) -> i32;
 
+    pub fn sb_set_allow_tf32(allow: i32, err: *mut c_char, err_len: usize) -> i32;
+    pub safe fn sb_allow_tf32() -> i32;
     pub fn sb_cuda_set_device(device: i32, err: *mut c_char, err_len: usize) -> i32;
     pub fn sb_cuda_current_stream(
         device: i32,

@@ -1,6 +1,8 @@
 //! The SwiftBrush step against the pinned diffusers + peft reference
-//! (tests/reference/golden_vsd.py): same weights, same draws, same losses
-//! and gradients; and the LoRA teacher's properties.
+//! (tests/reference/golden_vsd.py, golden_autocast.py): same weights, same
+//! draws, same losses and gradients, in float32 and with bf16 autocast
+//! teacher passes; and the LoRA teacher's properties. The comparisons run
+//! on `SWIFTBRUSH_TEST_DEVICE` when set (scripts/gpu-check: on the GPU).
 
 mod common;
 
@@ -12,6 +14,7 @@ use common::golden_vsd::{
 
 use swiftbrush_worker::diffusion::PredictionType;
 use swiftbrush_worker::lora::LoraSpec;
+use swiftbrush_worker::precision::{AutocastPlan, HalfDtype, autocast_kind};
 use swiftbrush_worker::roles::{ScorePair, UNet};
 use swiftbrush_worker::vsd::{Draws, Scores, VsdConfig, VsdStep, VsdWeighting};
 use tch::{Device, Kind, Tensor};
@@ -89,6 +92,16 @@ fn check_step(
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
     let want_vsd = g["loss_vsd"].double_value(&[0]);
     let want_lora = g["loss_lora"].double_value(&[0]);
+    common::report(
+        &format!("{case} vsd loss, relative"),
+        rel(losses.vsd, want_vsd),
+        1e-4,
+    );
+    common::report(
+        &format!("{case} fake-score loss, relative"),
+        rel(losses.fake_score, want_lora),
+        1e-4,
+    );
     assert!(
         rel(losses.vsd, want_vsd) < 1e-4,
         "{case} vsd loss {} vs {want_vsd}",
@@ -121,6 +134,7 @@ fn check_step(
             assert!(got.defined(), "{case}: no gradient for {name}");
             common::max_abs_diff(&got, &g[&format!("{prefix}{name}")])
         }));
+        common::report(&format!("{case} {prefix} / max"), worst / scale, 1e-4);
         assert!(
             worst <= 1e-4 * scale,
             "{case} {prefix}: max diff {worst:e}, scale {scale:e}"
@@ -315,4 +329,104 @@ fn adapter_names_match(spec: &LoraSpec, case: &str) {
     peft.sort();
     assert_eq!(ours, peft);
     assert!(ours[0].ends_with(".lora_A.weight"), "{}", ours[0]);
+}
+
+/// One step on the reference's weights and draws; returns the losses and
+/// the student's and adapters' gradients by name.
+fn step(
+    g: &HashMap<String, Tensor>,
+    autocast: Option<AutocastPlan>,
+) -> ((f64, f64), HashMap<String, Tensor>) {
+    let (student, teacher) = roles("sd1", &lora_spec(&["to_q", "to_v"]), g);
+    let scores = ScorePair::Lora(Box::new(teacher));
+    let (draws, text) = inputs(g);
+    let step = VsdStep {
+        student: &student,
+        scores: &scores,
+        schedule: &schedule(PredictionType::Epsilon),
+        config: &vsd_config(VsdWeighting::Paper, autocast),
+    };
+    let losses = step.run(&text, &draws, None).unwrap().losses;
+    assert_eq!(
+        autocast_kind(common::device()),
+        None,
+        "vsd_step left autocast on"
+    );
+    let mut grads = HashMap::new();
+    for (name, p) in student.vs.variables() {
+        assert_eq!(p.grad().kind(), Kind::Float, "student grad {name}");
+        grads.insert(format!("student_grad.{name}"), p.grad());
+    }
+    for (name, p) in scores.fake_parameters() {
+        assert_eq!(p.grad().kind(), Kind::Float, "adapter grad {name}");
+        grads.insert(format!("lora_grad.{name}"), p.grad());
+    }
+    ((losses.vsd, losses.fake_score), grads)
+}
+
+/// Max abs difference over all gradients, relative to the largest entry of
+/// the reference's.
+fn grad_diff(got: &HashMap<String, Tensor>, want: &HashMap<String, Tensor>, prefix: &str) -> f64 {
+    let pairs: Vec<(&Tensor, &Tensor)> = got
+        .iter()
+        .filter(|(n, _)| n.starts_with(prefix))
+        .map(|(name, g)| {
+            let w = want
+                .get(name)
+                .unwrap_or_else(|| panic!("reference has no {name}"));
+            (g, w)
+        })
+        .collect();
+    let scale = common::nan_max(pairs.iter().map(|(_, w)| w.abs().max().double_value(&[])));
+    let worst = common::nan_max(pairs.iter().map(|(g, w)| common::max_abs_diff(g, w)));
+    assert!(scale > 0.0, "reference {prefix} gradient is all zero");
+    worst / scale
+}
+
+/// The step with its teacher passes under bf16 autocast against the
+/// reference under torch.autocast (golden_autocast.py; scripts/gpu-check
+/// rebuilds that golden under CUDA autocast and runs this on the GPU).
+#[test]
+fn vsd_step_with_bf16_autocast_teacher_matches_reference() {
+    tch::set_num_threads(1);
+    let g = common::golden("golden/autocast/vsd_sd1_bf16.safetensors");
+    let plan = AutocastPlan::new(common::device(), HalfDtype::Bf16).unwrap();
+    let ((vsd, lora), grads) = step(&g, Some(plan));
+    let ((vsd32, lora32), grads32) = step(&g, None);
+
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    let want_vsd = g["loss_vsd"].double_value(&[0]);
+    let want_lora = g["loss_lora"].double_value(&[0]);
+    // The VSD loss is the squared teacher difference e_T - e_L: bf16 noise in
+    // both passes moves it a lot, so it tells autocast from float32 clearly.
+    assert!(
+        rel(vsd32, want_vsd) > 0.1,
+        "autocast did not change the VSD loss: {vsd32} vs {want_vsd}"
+    );
+    common::report("bf16 vsd loss, relative", rel(vsd, want_vsd), 0.02);
+    common::report("bf16 fake-score loss, relative", rel(lora, want_lora), 1e-3);
+    assert!(
+        rel(vsd, want_vsd) < 0.02,
+        "vsd loss {vsd} vs reference {want_vsd} (fp32 {vsd32})"
+    );
+    assert!(
+        rel(lora, want_lora) < 1e-3,
+        "lora loss {lora} vs reference {want_lora} (fp32 {lora32})"
+    );
+    eprintln!(
+        "losses: vsd {vsd} / fp32 {vsd32} / ref {want_vsd}; lora {lora} / {lora32} / {want_lora}"
+    );
+    for prefix in ["student_grad.", "lora_grad."] {
+        let d = grad_diff(&grads, &g, prefix);
+        let d32 = grad_diff(&grads32, &g, prefix);
+        eprintln!("{prefix}: autocast {d:e}, fp32 {d32:e} (relative to the reference's scale)");
+        // The bound: five times closer to the autocast reference than the
+        // float32 step is, i.e. autocast's effect dominates the residue.
+        common::report(&format!("bf16 {prefix} / scale"), d, d32 / 5.0);
+        assert!(
+            d * 5.0 <= d32,
+            "{prefix}: autocast step differs from the reference by {d:e} of its scale, \
+             the float32 step by {d32:e}"
+        );
+    }
 }

@@ -427,7 +427,7 @@ impl Worker {
                 device: self.device_name.clone(),
                 capabilities: Some(rpc::Capabilities {
                     backends: supported_backends(self.device),
-                    device_memory_bytes: 0,
+                    device_memory_bytes: device_memory_bytes(self.device),
                     version: env!("CARGO_PKG_VERSION").to_owned(),
                 }),
             };
@@ -603,5 +603,15 @@ fn job_end(phase: rpc::JobPhase, reason: String) -> WorkerEnd {
         WorkerEnd::Completed
     } else {
         WorkerEnd::JobEnded { phase, reason }
+    }
+}
+
+/// What a worker reports as its device memory: a CUDA device's total memory
+/// as the driver reports it; 0 ("unknown", swiftbrush.proto) for the CPU,
+/// whose share of host memory is not the worker's to claim.
+fn device_memory_bytes(device: tch::Device) -> u64 {
+    match device {
+        tch::Device::Cuda(index) => crate::cuda_driver::total_memory_bytes(index).unwrap_or(0),
+        _ => 0,
     }
 }

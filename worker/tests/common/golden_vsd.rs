@@ -12,7 +12,7 @@ use swiftbrush_worker::pipeline::DiffusersFolder;
 use swiftbrush_worker::precision::AutocastPlan;
 use swiftbrush_worker::roles::{FullFakeScore, TeacherUNet, UNet};
 use swiftbrush_worker::vsd::{Conditions, Draws, FakeScoreDraws, VsdConfig, VsdWeighting};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// The reference's LoRA: rank 4, alpha 8 on `targets`.
 pub fn lora_spec(targets: &[&str]) -> LoraSpec {
@@ -35,7 +35,7 @@ pub fn schedule(prediction: PredictionType) -> NoiseSchedule {
         prediction_type: prediction_type.into(),
         ..SchedulerConfig::stable_diffusion()
     };
-    NoiseSchedule::new(&cfg, Device::Cpu).unwrap()
+    NoiseSchedule::new(&cfg, super::device()).unwrap()
 }
 
 /// The reference step's constants: the student at t = 999 with A = 0.0047,
@@ -54,7 +54,7 @@ pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan
 /// built (B = 0).
 pub fn fresh_roles(kind: &str, spec: &LoraSpec) -> (UNet, TeacherUNet) {
     let folder = DiffusersFolder::open(&super::pipeline(kind)).unwrap();
-    let teacher = UNet::load(&folder, Device::Cpu).unwrap();
+    let teacher = UNet::load(&folder, super::device()).unwrap();
     let student = teacher.duplicate().unwrap();
     (student, TeacherUNet::new(teacher, spec).unwrap())
 }
@@ -74,7 +74,7 @@ pub fn roles(kind: &str, spec: &LoraSpec, g: &HashMap<String, Tensor>) -> (UNet,
 /// the golden file's perturbed weights) of fixture pipeline `kind`.
 pub fn full_fake_roles(kind: &str, g: &HashMap<String, Tensor>) -> (UNet, FullFakeScore) {
     let folder = DiffusersFolder::open(&super::pipeline(kind)).unwrap();
-    let teacher = UNet::load(&folder, Device::Cpu).unwrap();
+    let teacher = UNet::load(&folder, super::device()).unwrap();
     let student = teacher.duplicate().unwrap();
     let mut fake = teacher.duplicate().unwrap();
     let weights: HashMap<String, Tensor> = g
@@ -85,22 +85,23 @@ pub fn full_fake_roles(kind: &str, g: &HashMap<String, Tensor>) -> (UNet, FullFa
     (student, FullFakeScore::new(teacher, fake))
 }
 
-/// The golden file's draws and text conditions.
+/// The golden file's draws and text conditions, on the test device.
 pub fn inputs(g: &HashMap<String, Tensor>) -> (Draws, Conditions) {
+    let on = |name: &str| g[name].to_device(super::device()).copy();
     let draws = Draws {
-        z: g["z"].copy(),
-        t: g["t"].copy(),
-        eps: g["eps"].copy(),
+        z: on("z"),
+        t: on("t"),
+        eps: on("eps"),
         fake: FakeScoreDraws {
-            t: g["t_lora"].copy(),
-            eps: g["eps_lora"].copy(),
+            t: on("t_lora"),
+            eps: on("eps_lora"),
             null_condition: g["null_condition"].int64_value(&[0]) == 1,
         },
         guidance_scale: None,
     };
     let text = Conditions {
-        cond: g["cond"].copy(),
-        uncond: g["uncond"].copy(),
+        cond: on("cond"),
+        uncond: on("uncond"),
     };
     (draws, text)
 }

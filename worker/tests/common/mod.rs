@@ -28,6 +28,32 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// Where the reference comparisons run: the CPU, or the device
+/// `SWIFTBRUSH_TEST_DEVICE` names (scripts/gpu-check runs the VSD step's
+/// comparisons on `cuda:0` this way). Goldens stay on the CPU; results are
+/// compared there.
+pub fn device() -> tch::Device {
+    match std::env::var("SWIFTBRUSH_TEST_DEVICE") {
+        Ok(spec) if !spec.is_empty() => swiftbrush_worker::device::parse_device(&spec)
+            .unwrap_or_else(|e| panic!("SWIFTBRUSH_TEST_DEVICE: {e}")),
+        _ => tch::Device::Cpu,
+    }
+}
+
+/// One measured value beside its bound, on stderr in the form
+/// scripts/gpu-check reads (`cargo test -- --nocapture` shows it too).
+pub fn report(check: &str, value: f64, bound: f64) {
+    eprintln!(
+        "GPU-CHECK {{\"check\": \"{check}\", \"device\": \"{:?}\", \"value\": {}, \"bound\": {bound:e}}}",
+        device(),
+        if value.is_finite() {
+            format!("{value:e}")
+        } else {
+            "null".to_owned()
+        },
+    );
+}
+
 /// A reference pipeline folder: "sd1", "sd2" or "sd2v".
 pub fn pipeline(kind: &str) -> PathBuf {
     fixtures().join("pipelines").join(kind)
