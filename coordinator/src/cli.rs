@@ -48,6 +48,10 @@ pub struct CoordinatorArgs {
     /// Wait this long for more workers before forming a smaller world.
     #[arg(long, default_value_t = 3_000)]
     pub settle_ms: u64,
+    /// Most workers registered at once; more are refused (RESOURCE_EXHAUSTED).
+    /// A job raises it to twice its world.max_size.
+    #[arg(long, default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_workers: u32,
     /// Logs as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -80,6 +84,7 @@ impl CoordinatorArgs {
         options.listen = self.listen;
         options.http_listen = self.http;
         options.core.settle_ms = self.settle_ms;
+        options.core.max_workers = self.max_workers as usize;
         options.tick = Duration::from_millis(TICK_MS);
         if let Some(path) = &self.config {
             options.config = Some(JobConfig::from_yaml_file(path)?);
@@ -153,6 +158,8 @@ mod tests {
             &token,
             "--settle-ms",
             "10",
+            "--max-workers",
+            "7",
         ])
         .unwrap();
         let options = args.into_options().unwrap();
@@ -160,6 +167,7 @@ mod tests {
         assert_eq!(options.http_listen.map(|a| a.port()), Some(7001));
         assert_eq!(options.store_url, "memory://cli/run");
         assert_eq!(options.core.settle_ms, 10);
+        assert_eq!(options.core.max_workers, 7);
         assert!(options.config.is_none() && options.tls.is_none());
     }
 

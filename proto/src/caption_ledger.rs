@@ -9,6 +9,8 @@
 //! captions of a step do not depend on the world size: a run resumed at step
 //! s with another W consumes exactly what an uninterrupted run would have.
 
+use crate::mix::SplitMix64;
+
 /// The plan of a caption stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptionPlan {
@@ -151,39 +153,13 @@ impl EpochCache {
     }
 }
 
-/// Combines seed and epoch into one well-mixed 64-bit state.
+/// Combines seed and epoch into one well-mixed 64-bit state (kept as it
+/// was before crate::mix::derive existed: it is the caption order of every
+/// run so far; the seed is mixed before the epoch meets it, so seeds do not
+/// alias epochs).
 fn mix(seed: u64, epoch: u64) -> u64 {
     let mut r = SplitMix64::new(seed ^ 0x5157_4946_5442_5253);
-    r.next() ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// SplitMix64: tiny, fast, and fixed forever here, so a caption order never
-/// changes with a dependency's version (resume relies on it).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, n) without modulo bias (Lemire's method).
-    fn below(&mut self, n: u64) -> u64 {
-        loop {
-            let m = u128::from(self.next()) * u128::from(n);
-            let low = m as u64;
-            if low >= n.wrapping_neg() % n {
-                return (m >> 64) as u64;
-            }
-        }
-    }
+    r.next_u64() ^ epoch.wrapping_mul(crate::mix::GOLDEN_GAMMA)
 }
 
 #[cfg(test)]

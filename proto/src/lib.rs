@@ -11,6 +11,7 @@ pub mod config;
 mod config_error;
 mod config_moved;
 mod config_validate;
+pub mod mix;
 pub mod rpc;
 pub mod run_store;
 

@@ -20,7 +20,10 @@ pub enum CoreError {
     WorkerDead { id: WorkerId, reason: String },
     #[error("host {host:?} is quarantined after repeated failures for another {remaining_ms} ms")]
     HostQuarantined { host: String, remaining_ms: Millis },
-    #[error("too many workers: at most {max} may be registered")]
+    #[error(
+        "too many workers: at most {max} may be registered (the coordinator's --max-workers, \
+         or twice the job's world.max_size if that is more)"
+    )]
     TooManyWorkers { max: usize },
     #[error("generation {given} is stale: the current generation is {current}")]
     StaleGeneration { given: u64, current: u64 },

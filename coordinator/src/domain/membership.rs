@@ -19,6 +19,17 @@ pub struct RegisterInput {
 }
 
 impl CoordinatorState {
+    /// Most live workers registered at once: `--max-workers`, raised to
+    /// twice the job's largest world (its workers and as many spares), so
+    /// that no job is refused its own workers whatever its size.
+    pub fn worker_cap(&self) -> usize {
+        let from_job = self
+            .job
+            .as_ref()
+            .map_or(0, |j| 2 * j.spec.max_size as usize);
+        self.options.max_workers.max(from_job)
+    }
+
     pub fn register(
         &mut self,
         input: RegisterInput,
@@ -41,10 +52,9 @@ impl CoordinatorState {
             .map(|w| w.id)
             .collect();
         let live = self.workers.values().filter(|w| !w.is_dead()).count();
-        if live - replaced.len() >= self.options.max_workers {
-            return Err(CoreError::TooManyWorkers {
-                max: self.options.max_workers,
-            });
+        let max = self.worker_cap();
+        if live - replaced.len() >= max {
+            return Err(CoreError::TooManyWorkers { max });
         }
         let id = WorkerId(self.options.worker_id_base | self.next_seq);
         self.next_seq += 1;

@@ -21,7 +21,9 @@ pub struct CoreOptions {
     pub ready_ttl_ms: u64,
     /// Dead workers stay on the status page this long.
     pub dead_retention_ms: u64,
-    /// Most live workers at once; more registrations are refused.
+    /// Most live workers at once (`--max-workers`); more registrations are
+    /// refused. A job raises it to twice its world.max_size
+    /// (`CoordinatorState::worker_cap`).
     pub max_workers: usize,
     /// High bits of every worker id (random per coordinator instance).
     pub worker_id_base: u64,

@@ -12,9 +12,7 @@ use swiftbrush_coordinator::domain::JobPhase;
 use swiftbrush_coordinator::grpc::JobToken;
 use swiftbrush_coordinator::{ServeOptions, start};
 use swiftbrush_proto::JobConfig;
-use swiftbrush_worker::distributed::{
-    self, WorkerEnd, WorkerError, WorkerOptions, WorkerSummary, run_worker,
-};
+use swiftbrush_worker::distributed::{self, WorkerEnd, WorkerOptions, WorkerSummary, run_worker};
 use swiftbrush_worker::vsd::VsdLosses;
 
 /// After ctrl-c or SIGTERM, exit anyway if the checkpoint has not landed.
@@ -84,7 +82,16 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
         let thread = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
-                let _ = done.send(run_worker(worker));
+                // A panic (a bug, an allocation failure in libtorch) is this
+                // worker's failure like any error: the job is cancelled and
+                // the command says which worker and why.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_worker(worker).map_err(anyhow::Error::from)
+                }))
+                .unwrap_or_else(|payload| {
+                    Err(anyhow::anyhow!("panicked: {}", panic_message(&*payload)))
+                });
+                let _ = done.send((i, result));
             })
             .context("cannot start a worker thread")?;
         threads.push(thread);
@@ -92,16 +99,16 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
     drop(done_tx);
 
     let mut summaries: Vec<WorkerSummary> = Vec::new();
-    let mut first_error: Option<WorkerError> = None;
-    for result in done_rx.iter() {
+    let mut first_error: Option<(u32, anyhow::Error)> = None;
+    for (worker, result) in done_rx.iter() {
         match result {
             Ok(summary) => summaries.push(summary),
             Err(e) => {
                 if first_error.is_none() {
                     // The others stop at their next heartbeat.
                     let _guard = runtime.enter();
-                    let _ = app.cancel(format!("a local worker failed: {e}"));
-                    first_error = Some(e);
+                    let _ = app.cancel(format!("local worker {worker} failed: {e}"));
+                    first_error = Some((worker, e));
                 }
             }
         }
@@ -113,8 +120,11 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
     runtime
         .block_on(coordinator.shutdown())
         .context("stopping the coordinator")?;
-    if let Some(e) = first_error {
-        return Err(e.into());
+    if let Some((worker, e)) = first_error {
+        return Err(e.context(format!(
+            "local worker {worker} of {} failed; the job is cancelled",
+            options.num_workers
+        )));
     }
     if let Some(step) = summaries.iter().find_map(|s| match s.end {
         WorkerEnd::Preempted { step, .. } => Some(step),
@@ -143,6 +153,15 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
         num_nonfinite_steps: last.map_or(0, |t| t.num_nonfinite_steps),
         num_truncated_captions: last.map_or(0, |t| t.num_truncated_captions),
     })
+}
+
+/// The text a panic was raised with (`panic!` gives a &str or a String).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// 32 random bytes as hex: the token only this process knows.

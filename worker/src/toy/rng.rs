@@ -12,14 +12,10 @@ pub struct ToyRng {
     spare_normal: Option<f64>,
 }
 
-const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64's output function: a bijective 64-bit mix.
-pub fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+// The project's one mixer (proto's mix.rs); the committed toy teacher was
+// drawn with exactly these functions.
+use swiftbrush_proto::mix::GOLDEN_GAMMA;
+pub use swiftbrush_proto::mix::mix64;
 
 impl ToyRng {
     pub fn new(seed: u64) -> Self {

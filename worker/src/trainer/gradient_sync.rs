@@ -30,17 +30,41 @@ pub trait GradientSync {
 
     /// Combines every rank's vote in one round.
     fn vote(&mut self, mine: StepVote) -> Result<StepVote, SyncError> {
-        let mut values = [
+        Ok(self.vote_with_losses(mine, &[])?.0)
+    }
+
+    /// Combines every rank's vote and averages `losses` over the ranks, in
+    /// the same round: each rank's loss is the mean over its equal share of
+    /// the global batch, so their mean is the global batch's loss (what a
+    /// job reports). In float32 (the vote's), so to about 7 digits; a world
+    /// of one returns its losses untouched.
+    fn vote_with_losses(
+        &mut self,
+        mine: StepVote,
+        losses: &[f64],
+    ) -> Result<(StepVote, Vec<f64>), SyncError> {
+        let mut values = vec![
             if mine.finite { 0.0 } else { 1.0 },
             if mine.preempt { 1.0 } else { 0.0 },
             mine.num_truncated as f32,
         ];
+        values.extend(losses.iter().map(|&l| l as f32));
         self.all_sum(&mut values)?;
-        Ok(StepVote {
+        let n = self.world_size();
+        let means = if n <= 1 {
+            losses.to_vec()
+        } else {
+            values[3..]
+                .iter()
+                .map(|&v| f64::from(v) / n as f64)
+                .collect()
+        };
+        let vote = StepVote {
             finite: values[0] == 0.0,
             preempt: values[1] > 0.0,
             num_truncated: values[2].round().max(0.0) as u64,
-        })
+        };
+        Ok((vote, means))
     }
 }
 

@@ -35,20 +35,26 @@ impl Optimizers {
     /// Averages both networks' gradients over the ranks, then votes (`mine`,
     /// with `finite` set from this rank's losses and averaged gradients);
     /// only if every rank's are finite, clips and steps both optimizers.
-    /// Gradients are zeroed either way. Returns the combined vote: a NaN
-    /// anywhere skips the step everywhere, so replicas stay identical.
+    /// Gradients are zeroed either way. Returns the combined vote (a NaN
+    /// anywhere skips the step everywhere, so replicas stay identical) and
+    /// the global batch's losses: this rank's `losses` averaged over the
+    /// ranks in the vote's round.
     pub fn apply(
         &mut self,
         sync: &mut dyn GradientSync,
         losses: &VsdLosses,
         mut mine: StepVote,
-    ) -> Result<StepVote, TrainError> {
+    ) -> Result<(StepVote, VsdLosses), TrainError> {
         let student_grads = gradients(self.student.params());
         let fake_grads = gradients(self.fake_score.params());
         sync.all_reduce_mean(&student_grads)?;
         sync.all_reduce_mean(&fake_grads)?;
         mine.finite = losses.all_finite() && all_finite(&student_grads) && all_finite(&fake_grads);
-        let vote = sync.vote(mine)?;
+        let (vote, global) = sync.vote_with_losses(mine, &[losses.vsd, losses.fake_score])?;
+        let global = VsdLosses {
+            vsd: global[0],
+            fake_score: global[1],
+        };
         if vote.finite {
             clip_grad_norm(self.student.params(), self.student_clip);
             self.student.step();
@@ -56,7 +62,7 @@ impl Optimizers {
             self.fake_score.step();
         }
         self.zero_grad();
-        Ok(vote)
+        Ok((vote, global))
     }
 
     /// A further fake-score update whose gradients the backward of `loss`
@@ -115,7 +121,7 @@ mod tests {
         // A NaN loss: nothing moves, gradients are cleared.
         (&s * 2.0).sum(Kind::Float).backward();
         (&l * 2.0).sum(Kind::Float).backward();
-        let applied = opt
+        let (applied, _) = opt
             .apply(&mut SingleProcess, &losses(f64::NAN), vote)
             .unwrap();
         assert!(!applied.finite);
@@ -126,15 +132,16 @@ mod tests {
 
         // A finite loss but an infinite gradient: skipped too.
         (&s * f64::INFINITY).sum(Kind::Float).backward();
-        let applied = opt.apply(&mut SingleProcess, &losses(0.1), vote).unwrap();
+        let (applied, _) = opt.apply(&mut SingleProcess, &losses(0.1), vote).unwrap();
         assert!(!applied.finite);
         assert_eq!(Vec::<f32>::try_from(l.detach()).unwrap(), vec![3.0]);
 
         // All finite: both networks step.
         (&s * 2.0).sum(Kind::Float).backward();
         (&l * 2.0).sum(Kind::Float).backward();
-        let applied = opt.apply(&mut SingleProcess, &losses(0.1), vote).unwrap();
+        let (applied, global) = opt.apply(&mut SingleProcess, &losses(0.1), vote).unwrap();
         assert!(applied.finite);
+        assert_eq!(global, losses(0.1), "one rank: its own losses, untouched");
         assert_eq!(opt.student.num_steps(), 1);
         assert_eq!(opt.fake_score.num_steps(), 1);
         assert!(Vec::<f32>::try_from(l.detach()).unwrap()[0] < 3.0);

@@ -205,17 +205,23 @@ impl Trainer {
     /// `step + 1`.
     pub fn train_step(&mut self, world: &mut World, step: u64) -> Result<StepDone, TrainError> {
         let t0 = Instant::now();
+        panic_fault(world.rank(), step);
         let batch = self.batch(world, step)?;
-        let StepOutput { losses, x0 } = self.vsd_step(world, step, &batch.text)?;
+        // This rank's losses (its share of the batch); `losses` below are
+        // the global batch's, averaged in the vote.
+        let StepOutput {
+            losses: rank_losses,
+            x0,
+        } = self.vsd_step(world, step, &batch.text)?;
         let mine = StepVote {
             finite: true,
             preempt: world.parts.control.preempt_requested(),
             num_truncated: batch.num_truncated,
         };
         let t_sync = Instant::now();
-        let vote = self
-            .optimizers
-            .apply(world.parts.sync.as_mut(), &losses, mine)?;
+        let (vote, losses) =
+            self.optimizers
+                .apply(world.parts.sync.as_mut(), &rank_losses, mine)?;
         let mut allreduce_s = t_sync.elapsed().as_secs_f64();
         self.initial = false;
         if vote.finite {
@@ -225,8 +231,8 @@ impl Trainer {
             self.state.num_nonfinite_steps += 1;
             tracing::warn!(
                 step,
-                vsd = losses.vsd,
-                fake_score = losses.fake_score,
+                rank_vsd = rank_losses.vsd,
+                rank_fake_score = rank_losses.fake_score,
                 "non-finite loss or gradient: step skipped"
             );
         }
@@ -456,3 +462,20 @@ impl Trainer {
         self.networks.scores.fake_parameters()
     }
 }
+
+/// `SWIFTBRUSH_FAULT_PANIC=RANK:STEP`: rank RANK panics at the start of step
+/// STEP, as a bug or an allocation failure inside libtorch would. Only in
+/// builds with the `fault-injection` feature (the tests' build).
+#[cfg(feature = "fault-injection")]
+fn panic_fault(rank: u64, step: u64) {
+    let at = std::env::var("SWIFTBRUSH_FAULT_PANIC").ok();
+    let at = at.as_deref().and_then(|v| v.split_once(':'));
+    if at.and_then(|(r, s)| Some((r.parse::<u64>().ok()?, s.parse::<u64>().ok()?)))
+        == Some((rank, step))
+    {
+        panic!("SWIFTBRUSH_FAULT_PANIC: rank {rank} panics at step {step}");
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn panic_fault(_rank: u64, _step: u64) {}

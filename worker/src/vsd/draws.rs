@@ -100,7 +100,7 @@ impl Draws {
         device: tch::Device,
     ) -> Result<Self, TchError> {
         with_generator(|| {
-            tch::manual_seed(key.seed_value());
+            tch::manual_seed(key.seed_value(0));
             let (shape, mine) = slice.rows(latent_shape, device);
             let global = shape[0];
             let z = Tensor::f_randn(&shape, FLOAT)?;
@@ -162,7 +162,7 @@ impl FakeScoreDraws {
         device: tch::Device,
     ) -> Result<Self, TchError> {
         with_generator(|| {
-            tch::manual_seed(key.extra_seed_value(update));
+            tch::manual_seed(key.seed_value(u64::from(update)));
             let (shape, mine) = slice.rows(latent_shape, device);
             let t = Tensor::f_randint_low(0, 1000, [shape[0]], INT)?;
             let eps = Tensor::f_randn(&shape, FLOAT)?;
@@ -226,24 +226,12 @@ pub struct DrawKey {
 }
 
 impl DrawKey {
-    /// A well-mixed 63-bit seed (libtorch takes an i64).
-    fn seed_value(self) -> i64 {
-        let mut x = self.seed ^ 0xA076_1D64_78BD_642F;
-        x = (x ^ self.step).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        x ^= x >> 29;
-        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x ^= x >> 32;
-        (x >> 1) as i64
-    }
-
-    /// The seed of fake-score update `update` >= 1 of this step: a stream
-    /// apart from every step's main draws.
-    fn extra_seed_value(self, update: u32) -> i64 {
-        let salted = DrawKey {
-            seed: self.seed ^ (u64::from(update)).wrapping_mul(0xD6E8_FEB8_6659_FD93),
-            step: self.step,
-        };
-        salted.seed_value()
+    /// The libtorch seed (63 bits: it takes an i64) of stream `stream` of
+    /// this step: 0 for the step's main draws, u >= 1 for fake-score update
+    /// u. Seed, step and stream meet only through proto's mixer
+    /// (`mix::derive`), so no two (seed, step) pairs share noise.
+    fn seed_value(self, stream: u64) -> i64 {
+        (swiftbrush_proto::mix::derive(self.seed, &[self.step, stream]) >> 1) as i64
     }
 }
 
@@ -263,6 +251,37 @@ mod tests {
 
     fn draw_with(seed: u64, step: u64, shape: &[i64], slice: RankSlice, spec: &DrawSpec) -> Draws {
         Draws::sample(DrawKey { seed, step }, shape, slice, spec, tch::Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_seed_sweep_never_reuses_another_seeds_noise() {
+        // With the seed and the step XORed (before the fix), seed 1 at step
+        // k drew seed 0's noise at step k ^ 1.
+        let shape = [1, 1, 2, 2];
+        let mut seen: Vec<Tensor> = Vec::new();
+        for seed in 0..4 {
+            for step in 0..8 {
+                let z = draw(seed, step, &shape, RankSlice::SINGLE).z;
+                assert!(
+                    !seen.iter().any(|other| other.equal(&z)),
+                    "seed {seed} step {step} repeats another pair's noise"
+                );
+                seen.push(z);
+            }
+        }
+        // The fake score's extra updates are streams of their own too.
+        let main = draw(0, 3, &shape, RankSlice::SINGLE).fake.eps;
+        let extra = FakeScoreDraws::sample_extra(
+            DrawKey { seed: 0, step: 3 },
+            1,
+            &shape,
+            RankSlice::SINGLE,
+            0.1,
+            tch::Device::Cpu,
+        )
+        .unwrap()
+        .eps;
+        assert!(!main.equal(&extra));
     }
 
     #[test]

@@ -164,3 +164,28 @@ fn a_job_whose_world_sizes_cannot_divide_the_batch_is_refused() {
         CoreError::InvalidJob(_)
     ));
 }
+
+#[test]
+fn registrations_past_the_cap_are_refused_until_a_job_needs_more() {
+    let mut sim = Sim::new();
+    sim.state.options.max_workers = 3;
+    for i in 0..3 {
+        sim.register(&format!("h{i}"));
+    }
+    let input = RegisterInput {
+        host: "h3".to_owned(),
+        device: "cpu".to_owned(),
+        capabilities: Capabilities::default(),
+    };
+    let err = sim.refused(|s, now| s.register(input.clone(), now));
+    assert_eq!(err, CoreError::TooManyWorkers { max: 3 });
+    assert!(err.to_string().contains("--max-workers"), "{err}");
+    // A job of up to 4 workers raises the cap to 8 (its world and spares).
+    sim.apply(|s, now| s.submit(spec(1, 4), now)).unwrap();
+    assert_eq!(sim.state.worker_cap(), 8);
+    for i in 3..8 {
+        sim.register(&format!("h{i}"));
+    }
+    let err = sim.refused(|s, now| s.register(input.clone(), now));
+    assert_eq!(err, CoreError::TooManyWorkers { max: 8 });
+}
