@@ -35,6 +35,10 @@ model:
   teacher: {teacher}
   resolution: 16
 method:
+  # Moves the student far beyond rounding in a few steps, so the
+  # equivalence checks below can fail (the default 1e-6 cannot).
+  student:
+    lr: 1.0e-3
   lora:
     rank: 4
     alpha: 8
@@ -313,10 +317,16 @@ fn assert_matches_reference(dir: &Path, run: &str, max_steps: u64) -> String {
     assert_eq!(history, reference, "the same captions in the same steps");
     let ours = student(&dir.join(run), max_steps);
     let theirs = student(&dir.join("reference"), max_steps);
-    let d = common::tensors::max_abs_diff_named(&ours, &theirs);
-    assert!(d <= 1e-5, "max weight difference {d:e} from the reference");
-    // Not vacuous: the student moved during the run.
-    assert!(common::tensors::max_abs_diff_named(&ours, &student(&dir.join(run), 2)) > 1e-7);
+    // Apart by at most 2e-2 of how far the reference moved after step 2
+    // (measured: 2e-3 to 5e-3, the rounding of near-zero gradients that
+    // Adam turns into lr-sized moves; a wrong average or a lost rank's
+    // share moves it elsewhere by O(1)).
+    let start = student(&dir.join("reference"), 2);
+    let r = common::tensors::relative_to_move(&ours, &theirs, &start);
+    assert!(
+        r <= 2e-2,
+        "the student differs from the reference by {r:e} of its move"
+    );
     String::from_utf8_lossy(&alone.stdout).into_owned()
 }
 

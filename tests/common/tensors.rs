@@ -32,3 +32,32 @@ pub fn max_abs_diff_named(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64
         max_abs_diff(ta, tb)
     }))
 }
+
+/// ||a - b|| / ||b - start|| over lists of named tensors (same names, same
+/// order): how far apart two runs ended, relative to how far the reference
+/// `b` moved from `start`. Adam turns rounding noise in a near-zero gradient
+/// into an lr-sized move of that one weight, so an elementwise maximum is
+/// the wrong measure of two trainings' agreement; this norm is not.
+pub fn relative_to_move(
+    a: &[(String, Tensor)],
+    b: &[(String, Tensor)],
+    start: &[(String, Tensor)],
+) -> f64 {
+    let norm = |x: &[(String, Tensor)], y: &[(String, Tensor)]| -> f64 {
+        assert_eq!(x.len(), y.len(), "tensor count");
+        x.iter()
+            .zip(y)
+            .map(|((nx, tx), (ny, ty))| {
+                assert_eq!(nx, ny);
+                (tx.to_kind(Kind::Double) - ty.to_kind(Kind::Double))
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum::<f64>()
+            .sqrt()
+    };
+    let moved = norm(b, start);
+    assert!(moved > 0.0, "the reference did not move");
+    norm(a, b) / moved
+}

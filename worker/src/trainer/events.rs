@@ -1,8 +1,10 @@
 //! TensorBoard event files: rank 0's losses and rates, one scalar event per
-//! trained step, in RUN/tensorboard/ (`tensorboard --logdir RUN`). The
+//! trained step, and the sample step's pictures (the PNG of
+//! RUN/samples/step-N.png as an image summary), in RUN/tensorboard/
+//! (`tensorboard --logdir RUN`). The
 //! format is TensorFlow's record file: per record its length (u64 LE), the
 //! masked CRC-32C of the length, the data, the masked CRC-32C of the data;
-//! the data an `Event` protocol buffer, encoded here by hand (four fields).
+//! the data an `Event` protocol buffer, encoded here by hand.
 //! Object stores cannot append, so the file is held in memory and written
 //! whole (replacing the last copy) at most once a minute, at checkpoints
 //! and at the end; each world writes its own file, so a resumed run adds
@@ -53,6 +55,15 @@ fn event_head(wall_time: f64, step: u64) -> Vec<u8> {
     varint(&mut e, 2 << 3);
     varint(&mut e, step);
     e
+}
+
+/// (width, height) from a PNG's IHDR chunk, which always comes first.
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    if png.len() < 24 || &png[..8] != b"\x89PNG\r\n\x1a\n" || &png[12..16] != b"IHDR" {
+        return None;
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some((be(&png[16..20]), be(&png[20..24])))
 }
 
 fn now() -> f64 {
@@ -112,6 +123,31 @@ impl EventFile {
             v.extend_from_slice(&(*value as f32).to_le_bytes());
             bytes_field(&mut summary, 1, &v);
         }
+        let mut event = event_head(now(), step);
+        bytes_field(&mut event, 5, &summary);
+        record(&mut self.data, &event);
+        self.dirty = true;
+    }
+
+    /// A picture of one step: `Event { summary = 5 { value = 1 { tag = 1,
+    /// image = 4 { height = 1, width = 2, colorspace = 3 (3: RGB),
+    /// encoded_image_string = 4 (the PNG) } } } }`, TensorBoard's
+    /// `Summary.Image`.
+    pub fn image(&mut self, step: u64, tag: &str, png: &[u8]) {
+        let (width, height) = png_size(png).unwrap_or((0, 0));
+        let mut image = Vec::new();
+        varint(&mut image, 1 << 3);
+        varint(&mut image, u64::from(height));
+        varint(&mut image, 2 << 3);
+        varint(&mut image, u64::from(width));
+        varint(&mut image, 3 << 3);
+        varint(&mut image, 3);
+        bytes_field(&mut image, 4, png);
+        let mut v = Vec::new();
+        bytes_field(&mut v, 1, tag.as_bytes());
+        bytes_field(&mut v, 4, &image);
+        let mut summary = Vec::new();
+        bytes_field(&mut summary, 1, &v);
         let mut event = event_head(now(), step);
         bytes_field(&mut event, 5, &summary);
         record(&mut self.data, &event);

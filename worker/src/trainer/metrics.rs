@@ -60,6 +60,14 @@ impl Metrics {
         self.flush(false);
     }
 
+    /// The sample step's picture of step `step` (a PNG), beside the losses.
+    pub fn image(&mut self, step: u64, tag: &str, png: &[u8]) {
+        if let Some(events) = self.events.as_mut() {
+            events.image(step, tag, png);
+        }
+        self.flush(false);
+    }
+
     /// Writes the TensorBoard file when it changed and a minute has passed,
     /// or now with `force`. A file that cannot be written is reported and
     /// training goes on.

@@ -364,7 +364,7 @@ impl Trainer {
     /// `done`, when `train.sample_every_steps` asks for them. A picture
     /// that cannot be written is reported and the run goes on: it is worth
     /// less than the training.
-    fn sample(&mut self, world: &World, done: u64) {
+    fn sample(&mut self, world: &mut World, done: u64) {
         let Some(samples) = self.samples.as_ref() else {
             return;
         };
@@ -384,12 +384,15 @@ impl Trainer {
             self.checkpointer.store(),
         );
         match written {
-            Ok(name) => tracing::info!(
-                step = done,
-                file = %name,
-                seconds = format!("{:.2}", t0.elapsed().as_secs_f64()),
-                "samples written"
-            ),
+            Ok((name, png)) => {
+                tracing::info!(
+                    step = done,
+                    file = %name,
+                    seconds = format!("{:.2}", t0.elapsed().as_secs_f64()),
+                    "samples written"
+                );
+                world.metrics.image(done, "samples", &png);
+            }
             Err(e) => tracing::warn!(step = done, "samples not written: {e}"),
         }
     }

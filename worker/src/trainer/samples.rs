@@ -85,7 +85,7 @@ impl TrainingSamples {
 
     /// Draws the pictures with the EMA weights (swapped into `student` for
     /// the passes and back) and writes them as samples/step-XXXXXXXX.png.
-    /// Returns the file's name in the run directory.
+    /// Returns the file's name in the run directory and the PNG.
     pub(super) fn write(
         &self,
         step: u64,
@@ -93,7 +93,7 @@ impl TrainingSamples {
         ema: Option<&mut Ema>,
         draw: &OneStepDraw,
         store: &RunStore,
-    ) -> Result<String, TrainError> {
+    ) -> Result<(String, Vec<u8>), TrainError> {
         let images = match ema {
             Some(ema) => {
                 let variables = student.vs.variables();
@@ -108,8 +108,8 @@ impl TrainingSamples {
         let png = png_bytes(&images, grid_columns(n))
             .map_err(|e| TrainError::Invalid(format!("samples of step {step}: {e}")))?;
         let name = format!("samples/step-{step:08}.png");
-        store.put_run_file(&name, Bytes::from(png))?;
-        Ok(name)
+        store.put_run_file(&name, Bytes::from(png.clone()))?;
+        Ok((name, png))
     }
 
     fn draw(&self, student: &UNet, draw: &OneStepDraw) -> Result<Tensor, TrainError> {
