@@ -24,12 +24,15 @@ pub struct VsdBenchReport {
     pub images_per_s: f64,
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_host_mib: Option<f64>,
+    /// CUDA: the most device memory in use as the driver counts it (total
+    /// minus free), sampled after each timed step, MiB; None on the CPU.
+    pub peak_gpu_mib: Option<f64>,
 }
 
 impl VsdBenchReport {
     pub fn table(&self) -> String {
         format!(
-            "device            {}\nprecision         {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\n",
+            "device            {}\nprecision         {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\n",
             self.device,
             self.precision,
             self.images_per_step,
@@ -39,6 +42,9 @@ impl VsdBenchReport {
             self.images_per_s,
             self.peak_host_mib
                 .map_or("n/a".to_owned(), |m| format!("{m:.0} MiB")),
+            self.peak_gpu_mib.map_or("n/a".to_owned(), |m| format!(
+                "{m:.0} MiB (in use per the driver, after each step)"
+            )),
         )
     }
 }
@@ -70,6 +76,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     let mut trainer = SoloTrainer::build(cfg, device, feed, SingleProcess, Resume::Auto)?;
     trainer.train_step(0)?;
     let mut times = Vec::with_capacity(steps as usize);
+    let mut peak_gpu: Option<u64> = None;
     for step in 1..=steps {
         let t0 = Instant::now();
         trainer.train_step(step)?;
@@ -77,6 +84,9 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
             tch::Cuda::synchronize(device_index(device));
         }
         times.push(t0.elapsed().as_secs_f64());
+        if device.is_cuda() {
+            peak_gpu = peak_gpu.max(crate::cuda_driver::memory_in_use_bytes());
+        }
     }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -92,6 +102,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         mean_step_s: mean,
         images_per_s: images as f64 / median,
         peak_host_mib: peak_rss_mib(),
+        peak_gpu_mib: peak_gpu.map(|b| b as f64 / (1u64 << 20) as f64),
     })
 }
 

@@ -46,6 +46,28 @@ pub fn total_memory_bytes(index: usize) -> Option<u64> {
         .map(|g| g.total_memory_bytes)
 }
 
+/// Device memory in use on the calling thread's current CUDA context's
+/// device (total minus free, as the driver counts it: every process's
+/// allocations, the caching allocator's reserve, the context itself).
+/// None without a driver or a current context.
+pub fn memory_in_use_bytes() -> Option<u64> {
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
+    static FN: OnceLock<Option<MemGetInfo>> = OnceLock::new();
+    let get = (*FN.get_or_init(|| {
+        // SAFETY: a NUL-terminated soname; the handle is kept.
+        let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) };
+        if handle.is_null() {
+            return None;
+        }
+        // SAFETY: the handle is open; the symbol has this signature (cuda.h).
+        let p = unsafe { libc::dlsym(handle, c"cuMemGetInfo_v2".as_ptr()) };
+        (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, MemGetInfo>(p) })
+    }))?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: valid out-pointers.
+    (unsafe { get(&mut free, &mut total) } == CUDA_SUCCESS).then(|| (total - free) as u64)
+}
+
 fn query() -> Result<DriverReport, String> {
     // SAFETY: a NUL-terminated soname; the handle is kept for the process.
     let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) };
