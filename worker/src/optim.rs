@@ -192,6 +192,17 @@ impl Adam {
 /// min(1, max_norm / (total_norm + 1e-6)) and returns the total L2 norm
 /// before clipping (non-finite when any gradient is).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
+    let total = grad_norm(params).double_value(&[]);
+    scale_to_norm(params, total, max_norm);
+    total
+}
+
+/// The total L2 norm of the parameters' gradients, on their device
+/// (float32, 0-dim; 0 without gradients): the norm of the per-tensor norms,
+/// as torch's clip_grad_norm_ computes it. Non-finite when any gradient
+/// entry is, so it doubles as the finite check (the trainer reads it with
+/// the losses in one transfer).
+pub fn grad_norm(params: &[Tensor]) -> Tensor {
     tch::no_grad(|| {
         let norms: Vec<Tensor> = params
             .iter()
@@ -199,19 +210,26 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
             .filter(|g| g.defined())
             .map(|g| g.to_kind(Kind::Float).norm())
             .collect();
-        if norms.is_empty() {
-            return 0.0;
+        match norms.first() {
+            None => Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+            Some(_) => Tensor::stack(&norms, 0).norm(),
         }
-        let total = Tensor::stack(&norms, 0).norm();
-        let total_f = total.double_value(&[]);
-        let coef = (max_norm / (total_f + 1e-6)).min(1.0);
+    })
+}
+
+/// The second half of [`clip_grad_norm`]: scales the gradients by
+/// min(1, max_norm / (total + 1e-6)), `total` being their norm read back
+/// (the coefficient is computed on the host in float64, as before, so the
+/// result is the same bit for bit).
+pub fn scale_to_norm(params: &[Tensor], total: f64, max_norm: f64) {
+    tch::no_grad(|| {
+        let coef = (max_norm / (total + 1e-6)).min(1.0);
         for p in params {
             let mut g = p.grad();
             if g.defined() {
                 let _ = g.g_mul_scalar_(coef);
             }
         }
-        total_f
     })
 }
 

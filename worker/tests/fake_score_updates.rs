@@ -80,3 +80,26 @@ fn updates_per_step_out_of_range_names_the_key() {
     cfg.method.fake_score.updates_per_step = 65;
     assert!(cfg.validate().is_err());
 }
+
+/// A step reads from the device once (both losses and both gradient norms,
+/// for the vote and the log), and each further fake-score update once more
+/// (its loss and norm, for its own vote): on a GPU every read waits for
+/// the queued kernels. Before, the finite check alone read once per
+/// gradient tensor.
+#[test]
+fn a_step_reads_the_device_once_and_each_further_update_once_more() {
+    use swiftbrush_worker::trainer::host_read;
+    tch::set_num_threads(1);
+    for (updates, per_step) in [(1, 1), (3, 3)] {
+        let mut t = trainer(config("memory://", updates, 3));
+        t.train_step(0).unwrap();
+        let before = host_read::count();
+        t.train_step(1).unwrap();
+        t.train_step(2).unwrap();
+        assert_eq!(
+            host_read::count() - before,
+            2 * per_step,
+            "{updates} fake-score update(s) a step"
+        );
+    }
+}

@@ -3,10 +3,24 @@
 //! every rank's losses and gradients finite), clipped to their configured
 //! norms.
 
+use tch::Tensor;
+
 use super::TrainError;
-use super::gradient_sync::{GradientSync, StepVote, all_finite, gradients};
-use crate::optim::{Adam, clip_grad_norm};
-use crate::vsd::VsdLosses;
+use super::gradient_sync::{GradientSync, StepVote, gradients};
+use super::host_read;
+use crate::optim::{Adam, grad_norm, scale_to_norm};
+use crate::vsd::{DeviceLosses, VsdLosses};
+
+/// What the first optimizer step of an iteration decided.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    /// The combined vote of all ranks.
+    pub vote: StepVote,
+    /// This rank's losses (its share of the batch).
+    pub rank_losses: VsdLosses,
+    /// The global batch's: the ranks' losses averaged in the vote's round.
+    pub losses: VsdLosses,
+}
 
 pub struct Optimizers {
     pub student: Adam,
@@ -32,57 +46,71 @@ impl Optimizers {
         self.fake_score.zero_grad();
     }
 
-    /// Averages both networks' gradients over the ranks, then votes (`mine`,
-    /// with `finite` set from this rank's losses and averaged gradients);
-    /// only if every rank's are finite, clips and steps both optimizers.
-    /// Gradients are zeroed either way. Returns the combined vote (a NaN
-    /// anywhere skips the step everywhere, so replicas stay identical) and
-    /// the global batch's losses: this rank's `losses` averaged over the
-    /// ranks in the vote's round.
+    /// Averages both networks' gradients over the ranks, reads this rank's
+    /// losses and both gradient norms back in one transfer (a non-finite
+    /// gradient makes its norm non-finite), then votes (`mine`, `finite`
+    /// set from those four numbers); only if every rank's are finite,
+    /// clips (to the norms read) and steps both optimizers. Gradients are
+    /// zeroed either way. A NaN anywhere skips the step everywhere, so
+    /// replicas stay identical.
     pub fn apply(
         &mut self,
         sync: &mut dyn GradientSync,
-        losses: &VsdLosses,
+        losses: &DeviceLosses,
         mut mine: StepVote,
-    ) -> Result<(StepVote, VsdLosses), TrainError> {
+    ) -> Result<Applied, TrainError> {
         let student_grads = gradients(self.student.params());
         let fake_grads = gradients(self.fake_score.params());
         sync.all_reduce_mean(&student_grads)?;
         sync.all_reduce_mean(&fake_grads)?;
-        mine.finite = losses.all_finite() && all_finite(&student_grads) && all_finite(&fake_grads);
-        let (vote, global) = sync.vote_with_losses(mine, &[losses.vsd, losses.fake_score])?;
-        let global = VsdLosses {
-            vsd: global[0],
-            fake_score: global[1],
+        let student_norm = grad_norm(self.student.params());
+        let fake_norm = grad_norm(self.fake_score.params());
+        let host = host_read::read(&[&losses.vsd, &losses.fake_score, &student_norm, &fake_norm])
+            .map_err(crate::vsd::VsdError::from)?;
+        let rank_losses = VsdLosses {
+            vsd: host[0],
+            fake_score: host[1],
         };
+        mine.finite = host.iter().all(|v| v.is_finite());
+        let (vote, global) = sync.vote_with_losses(mine, &host[..2])?;
         if vote.finite {
-            clip_grad_norm(self.student.params(), self.student_clip);
+            scale_to_norm(self.student.params(), host[2], self.student_clip);
             self.student.step();
-            clip_grad_norm(self.fake_score.params(), self.fake_score_clip);
+            scale_to_norm(self.fake_score.params(), host[3], self.fake_score_clip);
             self.fake_score.step();
         }
         self.zero_grad();
-        Ok((vote, global))
+        Ok(Applied {
+            vote,
+            rank_losses,
+            losses: VsdLosses {
+                vsd: global[0],
+                fake_score: global[1],
+            },
+        })
     }
 
     /// A further fake-score update whose gradients the backward of `loss`
-    /// left: averaged over the ranks, voted finite, clipped and stepped
-    /// (skipped everywhere if any rank's is not finite), then zeroed.
-    /// Returns whether it was applied.
+    /// (on the device) left: averaged over the ranks, read back with their
+    /// norm in one transfer, voted finite, clipped and stepped (skipped
+    /// everywhere if any rank's is not finite), then zeroed. Returns
+    /// whether it was applied.
     pub fn apply_fake_score(
         &mut self,
         sync: &mut dyn GradientSync,
-        loss: f64,
+        loss: &Tensor,
     ) -> Result<bool, TrainError> {
         let grads = gradients(self.fake_score.params());
         sync.all_reduce_mean(&grads)?;
+        let norm = grad_norm(self.fake_score.params());
+        let host = host_read::read(&[loss, &norm]).map_err(crate::vsd::VsdError::from)?;
         let vote = sync.vote(StepVote {
-            finite: loss.is_finite() && all_finite(&grads),
+            finite: host.iter().all(|v| v.is_finite()),
             preempt: false,
             num_truncated: 0,
         })?;
         if vote.finite {
-            clip_grad_norm(self.fake_score.params(), self.fake_score_clip);
+            scale_to_norm(self.fake_score.params(), host[1], self.fake_score_clip);
             self.fake_score.step();
         }
         self.fake_score.zero_grad();
@@ -96,7 +124,7 @@ mod tests {
     use crate::optim::AdamConfig;
     use crate::trainer::gradient_sync::SingleProcess;
     use swiftbrush_proto::config::OptimizerConfig;
-    use tch::{Kind, Tensor};
+    use tch::Kind;
 
     fn adam(p: &Tensor) -> Adam {
         let cfg = AdamConfig::from(&OptimizerConfig::with_lr(0.1));
@@ -108,9 +136,9 @@ mod tests {
         let s = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
         let l = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
         let mut opt = Optimizers::new(adam(&s), adam(&l), 1.0, 1.0);
-        let losses = |vsd: f64| VsdLosses {
-            vsd,
-            fake_score: 0.5,
+        let losses = |vsd: f64| DeviceLosses {
+            vsd: Tensor::from(vsd),
+            fake_score: Tensor::from(0.5f64),
         };
         let vote = StepVote {
             finite: true,
@@ -121,9 +149,10 @@ mod tests {
         // A NaN loss: nothing moves, gradients are cleared.
         (&s * 2.0).sum(Kind::Float).backward();
         (&l * 2.0).sum(Kind::Float).backward();
-        let (applied, _) = opt
+        let applied = opt
             .apply(&mut SingleProcess, &losses(f64::NAN), vote)
-            .unwrap();
+            .unwrap()
+            .vote;
         assert!(!applied.finite);
         assert_eq!(applied.num_truncated, 2, "the counts travel with the vote");
         assert_eq!(Vec::<f32>::try_from(s.detach()).unwrap(), vec![1.0, 2.0]);
@@ -132,16 +161,31 @@ mod tests {
 
         // A finite loss but an infinite gradient: skipped too.
         (&s * f64::INFINITY).sum(Kind::Float).backward();
-        let (applied, _) = opt.apply(&mut SingleProcess, &losses(0.1), vote).unwrap();
+        let applied = opt
+            .apply(&mut SingleProcess, &losses(0.1), vote)
+            .unwrap()
+            .vote;
         assert!(!applied.finite);
         assert_eq!(Vec::<f32>::try_from(l.detach()).unwrap(), vec![3.0]);
 
         // All finite: both networks step.
         (&s * 2.0).sum(Kind::Float).backward();
         (&l * 2.0).sum(Kind::Float).backward();
-        let (applied, global) = opt.apply(&mut SingleProcess, &losses(0.1), vote).unwrap();
+        let reads = host_read::count();
+        let done = opt.apply(&mut SingleProcess, &losses(0.1), vote).unwrap();
+        assert_eq!(
+            host_read::count() - reads,
+            1,
+            "one read for losses and norms"
+        );
+        let applied = done.vote;
         assert!(applied.finite);
-        assert_eq!(global, losses(0.1), "one rank: its own losses, untouched");
+        let want = VsdLosses {
+            vsd: 0.1,
+            fake_score: 0.5,
+        };
+        assert_eq!(done.losses, want, "one rank: its own losses, untouched");
+        assert_eq!(done.rank_losses, want);
         assert_eq!(opt.student.num_steps(), 1);
         assert_eq!(opt.fake_score.num_steps(), 1);
         assert!(Vec::<f32>::try_from(l.detach()).unwrap()[0] < 3.0);
@@ -153,11 +197,17 @@ mod tests {
         let l = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
         let mut opt = Optimizers::new(adam(&s), adam(&l), 1.0, 1.0);
         (&l * 2.0).sum(Kind::Float).backward();
-        assert!(!opt.apply_fake_score(&mut SingleProcess, f64::NAN).unwrap());
+        assert!(
+            !opt.apply_fake_score(&mut SingleProcess, &Tensor::from(f64::NAN))
+                .unwrap()
+        );
         assert_eq!(opt.fake_score.num_steps(), 0);
         assert_eq!(l.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
         (&l * 2.0).sum(Kind::Float).backward();
-        assert!(opt.apply_fake_score(&mut SingleProcess, 0.5).unwrap());
+        assert!(
+            opt.apply_fake_score(&mut SingleProcess, &Tensor::from(0.5f64))
+                .unwrap()
+        );
         assert_eq!(opt.fake_score.num_steps(), 1);
         assert!(Vec::<f32>::try_from(l.detach()).unwrap()[0] < 3.0);
         assert_eq!(opt.student.num_steps(), 0, "the student does not move");

@@ -23,7 +23,7 @@ use super::caption_audit::AuditEntry;
 use super::checkpoint::{CheckpointError, TrainState};
 use super::checkpointer::Checkpointer;
 use super::gradient_sync::StepVote;
-use super::optimizers::Optimizers;
+use super::optimizers::{Applied, Optimizers};
 use super::samples::TrainingSamples;
 use super::text::TextConditioner;
 use super::world::{Directive, Phase, StepReport, World, WorldEnd, WorldParts};
@@ -31,7 +31,8 @@ use crate::diffusion::NoiseSchedule;
 use crate::ema::Ema;
 use crate::roles::{ScorePair, UNet};
 use crate::vsd::{
-    Conditions, DrawKey, DrawSpec, Draws, FakeScoreDraws, StepOutput, VsdConfig, VsdLosses, VsdStep,
+    Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, VsdConfig, VsdLosses,
+    VsdStep,
 };
 
 /// Where to start.
@@ -207,10 +208,10 @@ impl Trainer {
         let t0 = Instant::now();
         panic_fault(world.rank(), step);
         let batch = self.batch(world, step)?;
-        // This rank's losses (its share of the batch); `losses` below are
-        // the global batch's, averaged in the vote.
-        let StepOutput {
-            losses: rank_losses,
+        // The losses stay on the device until the vote reads them with the
+        // gradient norms: one transfer a step.
+        let DeviceStepOutput {
+            losses: device_losses,
             x0,
         } = self.vsd_step(world, step, &batch.text)?;
         let mine = StepVote {
@@ -219,9 +220,15 @@ impl Trainer {
             num_truncated: batch.num_truncated,
         };
         let t_sync = Instant::now();
-        let (vote, losses) =
-            self.optimizers
-                .apply(world.parts.sync.as_mut(), &rank_losses, mine)?;
+        // `losses`: the global batch's, averaged in the vote; `rank_losses`:
+        // this rank's share.
+        let Applied {
+            vote,
+            rank_losses,
+            losses,
+        } = self
+            .optimizers
+            .apply(world.parts.sync.as_mut(), &device_losses, mine)?;
         let mut allreduce_s = t_sync.elapsed().as_secs_f64();
         self.initial = false;
         if vote.finite {
@@ -292,7 +299,7 @@ impl Trainer {
         world: &World,
         step: u64,
         text: &Conditions,
-    ) -> Result<StepOutput, TrainError> {
+    ) -> Result<DeviceStepOutput, TrainError> {
         let draws = Draws::sample(
             self.draw_key(step),
             &world.latent_shape,
@@ -303,7 +310,7 @@ impl Trainer {
         Ok(self
             .networks
             .step()
-            .run(text, &draws, self.cfg.train.micro_batch)?)
+            .run_on_device(text, &draws, self.cfg.train.micro_batch)?)
     }
 
     /// fake-score updates: the fake score's further updates of this
@@ -338,13 +345,12 @@ impl Trainer {
             let t0 = Instant::now();
             let applied = self
                 .optimizers
-                .apply_fake_score(world.parts.sync.as_mut(), loss)?;
+                .apply_fake_score(world.parts.sync.as_mut(), &loss)?;
             collective_s += t0.elapsed().as_secs_f64();
             if !applied {
                 tracing::warn!(
                     step,
                     update,
-                    loss,
                     "non-finite fake-score loss or gradient: update skipped"
                 );
             }

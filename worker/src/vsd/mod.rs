@@ -23,7 +23,7 @@ use tch::{TchError, Tensor};
 
 pub use draws::{DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice, with_generator};
 pub use scores::{FakeScore, Scores};
-pub use step::{StepOutput, VsdStep};
+pub use step::{DeviceLosses, DeviceStepOutput, StepOutput, VsdStep};
 pub use swiftbrush_proto::config::VsdWeighting;
 
 use crate::diffusion::{OneStepDraw, PredictionType, ScheduleError};
@@ -73,7 +73,8 @@ impl Conditions {
     }
 }
 
-/// Both losses of a step (float32 scalars on the host).
+/// Both losses of a step, read back to the host (float32 losses, summed
+/// over micro-batches in float64).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VsdLosses {
     pub vsd: f64,
@@ -95,4 +96,6 @@ pub enum VsdError {
     Torch(#[from] TchError),
     #[error("the VSD step failed: {0}")]
     Schedule(#[from] ScheduleError),
+    #[error("the VSD step was given an empty batch")]
+    EmptyBatch,
 }

@@ -35,6 +35,31 @@ pub struct StepOutput {
     pub x0: Tensor,
 }
 
+/// Both losses of a rank's batch, still on the device (0-dim float64):
+/// the trainer reads them with the gradient norms in one transfer.
+#[derive(Debug)]
+pub struct DeviceLosses {
+    pub vsd: Tensor,
+    pub fake_score: Tensor,
+}
+
+/// [`StepOutput`] before any read from the device.
+#[derive(Debug)]
+pub struct DeviceStepOutput {
+    pub losses: DeviceLosses,
+    pub x0: Tensor,
+}
+
+/// `total + share * loss` in float64 on the loss's device (`share * loss`
+/// alone for the first micro-batch: the host's 0.0 + x, exactly).
+fn accumulate(total: Option<Tensor>, loss: &Tensor, share: f64) -> Result<Tensor, VsdError> {
+    let part = loss.f_to_kind(Kind::Double)?.f_mul_scalar(share)?;
+    Ok(match total {
+        None => part,
+        Some(t) => t.f_add(&part)?,
+    })
+}
+
 /// Which of the two scores a pass runs.
 #[derive(Debug, Clone, Copy)]
 enum Score {
@@ -53,35 +78,57 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         draws: &Draws,
         micro: Option<u32>,
     ) -> Result<StepOutput, VsdError> {
+        let out = self.run_on_device(text, draws, micro)?;
+        let host = crate::trainer::host_read::read(&[&out.losses.vsd, &out.losses.fake_score])?;
+        Ok(StepOutput {
+            losses: VsdLosses {
+                vsd: host[0],
+                fake_score: host[1],
+            },
+            x0: out.x0,
+        })
+    }
+
+    /// [`Self::run`] without reading the losses back: they stay on the
+    /// device, summed over the micro-batches by their shares in float64
+    /// (the arithmetic the host did, so the values are the same).
+    pub fn run_on_device(
+        &self,
+        text: &Conditions,
+        draws: &Draws,
+        micro: Option<u32>,
+    ) -> Result<DeviceStepOutput, VsdError> {
         let parts = each_micro_batch(draws.z.size()[0], micro, |m| {
             self.iteration(&text.rows(m.start, m.len), &draws.rows(m.start, m.len), m)
         })?;
-        let mut losses = VsdLosses {
-            vsd: 0.0,
-            fake_score: 0.0,
-        };
+        let mut vsd: Option<Tensor> = None;
+        let mut fake_score: Option<Tensor> = None;
         let mut x0 = Vec::with_capacity(parts.len());
-        for (share, (part, part_x0)) in parts {
-            losses.vsd += share * part.vsd;
-            losses.fake_score += share * part.fake_score;
+        for (share, ((part_vsd, part_fake), part_x0)) in parts {
+            vsd = Some(accumulate(vsd, &part_vsd, share)?);
+            fake_score = Some(accumulate(fake_score, &part_fake, share)?);
             x0.push(part_x0);
         }
-        Ok(StepOutput {
-            losses,
+        let (Some(vsd), Some(fake_score)) = (vsd, fake_score) else {
+            return Err(VsdError::EmptyBatch);
+        };
+        Ok(DeviceStepOutput {
+            losses: DeviceLosses { vsd, fake_score },
             x0: Tensor::f_cat(&x0, 0)?,
         })
     }
 
     /// SPEC step 6 alone: a further update of the fake score on the
     /// student's detached draw `x0` with its own draws, `micro` rows at a
-    /// time as [`Self::run`]. Returns the loss.
+    /// time as [`Self::run`]. Returns the loss, on the device (0-dim
+    /// float64).
     pub fn update_fake_score(
         &self,
         text: &Conditions,
         x0: &Tensor,
         draws: &FakeScoreDraws,
         micro: Option<u32>,
-    ) -> Result<f64, VsdError> {
+    ) -> Result<Tensor, VsdError> {
         let parts = each_micro_batch(x0.size()[0], micro, |m| {
             self.fake_score_loss(
                 &text.rows(m.start, m.len),
@@ -90,7 +137,11 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
                 m,
             )
         })?;
-        Ok(parts.into_iter().map(|(share, loss)| share * loss).sum())
+        let mut total: Option<Tensor> = None;
+        for (share, loss) in parts {
+            total = Some(accumulate(total, &loss, share)?);
+        }
+        total.ok_or(VsdError::EmptyBatch)
     }
 
     /// Steps 1-6 on one micro-batch; both backwards run on its share of
@@ -100,7 +151,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         text: &Conditions,
         draws: &Draws,
         part: MicroBatch,
-    ) -> Result<(VsdLosses, Tensor), VsdError> {
+    ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
         // 1. Student draw: one pass at t = 999 from pure noise.
         let one_step = self.config.one_step(self.schedule.prediction_type());
         let x0_hat = one_step_x0(self.student, &draws.z, &text.cond, &one_step)?;
@@ -147,11 +198,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         let x0 = x0_hat.f_detach()?;
         let fake_score = self.fake_score_loss(text, &x0, &draws.fake, part)?;
 
-        let losses = VsdLosses {
-            vsd: loss_vsd.f_double_value(&[])?,
-            fake_score,
-        };
-        Ok((losses, x0))
+        Ok(((loss_vsd.f_detach()?, fake_score), x0))
     }
 
     /// SPEC step 6 on one micro-batch: the fake score's denoising loss on
@@ -166,7 +213,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         x0: &Tensor,
         draws: &FakeScoreDraws,
         part: MicroBatch,
-    ) -> Result<f64, VsdError> {
+    ) -> Result<Tensor, VsdError> {
         let form = self.scores.form();
         let abar = self.schedule.alpha_bar_at(&draws.t, x0.dim())?;
         let x = add_noise_at(x0, &draws.eps, &abar)?;
@@ -190,7 +237,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
             FakeScore::Unet => residual.f_square()?.f_mean(Kind::Float)?,
         };
         part.backward(&loss)?;
-        Ok(loss.f_double_value(&[])?)
+        Ok(loss.f_detach()?)
     }
 
     /// Classifier-free guidance at `scale`, as epsilon: the null condition
