@@ -84,6 +84,75 @@ fn checkpoint_file(run: &Path, step: u64, name: &str) -> Vec<u8> {
     std::fs::read(attempt.path().join(name)).unwrap()
 }
 
+/// The step-4 checkpoint's `name`, damaged as a storage fault would: one
+/// byte flipped, or the file cut in half.
+fn damage(run: &Path, name: &str, how: &str) {
+    let dir = run.join("checkpoints/step-00000004");
+    let attempt = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("attempt-"))
+        .unwrap();
+    let path = attempt.path().join(name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    match how {
+        "flip" => {
+            let i = bytes.len() / 2;
+            bytes[i] ^= 0x40;
+        }
+        _ => bytes.truncate(bytes.len() / 2),
+    }
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// A corrupt newest checkpoint does not brick the run: the same `train`
+/// command resumes from the newest checkpoint that verifies, warns loudly
+/// naming the bad one, and moves it aside (kept, never deleted; retention
+/// and resume no longer see it); `--resume` of the older good one works.
+#[test]
+fn a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it() {
+    for (how, resume) in [("flip", None), ("truncate", None), ("flip", Some("2"))] {
+        let dir = setup();
+        let d = dir.path();
+        ok(&train(d, &["--run-dir", "run", "--max-steps", "4"], &[]));
+        let good = checkpoint_file(&d.join("run"), 4, "student.safetensors");
+        damage(&d.join("run"), "student.safetensors", how);
+        let mut args = vec!["--run-dir", "run", "--max-steps", "4"];
+        if let Some(step) = resume {
+            args.extend(["--resume", step]);
+        }
+        let out = train(d, &args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let stdout = ok(&out);
+        assert!(
+            stdout.contains("trained steps 2..4"),
+            "{how}: {stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.contains("CHECKPOINT 4 IS CORRUPT") && stderr.contains("student.safetensors"),
+            "{how}: {stderr}"
+        );
+        // Set aside, not deleted (and no empty folder left behind); the
+        // retrained step 4 is the same student.
+        let aside: Vec<_> = std::fs::read_dir(d.join("run/corrupt"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        assert_eq!(aside.len(), 1, "{how}");
+        assert!(
+            aside[0]
+                .file_name()
+                .to_string_lossy()
+                .starts_with("step-00000004.")
+        );
+        assert!(aside[0].path().join("manifest.json").exists(), "{how}");
+        assert!(
+            checkpoint_file(&d.join("run"), 4, "student.safetensors") == good,
+            "{how}: the retrained step 4 differs from the original"
+        );
+    }
+}
+
 #[test]
 fn resume_continues_bitwise_and_survives_a_kill_mid_checkpoint() {
     let dir = setup();

@@ -38,8 +38,9 @@ pub struct TrainArgs {
     /// Overrides train.seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// `latest` (the default: the newest valid checkpoint, if any) or a
-    /// step number, which must be the newest valid checkpoint.
+    /// `latest` (the default: the newest checkpoint whose files verify, if
+    /// any; a corrupt newer one is moved aside to RUN/corrupt/ with a
+    /// warning) or a step number, which must be that checkpoint.
     #[arg(long)]
     resume: Option<String>,
     /// auto, cpu or cuda:N (overrides train.device).
@@ -162,7 +163,9 @@ fn check_resume(run_dir: &str, resume: &str) -> anyhow::Result<()> {
     store
         .resolve(ResumeFrom::Step(step))
         .with_context(|| format!("--resume {step}"))?;
-    if let Some(newest) = store.latest_valid()?
+    // Verified, so a corrupt newer checkpoint is set aside here rather than
+    // standing in the way of an older good one.
+    if let Some(newest) = store.latest_verified()?
         && newest.step > step
     {
         anyhow::bail!(

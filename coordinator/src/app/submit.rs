@@ -57,7 +57,10 @@ impl Coordinator {
         if corpus.skipped.total() > 0 {
             tracing::warn!("caption lines skipped: {}", corpus.skipped.describe());
         }
-        let (committed_step, last_generation) = match store.latest_valid().await? {
+        // The newest checkpoint that verifies: a corrupt newer one is set
+        // aside (run_store's latest_verified) instead of failing every
+        // world that restores it.
+        let (committed_step, last_generation) = match store.latest_verified().await? {
             Some(manifest) => (manifest.step, manifest.meta.generation),
             None => (0, 0),
         };

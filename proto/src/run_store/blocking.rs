@@ -148,6 +148,10 @@ impl RunStore {
         self.block_on(self.inner.latest_valid())?
     }
 
+    pub fn latest_verified(&self) -> Result<Option<Manifest>> {
+        self.block_on(self.inner.latest_verified())?
+    }
+
     pub fn latest_valid_with(&self, verify: Verify) -> Result<Option<Manifest>> {
         self.block_on(self.inner.latest_valid_with(verify))?
     }

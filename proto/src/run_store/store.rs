@@ -264,6 +264,79 @@ impl AsyncRunStore {
         Ok(None)
     }
 
+    /// The newest committed checkpoint whose every file verifies (present,
+    /// its size and its sha256 as the manifest lists them). A committed
+    /// checkpoint that does not (a storage fault: a flipped byte, a
+    /// truncated or missing file) is set aside, with a loud warning naming
+    /// it and the problem, and the search goes on to older ones; a run then
+    /// resumes from the newest good one instead of failing on the bad one
+    /// forever. Uncommitted folders (a writer at work) are left alone.
+    /// Downloads the checkpoints it checks: a job start pays one
+    /// checkpoint's read.
+    pub async fn latest_verified(&self) -> Result<Option<Manifest>> {
+        let steps = scan::scan_all(&self.ctx).await?;
+        for (step, objects) in steps.iter().rev() {
+            let problem = match scan::status_of(&self.ctx, *step, objects).await? {
+                CheckpointStatus::Uncommitted => continue,
+                CheckpointStatus::Invalid { problem } => problem,
+                CheckpointStatus::Valid(manifest) => {
+                    match self.verify_checkpoint(&manifest).await {
+                        Ok(()) => return Ok(Some(*manifest)),
+                        Err(RunStoreError::InvalidCheckpoint { problem, .. }) => problem,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            self.set_aside(*step, objects, &problem).await?;
+        }
+        Ok(None)
+    }
+
+    /// Moves every object of checkpoint `step` to
+    /// `corrupt/step-S.<unix seconds>/` (never deletes it: the user may
+    /// want to look, or to recover what is left). Retention and resume only
+    /// see `checkpoints/`, so a set-aside checkpoint counts for nothing,
+    /// and the step can be committed afresh.
+    async fn set_aside(&self, step: u64, objects: &scan::StepObjects, problem: &str) -> Result<()> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let dest = format!("corrupt/{}.{stamp}", layout::step_dir_name(step));
+        tracing::warn!(
+            run = %self.ctx.run,
+            step,
+            %problem,
+            moved_to = %dest,
+            "CHECKPOINT {step} IS CORRUPT ({problem}); set aside in {dest}, resuming from an older checkpoint"
+        );
+        let from_root = layout::step_dir(step);
+        let locations = objects
+            .manifest
+            .iter()
+            .chain(objects.files.values())
+            .map(|meta| meta.location.clone());
+        for from in locations {
+            let rel: Vec<String> = from
+                .prefix_match(&from_root)
+                .map(|parts| parts.map(|p| p.as_ref().to_owned()).collect())
+                .unwrap_or_default();
+            let to = Path::from(format!("{dest}/{}", rel.join("/")));
+            // Copy, then delete: what a rename is on S3 and GCS, and a local
+            // store's delete also removes the folders it empties.
+            self.ctx
+                .store
+                .copy(&from, &to)
+                .await
+                .map_err(self.ctx.err("copy", &from))?;
+            self.ctx
+                .store
+                .delete(&from)
+                .await
+                .map_err(self.ctx.err("delete", &from))?;
+        }
+        Ok(())
+    }
+
     pub async fn resolve(&self, from: ResumeFrom) -> Result<Manifest> {
         self.resolve_with(from, Verify::Sizes).await
     }

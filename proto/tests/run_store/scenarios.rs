@@ -31,6 +31,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         corrupt_manifests_are_skipped,
     ),
     ("same_size_corruption_caught", same_size_corruption_caught),
+    (
+        "corrupt_checkpoints_are_set_aside",
+        corrupt_checkpoints_are_set_aside,
+    ),
     ("latest_only_moves_forward", latest_only_moves_forward),
     (
         "stale_generation_cannot_commit",
@@ -425,6 +429,42 @@ fn same_size_corruption_caught(dir: &RunDir) {
             .resolve_with(ResumeFrom::Step(20), Verify::Full)
             .is_err()
     );
+}
+
+/// latest_verified: a committed checkpoint whose file has a flipped byte
+/// or was cut short is moved to corrupt/ (every object kept, none left
+/// under checkpoints/), the older good one is returned, retention and
+/// resume see only what remains, and the step can be committed again.
+fn corrupt_checkpoints_are_set_aside(dir: &RunDir) {
+    let store = dir.open();
+    commit(&store, 10, &["a.bin"]);
+    let flipped = commit(&store, 20, &["a.bin", "b.bin"]);
+    let truncated = commit(&store, 30, &["a.bin"]);
+    let mut bytes = contents(20, "b.bin");
+    bytes[3] ^= 0x01;
+    raw_put(&store, &flipped.file_path("b.bin"), bytes);
+    let mut short = contents(30, "a.bin");
+    short.truncate(5);
+    raw_put(&store, &truncated.file_path("a.bin"), short);
+
+    let verified = store.latest_verified().expect("latest_verified");
+    assert_eq!(verified.map(|m| m.step), Some(10));
+    assert_eq!(store.valid_steps().unwrap(), vec![10]);
+    assert!(raw_list(&store, "checkpoints/step-00000020").is_empty());
+    assert!(raw_list(&store, "checkpoints/step-00000030").is_empty());
+    let aside = raw_list(&store, "corrupt");
+    for (step, files) in [(20, 3), (30, 2)] {
+        let n = aside
+            .iter()
+            .filter(|p| p.starts_with(&format!("corrupt/step-{step:08}.")))
+            .count();
+        assert_eq!(n, files, "step {step}: manifest and files kept: {aside:?}");
+    }
+    // Nothing left to set aside; the step commits afresh.
+    assert_eq!(store.latest_verified().unwrap().map(|m| m.step), Some(10));
+    commit_gen(&store, 20, &["a.bin"], 2);
+    assert_eq!(latest_step(&store), Some(20));
+    assert_eq!(store.read_file(20, "a.bin").unwrap(), contents(20, "a.bin"));
 }
 
 fn latest_only_moves_forward(dir: &RunDir) {
