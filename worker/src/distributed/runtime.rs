@@ -185,6 +185,20 @@ struct Job {
     config: JobConfig,
 }
 
+impl Job {
+    /// The job the coordinator sent, its config parsed once, with this
+    /// worker's `--micro-batch`. A config this worker cannot read (a newer
+    /// coordinator's key, a broken message) is an error naming it, never
+    /// a default to fall back on.
+    fn parse(info: rpc::JobInfo, micro_batch: Option<u32>) -> Result<Self, WorkerError> {
+        let mut config = JobConfig::from_yaml_str(&info.config_yaml, "the job config")?;
+        if micro_batch.is_some() {
+            config.train.micro_batch = micro_batch;
+        }
+        Ok(Job { info, config })
+    }
+}
+
 /// A place in a world, as the coordinator's assignment gives it, with the
 /// backend's name turned into a [`Backend`].
 #[derive(Debug, Clone, Copy)]
@@ -357,11 +371,7 @@ impl Worker {
     /// config this worker cannot read is an error now, not a fallback
     /// later.
     fn set_job(&mut self, info: rpc::JobInfo) -> Result<(), WorkerError> {
-        let mut config = JobConfig::from_yaml_str(&info.config_yaml, "the job config")?;
-        if self.options.micro_batch.is_some() {
-            config.train.micro_batch = self.options.micro_batch;
-        }
-        self.job = Some(Job { info, config });
+        self.job = Some(Job::parse(info, self.options.micro_batch)?);
         Ok(())
     }
 
@@ -613,5 +623,53 @@ fn device_memory_bytes(device: tch::Device) -> u64 {
     match device {
         tch::Device::Cuda(index) => crate::cuda_driver::total_memory_bytes(index).unwrap_or(0),
         _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(yaml: &str) -> rpc::JobInfo {
+        rpc::JobInfo {
+            name: "job".to_owned(),
+            config_yaml: yaml.to_owned(),
+            config_fingerprint: String::new(),
+            run_dir: "memory://job".to_owned(),
+            num_captions: 4,
+        }
+    }
+
+    #[test]
+    fn a_job_config_this_worker_cannot_read_is_an_error_naming_the_key() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
+        let yaml = JobConfig::from_yaml_file(std::path::Path::new(path))
+            .unwrap()
+            .to_yaml();
+        let job = Job::parse(info(&yaml), Some(3)).unwrap();
+        assert_eq!(
+            job.config.train.micro_batch,
+            Some(3),
+            "--micro-batch applies"
+        );
+        // A key from a newer coordinator: refused, naming it.
+        let newer = yaml.replacen("train:\n", "train:\n  warp_speed: 9\n", 1);
+        assert_ne!(newer, yaml);
+        let err = match Job::parse(info(&newer), None) {
+            Ok(_) => panic!("a config with an unknown key was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("the job config the coordinator sent") && err.contains("warp_speed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_cpu_worker_reports_its_device_memory_as_unknown() {
+        assert_eq!(device_memory_bytes(tch::Device::Cpu), 0);
+        if crate::cuda_driver::report().is_err() {
+            assert_eq!(device_memory_bytes(tch::Device::Cuda(0)), 0);
+        }
     }
 }
