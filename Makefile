@@ -12,7 +12,7 @@ REQS := requirements-torch.txt tests/reference/requirements.txt tests/reference/
 FIXTURES := target/fixtures
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all venv build release fixtures test lint check-deps demo clean-fixtures gpu-bundle
+.PHONY: all venv build release fixtures test lint check-deps demo clean-fixtures gpu-bundle bench-vs-reference
 
 all: build
 
@@ -70,6 +70,16 @@ demo: $(STAMP)
 	cargo build --release --bin swiftbrush
 	target/release/swiftbrush toy demo --out runs/demo --config configs/toy.yaml \
 		$(if $(wildcard $(TOY_TEACHER)/model_index.json),--teacher $(TOY_TEACHER))
+
+# swiftbrush's training step beside the same step in PyTorch + diffusers +
+# peft, alternating, on the toy teacher and an SD-shaped 32x32-latent one
+# (README, "Performance against the authors' stack").
+SD_SMALL := target/bench/sd-small
+bench-vs-reference: release
+	@test -f $(SD_SMALL)/model_index.json || \
+		$(VPY) bench/make_sd21_shaped_teacher.py --scale sd-small --out $(SD_SMALL)
+	$(VPY) bench/vs_reference.py --config bench/paper_step_toy.yaml --teacher $(TOY_TEACHER) --rounds 3 --steps 5
+	$(VPY) bench/vs_reference.py --config bench/paper_step_sd_small.yaml --teacher $(SD_SMALL) --rounds 3 --steps 3
 
 # What the GPU check (scripts/gpu-check) needs on a GPU machine that has
 # PyTorch 2.11 but no Rust, no diffusers and no network: gpu-bundle/, at most
