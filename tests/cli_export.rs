@@ -276,3 +276,43 @@ fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
     );
     assert_eq!(diff(&ours, &exported), 0.0);
 }
+
+/// `bench coordinator` drives a real coordinator process with real gRPC
+/// workers: every heartbeat due is sent and answered, and the report's
+/// numbers are the coordinator's (timings themselves are not judged here).
+#[test]
+fn bench_coordinator_heartbeats_a_real_coordinator_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = swiftbrush(
+        dir.path(),
+        &[
+            "bench",
+            "coordinator",
+            "--workers",
+            "20",
+            "--seconds",
+            "1",
+            "--connections",
+            "2",
+            "--json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(report["workers"], 20);
+    assert_eq!(report["heartbeats_due"], 20, "one a second each");
+    assert_eq!(
+        report["heartbeats_sent"], report["heartbeats_due"],
+        "{report}"
+    );
+    assert_eq!(report["heartbeat_errors"], 0);
+    assert!(
+        report["coordinator_cpu_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(report["coordinator_peak_mib"].as_f64().unwrap() > 1.0);
+    assert!(report["job_status_calls"].as_u64().unwrap() > 0);
+    assert!(
+        report["heartbeat_p99_ms"].as_f64().unwrap()
+            >= report["heartbeat_p50_ms"].as_f64().unwrap()
+    );
+}

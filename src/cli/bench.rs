@@ -29,6 +29,10 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What N workers heartbeating at 1 Hz cost a coordinator (a child
+    /// process): heartbeat latency p50/p99/max, its CPU per heartbeat and
+    /// cores, its memory, JobStatus latency.
+    Coordinator(super::bench_coordinator::CoordinatorBenchArgs),
     /// Bandwidth of a collective backend: W ranks as threads of this
     /// process (tcp: a ring on loopback; nccl: one GPU each) all-reduce one
     /// float32 buffer; median time, algorithm and bus bandwidth.
@@ -70,6 +74,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             let report = swiftbrush_worker::bench::bench_vsd_step(cfg, steps)?;
             print_report(&report, report.table(), json)
         }
+        BenchCommand::Coordinator(args) => super::bench_coordinator::run(args),
         BenchCommand::Allreduce {
             backend,
             world,

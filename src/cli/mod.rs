@@ -2,6 +2,7 @@
 //! module (flags and the few lines that call into the crates).
 
 mod bench;
+mod bench_coordinator;
 mod cancel;
 mod coordinator;
 mod eval;
