@@ -9,11 +9,12 @@
 //!   a CPU-only wheel gets functions that report CUDA as missing.
 use std::path::Path;
 
-const SHIM_FILES: [&str; 4] = [
+const SHIM_FILES: [&str; 5] = [
     "csrc/shim.h",
     "csrc/autocast.cpp",
     "csrc/cuda_stream.cpp",
     "csrc/math_mode.cpp",
+    "csrc/foreach.cpp",
 ];
 
 fn main() {
@@ -66,7 +67,8 @@ fn compile_shim(lib_dir: &Path) {
         .flag("-Wextra")
         .file("csrc/autocast.cpp")
         .file("csrc/cuda_stream.cpp")
-        .file("csrc/math_mode.cpp");
+        .file("csrc/math_mode.cpp")
+        .file("csrc/foreach.cpp");
     if with_cuda {
         build.define("SWIFTBRUSH_WITH_CUDA", None);
     }

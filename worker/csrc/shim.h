@@ -1,6 +1,7 @@
 // The C ABI between the worker's Rust code and the libtorch features tch
 // 0.24 does not expose: autocast with a chosen dtype (autocast.cpp), the
-// current CUDA stream (cuda_stream.cpp) and the TF32 switch (math_mode.cpp). Rust declares the same functions in
+// current CUDA stream (cuda_stream.cpp), the TF32 switch (math_mode.cpp) and
+// multi-tensor ops (foreach.cpp). Rust declares the same functions in
 // worker/src/shim.rs; keep the two in step. No C++ exception crosses this
 // boundary: every function that can fail returns 0 on success and writes a
 // message into err.
@@ -50,6 +51,20 @@ int32_t sb_cuda_current_stream_query(int32_t device, int32_t* done, char* err,
 int32_t sb_set_allow_tf32(int32_t allow, char* err, size_t err_len);
 // Bit 0: cuBLAS may use TF32; bit 1: cuDNN may.
 int32_t sb_allow_tf32(void);
+
+// Multi-tensor forms of the per-parameter loops (foreach.cpp). Tensors are
+// tch handles (at::Tensor*), n of each list.
+int32_t sb_foreach_adam_step(void* const* params, void* const* grads, void* const* exp_avg,
+                             void* const* exp_avg_sq, size_t n, double one_minus_beta1,
+                             double beta2, double one_minus_beta2, double bias2_sqrt,
+                             double eps, double step_size, char* err, size_t err_len);
+// Writes n new handles (owned by the caller) of the tensors' 2-norms.
+int32_t sb_foreach_norm(void* const* tensors, size_t n, void** norms, char* err,
+                        size_t err_len);
+int32_t sb_foreach_mul_scalar_(void* const* tensors, size_t n, double scalar, char* err,
+                               size_t err_len);
+int32_t sb_foreach_ema_update(void* const* shadow, void* const* params, size_t n,
+                              double one_minus_decay, char* err, size_t err_len);
 
 #ifdef __cplusplus
 }

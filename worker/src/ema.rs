@@ -55,8 +55,19 @@ impl Ema {
         self.num_updates += 1;
         let one_minus = 1.0 - self.decay_at(self.num_updates);
         tch::no_grad(|| {
-            for (name, s) in self.names.iter().zip(self.shadow.iter_mut()) {
+            // Aligned lists for the multi-tensor update (crate::foreach);
+            // the loop is the same arithmetic, for mixed kinds.
+            let (mut ss, mut ps) = (Vec::new(), Vec::new());
+            for (name, s) in self.names.iter().zip(&self.shadow) {
                 if let Some(p) = params.get(name) {
+                    ss.push(s.shallow_clone());
+                    ps.push(p.shallow_clone());
+                }
+            }
+            let done = crate::foreach::ema_update(&ss, &ps, one_minus)
+                .unwrap_or_else(|e| panic!("EMA update: {e}"));
+            if !done {
+                for (s, p) in ss.iter_mut().zip(&ps) {
                     let delta = (&*s - p.to_kind(s.kind())) * one_minus;
                     let _ = s.g_sub_(&delta);
                 }

@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod ema;
 pub mod eval;
 pub mod export;
+pub mod foreach;
 pub mod image_io;
 pub mod libtorch;
 pub mod lora;

@@ -93,24 +93,42 @@ impl Adam {
         let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
         let step_size = c.lr / bias1;
         tch::no_grad(|| {
-            for ((p, m), v) in self
-                .params
-                .iter_mut()
-                .zip(self.exp_avg.iter_mut())
-                .zip(self.exp_avg_sq.iter_mut())
-            {
+            // The parameters with a gradient, as aligned lists for the
+            // multi-tensor step (crate::foreach); the per-tensor loop below
+            // is the same arithmetic, for what it does not take.
+            let (mut ps, mut gs, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
                 let g = if c.weight_decay != 0.0 {
-                    &g + &*p * c.weight_decay
+                    &g + p * c.weight_decay
                 } else {
                     g
                 };
-                let _ = m.lerp_(&g, 1.0 - c.beta1);
+                ps.push(p.shallow_clone());
+                gs.push(g);
+                ms.push(m.shallow_clone());
+                vs.push(v.shallow_clone());
+            }
+            let scalars = crate::foreach::AdamScalars {
+                one_minus_beta1: 1.0 - c.beta1,
+                beta2: c.beta2,
+                one_minus_beta2: 1.0 - c.beta2,
+                bias2_sqrt,
+                eps: c.eps,
+                step_size,
+            };
+            let done = crate::foreach::adam_step(&ps, &gs, &ms, &vs, scalars)
+                .unwrap_or_else(|e| panic!("Adam step: {e}"));
+            if done {
+                return;
+            }
+            for (((p, g), m), v) in ps.iter_mut().zip(&gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
+                let _ = m.lerp_(g, 1.0 - c.beta1);
                 let _ = v.g_mul_scalar_(c.beta2);
-                let _ = v.addcmul_(&(&g * (1.0 - c.beta2)), &g);
+                let _ = v.addcmul_(&(g * (1.0 - c.beta2)), g);
                 let denom = v.sqrt() / bias2_sqrt + c.eps;
                 let _ = p.g_sub_(&(&*m / denom * step_size));
             }
@@ -204,12 +222,19 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
 /// the losses in one transfer).
 pub fn grad_norm(params: &[Tensor]) -> Tensor {
     tch::no_grad(|| {
-        let norms: Vec<Tensor> = params
+        let grads: Vec<Tensor> = params
             .iter()
             .map(|p| p.grad())
             .filter(|g| g.defined())
-            .map(|g| g.to_kind(Kind::Float).norm())
             .collect();
+        let norms: Vec<Tensor> = match crate::foreach::norms(&grads) {
+            Ok(Some(norms)) => norms,
+            Ok(None) => grads
+                .iter()
+                .map(|g| g.to_kind(Kind::Float).norm())
+                .collect(),
+            Err(e) => panic!("gradient norms: {e}"),
+        };
         match norms.first() {
             None => Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
             Some(_) => Tensor::stack(&norms, 0).norm(),
@@ -224,12 +249,12 @@ pub fn grad_norm(params: &[Tensor]) -> Tensor {
 pub fn scale_to_norm(params: &[Tensor], total: f64, max_norm: f64) {
     tch::no_grad(|| {
         let coef = (max_norm / (total + 1e-6)).min(1.0);
-        for p in params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.g_mul_scalar_(coef);
-            }
-        }
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .collect();
+        crate::foreach::mul_scalar_(&grads, coef).unwrap_or_else(|e| panic!("gradient clip: {e}"));
     })
 }
 

@@ -41,6 +41,44 @@ unsafe extern "C" {
 
     pub fn sb_set_allow_tf32(allow: i32, err: *mut c_char, err_len: usize) -> i32;
     pub safe fn sb_allow_tf32() -> i32;
+
+    pub fn sb_foreach_adam_step(
+        params: *const *mut c_void,
+        grads: *const *mut c_void,
+        exp_avg: *const *mut c_void,
+        exp_avg_sq: *const *mut c_void,
+        n: usize,
+        one_minus_beta1: f64,
+        beta2: f64,
+        one_minus_beta2: f64,
+        bias2_sqrt: f64,
+        eps: f64,
+        step_size: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    pub fn sb_foreach_norm(
+        tensors: *const *mut c_void,
+        n: usize,
+        norms: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    pub fn sb_foreach_mul_scalar_(
+        tensors: *const *mut c_void,
+        n: usize,
+        scalar: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    pub fn sb_foreach_ema_update(
+        shadow: *const *mut c_void,
+        params: *const *mut c_void,
+        n: usize,
+        one_minus_decay: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
     pub fn sb_cuda_set_device(device: i32, err: *mut c_char, err_len: usize) -> i32;
     pub fn sb_cuda_current_stream(
         device: i32,
