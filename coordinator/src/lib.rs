@@ -14,6 +14,6 @@ pub mod http;
 mod serve;
 
 pub use serve::{
-    DEFAULT_LISTEN, RunningCoordinator, ServeError, ServeOptions, TlsOptions, serve,
-    shutdown_signal, start, start_with_clock,
+    DEFAULT_LISTEN, RunningCoordinator, ServeError, ServeOptions, ShutdownSignal, TlsOptions,
+    serve, shutdown_signal, start, start_with_clock,
 };

@@ -128,8 +128,12 @@ impl RunningCoordinator {
 
 /// Runs a coordinator until SIGTERM or ctrl-c, then shuts down gracefully.
 pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
+    // Listening for the signals before anything is served: a SIGTERM that
+    // comes right after "coordinator listening" (an orchestrator changing
+    // its mind) must stop the coordinator gracefully, not kill it.
+    let signals = ShutdownSignal::install();
     let running = start(options).await?;
-    shutdown_signal().await;
+    signals.recv().await;
     tracing::info!("shutting down");
     running.shutdown().await
 }
@@ -262,30 +266,64 @@ fn instance_id_base() -> u64 {
     u64::from(high) << 32
 }
 
-/// SIGTERM (how Kubernetes and Slurm stop a process) or ctrl-c.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
+/// SIGTERM (how Kubernetes and Slurm stop a process) or ctrl-c (SIGINT),
+/// listened for from the moment it is installed (tokio's `ctrl_c()`
+/// registers only when first polled).
+pub struct ShutdownSignal {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    /// Registers the handlers now (inside a tokio runtime).
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for {name}");
+                    None
+                }
+            };
+            Self {
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+                int: listen(SignalKind::interrupt(), "ctrl-c"),
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Self {}
     }
+
+    /// Waits for either signal.
+    pub async fn recv(self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                _ = next(self.term) => {}
+                _ = next(self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Waits for SIGTERM or ctrl-c (installed at the first poll; prefer
+/// [`ShutdownSignal::install`] before serving).
+pub async fn shutdown_signal() {
+    ShutdownSignal::install().recv().await;
 }
