@@ -604,16 +604,14 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
         .unwrap_or_default())
 }
 
-#[test]
-fn local_mode_with_two_workers_ends_where_one_worker_ends() {
-    let max_steps = 4;
-    let dir = setup(1, max_steps);
-    let d = dir.path();
-    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
-        .env_clear()
+/// `train --workers 2` on job.yaml in `dir`, with `extra` arguments and
+/// `env` set.
+fn train_two_local_workers(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_swiftbrush"));
+    cmd.env_clear()
         .env("RUST_LOG", "warn")
         .env("OMP_NUM_THREADS", "1")
-        .current_dir(d)
+        .current_dir(dir)
         .args([
             "train",
             "--config",
@@ -623,9 +621,19 @@ fn local_mode_with_two_workers_ends_where_one_worker_ends() {
             "--workers",
             "2",
         ])
-        .args(["--caption-audit", "audit"])
-        .output()
-        .unwrap();
+        .args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("spawn swiftbrush train")
+}
+
+#[test]
+fn local_mode_with_two_workers_ends_where_one_worker_ends() {
+    let max_steps = 4;
+    let dir = setup(1, max_steps);
+    let d = dir.path();
+    let out = train_two_local_workers(d, &["--caption-audit", "audit"], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -656,23 +664,7 @@ fn a_panicking_local_worker_fails_the_run_naming_it() {
     let dir = setup(1, 4);
     let d = dir.path();
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
-        .env_clear()
-        .env("RUST_LOG", "warn")
-        .env("OMP_NUM_THREADS", "1")
-        .env("SWIFTBRUSH_FAULT_PANIC", "1:1")
-        .current_dir(d)
-        .args([
-            "train",
-            "--config",
-            "job.yaml",
-            "--run-dir",
-            "run",
-            "--workers",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let out = train_two_local_workers(d, &[], &[("SWIFTBRUSH_FAULT_PANIC", "1:1")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

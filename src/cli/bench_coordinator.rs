@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 use swiftbrush_proto::rpc::{self, CoordinatorConnection};
+use swiftbrush_worker::bench::peak_rss_mib;
 use tokio::sync::Mutex;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -251,7 +252,7 @@ async fn drive(
         coordinator_cpu_s: cpu,
         coordinator_cpu_us_per_heartbeat: cpu * 1e6 / (sent.max(1) as f64),
         coordinator_cores: cpu / elapsed,
-        coordinator_peak_mib: peak_rss_mib(pid).unwrap_or(f64::NAN),
+        coordinator_peak_mib: peak_rss_mib(Some(pid)).unwrap_or(f64::NAN),
         job_status_calls: st.len() as u64,
         job_status_p50_ms: quantile(&st, 0.5),
         job_status_p99_ms: quantile(&st, 0.99),
@@ -287,13 +288,6 @@ fn process_cpu_s(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(11) + ticks(12)) / hz.max(1.0))
 }
 
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +306,6 @@ mod tests {
         let spin = Instant::now();
         while spin.elapsed() < Duration::from_millis(50) {}
         assert!(process_cpu_s(std::process::id()).unwrap() > 0.0);
-        assert!(peak_rss_mib(std::process::id()).unwrap() > 1.0);
+        assert!(peak_rss_mib(Some(std::process::id())).unwrap() > 1.0);
     }
 }

@@ -101,7 +101,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         median_step_s: median,
         mean_step_s: mean,
         images_per_s: images as f64 / median,
-        peak_host_mib: peak_rss_mib(),
+        peak_host_mib: peak_rss_mib(None),
         peak_gpu_mib: peak_gpu.map(|b| b as f64 / (1u64 << 20) as f64),
     })
 }
@@ -113,9 +113,13 @@ fn device_index(device: tch::Device) -> i64 {
     }
 }
 
-/// VmHWM from /proc/self/status (Linux).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// Peak resident memory (VmHWM from /proc/PID/status, Linux) of process
+/// `pid`, or of this one, in MiB.
+pub fn peak_rss_mib(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or("/proc/self/status".to_owned(), |p| {
+        format!("/proc/{p}/status")
+    });
+    let status = std::fs::read_to_string(path).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)

@@ -46,6 +46,20 @@ pub fn total_memory_bytes(index: usize) -> Option<u64> {
         .map(|g| g.total_memory_bytes)
 }
 
+/// The driver library, opened once (an error says why it is missing).
+fn libcuda() -> Result<*mut c_void, String> {
+    // The handle as an address: raw pointers are not Sync.
+    static HANDLE: OnceLock<Result<usize, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            crate::libtorch::dlopen("libcuda.so.1", libc::RTLD_NOW)
+                .map(|h| h as usize)
+                .map_err(|_| "libcuda.so.1 not found: no NVIDIA driver on this machine".to_owned())
+        })
+        .clone()
+        .map(|h| h as *mut c_void)
+}
+
 /// Device memory in use on the calling thread's current CUDA context's
 /// device (total minus free, as the driver counts it: every process's
 /// allocations, the caching allocator's reserve, the context itself).
@@ -54,11 +68,7 @@ pub fn memory_in_use_bytes() -> Option<u64> {
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
     static FN: OnceLock<Option<MemGetInfo>> = OnceLock::new();
     let get = (*FN.get_or_init(|| {
-        // SAFETY: a NUL-terminated soname; the handle is kept.
-        let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) };
-        if handle.is_null() {
-            return None;
-        }
+        let handle = libcuda().ok()?;
         // SAFETY: the handle is open; the symbol has this signature (cuda.h).
         let p = unsafe { libc::dlsym(handle, c"cuMemGetInfo_v2".as_ptr()) };
         (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, MemGetInfo>(p) })
@@ -69,11 +79,7 @@ pub fn memory_in_use_bytes() -> Option<u64> {
 }
 
 fn query() -> Result<DriverReport, String> {
-    // SAFETY: a NUL-terminated soname; the handle is kept for the process.
-    let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) };
-    if handle.is_null() {
-        return Err("libcuda.so.1 not found: no NVIDIA driver on this machine".to_owned());
-    }
+    let handle = libcuda()?;
     macro_rules! sym {
         ($name:literal, $ty:ty) => {{
             // SAFETY: the handle is open; the name is NUL-terminated.

@@ -48,25 +48,8 @@ pub fn load_cuda_backend() -> &'static CudaBackend {
                 ),
             };
         }
-        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-            return CudaBackend::Failed {
-                path,
-                error: "the path contains a NUL byte".to_owned(),
-            };
-        };
-        // SAFETY: a NUL-terminated path; the handle is intentionally kept
-        // for the life of the process (the backend must stay registered).
-        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-        if handle.is_null() {
-            // SAFETY: dlerror returns a thread-local message or null.
-            let msg = unsafe { libc::dlerror() };
-            let error = if msg.is_null() {
-                "not loadable".to_owned()
-            } else {
-                unsafe { std::ffi::CStr::from_ptr(msg) }
-                    .to_string_lossy()
-                    .into_owned()
-            };
+        // RTLD_GLOBAL: the backend registers itself with libtorch.
+        if let Err(error) = crate::libtorch::dlopen(&path, libc::RTLD_NOW | libc::RTLD_GLOBAL) {
             tracing::debug!(path = %path.display(), %error, "libtorch_cuda.so did not load; CUDA disabled");
             return CudaBackend::Failed { path, error };
         }

@@ -85,6 +85,31 @@ pub fn loaded_library_dir(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// `dlopen(path, flags)`, or the loader's message. Handles are never closed:
+/// what is loaded by hand here (libtorch's CUDA backend, libnccl, the CUDA
+/// driver) must stay for the life of the process.
+pub(crate) fn dlopen(
+    path: impl AsRef<std::ffi::OsStr>,
+    flags: libc::c_int,
+) -> Result<*mut libc::c_void, String> {
+    let c = std::ffi::CString::new(path.as_ref().as_encoded_bytes())
+        .map_err(|_| "the path contains a NUL byte".to_owned())?;
+    // SAFETY: a NUL-terminated path.
+    let handle = unsafe { libc::dlopen(c.as_ptr(), flags) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns a thread-local message or null.
+        let msg = unsafe { libc::dlerror() };
+        return Err(if msg.is_null() {
+            "not loadable".to_owned()
+        } else {
+            unsafe { CStr::from_ptr(msg) }
+                .to_string_lossy()
+                .into_owned()
+        });
+    }
+    Ok(handle)
+}
+
 /// Paths of every shared object in the process, in load order.
 fn loaded_objects() -> Vec<PathBuf> {
     unsafe extern "C" fn collect(

@@ -210,24 +210,28 @@ impl Adam {
 /// min(1, max_norm / (total_norm + 1e-6)) and returns the total L2 norm
 /// before clipping (non-finite when any gradient is).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
-    let total = grad_norm(params).double_value(&[]);
-    scale_to_norm(params, total, max_norm);
+    let grads = defined_grads(params);
+    let total = grad_norm(&grads).double_value(&[]);
+    scale_to_norm(&grads, total, max_norm);
     total
 }
 
-/// The total L2 norm of the parameters' gradients, on their device
-/// (float32, 0-dim; 0 without gradients): the norm of the per-tensor norms,
-/// as torch's clip_grad_norm_ computes it. Non-finite when any gradient
-/// entry is, so it doubles as the finite check (the trainer reads it with
-/// the losses in one transfer).
-pub fn grad_norm(params: &[Tensor]) -> Tensor {
+/// The parameters' gradients, skipping parameters without one.
+pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(Tensor::grad)
+        .filter(Tensor::defined)
+        .collect()
+}
+
+/// The total L2 norm of `grads`, on their device (float32, 0-dim; 0 for
+/// none): the norm of the per-tensor norms, as torch's clip_grad_norm_
+/// computes it. Non-finite when any gradient entry is, so it doubles as the
+/// finite check (the trainer reads it with the losses in one transfer).
+pub fn grad_norm(grads: &[Tensor]) -> Tensor {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> = params
-            .iter()
-            .map(|p| p.grad())
-            .filter(|g| g.defined())
-            .collect();
-        let norms: Vec<Tensor> = match crate::foreach::norms(&grads) {
+        let norms: Vec<Tensor> = match crate::foreach::norms(grads) {
             Ok(Some(norms)) => norms,
             Ok(None) => grads
                 .iter()
@@ -242,19 +246,14 @@ pub fn grad_norm(params: &[Tensor]) -> Tensor {
     })
 }
 
-/// The second half of [`clip_grad_norm`]: scales the gradients by
+/// The second half of [`clip_grad_norm`]: scales `grads` by
 /// min(1, max_norm / (total + 1e-6)), `total` being their norm read back
 /// (the coefficient is computed on the host in float64, as before, so the
 /// result is the same bit for bit).
-pub fn scale_to_norm(params: &[Tensor], total: f64, max_norm: f64) {
+pub fn scale_to_norm(grads: &[Tensor], total: f64, max_norm: f64) {
     tch::no_grad(|| {
         let coef = (max_norm / (total + 1e-6)).min(1.0);
-        let grads: Vec<Tensor> = params
-            .iter()
-            .map(|p| p.grad())
-            .filter(|g| g.defined())
-            .collect();
-        crate::foreach::mul_scalar_(&grads, coef).unwrap_or_else(|e| panic!("gradient clip: {e}"));
+        crate::foreach::mul_scalar_(grads, coef).unwrap_or_else(|e| panic!("gradient clip: {e}"));
     })
 }
 

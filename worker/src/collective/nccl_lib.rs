@@ -18,7 +18,9 @@
 //!    `<libtorch lib>/../../nvidia/nccl/lib/libnccl.so.2`;
 //! 4. `libnccl.so.2` on the system's library path.
 
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ffi::{CStr, c_char, c_int, c_void};
+
+use crate::libtorch::dlopen;
 use std::sync::OnceLock;
 
 /// `ncclComm_t`.
@@ -224,26 +226,6 @@ impl NcclLib {
 // called from any thread.
 unsafe impl Send for NcclLib {}
 unsafe impl Sync for NcclLib {}
-
-fn dlopen(path: &str, flags: c_int) -> Result<*mut c_void, String> {
-    let c = CString::new(path).map_err(|_| "the path contains a NUL byte".to_owned())?;
-    // SAFETY: a NUL-terminated path. The handle is never closed: NCCL keeps
-    // threads running for the life of the process.
-    let handle = unsafe { libc::dlopen(c.as_ptr(), flags) };
-    if handle.is_null() {
-        // SAFETY: dlerror returns a thread-local message or null.
-        let msg = unsafe { libc::dlerror() };
-        let reason = if msg.is_null() {
-            "not loadable".to_owned()
-        } else {
-            unsafe { CStr::from_ptr(msg) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        return Err(reason);
-    }
-    Ok(handle)
-}
 
 /// The wheel's libnccl beside the running libtorch (the nvidia-nccl
 /// package installs it under `site-packages/nvidia/nccl/lib`, two levels up

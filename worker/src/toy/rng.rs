@@ -4,23 +4,22 @@
 //! draw touches libtorch's global generator (tests run in parallel threads).
 
 /// SplitMix64 (Steele, Lea, Flood 2014): 64 bits of state, passes BigCrush,
-/// and any seed is a good seed.
+/// and any seed is a good seed. The generator is the project's one (proto's
+/// mix.rs); the committed toy teacher was drawn with exactly it.
 #[derive(Debug, Clone)]
 pub struct ToyRng {
-    state: u64,
+    bits: SplitMix64,
     /// The second normal of the last Box-Muller pair.
     spare_normal: Option<f64>,
 }
 
-// The project's one mixer (proto's mix.rs); the committed toy teacher was
-// drawn with exactly these functions.
-use swiftbrush_proto::mix::GOLDEN_GAMMA;
 pub use swiftbrush_proto::mix::mix64;
+use swiftbrush_proto::mix::{GOLDEN_GAMMA, SplitMix64};
 
 impl ToyRng {
     pub fn new(seed: u64) -> Self {
         Self {
-            state: mix64(seed),
+            bits: SplitMix64::new(mix64(seed)),
             spare_normal: None,
         }
     }
@@ -34,8 +33,7 @@ impl ToyRng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
-        mix64(self.state)
+        self.bits.next_u64()
     }
 
     /// Uniform in [0, 1) with 53 random bits.
@@ -48,17 +46,9 @@ impl ToyRng {
         lo + (hi - lo) * self.uniform()
     }
 
-    /// Uniform integer in [0, n); n must be positive. Lemire's multiply-shift
-    /// with rejection, so there is no modulo bias.
+    /// Uniform integer in [0, n); n must be positive (no modulo bias).
     pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "ToyRng::below(0)");
-        loop {
-            let m = u128::from(self.next_u64()) * u128::from(n);
-            let low = m as u64;
-            if low >= n.wrapping_neg() % n {
-                return (m >> 64) as u64;
-            }
-        }
+        self.bits.below(n)
     }
 
     /// Standard normal (Box-Muller, both values of each pair used).

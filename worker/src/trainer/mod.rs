@@ -23,7 +23,6 @@ mod checkpointer;
 mod error;
 pub mod events;
 pub mod gradient_sync;
-pub mod host_read;
 mod load;
 mod metrics;
 mod optimizers;

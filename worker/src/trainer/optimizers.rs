@@ -6,9 +6,9 @@
 use tch::Tensor;
 
 use super::TrainError;
-use super::gradient_sync::{GradientSync, StepVote, gradients};
-use super::host_read;
-use crate::optim::{Adam, grad_norm, scale_to_norm};
+use super::gradient_sync::{GradientSync, StepVote};
+use crate::host_read;
+use crate::optim::{Adam, defined_grads, grad_norm, scale_to_norm};
 use crate::vsd::{DeviceLosses, VsdLosses};
 
 /// What the first optimizer step of an iteration decided.
@@ -59,12 +59,12 @@ impl Optimizers {
         losses: &DeviceLosses,
         mut mine: StepVote,
     ) -> Result<Applied, TrainError> {
-        let student_grads = gradients(self.student.params());
-        let fake_grads = gradients(self.fake_score.params());
+        let student_grads = defined_grads(self.student.params());
+        let fake_grads = defined_grads(self.fake_score.params());
         sync.all_reduce_mean(&student_grads)?;
         sync.all_reduce_mean(&fake_grads)?;
-        let student_norm = grad_norm(self.student.params());
-        let fake_norm = grad_norm(self.fake_score.params());
+        let student_norm = grad_norm(&student_grads);
+        let fake_norm = grad_norm(&fake_grads);
         let host = host_read::read(&[&losses.vsd, &losses.fake_score, &student_norm, &fake_norm])
             .map_err(crate::vsd::VsdError::from)?;
         let rank_losses = VsdLosses {
@@ -74,9 +74,9 @@ impl Optimizers {
         mine.finite = host.iter().all(|v| v.is_finite());
         let (vote, global) = sync.vote_with_losses(mine, &host[..2])?;
         if vote.finite {
-            scale_to_norm(self.student.params(), host[2], self.student_clip);
+            scale_to_norm(&student_grads, host[2], self.student_clip);
             self.student.step();
-            scale_to_norm(self.fake_score.params(), host[3], self.fake_score_clip);
+            scale_to_norm(&fake_grads, host[3], self.fake_score_clip);
             self.fake_score.step();
         }
         self.zero_grad();
@@ -100,9 +100,9 @@ impl Optimizers {
         sync: &mut dyn GradientSync,
         loss: &Tensor,
     ) -> Result<bool, TrainError> {
-        let grads = gradients(self.fake_score.params());
+        let grads = defined_grads(self.fake_score.params());
         sync.all_reduce_mean(&grads)?;
-        let norm = grad_norm(self.fake_score.params());
+        let norm = grad_norm(&grads);
         let host = host_read::read(&[loss, &norm]).map_err(crate::vsd::VsdError::from)?;
         let vote = sync.vote(StepVote {
             finite: host.iter().all(|v| v.is_finite()),
@@ -110,7 +110,7 @@ impl Optimizers {
             num_truncated: 0,
         })?;
         if vote.finite {
-            scale_to_norm(self.fake_score.params(), host[1], self.fake_score_clip);
+            scale_to_norm(&grads, host[1], self.fake_score_clip);
             self.fake_score.step();
         }
         self.fake_score.zero_grad();

@@ -1,4 +1,4 @@
-//! The trainer's device-to-host reads. On a GPU each read waits for every
+//! The training step's device-to-host reads. On a GPU each read waits for every
 //! kernel queued before it, so a step reads once: both losses and both
 //! gradient norms (the finite check) in one transfer, before the vote.
 //! Counted per thread (a trainer runs on one), so a test can hold the step
