@@ -25,8 +25,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def run_json(cmd):
-    p = subprocess.run(cmd, capture_output=True, text=True)
+# What worker/src/host_memory.rs sets with mallopt, as glibc's environment
+# variables (MMAP_THRESHOLD, TRIM_THRESHOLD there).
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def run_json(cmd, env=None):
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])} ... failed:\n{p.stderr[-2000:]}")
     try:
@@ -44,17 +49,23 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the two")
     ap.add_argument("--micro-batch", type=int)
+    ap.add_argument("--tuned-reference", action="store_true",
+                    help="also run the reference under the glibc malloc settings swiftbrush makes for "
+                    "itself (worker/src/host_memory.rs), as a third alternation: how much of the "
+                    "ratio is the allocator")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     common = ["--config", args.config, "--teacher", args.teacher, "--device", args.device,
               "--steps", str(args.steps)]
     if args.micro_batch:
         common += ["--micro-batch", str(args.micro_batch)]
-    ours, theirs = [], []
+    reference = [sys.executable, os.path.join(HERE, "reference_vsd_step.py"), *common, "--student-fp32", "--json"]
+    ours, theirs, tuned = [], [], []
     for _ in range(args.rounds):
         ours.append(run_json([args.bin, "bench", "vsd-step", *common, "--json"]))
-        theirs.append(run_json([sys.executable, os.path.join(HERE, "reference_vsd_step.py"), *common,
-                                "--student-fp32", "--json"]))
+        theirs.append(run_json(reference))
+        if args.tuned_reference:
+            tuned.append(run_json(reference, env={**os.environ, **TUNED_MALLOC}))
     o = statistics.median(r["median_step_s"] for r in ours)
     t = statistics.median(r["median_step_s"] for r in theirs)
 
@@ -75,9 +86,18 @@ def main():
         "reference_rounds_s": [r["median_step_s"] for r in theirs],
         "swiftbrush_peak_mib": max(mem(r) for r in ours),
         "reference_peak_mib": max(mem(r) for r in theirs),
+        "swiftbrush_host_malloc": ours[0].get("host_malloc"),
         "swiftbrush": ours,
         "reference": theirs,
     }
+    if tuned:
+        tt = statistics.median(r["median_step_s"] for r in tuned)
+        summary.update({
+            "tuned_reference_median_step_s": tt,
+            "tuned_ratio": tt / o,
+            "tuned_reference_rounds_s": [r["median_step_s"] for r in tuned],
+            "tuned_reference": tuned,
+        })
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -90,6 +110,11 @@ def main():
     print(f"{'rounds (s)':26}{' '.join(f'{x:.3f}' for x in summary['swiftbrush_rounds_s'])} | "
           f"{' '.join(f'{x:.3f}' for x in summary['reference_rounds_s'])}")
     print(f"ratio (reference / swiftbrush): {t / o:.2f}x")
+    print(f"swiftbrush host memory: {summary['swiftbrush_host_malloc']}")
+    if tuned:
+        print(f"reference with the same malloc settings: {summary['tuned_reference_median_step_s']:.4f} s "
+              f"(rounds {' '.join(f'{x:.3f}' for x in summary['tuned_reference_rounds_s'])}); "
+              f"ratio {summary['tuned_ratio']:.2f}x")
 
 
 if __name__ == "__main__":

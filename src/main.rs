@@ -7,6 +7,9 @@ mod logging;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Before any tensor exists: how CPU tensors take memory from malloc
+    // (worker/src/host_memory.rs).
+    swiftbrush_worker::host_memory::tune();
     let args = cli::Cli::parse();
     logging::init(args.log_format(), args.default_log_filter());
     match cli::run(args) {

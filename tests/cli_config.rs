@@ -88,6 +88,16 @@ fn doctor_says_what_it_loaded_and_from_where() {
         (&allowed["tf32_matmul"], &allowed["tf32_conv"]),
         (&true.into(), &true.into())
     );
+    // The binary tunes malloc for CPU tensors (host_memory.rs) unless the
+    // environment already does, and then leaves the user's choice alone.
+    // (The test's environment sets none of glibc's variables.)
+    assert_eq!(report["host_malloc"]["status"], "tuned", "{report:#}");
+    let mut own = swiftbrush();
+    own.env("MALLOC_ARENA_MAX", "2");
+    assert_eq!(
+        doctor_json(own)["host_malloc"],
+        serde_json::json!({"status": "from_environment", "variable": "MALLOC_ARENA_MAX"})
+    );
     let text = String::from_utf8_lossy(&run(&["doctor"]).stdout).into_owned();
     for key in [
         "libtorch ",
@@ -95,6 +105,7 @@ fn doctor_says_what_it_loaded_and_from_where() {
         "libnccl ",
         "GPUs ",
         "CPU threads ",
+        "host memory ",
     ] {
         assert!(text.contains(key), "{key:?} missing in\n{text}");
     }

@@ -27,12 +27,14 @@ pub struct VsdBenchReport {
     /// CUDA: the most device memory in use as the driver counts it (total
     /// minus free), sampled after each timed step, MiB; None on the CPU.
     pub peak_gpu_mib: Option<f64>,
+    /// How CPU tensors take memory from malloc (host_memory.rs).
+    pub host_malloc: String,
 }
 
 impl VsdBenchReport {
     pub fn table(&self) -> String {
         format!(
-            "device            {}\nprecision         {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\n",
+            "device            {}\nprecision         {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
             self.device,
             self.precision,
             self.images_per_step,
@@ -45,6 +47,7 @@ impl VsdBenchReport {
             self.peak_gpu_mib.map_or("n/a".to_owned(), |m| format!(
                 "{m:.0} MiB (in use per the driver, after each step)"
             )),
+            self.host_malloc,
         )
     }
 }
@@ -103,6 +106,10 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         images_per_s: images as f64 / median,
         peak_host_mib: peak_rss_mib(None),
         peak_gpu_mib: peak_gpu.map(|b| b as f64 / (1u64 << 20) as f64),
+        host_malloc: crate::host_memory::state().map_or_else(
+            || "glibc malloc defaults (not tuned in this process)".to_owned(),
+            ToString::to_string,
+        ),
     })
 }
 

@@ -53,6 +53,9 @@ pub struct DoctorReport {
     pub tf32_matmul: bool,
     pub tf32_conv: bool,
     pub cpu_threads: i32,
+    /// How CPU tensors take memory from malloc (host_memory.rs); None if
+    /// this process never tuned it (a library user's).
+    pub host_malloc: Option<crate::host_memory::HostMalloc>,
 }
 
 /// Loads what can be loaded and reports it.
@@ -90,6 +93,7 @@ pub fn report() -> DoctorReport {
         tf32_matmul: device::tf32_state().0,
         tf32_conv: device::tf32_state().1,
         cpu_threads: tch::get_num_threads(),
+        host_malloc: crate::host_memory::state().cloned(),
     }
 }
 
@@ -189,6 +193,13 @@ impl DoctorReport {
             },
         );
         line("CPU threads", self.cpu_threads.to_string());
+        line(
+            "host memory",
+            match &self.host_malloc {
+                Some(m) => m.to_string(),
+                None => "glibc malloc defaults (not tuned in this process)".to_owned(),
+            },
+        );
         out
     }
 }

@@ -12,6 +12,7 @@ pub mod ema;
 pub mod eval;
 pub mod export;
 pub mod foreach;
+pub mod host_memory;
 pub mod host_read;
 pub mod image_io;
 pub mod libtorch;
