@@ -314,6 +314,14 @@ pub struct TrainConfig {
     /// null: all at once). Only memory and speed depend on it, not the
     /// result (to float rounding).
     pub micro_batch: Option<u32>,
+    /// How step 3 runs the teacher and SwiftBrush's LoRA teacher: `one`
+    /// pass of twice the rows (the adapters on the LoRA teacher's half
+    /// only: fewer, bigger kernels), `two` passes, or `auto`: one on CUDA,
+    /// two on the CPU, where one pass measured no faster and needs more
+    /// memory (README, "Performance"). DMD2's full fake copy has its own
+    /// weights and always runs its own pass. Only speed and memory depend
+    /// on it, not the result (to float rounding).
+    pub score_passes: ScorePasses,
     /// Every N steps (0: never) rank 0 draws `sample_prompts` with the
     /// student's EMA weights in one step and writes
     /// RUN/samples/step-XXXXXXXX.png.
@@ -332,8 +340,32 @@ impl Default for TrainConfig {
             seed: 0,
             device: "auto".to_owned(),
             micro_batch: None,
+            score_passes: ScorePasses::Auto,
             sample_every_steps: 0,
             sample_prompts: Vec::new(),
+        }
+    }
+}
+
+/// `train.score_passes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScorePasses {
+    /// One on CUDA, two on the CPU.
+    #[default]
+    Auto,
+    One,
+    Two,
+}
+
+impl ScorePasses {
+    /// Whether the teacher and the LoRA teacher share one pass on a device
+    /// (`cuda`: whether it is a CUDA device).
+    pub fn one_pass(self, cuda: bool) -> bool {
+        match self {
+            ScorePasses::Auto => cuda,
+            ScorePasses::One => true,
+            ScorePasses::Two => false,
         }
     }
 }
@@ -535,11 +567,13 @@ impl JobConfig {
     }
 
     /// sha256 of the resolved config's canonical JSON: a resumed run checks
-    /// it. `train.micro_batch` is left out: it is each device's memory
-    /// matter (a worker may override it) and changes no result.
+    /// it. `train.micro_batch` and `train.score_passes` are left out: they
+    /// are each device's memory and speed matter (a worker may override
+    /// the micro-batch) and change no result.
     pub fn fingerprint(&self) -> String {
         let mut canonical = self.clone();
         canonical.train.micro_batch = None;
+        canonical.train.score_passes = ScorePasses::Auto;
         let json = serde_json::to_vec(&canonical).unwrap_or_default();
         let digest = Sha256::digest(&json);
         digest.iter().map(|b| format!("{b:02x}")).collect()

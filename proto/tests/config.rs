@@ -1,7 +1,7 @@
 //! The job-config schema: presets resolve, and each class of bad input is an
 //! error that names the key path.
 
-use swiftbrush_proto::config::{FakeScore, VsdWeighting};
+use swiftbrush_proto::config::{FakeScore, ScorePasses, VsdWeighting};
 use swiftbrush_proto::{ConfigError, JobConfig};
 
 fn parse(yaml: &str) -> Result<JobConfig, ConfigError> {
@@ -329,4 +329,26 @@ fn micro_batch_is_a_positive_count_or_null() {
     assert_eq!(c.fingerprint(), whole.fingerprint());
     let other = parse(&format!("{TEACHER}train:\n  global_batch: 32\n")).unwrap();
     assert_ne!(other.fingerprint(), whole.fingerprint());
+}
+
+#[test]
+fn score_passes_parse_and_a_bad_one_names_the_choices() {
+    let c = parse(TEACHER).unwrap();
+    assert_eq!(c.train.score_passes, ScorePasses::Auto);
+    // auto: one pass on CUDA, two on the CPU.
+    assert!(c.train.score_passes.one_pass(true));
+    assert!(!c.train.score_passes.one_pass(false));
+    let one = parse(&format!("{TEACHER}train:\n  score_passes: one\n")).unwrap();
+    assert_eq!(one.train.score_passes, ScorePasses::One);
+    assert!(one.train.score_passes.one_pass(false));
+    let two = parse(&format!("{TEACHER}train:\n  score_passes: two\n")).unwrap();
+    assert!(!two.train.score_passes.one_pass(true));
+    let e = err(&format!("{TEACHER}train:\n  score_passes: three\n"));
+    assert!(e.contains("train.score_passes"), "{e}");
+    assert!(
+        e.contains("auto") && e.contains("one") && e.contains("two"),
+        "{e}"
+    );
+    // Speed and memory only: a resumed run does not see a new config.
+    assert_eq!(one.fingerprint(), c.fingerprint());
 }

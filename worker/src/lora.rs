@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use tch::{Device, Tensor, nn};
 
@@ -32,36 +32,55 @@ use crate::models::unet_2d_condition::{
     UNet2DConditionModel, UNetDownBlock, UNetMidBlock, UNetUpBlock,
 };
 
-/// Adapters on or off, shared by every adapter of one model. On unless an
-/// [`AdaptersOff`] guard is alive: the frozen teacher's pass holds one
-/// (`roles::TeacherUNet`'s `Scores::real`), so no caller can forget to turn
-/// them back on.
+/// Which rows of a batch the adapters of one model apply to, shared by
+/// every adapter of the model: all rows unless a guard is alive. The
+/// frozen teacher's pass holds [`LoraSwitch::off`] (`roles::TeacherUNet`'s
+/// `Scores::real`); the step's one pass of both scores holds
+/// [`LoraSwitch::rows_from`] (the teacher's rows first, the LoRA
+/// teacher's after). The guards drop back to all rows, so no caller can
+/// forget to turn the adapters back on.
 #[derive(Debug, Clone)]
-pub struct LoraSwitch(Arc<AtomicBool>);
+pub struct LoraSwitch(Arc<AtomicI64>);
+
+/// The first row adapted while the adapters are off: no batch has it.
+const NO_ROW: i64 = i64::MAX;
 
 impl LoraSwitch {
     fn new() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
+        Self(Arc::new(AtomicI64::new(0)))
     }
 
     /// The adapters are off until the guard drops (also on panic).
     pub fn off(&self) -> AdaptersOff<'_> {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.store(NO_ROW, Ordering::Relaxed);
         AdaptersOff(self)
     }
 
-    pub fn enabled(&self) -> bool {
+    /// Until the guard drops, the adapters apply to rows `first..` of each
+    /// batch only: rows before it are the frozen teacher's.
+    pub fn rows_from(&self, first: i64) -> AdaptersOff<'_> {
+        self.0.store(first.max(0), Ordering::Relaxed);
+        AdaptersOff(self)
+    }
+
+    /// The first row the adapters apply to (0: every row; past the batch:
+    /// none).
+    pub fn first_row(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.first_row() != NO_ROW
     }
 }
 
-/// While alive, the adapters of one model are off.
+/// While alive, the adapters of one model are off (or on some rows only).
 #[must_use = "the adapters are back on as soon as the guard drops"]
 pub struct AdaptersOff<'a>(&'a LoraSwitch);
 
 impl Drop for AdaptersOff<'_> {
     fn drop(&mut self) {
-        self.0.0.store(true, Ordering::Relaxed);
+        self.0.0.store(0, Ordering::Relaxed);
     }
 }
 
@@ -79,11 +98,31 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// The update for input `x`, or None while the adapters are off.
-    pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>, tch::TchError> {
-        if !self.switch.enabled() {
-            return Ok(None);
+    /// The base layer's output `y` for input `x` with the update added on
+    /// the rows the switch says (PEFT's `result + lora_B(lora_A(x)) *
+    /// scaling`, in the base output's dtype). With the adapters on some
+    /// rows only, the update is computed on those rows alone.
+    pub fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor, tch::TchError> {
+        let n = x.size()[0];
+        let first = self.switch.first_row();
+        if first >= n {
+            return Ok(y);
         }
+        if first == 0 {
+            let delta = self.delta(x)?.f_to_kind(y.f_kind()?)?;
+            return y.f_add(&delta);
+        }
+        let delta = self
+            .delta(&x.f_narrow(0, first, n - first)?)?
+            .f_to_kind(y.f_kind()?)?;
+        // y is this layer's fresh output; its adapted rows take the update
+        // in place (a view: under autograd, CopySlices).
+        let _ = y.f_narrow(0, first, n - first)?.f_add_(&delta)?;
+        Ok(y)
+    }
+
+    /// scale * B(A(x)) in the adapters' dtype.
+    fn delta(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         let x = x.f_to_kind(self.a.f_kind()?)?;
         let delta = match self.conv {
             None => x
@@ -100,7 +139,7 @@ impl LoraAdapter {
                 )?
                 .f_conv2d::<&Tensor>(&self.b, None, [1, 1], [0, 0], [1, 1], 1)?,
         };
-        Ok(Some(delta.f_mul_scalar(self.scale)?))
+        delta.f_mul_scalar(self.scale)
     }
 }
 

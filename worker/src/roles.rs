@@ -136,6 +136,21 @@ impl Scores for TeacherUNet {
     fn form(&self) -> FakeScore {
         FakeScore::Lora
     }
+
+    /// One pass over [x; x]: the teacher on the first half (adapters off
+    /// there), the LoRA teacher on the second.
+    fn both(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+        let n = x.size()[0];
+        let out = {
+            let _first_half_off = self.lora.switch.rows_from(n);
+            self.unet.predict(
+                &Tensor::f_cat(&[x, x], 0)?,
+                &Tensor::f_cat(&[t, t], 0)?,
+                &Tensor::f_cat(&[c, c], 0)?,
+            )?
+        };
+        Ok((out.f_narrow(0, 0, n)?, out.f_narrow(0, n, n)?))
+    }
 }
 
 /// The frozen teacher beside a full trainable copy of it as the fake score
@@ -217,5 +232,9 @@ impl Scores for ScorePair {
 
     fn form(&self) -> FakeScore {
         self.scores().form()
+    }
+
+    fn both(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+        self.scores().both(x, t, c)
     }
 }

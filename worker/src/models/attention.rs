@@ -60,15 +60,8 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let y = x.f_linear(&self.weight, self.bias.as_ref())?;
-        let delta = match &self.lora {
-            Some(lora) => lora.forward(x)?,
-            None => None,
-        };
-        match delta {
-            Some(delta) => {
-                let delta = delta.f_to_kind(y.f_kind()?)?;
-                y.f_add(&delta)
-            }
+        match &self.lora {
+            Some(lora) => lora.apply(x, y),
             None => Ok(y),
         }
     }

@@ -142,15 +142,8 @@ impl Conv2d {
             [1, 1],
             1,
         )?;
-        let delta = match &self.lora {
-            Some(lora) => lora.forward(x)?,
-            None => None,
-        };
-        match delta {
-            Some(delta) => {
-                let delta = delta.f_to_kind(y.f_kind()?)?;
-                y.f_add(&delta)
-            }
+        match &self.lora {
+            Some(lora) => lora.apply(x, y),
             None => Ok(y),
         }
     }

@@ -159,6 +159,7 @@ fn load_networks(
         weighting: m.vsd_weighting,
         teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
             .map_err(|e| TrainError::Invalid(e.to_string()))?,
+        one_score_pass: cfg.train.score_passes.one_pass(device.is_cuda()),
     };
     let sample_shape = sample_shape(cfg, folder, &student)?;
     Ok(Networks {

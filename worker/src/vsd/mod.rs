@@ -40,6 +40,9 @@ pub struct VsdConfig {
     /// Autocast for the score passes (None: as stored, inputs cast to the
     /// teacher's dtype). Build it with `precision::teacher_autocast`.
     pub teacher_autocast: Option<AutocastPlan>,
+    /// Step 3 runs the teacher and the LoRA teacher as one pass of twice
+    /// the rows (`Scores::both`) instead of two (`train.score_passes`).
+    pub one_score_pass: bool,
 }
 
 impl VsdConfig {

@@ -26,4 +26,13 @@ pub trait Scores {
     /// never trains, so guiding it would mix a tracking score with the
     /// frozen teacher's).
     fn form(&self) -> FakeScore;
+
+    /// [`Self::real`] and [`Self::fake`] on the same inputs, without
+    /// gradients. A pair whose fake score is adapters over the real one's
+    /// weights (SwiftBrush's LoRA teacher) runs them as one pass of twice
+    /// the batch, the adapters on its second half only: the same
+    /// arithmetic in half the kernel launches, each on twice the rows.
+    fn both(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+        Ok((self.real(x, t, c)?, self.fake(x, t, c)?))
+    }
 }

@@ -166,12 +166,20 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         let (e_real, e_fake) = tch::no_grad(|| -> Result<_, VsdError> {
             let x = x_t.f_detach()?;
             let at = (&draws.t, &abar_t);
-            let e_real = self.guided(Score::Real, &x, at, text, scale)?;
-            let e_fake = match self.scores.form() {
-                FakeScore::Lora => self.guided(Score::Fake, &x, at, text, scale)?,
-                FakeScore::Unet => self.epsilon(Score::Fake, &x, at, &text.cond)?,
-            };
-            Ok((e_real, e_fake))
+            match self.scores.form() {
+                // Both guided, in one pass (Scores::both) or two.
+                FakeScore::Lora if self.config.one_score_pass => {
+                    self.guided_both(&x, at, text, scale)
+                }
+                FakeScore::Lora => Ok((
+                    self.guided(Score::Real, &x, at, text, scale)?,
+                    self.guided(Score::Fake, &x, at, text, scale)?,
+                )),
+                FakeScore::Unet => Ok((
+                    self.guided(Score::Real, &x, at, text, scale)?,
+                    self.epsilon(Score::Fake, &x, at, &text.cond)?,
+                )),
+            }
         })?;
 
         // 4-5. The VSD gradient, applied through a surrogate whose gradient
@@ -246,18 +254,35 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         &self,
         score: Score,
         x: &Tensor,
-        (t, abar): (&Tensor, &Tensor),
+        at: (&Tensor, &Tensor),
         text: &Conditions,
         scale: f64,
     ) -> Result<Tensor, VsdError> {
-        let b = x.size()[0];
-        let xx = Tensor::f_cat(&[x, x], 0)?;
-        let tt = Tensor::f_cat(&[t, t], 0)?;
-        let abar2 = Tensor::f_cat(&[abar, abar], 0)?;
-        let uncond = text.uncond.f_expand([b, -1, -1], false)?;
-        let cc = Tensor::f_cat(&[&uncond, &text.cond], 0)?;
+        let (xx, tt, abar2, cc) = guidance_batch(x, at, text)?;
         let eps = self.epsilon(score, &xx, (&tt, &abar2), &cc)?;
         Ok(guide_batched(&eps, scale)?)
+    }
+
+    /// [`Self::guided`] of the real and the fake score in one pass
+    /// (`Scores::both`): the same guidance batch, twice.
+    fn guided_both(
+        &self,
+        x: &Tensor,
+        at: (&Tensor, &Tensor),
+        text: &Conditions,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor), VsdError> {
+        let (xx, tt, abar2, cc) = guidance_batch(x, at, text)?;
+        let (real, fake) = {
+            let _autocast = self.config.teacher_autocast.as_ref().map(|a| a.enter());
+            let (real, fake) = self.scores.both(&xx, &tt, &cc)?;
+            (real.f_to_kind(Kind::Float)?, fake.f_to_kind(Kind::Float)?)
+        };
+        let prediction = self.schedule.prediction_type();
+        Ok((
+            guide_batched(&to_epsilon(prediction, &real, &xx, &abar2)?, scale)?,
+            guide_batched(&to_epsilon(prediction, &fake, &xx, &abar2)?, scale)?,
+        ))
     }
 
     /// One pass of a score at timesteps `t` (whose abar is `abar`) as
@@ -280,6 +305,23 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         };
         Ok(to_epsilon(self.schedule.prediction_type(), &out, x, abar)?)
     }
+}
+
+/// Classifier-free guidance's batch: every input twice, the null condition
+/// on the first half and the caption on the second (x, t, abar, c).
+fn guidance_batch(
+    x: &Tensor,
+    (t, abar): (&Tensor, &Tensor),
+    text: &Conditions,
+) -> Result<(Tensor, Tensor, Tensor, Tensor), VsdError> {
+    let b = x.size()[0];
+    let uncond = text.uncond.f_expand([b, -1, -1], false)?;
+    Ok((
+        Tensor::f_cat(&[x, x], 0)?,
+        Tensor::f_cat(&[t, t], 0)?,
+        Tensor::f_cat(&[abar, abar], 0)?,
+        Tensor::f_cat(&[&uncond, &text.cond], 0)?,
+    ))
 }
 
 /// SPEC step 4 without the nan_to_num: the direction in which the draw

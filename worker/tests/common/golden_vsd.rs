@@ -39,7 +39,7 @@ pub fn schedule(prediction: PredictionType) -> NoiseSchedule {
 }
 
 /// The reference step's constants: the student at t = 999 with A = 0.0047,
-/// guidance 4.5.
+/// guidance 4.5, the scores in two passes (a case sets `one_score_pass`).
 pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan>) -> VsdConfig {
     VsdConfig {
         student_timestep: 999,
@@ -47,6 +47,7 @@ pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan
         guidance_scale: 4.5,
         weighting,
         teacher_autocast,
+        one_score_pass: false,
     }
 }
 
