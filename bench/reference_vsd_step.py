@@ -323,6 +323,10 @@ def main():
     ap.add_argument("--count-flops", action="store_true",
                     help="count one more (untimed) step's FLOPs with torch's FlopCounterMode: "
                     "matrix products and convolutions, forward and backward (the MFU's numerator)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="the UNets' weights in channels-last memory format "
+                    "(model.to(memory_format=torch.channels_last), as diffusers' speed-up docs suggest): "
+                    "whether swiftbrush should build it (issue 18)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--check", action="store_true",
                     help="assert finite losses and that the student and fake-score weights changed")
@@ -337,6 +341,9 @@ def main():
     cuda = args.device.startswith("cuda")
 
     step = Step(args, cfg)
+    if args.channels_last:
+        for unet in {id(m): m for m in (step.student, step.teacher, step.fake)}.values():
+            unet.to(memory_format=torch.channels_last)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
     if args.check:
         before = (snapshot(step.student.parameters()), snapshot(step.fake_params))
@@ -361,7 +368,7 @@ def main():
             step.run(captions, micro)
         flops = counter.get_total_flops()
     report = {
-        "impl": "pytorch+diffusers+peft",
+        "impl": "pytorch+diffusers+peft" + (" (channels-last)" if args.channels_last else ""),
         "device": args.device,
         "precision": f"teacher {cfg['precision']['teacher_dtype']} (autocast {cfg['precision']['autocast']}), "
         f"student fp32{' (autocast)' if step.student_autocast else ''}, schedule and losses fp32",
