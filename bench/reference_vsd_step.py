@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -277,6 +278,42 @@ class Step:
         return loss_vsd, loss_fake
 
 
+# The ops whose time is the networks' layers as libtorch kernels, which
+# swiftbrush calls with the same shapes in the same libtorch: oneDNN/cuDNN
+# convolutions, MKL/cuBLAS matrix products, fused attention, the norms and
+# the activations, forward and backward. The rest is the residual adds,
+# the step's formulas, copies, concatenations and dispatch.
+KERNEL_OPS = re.compile(
+    r"^aten::(convolution_backward|mkldnn_convolution|cudnn_convolution\w*|_?convolution|mm|addmm|bmm|baddbmm"
+    r"|_scaled_dot_product\w+|native_group_norm\w*|native_layer_norm\w*|silu\w*|gelu\w*)$"
+)
+
+
+def profile_step(step, captions, micro):
+    """One more step under torch.profiler: prints the busiest ops (self
+    time) to stderr; returns the share of the step's self time in
+    KERNEL_OPS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step.run(captions, micro)
+    events = prof.key_averages()
+    cuda = step.device.type == "cuda"
+
+    def self_time(e):
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    total = sum(self_time(e) for e in events)
+    kernel = sum(self_time(e) for e in events if KERNEL_OPS.match(e.key))
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=20), file=sys.stderr)
+    share = kernel / total if total else None
+    print(f"kernel share of the step (convolutions, matrix products, attention, norms, activations): "
+          f"{share:.3f}", file=sys.stderr)
+    return share
+
+
 def latent_shape(teacher, resolution, channels):
     """[C, h, w]: resolution / the VAE's scale factor (2^(blocks-1), 8 for
     SD's), or the pixels themselves for a pixel-space teacher (no vae/)."""
@@ -327,6 +364,11 @@ def main():
                     help="the UNets' weights in channels-last memory format "
                     "(model.to(memory_format=torch.channels_last), as diffusers' speed-up docs suggest): "
                     "whether swiftbrush should build it (issue 18)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run one more (untimed) step under torch.profiler: print its busiest ops to "
+                    "stderr and report the share of the step spent in convolution, matrix-product and "
+                    "attention kernels (the ones swiftbrush calls with the same shapes in the same "
+                    "libtorch)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--check", action="store_true",
                     help="assert finite losses and that the student and fake-score weights changed")
@@ -367,6 +409,9 @@ def main():
         with FlopCounterMode(display=False) as counter:
             step.run(captions, micro)
         flops = counter.get_total_flops()
+    kernel_share = None
+    if args.profile:
+        kernel_share = profile_step(step, captions, micro)
     report = {
         "impl": "pytorch+diffusers+peft" + (" (channels-last)" if args.channels_last else ""),
         "device": args.device,
@@ -383,6 +428,7 @@ def main():
         "peak_gpu_mib": max(in_use) if in_use else None,
         "peak_gpu_allocated_mib": torch.cuda.max_memory_allocated(args.device) / 2**20 if cuda else None,
         "flops_per_step": flops,
+        "kernel_share": kernel_share,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
