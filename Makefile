@@ -78,8 +78,8 @@ SD_SMALL := target/bench/sd-small
 bench-vs-reference: release
 	@test -f $(SD_SMALL)/model_index.json || \
 		$(VPY) bench/make_sd21_shaped_teacher.py --scale sd-small --out $(SD_SMALL)
-	$(VPY) bench/vs_reference.py --config bench/paper_step_toy.yaml --teacher $(TOY_TEACHER) --rounds 3 --steps 5
-	$(VPY) bench/vs_reference.py --config bench/paper_step_sd_small.yaml --teacher $(SD_SMALL) --rounds 3 --steps 3
+	$(VPY) bench/vs_reference.py --config bench/paper_step_toy.yaml --teacher $(TOY_TEACHER) --rounds 3 --steps 5 --tuned-reference
+	$(VPY) bench/vs_reference.py --config bench/paper_step_sd_small.yaml --teacher $(SD_SMALL) --rounds 3 --steps 3 --tuned-reference
 
 # What the GPU check (scripts/gpu-check) needs on a GPU machine that has
 # PyTorch 2.11 but no Rust, no diffusers and no network: gpu-bundle/, at most

@@ -68,10 +68,6 @@ impl LoraSwitch {
     pub fn first_row(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
-
-    pub fn enabled(&self) -> bool {
-        self.first_row() != NO_ROW
-    }
 }
 
 /// While alive, the adapters of one model are off (or on some rows only).
