@@ -170,6 +170,15 @@ fn bench_vsd_step_reports_json() {
         report["precision"],
         "teacher fp32 (autocast none), student fp32, schedule and losses fp32"
     );
+    // train.score_passes: auto runs two passes on the CPU.
+    assert_eq!(report["score_passes"], "two passes (auto)");
+    assert!(
+        report["host_malloc"]
+            .as_str()
+            .unwrap()
+            .starts_with("glibc malloc tuned"),
+        "{report:#}"
+    );
 }
 
 #[test]

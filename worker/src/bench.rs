@@ -17,6 +17,10 @@ pub struct VsdBenchReport {
     pub device: String,
     /// Dtypes of each part of the step (precision::describe).
     pub precision: String,
+    /// How step 3 ran the teacher and the LoRA teacher
+    /// (`train.score_passes` as resolved on this device): "one pass" or
+    /// "two passes".
+    pub score_passes: String,
     pub images_per_step: u64,
     pub steps: u64,
     pub median_step_s: f64,
@@ -34,9 +38,10 @@ pub struct VsdBenchReport {
 impl VsdBenchReport {
     pub fn table(&self) -> String {
         format!(
-            "device            {}\nprecision         {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
+            "device            {}\nprecision         {}\nscore passes      {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
             self.device,
             self.precision,
+            self.score_passes,
             self.images_per_step,
             self.steps,
             self.median_step_s,
@@ -61,6 +66,16 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     let autocast = precision::teacher_autocast(&cfg.precision, device)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let precision = precision::describe(&cfg.precision, autocast.as_ref());
+    let score_passes = format!(
+        "{} ({:?})",
+        if cfg.train.score_passes.one_pass(device.is_cuda()) {
+            "one pass"
+        } else {
+            "two passes"
+        },
+        cfg.train.score_passes
+    )
+    .to_lowercase();
     let captions: Vec<String> = [
         "a photo of an astronaut riding a horse on mars",
         "a red circle on a white background",
@@ -99,6 +114,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     Ok(VsdBenchReport {
         device: format!("{device:?}"),
         precision,
+        score_passes,
         images_per_step: images,
         steps,
         median_step_s: median,
