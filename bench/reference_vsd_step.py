@@ -295,11 +295,11 @@ def profile_step(step, captions, micro):
     KERNEL_OPS."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
+    cuda = step.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         step.run(captions, micro)
     events = prof.key_averages()
-    cuda = step.device.type == "cuda"
 
     def self_time(e):
         return e.self_device_time_total if cuda else e.self_cpu_time_total
@@ -366,9 +366,9 @@ def main():
                     "whether swiftbrush should build it (issue 18)")
     ap.add_argument("--profile", action="store_true",
                     help="run one more (untimed) step under torch.profiler: print its busiest ops to "
-                    "stderr and report the share of the step spent in convolution, matrix-product and "
-                    "attention kernels (the ones swiftbrush calls with the same shapes in the same "
-                    "libtorch)")
+                    "stderr and report the share of the step spent in the layer kernels (convolutions, "
+                    "matrix products, attention, norms, activations: the ones swiftbrush calls with the "
+                    "same shapes in the same libtorch)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--check", action="store_true",
                     help="assert finite losses and that the student and fake-score weights changed")

@@ -122,10 +122,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         images_per_s: images as f64 / median,
         peak_host_mib: peak_rss_mib(None),
         peak_gpu_mib: peak_gpu.map(|b| b as f64 / (1u64 << 20) as f64),
-        host_malloc: crate::host_memory::state().map_or_else(
-            || "glibc malloc defaults (not tuned in this process)".to_owned(),
-            ToString::to_string,
-        ),
+        host_malloc: crate::host_memory::describe(crate::host_memory::state()),
     })
 }
 

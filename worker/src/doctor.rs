@@ -195,10 +195,7 @@ impl DoctorReport {
         line("CPU threads", self.cpu_threads.to_string());
         line(
             "host memory",
-            match &self.host_malloc {
-                Some(m) => m.to_string(),
-                None => "glibc malloc defaults (not tuned in this process)".to_owned(),
-            },
+            crate::host_memory::describe(self.host_malloc.as_ref()),
         );
         out
     }

@@ -115,6 +115,14 @@ pub fn state() -> Option<&'static HostMalloc> {
     STATE.get()
 }
 
+/// A [`state`] in words, for the reports.
+pub fn describe(state: Option<&HostMalloc>) -> String {
+    state.map_or_else(
+        || "glibc malloc defaults (not tuned in this process)".to_owned(),
+        ToString::to_string,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,12 +139,13 @@ mod tests {
     /// state is its own.
     #[test]
     fn after_tuning_an_activation_sized_buffer_comes_from_the_heap() {
-        if ENV_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
-            eprintln!("skipped: the environment tunes malloc");
+        let tuned = tune();
+        if let HostMalloc::FromEnvironment { variable } = tuned {
+            eprintln!("skipped: the environment tunes malloc ({variable})");
             return;
         }
         assert_eq!(
-            tune(),
+            tuned,
             &HostMalloc::Tuned {
                 mmap_threshold_bytes: MMAP_THRESHOLD,
                 trim_threshold_bytes: TRIM_THRESHOLD,

@@ -166,17 +166,17 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         let (e_real, e_fake) = tch::no_grad(|| -> Result<_, VsdError> {
             let x = x_t.f_detach()?;
             let at = (&draws.t, &abar_t);
+            // Every guided pass of the step takes the same batch.
+            let batch = GuidanceBatch::new(&x, at, text)?;
             match self.scores.form() {
                 // Both guided, in one pass (Scores::both) or two.
-                FakeScore::Lora if self.config.one_score_pass => {
-                    self.guided_both(&x, at, text, scale)
-                }
+                FakeScore::Lora if self.config.one_score_pass => self.guided_both(&batch, scale),
                 FakeScore::Lora => Ok((
-                    self.guided(Score::Real, &x, at, text, scale)?,
-                    self.guided(Score::Fake, &x, at, text, scale)?,
+                    self.guided(Score::Real, &batch, scale)?,
+                    self.guided(Score::Fake, &batch, scale)?,
                 )),
                 FakeScore::Unet => Ok((
-                    self.guided(Score::Real, &x, at, text, scale)?,
+                    self.guided(Score::Real, &batch, scale)?,
                     self.epsilon(Score::Fake, &x, at, &text.cond)?,
                 )),
             }
@@ -250,38 +250,23 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
 
     /// Classifier-free guidance at `scale`, as epsilon: the null condition
     /// and the caption run as one batch.
-    fn guided(
-        &self,
-        score: Score,
-        x: &Tensor,
-        at: (&Tensor, &Tensor),
-        text: &Conditions,
-        scale: f64,
-    ) -> Result<Tensor, VsdError> {
-        let (xx, tt, abar2, cc) = guidance_batch(x, at, text)?;
-        let eps = self.epsilon(score, &xx, (&tt, &abar2), &cc)?;
+    fn guided(&self, score: Score, b: &GuidanceBatch, scale: f64) -> Result<Tensor, VsdError> {
+        let eps = self.epsilon(score, &b.x, (&b.t, &b.abar), &b.c)?;
         Ok(guide_batched(&eps, scale)?)
     }
 
     /// [`Self::guided`] of the real and the fake score in one pass
-    /// (`Scores::both`): the same guidance batch, twice.
-    fn guided_both(
-        &self,
-        x: &Tensor,
-        at: (&Tensor, &Tensor),
-        text: &Conditions,
-        scale: f64,
-    ) -> Result<(Tensor, Tensor), VsdError> {
-        let (xx, tt, abar2, cc) = guidance_batch(x, at, text)?;
+    /// (`Scores::both`).
+    fn guided_both(&self, b: &GuidanceBatch, scale: f64) -> Result<(Tensor, Tensor), VsdError> {
         let (real, fake) = {
             let _autocast = self.config.teacher_autocast.as_ref().map(|a| a.enter());
-            let (real, fake) = self.scores.both(&xx, &tt, &cc)?;
+            let (real, fake) = self.scores.both(&b.x, &b.t, &b.c)?;
             (real.f_to_kind(Kind::Float)?, fake.f_to_kind(Kind::Float)?)
         };
         let prediction = self.schedule.prediction_type();
         Ok((
-            guide_batched(&to_epsilon(prediction, &real, &xx, &abar2)?, scale)?,
-            guide_batched(&to_epsilon(prediction, &fake, &xx, &abar2)?, scale)?,
+            guide_batched(&to_epsilon(prediction, &real, &b.x, &b.abar)?, scale)?,
+            guide_batched(&to_epsilon(prediction, &fake, &b.x, &b.abar)?, scale)?,
         ))
     }
 
@@ -308,20 +293,25 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
 }
 
 /// Classifier-free guidance's batch: every input twice, the null condition
-/// on the first half and the caption on the second (x, t, abar, c).
-fn guidance_batch(
-    x: &Tensor,
-    (t, abar): (&Tensor, &Tensor),
-    text: &Conditions,
-) -> Result<(Tensor, Tensor, Tensor, Tensor), VsdError> {
-    let b = x.size()[0];
-    let uncond = text.uncond.f_expand([b, -1, -1], false)?;
-    Ok((
-        Tensor::f_cat(&[x, x], 0)?,
-        Tensor::f_cat(&[t, t], 0)?,
-        Tensor::f_cat(&[abar, abar], 0)?,
-        Tensor::f_cat(&[&uncond, &text.cond], 0)?,
-    ))
+/// on the first half and the caption on the second.
+struct GuidanceBatch {
+    x: Tensor,
+    t: Tensor,
+    abar: Tensor,
+    c: Tensor,
+}
+
+impl GuidanceBatch {
+    fn new(x: &Tensor, (t, abar): (&Tensor, &Tensor), text: &Conditions) -> Result<Self, VsdError> {
+        let b = x.size()[0];
+        let uncond = text.uncond.f_expand([b, -1, -1], false)?;
+        Ok(Self {
+            x: Tensor::f_cat(&[x, x], 0)?,
+            t: Tensor::f_cat(&[t, t], 0)?,
+            abar: Tensor::f_cat(&[abar, abar], 0)?,
+            c: Tensor::f_cat(&[&uncond, &text.cond], 0)?,
+        })
+    }
 }
 
 /// SPEC step 4 without the nan_to_num: the direction in which the draw
