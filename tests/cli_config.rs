@@ -196,6 +196,35 @@ fn check_prints_the_resolved_config() {
     assert!(text.contains("heartbeat_timeout_ms: 10000"), "{text}");
 }
 
+/// Issue 29: a valid config that names a teacher folder or caption file
+/// this machine does not have is still valid (it may be meant for another
+/// machine), but `config check` says so.
+#[test]
+fn check_warns_of_a_missing_teacher_and_caption_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "c.yaml",
+        "model:\n  teacher: /models/nowhere\ndata:\n  captions: [/data/none.txt, s3://b/c.txt]\n",
+    );
+    let out = swiftbrush()
+        .args(["config", "check", &f])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("model.teacher: /models/nowhere is not a folder on this machine"),
+        "{err}"
+    );
+    assert!(
+        err.contains("data.captions: /data/none.txt does not exist on this machine"),
+        "{err}"
+    );
+    assert!(!err.contains("s3://b/c.txt"), "URLs are not checked: {err}");
+}
+
 #[test]
 fn bad_config_exits_nonzero_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -330,7 +330,7 @@ fn assert_matches_reference(dir: &Path, run: &str, max_steps: u64) -> String {
     String::from_utf8_lossy(&alone.stdout).into_owned()
 }
 
-/// The losses `train` prints last: (vsd, lora).
+/// The losses `train` prints last: (vsd, fake score).
 fn last_losses(stdout: &str) -> (f64, f64) {
     let line = stdout
         .lines()
@@ -342,7 +342,7 @@ fn last_losses(stdout: &str) -> (f64, f64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in {line}"))
     };
-    (value("vsd"), value("lora"))
+    (value("vsd"), value("fake score"))
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod cluster;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cluster::{BIN, CoordinatorProcess, JobDir, TOKEN, fails, ok, poll, status_json, swiftbrush};
@@ -141,16 +141,24 @@ fn bad_addresses_tokens_and_configs_are_named() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let closed_url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
+    let started = Instant::now();
     let down = fails(&swiftbrush(
-        &["status", "--coordinator", &closed_url],
+        &[
+            "status",
+            "--coordinator",
+            &closed_url,
+            "--connect-timeout-ms",
+            "300",
+        ],
         &with_token(),
     ));
     assert!(
         down.contains(&format!(
             "cannot connect to the coordinator at {closed_url}"
-        )),
+        )) && down.contains("tried for 300 ms"),
         "{down}"
     );
+    assert!(started.elapsed() >= Duration::from_millis(300), "it waited");
     let tls = fails(&swiftbrush(
         &["status", "--coordinator", "https://127.0.0.1:1"],
         &with_token(),
@@ -260,6 +268,17 @@ impl RankZero {
             .expect("a command")
     }
 
+    async fn leave(&mut self, reason: &str) {
+        self.client
+            .leave(rpc::LeaveRequest {
+                worker_id: self.id,
+                reason: reason.to_owned(),
+                failed: false,
+            })
+            .await
+            .expect("leave");
+    }
+
     async fn checkpoint(&mut self, store: &AsyncRunStore, step: u64) {
         let mut writer = store.begin_checkpoint(step);
         writer
@@ -360,4 +379,104 @@ fn cancel_waits_for_the_final_checkpoint_and_launch_wait_reports_the_end() {
     assert!(cluster::stdout(&launch).contains("committed step 4/50"));
     let latest = runtime.block_on(store.latest_valid()).expect("read store");
     assert_eq!(latest.map(|m| m.step), Some(4));
+
+    // Issue 29: a worker that left after the job ended is "left" with its
+    // last phase, not "dead ... training", under the name the reasons use.
+    runtime.block_on(rank0.leave("the job ended"));
+    let table = ok(&swiftbrush(
+        &["status", "--coordinator", &url],
+        &with_token(),
+    ));
+    let row = table
+        .lines()
+        .find(|l| l.contains(&format!("w{:x}", rank0.id)))
+        .unwrap_or_else(|| panic!("no row for w{:x} in\n{table}", rank0.id));
+    assert!(row.contains("left"), "{row}");
+    assert!(row.contains("training (last)"), "{row}");
+    assert!(!row.contains("dead"), "{row}");
+    assert!(row.contains("left: the job ended"), "{row}");
+}
+
+/// Issue 29: README's "Locally" block starts the coordinator with `&` and
+/// runs `launch` at once. `launch` waits for the coordinator to answer (as
+/// `worker` does) instead of failing with "Connection refused".
+#[test]
+fn launch_waits_for_a_coordinator_that_is_still_starting() {
+    let job = JobDir::new();
+    let config = job.config("early", "/models/teacher", 1, 1, 4);
+    let config = config.display().to_string();
+    let grpc = format!("127.0.0.1:{}", cluster::free_port());
+    let url = format!("http://{grpc}");
+    let launch = Command::new(BIN)
+        .env_clear()
+        .env("SWIFTBRUSH_TOKEN", TOKEN)
+        .args(["launch", "--coordinator", &url, "--config", &config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launch");
+    // Launch is already knocking when the coordinator starts.
+    std::thread::sleep(Duration::from_millis(500));
+    let store = job.run_dir().display().to_string();
+    let token = job.token_file().display().to_string();
+    let _coordinator = CoordinatorProcess::start_at(
+        &grpc,
+        "127.0.0.1:0",
+        &["--store", &store, "--token-file", &token],
+    );
+    let launched = ok(&launch.wait_with_output().expect("launch ends"));
+    assert!(launched.contains("submitted job early"), "{launched}");
+}
+
+/// Issue 29: launch's hint for starting workers carries the token file it
+/// was given, and a run directory whose job already reached max_steps is
+/// said to be complete, not to "resume from step N".
+#[test]
+fn launch_hints_with_the_token_file_and_names_a_complete_run() {
+    let job = JobDir::new();
+    let coordinator = CoordinatorProcess::start(&job, &[]);
+    let url = coordinator.grpc.clone();
+    let token = job.token_file().display().to_string();
+    let config = job.config("done", "/models/teacher", 1, 1, 4);
+    let config = config.display().to_string();
+    // The run directory already holds the final checkpoint (step 4 of 4).
+    let store = AsyncRunStore::open(&job.run_dir().display().to_string()).expect("store");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut writer = store.begin_checkpoint(4);
+        writer
+            .put_file("student.safetensors", Bytes::from_static(b"at 4"))
+            .await
+            .expect("stage");
+        store
+            .commit_staged(writer.into_staged(), Default::default())
+            .await
+            .expect("commit");
+    });
+    let launched = ok(&swiftbrush(
+        &[
+            "launch",
+            "--coordinator",
+            &url,
+            "--token-file",
+            &token,
+            "--config",
+            &config,
+        ],
+        &[],
+    ));
+    assert!(
+        launched.contains("already complete: its run directory holds the checkpoint at step 4"),
+        "{launched}"
+    );
+    assert!(!launched.contains("resumes from"), "{launched}");
+    assert!(
+        launched.contains(&format!(
+            "swiftbrush worker --coordinator {url} --token-file {token}"
+        )),
+        "{launched}"
+    );
 }

@@ -342,6 +342,18 @@ fn bad_input_is_a_clear_error() {
         "{e}"
     );
 
+    // Issue 29: the index file (or any file) passed as the teacher.
+    let index = format!("{sd1}/model_index.json");
+    let e = run(&["--teacher", &index, "--captions", "captions.txt"]);
+    assert!(
+        e.contains("it is a file, not a folder: pass the pipeline folder (the one holding model_index.json)"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("coordinator"),
+        "named before anything starts: {e}"
+    );
+
     std::fs::write(d.join("blank.txt"), "\n   \n\n").unwrap();
     let e = run(&[
         "--teacher",
@@ -352,6 +364,9 @@ fn bad_input_is_a_clear_error() {
         "r1",
     ]);
     assert!(e.contains("blank.txt: no captions"), "{e}");
+    // Said once: the chain used to repeat each error that wrote its
+    // source into its own message.
+    assert_eq!(e.matches("no captions").count(), 1, "{e}");
     std::fs::write(d.join("empty.txt"), "").unwrap();
     let e = run(&[
         "--teacher",
@@ -362,6 +377,17 @@ fn bad_input_is_a_clear_error() {
         "r1",
     ]);
     assert!(e.contains("empty.txt: no captions"), "{e}");
+    assert_eq!(e.matches("no captions").count(), 1, "{e}");
+    let e = run(&[
+        "--teacher",
+        &sd1,
+        "--captions",
+        "missing.txt",
+        "--run-dir",
+        "r1",
+    ]);
+    assert!(e.contains("missing.txt"), "{e}");
+    assert_eq!(e.matches("missing.txt").count(), 1, "{e}");
     let e = run(&["--teacher", &sd1, "--run-dir", "r1"]);
     assert!(e.contains("--captions"), "{e}");
 
@@ -386,6 +412,25 @@ fn bad_input_is_a_clear_error() {
         "7",
     ]);
     assert!(e.contains('7'), "{e}");
+}
+
+/// Issue 28: a caption file with one 10 MB line (5 million words) between
+/// normal ones. The step that drew it used to die on every resume (its
+/// caption reply outgrew the transport's 8 MiB limit); the line is now cut
+/// at ingest, counted, and the job completes.
+#[test]
+fn a_ten_megabyte_caption_line_is_cut_and_the_job_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let huge = "word ".repeat(2_000_000);
+    let text = format!("a red circle on a white background\n{huge}\na photo of a cat\n");
+    std::fs::write(d.join("captions.txt"), text).unwrap();
+    // 3 steps of 2 over 3 captions: every caption is drawn.
+    let out = train(d, &["--run-dir", "run", "--max-steps", "3"], &[]);
+    let stdout = ok(&out);
+    assert!(stdout.contains("trained steps 0..3"), "{stdout}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("cut 1 longer than 4096 bytes"), "{log}");
 }
 
 /// Runs tests/reference/check_tensorboard.py (TensorBoard's own loader,
@@ -437,9 +482,14 @@ fn tensorboard_reads_every_steps_losses() {
             .parse()
             .unwrap()
     };
-    // To the printed precision: vsd 7 significant digits ({:.6e}), lora 6
+    // To the printed precision: vsd 7 significant digits ({:.6e}), fake score 6
     // decimals ({:.6}), plus float32's rounding in the file.
-    for (tag, name, printed) in [("loss/vsd", "vsd", 5e-7), ("loss/lora", "lora", 5e-7)] {
+    for (tag, name, printed) in [
+        ("loss/vsd", "vsd", 5e-7),
+        ("loss/fake_score", "fake score", 5e-7),
+        // The old tag, kept for one release.
+        ("loss/lora", "fake score", 5e-7),
+    ] {
         let (got, want) = (last(tag), value(name));
         let bound = if name == "vsd" {
             printed * want.abs()

@@ -131,6 +131,11 @@ async fn two_workers_train_a_job_to_completion() {
         .into_inner();
     assert_eq!(status.phase, rpc::JobPhase::Completed as i32);
     assert_eq!((status.committed_step, status.samples_committed), (4, 16));
+    // The fake score's loss under its name and, for one release, its old one.
+    let metrics = status.workers[0].metrics.expect("metrics");
+    #[allow(deprecated)]
+    let old_name = metrics.loss_lora;
+    assert_eq!((metrics.loss_fake_score, old_name), (0.25, 0.25));
     h.shutdown().await;
 }
 
@@ -166,6 +171,10 @@ async fn health_service_and_http_side() {
     let json: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
     assert_eq!(json["phase"], "running");
     assert_eq!(json["workers"][0]["step"], 1);
+    // The fake score's loss under its name and, for one release, its old one.
+    let metrics = &json["workers"][0]["metrics"];
+    assert_eq!(metrics["loss_fake_score"], 0.25, "{json}");
+    assert_eq!(metrics["loss_lora"], 0.25, "{json}");
     let (code, body) = get(http, "/metrics").await;
     assert_eq!(code, 200);
     for needle in [

@@ -79,6 +79,7 @@ async fn stale_generations_cannot_fetch_captions_or_commit() {
         .leave(rpc::LeaveRequest {
             worker_id: rank1.id,
             reason: "preempted".to_owned(),
+            failed: false,
         })
         .await
         .expect("leave");

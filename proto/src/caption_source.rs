@@ -2,8 +2,18 @@
 //! a line with a caption field). Parsing is from bytes, so the same code
 //! serves local files and object-store downloads. Bad lines are skipped and
 //! counted, never fatal; a source with no usable caption at all is an error.
+//! A caption longer than [`MAX_CAPTION_BYTES`] is cut there and counted: the
+//! text encoder reads 77 tokens at most, and one 10 MB line would otherwise
+//! outgrow every caption reply of the step that draws it, on every resume.
 
 use serde_json::Value;
+
+/// Longest caption kept, in bytes. CLIP's 77 tokens (75 after the start and
+/// end tokens) cover a few hundred bytes of text even for long words or
+/// multi-byte scripts; what lies past this is never encoded, so cutting it
+/// changes no training input while bounding every caption reply by
+/// construction (captions per rank and step x this).
+pub const MAX_CAPTION_BYTES: usize = 4096;
 
 /// How a caption file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,11 +54,19 @@ pub struct SkipStats {
     pub bad_json: u64,
     /// JSON objects without the caption field (or with a non-string one).
     pub missing_field: u64,
+    /// Captions cut to [`MAX_CAPTION_BYTES`] (kept, not skipped).
+    pub truncated: u64,
 }
 
 impl SkipStats {
+    /// Lines skipped (truncated captions are kept, so they are not here).
     pub fn total(&self) -> u64 {
         self.blank + self.invalid_utf8 + self.bad_json + self.missing_field
+    }
+
+    /// Whether any line was skipped or cut.
+    pub fn any(&self) -> bool {
+        self.total() + self.truncated > 0
     }
 
     pub fn add(&mut self, other: &SkipStats) {
@@ -56,13 +74,21 @@ impl SkipStats {
         self.invalid_utf8 += other.invalid_utf8;
         self.bad_json += other.bad_json;
         self.missing_field += other.missing_field;
+        self.truncated += other.truncated;
     }
 
     pub fn describe(&self) -> String {
-        format!(
+        let mut text = format!(
             "skipped {} blank, {} invalid UTF-8, {} malformed JSON, {} without a caption field",
             self.blank, self.invalid_utf8, self.bad_json, self.missing_field
-        )
+        );
+        if self.truncated > 0 {
+            text += &format!(
+                "; cut {} longer than {MAX_CAPTION_BYTES} bytes",
+                self.truncated
+            );
+        }
+        text
     }
 }
 
@@ -93,14 +119,21 @@ pub fn parse_captions(
             out.skipped.blank += 1;
             continue;
         }
-        match format {
-            CaptionFormat::Text => out.captions.push(line.to_owned()),
+        let caption = match format {
+            CaptionFormat::Text => line.to_owned(),
             CaptionFormat::Jsonl => match jsonl_caption(line, field) {
-                Ok(c) => out.captions.push(c),
-                Err(JsonlSkip::BadJson) => out.skipped.bad_json += 1,
-                Err(JsonlSkip::NoField) => out.skipped.missing_field += 1,
+                Ok(c) => c,
+                Err(JsonlSkip::BadJson) => {
+                    out.skipped.bad_json += 1;
+                    continue;
+                }
+                Err(JsonlSkip::NoField) => {
+                    out.skipped.missing_field += 1;
+                    continue;
+                }
             },
-        }
+        };
+        out.captions.push(bounded(caption, &mut out.skipped));
     }
     // A trailing newline makes one empty "line" that is not a skip.
     if bytes.ends_with(b"\n") || bytes.is_empty() {
@@ -113,6 +146,21 @@ pub fn parse_captions(
         });
     }
     Ok(out)
+}
+
+/// The caption cut to at most [`MAX_CAPTION_BYTES`], at a character
+/// boundary, and counted when cut.
+fn bounded(mut caption: String, stats: &mut SkipStats) -> String {
+    if caption.len() > MAX_CAPTION_BYTES {
+        let mut end = MAX_CAPTION_BYTES;
+        while !caption.is_char_boundary(end) {
+            end -= 1;
+        }
+        caption.truncate(end);
+        caption.truncate(caption.trim_end().len());
+        stats.truncated += 1;
+    }
+    caption
 }
 
 enum JsonlSkip {
@@ -177,6 +225,39 @@ not json
                 .to_string();
             assert!(e.starts_with("prompts.txt: no captions"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_huge_line_is_cut_at_a_character_boundary_and_counted() {
+        // Issue 28: one 10 MB line between normal ones.
+        let huge = "word ".repeat(2_000_000);
+        let bytes = format!("first\n{huge}\nlast\n");
+        let c = parse_captions("c.txt", bytes.as_bytes(), CaptionFormat::Text, None).unwrap();
+        assert_eq!(c.captions.len(), 3);
+        assert_eq!(c.captions[0], "first");
+        assert_eq!(c.captions[2], "last");
+        assert!(c.captions[1].len() <= MAX_CAPTION_BYTES);
+        assert!(c.captions[1].starts_with("word word"));
+        assert_eq!(c.skipped.truncated, 1);
+        assert_eq!(c.skipped.total(), 0);
+        assert!(
+            c.skipped
+                .describe()
+                .contains("cut 1 longer than 4096 bytes")
+        );
+        // Multi-byte text cut inside a character stays valid UTF-8, and a
+        // JSONL caption is bounded the same way.
+        let wide = "\u{00e9}".repeat(MAX_CAPTION_BYTES);
+        let line = serde_json::json!({ "caption": wide }).to_string();
+        let c = parse_captions("c.jsonl", line.as_bytes(), CaptionFormat::Jsonl, None).unwrap();
+        assert_eq!(c.captions[0].len(), MAX_CAPTION_BYTES);
+        assert_eq!(c.skipped.truncated, 1);
+        let exact = "a".repeat(MAX_CAPTION_BYTES);
+        let c = parse_captions("c.txt", exact.as_bytes(), CaptionFormat::Text, None).unwrap();
+        assert_eq!(
+            (c.captions[0].len(), c.skipped.truncated),
+            (MAX_CAPTION_BYTES, 0)
+        );
     }
 
     #[test]

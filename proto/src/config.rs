@@ -535,8 +535,14 @@ impl JobConfig {
             });
         }
         let de = serde_norway::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de)
-            .map_err(|e| ConfigError::from_parse(origin, e.path().to_string(), e.into_inner()))
+        let first = match serde_path_to_error::deserialize(de) {
+            Ok(config) => return Ok(config),
+            Err(e) => crate::config_error::parse_problem(e.path().to_string(), e.into_inner()),
+        };
+        Err(ConfigError::from_parses(
+            origin,
+            every_parse_problem(text, first),
+        ))
     }
 
     /// Reads and parses a YAML file (not yet validated: see [`Self::validate`]).
@@ -578,6 +584,56 @@ impl JobConfig {
         let digest = Sha256::digest(&json);
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Every problem of a config that does not parse, not just the first
+/// (serde stops there): the key at fault is removed from the document and
+/// it is parsed again, until it parses or a problem cannot be removed
+/// (a YAML syntax error, a missing section). Later problems come without a
+/// line number: they are found in the parsed document, not the text.
+fn every_parse_problem(text: &str, first: (String, String)) -> Vec<String> {
+    const MAX_PROBLEMS: usize = 32;
+    let (mut key, message) = first;
+    let mut messages = vec![message];
+    let Ok(mut document) = serde_norway::from_str::<serde_norway::Value>(text) else {
+        return messages;
+    };
+    while messages.len() < MAX_PROBLEMS && remove_key(&mut document, &key) {
+        match serde_path_to_error::deserialize::<_, JobConfig>(document.clone()) {
+            Ok(_) => break,
+            Err(e) => {
+                let (next, message) =
+                    crate::config_error::parse_problem(e.path().to_string(), e.into_inner());
+                if messages.contains(&message) {
+                    break;
+                }
+                messages.push(message);
+                key = next;
+            }
+        }
+    }
+    messages
+}
+
+/// Removes the dotted `key` (a list element's key removes the whole list)
+/// from a YAML document; false when there is no such key.
+fn remove_key(document: &mut serde_norway::Value, key: &str) -> bool {
+    let key = key.split('[').next().unwrap_or_default();
+    if key.is_empty() {
+        return false;
+    }
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let mut node = document;
+    for part in parts {
+        match node.get_mut(part) {
+            Some(child) => node = child,
+            None => return false,
+        }
+    }
+    node.as_mapping_mut().and_then(|m| m.remove(last)).is_some()
 }
 
 /// Adds a problem when `ok` is false (used by validation).

@@ -50,7 +50,29 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl ConfigError {
-    pub(crate) fn from_parse(origin: &str, path: String, err: serde_norway::Error) -> Self {
+    /// One parse error per problem, each on its own line after the first.
+    pub(crate) fn from_parses(origin: &str, messages: Vec<String>) -> Self {
+        let message = match messages.as_slice() {
+            [one] => one.clone(),
+            many => format!(
+                "{} problems:\n{}",
+                many.len(),
+                many.iter()
+                    .map(|m| format!("  - {m}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        };
+        ConfigError::Parse {
+            origin: origin.to_owned(),
+            message,
+        }
+    }
+}
+
+/// A parse error as (the dotted key at fault, the sentence naming it).
+pub(crate) fn parse_problem(path: String, err: serde_norway::Error) -> (String, String) {
+    {
         let location = err
             .location()
             .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
@@ -66,7 +88,7 @@ impl ConfigError {
             Some((prefix, rest)) if !prefix.contains(' ') && !prefix.is_empty() => rest.to_owned(),
             _ => raw,
         };
-        let message = match unknown_field(&raw) {
+        match unknown_field(&raw) {
             Some((field, expected)) => {
                 // The path already ends with the unknown key.
                 let key = if path == field || path.ends_with(&format!(".{field}")) {
@@ -77,17 +99,17 @@ impl ConfigError {
                 let hint = did_you_mean(&field, &expected)
                     .map(|s| format!("did you mean `{s}`? "))
                     .unwrap_or_default();
-                format!(
+                let message = format!(
                     "{key}: unknown key{location}; {hint}allowed keys here: {}",
                     expected.join(", ")
-                )
+                );
+                (key, message)
             }
-            None if path == "." || path.is_empty() => format!("{raw}{location}"),
-            None => format!("{path}: {raw}{location}"),
-        };
-        ConfigError::Parse {
-            origin: origin.to_owned(),
-            message,
+            None if path == "." || path.is_empty() => (String::new(), format!("{raw}{location}")),
+            None => {
+                let message = format!("{path}: {raw}{location}");
+                (path, message)
+            }
         }
     }
 }

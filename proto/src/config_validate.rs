@@ -224,6 +224,20 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
             });
         }
     }
+    // One step's captions for one rank must fit one GetCaptions reply.
+    if w.min_size >= 1 {
+        let per_rank = t.global_batch / w.min_size;
+        check(
+            &mut p,
+            per_rank <= crate::rpc::MAX_CAPTIONS_PER_RANK_STEP,
+            "train.global_batch",
+            t.global_batch.to_string(),
+            &format!(
+                "at most {} captions per rank and step (global_batch / world.min_size = {per_rank})",
+                crate::rpc::MAX_CAPTIONS_PER_RANK_STEP
+            ),
+        );
+    }
     check(
         &mut p,
         w.heartbeat_interval_ms >= 1,

@@ -8,6 +8,7 @@
 pub mod caption_ledger;
 pub mod caption_source;
 pub mod config;
+mod config_changes;
 mod config_error;
 mod config_moved;
 mod config_validate;
@@ -16,4 +17,5 @@ pub mod rpc;
 pub mod run_store;
 
 pub use config::JobConfig;
+pub use config_changes::ConfigChange;
 pub use config_error::{ConfigError, Problem};

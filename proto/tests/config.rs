@@ -352,3 +352,44 @@ fn score_passes_parse_and_a_bad_one_names_the_choices() {
     // Speed and memory only: a resumed run does not see a new config.
     assert_eq!(one.fingerprint(), c.fingerprint());
 }
+
+#[test]
+fn a_rank_takes_at_most_1024_captions_a_step() {
+    // One step's captions for one rank must fit one GetCaptions reply
+    // (issue 28: replies bounded by construction).
+    let e = err(&format!(
+        "{TEACHER}train:\n  global_batch: 2048\nworld:\n  min_size: 1\n  max_size: 2\n"
+    ));
+    assert!(
+        e.contains("train.global_batch = 2048 is not allowed"),
+        "{e}"
+    );
+    assert!(e.contains("at most 1024 captions per rank and step"), "{e}");
+    parse(&format!(
+        "{TEACHER}train:\n  global_batch: 2048\nworld:\n  min_size: 2\n  max_size: 2\n"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn every_unknown_key_and_bad_value_is_reported_at_once() {
+    // Issue 29: spelling-type errors used to stop at the first.
+    let e = err(&format!(
+        "{TEACHER}method:\n  gudance_scale: 3\n  fake_score:\n    kind: lorra\n\
+         train:\n  max_stepz: 4\nprecision:\n  teacher_dtype: fp8\n"
+    ));
+    assert!(e.contains("4 problems"), "{e}");
+    for needle in [
+        "method.gudance_scale: unknown key (line",
+        "did you mean `guidance_scale`?",
+        "method.fake_score.kind: unknown variant `lorra`",
+        "train.max_stepz: unknown key",
+        "did you mean `max_steps`?",
+        "precision.teacher_dtype: unknown variant `fp8`",
+    ] {
+        assert!(e.contains(needle), "{needle} missing from\n{e}");
+    }
+    // One problem reads as before, on one line.
+    let e = err(&format!("{TEACHER}train:\n  max_stepz: 4\n"));
+    assert!(!e.contains("problems"), "{e}");
+}

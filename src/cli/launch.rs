@@ -42,8 +42,13 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
             .await
             .map_err(|status| submit_refused(&args, &status))?
             .into_inner();
+        let max_steps = config.train.max_steps;
         let resume = match submitted.resume_step {
             0 => "starts from scratch".to_owned(),
+            step if step >= max_steps => format!(
+                "already complete: its run directory holds the checkpoint at step {step} and \
+                 train.max_steps is {max_steps} (raise train.max_steps to train further)"
+            ),
             step => format!("resumes from the checkpoint at step {step}"),
         };
         println!(
@@ -53,9 +58,10 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
             submitted.generation,
             short_fingerprint(&submitted.config_fingerprint),
         );
+        let token = args.remote.token_flag();
         println!(
-            "workers join with: swiftbrush worker --coordinator {address}; \
-             watch with: swiftbrush status --coordinator {address}"
+            "workers join with: swiftbrush worker --coordinator {address}{token}; \
+             watch with: swiftbrush status --coordinator {address}{token}"
         );
         if args.wait {
             wait_for_end(&args, &mut client).await

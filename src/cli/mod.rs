@@ -54,6 +54,20 @@ impl Cli {
         }
     }
 
+    /// Whether the command computes with libtorch (and so may use CUDA).
+    /// The operator commands and the coordinator do not: they skip loading
+    /// the CUDA backend, a large library.
+    pub fn uses_torch(&self) -> bool {
+        !matches!(
+            self.command,
+            Command::Config(_)
+                | Command::Coordinator(_)
+                | Command::Launch(_)
+                | Command::Status(_)
+                | Command::Cancel(_)
+        )
+    }
+
     /// The log filter when RUST_LOG is unset. `train` runs a coordinator
     /// inside the process: its bookkeeping is noise there, its warnings not.
     pub fn default_log_filter(&self) -> &'static str {
@@ -126,6 +140,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Config(ConfigCommand::Check { file, teacher }) => {
             let config = load_config(&file, teacher)?;
+            for warning in missing_paths(&config) {
+                tracing::warn!("{warning}");
+            }
             tracing::info!(
                 file = %file.display(),
                 fingerprint = %config.fingerprint(),
@@ -158,6 +175,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Cancel(args) => cancel::run(args),
     }
+}
+
+/// What a valid config names on this machine that is not there: the
+/// teacher folder and local caption files (URLs are not checked: a cluster
+/// reads them elsewhere). Warnings, not errors: the config may be meant for
+/// another machine.
+fn missing_paths(config: &JobConfig) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(teacher) = &config.model.teacher {
+        let path = std::path::Path::new(teacher);
+        if !path.is_dir() {
+            warnings.push(format!(
+                "model.teacher: {teacher} is not a folder on this machine (expected the \
+                 diffusers pipeline folder holding model_index.json)"
+            ));
+        } else if !path.join("model_index.json").is_file() {
+            warnings.push(format!(
+                "model.teacher: {teacher} holds no model_index.json (not a diffusers pipeline folder)"
+            ));
+        }
+    }
+    for source in &config.data.captions {
+        let local = match source.strip_prefix("file://") {
+            Some(path) => Some(path),
+            None if !source.contains("://") => Some(source.as_str()),
+            None => None,
+        };
+        if let Some(path) = local
+            && !std::path::Path::new(path).is_file()
+        {
+            warnings.push(format!(
+                "data.captions: {source} does not exist on this machine"
+            ));
+        }
+    }
+    warnings
 }
 
 /// Reads a job config, applies command-line overrides, validates.

@@ -3,6 +3,7 @@
 //! turning a refused call into a sentence that says what to fix.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use swiftbrush_proto::rpc::{self, ClientTls, CoordinatorConnection, TOKEN_ENV};
@@ -35,6 +36,10 @@ pub struct RemoteArgs {
     /// the host of the address).
     #[arg(long, requires = "tls_ca")]
     tls_domain: Option<String>,
+    /// How long to keep trying while nothing answers at the address (a
+    /// coordinator started a moment ago with `&`); 0: try once.
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
 }
 
 impl RemoteArgs {
@@ -57,17 +62,29 @@ impl RemoteArgs {
                  certificate), and --tls-ca needs an https:// address"
             );
         }
-        rpc::connect(&address, &token, tls)
-            .await
-            .map_err(|e| match e {
+        let deadline = Instant::now() + Duration::from_millis(self.connect_timeout_ms);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match rpc::connect(&address, &token, tls.clone()).await {
+                Ok(connection) => return Ok(connection),
+                // Nothing answers yet: a coordinator still starting.
+                Err(rpc::ConnectError::Transport { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
                 // tonic nests the same words several levels deep; the root
                 // cause ("Connection refused") is what the operator needs.
-                rpc::ConnectError::Transport { .. } => anyhow::anyhow!(
-                    "cannot connect to the coordinator at {address}: {}",
-                    root_cause(&e)
-                ),
-                other => other.into(),
-            })
+                Err(e @ rpc::ConnectError::Transport { .. }) => {
+                    bail!(
+                        "cannot connect to the coordinator at {address}: {} (tried for {} ms: \
+                         is it running? --connect-timeout-ms waits longer)",
+                        root_cause(&e),
+                        self.connect_timeout_ms
+                    )
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
     }
 
     fn tls(&self) -> anyhow::Result<Option<ClientTls>> {
@@ -86,6 +103,14 @@ impl RemoteArgs {
             identity_pem,
             domain: self.tls_domain.clone(),
         }))
+    }
+
+    /// How this command was given the token, as flags to repeat in a hint:
+    /// ` --token-file PATH`, or nothing when it came from the environment.
+    pub fn token_flag(&self) -> String {
+        self.token_file
+            .as_ref()
+            .map_or_else(String::new, |p| format!(" --token-file {}", p.display()))
     }
 
     /// A refused call as a sentence naming the coordinator and what to do.

@@ -54,6 +54,24 @@ fn worker_phase_name(phase: i32) -> String {
     )
 }
 
+/// A worker as the coordinator names it in reasons and logs (`w` and the
+/// id in hex), so the table and the reasons agree.
+fn worker_name(id: u64) -> String {
+    format!("w{id:x}")
+}
+
+/// The phase as shown: a worker that is gone shows the last one it
+/// reported, marked as such.
+fn phase_text(w: &WorkerStatus) -> String {
+    let phase = worker_phase_name(w.phase);
+    let gone = [rpc::Health::Dead as i32, rpc::Health::Left as i32].contains(&w.health);
+    if gone {
+        format!("{phase} (last)")
+    } else {
+        phase
+    }
+}
+
 /// The rank as shown: `-` outside the current world.
 fn rank_text(rank: i32) -> String {
     if rank < 0 {
@@ -71,6 +89,7 @@ fn to_json(s: &JobStatusReply) -> Value {
             let metrics = w.metrics.unwrap_or_default();
             json!({
                 "worker_id": w.worker_id,
+                "worker": worker_name(w.worker_id),
                 "host": w.host,
                 "device": w.device,
                 "health": health_name(w.health),
@@ -81,7 +100,9 @@ fn to_json(s: &JobStatusReply) -> Value {
                 "phase": worker_phase_name(w.phase),
                 "metrics": {
                     "loss_vsd": metrics.loss_vsd,
-                    "loss_lora": metrics.loss_lora,
+                    "loss_fake_score": metrics.loss_fake_score,
+                    // The old name, kept for one release.
+                    "loss_lora": metrics.loss_fake_score,
                     "step_time_ms": metrics.step_time_ms,
                     "allreduce_ms": metrics.allreduce_ms,
                     "samples_per_s": metrics.samples_per_s,
@@ -181,7 +202,7 @@ fn header() -> Vec<String> {
         "PHASE",
         "HEARTBEAT",
         "LOSS_VSD",
-        "LOSS_LORA",
+        "LOSS_FAKE_SCORE",
         "STEP_MS",
         "ALLREDUCE_MS",
         "SAMPLES/S",
@@ -195,17 +216,17 @@ fn header() -> Vec<String> {
 fn worker_row(w: &WorkerStatus) -> Vec<String> {
     let m = w.metrics.unwrap_or_default();
     vec![
-        w.worker_id.to_string(),
+        worker_name(w.worker_id),
         w.host.clone(),
         w.device.clone(),
         health_name(w.health),
         rank_text(w.rank),
         w.generation.to_string(),
         w.step.to_string(),
-        worker_phase_name(w.phase),
+        phase_text(w),
         format!("{:.1}s ago", w.heartbeat_age_ms as f64 / 1000.0),
         format!("{:.4}", m.loss_vsd),
-        format!("{:.4}", m.loss_lora),
+        format!("{:.4}", m.loss_fake_score),
         format!("{:.1}", m.step_time_ms),
         format!("{:.1}", m.allreduce_ms),
         format!("{:.2}", m.samples_per_s),
@@ -302,7 +323,9 @@ mod tests {
         let a: Vec<&str> = lines[header + 1].split_whitespace().collect();
         assert_eq!(
             &a[..8],
-            ["7", "node-a", "cuda:0", "alive", "0", "3", "61", "training"]
+            [
+                "w7", "node-a", "cuda:0", "alive", "0", "3", "61", "training"
+            ]
         );
         assert!(lines[header + 1].contains("0.4s ago"));
         let b = lines[header + 2];
@@ -310,6 +333,8 @@ mod tests {
             b.contains("dead") && b.contains(" - ") && b.ends_with("left: preempted"),
             "{b}"
         );
+        // A gone worker's phase is its last one, said so.
+        assert!(b.contains("unspecified (last)"), "{b}");
         assert!(text.contains("quarantined  bad-node"), "{text}");
         // The columns line up: every row's HOST column starts where the header's does.
         let host_at = lines[header].find("HOST").unwrap();

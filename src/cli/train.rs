@@ -95,6 +95,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         !config.data.captions.is_empty(),
         "no caption sources: set data.captions in the config or pass --captions FILE"
     );
+    // The teacher is local here: a wrong path is named before anything starts.
+    if let Some(teacher) = &config.model.teacher {
+        swiftbrush_worker::pipeline::DiffusersFolder::open(std::path::Path::new(teacher))?;
+    }
     if let Some(resume) = args.resume.as_deref() {
         check_resume(&config.checkpoint.run_dir, resume)?;
     }
@@ -116,7 +120,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             .map_or("none".to_owned(), |s| format!("step {s}")),
     );
     if let Some(l) = outcome.last_losses {
-        println!("last losses: vsd {:.6e}, lora {:.6}", l.vsd, l.fake_score);
+        println!(
+            "last losses: vsd {:.6e}, fake score {:.6}",
+            l.vsd, l.fake_score
+        );
     }
     if outcome.num_nonfinite_steps > 0 || outcome.num_truncated_captions > 0 {
         println!(

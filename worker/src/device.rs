@@ -99,6 +99,16 @@ pub enum DeviceError {
     Unknown(String),
     #[error("device {requested} requested but {available} CUDA device(s) are available")]
     Unavailable { requested: String, available: i64 },
+    #[error("device {requested} requested but libtorch cannot use CUDA: {why}")]
+    CudaBroken { requested: String, why: String },
+    #[error(
+        "--device auto: this host has {gpus} GPUs and nothing says which one is this worker's \
+         (each would take cuda:0): pass --device cuda:N, or start the workers with LOCAL_RANK \
+         (torchrun) or SLURM_LOCALID (srun) set"
+    )]
+    Ambiguous { gpus: i64 },
+    #[error("--device auto: {var}={rank}, but this host has {gpus} CUDA device(s)")]
+    LocalRankOutOfRange { var: String, rank: usize, gpus: i64 },
 }
 
 /// Parses `auto` (first CUDA device, else CPU), `cpu` or `cuda:N`.
@@ -109,6 +119,7 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
         "auto" => Ok(if Cuda::is_available() {
             Device::Cuda(0)
         } else {
+            warn_if_cuda_is_lost();
             Device::Cpu
         }),
         _ => {
@@ -119,6 +130,11 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
             let available = Cuda::device_count();
             if (n as i64) < available {
                 Ok(Device::Cuda(n))
+            } else if let Some(why) = lost_cuda() {
+                Err(DeviceError::CudaBroken {
+                    requested: spec.to_owned(),
+                    why,
+                })
             } else {
                 Err(DeviceError::Unavailable {
                     requested: spec.to_owned(),
@@ -126,6 +142,79 @@ pub fn parse_device(spec: &str) -> Result<Device, DeviceError> {
                 })
             }
         }
+    }
+}
+
+/// As [`parse_device`], for one of several worker processes on a host:
+/// `auto` takes the GPU of the process's local rank (`LOCAL_RANK` as
+/// torchrun sets it, else `SLURM_LOCALID` as srun does), since every
+/// worker taking cuda:0 would put two ranks on one GPU, which NCCL refuses.
+pub fn parse_worker_device(spec: &str) -> Result<Device, DeviceError> {
+    if spec != "auto" {
+        return parse_device(spec);
+    }
+    load_cuda_backend();
+    let gpus = Cuda::device_count();
+    if gpus == 0 {
+        return parse_device(spec);
+    }
+    auto_worker_device(gpus, local_rank(|name| std::env::var(name).ok()))
+}
+
+/// The local rank from the launcher's environment, with the variable it
+/// came from.
+pub fn local_rank(var: impl Fn(&str) -> Option<String>) -> Option<(String, usize)> {
+    ["LOCAL_RANK", "SLURM_LOCALID"].iter().find_map(|name| {
+        let rank = var(name)?.trim().parse().ok()?;
+        Some(((*name).to_owned(), rank))
+    })
+}
+
+/// `auto` for a worker on a host with `gpus` CUDA devices (at least one).
+fn auto_worker_device(
+    gpus: i64,
+    local_rank: Option<(String, usize)>,
+) -> Result<Device, DeviceError> {
+    match local_rank {
+        Some((_, rank)) if (rank as i64) < gpus => Ok(Device::Cuda(rank)),
+        Some((var, rank)) => Err(DeviceError::LocalRankOutOfRange { var, rank, gpus }),
+        None if gpus == 1 => Ok(Device::Cuda(0)),
+        None => Err(DeviceError::Ambiguous { gpus }),
+    }
+}
+
+/// Why libtorch sees no CUDA device while the driver reports GPUs (None
+/// when the two agree).
+fn lost_cuda() -> Option<String> {
+    let driver_gpus = crate::cuda_driver::report().map_or(0, |r| r.gpus.len());
+    cuda_lost_reason(driver_gpus, Cuda::device_count(), load_cuda_backend())
+}
+
+fn cuda_lost_reason(driver_gpus: usize, torch_gpus: i64, backend: &CudaBackend) -> Option<String> {
+    if driver_gpus == 0 || torch_gpus > 0 {
+        return None;
+    }
+    Some(match backend {
+        CudaBackend::Failed { path, error } => format!(
+            "the driver reports {driver_gpus} GPU(s) but {} did not load: {error}",
+            path.display()
+        ),
+        CudaBackend::Missing { reason } => {
+            format!("the driver reports {driver_gpus} GPU(s) but {reason}")
+        }
+        CudaBackend::Loaded { path } => format!(
+            "the driver reports {driver_gpus} GPU(s) but libtorch's CUDA backend ({}) sees none \
+             (a driver older than the CUDA the wheel was built for?)",
+            path.display()
+        ),
+    })
+}
+
+/// `auto` falls back to the CPU; where GPUs are there but unusable, that is
+/// news the user must not miss.
+fn warn_if_cuda_is_lost() {
+    if let Some(why) = lost_cuda() {
+        tracing::warn!("TRAINING ON THE CPU: {why}; see `swiftbrush doctor`");
     }
 }
 
@@ -154,6 +243,48 @@ mod tests {
         assert!(
             err.contains("cuda:99") && err.contains("available"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn auto_for_a_worker_takes_its_local_rank_or_refuses_to_guess() {
+        let rank = |r: usize| Some(("LOCAL_RANK".to_owned(), r));
+        assert_eq!(auto_worker_device(1, None).unwrap(), Device::Cuda(0));
+        assert_eq!(auto_worker_device(8, rank(3)).unwrap(), Device::Cuda(3));
+        let e = auto_worker_device(8, None).unwrap_err().to_string();
+        assert!(e.contains("8 GPUs") && e.contains("LOCAL_RANK"), "{e}");
+        let e = auto_worker_device(2, rank(2)).unwrap_err().to_string();
+        assert!(
+            e.contains("LOCAL_RANK=2") && e.contains("2 CUDA device"),
+            "{e}"
+        );
+        let env = |name: &str| (name == "SLURM_LOCALID").then(|| "5".to_owned());
+        assert_eq!(local_rank(env), Some(("SLURM_LOCALID".to_owned(), 5)));
+        let both = |name: &str| Some(if name == "LOCAL_RANK" { "1" } else { "5" }.to_owned());
+        assert_eq!(local_rank(both), Some(("LOCAL_RANK".to_owned(), 1)));
+        assert_eq!(local_rank(|_| Some("x".to_owned())), None);
+    }
+
+    #[test]
+    fn gpus_the_driver_sees_and_libtorch_does_not_are_named_with_the_loaders_message() {
+        let failed = CudaBackend::Failed {
+            path: "/site/torch/lib/libtorch_cuda.so".into(),
+            error: "libcudart.so.13: cannot open shared object file".to_owned(),
+        };
+        let why = cuda_lost_reason(2, 0, &failed).unwrap();
+        assert!(
+            why.contains("2 GPU(s)") && why.contains("libcudart.so.13"),
+            "{why}"
+        );
+        assert_eq!(cuda_lost_reason(0, 0, &failed), None, "no GPU, no news");
+        assert_eq!(cuda_lost_reason(2, 2, &failed), None, "both agree");
+        let loaded = CudaBackend::Loaded {
+            path: "/x/libtorch_cuda.so".into(),
+        };
+        assert!(
+            cuda_lost_reason(1, 0, &loaded)
+                .unwrap()
+                .contains("sees none")
         );
     }
 }

@@ -198,6 +198,12 @@ impl Coordinator {
         Ok(self.transition(|s, now| s.leave(worker, reason, now))?)
     }
 
+    /// A worker exiting on an error it reports (`CoordinatorState::fail`).
+    pub fn worker_failed(&self, worker: WorkerId, reason: String) -> Result<(), AppError> {
+        tracing::warn!(%worker, %reason, "a worker failed");
+        Ok(self.transition(|s, now| s.fail_worker(worker, reason, now))?)
+    }
+
     pub fn publish_bootstrap(
         &self,
         worker: WorkerId,

@@ -54,8 +54,11 @@ impl Coordinator {
         config.checkpoint.run_dir = store.name().to_owned();
         let corpus =
             CaptionCorpus::load(&config.data.captions, config.data.jsonl_field.as_deref()).await?;
-        if corpus.skipped.total() > 0 {
-            tracing::warn!("caption lines skipped: {}", corpus.skipped.describe());
+        if corpus.skipped.any() {
+            tracing::warn!(
+                "caption lines skipped or cut: {}",
+                corpus.skipped.describe()
+            );
         }
         // The newest checkpoint that verifies: a corrupt newer one is set
         // aside (run_store's latest_verified) instead of failing every

@@ -37,6 +37,29 @@ impl CoordinatorState {
         }
     }
 
+    /// Ends the job when no worker is alive and at least a world's worth
+    /// (`world.min_size`) of workers reported the same failure: every
+    /// worker that tried failed the same way.
+    pub(crate) fn fail_job_if_every_worker_failed(&mut self, reason: &str) {
+        let Some(job) = self.job.as_ref() else {
+            return;
+        };
+        if job.phase.is_terminal() || self.workers.values().any(|w| !w.is_dead()) {
+            return;
+        }
+        let same = self
+            .workers
+            .values()
+            .filter(
+                |w| matches!(&w.departure, Some(Departure::Failed { reason: r }) if r == reason),
+            )
+            .count();
+        if same >= job.spec.min_size.max(1) as usize {
+            let why = format!("every worker failed the same way ({same} workers): {reason}");
+            self.end_job(JobPhase::Failed, why);
+        }
+    }
+
     /// Records a failure on `host`; enough of them quarantine it.
     fn charge_host(&mut self, host: &str, now: Millis) {
         let window = self.options.quarantine_window_ms;

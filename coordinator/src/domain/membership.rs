@@ -167,4 +167,28 @@ impl CoordinatorState {
         self.try_form(now);
         Ok(())
     }
+
+    /// A worker exiting on an error (Leave with `failed`): a failure like a
+    /// death, charged to its host, with the worker's own reason for the
+    /// status page. When no worker is left and enough of them failed the
+    /// same way, nothing a restart can change: the job fails with that
+    /// reason instead of waiting for workers that will fail again.
+    pub fn fail_worker(
+        &mut self,
+        worker: WorkerId,
+        reason: String,
+        now: Millis,
+    ) -> Result<(), CoreError> {
+        self.live_worker(worker)?;
+        self.declare_dead(
+            worker,
+            Departure::Failed {
+                reason: reason.clone(),
+            },
+            now,
+        );
+        self.fail_job_if_every_worker_failed(&reason);
+        self.try_form(now);
+        Ok(())
+    }
 }

@@ -147,4 +147,6 @@ pub struct WorkerSnapshot {
     pub phase: super::types::WorkerPhase,
     pub metrics: super::types::StepMetrics,
     pub death_reason: Option<String>,
+    /// Dead because it left on purpose, not by a failure.
+    pub left: bool,
 }

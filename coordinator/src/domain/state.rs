@@ -201,6 +201,7 @@ impl CoordinatorState {
                 phase: w.phase,
                 metrics: w.metrics,
                 death_reason: w.departure.as_ref().map(ToString::to_string),
+                left: matches!(w.departure, Some(super::types::Departure::Left { .. })),
             })
             .collect();
         let quarantined_hosts = self

@@ -107,15 +107,32 @@ impl Backend {
 }
 
 /// A worker's measurements of its last logged step.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepMetrics {
     pub loss_vsd: f64,
-    pub loss_lora: f64,
+    pub loss_fake_score: f64,
     pub step_time_ms: f64,
     pub allreduce_ms: f64,
     pub samples_per_s: f64,
     /// The training thread's time in its newest checkpoint step.
     pub checkpoint_stall_ms: f64,
+}
+
+impl Serialize for StepMetrics {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("StepMetrics", 7)?;
+        s.serialize_field("loss_vsd", &self.loss_vsd)?;
+        s.serialize_field("loss_fake_score", &self.loss_fake_score)?;
+        // The fake score's loss under its old name, for one release: it is
+        // not LoRA's for DMD2's full fake score.
+        s.serialize_field("loss_lora", &self.loss_fake_score)?;
+        s.serialize_field("step_time_ms", &self.step_time_ms)?;
+        s.serialize_field("allreduce_ms", &self.allreduce_ms)?;
+        s.serialize_field("samples_per_s", &self.samples_per_s)?;
+        s.serialize_field("checkpoint_stall_ms", &self.checkpoint_stall_ms)?;
+        s.end()
+    }
 }
 
 /// Why a worker is gone.
@@ -131,6 +148,10 @@ pub enum Departure {
     Replaced { by: WorkerId },
     /// It said goodbye (Leave).
     Left { reason: String },
+    /// It is exiting on an error it could report (Leave with `failed`): a
+    /// teacher it cannot read, a device that fails, a collective that
+    /// cannot start.
+    Failed { reason: String },
 }
 
 impl Departure {
@@ -150,6 +171,7 @@ impl fmt::Display for Departure {
             }
             Self::Replaced { by } => write!(f, "replaced by {by} on the same host and device"),
             Self::Left { reason } => write!(f, "left: {reason}"),
+            Self::Failed { reason } => write!(f, "failed: {reason}"),
         }
     }
 }

@@ -202,7 +202,9 @@ impl From<StepMetrics> for rpc::StepMetrics {
     fn from(m: StepMetrics) -> Self {
         Self {
             loss_vsd: m.loss_vsd,
-            loss_lora: m.loss_lora,
+            loss_fake_score: m.loss_fake_score,
+            #[allow(deprecated)]
+            loss_lora: m.loss_fake_score,
             step_time_ms: m.step_time_ms,
             allreduce_ms: m.allreduce_ms,
             samples_per_s: m.samples_per_s,
@@ -217,7 +219,11 @@ impl From<WorkerSnapshot> for rpc::WorkerStatus {
             worker_id: w.worker.0,
             host: w.host,
             device: w.device,
-            health: health_i32(w.health),
+            health: if w.left {
+                rpc::Health::Left as i32
+            } else {
+                health_i32(w.health)
+            },
             rank: w.rank.map_or(-1, |r| i32::try_from(r).unwrap_or(i32::MAX)),
             generation: w.generation,
             step: w.step,

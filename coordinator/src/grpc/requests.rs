@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use swiftbrush_proto::rpc::{self, MAX_DOCUMENT_BYTES, MAX_NAME_BYTES};
+use swiftbrush_proto::rpc::{self, MAX_DOCUMENT_BYTES, MAX_NAME_BYTES, MAX_REASON_BYTES};
 use swiftbrush_proto::run_store::StagedCheckpoint;
 use tonic::Status;
 
@@ -115,7 +115,13 @@ impl TryFrom<rpc::StepMetrics> for StepMetrics {
         Ok(Self {
             // Losses are reported as seen, NaN included: that is news.
             loss_vsd: m.loss_vsd,
-            loss_lora: m.loss_lora,
+            // A worker of the release before names it loss_lora only.
+            #[allow(deprecated)]
+            loss_fake_score: if m.loss_fake_score == 0.0 {
+                m.loss_lora
+            } else {
+                m.loss_fake_score
+            },
             step_time_ms: measure("metrics.step_time_ms", m.step_time_ms)?,
             allreduce_ms: measure("metrics.allreduce_ms", m.allreduce_ms)?,
             samples_per_s: measure("metrics.samples_per_s", m.samples_per_s)?,
@@ -242,6 +248,12 @@ pub fn checked_worker(id: u64) -> Result<WorkerId, Status> {
 
 pub fn reason(value: String) -> Result<String, Status> {
     optional_text("reason", value, MAX_NAME_BYTES)
+}
+
+/// A worker's error as it exits: an error chain with paths, longer than a
+/// name.
+pub fn failure_reason(value: String) -> Result<String, Status> {
+    optional_text("reason", value, MAX_REASON_BYTES)
 }
 
 pub fn config_yaml(value: String) -> Result<String, Status> {

@@ -101,7 +101,12 @@ impl CoordinatorRpc for CoordinatorService {
     async fn leave(&self, request: Request<rpc::LeaveRequest>) -> Reply<rpc::LeaveReply> {
         let req = request.into_inner();
         let worker = requests::checked_worker(req.worker_id)?;
-        self.app.leave(worker, requests::reason(req.reason)?)?;
+        if req.failed {
+            self.app
+                .worker_failed(worker, requests::failure_reason(req.reason)?)?;
+        } else {
+            self.app.leave(worker, requests::reason(req.reason)?)?;
+        }
         Ok(Response::new(rpc::LeaveReply {}))
     }
 

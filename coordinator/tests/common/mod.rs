@@ -246,11 +246,12 @@ impl FakeWorker {
                 phase: rpc::Phase::Training as i32,
                 metrics: Some(rpc::StepMetrics {
                     loss_vsd: 0.5,
-                    loss_lora: 0.25,
+                    loss_fake_score: 0.25,
                     step_time_ms: 120.0,
                     allreduce_ms: 15.0,
                     samples_per_s: 8.0,
                     checkpoint_stall_ms: 40.0,
+                    ..Default::default()
                 }),
             })
             .await

@@ -37,11 +37,29 @@ pub const MAX_BOOTSTRAP_BYTES: usize = 64 * 1024;
 /// Most steps one GetCaptions call may ask for.
 pub const MAX_CAPTION_STEPS: u32 = 64;
 
+/// Most captions one rank takes in one step (`train.global_batch /
+/// world.min_size`, checked by the config). With every caption at most
+/// [`crate::caption_source::MAX_CAPTION_BYTES`], one step's captions always
+/// fit a reply: a GetCaptions reply is bounded by construction, whatever
+/// the caption files hold.
+pub const MAX_CAPTIONS_PER_RANK_STEP: u32 = 1024;
+
+// A caption's framing in the reply: its string's tag and length, and its id
+// as a varint, are under 16 bytes; 1 KiB covers the step's own fields.
+const _: () = assert!(
+    MAX_CAPTIONS_PER_RANK_STEP as usize * (crate::caption_source::MAX_CAPTION_BYTES + 16) + 1024
+        <= MAX_REPLY_BYTES
+);
+
 /// Largest staged-checkpoint JSON or job config accepted.
 pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
 
 /// Longest host, device, version or reason string accepted.
 pub const MAX_NAME_BYTES: usize = 253;
+
+/// Longest error a failing worker reports (Leave with `failed`); a worker
+/// cuts a longer one to this.
+pub const MAX_REASON_BYTES: usize = 2048;
 
 mod client;
 mod token;

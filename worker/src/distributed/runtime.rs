@@ -117,10 +117,11 @@ pub enum WorkerError {
 
 /// Runs a worker until the job ends or a signal stops it.
 pub fn run_worker(options: WorkerOptions) -> Result<WorkerSummary, WorkerError> {
-    let device = crate::device::parse_device(&options.device).map_err(|e| WorkerError::Device {
-        device: options.device.clone(),
-        reason: e.to_string(),
-    })?;
+    let device =
+        crate::device::parse_worker_device(&options.device).map_err(|e| WorkerError::Device {
+            device: options.device.clone(),
+            reason: e.to_string(),
+        })?;
     let link = CoordinatorLink::connect(
         &options.coordinator,
         &options.token,
@@ -579,6 +580,7 @@ impl Worker {
         let request = rpc::LeaveRequest {
             worker_id: self.status.worker_id(),
             reason: reason.to_owned(),
+            failed: false,
         };
         if let Err(e) = self.link.call("Leave", CALL_TIMEOUT, |mut c| async move {
             c.leave(request).await

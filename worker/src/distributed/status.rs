@@ -141,6 +141,8 @@ impl WorkerStatus {
         };
         *lock(&self.metrics) = rpc::StepMetrics {
             loss_vsd: report.losses.vsd,
+            loss_fake_score: report.losses.fake_score,
+            #[allow(deprecated)]
             loss_lora: report.losses.fake_score,
             step_time_ms: time(report.step_ms),
             allreduce_ms: time(report.allreduce_ms),

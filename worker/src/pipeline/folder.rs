@@ -43,6 +43,14 @@ pub struct DiffusersFolder {
 
 impl DiffusersFolder {
     pub fn open(root: &Path) -> Result<Self, FolderError> {
+        if root.is_file() {
+            return Err(FolderError::NotAPipeline {
+                dir: root.to_owned(),
+                reason: "it is a file, not a folder: pass the pipeline folder (the one holding \
+                         model_index.json)"
+                    .to_owned(),
+            });
+        }
         if !root.is_dir() {
             return Err(FolderError::NotAPipeline {
                 dir: root.to_owned(),
@@ -289,6 +297,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no such directory"), "{e}");
+        // Issue 29: the index file itself, or any file, given as the folder.
+        std::fs::write(dir.path().join("model_index.json"), "{}").unwrap();
+        let e = DiffusersFolder::open(&dir.path().join("model_index.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("it is a file, not a folder: pass the pipeline folder (the one holding model_index.json)"),
+            "{e}"
+        );
         std::fs::write(dir.path().join("model_index.json"), "{oops").unwrap();
         let e = DiffusersFolder::open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("model_index.json:"), "{e}");

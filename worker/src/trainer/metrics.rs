@@ -50,6 +50,8 @@ impl Metrics {
                 report.step,
                 &[
                     ("loss/vsd", report.losses.vsd),
+                    ("loss/fake_score", report.losses.fake_score),
+                    // The old tag, kept for one release.
                     ("loss/lora", report.losses.fake_score),
                     ("perf/images_per_s", report.samples_per_s),
                     ("perf/step_ms", report.step_ms),

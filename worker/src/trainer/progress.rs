@@ -46,14 +46,16 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.set_position(step);
             bar.set_message(format!(
-                "vsd {:.3e} lora {:.4} {:.2} img/s",
+                "vsd {:.3e} fake score {:.4} {:.2} img/s",
                 losses.vsd, losses.fake_score, images_per_s
             ));
         } else if step.is_multiple_of(self.every) || step == self.max_steps {
             tracing::info!(
                 step,
                 loss_vsd = losses.vsd,
+                // loss_lora: the old name, kept for one release.
                 loss_lora = losses.fake_score,
+                loss_fake_score = losses.fake_score,
                 images_per_s,
                 "step"
             );

@@ -189,3 +189,55 @@ fn registering_again_from_the_same_device_replaces_the_old_process() {
     sim.rendezvous(ws[0]);
     assert_eq!(sim.assigned(again).world_size, 2);
 }
+
+#[test]
+fn workers_that_fail_the_same_way_fail_the_job_with_their_reason() {
+    // Issue 29: a teacher both workers cannot read. Each reports the error
+    // as it exits; the job fails with it instead of re-forming forever.
+    let mut sim = Sim::with_job(spec(2, 2));
+    let ws = sim.world_of(2);
+    let reason = "cannot read the teacher /no/such: no such directory";
+    sim.apply(|s, now| s.fail_worker(ws[0], reason.to_owned(), now))
+        .unwrap();
+    assert_eq!(sim.health(ws[0]), Health::Dead);
+    let departure = sim.state.worker(ws[0]).and_then(|w| w.departure.clone());
+    assert_eq!(
+        departure.map(|d| d.to_string()),
+        Some(format!("failed: {reason}"))
+    );
+    assert_eq!(
+        sim.state.phase(),
+        JobPhase::Reforming,
+        "one worker is still alive"
+    );
+    assert_eq!(
+        sim.state.job().map(|j| j.restarts),
+        Some(1),
+        "a failure, not a leave"
+    );
+    sim.apply(|s, now| s.fail_worker(ws[1], reason.to_owned(), now))
+        .unwrap();
+    assert_eq!(sim.state.phase(), JobPhase::Failed);
+    let why = sim
+        .state
+        .job()
+        .map(|j| j.reason.clone())
+        .unwrap_or_default();
+    assert!(
+        why.contains("every worker failed the same way (2 workers)"),
+        "{why}"
+    );
+    assert!(why.contains(reason), "{why}");
+}
+
+#[test]
+fn workers_that_fail_differently_leave_the_job_waiting() {
+    let mut sim = Sim::with_job(spec(2, 2));
+    let ws = sim.world_of(2);
+    sim.apply(|s, now| s.fail_worker(ws[0], "out of memory".to_owned(), now))
+        .unwrap();
+    sim.apply(|s, now| s.fail_worker(ws[1], "NCCL init failed".to_owned(), now))
+        .unwrap();
+    // Each host may be at fault: new workers may yet succeed.
+    assert_eq!(sim.state.phase(), JobPhase::Reforming);
+}
