@@ -9,6 +9,7 @@ pub mod clip_model;
 pub mod embeddings;
 pub mod inception;
 pub mod layers;
+pub mod lora_layer;
 pub mod resnet;
 pub mod tokenizer;
 pub mod transformer_2d;
