@@ -14,7 +14,7 @@ use tch::Tensor;
 
 /// Which rows of a batch the adapters of one model apply to, shared by
 /// every adapter of the model: all rows unless a guard is alive. The
-/// frozen teacher's pass holds [`LoraSwitch::off`] (`roles::TeacherUNet`'s
+/// frozen teacher's pass holds [`LoraSwitch::off`] (`vsd::TeacherUNet`'s
 /// `Scores::real`); the step's one pass of both scores holds
 /// [`LoraSwitch::rows_from`] (the teacher's rows first, the LoRA
 /// teacher's after). The guards drop back to all rows, so no caller can

@@ -18,9 +18,8 @@ use super::text::TextConditioner;
 use crate::diffusion::{OneStepDraw, one_step_x0};
 use crate::ema::Ema;
 use crate::image_io::png_bytes;
-use crate::pipeline::DiffusersFolder;
 use crate::pipeline::components::{Vae, decode_images};
-use crate::roles::UNet;
+use crate::pipeline::{DiffusersFolder, UNet};
 use crate::sample::grid_columns;
 use crate::vsd::with_generator;
 
