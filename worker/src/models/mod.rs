@@ -5,9 +5,7 @@
 
 pub mod attention;
 pub mod clip;
-pub mod clip_model;
 pub mod embeddings;
-pub mod inception;
 pub mod layers;
 pub mod lora_layer;
 pub mod resnet;
