@@ -1,6 +1,6 @@
-//! Image batches to and from files: PNGs (one image, or a grid for a batch)
-//! quantised exactly as diffusers' `numpy_to_pil` does, and float tensors in
-//! safetensors for bit-level comparisons.
+//! Image batches to and from files: PNGs (one image, or a near-square grid
+//! for a batch) quantised exactly as diffusers' `numpy_to_pil` does, and
+//! float tensors in safetensors for bit-level comparisons.
 
 use std::path::Path;
 
@@ -29,6 +29,15 @@ pub fn to_u8(images: &Tensor) -> Result<Tensor, ImageError> {
         .permute([0, 2, 3, 1])
         .contiguous()
         .to_device(tch::Device::Cpu))
+}
+
+/// A near-square grid: ceil(sqrt(n)) columns.
+pub fn grid_columns(n: usize) -> usize {
+    let mut cols = 1;
+    while cols * cols < n {
+        cols += 1;
+    }
+    cols
 }
 
 /// Writes one PNG: the single image, or a grid of `cols` columns for a
@@ -122,5 +131,11 @@ mod tests {
             1,
         );
         assert!(e.unwrap_err().to_string().contains("[B,3,H,W]"));
+    }
+
+    #[test]
+    fn grids_are_near_square() {
+        let cols: Vec<usize> = [1, 2, 3, 4, 5, 9, 10].map(grid_columns).to_vec();
+        assert_eq!(cols, [1, 2, 2, 2, 3, 3, 4]);
     }
 }

@@ -21,7 +21,6 @@ pub mod models;
 pub mod optim;
 pub mod pipeline;
 pub mod precision;
-pub mod roles;
 pub mod sample;
 /// The C ABI of the C++ shim in csrc/ (autocast, CUDA stream).
 mod shim;

@@ -1,5 +1,9 @@
 //! LoRA adapters on the UNet's attention projections (and, optionally, its
-//! ResNet convolutions), PEFT-compatible.
+//! ResNet convolutions), PEFT-compatible: which layers get them
+//! ([`LoraSpec`]), attaching them ([`attach_lora`]) and their variables
+//! under PEFT's names ([`LoraSet`]). The adapter layer itself, the update a
+//! layer adds and the switch that turns it off, is
+//! [`crate::models::lora_layer`].
 //!
 //! The LoRA teacher is the frozen teacher plus adapters: one copy of the
 //! base weights serves both, and a shared switch turns the adapters off
@@ -19,125 +23,17 @@
 //! attention-only adapters cannot follow the student's pixel-level output.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 use tch::{Device, Tensor, nn};
 
-use crate::models::attention::{Attention, Linear};
-use crate::models::layers::Conv2d;
+use crate::models::attention::Attention;
+use crate::models::layers::{Conv2d, Linear};
+use crate::models::lora_layer::{LoraAdapter, LoraSwitch};
 use crate::models::resnet::ResnetBlock2D;
 use crate::models::transformer_2d::Transformer2DModel;
 use crate::models::unet_2d_condition::{
     UNet2DConditionModel, UNetDownBlock, UNetMidBlock, UNetUpBlock,
 };
-
-/// Which rows of a batch the adapters of one model apply to, shared by
-/// every adapter of the model: all rows unless a guard is alive. The
-/// frozen teacher's pass holds [`LoraSwitch::off`] (`roles::TeacherUNet`'s
-/// `Scores::real`); the step's one pass of both scores holds
-/// [`LoraSwitch::rows_from`] (the teacher's rows first, the LoRA
-/// teacher's after). The guards drop back to all rows, so no caller can
-/// forget to turn the adapters back on.
-#[derive(Debug, Clone)]
-pub struct LoraSwitch(Arc<AtomicI64>);
-
-/// The first row adapted while the adapters are off: no batch has it.
-const NO_ROW: i64 = i64::MAX;
-
-impl LoraSwitch {
-    fn new() -> Self {
-        Self(Arc::new(AtomicI64::new(0)))
-    }
-
-    /// The adapters are off until the guard drops (also on panic).
-    pub fn off(&self) -> AdaptersOff<'_> {
-        self.0.store(NO_ROW, Ordering::Relaxed);
-        AdaptersOff(self)
-    }
-
-    /// Until the guard drops, the adapters apply to rows `first..` of each
-    /// batch only: rows before it are the frozen teacher's.
-    pub fn rows_from(&self, first: i64) -> AdaptersOff<'_> {
-        self.0.store(first.max(0), Ordering::Relaxed);
-        AdaptersOff(self)
-    }
-
-    /// The first row the adapters apply to (0: every row; past the batch:
-    /// none).
-    pub fn first_row(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// While alive, the adapters of one model are off (or on some rows only).
-#[must_use = "the adapters are back on as soon as the guard drops"]
-pub struct AdaptersOff<'a>(&'a LoraSwitch);
-
-impl Drop for AdaptersOff<'_> {
-    fn drop(&mut self) {
-        self.0.0.store(0, Ordering::Relaxed);
-    }
-}
-
-/// One layer's low-rank update: scale * B(A(x)).
-#[derive(Debug)]
-pub struct LoraAdapter {
-    /// Linear: [rank, in_features]; conv: [rank, in, k, k].
-    pub a: Tensor,
-    /// Linear: [out_features, rank]; conv: [out, rank, 1, 1].
-    pub b: Tensor,
-    pub scale: f64,
-    /// Some((stride, padding)) of the base conv for a conv adapter.
-    conv: Option<(i64, i64)>,
-    switch: LoraSwitch,
-}
-
-impl LoraAdapter {
-    /// The base layer's output `y` for input `x` with the update added on
-    /// the rows the switch says (PEFT's `result + lora_B(lora_A(x)) *
-    /// scaling`, in the base output's dtype). With the adapters on some
-    /// rows only, the update is computed on those rows alone.
-    pub fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor, tch::TchError> {
-        let n = x.size()[0];
-        let first = self.switch.first_row();
-        if first >= n {
-            return Ok(y);
-        }
-        if first == 0 {
-            let delta = self.delta(x)?.f_to_kind(y.f_kind()?)?;
-            return y.f_add(&delta);
-        }
-        let delta = self
-            .delta(&x.f_narrow(0, first, n - first)?)?
-            .f_to_kind(y.f_kind()?)?;
-        // y is this layer's fresh output; its adapted rows take the update
-        // in place (a view: under autograd, CopySlices).
-        let _ = y.f_narrow(0, first, n - first)?.f_add_(&delta)?;
-        Ok(y)
-    }
-
-    /// scale * B(A(x)) in the adapters' dtype.
-    fn delta(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        let x = x.f_to_kind(self.a.f_kind()?)?;
-        let delta = match self.conv {
-            None => x
-                .f_linear::<&Tensor>(&self.a, None)?
-                .f_linear::<&Tensor>(&self.b, None)?,
-            Some((stride, padding)) => x
-                .f_conv2d::<&Tensor>(
-                    &self.a,
-                    None,
-                    [stride, stride],
-                    [padding, padding],
-                    [1, 1],
-                    1,
-                )?
-                .f_conv2d::<&Tensor>(&self.b, None, [1, 1], [0, 0], [1, 1], 1)?,
-        };
-        delta.f_mul_scalar(self.scale)
-    }
-}
 
 /// Targets on attention projections (Linear).
 pub const ATTENTION_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
@@ -304,13 +200,7 @@ fn attach_linear(
     let b = p
         .sub("lora_B")
         .f_var("weight", &[fan_out, rank], nn::Init::Const(0.0))?;
-    linear.lora = Some(LoraAdapter {
-        a,
-        b,
-        scale,
-        conv: None,
-        switch: switch.clone(),
-    });
+    linear.lora = Some(LoraAdapter::linear(a, b, scale, switch));
     Ok(())
 }
 
@@ -327,13 +217,13 @@ fn attach_conv(
     let b = p
         .sub("lora_B")
         .f_var("weight", &[c_out, rank, 1, 1], nn::Init::Const(0.0))?;
-    conv.lora = Some(LoraAdapter {
+    conv.lora = Some(LoraAdapter::conv(
         a,
         b,
         scale,
-        conv: Some((conv.stride(), conv.padding())),
-        switch: switch.clone(),
-    });
+        (conv.stride(), conv.padding()),
+        switch,
+    ));
     Ok(())
 }
 

@@ -12,9 +12,9 @@ use swiftbrush_proto::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
 use crate::device::{DeviceError, parse_device};
-use crate::diffusion::NoiseSchedule;
+use crate::diffusion::{NoiseSchedule, draw_latents};
 use crate::export::{OneStep, StudentCheckpoint, StudentWeights};
-use crate::image_io::{ImageError, save_png};
+use crate::image_io::{ImageError, grid_columns, save_png};
 use crate::models::weights;
 use crate::pipeline::{PipelineError, StableDiffusion};
 use crate::trainer::tensor_bytes;
@@ -159,14 +159,6 @@ pub fn read_latents(path: &Path) -> Result<Tensor, SampleError> {
         )));
     }
     Ok(latents.f_to_kind(Kind::Float)?)
-}
-
-/// Standard normal noise of `shape` from a CPU generator seeded by `seed`:
-/// the same numbers on every device, and the same as diffusers draws with
-/// `generator=torch.Generator("cpu").manual_seed(seed)`.
-pub fn draw_latents(seed: u64, shape: &[i64]) -> Result<Tensor, SampleError> {
-    tch::manual_seed(seed as i64);
-    Ok(Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?)
 }
 
 /// Fails early (before any model is loaded) on an output whose folder does
@@ -421,15 +413,6 @@ fn check_size(
     Ok(())
 }
 
-/// A near-square grid: ceil(sqrt(n)) columns.
-pub fn grid_columns(n: usize) -> usize {
-    let mut cols = 1;
-    while cols * cols < n {
-        cols += 1;
-    }
-    cols
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,13 +445,5 @@ mod tests {
         let t = Tensor::zeros([1, 4, 2, 2], (Kind::Half, Device::Cpu));
         Tensor::write_safetensors(&[("latents", &t)], &p).unwrap();
         assert_eq!(read_latents(&p).unwrap().kind(), Kind::Float);
-    }
-
-    // Seeded noise is checked through the binary (tests/cli_sample.rs): the
-    // generator is process-global and unit tests share the process.
-    #[test]
-    fn grids_are_near_square() {
-        let cols: Vec<usize> = [1, 2, 3, 4, 5, 9, 10].map(grid_columns).to_vec();
-        assert_eq!(cols, [1, 2, 2, 2, 3, 3, 4]);
     }
 }

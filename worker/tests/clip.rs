@@ -7,11 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use swiftbrush_worker::eval::clip_model::CLIPModel;
 use swiftbrush_worker::eval::{ClipImageProcessor, ClipScorer};
 use swiftbrush_worker::models::clip::{
     CLIPTextConfig, CLIPTextModel, count_params, load_text_encoder, load_text_encoder_weights,
 };
-use swiftbrush_worker::models::clip_model::CLIPModel;
 use swiftbrush_worker::models::tokenizer::ClipTokenizer;
 use tch::{Device, Kind, Tensor, nn};
 

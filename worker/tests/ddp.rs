@@ -92,7 +92,7 @@ fn train<S: GradientSync + 'static>(run_dir: &str, fake: FakeScore, sync: S) -> 
 fn initial_student() -> Vec<(String, Tensor)> {
     let folder =
         swiftbrush_worker::pipeline::DiffusersFolder::open(&common::pipeline("sd1")).unwrap();
-    let teacher = swiftbrush_worker::roles::UNet::load(&folder, tch::Device::Cpu).unwrap();
+    let teacher = swiftbrush_worker::pipeline::UNet::load(&folder, tch::Device::Cpu).unwrap();
     tiny_run::snapshot(teacher.named_parameters())
 }
 

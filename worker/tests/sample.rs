@@ -9,8 +9,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{assert_close, fixtures, golden, max_abs_diff, pipeline};
+use swiftbrush_worker::diffusion::draw_latents;
 use swiftbrush_worker::pipeline::{StableDiffusion, teacher_fingerprint};
-use swiftbrush_worker::sample::draw_latents;
 use tch::{Device, Kind, Tensor};
 
 const STEPS: i64 = 4;

@@ -10,8 +10,7 @@ use std::process::Command;
 
 use swiftbrush_worker::models::clip::load_text_encoder;
 use swiftbrush_worker::models::tokenizer::ClipTokenizer;
-use swiftbrush_worker::pipeline::DiffusersFolder;
-use swiftbrush_worker::roles::UNet;
+use swiftbrush_worker::pipeline::{DiffusersFolder, UNet};
 use swiftbrush_worker::toy::eval::{SampleOptions, ToyModel, evaluate};
 use swiftbrush_worker::toy::progress::ProgressMode;
 use swiftbrush_worker::toy::vocab::ToyVocab;

@@ -1,16 +1,19 @@
 //! Noise schedules, samplers and guidance (diffusers-compatible): the DDPM
 //! schedule, the forward process and the conversions between epsilon, v and
 //! x0 ([`schedule`]), the DDIM sampler ([`ddim`]), the student's one-step
-//! draw ([`one_step`]) and classifier-free guidance ([`guidance`]). Each
-//! formula lives here once; the VSD step calls them.
+//! draw ([`one_step`]), classifier-free guidance ([`guidance`]) and the
+//! seeded initial noise of sampling ([`latents`]). Each formula lives here
+//! once; the VSD step calls them.
 
 pub mod ddim;
 pub mod guidance;
+pub mod latents;
 pub mod one_step;
 pub mod schedule;
 
 pub use ddim::{DDIMScheduler, DDIMStepOutput, ddim_timesteps};
 pub use guidance::{classifier_free_guidance, guide_batched};
+pub use latents::draw_latents;
 pub use one_step::{Denoiser, OneStepDraw, one_step_x0};
 pub use schedule::{
     BetaSchedule, NoiseSchedule, PredictionType, ScheduleError, SchedulerConfig, TimestepSpacing,

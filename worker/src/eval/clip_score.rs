@@ -13,8 +13,8 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::EvalError;
 use super::clip_image::ClipImageProcessor;
+use super::clip_model::CLIPModel;
 use crate::models::ModelError;
-use crate::models::clip_model::CLIPModel;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::sample::{SampleError, SampleRequest, draw_in_batches};
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn};
 
 use super::EvalError;
-use crate::models::inception::{FID_FEATURES, FidInceptionV3};
+use super::inception::{FID_FEATURES, FidInceptionV3};
 use crate::sample::{SampleError, SampleRequest, draw_in_batches};
 
 /// Feature statistics accumulated in float64: the count, the sum and the

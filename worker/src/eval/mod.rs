@@ -1,11 +1,16 @@
 //! Judging a model's pictures as the paper's table does (shared/SPEC.md,
 //! "Numbers to compare against"): CLIP score (how well each picture
 //! matches its prompt, by a CLIP model the user points at) and FID (how
-//! the pictures' Inception features compare with a reference set's).
+//! the pictures' Inception features compare with a reference set's), and
+//! the networks that judge: transformers' `CLIPModel` (`clip_model`, its
+//! text tower the SD text encoder of `models::clip`) and FID's Inception-v3
+//! (`inception`).
 
 pub mod clip_image;
+pub mod clip_model;
 pub mod clip_score;
 pub mod fid;
+pub mod inception;
 
 use std::path::PathBuf;
 

@@ -1,71 +1,12 @@
 //! diffusers' attention.py and attention_processor.py as Stable Diffusion uses
 //! them: [`Attention`] (self- and cross-attention through
 //! `scaled_dot_product_attention`, also the VAE's spatial self-attention),
-//! [`BasicTransformerBlock`], [`FeedForward`] with [`GEGLU`], and [`Linear`],
-//! the projection type of `to_q`, `to_k`, `to_v` and `to_out.0`.
+//! [`BasicTransformerBlock`] and [`FeedForward`] with [`GEGLU`]. Their
+//! projections (`to_q`, `to_k`, `to_v`, `to_out.0`) are [`Linear`]s.
 
 use tch::{Kind, TchError, Tensor, nn};
 
-use super::layers::{GroupNorm, Init, LayerNorm, new_var};
-use crate::lora::LoraAdapter;
-
-/// torch.nn.Linear (`weight` [out, in], optional `bias`). Every attention
-/// projection is one of these, so adapters can be attached to it by name
-/// (`crate::lora`): with an enabled adapter the output gains
-/// scale * B(A(x)), as PEFT's LoRA layer computes it.
-#[derive(Debug)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    /// The module's state-dict path, e.g.
-    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
-    pub path: String,
-    pub lora: Option<LoraAdapter>,
-}
-
-impl Linear {
-    pub fn new(
-        vs: &nn::Path,
-        in_features: i64,
-        out_features: i64,
-        bias: bool,
-    ) -> Result<Self, TchError> {
-        let bound = 1.0 / (in_features.max(1) as f64).sqrt();
-        let weight = new_var(
-            vs,
-            "weight",
-            &[out_features, in_features],
-            Init::Uniform(bound),
-        )?;
-        let bias = if bias {
-            Some(new_var(vs, "bias", &[out_features], Init::Uniform(bound))?)
-        } else {
-            None
-        };
-        Ok(Self {
-            weight,
-            bias,
-            path: vs.components().collect::<Vec<_>>().join("."),
-            lora: None,
-        })
-    }
-
-    pub fn in_features(&self) -> i64 {
-        self.weight.size()[1]
-    }
-
-    pub fn out_features(&self) -> i64 {
-        self.weight.size()[0]
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
-        match &self.lora {
-            Some(lora) => lora.apply(x, y),
-            None => Ok(y),
-        }
-    }
-}
+use super::layers::{GroupNorm, LayerNorm, Linear};
 
 /// The knobs of diffusers' `Attention` that SD's UNet and VAE use; Default
 /// holds diffusers' defaults.

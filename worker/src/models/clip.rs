@@ -130,14 +130,14 @@ impl CLIPTextConfig {
 
 /// transformers' ACT2FN entries that CLIP configs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Activation {
+pub(crate) enum Activation {
     QuickGelu,
     Gelu,
     GeluTanh,
 }
 
 impl Activation {
-    pub(super) fn parse(name: &str) -> Result<Self, String> {
+    pub(crate) fn parse(name: &str) -> Result<Self, String> {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
@@ -163,7 +163,7 @@ impl Activation {
 /// ever runs with loaded weights, which [`weights::load_strict`] writes into
 /// every one of them. Untouched pages are never committed by the OS, so
 /// building SD 2.x's 340M parameters costs no memory until loading.
-pub(super) fn param(vs: &nn::Path, name: &str, dims: &[i64]) -> Result<Tensor, tch::TchError> {
+pub(crate) fn param(vs: &nn::Path, name: &str, dims: &[i64]) -> Result<Tensor, tch::TchError> {
     let t = Tensor::f_empty(dims, (vs.kind(), vs.device()))?;
     Ok(vs.add(name, t, true))
 }
@@ -190,7 +190,7 @@ impl Linear {
 /// The sizes of one transformer tower (CLIP's text or vision encoder) and
 /// whether its attention is causal (text) or not (vision).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct TowerDims {
+pub(crate) struct TowerDims {
     pub hidden: i64,
     pub intermediate: i64,
     pub heads: i64,
@@ -213,14 +213,14 @@ impl TowerDims {
 }
 
 #[derive(Debug)]
-pub(super) struct LayerNorm {
+pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl LayerNorm {
-    pub(super) fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self, tch::TchError> {
+    pub(crate) fn new(vs: nn::Path, dim: i64, eps: f64) -> Result<Self, tch::TchError> {
         Ok(Self {
             weight: param(&vs, "weight", &[dim])?,
             bias: param(&vs, "bias", &[dim])?,
@@ -228,7 +228,7 @@ impl LayerNorm {
         })
     }
 
-    pub(super) fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
         let dim = self.weight.size();
         xs.f_layer_norm(dim, Some(&self.weight), Some(&self.bias), self.eps, true)
     }
@@ -339,7 +339,7 @@ impl CLIPMLP {
 
 /// transformers' `CLIPEncoderLayer` (pre-norm).
 #[derive(Debug)]
-pub(super) struct CLIPEncoderLayer {
+pub(crate) struct CLIPEncoderLayer {
     self_attn: CLIPAttention,
     layer_norm1: LayerNorm,
     mlp: CLIPMLP,
@@ -347,7 +347,7 @@ pub(super) struct CLIPEncoderLayer {
 }
 
 impl CLIPEncoderLayer {
-    pub(super) fn new(vs: nn::Path, dims: &TowerDims) -> Result<Self, tch::TchError> {
+    pub(crate) fn new(vs: nn::Path, dims: &TowerDims) -> Result<Self, tch::TchError> {
         let (h, eps) = (dims.hidden, dims.eps);
         Ok(Self {
             self_attn: CLIPAttention::new(&vs / "self_attn", dims)?,
@@ -357,7 +357,7 @@ impl CLIPEncoderLayer {
         })
     }
 
-    pub(super) fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
         let xs = xs.f_add(&self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
         xs.f_add(&self.mlp.forward(&self.layer_norm2.forward(&xs)?)?)
     }

@@ -4,8 +4,7 @@
 
 use tch::{Kind, TchError, Tensor, nn};
 
-use super::attention::Linear;
-use super::layers::Activation;
+use super::layers::{Activation, Linear};
 
 /// diffusers' `get_timestep_embedding`, computed in float32 in the same
 /// order of operations so that t = 999 lands on the same phases.

@@ -1,15 +1,18 @@
-//! The primitive layers the UNet and the VAE share (2-D convolution, group
-//! and layer norm, activations) and how every variable of those models is
-//! created: with PyTorch's default initialisation, or, inside
-//! [`without_init`], backed by memory that is never written until weights
-//! are loaded.
+//! The primitive layers the UNet and the VAE share (linear, 2-D
+//! convolution, group and layer norm, activations) and how every variable
+//! of those models is created: with PyTorch's default initialisation, or,
+//! inside [`without_init`], backed by memory that is never written until
+//! weights are loaded.
 //!
-//! The linear layer lives in `attention.rs`: it is the one later stages wrap
-//! (LoRA adapters on the attention projections).
+//! [`Linear`] and [`Conv2d`] are the layers LoRA adapters attach to (the
+//! attention projections and the ResNet convolutions): each can carry a
+//! [`LoraAdapter`].
 
 use std::cell::Cell;
 
 use tch::{TchError, Tensor, nn};
+
+use super::lora_layer::LoraAdapter;
 
 thread_local! {
     static SKIP_INIT: Cell<bool> = const { Cell::new(false) };
@@ -71,8 +74,66 @@ fn fan_in_bound(fan_in: i64) -> f64 {
     1.0 / (fan_in.max(1) as f64).sqrt()
 }
 
+/// torch.nn.Linear (`weight` [out, in], optional `bias`). Every attention
+/// projection is one of these, so adapters can be attached to it by name
+/// (`crate::lora`): with an enabled adapter ([`LoraAdapter`]) the output
+/// gains scale * B(A(x)), as PEFT's LoRA layer computes it.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// The module's state-dict path, e.g.
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    pub path: String,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn new(
+        vs: &nn::Path,
+        in_features: i64,
+        out_features: i64,
+        bias: bool,
+    ) -> Result<Self, TchError> {
+        let bound = 1.0 / (in_features.max(1) as f64).sqrt();
+        let weight = new_var(
+            vs,
+            "weight",
+            &[out_features, in_features],
+            Init::Uniform(bound),
+        )?;
+        let bias = if bias {
+            Some(new_var(vs, "bias", &[out_features], Init::Uniform(bound))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            path: vs.components().collect::<Vec<_>>().join("."),
+            lora: None,
+        })
+    }
+
+    pub fn in_features(&self) -> i64 {
+        self.weight.size()[1]
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(lora) => lora.apply(x, y),
+            None => Ok(y),
+        }
+    }
+}
+
 /// torch.nn.Conv2d with square kernel, stride and padding (`weight`, `bias`).
-/// Like [`super::attention::Linear`] it can carry a LoRA adapter
+/// Like [`Linear`] it can carry a LoRA adapter
 /// (`crate::lora`): then the output gains scale * B(A(x)), A a conv with the
 /// base's kernel, stride and padding, B a 1x1 conv, as PEFT's Conv2d LoRA.
 #[derive(Debug)]
@@ -83,7 +144,7 @@ pub struct Conv2d {
     padding: i64,
     /// The module's state-dict path, e.g. `down_blocks.0.resnets.0.conv1`.
     pub path: String,
-    pub lora: Option<crate::lora::LoraAdapter>,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Conv2d {

@@ -5,10 +5,9 @@
 
 pub mod attention;
 pub mod clip;
-pub mod clip_model;
 pub mod embeddings;
-pub mod inception;
 pub mod layers;
+pub mod lora_layer;
 pub mod resnet;
 pub mod tokenizer;
 pub mod transformer_2d;

@@ -5,8 +5,7 @@
 
 use tch::{TchError, Tensor, nn};
 
-use super::attention::Linear;
-use super::layers::{Activation, Conv2d, GroupNorm};
+use super::layers::{Activation, Conv2d, GroupNorm, Linear};
 
 /// ResnetBlock2D's knobs with time_embedding_norm "default"; Default holds
 /// diffusers' defaults.

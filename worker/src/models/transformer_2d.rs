@@ -5,8 +5,8 @@
 
 use tch::{TchError, Tensor, nn};
 
-use super::attention::{BasicTransformerBlock, BasicTransformerBlockConfig, Linear};
-use super::layers::{Conv2d, GroupNorm};
+use super::attention::{BasicTransformerBlock, BasicTransformerBlockConfig};
+use super::layers::{Conv2d, GroupNorm, Linear};
 
 /// Transformer2DModel's knobs; Default holds diffusers' defaults.
 #[derive(Debug, Clone, Copy, PartialEq)]

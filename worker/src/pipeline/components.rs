@@ -1,6 +1,6 @@
 //! The non-UNet networks of a Stable Diffusion folder, each loaded strictly
 //! from its component folder in a chosen dtype: the CLIP text encoder and
-//! the VAE. (The UNet is `roles::UNet`: the trainer gives it roles.)
+//! the VAE. (The UNet is `unet::UNet`: the trainer gives it roles.)
 
 use std::collections::HashMap;
 

@@ -13,12 +13,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::components::{ComponentError, TextEncoder, Vae};
 use super::folder::{DiffusersFolder, FolderError};
+use super::unet::{UNet, UNetError};
 use crate::diffusion::{
     DDIMScheduler, OneStepDraw, ScheduleError, SchedulerConfig, guide_batched, one_step_x0,
 };
 use crate::models::tokenizer::{ClipTokenizer, TokenizerError};
 use crate::models::unet_2d_condition::OneOrMany;
-use crate::roles::{RoleError, UNet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -51,7 +51,7 @@ pub enum LoadCause {
     #[error(transparent)]
     Component(#[from] ComponentError),
     #[error(transparent)]
-    Role(#[from] RoleError),
+    UNet(#[from] UNetError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]

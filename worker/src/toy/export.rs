@@ -3,7 +3,7 @@
 //! `unet/`, `text_encoder/`, `tokenizer/`, `scheduler/`. diffusers'
 //! `UNet2DConditionModel.from_pretrained` and transformers'
 //! `CLIPTextModel` / `CLIPTokenizer` load each component, and so do our own
-//! loaders (`roles::UNet::load`, `clip::load_text_encoder`,
+//! loaders (`pipeline::UNet::load`, `clip::load_text_encoder`,
 //! `ClipTokenizer::from_dir`).
 
 use std::path::Path;

@@ -51,7 +51,7 @@ pub enum ToyError {
     #[error(transparent)]
     Schedule(#[from] crate::diffusion::ScheduleError),
     #[error(transparent)]
-    Role(#[from] crate::roles::RoleError),
+    UNet(#[from] crate::pipeline::UNetError),
     #[error(transparent)]
     Folder(#[from] crate::pipeline::FolderError),
     #[error(transparent)]

@@ -8,7 +8,8 @@ use super::text::TextError;
 use crate::diffusion::ScheduleError;
 use crate::ema::EmaError;
 use crate::optim::OptimError;
-use crate::roles::RoleError;
+use crate::pipeline::UNetError;
+use crate::vsd::ScoreNetworkError;
 use swiftbrush_proto::run_store::RunStoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,11 +18,14 @@ pub enum TrainError {
     Teacher {
         teacher: String,
         #[source]
-        source: RoleError,
+        source: ScoreNetworkError,
     },
     /// Restoring the fake score (a checkpoint's adapters or UNet copy).
     #[error(transparent)]
-    Role(#[from] RoleError),
+    ScoreNetwork(#[from] ScoreNetworkError),
+    /// Restoring the student's weights.
+    #[error(transparent)]
+    UNet(#[from] UNetError),
     #[error(transparent)]
     Folder(#[from] crate::pipeline::FolderError),
     #[error(transparent)]

@@ -19,9 +19,8 @@ use crate::ema::Ema;
 use crate::lora::LoraSpec;
 use crate::models::vae::AutoencoderKLConfig;
 use crate::optim::{Adam, AdamConfig};
-use crate::pipeline::{DiffusersFolder, teacher_fingerprint};
-use crate::roles::{FullFakeScore, ScorePair, TeacherUNet, UNet};
-use crate::vsd::{VsdConfig, with_generator};
+use crate::pipeline::{DiffusersFolder, UNet, teacher_fingerprint};
+use crate::vsd::{FullFakeScore, ScorePair, TeacherUNet, VsdConfig, with_generator};
 
 impl Trainer {
     /// Loads the teacher, builds the fake score and the student, and opens
@@ -102,13 +101,13 @@ fn load_networks(
     // neither move the generator between the seed and the adapters' draw
     // nor see its own draws moved.
     let (scores, student, text) = with_generator(|| {
-        let mut teacher = UNet::load(folder, device).map_err(teacher_err)?;
-        let student = teacher.duplicate().map_err(teacher_err)?;
+        let mut teacher = UNet::load(folder, device).map_err(|e| teacher_err(e.into()))?;
+        let student = teacher.duplicate().map_err(|e| teacher_err(e.into()))?;
         // DMD2's fake score: a float32 copy, made before the teacher takes
         // its storage dtype.
         let fake = match cfg.method.fake_score.kind {
             FakeScore::Lora => None,
-            FakeScore::Unet => Some(teacher.duplicate().map_err(teacher_err)?),
+            FakeScore::Unet => Some(teacher.duplicate().map_err(|e| teacher_err(e.into()))?),
         };
         // set_kind, not bfloat16()/half(): those convert the weights but
         // leave the store's kind at float32, and UNet::predict casts its

@@ -29,10 +29,10 @@ use super::text::TextConditioner;
 use super::world::{Directive, Phase, StepReport, World, WorldEnd, WorldParts};
 use crate::diffusion::NoiseSchedule;
 use crate::ema::Ema;
-use crate::roles::{ScorePair, UNet};
+use crate::pipeline::UNet;
 use crate::vsd::{
-    Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, VsdConfig, VsdLosses,
-    VsdStep,
+    Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, ScorePair, VsdConfig,
+    VsdLosses, VsdStep,
 };
 
 /// Where to start.

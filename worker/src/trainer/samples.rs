@@ -17,11 +17,9 @@ use super::TrainError;
 use super::text::TextConditioner;
 use crate::diffusion::{OneStepDraw, one_step_x0};
 use crate::ema::Ema;
-use crate::image_io::png_bytes;
-use crate::pipeline::DiffusersFolder;
+use crate::image_io::{grid_columns, png_bytes};
 use crate::pipeline::components::{Vae, decode_images};
-use crate::roles::UNet;
-use crate::sample::grid_columns;
+use crate::pipeline::{DiffusersFolder, UNet};
 use crate::vsd::with_generator;
 
 /// Prompts a student pass takes at once: bounds the memory of a long list.
@@ -67,7 +65,7 @@ impl TrainingSamples {
         let n = t.sample_prompts.len() as i64;
         // `sample --seed` draws the same numbers (a CPU generator seeded by
         // the seed), under the draw lock that the training draws take too.
-        let z = with_generator(|| crate::sample::draw_latents(t.seed, &[n, c, h, w]))
+        let z = with_generator(|| crate::diffusion::draw_latents(t.seed, &[n, c, h, w]))
             .map_err(|e| TrainError::Invalid(e.to_string()))?
             .to_device(device);
         Ok(Some(Self {

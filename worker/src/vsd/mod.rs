@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `step.rs` | [`VsdStep`]: steps 1-6 as a function of the draws, both losses, both backwards |
 //! | `scores.rs` | [`Scores`]: the real and the fake score the gradient compares |
+//! | `score_networks.rs` | the networks that answer them: [`TeacherUNet`] (teacher + LoRA), [`FullFakeScore`] (DMD2), [`ScorePair`] (either) |
 //! | `draws.rs` | every random draw of a step, a function of (seed, step, sample index) |
 //! | `micro_batch.rs` | gradient accumulation over a rank's batch |
 //!
@@ -16,12 +17,14 @@
 
 mod draws;
 mod micro_batch;
+mod score_networks;
 mod scores;
 mod step;
 
 use tch::{TchError, Tensor};
 
 pub use draws::{DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice, with_generator};
+pub use score_networks::{FullFakeScore, ScoreNetworkError, ScorePair, TeacherUNet};
 pub use scores::{FakeScore, Scores};
 pub use step::{DeviceLosses, DeviceStepOutput, StepOutput, VsdStep};
 pub use swiftbrush_proto::config::VsdWeighting;

@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use swiftbrush_worker::diffusion::{NoiseSchedule, PredictionType, SchedulerConfig};
 use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::models::weights;
-use swiftbrush_worker::pipeline::DiffusersFolder;
+use swiftbrush_worker::pipeline::{DiffusersFolder, UNet};
 use swiftbrush_worker::precision::AutocastPlan;
-use swiftbrush_worker::roles::{FullFakeScore, TeacherUNet, UNet};
-use swiftbrush_worker::vsd::{Conditions, Draws, FakeScoreDraws, VsdConfig, VsdWeighting};
+use swiftbrush_worker::vsd::{
+    Conditions, Draws, FakeScoreDraws, FullFakeScore, TeacherUNet, VsdConfig, VsdWeighting,
+};
 use tch::Tensor;
 
 /// The reference's LoRA: rank 4, alpha 8 on `targets`.

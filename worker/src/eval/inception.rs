@@ -11,9 +11,8 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor, nn};
 
-use super::ModelError;
-use super::clip::param;
-use super::weights;
+use crate::models::clip::param;
+use crate::models::{ModelError, weights};
 
 /// torchvision's `BasicConv2d`: convolution without bias, batch norm
 /// (eps 0.001, running statistics), ReLU.

@@ -1,109 +1,28 @@
-//! The networks of SwiftBrush (shared/SPEC.md): the frozen teacher, the
-//! fake score that learns the student's distribution, and the student, a
-//! full trainable copy initialised from the teacher. The fake score is
-//! SwiftBrush's LoRA teacher ([`TeacherUNet`]: adapters over the teacher's
-//! own weights) or DMD2's full trainable copy ([`FullFakeScore`],
-//! `method.fake_score.kind: unet`); [`ScorePair`] is either, and every one
-//! of them answers [`Scores::real`] and [`Scores::fake`].
+//! The networks that give SwiftBrush's scores (shared/SPEC.md): the frozen
+//! teacher and the fake score that learns the student's distribution (the
+//! student, a full trainable copy of the teacher, is a plain
+//! [`UNet`]). The fake score is SwiftBrush's LoRA teacher ([`TeacherUNet`]:
+//! adapters over the teacher's own weights) or DMD2's full trainable copy
+//! ([`FullFakeScore`], `method.fake_score.kind: unet`); [`ScorePair`] is
+//! either, and every one of them answers [`Scores::real`] and
+//! [`Scores::fake`].
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-use tch::{Device, Kind, TchError, Tensor, nn};
+use tch::{TchError, Tensor};
 
+use super::{FakeScore, Scores};
 use crate::diffusion::Denoiser;
 use crate::lora::{LoraError, LoraSet, LoraSpec, attach_lora};
-use crate::models::layers::without_init;
-use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::{ModelError, weights};
-use crate::pipeline::DiffusersFolder;
-use crate::vsd::{FakeScore, Scores};
+use crate::pipeline::{UNet, UNetError};
 
+/// Building a score network or loading the fake score's tensors.
 #[derive(Debug, thiserror::Error)]
-pub enum RoleError {
+pub enum ScoreNetworkError {
     #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Folder(#[from] crate::pipeline::FolderError),
+    UNet(#[from] UNetError),
     #[error(transparent)]
     Lora(#[from] LoraError),
-    #[error("{0}")]
-    Torch(#[from] TchError),
-}
-
-/// A UNet and the VarStore that owns its weights.
-pub struct UNet {
-    pub vs: nn::VarStore,
-    pub model: UNet2DConditionModel,
-    pub config: UNet2DConditionConfig,
-}
-
-impl UNet {
-    /// Loads `unet/` of a diffusers folder strictly by name, in float32.
-    pub fn load(folder: &DiffusersFolder, device: Device) -> Result<Self, RoleError> {
-        Self::load_as(folder, device, Kind::Float)
-    }
-
-    /// As [`Self::load`], with the weights in `kind` (each tensor converted
-    /// as it is copied in: no float32 copy of the model is ever made).
-    pub fn load_as(
-        folder: &DiffusersFolder,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Self, RoleError> {
-        let component = folder.component("unet")?;
-        let config = UNet2DConditionConfig::from_file(&component.config_path()?)?;
-        let files = component.weight_files()?;
-        let mut vs = nn::VarStore::new(device);
-        // Sets the kind new variables are created in (the store is empty).
-        vs.set_kind(kind);
-        let model = without_init(|| UNet2DConditionModel::new(vs.root(), &config))?;
-        weights::load_strict(&mut vs, &files).map_err(ModelError::from)?;
-        Ok(Self { vs, model, config })
-    }
-
-    /// A new UNet with the same architecture and a copy of the weights.
-    pub fn duplicate(&self) -> Result<Self, RoleError> {
-        let mut vs = nn::VarStore::new(self.vs.device());
-        let model = without_init(|| UNet2DConditionModel::new(vs.root(), &self.config))?;
-        vs.copy(&self.vs)?;
-        Ok(Self {
-            vs,
-            model,
-            config: self.config.clone(),
-        })
-    }
-
-    /// The weights by diffusers name, sorted (the order optimizers, EMA and
-    /// checkpoints use).
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<_> = self.vs.variables().into_iter().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    }
-
-    /// Copies saved weights in, strictly by name and shape; `origin` names
-    /// them in errors.
-    pub fn load_tensors(
-        &mut self,
-        tensors: HashMap<String, Tensor>,
-        origin: &str,
-    ) -> Result<(), RoleError> {
-        weights::load_tensors_strict(&mut self.vs, tensors, &[PathBuf::from(origin)])
-            .map_err(ModelError::from)?;
-        Ok(())
-    }
-}
-
-impl Denoiser for UNet {
-    /// Inputs are cast to the weights' dtype (a bf16 teacher takes float32
-    /// latents) and the output comes back as float32.
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, TchError> {
-        let k = self.vs.kind();
-        self.model
-            .f_forward(&x.f_to_kind(k)?, t, &cond.f_to_kind(k)?)?
-            .f_to_kind(Kind::Float)
-    }
 }
 
 /// The teacher's UNet, frozen, with LoRA adapters: the teacher with the
@@ -115,7 +34,7 @@ pub struct TeacherUNet {
 }
 
 impl TeacherUNet {
-    pub fn new(mut unet: UNet, spec: &LoraSpec) -> Result<Self, RoleError> {
+    pub fn new(mut unet: UNet, spec: &LoraSpec) -> Result<Self, ScoreNetworkError> {
         unet.vs.freeze();
         let device = unet.vs.device();
         let lora = attach_lora(&mut unet.model, spec, device)?;
@@ -206,10 +125,10 @@ impl ScorePair {
         &mut self,
         tensors: HashMap<String, Tensor>,
         origin: &str,
-    ) -> Result<(), RoleError> {
+    ) -> Result<(), ScoreNetworkError> {
         match self {
             ScorePair::Lora(t) => Ok(t.lora.load(&tensors)?),
-            ScorePair::Unet(t) => t.fake.load_tensors(tensors, origin),
+            ScorePair::Unet(t) => Ok(t.fake.load_tensors(tensors, origin)?),
         }
     }
 

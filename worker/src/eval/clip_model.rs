@@ -12,12 +12,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor, nn};
 
-use super::ModelError;
-use super::clip::{
+use crate::models::clip::{
     Activation, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, LayerNorm, TowerDims, param,
     safetensors_files,
 };
-use super::weights;
+use crate::models::{ModelError, read_json_config, weights};
 
 /// transformers' `CLIPVisionConfig`; defaults are transformers' (ViT-B/32).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -125,7 +124,7 @@ impl CLIPModelConfig {
         fn default_projection_dim() -> i64 {
             512
         }
-        let raw: Raw = super::read_json_config(path)?;
+        let raw: Raw = read_json_config(path)?;
         let invalid = |message: String| ModelError::Config {
             path: path.to_owned(),
             message,
