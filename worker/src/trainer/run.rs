@@ -1,15 +1,16 @@
 //! The SwiftBrush training loop, one rank's view. Named steps, in order:
-//! build (`load.rs`) -> per world: restore (`persist.rs`), join -> for each
-//! step: boundary (the world's control), batch, vsd step, optimizer steps
-//! (with the step vote), fake-score updates, EMA, log, checkpoint, sample
-//! -> close. What differs between a single process and a distributed rank
-//! is only the [`World`] passed in: its caption feed, gradient sync,
-//! checkpoint sink and control. The models stay loaded from one world to
+//! build (`load.rs`) -> per world: restore (`save_restore.rs`), join -> for
+//! each step: boundary (the world's control), batch, vsd step, optimizer
+//! steps (with the step vote), fake-score updates, EMA, log, checkpoint
+//! (`save_restore.rs`), sample -> close (or the preemption checkpoint).
+//! What differs between a single process and a distributed rank is only
+//! the [`World`] passed in: its caption feed, gradient sync, checkpoint
+//! sink and control. The models stay loaded from one world to
 //! the next; each world restores the state of its resume step.
 //!
 //! The trainer's components: [`Networks`] (what the step runs),
 //! [`Optimizers`](super::optimizers::Optimizers), the EMA, the
-//! [`Checkpointer`](super::checkpointer::Checkpointer), and per world its
+//! [`Checkpointer`](super::checkpoint::Checkpointer), and per world its
 //! [`Metrics`](super::metrics::Metrics).
 
 use sha2::Digest;
@@ -20,13 +21,13 @@ use tch::{Device, Tensor};
 
 use super::TrainError;
 use super::caption_audit::AuditEntry;
-use super::checkpoint::{CheckpointError, TrainState};
-use super::checkpointer::Checkpointer;
+use super::checkpoint::{CheckpointError, Checkpointer, TrainState, tensor_bytes};
 use super::gradient_sync::StepVote;
 use super::optimizers::{Applied, Optimizers};
+use super::metrics::StepReport;
 use super::samples::TrainingSamples;
 use super::text::TextConditioner;
-use super::world::{Directive, Phase, StepReport, World, WorldEnd, WorldParts};
+use super::world::{Directive, Phase, World, WorldEnd, WorldParts};
 use crate::diffusion::NoiseSchedule;
 use crate::ema::Ema;
 use crate::roles::{ScorePair, UNet};
@@ -34,16 +35,6 @@ use crate::vsd::{
     Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, VsdConfig, VsdLosses,
     VsdStep,
 };
-
-/// Where to start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// The newest valid checkpoint if the run directory has one, else fresh.
-    Auto,
-    /// Exactly this step's checkpoint (an error if it is not valid); step 0
-    /// is the initial state.
-    Step(u64),
-}
 
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +190,38 @@ impl Trainer {
             }
             self.sample(world, step + 1);
         }
+    }
+
+    /// Some rank must stop and every rank knows it at this same boundary:
+    /// rank 0 writes a checkpoint here and waits for it to land, then every
+    /// rank learns whether it did (the leaving rank must not leave before
+    /// the commit: its departure breaks the world, and a broken world's
+    /// report is refused).
+    fn preempted(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
+        let step = self.state.step;
+        if world.rank() == 0 {
+            self.checkpoint(world)?;
+            self.close(world)?;
+        }
+        let landed_here = world.rank() != 0 || self.checkpointer.committed() == Some(step);
+        let this_rank = world.parts.control.preempt_requested();
+        match world.parts.sync.all_ok(landed_here) {
+            Ok(committed) => Ok(WorldEnd::Preempted {
+                step,
+                committed,
+                this_rank,
+            }),
+            Err(e) => Ok(WorldEnd::Broken {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// close: the world's TensorBoard file written, the upload in flight
+    /// waited for.
+    fn close(&mut self, world: &mut World) -> Result<(), TrainError> {
+        world.metrics.flush(true);
+        self.checkpointer.finish()
     }
 
     /// One iteration: batch, vsd step, optimizer steps with the step vote,
@@ -416,7 +439,7 @@ impl Trainer {
             self.networks.student.named_parameters(),
             self.networks.scores.fake_parameters(),
         ] {
-            let bytes = super::tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
+            let bytes = tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
             hasher.update(&bytes);
         }
         audit.record(&AuditEntry {
