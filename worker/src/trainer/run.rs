@@ -2,7 +2,8 @@
 //! build (`load.rs`) -> per world: restore (`save_restore.rs`), join -> for
 //! each step: boundary (the world's control), batch, vsd step, optimizer
 //! steps (with the step vote), fake-score updates, EMA, log, checkpoint
-//! (`save_restore.rs`), sample -> close (or the preemption checkpoint).
+//! (`save_restore.rs`), sample -> after `train.max_steps`, close and the
+//! wait for the job's end (or, preempted, the preemption checkpoint).
 //! What differs between a single process and a distributed rank is only
 //! the [`World`] passed in: its caption feed, gradient sync, checkpoint
 //! sink and control. The models stay loaded from one world to
@@ -23,8 +24,8 @@ use super::TrainError;
 use super::caption_audit::AuditEntry;
 use super::checkpoint::{CheckpointError, Checkpointer, TrainState, tensor_bytes};
 use super::gradient_sync::StepVote;
-use super::optimizers::{Applied, Optimizers};
 use super::metrics::StepReport;
+use super::optimizers::{Applied, Optimizers};
 use super::samples::TrainingSamples;
 use super::text::TextConditioner;
 use super::world::{Directive, Phase, World, WorldEnd, WorldParts};
@@ -137,40 +138,26 @@ impl Trainer {
         }
     }
 
-    /// Runs `world`'s loop until its control or its parts end it. Errors
-    /// that only mean the world is gone end it as [`WorldEnd::Broken`];
-    /// other errors are the run's.
+    /// Runs `world`'s loop until its control or its parts end it: its
+    /// steps up to `train.max_steps`, then the wait for the job's end.
+    /// Errors that only mean the world is gone end it as
+    /// [`WorldEnd::Broken`]; other errors are the run's.
     pub fn run_world(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
         let max_steps = self.cfg.train.max_steps;
         world.metrics.start(self.state.step);
         world.parts.control.phase(Phase::Training);
-        loop {
+        while self.state.step < max_steps {
             let step = self.state.step;
             self.checkpointer.poll()?;
-            let directive = if step < max_steps {
-                world.parts.control.boundary(step)
-            } else {
-                // The final checkpoint lands before the wait for the end.
-                self.close(world)?;
-                world.parts.control.phase(Phase::Idle);
-                world.parts.control.after_last_step(step)
-            };
-            match directive {
+            match world.parts.control.boundary(step) {
                 Directive::Continue => {}
                 Directive::Checkpoint => self.checkpoint(world)?,
                 Directive::Stop(reason) => {
                     self.close(world)?;
                     world.metrics.finish();
-                    return Ok(if step >= max_steps {
-                        WorldEnd::Completed
-                    } else {
-                        WorldEnd::Stopped { reason }
-                    });
+                    return Ok(WorldEnd::Stopped { reason });
                 }
                 Directive::Abort(reason) => return Ok(WorldEnd::Broken { reason }),
-            }
-            if step >= max_steps {
-                continue;
             }
             let done = match self.train_step(world, step) {
                 Ok(done) => done,
@@ -190,6 +177,42 @@ impl Trainer {
             }
             self.sample(world, step + 1);
         }
+        self.await_job_end(world)
+    }
+
+    /// After the last step: the final checkpoint lands, then the world
+    /// waits for the job's end (a process alone: at once; a distributed
+    /// rank: until the coordinator says the job is over, which it does
+    /// once the final checkpoint commits). A checkpoint asked for
+    /// meanwhile is written and lands before the wait goes on.
+    fn await_job_end(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
+        let step = self.state.step;
+        self.idle(world)?;
+        loop {
+            match world.parts.control.after_last_step(step) {
+                Directive::Continue => {}
+                Directive::Checkpoint => {
+                    self.checkpoint(world)?;
+                    self.idle(world)?;
+                }
+                Directive::Stop(_) => {
+                    self.close(world)?;
+                    world.metrics.finish();
+                    return Ok(WorldEnd::Completed);
+                }
+                Directive::Abort(reason) => return Ok(WorldEnd::Broken { reason }),
+            }
+        }
+    }
+
+    /// The world is done training: the upload in flight lands (the final
+    /// checkpoint lands before the wait for the end), and the control
+    /// reports the phase as idle.
+    fn idle(&mut self, world: &mut World) -> Result<(), TrainError> {
+        self.checkpointer.poll()?;
+        self.close(world)?;
+        world.parts.control.phase(Phase::Idle);
+        Ok(())
     }
 
     /// Some rank must stop and every rank knows it at this same boundary:
