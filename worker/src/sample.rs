@@ -17,7 +17,7 @@ use crate::export::{OneStep, StudentCheckpoint, StudentWeights};
 use crate::image_io::{ImageError, grid_columns, save_png};
 use crate::models::weights;
 use crate::pipeline::{PipelineError, StableDiffusion};
-use crate::trainer::tensor_bytes;
+use crate::trainer::checkpoint::tensor_bytes;
 
 /// The tensor name `--latents` files hold.
 pub const LATENTS_KEY: &str = "latents";

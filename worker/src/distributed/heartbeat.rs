@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use swiftbrush_proto::rpc::{self, command};
 
-use super::collective::AbortSlot;
+use super::communicator::AbortSlot;
 use super::link::{CoordinatorLink, Reaction};
 use super::status::{StopOrder, WorkerStatus};
 use crate::trainer::Phase;

@@ -11,18 +11,23 @@
 //! - `heartbeat`: the heartbeat thread;
 //! - `control`: the loop's control in a world;
 //! - `captions`: the prefetching caption feed;
-//! - `collective`: the backend seam (tcp ring; nccl) and its bootstrap;
+//! - `communicator`: forming a world's communicator: the backend seam (tcp
+//!   ring; nccl) and its bootstrap (the all-reduce is `crate::collective`);
 //! - `report`: the checkpoint sink that reports to the coordinator;
 //! - `signals`: preemption on SIGTERM / ctrl-c;
 //! - `health`: the worker's `/healthz`;
+//! - `rendezvous`: the calls outside a world (register, rendezvous until
+//!   placed, wait out a broken world, leave), each retried, and the job
+//!   they bring;
 //! - `runtime`: the worker's life, world after world.
 
 pub mod captions;
-pub mod collective;
+pub mod communicator;
 pub mod control;
 pub mod health;
 pub mod heartbeat;
 pub mod link;
+mod rendezvous;
 pub mod report;
 pub mod runtime;
 pub mod signals;

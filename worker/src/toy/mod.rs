@@ -57,7 +57,7 @@ pub enum ToyError {
     #[error(transparent)]
     Store(#[from] swiftbrush_proto::run_store::RunStoreError),
     #[error("checkpoint: {0}")]
-    TensorBytes(#[from] crate::trainer::tensor_bytes::TensorBytesError),
+    TensorBytes(#[from] crate::trainer::checkpoint::tensor_bytes::TensorBytesError),
     #[error(transparent)]
     Optim(#[from] crate::optim::OptimError),
     #[error(transparent)]

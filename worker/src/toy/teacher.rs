@@ -33,7 +33,7 @@ use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet_2d_condition::{OneOrMany, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::weights::load_tensors_strict;
 use crate::optim::{Adam, AdamConfig, clip_grad_norm};
-use crate::trainer::tensor_bytes;
+use crate::trainer::checkpoint::tensor_bytes;
 
 /// Row of the empty prompt in the embedding table (after the 54 captions).
 const NULL_ROW: i64 = NUM_CAPTIONS as i64;

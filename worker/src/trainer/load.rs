@@ -8,8 +8,7 @@ use swiftbrush_proto::config::{Dtype, FakeScore};
 use swiftbrush_proto::run_store::RunStore;
 use tch::Device;
 
-use super::checkpoint::TrainState;
-use super::checkpointer::Checkpointer;
+use super::checkpoint::{Checkpointer, TrainState};
 use super::optimizers::Optimizers;
 use super::run::{Networks, Trainer};
 use super::samples::TrainingSamples;

@@ -1,15 +1,29 @@
 //! What a world reports of its steps: rank 0's progress (a bar on a
 //! terminal, structured lines otherwise) and its TensorBoard event file
 //! (`logging.tensorboard`), written through the run store at most once a
-//! minute and whenever forced (checkpoints, the end). Other ranks report
-//! nothing here; every rank's step report goes to its control.
+//! minute and whenever forced (checkpoints, the end), and the step's
+//! measurements they report ([`StepReport`]). Other ranks report nothing
+//! here; every rank's step report goes to its control.
 
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::run_store::RunStore;
 
 use super::events::EventFile;
 use super::progress::Progress;
-use super::world::StepReport;
+use crate::vsd::VsdLosses;
+
+/// Measurements after a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Completed steps.
+    pub step: u64,
+    pub losses: VsdLosses,
+    pub step_ms: f64,
+    pub allreduce_ms: f64,
+    pub samples_per_s: f64,
+    /// How long the newest checkpoint held this thread (0: none yet).
+    pub checkpoint_stall_ms: f64,
+}
 
 pub struct Metrics {
     progress: Option<Progress>,

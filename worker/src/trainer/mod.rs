@@ -5,13 +5,12 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `run.rs` | [`Trainer`] and its loop with named steps; [`Networks`] |
+//! | `run.rs` | [`Trainer`] and its loop with named steps, the world's end (close, preemption); [`Networks`] |
 //! | `load.rs` | building a trainer from the config and the teacher folder |
-//! | `persist.rs` | the checkpoint's tensor groups, restore, snapshot, preemption |
-//! | `checkpointer.rs` | checkpoint cadence, the uploader, committed/written steps |
-//! | `checkpoint.rs` | the checkpoint's files, the upload thread, the sinks |
+//! | `checkpoint/` | checkpoints: [`Resume`], the `Checkpointer` (cadence, committed/written steps), the format, the upload thread and sinks, tensor bytes |
+//! | `save_restore.rs` | which tensors a checkpoint holds, restore, the loop's checkpoint step |
 //! | `optimizers.rs` | both Adams behind the step vote |
-//! | `metrics.rs` | rank 0's progress and TensorBoard file per world |
+//! | `metrics.rs` | rank 0's progress and TensorBoard file per world; [`StepReport`] |
 //! | `world.rs` | what a world plugs in ([`WorldParts`]), [`World`], controls |
 //! | `solo.rs` | [`SoloTrainer`]: one process alone (tests, bench) |
 //! | `samples.rs` | the sample step's pictures |
@@ -19,26 +18,26 @@
 pub mod caption_audit;
 pub mod caption_feed;
 pub mod checkpoint;
-mod checkpointer;
 mod error;
 pub mod events;
 pub mod gradient_sync;
 mod load;
 mod metrics;
 mod optimizers;
-mod persist;
 pub mod progress;
 pub mod run;
 mod samples;
+mod save_restore;
 mod solo;
-pub mod tensor_bytes;
 pub mod text;
 pub mod world;
 
+pub use checkpoint::Resume;
 pub use error::TrainError;
 pub use load::device_of;
+pub use metrics::StepReport;
 pub use optimizers::Optimizers;
-pub use run::{Networks, Resume, StepDone, TrainSummary, Trainer};
+pub use run::{Networks, StepDone, TrainSummary, Trainer};
 pub use solo::SoloTrainer;
 use text::TextConditioner;
-pub use world::{Directive, Phase, RunToEnd, StepControl, StepReport, World, WorldEnd, WorldParts};
+pub use world::{Directive, Phase, RunToEnd, StepControl, World, WorldEnd, WorldParts};

@@ -1,15 +1,17 @@
 //! The SwiftBrush training loop, one rank's view. Named steps, in order:
-//! build (`load.rs`) -> per world: restore (`persist.rs`), join -> for each
-//! step: boundary (the world's control), batch, vsd step, optimizer steps
-//! (with the step vote), fake-score updates, EMA, log, checkpoint, sample
-//! -> close. What differs between a single process and a distributed rank
-//! is only the [`World`] passed in: its caption feed, gradient sync,
-//! checkpoint sink and control. The models stay loaded from one world to
+//! build (`load.rs`) -> per world: restore (`save_restore.rs`), join -> for
+//! each step: boundary (the world's control), batch, vsd step, optimizer
+//! steps (with the step vote), fake-score updates, EMA, log, checkpoint
+//! (`save_restore.rs`), sample -> after `train.max_steps`, close and the
+//! wait for the job's end (or, preempted, the preemption checkpoint).
+//! What differs between a single process and a distributed rank is only
+//! the [`World`] passed in: its caption feed, gradient sync, checkpoint
+//! sink and control. The models stay loaded from one world to
 //! the next; each world restores the state of its resume step.
 //!
 //! The trainer's components: [`Networks`] (what the step runs),
 //! [`Optimizers`](super::optimizers::Optimizers), the EMA, the
-//! [`Checkpointer`](super::checkpointer::Checkpointer), and per world its
+//! [`Checkpointer`](super::checkpoint::Checkpointer), and per world its
 //! [`Metrics`](super::metrics::Metrics).
 
 use sha2::Digest;
@@ -20,13 +22,13 @@ use tch::{Device, Tensor};
 
 use super::TrainError;
 use super::caption_audit::AuditEntry;
-use super::checkpoint::{CheckpointError, TrainState};
-use super::checkpointer::Checkpointer;
+use super::checkpoint::{CheckpointError, Checkpointer, TrainState, tensor_bytes};
 use super::gradient_sync::StepVote;
+use super::metrics::StepReport;
 use super::optimizers::{Applied, Optimizers};
 use super::samples::TrainingSamples;
 use super::text::TextConditioner;
-use super::world::{Directive, Phase, StepReport, World, WorldEnd, WorldParts};
+use super::world::{Directive, Phase, World, WorldEnd, WorldParts};
 use crate::diffusion::NoiseSchedule;
 use crate::ema::Ema;
 use crate::pipeline::UNet;
@@ -34,16 +36,6 @@ use crate::vsd::{
     Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, ScorePair, VsdConfig,
     VsdLosses, VsdStep,
 };
-
-/// Where to start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// The newest valid checkpoint if the run directory has one, else fresh.
-    Auto,
-    /// Exactly this step's checkpoint (an error if it is not valid); step 0
-    /// is the initial state.
-    Step(u64),
-}
 
 /// What a finished run reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,40 +138,26 @@ impl Trainer {
         }
     }
 
-    /// Runs `world`'s loop until its control or its parts end it. Errors
-    /// that only mean the world is gone end it as [`WorldEnd::Broken`];
-    /// other errors are the run's.
+    /// Runs `world`'s loop until its control or its parts end it: its
+    /// steps up to `train.max_steps`, then the wait for the job's end.
+    /// Errors that only mean the world is gone end it as
+    /// [`WorldEnd::Broken`]; other errors are the run's.
     pub fn run_world(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
         let max_steps = self.cfg.train.max_steps;
         world.metrics.start(self.state.step);
         world.parts.control.phase(Phase::Training);
-        loop {
+        while self.state.step < max_steps {
             let step = self.state.step;
             self.checkpointer.poll()?;
-            let directive = if step < max_steps {
-                world.parts.control.boundary(step)
-            } else {
-                // The final checkpoint lands before the wait for the end.
-                self.close(world)?;
-                world.parts.control.phase(Phase::Idle);
-                world.parts.control.after_last_step(step)
-            };
-            match directive {
+            match world.parts.control.boundary(step) {
                 Directive::Continue => {}
                 Directive::Checkpoint => self.checkpoint(world)?,
                 Directive::Stop(reason) => {
                     self.close(world)?;
                     world.metrics.finish();
-                    return Ok(if step >= max_steps {
-                        WorldEnd::Completed
-                    } else {
-                        WorldEnd::Stopped { reason }
-                    });
+                    return Ok(WorldEnd::Stopped { reason });
                 }
                 Directive::Abort(reason) => return Ok(WorldEnd::Broken { reason }),
-            }
-            if step >= max_steps {
-                continue;
             }
             let done = match self.train_step(world, step) {
                 Ok(done) => done,
@@ -199,6 +177,74 @@ impl Trainer {
             }
             self.sample(world, step + 1);
         }
+        self.await_job_end(world)
+    }
+
+    /// After the last step: the final checkpoint lands, then the world
+    /// waits for the job's end (a process alone: at once; a distributed
+    /// rank: until the coordinator says the job is over, which it does
+    /// once the final checkpoint commits). A checkpoint asked for
+    /// meanwhile is written and lands before the wait goes on.
+    fn await_job_end(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
+        let step = self.state.step;
+        self.idle(world)?;
+        loop {
+            match world.parts.control.after_last_step(step) {
+                Directive::Continue => {}
+                Directive::Checkpoint => {
+                    self.checkpoint(world)?;
+                    self.idle(world)?;
+                }
+                Directive::Stop(_) => {
+                    self.close(world)?;
+                    world.metrics.finish();
+                    return Ok(WorldEnd::Completed);
+                }
+                Directive::Abort(reason) => return Ok(WorldEnd::Broken { reason }),
+            }
+        }
+    }
+
+    /// The world is done training: the upload in flight lands (the final
+    /// checkpoint lands before the wait for the end), and the control
+    /// reports the phase as idle.
+    fn idle(&mut self, world: &mut World) -> Result<(), TrainError> {
+        self.checkpointer.poll()?;
+        self.close(world)?;
+        world.parts.control.phase(Phase::Idle);
+        Ok(())
+    }
+
+    /// Some rank must stop and every rank knows it at this same boundary:
+    /// rank 0 writes a checkpoint here and waits for it to land, then every
+    /// rank learns whether it did (the leaving rank must not leave before
+    /// the commit: its departure breaks the world, and a broken world's
+    /// report is refused).
+    fn preempted(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
+        let step = self.state.step;
+        if world.rank() == 0 {
+            self.checkpoint(world)?;
+            self.close(world)?;
+        }
+        let landed_here = world.rank() != 0 || self.checkpointer.committed() == Some(step);
+        let this_rank = world.parts.control.preempt_requested();
+        match world.parts.sync.all_ok(landed_here) {
+            Ok(committed) => Ok(WorldEnd::Preempted {
+                step,
+                committed,
+                this_rank,
+            }),
+            Err(e) => Ok(WorldEnd::Broken {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// close: the world's TensorBoard file written, the upload in flight
+    /// waited for.
+    fn close(&mut self, world: &mut World) -> Result<(), TrainError> {
+        world.metrics.flush(true);
+        self.checkpointer.finish()
     }
 
     /// One iteration: batch, vsd step, optimizer steps with the step vote,
@@ -416,7 +462,7 @@ impl Trainer {
             self.networks.student.named_parameters(),
             self.networks.scores.fake_parameters(),
         ] {
-            let bytes = super::tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
+            let bytes = tensor_bytes::to_bytes(&named).map_err(CheckpointError::from)?;
             hasher.update(&bytes);
         }
         audit.record(&AuditEntry {

@@ -78,7 +78,7 @@ impl TrainingSamples {
 
     /// Whether the run draws its pictures after training step `done`.
     pub(super) fn due(&self, done: u64, max_steps: u64) -> bool {
-        super::checkpointer::every_and_last(done, self.every, max_steps)
+        super::checkpoint::every_and_last(done, self.every, max_steps)
     }
 
     /// Draws the pictures with the EMA weights (swapped into `student` for

@@ -11,9 +11,9 @@ use tch::Device;
 
 use super::TrainError;
 use super::caption_feed::CaptionFeed;
-use super::checkpoint::CommitToStore;
+use super::checkpoint::{CommitToStore, Resume};
 use super::gradient_sync::GradientSync;
-use super::run::{Resume, StepDone, TrainSummary, Trainer};
+use super::run::{StepDone, TrainSummary, Trainer};
 use super::world::{RunToEnd, World, WorldEnd, WorldParts};
 
 pub struct SoloTrainer {

@@ -15,8 +15,8 @@ use super::caption_audit::CaptionAudit;
 use super::caption_feed::CaptionFeed;
 use super::checkpoint::CheckpointSink;
 use super::gradient_sync::GradientSync;
-use super::metrics::Metrics;
-use crate::vsd::{RankSlice, VsdLosses};
+use super::metrics::{Metrics, StepReport};
+use crate::vsd::RankSlice;
 
 /// The parts of one world.
 pub struct WorldParts {
@@ -111,19 +111,6 @@ pub enum Phase {
     Checkpointing,
     /// Between worlds, or done training and waiting for the job to end.
     Idle,
-}
-
-/// Measurements after a step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepReport {
-    /// Completed steps.
-    pub step: u64,
-    pub losses: VsdLosses,
-    pub step_ms: f64,
-    pub allreduce_ms: f64,
-    pub samples_per_s: f64,
-    /// How long the newest checkpoint held this thread (0: none yet).
-    pub checkpoint_stall_ms: f64,
 }
 
 /// How the loop learns what to do; called on the training thread, so

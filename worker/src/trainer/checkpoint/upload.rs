@@ -1,167 +1,16 @@
-//! What a training checkpoint holds and how it is written and read back.
-//!
-//! Files (safetensors unless noted): one per [`TensorGroup`] (the student,
-//! its EMA, the fake score: LoRA adapters by PEFT name or the full copy by
-//! diffusers name, both Adam states), and `state.json`. Tensors are
-//! copied to host bytes on the training thread (that copy is the snapshot);
-//! the upload runs on a background thread, one checkpoint in flight, and the
-//! manifest is written last, so a checkpoint killed mid-write never exists
-//! for a resume. Who writes the manifest is the job's [`CheckpointSink`]:
-//! the process itself, or the coordinator.
+//! The checkpoint's upload path: the upload thread, one checkpoint in
+//! flight, writes a [`Snapshot`]'s files, and the manifest is written
+//! last, so a checkpoint killed mid-write never exists for a resume. Who
+//! writes the manifest is the job's [`CheckpointSink`]: the process itself
+//! ([`CommitToStore`]), or the coordinator.
 
-use std::collections::HashMap;
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-use swiftbrush_proto::run_store::{
-    CheckpointMeta, Manifest, RunStore, RunStoreError, StagedCheckpoint,
-};
-use tch::Tensor;
+use swiftbrush_proto::run_store::{CheckpointMeta, Manifest, RunStore, StagedCheckpoint};
 
-use super::tensor_bytes::{self, TensorBytesError};
-
-/// The tensor files of a checkpoint, in the order they are written and
-/// read: one list for saving and restoring (`persist.rs` says what each
-/// holds). The file names are the format's: the fake score's files keep
-/// their first names (`lora`) for both forms, so old checkpoints load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TensorGroup {
-    Student,
-    Ema,
-    FakeScore,
-    StudentOptimizer,
-    FakeScoreOptimizer,
-}
-
-impl TensorGroup {
-    pub const ALL: [TensorGroup; 5] = [
-        TensorGroup::Student,
-        TensorGroup::Ema,
-        TensorGroup::FakeScore,
-        TensorGroup::StudentOptimizer,
-        TensorGroup::FakeScoreOptimizer,
-    ];
-
-    pub fn file(self) -> &'static str {
-        match self {
-            TensorGroup::Student => "student.safetensors",
-            TensorGroup::Ema => "ema.safetensors",
-            TensorGroup::FakeScore => "lora.safetensors",
-            TensorGroup::StudentOptimizer => "optimizer_student.safetensors",
-            TensorGroup::FakeScoreOptimizer => "optimizer_lora.safetensors",
-        }
-    }
-}
-
-pub const STATE: &str = "state.json";
-
-/// The loop's own state, saved as `state.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Steps completed: training resumes at this step index.
-    pub step: u64,
-    /// The epoch and in-epoch caption index the next step starts at.
-    pub epoch: u64,
-    pub caption_index: u64,
-    /// Steps whose updates were skipped because a loss or gradient was not
-    /// finite.
-    pub num_nonfinite_steps: u64,
-    /// Captions cut at 77 tokens so far.
-    pub num_truncated_captions: u64,
-    /// EMA updates applied (skipped steps do not update it).
-    pub ema_updates: i64,
-    pub seed: u64,
-    pub config_fingerprint: String,
-    pub teacher_fingerprint: String,
-    /// The teacher folder as given, so `sample --student RUN` finds the
-    /// text encoder, tokenizer and VAE.
-    pub teacher: String,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error(transparent)]
-    Store(#[from] RunStoreError),
-    #[error(transparent)]
-    Tensors(#[from] TensorBytesError),
-    #[error("checkpoint step {step}: {file} is not valid: {reason}")]
-    BadFile {
-        step: u64,
-        file: String,
-        reason: String,
-    },
-    #[error("the checkpoint uploader stopped: {0}")]
-    UploaderGone(String),
-    #[error("reporting checkpoint step {step} to the coordinator: {reason}")]
-    Report { step: u64, reason: String },
-}
-
-/// One checkpoint, serialized, ready to upload.
-pub struct Snapshot {
-    pub step: u64,
-    pub files: Vec<(String, Bytes)>,
-    pub meta: CheckpointMeta,
-}
-
-impl Snapshot {
-    pub fn new(
-        state: &TrainState,
-        tensors: [(TensorGroup, Vec<(String, Tensor)>); 5],
-    ) -> Result<Self, CheckpointError> {
-        let mut files = Vec::with_capacity(6);
-        for (group, named) in tensors {
-            files.push((
-                group.file().to_owned(),
-                Bytes::from(tensor_bytes::to_bytes(&named)?),
-            ));
-        }
-        let json = serde_json::to_vec_pretty(state).map_err(|e| CheckpointError::BadFile {
-            step: state.step,
-            file: STATE.to_owned(),
-            reason: e.to_string(),
-        })?;
-        files.push((STATE.to_owned(), Bytes::from(json)));
-        Ok(Self {
-            step: state.step,
-            files,
-            meta: CheckpointMeta {
-                epoch: state.epoch,
-                generation: 0,
-                config_fingerprint: state.config_fingerprint.clone(),
-                teacher_fingerprint: state.teacher_fingerprint.clone(),
-                extra: serde_json::Value::Null,
-            },
-        })
-    }
-}
-
-/// A checkpoint read back.
-pub struct Restored {
-    pub state: TrainState,
-    pub tensors: HashMap<String, HashMap<String, Tensor>>,
-}
-
-/// Reads every file of a committed checkpoint (sizes and sha256 checked by
-/// the store).
-pub fn read_checkpoint(store: &RunStore, manifest: &Manifest) -> Result<Restored, CheckpointError> {
-    let bad = |file: &str, reason: String| CheckpointError::BadFile {
-        step: manifest.step,
-        file: file.to_owned(),
-        reason,
-    };
-    let state_bytes = store.read_manifest_file(manifest, STATE)?;
-    let state: TrainState =
-        serde_json::from_slice(&state_bytes).map_err(|e| bad(STATE, e.to_string()))?;
-    let mut tensors = HashMap::new();
-    for name in TensorGroup::ALL.map(TensorGroup::file) {
-        let bytes = store.read_manifest_file(manifest, name)?;
-        let what = format!("checkpoint step {} {name}", manifest.step);
-        tensors.insert(name.to_owned(), tensor_bytes::from_bytes(&bytes, &what)?);
-    }
-    Ok(Restored { state, tensors })
-}
+use super::CheckpointError;
+use super::format::Snapshot;
 
 /// How a checkpoint whose files are written becomes a checkpoint: the
 /// last step of an upload, on the upload thread. A single process commits
@@ -377,6 +226,8 @@ fn fault_point() -> Option<(u64, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trainer::checkpoint::{STATE, TensorGroup};
+    use bytes::Bytes;
 
     fn snapshot(step: u64, extra: Option<&str>) -> Snapshot {
         let mut files = vec![

@@ -1,5 +1,6 @@
-//! The collective of one world, chosen by the assignment's `backend`, and
-//! its bootstrap through the coordinator. "tcp": every rank publishes the
+//! Forming one world's communicator: the collective backend chosen by the
+//! assignment's `backend`, and its bootstrap through the coordinator (the
+//! all-reduce itself is `crate::collective`). "tcp": every rank publishes the
 //! address of its ring listener, fetches everyone's and joins a
 //! `collective::TcpRing`. "nccl": rank 0 publishes an NCCL unique id, the
 //! others fetch it, and every rank joins a `collective::NcclComm` behind

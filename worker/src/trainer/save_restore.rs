@@ -1,8 +1,9 @@
-//! The trainer's state across processes and worlds: which tensors a
-//! checkpoint holds and how each is restored (one list,
-//! [`TensorGroup::ALL`]), restoring a committed checkpoint, snapshotting
-//! one at a step boundary for the upload thread, the preemption
-//! checkpoint, and closing a world.
+//! The trainer's side of its checkpoints, its state across processes and
+//! worlds: which tensors a checkpoint holds and how each is restored (one
+//! list, [`TensorGroup::ALL`]), restoring a committed checkpoint, and the
+//! loop's checkpoint step (snapshotting the state at a step boundary for
+//! the upload thread). What a checkpoint is and how it travels:
+//! `checkpoint/`.
 
 use std::collections::HashMap;
 
@@ -10,9 +11,9 @@ use swiftbrush_proto::run_store::Manifest;
 use tch::Tensor;
 
 use super::TrainError;
-use super::checkpoint::{Snapshot, TensorGroup};
-use super::run::{Resume, Trainer};
-use super::world::{Phase, World, WorldEnd};
+use super::checkpoint::{Resume, Snapshot, TensorGroup};
+use super::run::Trainer;
+use super::world::{Phase, World};
 
 impl Trainer {
     /// Restores the state at `resume` (the initial state needs a trainer
@@ -116,37 +117,5 @@ impl Trainer {
             .set_stall_ms(started.elapsed().as_secs_f64() * 1e3);
         world.parts.control.phase(Phase::Training);
         Ok(())
-    }
-
-    /// Some rank must stop and every rank knows it at this same boundary:
-    /// rank 0 writes a checkpoint here and waits for it to land, then every
-    /// rank learns whether it did (the leaving rank must not leave before
-    /// the commit: its departure breaks the world, and a broken world's
-    /// report is refused).
-    pub(super) fn preempted(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
-        let step = self.state.step;
-        if world.rank() == 0 {
-            self.checkpoint(world)?;
-            self.close(world)?;
-        }
-        let landed_here = world.rank() != 0 || self.checkpointer.committed() == Some(step);
-        let this_rank = world.parts.control.preempt_requested();
-        match world.parts.sync.all_ok(landed_here) {
-            Ok(committed) => Ok(WorldEnd::Preempted {
-                step,
-                committed,
-                this_rank,
-            }),
-            Err(e) => Ok(WorldEnd::Broken {
-                reason: e.to_string(),
-            }),
-        }
-    }
-
-    /// close: the world's TensorBoard file written, the upload in flight
-    /// waited for.
-    pub(super) fn close(&mut self, world: &mut World) -> Result<(), TrainError> {
-        world.metrics.flush(true);
-        self.checkpointer.finish()
     }
 }

@@ -1,17 +1,28 @@
-//! The trainer's checkpointing component: when a checkpoint is due, the
-//! uploader thread, and what this trainer knows of its checkpoints (the
-//! step handed to the uploader last, the newest committed one, how long
-//! the newest held the training thread). What a checkpoint holds and how
-//! its files are written is `checkpoint.rs`; which tensors go in is the
-//! trainer's (`persist.rs`).
+//! The trainer's checkpointing component: where to start ([`Resume`]),
+//! when a checkpoint is due, the uploader thread, and what this trainer
+//! knows of its checkpoints (the step handed to the uploader last, the
+//! newest committed one, how long the newest held the training thread).
+//! What a checkpoint holds is `format.rs`, how its files are written
+//! `upload.rs`; which tensors go in is the trainer's
+//! (`trainer/save_restore.rs`).
 
 use std::sync::Arc;
 
 use swiftbrush_proto::run_store::{Manifest, ResumeFrom, RunStore};
 
-use super::TrainError;
-use super::checkpoint::{self, CheckpointSink, Landing, Restored, Snapshot, Uploader};
-use super::run::Resume;
+use super::format::{self, Restored, Snapshot};
+use super::upload::{CheckpointSink, Landing, Uploader};
+use crate::trainer::TrainError;
+
+/// Where to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest valid checkpoint if the run directory has one, else fresh.
+    Auto,
+    /// Exactly this step's checkpoint (an error if it is not valid); step 0
+    /// is the initial state.
+    Step(u64),
+}
 
 /// Whether a step done every `every` steps and after the last is due once
 /// `done` of `max_steps` steps are complete (checkpoints, samples).
@@ -121,7 +132,7 @@ impl Checkpointer {
 
     /// Every file of a committed checkpoint, checked.
     pub fn read(&self, manifest: &Manifest) -> Result<Restored, TrainError> {
-        Ok(checkpoint::read_checkpoint(&self.store, manifest)?)
+        Ok(format::read_checkpoint(&self.store, manifest)?)
     }
 
     /// The trainer holds the state of committed checkpoint `step`.
