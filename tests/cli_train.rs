@@ -591,3 +591,101 @@ fn eval_scores_every_checkpoint_of_a_run() {
         "{err}"
     );
 }
+
+/// Fault: two jobs on one run directory. A second `train` on a run
+/// directory a live one is writing is refused at once, naming the holder;
+/// with `--take-over` it gets in, and the first stops at its next lease
+/// renewal with that error and a non-zero exit.
+#[test]
+fn a_second_train_is_refused_and_take_over_stops_the_first() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = setup();
+    let d = dir.path();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(d)
+        .args(["train", "--config", CONFIG, "--teacher", &teacher("sd1")])
+        .args(["--captions", "captions.txt", "--run-dir", "run"])
+        // Runs until stopped, committing nothing; renews every second.
+        .args(["--max-steps", "1000000", "--checkpoint-every", "1000000"])
+        .args(["--lease-ttl", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn swiftbrush");
+    let first_pid = first.id();
+    let lease = d.join("run/lease");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&lease).map_or(0, |e| e.count()) == 0 {
+        if let Ok(Some(status)) = first.try_wait() {
+            let out = first.wait_with_output().unwrap();
+            panic!(
+                "the first train ended ({status}) before holding its run directory: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first train never took its lease"
+        );
+        // Polling another process's files: it gives no other signal.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let started = Instant::now();
+    let refused = train(d, &["--run-dir", "run", "--max-steps", "2"], &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success(),
+        "a second job was let in: {stderr}"
+    );
+    for part in [
+        "is in use by another job",
+        "swiftbrush train on host",
+        &format!("pid {first_pid}"),
+        "since",
+        "lease expires at",
+        "--take-over",
+    ] {
+        assert!(stderr.contains(part), "{stderr:?} lacks {part:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    assert!(first.try_wait().unwrap().is_none(), "the first job goes on");
+
+    let taker = train(
+        d,
+        &["--run-dir", "run", "--max-steps", "2", "--take-over"],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = first.kill();
+            let out = first.wait_with_output().unwrap();
+            panic!(
+                "the first train did not stop after the take-over: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the first job must fail: {stderr}");
+    assert!(
+        stderr.contains("this job's lease on it was taken over by swiftbrush train on host"),
+        "{stderr}"
+    );
+    let stdout = ok(&taker);
+    assert!(stdout.contains("trained steps 0..2"), "{stdout}");
+    // The taker released the run directory: a next job gets in.
+    ok(&train(d, &["--run-dir", "run", "--max-steps", "2"], &[]));
+}

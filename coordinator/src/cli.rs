@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use swiftbrush_proto::rpc::TOKEN_ENV;
+use swiftbrush_proto::run_store::DEFAULT_LEASE_TTL;
 use swiftbrush_proto::{ConfigError, JobConfig};
 
 use crate::grpc::{JobToken, TokenError};
@@ -52,6 +53,16 @@ pub struct CoordinatorArgs {
     /// A job raises it to twice its world.max_size.
     #[arg(long, default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_workers: u32,
+    /// Take the run directory from the job that holds it (after a crash
+    /// whose lease has not expired yet). If that job is still running, it
+    /// stops at its next lease renewal with an error.
+    #[arg(long)]
+    pub take_over: bool,
+    /// Seconds the run directory's lease lasts unless renewed (it is
+    /// renewed every third of that). A crashed job holds its run directory
+    /// this long; a slow store may need longer.
+    #[arg(long, default_value_t = DEFAULT_LEASE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_ttl: u64,
     /// Logs as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -86,6 +97,8 @@ impl CoordinatorArgs {
         options.core.settle_ms = self.settle_ms;
         options.core.max_workers = self.max_workers as usize;
         options.tick = Duration::from_millis(TICK_MS);
+        options.lease.take_over = self.take_over;
+        options.lease.ttl = Duration::from_secs(self.lease_ttl);
         if let Some(path) = &self.config {
             options.config = Some(JobConfig::from_yaml_file(path)?);
         }
@@ -169,6 +182,8 @@ mod tests {
         assert_eq!(options.core.settle_ms, 10);
         assert_eq!(options.core.max_workers, 7);
         assert!(options.config.is_none() && options.tls.is_none());
+        assert!(!options.lease.take_over);
+        assert_eq!(options.lease.ttl, DEFAULT_LEASE_TTL);
     }
 
     #[test]

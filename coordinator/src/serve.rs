@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::rpc::coordinator_server::CoordinatorServer;
 use swiftbrush_proto::rpc::{MAX_REPLY_BYTES, MAX_REQUEST_BYTES};
-use swiftbrush_proto::run_store::{AsyncRunStore, RunStoreError};
+use swiftbrush_proto::run_store::{AsyncRunStore, LeaseOptions, RunStoreError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -58,6 +58,9 @@ pub struct ServeOptions {
     pub core: CoreOptions,
     /// How often time passes in the core (timeouts are checked this often).
     pub tick: Duration,
+    /// The run directory's lease: its time to live, and whether to take it
+    /// from a live holder (`--take-over`).
+    pub lease: LeaseOptions,
 }
 
 impl ServeOptions {
@@ -73,6 +76,10 @@ impl ServeOptions {
             tls: None,
             core: CoreOptions::default(),
             tick: Duration::from_millis(250),
+            lease: LeaseOptions {
+                command: "swiftbrush coordinator".to_owned(),
+                ..LeaseOptions::default()
+            },
         }
     }
 }
@@ -95,6 +102,9 @@ pub enum ServeError {
     Grpc(#[source] tonic::transport::Error),
     #[error("the HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
+    /// Another job took the run directory (`--take-over`): this one stops.
+    #[error("{0}")]
+    LeaseLost(String),
     #[error("a server task ended abnormally: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -109,6 +119,7 @@ pub struct RunningCoordinator {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
     ticker: JoinHandle<()>,
+    lease_keeper: JoinHandle<()>,
 }
 
 impl RunningCoordinator {
@@ -117,14 +128,24 @@ impl RunningCoordinator {
         self.app.begin_shutdown();
         let _ = self.stop.send(true);
         self.ticker.await?;
-        self.grpc.await?.map_err(ServeError::Grpc)?;
-        if let Some(http) = self.http {
-            http.await?.map_err(ServeError::Http)?;
-        }
+        self.lease_keeper.await?;
+        let grpc = self.grpc.await?.map_err(ServeError::Grpc);
+        let http = match self.http {
+            Some(http) => http.await?.map_err(ServeError::Http),
+            None => Ok(()),
+        };
+        // Last, once nothing serves: the next job may start at once.
+        self.app.release_lease().await;
+        grpc?;
+        http?;
         tracing::info!("coordinator stopped");
         Ok(())
     }
 }
+
+/// After losing the lease, how long the coordinator goes on answering so
+/// that its workers hear at their heartbeat that the job has failed.
+const LOST_LEASE_DRAIN: Duration = Duration::from_secs(10);
 
 /// Runs a coordinator until SIGTERM or ctrl-c, then shuts down gracefully.
 pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
@@ -133,7 +154,21 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     // its mind) must stop the coordinator gracefully, not kill it.
     let signals = ShutdownSignal::install();
     let running = start(options).await?;
-    signals.recv().await;
+    let app = running.app.clone();
+    let lost = tokio::select! {
+        () = signals.recv() => None,
+        lost = app.lease_lost_wait() => Some(lost),
+    };
+    if let Some(lost) = lost {
+        // The job has failed; its workers learn so at their next heartbeat.
+        tracing::error!("{lost}; stopping once the workers have left");
+        let deadline = tokio::time::Instant::now() + LOST_LEASE_DRAIN;
+        while tokio::time::Instant::now() < deadline && has_live_workers(&app) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        running.shutdown().await?;
+        return Err(ServeError::LeaseLost(lost));
+    }
     tracing::info!("shutting down");
     running.shutdown().await
 }
@@ -152,9 +187,13 @@ pub async fn start_with_clock(
         options.core.worker_id_base = instance_id_base();
     }
     let store = AsyncRunStore::open(&options.store_url)?;
+    // Before anything else touches the run directory: one job at a time.
+    let lease = store.acquire_lease(&options.lease).await?;
     let app = Coordinator::new(options.core.clone(), store, clock);
-    if let Some(config) = options.config.take() {
-        app.submit_config(config).await?;
+    app.hold_lease(lease).await;
+    if let Err(e) = submit_at_start(&app, options.config.take()).await {
+        app.release_lease().await;
+        return Err(e);
     }
     let (stop, stopped) = watch::channel(false);
     let signal = move || {
@@ -222,6 +261,7 @@ pub async fn start_with_clock(
         None => (None, None),
     };
     let ticker = tokio::spawn(app.clone().run_ticker(options.tick, signal()));
+    let lease_keeper = tokio::spawn(keep_lease(app.clone(), signal()));
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
@@ -237,7 +277,45 @@ pub async fn start_with_clock(
         grpc,
         http,
         ticker,
+        lease_keeper,
     })
+}
+
+fn has_live_workers(app: &Coordinator) -> bool {
+    app.status()
+        .workers
+        .iter()
+        .any(|w| w.health != crate::domain::Health::Dead)
+}
+
+async fn submit_at_start(app: &Coordinator, config: Option<JobConfig>) -> Result<(), ServeError> {
+    if let Some(config) = config {
+        app.submit_config(config).await?;
+    }
+    Ok(())
+}
+
+/// Renews the lease every third of its time to live until shutdown, or
+/// until a renewal finds it lost (the job has failed then).
+async fn keep_lease(app: Coordinator, shutdown: impl std::future::Future<Output = ()>) {
+    let Some(every) = app.lease_renew_every().await else {
+        return;
+    };
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: the lease was just acquired.
+    interval.tick().await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = interval.tick() => {
+                if app.renew_lease().await.is_err() && app.lease_lost().is_some() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn tls_config(tls: &TlsOptions) -> ServerTlsConfig {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::CollectiveBackend;
-use swiftbrush_proto::run_store::{ResumeFrom, RunStore};
+use swiftbrush_proto::run_store::{DEFAULT_LEASE_TTL, LeaseOptions, ResumeFrom, RunStore};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -59,6 +59,16 @@ pub struct TrainArgs {
     /// step, caption ids) under DIR: proof of exactly-once.
     #[arg(long)]
     caption_audit: Option<PathBuf>,
+    /// Take the run directory from the job that holds it (after a crash on
+    /// another machine whose lease has not expired yet). If that job is
+    /// still running, it stops at its next lease renewal with an error.
+    #[arg(long)]
+    take_over: bool,
+    /// Seconds the run directory's lease lasts unless renewed (renewed
+    /// every third of that): how long a job that crashed on another
+    /// machine keeps others out.
+    #[arg(long, default_value_t = DEFAULT_LEASE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lease_ttl: u64,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -108,6 +118,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         local::LocalOptions {
             num_workers: args.workers,
             caption_audit: args.caption_audit,
+            lease: LeaseOptions {
+                ttl: std::time::Duration::from_secs(args.lease_ttl),
+                take_over: args.take_over,
+                command: "swiftbrush train".to_owned(),
+            },
         },
     )?;
     println!(

@@ -5,7 +5,7 @@
 //! commit slot taken.
 
 use serde::Serialize;
-use swiftbrush_proto::run_store::StagedCheckpoint;
+use swiftbrush_proto::run_store::{RunStoreError, StagedCheckpoint};
 
 use super::Coordinator;
 use super::error::AppError;
@@ -37,10 +37,16 @@ impl Coordinator {
         let this = self.clone();
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = this
-                .store()
-                .commit_staged(staged, ticket.meta.clone())
-                .await;
+            // Only the lease's holder commits: a job that was taken over
+            // learns it here at the latest, before it writes anything.
+            let result = match this.renew_lease().await {
+                Err(lost @ AppError::Store(RunStoreError::LeaseLost { .. })) => Err(lost),
+                _ => this
+                    .store()
+                    .commit_staged(staged, ticket.meta.clone())
+                    .await
+                    .map_err(AppError::from),
+            };
             let outcome = match &result {
                 Ok(_) => CommitResult::Committed,
                 Err(e) => {
@@ -50,6 +56,16 @@ impl Coordinator {
             };
             tracing::debug!(step = ticket.step, elapsed = ?started.elapsed(), "commit finished");
             this.transition(|s, now| s.finish_commit(&ticket, outcome, now));
+            // Another writer committed a step this job reserved: someone
+            // else writes this run directory. Retrying or retraining can
+            // only lose again, so the job ends with the error.
+            if let Err(AppError::Store(e)) = &result
+                && e.is_lost_race()
+            {
+                this.fail_job(format!(
+                    "{e}: another job is writing this run directory; this job stops"
+                ));
+            }
             result
         });
         let manifest = task

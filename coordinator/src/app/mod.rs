@@ -10,6 +10,7 @@ mod clock;
 mod commit;
 mod corpus;
 mod error;
+mod lease;
 mod submit;
 mod waiting;
 
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use swiftbrush_proto::run_store::AsyncRunStore;
+use swiftbrush_proto::run_store::{AsyncRunStore, LeaseHolder, RunLease};
 use tokio::sync::watch;
 
 pub use captions::{MAX_CAPTION_REPLY_BYTES, StepCaptions};
@@ -50,6 +51,11 @@ struct Inner {
     job: RwLock<Option<JobData>>,
     /// Set when the server stops: long-polls answer at once.
     shutting_down: AtomicBool,
+    /// The run directory's lease (lease.rs); none in tests that build a
+    /// bare `Coordinator`.
+    lease: tokio::sync::Mutex<Option<RunLease>>,
+    /// The holder that took the lease, once it is lost.
+    lease_lost: watch::Sender<Option<LeaseHolder>>,
 }
 
 /// The coordinator: cheap to clone, every clone is the same coordinator.
@@ -77,6 +83,8 @@ impl Coordinator {
                 store,
                 job: RwLock::new(None),
                 shutting_down: AtomicBool::new(false),
+                lease: tokio::sync::Mutex::new(None),
+                lease_lost: watch::channel(None).0,
             }),
         }
     }

@@ -42,6 +42,10 @@ impl Coordinator {
 
     pub async fn submit_config(&self, mut config: JobConfig) -> Result<Submitted, AppError> {
         config.validate()?;
+        // A coordinator that lost its run directory starts nothing there.
+        if let Some(lost) = self.lease_lost_error() {
+            return Err(lost.into());
+        }
         // Refuse early, before reading captions, if a job is running.
         self.inspect(|s| match s.job() {
             Some(job) if !job.phase.is_terminal() => Err(CoreError::JobExists {

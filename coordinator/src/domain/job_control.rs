@@ -77,6 +77,14 @@ impl CoordinatorState {
         Ok(JobPhase::Cancelled)
     }
 
+    /// Ends the job as failed at once (the coordinator cannot go on: it lost
+    /// its run directory to another job). Every heartbeat then answers Stop.
+    pub fn fail(&mut self, reason: String, _now: Millis) -> Result<JobPhase, CoreError> {
+        self.active_job()?;
+        self.end_job(JobPhase::Failed, reason);
+        Ok(JobPhase::Failed)
+    }
+
     /// Ends the job after a final checkpoint: while a world runs, rank 0 is
     /// asked (through the heartbeat's `CheckpointAt`) for a checkpoint one
     /// step past the newest reported (or committed) step, and the job is Cancelled once it

@@ -53,7 +53,9 @@ impl From<AppError> for Status {
             },
             AppError::Store(store) => match store {
                 RunStoreError::AlreadyCommitted { .. } => Status::already_exists(message),
-                RunStoreError::StaleGeneration { .. } => Status::failed_precondition(message),
+                RunStoreError::StaleGeneration { .. }
+                | RunStoreError::LeaseHeld { .. }
+                | RunStoreError::LeaseLost { .. } => Status::failed_precondition(message),
                 RunStoreError::InvalidName { .. } | RunStoreError::InvalidWrite { .. } => {
                     Status::invalid_argument(message)
                 }

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::{Result, RunStoreError};
 use super::latest::LatestPointer;
+use super::lease::{LeaseHolder, LeaseOptions, RunLease};
 use super::location::StoreOptions;
 use super::manifest::{CheckpointMeta, FileEntry, Manifest};
 use super::retention::RetentionReport;
@@ -182,6 +183,26 @@ impl RunStore {
 
     pub fn apply_retention(&self, keep_last: usize) -> Result<RetentionReport> {
         self.block_on(self.inner.apply_retention(keep_last))?
+    }
+
+    /// See [`AsyncRunStore::acquire_lease`].
+    pub fn acquire_lease(&self, options: &LeaseOptions) -> Result<RunLease> {
+        self.block_on(self.inner.acquire_lease(options))?
+    }
+
+    /// See [`RunLease::renew`].
+    pub fn renew_lease(&self, lease: &mut RunLease) -> Result<()> {
+        self.block_on(lease.renew())?
+    }
+
+    /// See [`RunLease::release`].
+    pub fn release_lease(&self, lease: RunLease) -> Result<()> {
+        self.block_on(lease.release())?
+    }
+
+    /// See [`AsyncRunStore::lease_holder`].
+    pub fn lease_holder(&self) -> Result<Option<LeaseHolder>> {
+        self.block_on(self.inner.lease_holder())?
     }
 }
 

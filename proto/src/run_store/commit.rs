@@ -43,10 +43,14 @@ pub(crate) async fn commit(
         Err(
             object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
         ) => {
-            return Err(RunStoreError::AlreadyCommitted {
-                run: ctx.run.clone(),
-                step,
-            });
+            // A create retried after a lost reply finds its own manifest:
+            // that is this writer's commit, not a lost race.
+            if !is_own_manifest(ctx, &path, &manifest.attempt).await {
+                return Err(RunStoreError::AlreadyCommitted {
+                    run: ctx.run.clone(),
+                    step,
+                });
+            }
         }
         Err(e) => return Err(ctx.err("create manifest", &path)(e)),
     }
@@ -63,6 +67,15 @@ pub(crate) async fn commit(
         Err(e) => tracing::warn!(run = %ctx.run, step, error = %e, "could not move LATEST"),
     }
     Ok(manifest)
+}
+
+/// Whether the manifest at `path` names this writer's attempt folder.
+async fn is_own_manifest(ctx: &Ctx, path: &object_store::path::Path, attempt: &str) -> bool {
+    match ctx.get_bytes(path).await {
+        Ok(Some(bytes)) => serde_json::from_slice::<Manifest>(&bytes)
+            .is_ok_and(|existing| existing.attempt == attempt),
+        _ => false,
+    }
 }
 
 /// Stale generations cannot commit: once a newer generation has committed

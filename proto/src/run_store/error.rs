@@ -63,6 +63,29 @@ pub enum RunStoreError {
         newer_step: u64,
     },
 
+    /// Another job holds the run directory's lease: two jobs must never
+    /// write one run directory.
+    #[error(
+        "run directory {run} is in use by another job: {holder}. Two jobs must not write one \
+         run directory: wait for that job to end, use another run directory, or, if that job is \
+         gone (it crashed and its lease has not expired yet), start this one with --take-over"
+    )]
+    LeaseHeld {
+        run: String,
+        holder: Box<super::lease::LeaseHolder>,
+    },
+
+    /// Another job took this job's lease (`--take-over`, or after this one
+    /// failed to renew it in time): this job must stop writing.
+    #[error(
+        "run directory {run}: this job's lease on it was taken over by {holder}; this job stops \
+         so that two jobs never write one run directory"
+    )]
+    LeaseLost {
+        run: String,
+        holder: Box<super::lease::LeaseHolder>,
+    },
+
     #[error("invalid name {name:?}: {reason}")]
     InvalidName { name: String, reason: String },
 
@@ -120,6 +143,11 @@ impl RunStoreError {
     /// should not retry the same commit.
     pub fn is_lost_race(&self) -> bool {
         matches!(self, Self::AlreadyCommitted { .. })
+    }
+
+    /// True when this job no longer holds the run directory's lease.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Self::LeaseLost { .. })
     }
 }
 

@@ -128,6 +128,15 @@ pub(crate) fn validate_run_file_name(name: &str) -> Result<()> {
             reason: format!("{CHECKPOINTS_DIR}/ is reserved for checkpoints"),
         });
     }
+    if first == super::lease::LEASE_DIR {
+        return Err(RunStoreError::InvalidName {
+            name: name.to_owned(),
+            reason: format!(
+                "{}/ is reserved for the run directory's lease",
+                super::lease::LEASE_DIR
+            ),
+        });
+    }
     Ok(())
 }
 

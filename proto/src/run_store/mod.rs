@@ -8,6 +8,7 @@
 //! checkpoints/LATEST                              pointer to the newest committed step (a hint)
 //! checkpoints/step-00001000/manifest.json         written last: commits the checkpoint
 //! checkpoints/step-00001000/attempt-<id>/<name>   the checkpoint's files
+//! lease/<sequence>.json                           who runs a job here (lease.rs)
 //! ```
 //!
 //! A checkpoint exists only once its manifest exists and validates (every
@@ -16,6 +17,9 @@
 //! each writer puts its files under its own `attempt-<id>` folder so that the
 //! loser can never overwrite the winner's files. Resolution reads manifests,
 //! never `LATEST`: the pointer is for people and tools and only moves forward.
+//!
+//! One job at a time writes a run directory: its coordinator holds the
+//! run directory's lease (lease.rs) and renews it while the job runs.
 //!
 //! [`AsyncRunStore`] is the async core (the coordinator); [`RunStore`] wraps it
 //! for synchronous callers (the trainer loop, whose uploader moves checkpoint
@@ -26,6 +30,7 @@ mod commit;
 mod error;
 mod latest;
 mod layout;
+mod lease;
 mod location;
 mod manifest;
 mod retention;
@@ -36,6 +41,7 @@ mod writer;
 pub use blocking::{CheckpointWriter, RunStore};
 pub use error::{Result, RunStoreError};
 pub use latest::LatestPointer;
+pub use lease::{DEFAULT_LEASE_TTL, LeaseHolder, LeaseOptions, RunLease};
 pub use location::{RunLocation, StoreOptions};
 pub use manifest::{CheckpointMeta, FileEntry, MANIFEST_FORMAT_VERSION, Manifest};
 pub use retention::RetentionReport;

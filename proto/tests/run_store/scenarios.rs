@@ -9,8 +9,11 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use std::time::Duration;
+
 use swiftbrush_proto::run_store::{
-    CheckpointMeta, CheckpointStatus, Manifest, ResumeFrom, RunStore, RunStoreError, Verify,
+    CheckpointMeta, CheckpointStatus, LeaseHolder, LeaseOptions, Manifest, ResumeFrom, RunLease,
+    RunStore, RunStoreError, Verify,
 };
 
 use super::backend::{Backend, RunDir};
@@ -48,6 +51,24 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("run_files_round_trip", run_files_round_trip),
     ("staged_commit_elsewhere", staged_commit_elsewhere),
     ("large_file_in_parts", large_file_in_parts),
+    ("lease_refuses_a_second_job", lease_refuses_a_second_job),
+    (
+        "lease_concurrent_acquire_one_winner",
+        lease_concurrent_acquire_one_winner,
+    ),
+    ("lease_expired_is_taken", lease_expired_is_taken),
+    (
+        "lease_take_over_stops_the_old_holder",
+        lease_take_over_stops_the_old_holder,
+    ),
+    (
+        "lease_taken_over_holder_cannot_come_back",
+        lease_taken_over_holder_cannot_come_back,
+    ),
+    (
+        "lease_of_a_dead_process_here_is_free",
+        lease_of_a_dead_process_here_is_free,
+    ),
 ];
 
 pub fn run_all(backend: &dyn Backend) {
@@ -690,4 +711,206 @@ fn large_file_in_parts(dir: &RunDir) {
 fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+// ---- the run-directory lease ---------------------------------------------
+
+fn lease_options(ttl: Duration, take_over: bool) -> LeaseOptions {
+    LeaseOptions {
+        ttl,
+        take_over,
+        command: "scenario".to_owned(),
+    }
+}
+
+fn acquire(store: &RunStore, take_over: bool) -> Result<RunLease, RunStoreError> {
+    store.acquire_lease(&lease_options(Duration::from_secs(30), take_over))
+}
+
+/// The holder a refusal or a loss names.
+fn named_holder(e: &RunStoreError) -> &LeaseHolder {
+    match e {
+        RunStoreError::LeaseHeld { holder, .. } | RunStoreError::LeaseLost { holder, .. } => holder,
+        other => panic!("expected a lease error, got {other}"),
+    }
+}
+
+/// Only lease records under lease/, never more than a couple.
+fn lease_objects(store: &RunStore) -> Vec<String> {
+    let names = raw_list(store, "lease");
+    assert!(names.len() <= 2, "old lease records pile up: {names:?}");
+    names
+}
+
+fn lease_refuses_a_second_job(dir: &RunDir) {
+    let first_store = dir.open();
+    let mut first = acquire(&first_store, false).expect("the first job gets the lease");
+    let second_store = dir.open();
+    let refused = acquire(&second_store, false).unwrap_err();
+    assert!(
+        matches!(refused, RunStoreError::LeaseHeld { .. }),
+        "{refused}"
+    );
+    let holder = named_holder(&refused);
+    assert_eq!(holder.holder_id, first.holder().holder_id);
+    assert_eq!(holder.pid, std::process::id());
+    let message = refused.to_string();
+    for part in [
+        "in use by another job",
+        "scenario on host",
+        &format!("pid {}", std::process::id()),
+        "since",
+        "lease expires at",
+        "--take-over",
+    ] {
+        assert!(message.contains(part), "{message:?} lacks {part:?}");
+    }
+    // Renewing keeps it; a renewal is seen by others.
+    let before = first.holder().expires_at_ms;
+    std::thread::sleep(Duration::from_millis(5));
+    first_store.renew_lease(&mut first).expect("renew");
+    assert!(first.holder().expires_at_ms > before);
+    let seen = second_store
+        .lease_holder()
+        .expect("read")
+        .expect("a holder");
+    assert_eq!(seen, *first.holder());
+    assert!(acquire(&second_store, false).is_err(), "still held");
+    lease_objects(&first_store);
+
+    // A clean release lets the next job in at once.
+    first_store.release_lease(first).expect("release");
+    assert!(second_store.lease_holder().unwrap().unwrap().released);
+    let mut second = acquire(&second_store, false).expect("free after a release");
+    second_store.renew_lease(&mut second).expect("renew");
+    lease_objects(&second_store);
+}
+
+fn lease_concurrent_acquire_one_winner(dir: &RunDir) {
+    const JOBS: usize = 4;
+    let barrier = Barrier::new(JOBS);
+    let results: Vec<Result<RunLease, RunStoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..JOBS)
+            .map(|_| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    let store = dir.open();
+                    barrier.wait();
+                    acquire(&store, false)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("job thread"))
+            .collect()
+    });
+    let winners: Vec<&RunLease> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one job gets the lease: {results:?}"
+    );
+    for result in &results {
+        if let Err(e) = result {
+            assert_eq!(named_holder(e).holder_id, winners[0].holder().holder_id);
+        }
+    }
+}
+
+fn lease_expired_is_taken(dir: &RunDir) {
+    let old_store = dir.open();
+    let mut old = old_store
+        .acquire_lease(&lease_options(Duration::from_millis(1), false))
+        .expect("acquire");
+    // Not renewed in time (a crashed holder elsewhere): expired.
+    std::thread::sleep(Duration::from_millis(20));
+    let new_store = dir.open();
+    let new = acquire(&new_store, false).expect("an expired lease is free");
+    // The old holder, still alive after all, finds it gone, and keeps
+    // saying so.
+    for _ in 0..2 {
+        let lost = old_store.renew_lease(&mut old).unwrap_err();
+        assert!(lost.is_lease_lost(), "{lost}");
+        assert_eq!(named_holder(&lost).holder_id, new.holder().holder_id);
+    }
+    assert_eq!(
+        new_store.lease_holder().unwrap().unwrap().holder_id,
+        new.holder().holder_id
+    );
+}
+
+fn lease_take_over_stops_the_old_holder(dir: &RunDir) {
+    let old_store = dir.open();
+    let mut old = acquire(&old_store, false).expect("acquire");
+    let new_store = dir.open();
+    let mut new = acquire(&new_store, true).expect("--take-over takes a live lease");
+    let lost = old_store.renew_lease(&mut old).unwrap_err();
+    assert!(lost.is_lease_lost(), "{lost}");
+    assert_eq!(named_holder(&lost).holder_id, new.holder().holder_id);
+    let message = lost.to_string();
+    assert!(
+        message.contains("taken over by scenario on host")
+            && message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    // The loser's release leaves the new holder alone.
+    old_store
+        .release_lease(old)
+        .expect("release of a lost lease");
+    new_store
+        .renew_lease(&mut new)
+        .expect("the new holder renews");
+    let third = acquire(&dir.open(), false).unwrap_err();
+    assert_eq!(named_holder(&third).holder_id, new.holder().holder_id);
+    lease_objects(&new_store);
+}
+
+fn lease_taken_over_holder_cannot_come_back(dir: &RunDir) {
+    // A holder that sleeps through a whole take-over (the new job starts,
+    // runs and releases) must not find the lease free when it wakes.
+    let old_store = dir.open();
+    let mut old = acquire(&old_store, false).expect("acquire");
+    let new_store = dir.open();
+    let new = acquire(&new_store, true).expect("take over");
+    let new_id = new.holder().holder_id.clone();
+    new_store.release_lease(new).expect("release");
+    let lost = old_store.renew_lease(&mut old).unwrap_err();
+    assert!(lost.is_lease_lost(), "{lost}");
+    assert_eq!(named_holder(&lost).holder_id, new_id);
+    acquire(&dir.open(), false).expect("released: the next job gets in");
+}
+
+fn lease_of_a_dead_process_here_is_free(dir: &RunDir) {
+    let store = dir.open();
+    let lease = acquire(&store, false).expect("acquire");
+    // The same record, but from a process of this machine that has exited
+    // (a `train` killed with SIGKILL) and whose lease has not expired.
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("run `true`");
+    let dead_pid = child.id();
+    child.wait().expect("wait");
+    let mut dead = lease.holder().clone();
+    dead.pid = dead_pid;
+    dead.holder_id = "killed-holder".to_owned();
+    let names = raw_list(&store, "lease");
+    let newest: u64 = names
+        .last()
+        .and_then(|n| n.strip_prefix("lease/"))
+        .and_then(|n| n.strip_suffix(".json"))
+        .and_then(|n| n.parse().ok())
+        .expect("a lease record");
+    raw_put(
+        &store,
+        &format!("lease/{:020}.json", newest + 1),
+        serde_json::to_vec(&dead).unwrap(),
+    );
+    if cfg!(target_os = "linux") {
+        assert!(dead.is_dead_process_here(), "{dead:?}");
+        acquire(&dir.open(), false).expect("a dead holder on this machine holds nothing");
+    } else {
+        // Without /proc a holder counts as alive until it expires.
+        acquire(&dir.open(), false).unwrap_err();
+    }
 }

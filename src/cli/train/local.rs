@@ -12,6 +12,7 @@ use swiftbrush_coordinator::domain::JobPhase;
 use swiftbrush_coordinator::grpc::JobToken;
 use swiftbrush_coordinator::{ServeOptions, start};
 use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::run_store::LeaseOptions;
 use swiftbrush_worker::distributed::{self, WorkerEnd, WorkerOptions, WorkerSummary, run_worker};
 use swiftbrush_worker::vsd::VsdLosses;
 
@@ -21,6 +22,8 @@ const GRACE: Duration = Duration::from_secs(25);
 pub struct LocalOptions {
     pub num_workers: u32,
     pub caption_audit: Option<PathBuf>,
+    /// The run directory's lease (`--take-over`, `--lease-ttl`).
+    pub lease: LeaseOptions,
 }
 
 /// What the run did, for the summary lines.
@@ -51,6 +54,7 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
     );
     serve.listen = ([127, 0, 0, 1], 0).into();
     serve.config = Some(config);
+    serve.lease = options.lease.clone();
     // All workers start together; the settle time only matters if one fails.
     serve.core.settle_ms = 500;
     serve.tick = Duration::from_millis(50);
@@ -120,6 +124,11 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
     runtime
         .block_on(coordinator.shutdown())
         .context("stopping the coordinator")?;
+    // Another job took the run directory: that is why the job failed,
+    // whatever the workers saw as it ended.
+    if let Some(lost) = app.lease_lost() {
+        anyhow::bail!("{lost}");
+    }
     if let Some((worker, e)) = first_error {
         return Err(e.context(format!(
             "local worker {worker} of {} failed; the job is cancelled",
