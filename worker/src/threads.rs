@@ -363,8 +363,8 @@ mod tests {
         // --threads over everything.
         let p = plan(2, req(Some(3), Some(2)), env(&both)).unwrap();
         assert_eq!(
-            (p.intra_op, p.inter_op, p.source),
-            (3, 3, ThreadSource::Flag)
+            (p.intra_op, p.inter_op, &p.source),
+            (3, 3, &ThreadSource::Flag)
         );
         assert_eq!(p.to_string(), "3 intra-op, 3 inter-op (--threads)");
     }
