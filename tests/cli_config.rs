@@ -288,3 +288,155 @@ fn json_logs_are_json_lines() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("config is valid"));
 }
+
+/// `swiftbrush worker` as a user starts it, against a coordinator that is
+/// not there: it sizes libtorch's threads first thing and says so on its
+/// start line, then fails to connect. Its stderr.
+fn worker_start_line(env: &[(&str, &str)], args: &[&str]) -> String {
+    let out = swiftbrush()
+        .env("SWIFTBRUSH_TOKEN", "threads-test-token-0123456789")
+        .envs(env.iter().copied())
+        .args([
+            "worker",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--device",
+            "cpu",
+        ])
+        .args(["--connect-timeout-ms", "0"])
+        .args(args)
+        .output()
+        .expect("spawn swiftbrush worker");
+    assert!(!out.status.success(), "no coordinator, yet it succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    stderr
+        .lines()
+        .find(|l| l.contains("threads: "))
+        .unwrap_or_else(|| panic!("no threads line in\n{stderr}"))
+        .to_owned()
+}
+
+fn cores() -> u32 {
+    std::thread::available_parallelism().unwrap().get() as u32
+}
+
+/// Issue 29: worker processes side by side each took every core for
+/// libtorch (and OpenMP's spinning threads), 30x slower than one thread
+/// each. A worker takes its share: cores / the workers on this host, from
+/// --local-workers, SWIFTBRUSH_LOCAL_WORKERS or a launcher's variables;
+/// --threads and the user's OMP_NUM_THREADS / MKL_NUM_THREADS win.
+#[test]
+fn a_worker_takes_its_share_of_the_host_s_cores() {
+    let share = |n: u32| (cores() / n).max(1);
+    let s = share(2);
+    let line = worker_start_line(&[], &["--local-workers", "2"]);
+    assert!(
+        line.contains(&format!(
+            "threads: {s} intra-op, {s} inter-op ({} cores / 2 local workers, --local-workers)",
+            cores()
+        )),
+        "{line}"
+    );
+    for (var, n) in [("SWIFTBRUSH_LOCAL_WORKERS", 2), ("LOCAL_WORLD_SIZE", 3)] {
+        let value = n.to_string();
+        let line = worker_start_line(&[(var, &value)], &[]);
+        let s = share(n);
+        assert!(
+            line.contains(&format!("threads: {s} intra-op, {s} inter-op (")),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("{n} local workers, {var})")),
+            "{line}"
+        );
+    }
+    // srun's tasks on this node.
+    let line = worker_start_line(
+        &[
+            ("SLURM_STEP_TASKS_PER_NODE", "2(x2)"),
+            ("SLURM_NODEID", "1"),
+        ],
+        &[],
+    );
+    assert!(
+        line.contains("2 local workers, SLURM_STEP_TASKS_PER_NODE)"),
+        "{line}"
+    );
+    // The user's choice stands.
+    let line = worker_start_line(&[("OMP_NUM_THREADS", "3")], &["--local-workers", "2"]);
+    assert!(
+        line.contains("threads: 3 intra-op, 3 inter-op (OMP_NUM_THREADS=3)"),
+        "{line}"
+    );
+    let line = worker_start_line(&[("OMP_NUM_THREADS", "3")], &["--threads", "5"]);
+    assert!(
+        line.contains("threads: 5 intra-op, 5 inter-op (--threads)"),
+        "{line}"
+    );
+    // Bad counts are refused before anything starts, with their name.
+    for (env, args, says) in [
+        (vec![], vec!["--threads", "0"], "--threads"),
+        (vec![], vec!["--local-workers", "0"], "--local-workers"),
+        (
+            vec![("SWIFTBRUSH_LOCAL_WORKERS", "two")],
+            vec![],
+            "SWIFTBRUSH_LOCAL_WORKERS=\"two\" is not a count",
+        ),
+    ] {
+        let out = swiftbrush()
+            .env("SWIFTBRUSH_TOKEN", "threads-test-token-0123456789")
+            .envs(env)
+            .args(["worker", "--coordinator", "http://127.0.0.1:9"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(if says.starts_with("--") { 2 } else { 1 }),
+            "{stderr}"
+        );
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+/// doctor says what a worker started here would take, and why.
+#[test]
+fn doctor_says_what_threads_a_worker_would_take() {
+    let mut shared = swiftbrush();
+    shared.env("SWIFTBRUSH_LOCAL_WORKERS", "2");
+    let report = doctor_json(shared);
+    let threads = &report["worker_threads"];
+    let s = (cores() / 2).max(1);
+    assert_eq!(threads["status"], "planned", "{report:#}");
+    assert_eq!(
+        (&threads["intra_op"], &threads["inter_op"]),
+        (&s.into(), &s.into())
+    );
+    assert_eq!(
+        threads["source"],
+        serde_json::json!({"from": "share", "cores": cores(), "local_workers": 2,
+            "local_workers_from": "SWIFTBRUSH_LOCAL_WORKERS"})
+    );
+    let out = swiftbrush()
+        .env("OMP_NUM_THREADS", "1")
+        .args(["doctor", "--local-workers", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("worker threads"))
+        .unwrap_or_else(|| panic!("no worker threads line in\n{text}"));
+    assert!(
+        line.ends_with("1 intra-op, 1 inter-op (OMP_NUM_THREADS=1)"),
+        "{line}"
+    );
+    let bad = doctor_json({
+        let mut c = swiftbrush();
+        c.env("LOCAL_WORLD_SIZE", "0");
+        c
+    });
+    assert_eq!(bad["worker_threads"]["status"], "invalid", "{bad:#}");
+}

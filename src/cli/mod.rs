@@ -86,11 +86,14 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Print what this install loaded and sees: libtorch, its CUDA backend
-    /// and libnccl (each with where it came from), the GPUs, CPU threads.
+    /// and libnccl (each with where it came from), the GPUs, CPU threads
+    /// (and those a `swiftbrush worker` with these flags would take).
     Doctor {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        threads: worker::ThreadArgs,
     },
     /// Distill the teacher into a one-step student (SwiftBrush) on this
     /// machine (a coordinator in-process, --workers N). Resumes from the run
@@ -156,8 +159,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(command),
         Command::Export(args) => export::run(args),
         Command::Toy(command) => toy::run(command),
-        Command::Doctor { json } => {
-            let report = swiftbrush_worker::doctor::report();
+        Command::Doctor { json, threads } => {
+            let report = swiftbrush_worker::doctor::report(threads.request());
             if json {
                 let mut value = serde_json::to_value(&report)?;
                 value["swiftbrush"] = env!("CARGO_PKG_VERSION").into();

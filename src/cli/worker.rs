@@ -9,6 +9,32 @@ use std::time::Duration;
 use anyhow::Context;
 use swiftbrush_proto::rpc::{ClientTls, JobPhase};
 use swiftbrush_worker::distributed::{self, WorkerEnd, WorkerOptions};
+use swiftbrush_worker::threads::{self, ThreadRequest};
+
+/// How many CPU threads a worker gives libtorch (worker/src/threads.rs):
+/// `--threads`, else MKL_NUM_THREADS / OMP_NUM_THREADS, else the cores
+/// divided by the workers on this host.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ThreadArgs {
+    /// libtorch's intra-op and inter-op threads in this process (over
+    /// OMP_NUM_THREADS and MKL_NUM_THREADS).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+    /// The worker processes on this host, which share its cores (default:
+    /// SWIFTBRUSH_LOCAL_WORKERS, else torchrun's LOCAL_WORLD_SIZE, else
+    /// srun's tasks on this node, else 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    local_workers: Option<u32>,
+}
+
+impl ThreadArgs {
+    pub fn request(&self) -> ThreadRequest {
+        ThreadRequest {
+            threads: self.threads,
+            local_workers: self.local_workers,
+        }
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
@@ -64,9 +90,23 @@ pub struct WorkerArgs {
     /// After SIGTERM, exit anyway if the checkpoint has not landed by then.
     #[arg(long, default_value_t = 25_000)]
     grace_ms: u64,
+    #[command(flatten)]
+    threads: ThreadArgs,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    // Before this process's first tensor: its share of the host's cores,
+    // so that workers side by side do not starve each other (issue 29).
+    let plan = threads::plan_here(args.threads.request())?;
+    let applied = threads::apply(&plan);
+    tracing::info!(
+        intra_op = applied.intra_op,
+        inter_op = applied.inter_op,
+        "threads: {plan}"
+    );
+    if let Some(reason) = &applied.inter_op_refused {
+        tracing::warn!(%reason, "libtorch kept its inter-op threads");
+    }
     let token = swiftbrush_proto::rpc::read_job_token(args.token_file.as_deref())?;
     let tls = client_tls(&args)?;
     // Signals are the process's: they are watched on a runtime of its own,

@@ -11,6 +11,7 @@ use crate::collective::nccl_lib;
 use crate::cuda_driver;
 use crate::device::{self, CudaBackend};
 use crate::libtorch::{self, Source};
+use crate::threads::{self, ThreadPlan, ThreadRequest};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LibtorchReport {
@@ -39,6 +40,22 @@ pub enum GpusReport {
     },
 }
 
+/// The threads a `swiftbrush worker` started here (with the same
+/// environment and thread flags) would give libtorch (threads.rs).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum WorkerThreadsReport {
+    Planned {
+        #[serde(flatten)]
+        plan: ThreadPlan,
+        /// The plan in words, as the worker's start line says it.
+        summary: String,
+    },
+    /// The flags or the environment do not read (the worker would refuse
+    /// to start).
+    Invalid { error: String },
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DoctorReport {
     pub libtorch: LibtorchReport,
@@ -52,14 +69,18 @@ pub struct DoctorReport {
     /// (device::TF32_VAR).
     pub tf32_matmul: bool,
     pub tf32_conv: bool,
+    /// This process's libtorch intra-op threads (doctor keeps libtorch's
+    /// choice; `worker_threads` is what a worker would set).
     pub cpu_threads: i32,
+    pub worker_threads: WorkerThreadsReport,
     /// How CPU tensors take memory from malloc (host_memory.rs); None if
     /// this process never tuned it (a library user's).
     pub host_malloc: Option<crate::host_memory::HostMalloc>,
 }
 
-/// Loads what can be loaded and reports it.
-pub fn report() -> DoctorReport {
+/// Loads what can be loaded and reports it; `threads` is what a worker
+/// would be asked for (`--threads`, `--local-workers`).
+pub fn report(threads: ThreadRequest) -> DoctorReport {
     let cuda_backend = device::load_cuda_backend().clone();
     let dir = libtorch::lib_dir();
     let libtorch = LibtorchReport {
@@ -93,6 +114,15 @@ pub fn report() -> DoctorReport {
         tf32_matmul: device::tf32_state().0,
         tf32_conv: device::tf32_state().1,
         cpu_threads: tch::get_num_threads(),
+        worker_threads: match threads::plan_here(threads) {
+            Ok(plan) => WorkerThreadsReport::Planned {
+                summary: plan.to_string(),
+                plan,
+            },
+            Err(e) => WorkerThreadsReport::Invalid {
+                error: e.to_string(),
+            },
+        },
         host_malloc: crate::host_memory::state().cloned(),
     }
 }
@@ -193,6 +223,13 @@ impl DoctorReport {
             },
         );
         line("CPU threads", self.cpu_threads.to_string());
+        line(
+            "worker threads",
+            match &self.worker_threads {
+                WorkerThreadsReport::Planned { summary, .. } => summary.clone(),
+                WorkerThreadsReport::Invalid { error } => format!("invalid: {error}"),
+            },
+        );
         line(
             "host memory",
             crate::host_memory::describe(self.host_malloc.as_ref()),

@@ -24,6 +24,7 @@ pub mod precision;
 pub mod sample;
 /// The C ABI of the C++ shim in csrc/ (autocast, CUDA stream).
 mod shim;
+pub mod threads;
 pub mod toy;
 pub mod trainer;
 pub mod vsd;
