@@ -8,15 +8,15 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     // Before any tensor exists: how CPU tensors take memory from malloc
-    // (worker/src/host_memory.rs).
-    swiftbrush_worker::host_memory::tune();
+    // (worker/src/torch/host_memory.rs).
+    swiftbrush_worker::torch::host_memory::tune();
     let args = cli::Cli::parse();
     logging::init(args.log_format(), args.default_log_filter());
     if args.uses_torch() {
         // Before anything can touch CUDA: a CUDA call (tch::manual_seed
         // seeds every device) before the backend is loaded disables CUDA
         // for the whole process.
-        swiftbrush_worker::device::load_cuda_backend();
+        swiftbrush_worker::torch::device::load_cuda_backend();
     }
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

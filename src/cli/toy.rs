@@ -145,7 +145,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
             threads,
         } => {
             set_threads(threads)?;
-            let device = swiftbrush_worker::device::parse_device(&device)?;
+            let device = swiftbrush_worker::torch::device::parse_device(&device)?;
             let settings = TeacherSettings {
                 steps,
                 batch_size,
@@ -205,7 +205,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
                     picture_samples: samples_per_caption.min(4),
                     ..CompareOptions::default()
                 },
-                device: swiftbrush_worker::device::parse_device(&device)?,
+                device: swiftbrush_worker::torch::device::parse_device(&device)?,
             };
             let outcome = demo::run_demo(&opts).context("toy demo")?;
             for path in &outcome.written {
@@ -242,7 +242,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
             grid,
         } => {
             set_threads(threads)?;
-            let device = swiftbrush_worker::device::parse_device(&device)?;
+            let device = swiftbrush_worker::torch::device::parse_device(&device)?;
             let model = match (student, teacher) {
                 (Some(path), teacher) => eval::ToyModel::Student { path, teacher },
                 (None, Some(dir)) => eval::ToyModel::Teacher(dir),

@@ -124,7 +124,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         device: args.device,
         host: args
             .host
-            .unwrap_or_else(swiftbrush_worker::device::host_name),
+            .unwrap_or_else(swiftbrush_worker::torch::device::host_name),
         ring_listen: args.ring_listen,
         health_listen: args.health_listen,
         caption_audit: args.caption_audit,

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use swiftbrush_proto::JobConfig;
 
-use crate::precision;
+use crate::torch::precision;
 use crate::trainer::caption_feed::LocalCaptionFeed;
 use crate::trainer::gradient_sync::SingleProcess;
 use crate::trainer::{Resume, SoloTrainer, TrainError, device_of};
@@ -103,7 +103,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         }
         times.push(t0.elapsed().as_secs_f64());
         if device.is_cuda() {
-            peak_gpu = peak_gpu.max(crate::cuda_driver::memory_in_use_bytes());
+            peak_gpu = peak_gpu.max(crate::torch::cuda_driver::memory_in_use_bytes());
         }
     }
     let mut sorted = times.clone();
@@ -122,7 +122,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         images_per_s: images as f64 / median,
         peak_host_mib: peak_rss_mib(None),
         peak_gpu_mib: peak_gpu.map(|b| b as f64 / (1u64 << 20) as f64),
-        host_malloc: crate::host_memory::describe(crate::host_memory::state()),
+        host_malloc: crate::torch::host_memory::describe(crate::torch::host_memory::state()),
     })
 }
 

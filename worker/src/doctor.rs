@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::collective::nccl_lib;
-use crate::cuda_driver;
-use crate::device::{self, CudaBackend};
-use crate::libtorch::{self, Source};
 use crate::threads::{self, ThreadPlan, ThreadRequest};
+use crate::torch::cuda_driver;
+use crate::torch::device::{self, CudaBackend};
+use crate::torch::libtorch::{self, Source};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LibtorchReport {
@@ -75,7 +75,7 @@ pub struct DoctorReport {
     pub worker_threads: WorkerThreadsReport,
     /// How CPU tensors take memory from malloc (host_memory.rs); None if
     /// this process never tuned it (a library user's).
-    pub host_malloc: Option<crate::host_memory::HostMalloc>,
+    pub host_malloc: Option<crate::torch::host_memory::HostMalloc>,
 }
 
 /// Loads what can be loaded and reports it; `threads` is what a worker
@@ -123,7 +123,7 @@ pub fn report(threads: ThreadRequest) -> DoctorReport {
                 error: e.to_string(),
             },
         },
-        host_malloc: crate::host_memory::state().cloned(),
+        host_malloc: crate::torch::host_memory::state().cloned(),
     }
 }
 
@@ -232,7 +232,7 @@ impl DoctorReport {
         );
         line(
             "host memory",
-            crate::host_memory::describe(self.host_malloc.as_ref()),
+            crate::torch::host_memory::describe(self.host_malloc.as_ref()),
         );
         out
     }

@@ -55,7 +55,7 @@ impl Ema {
         self.num_updates += 1;
         let one_minus = 1.0 - self.decay_at(self.num_updates);
         tch::no_grad(|| {
-            // Aligned lists for the multi-tensor update (crate::foreach);
+            // Aligned lists for the multi-tensor update (crate::torch::foreach);
             // the loop is the same arithmetic, for mixed kinds.
             let (mut ss, mut ps) = (Vec::new(), Vec::new());
             for (name, s) in self.names.iter().zip(&self.shadow) {
@@ -64,7 +64,7 @@ impl Ema {
                     ps.push(p.shallow_clone());
                 }
             }
-            let done = crate::foreach::ema_update(&ss, &ps, one_minus)
+            let done = crate::torch::foreach::ema_update(&ss, &ps, one_minus)
                 .unwrap_or_else(|e| panic!("EMA update: {e}"));
             if !done {
                 for (s, p) in ss.iter_mut().zip(&ps) {

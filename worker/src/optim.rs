@@ -94,7 +94,7 @@ impl Adam {
         let step_size = c.lr / bias1;
         tch::no_grad(|| {
             // The parameters with a gradient, as aligned lists for the
-            // multi-tensor step (crate::foreach); the per-tensor loop below
+            // multi-tensor step (crate::torch::foreach); the per-tensor loop below
             // is the same arithmetic, for what it does not take.
             let (mut ps, mut gs, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
@@ -112,7 +112,7 @@ impl Adam {
                 ms.push(m.shallow_clone());
                 vs.push(v.shallow_clone());
             }
-            let scalars = crate::foreach::AdamScalars {
+            let scalars = crate::torch::foreach::AdamScalars {
                 one_minus_beta1: 1.0 - c.beta1,
                 beta2: c.beta2,
                 one_minus_beta2: 1.0 - c.beta2,
@@ -120,7 +120,7 @@ impl Adam {
                 eps: c.eps,
                 step_size,
             };
-            let done = crate::foreach::adam_step(&ps, &gs, &ms, &vs, scalars)
+            let done = crate::torch::foreach::adam_step(&ps, &gs, &ms, &vs, scalars)
                 .unwrap_or_else(|e| panic!("Adam step: {e}"));
             if done {
                 return;
@@ -231,7 +231,7 @@ pub fn defined_grads(params: &[Tensor]) -> Vec<Tensor> {
 /// finite check (the trainer reads it with the losses in one transfer).
 pub fn grad_norm(grads: &[Tensor]) -> Tensor {
     tch::no_grad(|| {
-        let norms: Vec<Tensor> = match crate::foreach::norms(grads) {
+        let norms: Vec<Tensor> = match crate::torch::foreach::norms(grads) {
             Ok(Some(norms)) => norms,
             Ok(None) => grads
                 .iter()
@@ -253,7 +253,8 @@ pub fn grad_norm(grads: &[Tensor]) -> Tensor {
 pub fn scale_to_norm(grads: &[Tensor], total: f64, max_norm: f64) {
     tch::no_grad(|| {
         let coef = (max_norm / (total + 1e-6)).min(1.0);
-        crate::foreach::mul_scalar_(grads, coef).unwrap_or_else(|e| panic!("gradient clip: {e}"));
+        crate::torch::foreach::mul_scalar_(grads, coef)
+            .unwrap_or_else(|e| panic!("gradient clip: {e}"));
     })
 }
 

@@ -11,12 +11,12 @@ use std::time::Instant;
 use swiftbrush_proto::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
-use crate::device::{DeviceError, parse_device};
 use crate::diffusion::{NoiseSchedule, draw_latents};
 use crate::export::{OneStep, StudentCheckpoint, StudentWeights};
 use crate::image_io::{ImageError, grid_columns, save_png};
 use crate::models::weights;
 use crate::pipeline::{PipelineError, StableDiffusion};
+use crate::torch::device::{DeviceError, parse_device};
 use crate::trainer::checkpoint::tensor_bytes;
 
 /// The tensor name `--latents` files hold.

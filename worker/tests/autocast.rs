@@ -12,7 +12,7 @@ use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::{Autocast, Dtype};
 use swiftbrush_worker::diffusion::Denoiser;
 use swiftbrush_worker::pipeline::{DiffusersFolder, UNet};
-use swiftbrush_worker::precision::{AutocastPlan, HalfDtype, autocast_kind};
+use swiftbrush_worker::torch::precision::{AutocastPlan, HalfDtype, autocast_kind};
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::SingleProcess;
 use swiftbrush_worker::trainer::{Resume, SoloTrainer, TrainError};

@@ -88,7 +88,7 @@ fn updates_per_step_out_of_range_names_the_key() {
 /// gradient tensor.
 #[test]
 fn a_step_reads_the_device_once_and_each_further_update_once_more() {
-    use swiftbrush_worker::host_read;
+    use swiftbrush_worker::torch::host_read;
     tch::set_num_threads(1);
     for (updates, per_step) in [(1, 1), (3, 3)] {
         let mut t = trainer(config("memory://", updates, 3));

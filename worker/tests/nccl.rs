@@ -16,7 +16,7 @@ use swiftbrush_worker::trainer::gradient_sync::GradientSync;
 use tch::{Cuda, Device, Kind, Tensor};
 
 fn num_cuda_devices() -> usize {
-    swiftbrush_worker::device::load_cuda_backend();
+    swiftbrush_worker::torch::device::load_cuda_backend();
     Cuda::device_count().max(0) as usize
 }
 

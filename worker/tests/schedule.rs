@@ -279,7 +279,7 @@ fn guidance_is_uncond_plus_scale_times_difference() {
 #[test]
 #[ignore = "needs 1 CUDA GPU: cargo test -p swiftbrush-worker --test schedule -- --ignored"]
 fn schedule_on_cuda() {
-    swiftbrush_worker::device::load_cuda_backend();
+    swiftbrush_worker::torch::device::load_cuda_backend();
     assert!(
         tch::Cuda::is_available(),
         "this test needs a CUDA device, this machine has none"

@@ -15,7 +15,7 @@ use common::golden_vsd::{
 use swiftbrush_worker::diffusion::PredictionType;
 use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::pipeline::UNet;
-use swiftbrush_worker::precision::{AutocastPlan, HalfDtype, autocast_kind};
+use swiftbrush_worker::torch::precision::{AutocastPlan, HalfDtype, autocast_kind};
 use swiftbrush_worker::vsd::{Draws, ScorePair, Scores, VsdConfig, VsdStep, VsdWeighting};
 use tch::{Device, Kind, Tensor};
 

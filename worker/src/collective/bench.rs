@@ -141,7 +141,7 @@ fn tcp_ranks(world_size: usize) -> Result<Vec<Join>, AllReduceBenchError> {
 }
 
 fn nccl_ranks(world_size: usize) -> Result<Vec<Join>, AllReduceBenchError> {
-    crate::device::load_cuda_backend();
+    crate::torch::device::load_cuda_backend();
     let available = tch::Cuda::device_count().max(0) as usize;
     if available < world_size {
         return Err(AllReduceBenchError::Invalid(format!(

@@ -5,7 +5,7 @@
 
 use std::ffi::c_void;
 
-use crate::shim;
+use crate::torch::shim;
 
 /// A `cudaStream_t` owned by libtorch (never destroyed here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +55,7 @@ mod tests {
             eprintln!("skipped: this machine has a CUDA device");
             return;
         }
-        crate::device::load_cuda_backend();
+        crate::torch::device::load_cuda_backend();
         for err in [
             set_device(0).unwrap_err(),
             current_stream(0).map(|_| ()).unwrap_err(),

@@ -20,7 +20,7 @@
 
 use std::ffi::{CStr, c_char, c_int, c_void};
 
-use crate::libtorch::dlopen;
+use crate::torch::libtorch::dlopen;
 use std::sync::OnceLock;
 
 /// `ncclComm_t`.
@@ -231,7 +231,7 @@ unsafe impl Sync for NcclLib {}
 /// package installs it under `site-packages/nvidia/nccl/lib`, two levels up
 /// from `site-packages/torch/lib`).
 pub fn wheel_path() -> Option<String> {
-    let lib = &crate::libtorch::lib_dir()?.path;
+    let lib = &crate::torch::libtorch::lib_dir()?.path;
     Some(format!(
         "{}/../../nvidia/nccl/lib/libnccl.so.2",
         lib.display()
@@ -262,10 +262,10 @@ fn load_first(explicit: Option<&str>) -> Result<NcclLib, LoadError> {
             other => other,
         });
     }
-    crate::device::load_cuda_backend();
+    crate::torch::device::load_cuda_backend();
     // Already in the process (libtorch_cuda.so depends on it): reuse it.
     if let Ok(handle) = dlopen("libnccl.so.2", libc::RTLD_NOW | libc::RTLD_NOLOAD) {
-        let path = crate::libtorch::loaded_library_dir("libnccl.so.2").map_or_else(
+        let path = crate::torch::libtorch::loaded_library_dir("libnccl.so.2").map_or_else(
             || "libnccl.so.2 (loaded by libtorch)".to_owned(),
             |dir| format!("{}/libnccl.so.2 (loaded by libtorch)", dir.display()),
         );

@@ -259,7 +259,9 @@ impl Worker {
 /// whose share of host memory is not the worker's to claim.
 fn device_memory_bytes(device: tch::Device) -> u64 {
     match device {
-        tch::Device::Cuda(index) => crate::cuda_driver::total_memory_bytes(index).unwrap_or(0),
+        tch::Device::Cuda(index) => {
+            crate::torch::cuda_driver::total_memory_bytes(index).unwrap_or(0)
+        }
         _ => 0,
     }
 }
@@ -306,7 +308,7 @@ mod tests {
     #[test]
     fn a_cpu_worker_reports_its_device_memory_as_unknown() {
         assert_eq!(device_memory_bytes(tch::Device::Cpu), 0);
-        if crate::cuda_driver::report().is_err() {
+        if crate::torch::cuda_driver::report().is_err() {
             assert_eq!(device_memory_bytes(tch::Device::Cuda(0)), 0);
         }
     }

@@ -113,11 +113,12 @@ pub enum WorkerError {
 
 /// Runs a worker until the job ends or a signal stops it.
 pub fn run_worker(options: WorkerOptions) -> Result<WorkerSummary, WorkerError> {
-    let device =
-        crate::device::parse_worker_device(&options.device).map_err(|e| WorkerError::Device {
+    let device = crate::torch::device::parse_worker_device(&options.device).map_err(|e| {
+        WorkerError::Device {
             device: options.device.clone(),
             reason: e.to_string(),
-        })?;
+        }
+    })?;
     let link = CoordinatorLink::connect(
         &options.coordinator,
         &options.token,

@@ -140,7 +140,7 @@ impl ClipScoreReport {
 /// scores every picture with the CLIP model at `clip`. The CLIP folder is
 /// loaded first: a broken one fails before any picture is drawn.
 pub fn clip_score(req: &SampleRequest, clip: &Path) -> Result<ClipScoreReport, EvalError> {
-    let device = crate::device::parse_device(&req.device).map_err(SampleError::from)?;
+    let device = crate::torch::device::parse_device(&req.device).map_err(SampleError::from)?;
     let scorer = ClipScorer::load(clip, device)?;
     let started = Instant::now();
     let mut scores = Vec::with_capacity(req.prompts.len());

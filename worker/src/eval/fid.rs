@@ -250,7 +250,7 @@ pub fn fid(req: &SampleRequest, fid: &FidRequest) -> Result<FidReport, EvalError
             req.prompts.len()
         ))));
     }
-    let device = crate::device::parse_device(&req.device).map_err(SampleError::from)?;
+    let device = crate::torch::device::parse_device(&req.device).map_err(SampleError::from)?;
     let network = FidNetwork::load(&fid.inception, device)?;
     let reference = fid.reference.as_deref().map(read_stats).transpose()?;
     if let Some((mu, _)) = &reference

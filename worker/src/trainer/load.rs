@@ -155,7 +155,7 @@ fn load_networks(
         student_alpha_bar,
         guidance_scale: m.guidance_scale,
         weighting: m.vsd_weighting,
-        teacher_autocast: crate::precision::teacher_autocast(&cfg.precision, device)
+        teacher_autocast: crate::torch::precision::teacher_autocast(&cfg.precision, device)
             .map_err(|e| TrainError::Invalid(e.to_string()))?,
         one_score_pass: cfg.train.score_passes.one_pass(device.is_cuda()),
     };
@@ -194,5 +194,6 @@ fn sample_shape(
 
 /// The device a config asks for.
 pub fn device_of(cfg: &JobConfig) -> Result<Device, TrainError> {
-    crate::device::parse_device(&cfg.train.device).map_err(|e| TrainError::Invalid(e.to_string()))
+    crate::torch::device::parse_device(&cfg.train.device)
+        .map_err(|e| TrainError::Invalid(e.to_string()))
 }

@@ -38,7 +38,7 @@ impl Metrics {
             (rank == 0).then(|| Progress::new(cfg.train.max_steps, cfg.logging.every_steps));
         let events = (rank == 0 && cfg.logging.tensorboard).then(|| {
             let tag = format!("{}.g{generation}", std::process::id());
-            EventFile::new(&crate::device::host_name(), &tag)
+            EventFile::new(&crate::torch::device::host_name(), &tag)
         });
         Self {
             progress,

@@ -7,8 +7,8 @@ use tch::Tensor;
 
 use super::TrainError;
 use super::gradient_sync::{GradientSync, StepVote};
-use crate::host_read;
 use crate::optim::{Adam, defined_grads, grad_norm, scale_to_norm};
+use crate::torch::host_read;
 use crate::vsd::{DeviceLosses, VsdLosses};
 
 /// What the first optimizer step of an iteration decided.

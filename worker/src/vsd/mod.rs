@@ -30,7 +30,7 @@ pub use step::{DeviceLosses, DeviceStepOutput, StepOutput, VsdStep};
 pub use swiftbrush_proto::config::VsdWeighting;
 
 use crate::diffusion::{OneStepDraw, PredictionType, ScheduleError};
-use crate::precision::AutocastPlan;
+use crate::torch::precision::AutocastPlan;
 
 /// The method's constants for one step.
 #[derive(Debug, Clone, Copy)]

@@ -79,7 +79,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         micro: Option<u32>,
     ) -> Result<StepOutput, VsdError> {
         let out = self.run_on_device(text, draws, micro)?;
-        let host = crate::host_read::read(&[&out.losses.vsd, &out.losses.fake_score])?;
+        let host = crate::torch::host_read::read(&[&out.losses.vsd, &out.losses.fake_score])?;
         Ok(StepOutput {
             losses: VsdLosses {
                 vsd: host[0],

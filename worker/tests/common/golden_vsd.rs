@@ -9,7 +9,7 @@ use swiftbrush_worker::diffusion::{NoiseSchedule, PredictionType, SchedulerConfi
 use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::models::weights;
 use swiftbrush_worker::pipeline::{DiffusersFolder, UNet};
-use swiftbrush_worker::precision::AutocastPlan;
+use swiftbrush_worker::torch::precision::AutocastPlan;
 use swiftbrush_worker::vsd::{
     Conditions, Draws, FakeScoreDraws, FullFakeScore, TeacherUNet, VsdConfig, VsdWeighting,
 };

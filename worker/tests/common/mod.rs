@@ -34,7 +34,7 @@ pub fn fixtures() -> PathBuf {
 /// compared there.
 pub fn device() -> tch::Device {
     match std::env::var("SWIFTBRUSH_TEST_DEVICE") {
-        Ok(spec) if !spec.is_empty() => swiftbrush_worker::device::parse_device(&spec)
+        Ok(spec) if !spec.is_empty() => swiftbrush_worker::torch::device::parse_device(&spec)
             .unwrap_or_else(|e| panic!("SWIFTBRUSH_TEST_DEVICE: {e}")),
         _ => tch::Device::Cpu,
     }

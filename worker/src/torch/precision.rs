@@ -23,7 +23,7 @@ use std::marker::PhantomData;
 use swiftbrush_proto::config::{Autocast, Dtype, PrecisionConfig};
 use tch::{Device, Kind};
 
-use crate::shim;
+use crate::torch::shim;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PrecisionError {

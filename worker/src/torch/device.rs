@@ -34,7 +34,7 @@ pub fn load_cuda_backend() -> &'static CudaBackend {
     static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
     BACKEND.get_or_init(|| {
         apply_tf32_setting();
-        let Some(dir) = crate::libtorch::lib_dir() else {
+        let Some(dir) = crate::torch::libtorch::lib_dir() else {
             return CudaBackend::Missing {
                 reason: "the libtorch directory is unknown".to_owned(),
             };
@@ -49,7 +49,7 @@ pub fn load_cuda_backend() -> &'static CudaBackend {
             };
         }
         // RTLD_GLOBAL: the backend registers itself with libtorch.
-        if let Err(error) = crate::libtorch::dlopen(&path, libc::RTLD_NOW | libc::RTLD_GLOBAL) {
+        if let Err(error) = crate::torch::libtorch::dlopen(&path, libc::RTLD_NOW | libc::RTLD_GLOBAL) {
             tracing::debug!(path = %path.display(), %error, "libtorch_cuda.so did not load; CUDA disabled");
             return CudaBackend::Failed { path, error };
         }
@@ -76,7 +76,7 @@ pub fn tf32_requested() -> Result<bool, String> {
 
 /// What cuBLAS and cuDNN may do now: (TF32 products, TF32 convolutions).
 pub fn tf32_state() -> (bool, bool) {
-    let bits = crate::shim::sb_allow_tf32();
+    let bits = crate::torch::shim::sb_allow_tf32();
     (bits & 1 != 0, bits & 2 != 0)
 }
 
@@ -86,8 +86,8 @@ fn apply_tf32_setting() {
         false
     });
     // SAFETY: `shim::call` provides the error buffer.
-    if let Err(e) = crate::shim::call(|err, len| unsafe {
-        crate::shim::sb_set_allow_tf32(allow.into(), err, len)
+    if let Err(e) = crate::torch::shim::call(|err, len| unsafe {
+        crate::torch::shim::sb_set_allow_tf32(allow.into(), err, len)
     }) {
         tracing::warn!("setting TF32 failed: {e}");
     }
@@ -186,7 +186,7 @@ fn auto_worker_device(
 /// Why libtorch sees no CUDA device while the driver reports GPUs (None
 /// when the two agree).
 fn lost_cuda() -> Option<String> {
-    let driver_gpus = crate::cuda_driver::report().map_or(0, |r| r.gpus.len());
+    let driver_gpus = crate::torch::cuda_driver::report().map_or(0, |r| r.gpus.len());
     cuda_lost_reason(driver_gpus, Cuda::device_count(), load_cuda_backend())
 }
 

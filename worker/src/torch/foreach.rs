@@ -9,7 +9,7 @@ use std::ffi::c_void;
 
 use tch::{Kind, Tensor};
 
-use crate::shim;
+use crate::torch::shim;
 
 fn handles(tensors: &[Tensor]) -> Vec<*mut c_void> {
     tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect()

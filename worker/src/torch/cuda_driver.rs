@@ -52,7 +52,7 @@ fn libcuda() -> Result<*mut c_void, String> {
     static HANDLE: OnceLock<Result<usize, String>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            crate::libtorch::dlopen("libcuda.so.1", libc::RTLD_NOW)
+            crate::torch::libtorch::dlopen("libcuda.so.1", libc::RTLD_NOW)
                 .map(|h| h as usize)
                 .map_err(|_| "libcuda.so.1 not found: no NVIDIA driver on this machine".to_owned())
         })
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn the_driver_agrees_with_libtorch_or_says_why_not() {
-        crate::device::load_cuda_backend();
+        crate::torch::device::load_cuda_backend();
         match report() {
             Ok(r) => {
                 assert_eq!(r.gpus.len() as i64, tch::Cuda::device_count(), "{r:?}");
