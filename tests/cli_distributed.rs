@@ -491,6 +491,90 @@ fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
     assert_matches_reference(d, "run", max_steps);
 }
 
+/// Issue 29: a teacher path the workers cannot read. Each worker exits 1
+/// with the reason, and used to leave `status` at "reforming (worker ...
+/// silent for 10168 ms)" with a restart spent, again and again. Now each
+/// reports its error as it exits: `status` shows it per worker, and since
+/// every worker failed the same way, the job fails with that reason.
+#[test]
+fn workers_that_cannot_read_the_teacher_fail_the_job_with_their_reason() {
+    let dir = setup(2, 4);
+    let d = dir.path();
+    let teacher = common::pipeline("sd1").display().to_string();
+    let yaml = std::fs::read_to_string(d.join("job.yaml")).unwrap();
+    std::fs::write(
+        d.join("job.yaml"),
+        yaml.replace(&teacher, "/no/such/teacher"),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start(d, "run");
+    let mut a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
+    let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
+    for worker in [&mut a, &mut b] {
+        let (exit, _) = worker.wait();
+        assert!(!exit.success(), "{}", worker.log());
+    }
+    let status = coordinator.wait_for("the job to fail", &[&a, &b], |s| {
+        s.phase == JobPhase::Failed
+    });
+    assert!(
+        status
+            .reason
+            .contains("every worker failed the same way (2 workers)")
+            && status.reason.contains("/no/such/teacher"),
+        "{}",
+        status.reason
+    );
+    for worker in &status.workers {
+        let why = worker.death_reason.clone().unwrap_or_default();
+        assert!(
+            why.starts_with("failed: ") && why.contains("/no/such/teacher"),
+            "{}: {why}",
+            worker.host
+        );
+    }
+}
+
+/// Issue 28: two hosts whose copies of the teacher at the same path differ
+/// (here: the same relative path, resolved in each worker's own folder, is
+/// the sd1 fixture for one and the sd2 fixture for the other). The second
+/// used to train beside the first, averaging gradients of another model;
+/// now it is refused when it asks to join, naming its host and both
+/// fingerprints, and the job completes without it.
+#[test]
+fn a_worker_with_another_teacher_is_refused_and_the_job_goes_on() {
+    let dir = setup(1, 4);
+    let d = dir.path();
+    let teacher = common::pipeline("sd1").display().to_string();
+    let yaml = std::fs::read_to_string(d.join("job.yaml")).unwrap();
+    std::fs::write(d.join("job.yaml"), yaml.replace(&teacher, "teacher")).unwrap();
+    let (here, there) = (d.join("host-a"), d.join("host-b"));
+    for (folder, kind) in [(&here, "sd1"), (&there, "sd2")] {
+        std::fs::create_dir(folder).unwrap();
+        std::os::unix::fs::symlink(common::pipeline(kind), folder.join("teacher")).unwrap();
+    }
+    let coordinator = Coordinator::start(d, "run");
+    let a = Worker::spawn(&here, &coordinator.address, "host-a", &[]);
+    coordinator.wait_for("host-a to train", &[&a], |s| a.rank(s).is_some());
+    let mut b = Worker::spawn(&there, &coordinator.address, "host-b", &[]);
+    let (exit, _) = b.wait();
+    assert!(!exit.success(), "{}", b.log());
+    assert!(
+        b.log().contains("has another teacher than the job"),
+        "{}",
+        b.log()
+    );
+    let status = coordinator.wait_for("the job to complete", &[&a, &b], |s| {
+        s.phase == JobPhase::Completed
+    });
+    let refused = status.workers.iter().find(|w| w.host == "host-b").unwrap();
+    let why = refused.death_reason.clone().unwrap_or_default();
+    assert!(
+        why.starts_with("failed: ") && why.contains("on host-b has another teacher"),
+        "{why}"
+    );
+}
+
 #[test]
 fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
     let max_steps = 40;

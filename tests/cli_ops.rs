@@ -236,6 +236,7 @@ impl RankZero {
                     worker_id: id,
                     known_generation: 0,
                     wait_ms: 2_000,
+                    teacher_fingerprint: "t".into(),
                 })
                 .await
                 .expect("rendezvous")

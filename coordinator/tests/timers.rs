@@ -61,7 +61,7 @@ async fn a_long_poll_waits_its_time_and_keeps_the_worker_ready() {
     let w = register(&app, "host-a");
     let started = tokio::time::Instant::now();
     let outcome = app
-        .rendezvous(w, 0, Duration::from_secs(20))
+        .rendezvous(w, 0, "t", Duration::from_secs(20))
         .await
         .expect("rendezvous");
     assert!(
@@ -75,11 +75,11 @@ async fn a_long_poll_waits_its_time_and_keeps_the_worker_ready() {
     // A second worker completes the world while the first waits.
     let waiting = tokio::spawn({
         let app = app.clone();
-        async move { app.rendezvous(w, 0, Duration::from_secs(20)).await }
+        async move { app.rendezvous(w, 0, "t", Duration::from_secs(20)).await }
     });
     let v = register(&app, "host-b");
     let second = app
-        .rendezvous(v, 0, Duration::ZERO)
+        .rendezvous(v, 0, "t", Duration::ZERO)
         .await
         .expect("rendezvous");
     assert!(matches!(second, RendezvousOutcome::Assigned(_)));

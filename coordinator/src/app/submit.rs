@@ -67,15 +67,20 @@ impl Coordinator {
         // The newest checkpoint that verifies: a corrupt newer one is set
         // aside (run_store's latest_verified) instead of failing every
         // world that restores it.
-        let (committed_step, last_generation) = match store.latest_verified().await? {
-            Some(manifest) => (manifest.step, manifest.meta.generation),
-            None => (0, 0),
-        };
+        let newest = store.latest_verified().await?;
+        let (committed_step, last_generation) = newest
+            .as_ref()
+            .map_or((0, 0), |m| (m.step, m.meta.generation));
         // LATEST may name a newer generation than the newest valid
         // checkpoint; the store refuses commits from below it.
         let pointer_generation = store.latest_pointer().await?.map_or(0, |p| p.generation);
         let last_generation = last_generation.max(pointer_generation);
-        let spec = JobSpec::from_config(&config, corpus.len(), committed_step, last_generation)?;
+        let mut spec =
+            JobSpec::from_config(&config, corpus.len(), committed_step, last_generation)?;
+        // Workers must bring the teacher the run was trained from.
+        spec.teacher_fingerprint = newest
+            .map(|m| m.meta.teacher_fingerprint)
+            .filter(|f| !f.is_empty());
         let info = JobInfo {
             name: config.name.clone(),
             config_yaml: config.to_yaml(),

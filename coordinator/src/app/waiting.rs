@@ -22,11 +22,15 @@ impl Coordinator {
         &self,
         worker: WorkerId,
         known_generation: u64,
+        teacher_fingerprint: &str,
         wait: Duration,
     ) -> Result<RendezvousOutcome, AppError> {
         self.wait_for(wait, |c| {
-            let out = c.transition(|s, now| s.rendezvous(worker, known_generation, now))?;
-            let done = !matches!(out, RendezvousOutcome::Waiting(_));
+            let out = c.transition(|s, now| {
+                s.rendezvous(worker, known_generation, teacher_fingerprint, now)
+            })?;
+            // A worker asked for its teacher is answered at once.
+            let done = !matches!(out, RendezvousOutcome::Waiting(ref w) if !w.needs_teacher);
             Ok((out, done))
         })
         .await

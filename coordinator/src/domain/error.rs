@@ -54,4 +54,15 @@ pub enum CoreError {
     BootstrapConflict { rank: u32 },
     #[error("{field}: {why}")]
     InvalidField { field: &'static str, why: String },
+    #[error(
+        "worker {worker} on {host} has another teacher than the job: its teacher's fingerprint \
+         is {worker_fingerprint}, the job's is {job_fingerprint} (a stale or different copy of \
+         the teacher folder on that host?); it is not placed in a world"
+    )]
+    TeacherMismatch {
+        worker: WorkerId,
+        host: String,
+        worker_fingerprint: String,
+        job_fingerprint: String,
+    },
 }

@@ -48,6 +48,7 @@ impl CoordinatorState {
                 num_ready: u32::try_from(num_ready).unwrap_or(u32::MAX),
                 min_size,
                 retry_after_ms,
+                needs_teacher: false,
             })
         };
         let Some(job) = self.job.as_ref() else {

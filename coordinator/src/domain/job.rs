@@ -36,6 +36,10 @@ pub struct JobSpec {
     /// The generation recorded with that checkpoint: new worlds number past
     /// it, or the run store would refuse their commits as stale.
     pub last_generation: u64,
+    /// The teacher that checkpoint was trained from (its fingerprint);
+    /// none for a job from scratch, whose first worker to report one sets
+    /// it. A worker with another teacher is refused.
+    pub teacher_fingerprint: Option<String>,
 }
 
 /// Which collective the config asks for.
@@ -80,6 +84,7 @@ impl JobSpec {
             keep_last: config.checkpoint.keep_last,
             committed_step,
             last_generation,
+            teacher_fingerprint: None,
         };
         spec.check()?;
         Ok(spec)

@@ -84,6 +84,7 @@ impl CoordinatorState {
         &mut self,
         worker: WorkerId,
         known_generation: u64,
+        teacher_fingerprint: &str,
         now: Millis,
     ) -> Result<RendezvousOutcome, CoreError> {
         self.live_worker(worker)?;
@@ -94,6 +95,9 @@ impl CoordinatorState {
             let (phase, reason) = (job.phase, job.reason.clone());
             self.live_worker_mut(worker)?.touch(now);
             return Ok(RendezvousOutcome::Finished { phase, reason });
+        }
+        if let Some(waiting) = self.check_teacher(worker, teacher_fingerprint, now)? {
+            return Ok(RendezvousOutcome::Waiting(waiting));
         }
         let w = self.live_worker_mut(worker)?;
         w.touch(now);
@@ -120,6 +124,7 @@ impl CoordinatorState {
                 num_ready: 0,
                 min_size: self.job.as_ref().map_or(0, |j| j.spec.min_size),
                 retry_after_ms: 1_000,
+                needs_teacher: false,
             })),
         }
     }
@@ -166,6 +171,61 @@ impl CoordinatorState {
         self.declare_dead(worker, Departure::Left { reason }, now);
         self.try_form(now);
         Ok(())
+    }
+
+    /// Only a worker with the job's teacher joins its worlds: a node whose
+    /// copy of the teacher folder is stale or different would average
+    /// gradients of another model silently. A worker that has not reported
+    /// a fingerprint yet (it did not know the job) waits and is sent the
+    /// job; the first fingerprint reported to a job from scratch becomes
+    /// the job's; one that differs is refused, and the worker is declared
+    /// dead with the reason (the world forms without it).
+    fn check_teacher(
+        &mut self,
+        worker: WorkerId,
+        fingerprint: &str,
+        now: Millis,
+    ) -> Result<Option<WaitInfo>, CoreError> {
+        let Some(job) = self.job.as_ref() else {
+            return Ok(None);
+        };
+        if fingerprint.is_empty() {
+            let min_size = job.spec.min_size;
+            self.live_worker_mut(worker)?.touch(now);
+            return Ok(Some(WaitInfo {
+                reason: "load the job's teacher and report its fingerprint".to_owned(),
+                num_ready: 0,
+                min_size,
+                retry_after_ms: 0,
+                needs_teacher: true,
+            }));
+        }
+        match &job.spec.teacher_fingerprint {
+            None => {
+                if let Some(job) = self.job.as_mut() {
+                    job.spec.teacher_fingerprint = Some(fingerprint.to_owned());
+                }
+                Ok(None)
+            }
+            Some(expected) if expected == fingerprint => Ok(None),
+            Some(expected) => {
+                let host = self.live_worker(worker)?.host.clone();
+                let error = CoreError::TeacherMismatch {
+                    worker,
+                    host,
+                    worker_fingerprint: fingerprint.to_owned(),
+                    job_fingerprint: expected.clone(),
+                };
+                self.declare_dead(
+                    worker,
+                    Departure::Failed {
+                        reason: error.to_string(),
+                    },
+                    now,
+                );
+                Err(error)
+            }
+        }
     }
 
     /// A worker exiting on an error (Leave with `failed`): a failure like a

@@ -40,6 +40,9 @@ pub struct WaitInfo {
     pub min_size: u32,
     /// A hint; the service long-polls anyway.
     pub retry_after_ms: u64,
+    /// The worker must load the job's teacher and report its fingerprint
+    /// before it can be placed (the reply carries the job).
+    pub needs_teacher: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -73,9 +73,15 @@ impl From<Assignment> for rpc::Assignment {
 /// The assignment carries the job, so a worker that registered before the
 /// job existed never needs to register again.
 pub fn rendezvous_reply(outcome: RendezvousOutcome, job: Option<JobInfo>) -> rpc::RendezvousReply {
+    let needs_teacher = matches!(&outcome, RendezvousOutcome::Waiting(w) if w.needs_teacher);
     let mut reply = rpc::RendezvousReply::from(outcome);
-    if let Some(rpc::rendezvous_reply::Outcome::Assignment(a)) = reply.outcome.as_mut() {
-        a.job = job.map(Into::into);
+    match reply.outcome.as_mut() {
+        Some(rpc::rendezvous_reply::Outcome::Assignment(a)) => a.job = job.map(Into::into),
+        // The worker did not know the job: it needs it to load the teacher.
+        Some(rpc::rendezvous_reply::Outcome::Waiting(w)) if needs_teacher => {
+            w.job = job.map(Into::into)
+        }
+        _ => {}
     }
     reply
 }
@@ -89,6 +95,7 @@ impl From<RendezvousOutcome> for rpc::RendezvousReply {
                 num_ready: w.num_ready,
                 min_size: w.min_size,
                 retry_after_ms: w.retry_after_ms,
+                job: None,
             }),
             RendezvousOutcome::Assigned(a) => Outcome::Assignment(a.into()),
             RendezvousOutcome::Finished { phase, reason } => Outcome::Finished(rpc::Finished {

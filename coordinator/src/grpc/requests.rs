@@ -250,6 +250,11 @@ pub fn reason(value: String) -> Result<String, Status> {
     optional_text("reason", value, MAX_NAME_BYTES)
 }
 
+/// A teacher's fingerprint (a sha256 in hex; empty: not loaded yet).
+pub fn fingerprint(value: String) -> Result<String, Status> {
+    optional_text("teacher_fingerprint", value, MAX_NAME_BYTES)
+}
+
 /// A worker's error as it exits: an error chain with paths, longer than a
 /// name.
 pub fn failure_reason(value: String) -> Result<String, Status> {

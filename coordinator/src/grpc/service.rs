@@ -37,7 +37,12 @@ impl CoordinatorRpc for CoordinatorService {
         let req = request.into_inner();
         let worker = requests::checked_worker(req.worker_id)?;
         let outcome = (self.app)
-            .rendezvous(worker, req.known_generation, requests::wait(req.wait_ms))
+            .rendezvous(
+                worker,
+                req.known_generation,
+                &requests::fingerprint(req.teacher_fingerprint)?,
+                requests::wait(req.wait_ms),
+            )
             .await?;
         Ok(Response::new(replies::rendezvous_reply(
             outcome,

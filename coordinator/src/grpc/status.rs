@@ -34,6 +34,8 @@ impl From<AppError> for Status {
                     Status::not_found(message)
                 }
                 CoreError::TooManyWorkers { .. } => Status::resource_exhausted(message),
+                // Final for this worker: its teacher will not change by asking again.
+                CoreError::TeacherMismatch { .. } => Status::permission_denied(message),
                 CoreError::WrongRank { .. } | CoreError::NotRankZero { .. } => {
                     Status::permission_denied(message)
                 }

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// The teacher every simulated worker reports.
+pub const TEACHER_FINGERPRINT: &str = "teacher-fingerprint";
+
 use bytes::Bytes;
 use swiftbrush_coordinator::app::ManualClock;
 use swiftbrush_coordinator::grpc::JobToken;
@@ -213,6 +216,7 @@ impl FakeWorker {
                 worker_id: self.id,
                 known_generation: self.generation,
                 wait_ms,
+                teacher_fingerprint: TEACHER_FINGERPRINT.to_owned(),
             })
             .await
             .expect("rendezvous")

@@ -24,6 +24,10 @@ pub(super) struct Job {
     pub(super) info: rpc::JobInfo,
     /// As this worker runs it (`--micro-batch` applied).
     pub(super) config: JobConfig,
+    /// The fingerprint of this host's copy of the job's teacher, which
+    /// every Rendezvous reports: the coordinator places only workers with
+    /// the job's teacher.
+    pub(super) teacher_fingerprint: String,
 }
 
 impl Job {
@@ -31,12 +35,29 @@ impl Job {
     /// worker's `--micro-batch`. A config this worker cannot read (a newer
     /// coordinator's key, a broken message) is an error naming it, never
     /// a default to fall back on.
-    fn parse(info: rpc::JobInfo, micro_batch: Option<u32>) -> Result<Self, WorkerError> {
+    fn parse(
+        info: rpc::JobInfo,
+        micro_batch: Option<u32>,
+        known: Option<&Job>,
+    ) -> Result<Self, WorkerError> {
         let mut config = JobConfig::from_yaml_str(&info.config_yaml, "the job config")?;
         if micro_batch.is_some() {
             config.train.micro_batch = micro_batch;
         }
-        Ok(Job { info, config })
+        let teacher = config.model.teacher.clone().unwrap_or_default();
+        // The same teacher as the job already known: no need to read it again.
+        let teacher_fingerprint = match known {
+            Some(job) if job.config.model.teacher.as_deref() == Some(teacher.as_str()) => {
+                job.teacher_fingerprint.clone()
+            }
+            _ => crate::pipeline::teacher_fingerprint(std::path::Path::new(&teacher))
+                .map_err(|e| WorkerError::Invalid(format!("the job's teacher: {e}")))?,
+        };
+        Ok(Job {
+            info,
+            config,
+            teacher_fingerprint,
+        })
     }
 }
 
@@ -87,7 +108,11 @@ impl Worker {
     /// config this worker cannot read is an error now, not a fallback
     /// later.
     fn set_job(&mut self, info: rpc::JobInfo) -> Result<(), WorkerError> {
-        self.job = Some(Job::parse(info, self.options.micro_batch)?);
+        self.job = Some(Job::parse(
+            info,
+            self.options.micro_batch,
+            self.job.as_ref(),
+        )?);
         Ok(())
     }
 
@@ -165,6 +190,11 @@ impl Worker {
                 worker_id: self.status.worker_id(),
                 known_generation,
                 wait_ms: RENDEZVOUS_WAIT_MS,
+                teacher_fingerprint: self
+                    .job
+                    .as_ref()
+                    .map(|j| j.teacher_fingerprint.clone())
+                    .unwrap_or_default(),
             };
             let result = self.link.call(
                 "Rendezvous",
@@ -186,6 +216,10 @@ impl Worker {
                     });
                 }
                 Ok(Some(rendezvous_reply::Outcome::Waiting(w))) => {
+                    // Sent when this worker has not reported its teacher.
+                    if let Some(job) = w.job {
+                        self.set_job(job)?;
+                    }
                     if w.reason != last_reason {
                         tracing::info!(reason = %w.reason, num_ready = w.num_ready, min_size = w.min_size, "waiting for a world");
                         last_reason = w.reason;
@@ -241,10 +275,22 @@ impl Worker {
     }
 
     pub(super) fn leave(&self, reason: &str) {
+        self.send_leave(reason.to_owned(), false);
+    }
+
+    /// Tells the coordinator this worker is exiting on `error` (best
+    /// effort): it shows the reason, charges the host, and fails the job
+    /// when every worker fails the same way.
+    pub(super) fn report_failure(&self, error: &(dyn std::error::Error + 'static)) {
+        tracing::info!("reporting the failure to the coordinator");
+        self.send_leave(failure_reason(error), true);
+    }
+
+    fn send_leave(&self, reason: String, failed: bool) {
         let request = rpc::LeaveRequest {
             worker_id: self.status.worker_id(),
-            reason: reason.to_owned(),
-            failed: false,
+            reason,
+            failed,
         };
         if let Err(e) = self.link.call("Leave", CALL_TIMEOUT, |mut c| async move {
             c.leave(request).await
@@ -252,6 +298,29 @@ impl Worker {
             tracing::debug!(error = %e, "leave not delivered");
         }
     }
+}
+
+/// An error and its causes on one line (a cause already in the text is not
+/// repeated), cut at a character boundary to what the coordinator accepts.
+fn failure_reason(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        cause = e.source();
+    }
+    let mut end = line.len().min(swiftbrush_proto::rpc::MAX_REASON_BYTES);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line.truncate(end);
+    line
 }
 
 /// What a worker reports as its device memory: a CUDA device's total memory
@@ -270,6 +339,19 @@ fn device_memory_bytes(device: tch::Device) -> u64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_failure_reason_is_the_chain_once_and_fits_the_limit() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("teacher /t: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("no such directory"));
+        assert_eq!(failure_reason(&e), "teacher /t: no such directory");
+        let long = Outer(std::io::Error::other("\u{e9}".repeat(5000)));
+        let reason = failure_reason(&long);
+        assert!(reason.len() <= swiftbrush_proto::rpc::MAX_REASON_BYTES);
+        assert!(reason.starts_with("teacher /t: \u{e9}"));
+    }
+
     fn info(yaml: &str) -> rpc::JobInfo {
         rpc::JobInfo {
             name: "job".to_owned(),
@@ -283,10 +365,17 @@ mod tests {
     #[test]
     fn a_job_config_this_worker_cannot_read_is_an_error_naming_the_key() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.yaml");
-        let yaml = JobConfig::from_yaml_file(std::path::Path::new(path))
-            .unwrap()
-            .to_yaml();
-        let job = Job::parse(info(&yaml), Some(3)).unwrap();
+        let mut config = JobConfig::from_yaml_file(std::path::Path::new(path)).unwrap();
+        let fixtures = std::env::var("SWIFTBRUSH_FIXTURES").expect("make fixtures");
+        let teacher = std::path::Path::new(&fixtures).join("pipelines/sd1");
+        config.model.teacher = Some(teacher.display().to_string());
+        let yaml = config.to_yaml();
+        let job = Job::parse(info(&yaml), Some(3), None).unwrap();
+        assert_eq!(
+            job.teacher_fingerprint,
+            crate::pipeline::teacher_fingerprint(&teacher).unwrap(),
+            "the job's teacher as this host has it"
+        );
         assert_eq!(
             job.config.train.micro_batch,
             Some(3),
@@ -295,7 +384,7 @@ mod tests {
         // A key from a newer coordinator: refused, naming it.
         let newer = yaml.replacen("train:\n", "train:\n  warp_speed: 9\n", 1);
         assert_ne!(newer, yaml);
-        let err = match Job::parse(info(&newer), None) {
+        let err = match Job::parse(info(&newer), None, None) {
             Ok(_) => panic!("a config with an unknown key was accepted"),
             Err(e) => e.to_string(),
         };

@@ -178,7 +178,20 @@ pub(super) struct Worker {
 
 impl Worker {
     fn run(&mut self) -> Result<WorkerSummary, WorkerError> {
-        self.register()?;
+        let result = self.register().and_then(|()| self.run_registered());
+        if let Err(e) = &result
+            && !matches!(e, WorkerError::Rpc(_))
+            && self.status.worker_id() != 0
+        {
+            // The operator sees why in `status` instead of "silent for
+            // 10 s" and a restart spent (a coordinator that cannot be
+            // reached cannot be told: RPC errors are not reported).
+            self.report_failure(e);
+        }
+        result
+    }
+
+    fn run_registered(&mut self) -> Result<WorkerSummary, WorkerError> {
         let mut known_generation = 0;
         loop {
             self.status.set_world(0, self.status.step());

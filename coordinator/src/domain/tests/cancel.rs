@@ -4,7 +4,7 @@
 
 use super::super::*;
 use super::random_walk::Rng;
-use super::sim::{Sim, spec};
+use super::sim::{Sim, TEACHER, spec};
 
 fn rank0_of(sim: &Sim, ws: &[WorkerId]) -> WorkerId {
     *ws.iter()
@@ -141,7 +141,7 @@ fn invariants_hold_when_cancelling_at_random_moments() {
                 0 | 1 => {
                     let _ = sim.apply(|s, now| {
                         let known = s.worker(w).map_or(0, |x| x.generation);
-                        s.rendezvous(w, known, now)
+                        s.rendezvous(w, known, TEACHER, now)
                     });
                 }
                 2 | 3 => {

@@ -2,7 +2,7 @@
 //! replacement, leaving.
 
 use super::super::*;
-use super::sim::{Sim, spec};
+use super::sim::{Sim, TEACHER, spec};
 
 #[test]
 fn silence_makes_a_worker_suspect_then_dead_and_the_world_reforms() {
@@ -31,7 +31,7 @@ fn silence_makes_a_worker_suspect_then_dead_and_the_world_reforms() {
         sim.heartbeat(a, 1, 12),
         Command::AbortAndReform { generation: 2, .. }
     ));
-    let err = sim.refused(|s, now| s.rendezvous(b, 1, now));
+    let err = sim.refused(|s, now| s.rendezvous(b, 1, TEACHER, now));
     assert!(matches!(err, CoreError::WorkerDead { .. }), "{err}");
     // After the backoff the survivor re-forms alone, from the committed step.
     sim.waiting(a);
@@ -240,4 +240,54 @@ fn workers_that_fail_differently_leave_the_job_waiting() {
         .unwrap();
     // Each host may be at fault: new workers may yet succeed.
     assert_eq!(sim.state.phase(), JobPhase::Reforming);
+}
+
+#[test]
+fn a_worker_with_another_teacher_is_refused_and_the_world_forms_without_it() {
+    // Issue 28: a node whose copy of the teacher is stale used to average
+    // gradients of another model silently.
+    let mut sim = Sim::with_job(spec(1, 2));
+    let a = sim.register("host-a");
+    let b = sim.register("host-b");
+    // The first fingerprint reported becomes the job's.
+    sim.rendezvous(a);
+    // Refused, and unlike other refusals it changes the state: the worker
+    // is declared dead with the reason, for the status page.
+    let err = sim
+        .apply(|s, now| s.rendezvous(b, 0, "stale-copy", now))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, CoreError::TeacherMismatch { .. }), "{text}");
+    assert!(
+        text.contains("on host-b") && text.contains("stale-copy") && text.contains(TEACHER),
+        "{text}"
+    );
+    assert_eq!(sim.health(b), Health::Dead);
+    let why = sim.state.worker(b).and_then(|w| w.departure.clone());
+    assert!(matches!(why, Some(Departure::Failed { .. })), "{why:?}");
+    sim.advance(2_000);
+    let assignment = sim.assigned(a);
+    assert_eq!(assignment.world_size, 1, "the world forms without it");
+}
+
+#[test]
+fn a_worker_that_has_not_loaded_the_teacher_waits_and_is_sent_the_job() {
+    let mut sim = Sim::with_job(spec(1, 1));
+    let a = sim.register("host-a");
+    let waiting = match sim.apply(|s, now| s.rendezvous(a, 0, "", now)).unwrap() {
+        RendezvousOutcome::Waiting(w) => w,
+        other => panic!("{other:?}"),
+    };
+    assert!(waiting.needs_teacher, "{waiting:?}");
+    sim.advance(2_000);
+    assert_eq!(sim.state.generation(), 1, "no world formed with it");
+    // A resumed job knows its teacher from the checkpoint: others are refused.
+    let mut resumed = spec(1, 1);
+    resumed.teacher_fingerprint = Some("the-checkpoints".to_owned());
+    let mut sim = Sim::with_job(resumed);
+    let a = sim.register("host-a");
+    let err = sim
+        .apply(|s, now| s.rendezvous(a, 0, TEACHER, now))
+        .unwrap_err();
+    assert!(err.to_string().contains("the-checkpoints"), "{err}");
 }

@@ -4,7 +4,7 @@
 //! generation of its own, and the committed step only moves forward.
 
 use super::super::*;
-use super::sim::{Sim, spec};
+use super::sim::{Sim, TEACHER, spec};
 
 /// A small fixed generator, so a failing seed replays.
 pub struct Rng(pub u64);
@@ -49,7 +49,7 @@ fn walk(seed: u64) -> Vec<Effect> {
             1 | 2 if !workers.is_empty() => {
                 let w = pick(&mut rng, &workers);
                 let known = sim.state.worker(w).map_or(0, |x| x.generation);
-                let _ = sim.apply(|st, now| st.rendezvous(w, known, now));
+                let _ = sim.apply(|st, now| st.rendezvous(w, known, TEACHER, now));
             }
             3 | 4 if !workers.is_empty() => {
                 let w = pick(&mut rng, &workers);

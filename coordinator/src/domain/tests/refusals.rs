@@ -1,7 +1,7 @@
 //! Requests the core refuses, each leaving the state untouched.
 
 use super::super::*;
-use super::sim::{Sim, spec};
+use super::sim::{Sim, TEACHER, spec};
 
 #[test]
 fn stale_and_future_generations_are_refused_everywhere() {
@@ -52,7 +52,7 @@ fn stale_and_future_generations_are_refused_everywhere() {
         CoreError::StaleGeneration { .. }
     ));
     assert!(matches!(
-        sim.refused(|s, now| s.rendezvous(w, 9, now)),
+        sim.refused(|s, now| s.rendezvous(w, 9, TEACHER, now)),
         CoreError::FutureGeneration { .. }
     ));
     sim.apply(|s, now| s.captions(caption(2), now)).unwrap();
@@ -104,7 +104,7 @@ fn unknown_workers_and_bootstrap_conflicts() {
     let w = sim.world_of(1)[0];
     let ghost = WorkerId(999);
     assert_eq!(
-        sim.refused(|s, now| s.rendezvous(ghost, 0, now)),
+        sim.refused(|s, now| s.rendezvous(ghost, 0, TEACHER, now)),
         CoreError::UnknownWorker(ghost)
     );
     sim.apply(|s, now| s.publish_bootstrap(w, 1, 0, b"id".to_vec(), now))

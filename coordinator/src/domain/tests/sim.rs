@@ -3,6 +3,9 @@
 
 use super::super::*;
 
+/// The teacher fingerprint every simulated worker reports.
+pub const TEACHER: &str = "teacher-fingerprint";
+
 /// A job of `min..=max` workers over 10 captions, global batch 4.
 pub fn spec(min: u32, max: u32) -> JobSpec {
     JobSpec {
@@ -23,6 +26,7 @@ pub fn spec(min: u32, max: u32) -> JobSpec {
         keep_last: 3,
         committed_step: 0,
         last_generation: 0,
+        teacher_fingerprint: None,
     }
 }
 
@@ -119,7 +123,8 @@ impl Sim {
 
     pub fn rendezvous(&mut self, w: WorkerId) -> RendezvousOutcome {
         let known = self.state.worker(w).map_or(0, |w| w.generation);
-        self.apply(|s, now| s.rendezvous(w, known, now)).unwrap()
+        self.apply(|s, now| s.rendezvous(w, known, TEACHER, now))
+            .unwrap()
     }
 
     pub fn assigned(&mut self, w: WorkerId) -> Assignment {
