@@ -610,6 +610,30 @@ fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
         let (exit, out) = w.wait();
         assert!(exit.success(), "{}", w.log());
         assert!(out.contains("the job was cancelled"), "{out}");
+        assert!(
+            out.contains(&format!("after the final checkpoint at step {step}")),
+            "{out}"
+        );
+        // Issue 29: the steps it trained agree with the final checkpoint:
+        // those past it are said not to be kept.
+        let trained = out.split("trained steps ").nth(1).expect(&out);
+        let (_, end) = trained.split_once("..").expect(&out);
+        let end: u64 = end
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .expect(&out);
+        assert!(end >= step, "{out}");
+        if end > step {
+            assert!(
+                out.contains(&format!(
+                    "the run keeps the final checkpoint at step {step}: steps {step}..{end} \
+                     were trained before the stop arrived and are not kept"
+                )),
+                "{out}"
+            );
+        }
     }
     assert!(!student(&d.join("run"), step).is_empty());
 }

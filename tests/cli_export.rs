@@ -137,6 +137,9 @@ fn export_of_a_run_without_checkpoints_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("empty_run"), "{err}");
+    // Issue 29: not the training wording.
+    assert!(err.contains("no checkpoint"), "{err}");
+    assert!(!err.contains("resume"), "{err}");
 }
 
 #[test]
@@ -239,12 +242,33 @@ fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
         ],
     );
     assert!(out.contains("wrote run.png"), "{out}");
-    // From the exported pipeline folder.
-    swiftbrush(
+    // Issue 29: it says what it loaded (not "teacher loaded").
+    assert!(
+        out.contains("student run (checkpoint step 2, EMA weights) loaded in"),
+        "{out}"
+    );
+    assert!(!out.contains("teacher loaded"), "{out}");
+    // From the exported pipeline folder; every component written is listed.
+    let exported = swiftbrush(
         d,
         &["export", "--student", "run", "--out", "pipe", "--pipeline"],
     );
-    swiftbrush(
+    for part in [
+        "pipe/unet",
+        "pipe/text_encoder",
+        "pipe/tokenizer",
+        "pipe/vae",
+        "pipe/scheduler",
+        "pipe/model_index.json",
+        "pipe/swiftbrush.json",
+    ] {
+        assert!(exported.contains(part), "{part} not listed: {exported}");
+    }
+    let one_step: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("pipe/swiftbrush.json")).unwrap()).unwrap();
+    assert_eq!(one_step["student_timestep"], 999, "{one_step}");
+    assert_eq!(one_step["student_alpha_bar"], 0.0047, "{one_step}");
+    let out = swiftbrush(
         d,
         &[
             "sample",
@@ -258,6 +282,21 @@ fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
             "pipe.safetensors",
         ],
     );
+    assert!(
+        out.contains("student pipe (exported pipeline, swiftbrush.json) loaded in"),
+        "{out}"
+    );
+    // An export is not a run: export names what it is and what to pass.
+    let again = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .current_dir(d)
+        .args(["export", "--student", "pipe", "--out", "again"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{err}");
+    assert!(err.contains("already an export"), "{err}");
+    assert!(err.contains("run directory"), "{err}");
     // diffusers on the exported folder, same latents, SPEC's one-step formula.
     check(&[
         "pipeline",

@@ -356,30 +356,38 @@ fn cancel_waits_for_the_final_checkpoint_and_launch_wait_reports_the_end() {
     // The operator is still waiting: the job has not ended.
     assert!(cancel.try_wait().expect("poll cancel").is_none());
 
+    // Rank 0 was already past step 4 when the order reached it (the
+    // heartbeats lag the training): it writes the checkpoint at step 6.
     let store = AsyncRunStore::open(&job.run_dir().display().to_string()).expect("store");
-    runtime.block_on(rank0.checkpoint(&store, 4));
+    runtime.block_on(rank0.checkpoint(&store, 6));
     assert!(matches!(
-        runtime.block_on(rank0.heartbeat(4)),
+        runtime.block_on(rank0.heartbeat(6)),
         command::Kind::Stop(_)
     ));
 
+    // Issue 29: cancel names the step the final checkpoint was written at,
+    // not the one it asked for.
     let cancel = cancel.wait_with_output().expect("cancel ends");
     let said = ok(&cancel);
     assert!(
-        said.contains("cancelling job final: rank 0 writes a final checkpoint at step 4"),
+        said.contains(
+            "cancelling job final: rank 0 writes a final checkpoint at its first step \
+             boundary from step 4 on"
+        ),
         "{said}"
     );
+    assert!(!said.contains("checkpoint at step 4"), "{said}");
     assert!(
-        said.contains("job final cancelled: enough (after the final checkpoint at step 4)"),
+        said.contains("job final cancelled: enough (after the final checkpoint at step 6)"),
         "{said}"
     );
-    assert!(said.contains("newest checkpoint at step 4"), "{said}");
+    assert!(said.contains("newest checkpoint at step 6"), "{said}");
     let launch = launch.wait_with_output().expect("launch ends");
     let why = fails(&launch);
     assert!(why.contains("job final cancelled"), "{why}");
-    assert!(cluster::stdout(&launch).contains("committed step 4/50"));
+    assert!(cluster::stdout(&launch).contains("committed step 6/50"));
     let latest = runtime.block_on(store.latest_valid()).expect("read store");
-    assert_eq!(latest.map(|m| m.step), Some(4));
+    assert_eq!(latest.map(|m| m.step), Some(6));
 
     // Issue 29: a worker that left after the job ended is "left" with its
     // last phase, not "dead ... training", under the name the reasons use.

@@ -526,3 +526,139 @@ fn eval_fid_compares_statistics_of_what_sample_draws() {
         stderr(&out)
     );
 }
+
+/// Issue 29: a `--student` that is not a student names what the folder is
+/// and what to pass instead, for `sample`, `export` and `eval` alike; a
+/// run without a checkpoint says "no checkpoint" (not "to resume from").
+#[test]
+fn student_paths_that_are_not_students_say_what_they_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = sd1();
+    let unet = teacher.join("unet");
+    let empty = tmp.path().join("run");
+    std::fs::create_dir(&empty).unwrap();
+    let sample = |student: &Path| {
+        let out = run(&["sample", "--student", s(student), "--prompt", "a cat"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let export = |student: &Path| {
+        let dest = tmp.path().join("out");
+        let out = run(&["export", "--student", s(student), "--out", s(&dest)]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(!dest.exists(), "nothing is written");
+        stderr(&out)
+    };
+
+    // A teacher pipeline: no swiftbrush.json. Drawing one step from its
+    // undistilled UNet is refused, with the way out.
+    for e in [sample(&teacher), export(&teacher)] {
+        assert!(e.contains(s(&teacher)), "{e}");
+        assert!(e.contains("looks like a teacher"), "{e}");
+        assert!(e.contains("--teacher"), "{e}");
+        assert!(e.contains("export --pipeline"), "{e}");
+        assert!(e.contains("swiftbrush.json"), "{e}");
+        assert!(e.contains("\"student_timestep\""), "{e}");
+    }
+    // A UNet folder (what `export` without --pipeline writes).
+    for e in [sample(&unet), export(&unet)] {
+        assert!(e.contains("is a UNet folder"), "{e}");
+        assert!(e.contains("RUN/checkpoints/step-N"), "{e}");
+        assert!(e.contains("export --pipeline"), "{e}");
+    }
+    // A folder with no checkpoint.
+    for e in [sample(&empty), export(&empty)] {
+        assert!(e.contains("no checkpoint"), "{e}");
+        assert!(!e.contains("resume"), "{e}");
+    }
+    // eval draws as sample does: the same refusal.
+    let clip = common::fixtures().join("clip_model");
+    let out = run(&[
+        "eval",
+        "clip-score",
+        "--clip",
+        s(&clip),
+        "--student",
+        s(&teacher),
+        "--prompt",
+        "a cat",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("looks like a teacher"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Issue 29: DDIM's flags do nothing for a one-step student: refused.
+#[test]
+fn ddim_flags_with_a_student_are_refused() {
+    for flag in [["--steps", "3"], ["--guidance", "7.5"]] {
+        let mut args = vec!["sample", "--student", "/no/such/run", "--prompt", "a cat"];
+        args.extend(flag);
+        let out = run(&args);
+        assert_ne!(out.status.code(), Some(0));
+        let e = stderr(&out);
+        assert!(e.contains(flag[0]) && e.contains("--student"), "{e}");
+        assert!(e.contains("one step"), "{e}");
+        assert!(!e.contains("/no/such/run"), "refused before loading: {e}");
+    }
+    // With --teacher they still apply (a student run may take --teacher too).
+    let teacher = sd1();
+    let mut args = vec!["eval", "clip-score", "--clip", "/no/such/clip"];
+    args.extend(["--student", "/no/such/run", "--teacher", s(&teacher)]);
+    args.extend(["--prompt", "a cat", "--steps", "3"]);
+    let e = stderr(&run(&args));
+    assert!(e.contains("--steps") && e.contains("one step"), "{e}");
+}
+
+/// Issue 29: a text encoder alone given as --clip is named in one line; a
+/// missing weights file is a path and "not found", not debug text.
+#[test]
+fn clip_folders_that_are_not_clip_models_are_named() {
+    let teacher = sd1();
+    let clip_score = |clip: &Path| {
+        let out = run(&[
+            "eval",
+            "clip-score",
+            "--clip",
+            s(clip),
+            "--teacher",
+            s(&teacher),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "1",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let e = clip_score(&teacher.join("text_encoder"));
+    assert!(e.contains("CLIPTextModel folder"), "{e}");
+    assert!(e.contains("full CLIPModel"), "{e}");
+    assert!(e.lines().count() <= 3, "{e}");
+
+    // Sharded weights whose shard is missing.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("clip");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(common::fixtures().join("clip_model")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "model.safetensors" {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"logit_scale": "model-00001-of-00001.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = clip_score(&dir);
+    let shard = dir.join("model-00001-of-00001.safetensors");
+    assert!(
+        e.contains(&format!("{}: not found", shard.display())),
+        "{e}"
+    );
+    assert!(!e.contains("IoError") && !e.contains("Os {"), "{e}");
+}

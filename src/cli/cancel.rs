@@ -54,11 +54,20 @@ pub fn run(args: CancelArgs) -> anyhow::Result<()> {
                  workers stop at their next heartbeat",
                 before.name, before.committed_step
             ),
+            // The step is one past the newest the heartbeats reported; the
+            // workers are often past it when the order reaches them, and
+            // rank 0 then writes it at its next step boundary. Said so, and
+            // with --wait the step it was written at.
             step => println!(
-                "cancelling job {}: rank 0 writes a final checkpoint at step {step} (or the \
-                 next step boundary, if the workers are already past it), then the job ends \
-                 and the workers stop",
-                before.name
+                "cancelling job {}: rank 0 writes a final checkpoint at its first step \
+                 boundary from step {step} on (the workers may already be past it), then \
+                 the job ends and the workers stop; {}",
+                before.name,
+                if args.wait {
+                    "waiting for it"
+                } else {
+                    "`status` (or `cancel --wait`) names the step it was written at"
+                }
             ),
         }
         if !args.wait {

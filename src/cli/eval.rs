@@ -152,7 +152,11 @@ fn models(request: &SampleRequest, all: bool) -> anyhow::Result<Vec<(Option<u64>
         "{run}: no such run directory"
     );
     let steps = RunStore::open(run)?.valid_steps()?;
-    anyhow::ensure!(!steps.is_empty(), "{run}: the run has no valid checkpoint");
+    anyhow::ensure!(
+        !steps.is_empty(),
+        "{}",
+        swiftbrush_worker::export::no_checkpoint(run)
+    );
     Ok(steps
         .into_iter()
         .map(|step| {

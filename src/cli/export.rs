@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
-use swiftbrush_worker::export::{StudentCheckpoint, StudentWeights, export};
+use swiftbrush_worker::export::{ONE_STEP_FILE, StudentCheckpoint, StudentWeights, export};
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -36,7 +36,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         WeightsArg::Ema => StudentWeights::Ema,
         WeightsArg::Student => StudentWeights::Raw,
     };
-    let unet = export(
+    let written = export(
         &ckpt,
         which,
         &args.out,
@@ -44,10 +44,23 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         args.teacher.as_deref(),
     )?;
     println!(
-        "exported step {} ({:?} weights): UNet in {}",
+        "exported step {} ({:?} weights) to {}:",
         ckpt.manifest.step,
         which,
-        unet.display()
+        args.out.display()
     );
+    for (i, path) in written.iter().enumerate() {
+        let what = match path.file_name().and_then(|n| n.to_str()) {
+            _ if i == 0 => "the student UNet (config.json, diffusion_pytorch_model.safetensors)",
+            Some("text_encoder") => "the teacher's text encoder",
+            Some("tokenizer") => "the teacher's tokenizer",
+            Some("vae") => "the teacher's VAE",
+            Some("scheduler") => "the teacher's scheduler",
+            Some("model_index.json") => "the pipeline index",
+            Some(ONE_STEP_FILE) => "the one-step settings (student timestep, alpha-bar)",
+            _ => "",
+        };
+        println!("  {:<40} {what}", path.display());
+    }
     Ok(())
 }

@@ -8,6 +8,10 @@ use clap::{ArgGroup, Args, ValueEnum};
 use swiftbrush_proto::config::Dtype;
 use swiftbrush_worker::sample::{SampleModel, SampleRequest, read_prompts, sample_teacher};
 
+/// DDIM steps and guidance scale of a teacher unless given.
+const DEFAULT_STEPS: i64 = 25;
+const DEFAULT_GUIDANCE: f64 = 4.5;
+
 #[derive(Debug, Args)]
 pub struct SampleArgs {
     #[command(flatten)]
@@ -42,12 +46,13 @@ pub struct DrawArgs {
     /// A text file with one prompt a line.
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
-    /// DDIM steps.
-    #[arg(long, default_value_t = 25)]
-    steps: i64,
-    /// Classifier-free guidance scale; <= 1 turns guidance off.
-    #[arg(long, default_value_t = 4.5)]
-    guidance: f64,
+    /// DDIM steps of --teacher [default: 25]. Not with --student (one step).
+    #[arg(long)]
+    steps: Option<i64>,
+    /// Classifier-free guidance scale of --teacher; <= 1 turns guidance off
+    /// [default: 4.5]. Not with --student (one step, no guidance).
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Seeds the initial noise (drawn on the CPU: the same on every device).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -80,6 +85,30 @@ impl DrawArgs {
         out: Option<PathBuf>,
         raw_out: Option<PathBuf>,
     ) -> anyhow::Result<SampleRequest> {
+        // A student draws in one step without guidance: DDIM's flags would
+        // change nothing (and --teacher only names where its text encoder,
+        // tokenizer and VAE come from). Checked here, not by clap: clap's
+        // conflicts ignore defaults, and these have none to ignore.
+        if self.student.is_some() {
+            let given: Vec<&str> = [
+                self.steps.map(|_| "--steps"),
+                self.guidance.map(|_| "--guidance"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let (verb, them) = if given.len() == 1 {
+                ("sets", "it")
+            } else {
+                ("set", "them")
+            };
+            anyhow::ensure!(
+                given.is_empty(),
+                "{} {verb} the DDIM sampling of --teacher; a --student draws in one step \
+                 without guidance, so {them} would change nothing: drop {them}",
+                given.join(" and "),
+            );
+        }
         // With --student, --teacher overrides the teacher the run recorded.
         let model = match (self.teacher, self.student) {
             (teacher, Some(path)) => SampleModel::Student {
@@ -97,8 +126,8 @@ impl DrawArgs {
         Ok(SampleRequest {
             model,
             prompts,
-            steps: self.steps,
-            guidance: self.guidance,
+            steps: self.steps.unwrap_or(DEFAULT_STEPS),
+            guidance: self.guidance.unwrap_or(DEFAULT_GUIDANCE),
             seed: self.seed,
             latents: self.latents,
             out,
@@ -136,8 +165,12 @@ pub fn run(args: SampleArgs) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     println!(
-        "{} image(s) on {}: {:.3} s per image (teacher loaded in {:.2} s)",
-        report.num_images, report.device, report.seconds_per_image, report.load_seconds
+        "{} image(s) on {}: {:.3} s per image ({} loaded in {:.2} s)",
+        report.num_images,
+        report.device,
+        report.seconds_per_image,
+        report.loaded,
+        report.load_seconds
     );
     Ok(())
 }

@@ -161,12 +161,42 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         WorkerEnd::JobEnded {
             phase: JobPhase::Cancelled,
             reason,
-        } => println!("worker {id}: the job was cancelled ({reason}); {trained}"),
+        } => println!(
+            "worker {id}: the job was cancelled ({reason}); {trained}{}",
+            not_kept(&reason, summary.train.as_ref())
+        ),
         WorkerEnd::JobEnded { phase, reason } => {
             anyhow::bail!("worker {id}: the job ended ({phase:?}): {reason}; {trained}")
         }
     }
     Ok(())
+}
+
+/// A cancelled job keeps what its final checkpoint holds. The stop reaches
+/// the workers a heartbeat after rank 0 wrote that checkpoint, and they
+/// train on meanwhile: the steps past it are said to be lost, so the
+/// worker's "trained steps A..B" agrees with `cancel`'s final checkpoint.
+/// The step comes from the coordinator's reason ("... (after the final
+/// checkpoint at step N)"): only rank 0's trainer knows it otherwise.
+fn not_kept(reason: &str, train: Option<&swiftbrush_worker::trainer::run::TrainSummary>) -> String {
+    let Some(t) = train else {
+        return String::new();
+    };
+    let at = reason
+        .rsplit_once("final checkpoint at step ")
+        .and_then(|(_, rest)| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u64>().ok()
+        });
+    match at {
+        Some(at) if t.end_step > at => format!(
+            "; the run keeps the final checkpoint at step {at}: steps {at}..{} were trained \
+             before the stop arrived and are not kept",
+            t.end_step
+        ),
+        Some(_) => String::new(),
+        None => "; the run keeps what its final checkpoint holds".to_owned(),
+    }
 }
 
 fn client_tls(args: &WorkerArgs) -> anyhow::Result<Option<ClientTls>> {

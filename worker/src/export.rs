@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use swiftbrush_proto::run_store::{Manifest, ResumeFrom, RunStore};
+use swiftbrush_proto::run_store::{Manifest, ResumeFrom, RunStore, RunStoreError};
 
 use crate::pipeline::DiffusersFolder;
 use crate::trainer::checkpoint::{STATE, TensorGroup, TrainState};
@@ -55,16 +55,73 @@ impl Default for OneStep {
 pub const ONE_STEP_FILE: &str = "swiftbrush.json";
 
 impl OneStep {
-    /// From an exported pipeline folder (defaults when the file is absent:
-    /// an export by another tool).
+    /// From an exported pipeline folder. A pipeline folder without the
+    /// file is refused: it is a teacher (or another tool's export), and
+    /// drawing one step from an undistilled UNet would go unnoticed.
     pub fn from_export(dir: &Path) -> Result<Self, ExportError> {
         let path = dir.join(ONE_STEP_FILE);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| ExportError::Invalid(format!("{}: {e}", path.display()))),
-            Err(_) => Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(ExportError::Invalid(teacher_as_student(dir)))
+            }
+            Err(e) => Err(io(&path, e)),
         }
     }
+}
+
+/// What to pass instead of a folder that is not a student checkpoint.
+const STUDENT_PATHS: &str = "a run directory, RUN/checkpoints/step-N \
+                             or a folder written by `export --pipeline`";
+
+/// A pipeline folder without swiftbrush.json given as a student.
+fn teacher_as_student(dir: &Path) -> String {
+    let d = shown(dir);
+    let defaults = OneStep::default();
+    format!(
+        "{d} looks like a teacher pipeline (model_index.json but no {ONE_STEP_FILE}), \
+         not a trained student: pass it as --teacher, and as --student {STUDENT_PATHS}. \
+         If it is a one-step export by another tool (or by a swiftbrush before \
+         {ONE_STEP_FILE}), write {d}/{ONE_STEP_FILE} containing \
+         {{\"student_timestep\": {}, \"student_alpha_bar\": {}}} \
+         (the timestep and constant alpha-bar its student was trained with; \
+         these are SwiftBrush's)",
+        defaults.student_timestep, defaults.student_alpha_bar
+    )
+}
+
+fn shown(dir: &Path) -> String {
+    dir.display().to_string().trim_end_matches('/').to_owned()
+}
+
+/// Why a local folder given as a student checkpoint (a run directory or
+/// RUN/checkpoints/step-N) is something else: an exported pipeline, a
+/// teacher pipeline or a UNet folder. None: it may be a run.
+fn not_a_run(dir: &Path) -> Option<String> {
+    let d = shown(dir);
+    if dir.join("model_index.json").is_file() {
+        if dir.join(ONE_STEP_FILE).is_file() {
+            return Some(format!(
+                "{d} is a pipeline written by `export --pipeline`: it is already an \
+                 export (draw from it with `sample --student {d}`); export reads the \
+                 run directory it came from or RUN/checkpoints/step-N"
+            ));
+        }
+        return Some(teacher_as_student(dir));
+    }
+    let unet_weights = ["safetensors", "bin"]
+        .iter()
+        .any(|ext| dir.join(format!("diffusion_pytorch_model.{ext}")).is_file());
+    if dir.join("config.json").is_file() && unet_weights {
+        return Some(format!(
+            "{d} is a UNet folder (config.json and diffusion_pytorch_model weights, \
+             as `export` without --pipeline writes), not a run: pass the run directory \
+             it came from or RUN/checkpoints/step-N, or write a whole pipeline with \
+             `export --pipeline` and pass that folder"
+        ));
+    }
+    None
 }
 
 /// A checkpoint chosen from a user's path: a run directory (its newest
@@ -88,12 +145,17 @@ impl StudentCheckpoint {
         let local_path = run.strip_prefix("file://").unwrap_or(&run);
         if local && !Path::new(local_path).is_dir() {
             return Err(ExportError::Invalid(format!(
-                "{run}: no such run directory (expected a run directory, \
-                 RUN/checkpoints/step-N or an exported pipeline folder)"
+                "{run}: no such run directory (expected {STUDENT_PATHS})"
             )));
         }
+        if local && let Some(what) = not_a_run(Path::new(trimmed)) {
+            return Err(ExportError::Invalid(what));
+        }
         let store = RunStore::open(&run)?;
-        let manifest = store.resolve(from)?;
+        let manifest = store.resolve(from).map_err(|e| match e {
+            RunStoreError::NoCheckpoint { run } => ExportError::Invalid(no_checkpoint(&run)),
+            e => e.into(),
+        })?;
         let bytes = store.read_manifest_file(&manifest, STATE)?;
         let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| {
             ExportError::Invalid(format!(
@@ -146,6 +208,14 @@ impl StudentCheckpoint {
     }
 }
 
+/// A run (or any folder) with no valid checkpoint, given as a student.
+pub fn no_checkpoint(run: &str) -> String {
+    format!(
+        "{run}: no checkpoint: training writes one every train.checkpoint_every steps \
+         and at train.max_steps (is it the run directory?); pass {STUDENT_PATHS}"
+    )
+}
+
 /// `RUN/checkpoints/step-00000042` -> (RUN, 42).
 fn split_step(path: &str) -> Option<(String, u64)> {
     let (parent, last) = path.rsplit_once('/')?;
@@ -154,16 +224,22 @@ fn split_step(path: &str) -> Option<(String, u64)> {
     Some((run.to_owned(), step))
 }
 
-/// Writes the export; returns the UNet folder.
+/// Writes the export; returns what it wrote, the UNet folder first.
 pub fn export(
     ckpt: &StudentCheckpoint,
     which: StudentWeights,
     out: &Path,
     pipeline: bool,
     teacher: Option<&Path>,
-) -> Result<PathBuf, ExportError> {
+) -> Result<Vec<PathBuf>, ExportError> {
     let folder = ckpt.teacher(teacher)?;
     let unet_src = folder.component("unet")?;
+    // Read before anything is written: a bad run config leaves no half export.
+    let one_step = if pipeline {
+        Some(ckpt.one_step()?)
+    } else {
+        None
+    };
     let unet_dir = if pipeline {
         out.join("unet")
     } else {
@@ -176,18 +252,26 @@ pub fn export(
         &unet_dir.join("diffusion_pytorch_model.safetensors"),
         &weights,
     )?;
-    if pipeline {
-        copy(
-            &folder.root().join("model_index.json"),
-            &out.join("model_index.json"),
-        )?;
+    let mut written = vec![unet_dir];
+    if let Some(one_step) = one_step {
         for name in ["text_encoder", "tokenizer", "vae", "scheduler"] {
             if let Ok(c) = folder.component(name) {
                 copy_dir(&c.dir, &out.join(name))?;
+                written.push(out.join(name));
             }
         }
+        let index = out.join("model_index.json");
+        copy(&folder.root().join("model_index.json"), &index)?;
+        written.push(index);
+        // How the folder draws (`sample --student` refuses a pipeline
+        // folder without it: that is a teacher).
+        let path = out.join(ONE_STEP_FILE);
+        let json = serde_json::to_vec_pretty(&one_step)
+            .map_err(|e| ExportError::Invalid(format!("{}: {e}", path.display())))?;
+        write(&path, &json)?;
+        written.push(path);
     }
-    Ok(unet_dir)
+    Ok(written)
 }
 
 fn io(path: &Path, e: std::io::Error) -> ExportError {

@@ -12,7 +12,7 @@ use swiftbrush_proto::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
 use crate::diffusion::{NoiseSchedule, draw_latents};
-use crate::export::{OneStep, StudentCheckpoint, StudentWeights};
+use crate::export::{ONE_STEP_FILE, OneStep, StudentCheckpoint, StudentWeights};
 use crate::image_io::{ImageError, grid_columns, save_png};
 use crate::models::weights;
 use crate::pipeline::{PipelineError, StableDiffusion};
@@ -100,6 +100,8 @@ pub struct SampleReport {
     pub num_images: usize,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// What was loaded, in words (see [`Drawn::loaded`]).
+    pub loaded: String,
     pub load_seconds: f64,
     /// Wall time of sampling and decoding divided by the number of images.
     pub seconds_per_image: f64,
@@ -213,6 +215,7 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
         written,
         num_images: num,
         device: drawn.device,
+        loaded: drawn.loaded,
         load_seconds: drawn.load_seconds,
         seconds_per_image: drawn.seconds_per_image,
     })
@@ -223,6 +226,9 @@ pub fn sample_teacher(req: &SampleRequest) -> Result<SampleReport, SampleError> 
 pub struct Drawn {
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// What was loaded, in words: `teacher DIR`, `student RUN (checkpoint
+    /// step 8, EMA weights)`, ...
+    pub loaded: String,
     pub load_seconds: f64,
     /// Wall time of sampling, decoding and the callback per image.
     pub seconds_per_image: f64,
@@ -245,6 +251,7 @@ pub fn draw_in_batches<E: From<SampleError>>(
         one_step,
         latents,
         device,
+        loaded,
         load_seconds,
     } = prepare_draw(req)?;
     let started = Instant::now();
@@ -267,6 +274,7 @@ pub fn draw_in_batches<E: From<SampleError>>(
             Device::Cuda(n) => format!("cuda:{n}"),
             other => format!("{other:?}").to_lowercase(),
         },
+        loaded,
         load_seconds,
         seconds_per_image: started.elapsed().as_secs_f64() / req.prompts.len() as f64,
     })
@@ -280,6 +288,8 @@ struct PreparedDraw {
     /// The whole prompt list's noise.
     latents: Tensor,
     device: Device,
+    /// What was loaded, in words (see [`load_model_described`]).
+    loaded: String,
     load_seconds: f64,
 }
 
@@ -310,10 +320,10 @@ fn prepare_draw(req: &SampleRequest) -> Result<PreparedDraw, SampleError> {
     let device = parse_device(&req.device)?;
 
     let started = Instant::now();
-    let (pipe, one_step) = load_model(&req.model, device, kind_of(req.dtype))?;
+    let (pipe, one_step, loaded) = load_model_described(&req.model, device, kind_of(req.dtype))?;
     let load_seconds = started.elapsed().as_secs_f64();
     tracing::info!(
-        model = %req.model.describe(),
+        model = %loaded,
         ?device,
         seconds = format!("{load_seconds:.2}"),
         "model loaded"
@@ -347,6 +357,7 @@ fn prepare_draw(req: &SampleRequest) -> Result<PreparedDraw, SampleError> {
         one_step,
         latents,
         device,
+        loaded,
         load_seconds,
     })
 }
@@ -358,13 +369,29 @@ pub fn load_model(
     device: Device,
     kind: Kind,
 ) -> Result<(StableDiffusion, Option<OneStep>), SampleError> {
+    load_model_described(model, device, kind).map(|(pipe, one_step, _)| (pipe, one_step))
+}
+
+/// As [`load_model`], with what was loaded in words: `teacher DIR`,
+/// `student RUN (checkpoint step 8, EMA weights)` or `student DIR
+/// (exported pipeline, swiftbrush.json)`.
+pub fn load_model_described(
+    model: &SampleModel,
+    device: Device,
+    kind: Kind,
+) -> Result<(StableDiffusion, Option<OneStep>, String), SampleError> {
     match model {
-        SampleModel::Teacher(dir) => Ok((StableDiffusion::load(dir, device, kind)?, None)),
+        SampleModel::Teacher(dir) => Ok((
+            StableDiffusion::load(dir, device, kind)?,
+            None,
+            model.describe(),
+        )),
         SampleModel::Student { path, teacher } => {
             let dir = Path::new(path);
-            let (pipe, mut one_step) = if dir.join("model_index.json").is_file() {
+            let (pipe, mut one_step, what) = if dir.join("model_index.json").is_file() {
                 let one_step = OneStep::from_export(dir).map_err(student_error)?;
-                (StableDiffusion::load(dir, device, kind)?, one_step)
+                let what = format!("student {path} (exported pipeline, {ONE_STEP_FILE})");
+                (StableDiffusion::load(dir, device, kind)?, one_step, what)
             } else {
                 let ckpt = StudentCheckpoint::open(path).map_err(student_error)?;
                 let folder = ckpt.teacher(teacher.as_deref()).map_err(student_error)?;
@@ -375,7 +402,11 @@ pub fn load_model(
                     .map_err(|e| SampleError::Input(e.to_string()))?;
                 weights::load_tensors_strict(&mut pipe.unet.vs, tensors, &[what.into()])
                     .map_err(|e| SampleError::Input(e.to_string()))?;
-                (pipe, ckpt.one_step().map_err(student_error)?)
+                let what = format!(
+                    "student {path} (checkpoint step {}, EMA weights)",
+                    ckpt.manifest.step
+                );
+                (pipe, ckpt.one_step().map_err(student_error)?, what)
             };
             if one_step.alpha_bar_from_schedule {
                 let schedule = NoiseSchedule::new(&pipe.scheduler, Device::Cpu)
@@ -384,7 +415,7 @@ pub fn load_model(
                     .alpha_bar(one_step.student_timestep)
                     .map_err(|e| SampleError::Input(e.to_string()))?;
             }
-            Ok((pipe, Some(one_step)))
+            Ok((pipe, Some(one_step), what))
         }
     }
 }

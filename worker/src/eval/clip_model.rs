@@ -115,6 +115,10 @@ impl CLIPModelConfig {
         #[derive(Deserialize)]
         struct Raw {
             #[serde(default)]
+            architectures: Vec<String>,
+            #[serde(default)]
+            model_type: String,
+            #[serde(default)]
             text_config: serde_json::Value,
             #[serde(default)]
             vision_config: serde_json::Value,
@@ -129,6 +133,25 @@ impl CLIPModelConfig {
             path: path.to_owned(),
             message,
         };
+        // One tower alone (a Stable Diffusion text_encoder/, say) would
+        // fail as hundreds of missing and unexpected tensors: say what it is.
+        let tower = match raw.model_type.as_str() {
+            "clip_text_model" => Some("CLIPTextModel"),
+            "clip_vision_model" => Some("CLIPVisionModel"),
+            _ => raw
+                .architectures
+                .iter()
+                .find(|a| a.starts_with("CLIPTextModel") || a.starts_with("CLIPVisionModel"))
+                .map(String::as_str),
+        };
+        if let Some(tower) = tower {
+            return Err(invalid(format!(
+                "this is a {tower} folder (one tower of CLIP, as a Stable Diffusion \
+                 pipeline's text_encoder/ is); the CLIP score needs a full CLIPModel folder \
+                 (config.json with text_config and vision_config, e.g. \
+                 openai/clip-vit-large-patch14)"
+            )));
+        }
         let object = |v: serde_json::Value| match v {
             serde_json::Value::Null => serde_json::Value::Object(Default::default()),
             v => v,

@@ -42,6 +42,17 @@ fn display_paths(paths: &[PathBuf]) -> String {
 /// Reads all tensors of one safetensors file (CPU, stored dtype).
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> {
     refuse_pickle(path)?;
+    // tch reports file errors as Debug text (`IoError(Os { code: 2, .. })`):
+    // open it here first for a sentence.
+    if let Err(e) = std::fs::File::open(path) {
+        return Err(WeightsError::Read {
+            path: path.to_owned(),
+            reason: match e.kind() {
+                std::io::ErrorKind::NotFound => "not found".to_owned(),
+                _ => e.to_string(),
+            },
+        });
+    }
     Tensor::read_safetensors(path).map_err(|e| WeightsError::Read {
         path: path.to_owned(),
         reason: explain_read_error(path, &e.to_string()),
