@@ -433,6 +433,37 @@ fn a_ten_megabyte_caption_line_is_cut_and_the_job_completes() {
     assert!(log.contains("cut 1 longer than 4096 bytes"), "{log}");
 }
 
+/// Issue 28: README's own example (`--max-steps 4`, then the same command
+/// with `--max-steps 8`) used to warn that the job config changed. Only
+/// what changes the training math is compared now, and a real change is
+/// named key by key with its old and new value.
+#[test]
+fn extending_a_run_is_no_config_change_and_a_real_one_is_named() {
+    let dir = setup();
+    let d = dir.path();
+    ok(&train(d, &["--run-dir", "run", "--max-steps", "2"], &[]));
+    let longer = train(d, &["--run-dir", "run", "--max-steps", "4"], &[]);
+    ok(&longer);
+    let log = String::from_utf8_lossy(&longer.stderr);
+    assert!(!log.contains("config changed"), "{log}");
+    let tiny = std::fs::read_to_string(CONFIG).unwrap();
+    let guided = tiny.replacen("method:\n", "method:\n  guidance_scale: 7.5\n", 1);
+    assert_ne!(guided, tiny);
+    let path = d.join("guided.yaml");
+    std::fs::write(&path, guided).unwrap();
+    let changed = train_with(
+        path.to_str().unwrap(),
+        d,
+        &["--run-dir", "run", "--max-steps", "6"],
+        &[],
+    );
+    ok(&changed);
+    let log = String::from_utf8_lossy(&changed.stderr);
+    assert!(log.contains("config changed"), "{log}");
+    assert!(log.contains("method.guidance_scale: 4.5 -> 7.5"), "{log}");
+    assert!(!log.contains("train.max_steps"), "{log}");
+}
+
 /// Runs tests/reference/check_tensorboard.py (TensorBoard's own loader,
 /// which checks every record's CRCs) on a run directory.
 fn tensorboard_files(run: &Path) -> serde_json::Value {

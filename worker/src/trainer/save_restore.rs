@@ -82,11 +82,30 @@ impl Trainer {
             let tensors = restored.tensors.remove(group.file()).unwrap_or_default();
             self.restore_group(group, tensors, &origin, restored.state.ema_updates)?;
         }
-        if restored.state.config_fingerprint != self.state.config_fingerprint {
-            tracing::warn!(
-                step = manifest.step,
-                "the job config changed since this checkpoint was written; continuing with the new one"
-            );
+        match &restored.config {
+            // Only what changes the training math is news: a longer run
+            // (train.max_steps), another cadence or log format is not.
+            Some(old) => {
+                let changes = self.cfg.training_changes_from(old);
+                if !changes.is_empty() {
+                    let list: Vec<String> = changes.iter().map(ToString::to_string).collect();
+                    tracing::warn!(
+                        step = manifest.step,
+                        "the job config changed since this checkpoint was written, in what \
+                         training computes: {}; continuing with the new one",
+                        list.join("; ")
+                    );
+                }
+            }
+            None if restored.state.config_fingerprint != self.state.config_fingerprint => {
+                tracing::warn!(
+                    step = manifest.step,
+                    "the job config changed since this checkpoint was written (it predates \
+                     per-key records: any key, max_steps included, counts); continuing with \
+                     the new one"
+                );
+            }
+            None => {}
         }
         let fingerprint = self.state.config_fingerprint.clone();
         let teacher = self.state.teacher.clone();
@@ -111,6 +130,7 @@ impl Trainer {
         let snap = Snapshot::new(
             &self.state,
             TensorGroup::ALL.map(|g| (g, self.tensors_of(g))),
+            &self.cfg,
         )?;
         self.checkpointer.submit(snap, world.parts.sink.clone())?;
         self.checkpointer

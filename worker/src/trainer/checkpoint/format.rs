@@ -4,6 +4,7 @@
 //! ([`TrainState`]); a [`Snapshot`] of them serialized to host bytes on the
 //! training thread, and a committed checkpoint read back ([`Restored`]).
 
+use swiftbrush_proto::JobConfig;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -49,6 +50,10 @@ impl TensorGroup {
 
 pub const STATE: &str = "state.json";
 
+/// The resolved job config the checkpoint was trained under, so a resume
+/// can name what changed key by key (older checkpoints lack it).
+pub const CONFIG: &str = "config.yaml";
+
 /// The loop's own state, saved as `state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -83,8 +88,9 @@ impl Snapshot {
     pub fn new(
         state: &TrainState,
         tensors: [(TensorGroup, Vec<(String, Tensor)>); 5],
+        config: &JobConfig,
     ) -> Result<Self, CheckpointError> {
-        let mut files = Vec::with_capacity(6);
+        let mut files = Vec::with_capacity(7);
         for (group, named) in tensors {
             files.push((
                 group.file().to_owned(),
@@ -97,6 +103,7 @@ impl Snapshot {
             reason: e.to_string(),
         })?;
         files.push((STATE.to_owned(), Bytes::from(json)));
+        files.push((CONFIG.to_owned(), Bytes::from(config.to_yaml())));
         Ok(Self {
             step: state.step,
             files,
@@ -115,6 +122,9 @@ impl Snapshot {
 pub struct Restored {
     pub state: TrainState,
     pub tensors: HashMap<String, HashMap<String, Tensor>>,
+    /// The config it was trained under; none for a checkpoint written
+    /// before configs were kept, or one this build cannot read.
+    pub config: Option<JobConfig>,
 }
 
 /// Reads every file of a committed checkpoint (sizes and sha256 checked by
@@ -134,5 +144,19 @@ pub fn read_checkpoint(store: &RunStore, manifest: &Manifest) -> Result<Restored
         let what = format!("checkpoint step {} {name}", manifest.step);
         tensors.insert(name.to_owned(), tensor_bytes::from_bytes(&bytes, &what)?);
     }
-    Ok(Restored { state, tensors })
+    let config = match manifest.file(CONFIG) {
+        Some(_) => {
+            let bytes = store.read_manifest_file(manifest, CONFIG)?;
+            let text = String::from_utf8_lossy(&bytes);
+            JobConfig::from_yaml_str(&text, CONFIG)
+                .inspect_err(|e| tracing::debug!(error = %e, "the checkpoint's config is not readable"))
+                .ok()
+        }
+        None => None,
+    };
+    Ok(Restored {
+        state,
+        tensors,
+        config,
+    })
 }

@@ -22,7 +22,7 @@ mod upload;
 use swiftbrush_proto::run_store::RunStoreError;
 
 pub use checkpointer::{Checkpointer, Resume, every_and_last};
-pub use format::{Restored, STATE, Snapshot, TensorGroup, TrainState, read_checkpoint};
+pub use format::{CONFIG, Restored, STATE, Snapshot, TensorGroup, TrainState, read_checkpoint};
 use tensor_bytes::TensorBytesError;
 pub use upload::{CheckpointSink, CheckpointWriter, CommitToStore, Landing, Uploader};
 
