@@ -136,6 +136,8 @@ enum State {
 /// What the communicator and its abort handles share.
 struct Shared {
     lib: &'static NcclLib,
+    /// The communicator's CUDA device, made current on the aborting thread.
+    device: usize,
     abort_requested: AtomicBool,
     state: Mutex<State>,
 }
@@ -162,6 +164,15 @@ impl Shared {
     fn abort(&self) {
         let mut state = self.lock();
         if let State::Live(c) = &*state {
+            // ncclCommAbort switches to the communicator's device and back
+            // to the thread's current one: on a thread that never chose one
+            // (the heartbeat's), that is device 0, and switching back
+            // creates a CUDA context there (0.3-0.5 GB of GPU 0 per worker
+            // at every re-formation). Choose the communicator's first
+            // (issue 30, item 2).
+            if let Err(e) = cuda::set_device(self.device) {
+                tracing::warn!(device = self.device, error = %e, "cannot set the device before ncclCommAbort");
+            }
             // SAFETY: a live communicator, not used concurrently (lock held);
             // after this it is never touched again.
             let rc = unsafe { (self.lib.comm_abort)(c.0) };
@@ -276,6 +287,7 @@ impl NcclComm {
             options,
             shared: Arc::new(Shared {
                 lib,
+                device: index,
                 abort_requested: AtomicBool::new(false),
                 state: Mutex::new(State::Live(CommPtr(raw))),
             }),
