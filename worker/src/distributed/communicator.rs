@@ -20,7 +20,7 @@ use tch::Device;
 
 use super::link::{CoordinatorLink, Reaction, RpcError};
 pub use crate::collective::Backend;
-use crate::collective::nccl::{self, NcclAbortHandle, NcclComm, NcclError, NcclOptions};
+use crate::collective::nccl::{self, NcclAbortHandle, NcclComm, NcclError, NcclJoin, NcclOptions};
 use crate::collective::tcp_ring::{RingAbort, RingOptions, TcpRing};
 use crate::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
 
@@ -161,6 +161,34 @@ pub fn form(
     }
 }
 
+/// A communicator created and joining its world, whose join an abort
+/// handle can end.
+trait Joining {
+    fn abort_handle(&self) -> Arc<dyn CollectiveAbort>;
+    fn wait(self) -> Result<Box<dyn GradientSync>, CollectiveError>;
+}
+
+impl Joining for NcclJoin {
+    fn abort_handle(&self) -> Arc<dyn CollectiveAbort> {
+        Arc::new(NcclJoin::abort_handle(self))
+    }
+    fn wait(self) -> Result<Box<dyn GradientSync>, CollectiveError> {
+        Ok(Box::new(NcclJoin::wait(self)?))
+    }
+}
+
+/// Registers the join's abort handle in `slot`, then waits for the join
+/// (issue 30, item 4): a peer dying during bootstrap is then ended by the
+/// heartbeat thread's abort, not by the timeout.
+fn join_abortable<J: Joining>(
+    slot: &AbortSlot,
+    generation: u64,
+    joining: J,
+) -> Result<Box<dyn GradientSync>, CollectiveError> {
+    slot.set(generation, joining.abort_handle());
+    joining.wait()
+}
+
 /// Rank 0 makes the NCCL unique id and publishes it (its process hosts
 /// NCCL's bootstrap root until everyone joined); the others fetch it.
 fn nccl_comm(
@@ -186,7 +214,7 @@ fn nccl_comm(
                 reason: "no NCCL unique id from rank 0".to_owned(),
             })?
     };
-    let comm = NcclComm::new(
+    let joining = NcclComm::init(
         device,
         u64::from(world.rank),
         u64::from(world.world_size),
@@ -196,8 +224,7 @@ fn nccl_comm(
             ..NcclOptions::default()
         },
     )?;
-    slot.set(world.generation, Arc::new(comm.abort_handle()));
-    Ok(Box::new(comm))
+    join_abortable(slot, world.generation, joining)
 }
 
 fn tcp_ring(
@@ -410,6 +437,55 @@ mod tests {
     fn loopback_coordinators_are_reached_over_loopback() {
         assert!(local_ip_towards("http://127.0.0.1:50051").is_loopback());
         assert!(local_ip_towards("not a url").is_loopback());
+    }
+
+    /// The join's abort handle is in the slot while the join waits: an
+    /// abort from the heartbeat thread ends a join that would otherwise
+    /// wait out its timeout (a peer died during bootstrap).
+    #[test]
+    fn a_join_waiting_on_a_dead_peer_can_be_aborted() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        #[derive(Default)]
+        struct Flag(AtomicBool);
+        impl CollectiveAbort for Flag {
+            fn abort(&self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        struct FakeJoin(Arc<Flag>);
+        impl Joining for FakeJoin {
+            fn abort_handle(&self) -> Arc<dyn CollectiveAbort> {
+                self.0.clone()
+            }
+            fn wait(self) -> Result<Box<dyn GradientSync>, CollectiveError> {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    if self.0.0.load(Ordering::SeqCst) {
+                        return Err(CollectiveError::Bootstrap {
+                            generation: 4,
+                            reason: "aborted".to_owned(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                panic!("the join was not aborted: its handle was not registered");
+            }
+        }
+        let slot = AbortSlot::default();
+        let heartbeat = {
+            let slot = slot.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                slot.abort_below(5);
+            })
+        };
+        let started = Instant::now();
+        let e = join_abortable(&slot, 4, FakeJoin(Arc::new(Flag::default())))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("aborted"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        heartbeat.join().unwrap();
     }
 
     #[test]
