@@ -16,13 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use swiftbrush_proto::rpc;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 use super::link::{CoordinatorLink, Reaction, RpcError};
 pub use crate::collective::Backend;
+use crate::collective::buckets::DEFAULT_BUCKET_BYTES;
 use crate::collective::nccl::{self, NcclAbortHandle, NcclComm, NcclError, NcclJoin, NcclOptions};
 use crate::collective::tcp_ring::{RingAbort, RingOptions, TcpRing};
-use crate::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
+use crate::trainer::gradient_sync::{GradientSync, SingleProcess, StepVote, SyncError};
 
 /// The collective backends this worker can run on `device` (sent with
 /// Register).
@@ -154,11 +155,44 @@ pub fn form(
     slot: &AbortSlot,
     device: Device,
 ) -> Result<Box<dyn GradientSync>, CollectiveError> {
-    match world.backend {
-        _ if world.world_size == 1 => Ok(Box::new(SingleProcess)),
-        Backend::Tcp => tcp_ring(link, world, options, slot),
-        Backend::Nccl => nccl_comm(link, world, options, slot, device),
+    let mut sync = match world.backend {
+        _ if world.world_size == 1 => return Ok(Box::new(SingleProcess)),
+        Backend::Tcp => tcp_ring(link, world, options, slot)?,
+        Backend::Nccl => nccl_comm(link, world, options, slot, device)?,
+    };
+    warm_up(sync.as_mut(), device, warm_up_elements(world.backend))?;
+    Ok(sync)
+}
+
+/// How many float32 elements the warm-up all-reduce takes: one gradient
+/// bucket for NCCL (its buffers are what the warm-up allocates), a few for
+/// the ring (whose buffers are the host's).
+pub fn warm_up_elements(backend: Backend) -> i64 {
+    match backend {
+        Backend::Nccl => (DEFAULT_BUCKET_BYTES / 4) as i64,
+        Backend::Tcp => 1024,
     }
+}
+
+/// Runs what a step's collectives run, once, right after the communicator
+/// is created and before the first step: a float32 all-reduce of
+/// `elements` on `device` and one vote (issue 30, item 1). NCCL connects
+/// lazily and allocates its channel buffers (0.5-2 GB, outside libtorch's
+/// caching allocator) at the first collective; without this that is the
+/// first student all-reduce, right after the first backward, at the
+/// step's memory peak, where a batch that fits would fail.
+pub fn warm_up(
+    sync: &mut dyn GradientSync,
+    device: Device,
+    elements: i64,
+) -> Result<(), SyncError> {
+    let t = Tensor::zeros([elements], (Kind::Float, device));
+    sync.all_reduce_mean(std::slice::from_ref(&t))?;
+    sync.vote(StepVote {
+        finite: true,
+        ..StepVote::default()
+    })?;
+    Ok(())
 }
 
 /// A communicator created and joining its world, whose join an abort
@@ -437,6 +471,49 @@ mod tests {
     fn loopback_coordinators_are_reached_over_loopback() {
         assert!(local_ip_towards("http://127.0.0.1:50051").is_loopback());
         assert!(local_ip_towards("not a url").is_loopback());
+    }
+
+    /// What a fake communicator was asked to do, in order.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<String>,
+    }
+
+    impl GradientSync for Recorder {
+        fn rank(&self) -> u64 {
+            0
+        }
+        fn world_size(&self) -> u64 {
+            2
+        }
+        fn all_reduce_mean(&mut self, grads: &[Tensor]) -> Result<(), SyncError> {
+            for g in grads {
+                self.calls.push(format!(
+                    "all_reduce {:?} {:?} {}",
+                    g.kind(),
+                    g.device(),
+                    g.numel()
+                ));
+            }
+            Ok(())
+        }
+        fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError> {
+            self.calls.push(format!("all_sum {}", values.len()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_warm_up_runs_a_bucket_sized_fp32_all_reduce_and_one_vote() {
+        let mut r = Recorder::default();
+        warm_up(&mut r, Device::Cpu, warm_up_elements(Backend::Nccl)).unwrap();
+        assert_eq!(
+            r.calls,
+            vec![
+                format!("all_reduce Float Cpu {}", DEFAULT_BUCKET_BYTES / 4),
+                "all_sum 3".to_owned()
+            ]
+        );
     }
 
     /// The join's abort handle is in the slot while the join waits: an
