@@ -4,7 +4,9 @@
 // per-tensor loop ran (same ops, same scalars, same order), so on the CPU,
 // where libtorch runs a foreach op tensor by tensor, the results are the
 // same bit for bit; on CUDA they become a few multi-tensor kernels instead
-// of one launch per parameter and op.
+// of one launch per parameter and op. The callers pass the parameter list
+// in chunks (foreach.rs, `chunks`), so the temporaries below are bounded by
+// a chunk, not the model.
 //
 // Tensors cross as tch's handles: an `at::Tensor*` each (torch-sys's
 // `tensor` type); copies of an at::Tensor share its storage, so in-place
@@ -53,8 +55,12 @@ extern "C" int32_t sb_foreach_adam_step(void* const* params, void* const* grads,
     auto v = list(exp_avg_sq, n);
     at::_foreach_lerp_(m, g, one_minus_beta1);       // m.lerp_(g, 1 - b1)
     at::_foreach_mul_(v, beta2);                      // v *= b2
-    auto scaled = at::_foreach_mul(g, one_minus_beta2);  // g * (1 - b2)
-    at::_foreach_addcmul_(v, scaled, g);              // v += g (1 - b2) * g
+    {
+      // Freed before `denom`: at most two temporary lists are alive at once
+      // (the caller bounds each by its chunk, foreach.rs).
+      auto scaled = at::_foreach_mul(g, one_minus_beta2);  // g * (1 - b2)
+      at::_foreach_addcmul_(v, scaled, g);                 // v += g (1 - b2) * g
+    }
     auto denom = at::_foreach_sqrt(v);                // sqrt(v) / sqrt(bias2) + eps
     at::_foreach_div_(denom, bias2_sqrt);
     at::_foreach_add_(denom, eps);

@@ -14,6 +14,8 @@ pub struct Ema {
     shadow: Vec<Tensor>,
     /// EMA updates applied so far (diffusers' optimization_step).
     num_updates: i64,
+    /// Parameter bytes per multi-tensor call (crate::torch::foreach).
+    chunk_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +40,15 @@ impl Ema {
             names,
             shadow,
             num_updates: 0,
+            chunk_bytes: crate::torch::foreach::CHUNK_BYTES,
         }
+    }
+
+    /// How many bytes of weights one multi-tensor update takes at most
+    /// (default [`crate::torch::foreach::CHUNK_BYTES`]); the results do not
+    /// depend on it.
+    pub fn set_chunk_bytes(&mut self, bytes: usize) {
+        self.chunk_bytes = bytes.max(1);
     }
 
     /// The decay diffusers uses at optimization step `n` (1-based).
@@ -64,12 +74,17 @@ impl Ema {
                     ps.push(p.shallow_clone());
                 }
             }
-            let done = crate::torch::foreach::ema_update(&ss, &ps, one_minus)
-                .unwrap_or_else(|e| panic!("EMA update: {e}"));
-            if !done {
-                for (s, p) in ss.iter_mut().zip(&ps) {
-                    let delta = (&*s - p.to_kind(s.kind())) * one_minus;
-                    let _ = s.g_sub_(&delta);
+            // A chunk at a time: `delta` is bounded by the chunk.
+            let bytes = crate::torch::foreach::tensor_bytes(&ss);
+            for r in crate::torch::foreach::chunks(&bytes, self.chunk_bytes) {
+                let (ss, ps) = (&mut ss[r.clone()], &ps[r]);
+                let done = crate::torch::foreach::ema_update(ss, ps, one_minus)
+                    .unwrap_or_else(|e| panic!("EMA update: {e}"));
+                if !done {
+                    for (s, p) in ss.iter_mut().zip(ps) {
+                        let delta = (&*s - p.to_kind(s.kind())) * one_minus;
+                        let _ = s.g_sub_(&delta);
+                    }
                 }
             }
         });

@@ -228,16 +228,16 @@ fn attach_conv(
 }
 
 /// PEFT: kaiming_uniform_(a = sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+/// Drawn on the CPU from the seeded generator and copied to the store's
+/// device, so the adapters start the same whatever the device (CUDA's
+/// Philox lays its draws out by the GPU's SM count); on the CPU this is the
+/// draw `nn::Init::Uniform` made, bit for bit.
 fn kaiming_uniform_a(p: &nn::Path, shape: &[i64], fan_in: i64) -> Result<Tensor, LoraError> {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    Ok(p.sub("lora_A").f_var(
-        "weight",
-        shape,
-        nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?)
+    let drawn = tch::no_grad(|| {
+        Tensor::f_zeros(shape, (p.kind(), Device::Cpu))?.f_uniform_(-bound, bound)
+    })?;
+    Ok(p.sub("lora_A").f_var_copy("weight", &drawn)?)
 }
 
 fn projection<'a>(attn: &'a mut Attention, target: &str) -> &'a mut Linear {

@@ -46,6 +46,8 @@ pub struct Adam {
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     step: i64,
+    /// Parameter bytes per multi-tensor call (crate::torch::foreach).
+    chunk_bytes: usize,
 }
 
 impl Adam {
@@ -64,7 +66,15 @@ impl Adam {
             exp_avg,
             exp_avg_sq,
             step: 0,
+            chunk_bytes: crate::torch::foreach::CHUNK_BYTES,
         }
+    }
+
+    /// How many bytes of parameters one multi-tensor call takes at most
+    /// (default [`crate::torch::foreach::CHUNK_BYTES`]); the results do not
+    /// depend on it.
+    pub fn set_chunk_bytes(&mut self, bytes: usize) {
+        self.chunk_bytes = bytes.max(1);
     }
 
     pub fn config(&self) -> &AdamConfig {
@@ -94,21 +104,19 @@ impl Adam {
         let step_size = c.lr / bias1;
         tch::no_grad(|| {
             // The parameters with a gradient, as aligned lists for the
-            // multi-tensor step (crate::torch::foreach); the per-tensor loop below
-            // is the same arithmetic, for what it does not take.
-            let (mut ps, mut gs, mut ms, mut vs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            // multi-tensor step (crate::torch::foreach), taken a chunk at a
+            // time so its temporaries (and the weight-decayed gradients) are
+            // bounded by the chunk; the per-tensor loop below is the same
+            // arithmetic, for what it does not take.
+            let (mut ps, mut raw, mut ms, mut vs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let g = if c.weight_decay != 0.0 {
-                    &g + p * c.weight_decay
-                } else {
-                    g
-                };
                 ps.push(p.shallow_clone());
-                gs.push(g);
+                raw.push(g);
                 ms.push(m.shallow_clone());
                 vs.push(v.shallow_clone());
             }
@@ -120,17 +128,33 @@ impl Adam {
                 eps: c.eps,
                 step_size,
             };
-            let done = crate::torch::foreach::adam_step(&ps, &gs, &ms, &vs, scalars)
-                .unwrap_or_else(|e| panic!("Adam step: {e}"));
-            if done {
-                return;
-            }
-            for (((p, g), m), v) in ps.iter_mut().zip(&gs).zip(ms.iter_mut()).zip(vs.iter_mut()) {
-                let _ = m.lerp_(g, 1.0 - c.beta1);
-                let _ = v.g_mul_scalar_(c.beta2);
-                let _ = v.addcmul_(&(g * (1.0 - c.beta2)), g);
-                let denom = v.sqrt() / bias2_sqrt + c.eps;
-                let _ = p.g_sub_(&(&*m / denom * step_size));
+            let bytes = crate::torch::foreach::tensor_bytes(&ps);
+            for r in crate::torch::foreach::chunks(&bytes, self.chunk_bytes) {
+                let (ps, ms, vs) = (&mut ps[r.clone()], &mut ms[r.clone()], &mut vs[r.clone()]);
+                let gs: Vec<Tensor> = ps
+                    .iter()
+                    .zip(&raw[r])
+                    .map(|(p, g)| {
+                        if c.weight_decay != 0.0 {
+                            g + p * c.weight_decay
+                        } else {
+                            g.shallow_clone()
+                        }
+                    })
+                    .collect();
+                let done = crate::torch::foreach::adam_step(ps, &gs, ms, vs, scalars)
+                    .unwrap_or_else(|e| panic!("Adam step: {e}"));
+                if done {
+                    continue;
+                }
+                for (((p, g), m), v) in ps.iter_mut().zip(&gs).zip(ms.iter_mut()).zip(vs.iter_mut())
+                {
+                    let _ = m.lerp_(g, 1.0 - c.beta1);
+                    let _ = v.g_mul_scalar_(c.beta2);
+                    let _ = v.addcmul_(&(g * (1.0 - c.beta2)), g);
+                    let denom = v.sqrt() / bias2_sqrt + c.eps;
+                    let _ = p.g_sub_(&(&*m / denom * step_size));
+                }
             }
         });
     }

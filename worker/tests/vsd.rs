@@ -309,6 +309,47 @@ fn lora_teacher_equals_teacher_at_init_and_differs_after_a_step() {
     assert_eq!(common::max_abs_diff(&again, &after), 0.0);
 }
 
+/// Issue 30, item 6: the adapters' initial values do not depend on the
+/// device the teacher is on. A is drawn on the CPU from the seeded
+/// generator and copied to the device (on CUDA, Philox's layout follows
+/// the GPU's SM count), so every rank of a mixed world starts from the same
+/// adapters. On the CPU both sides are the CPU; scripts/gpu-check runs it
+/// on the GPU (SWIFTBRUSH_TEST_DEVICE), comparing CUDA with the CPU.
+#[test]
+fn lora_init_is_the_same_on_every_device() {
+    use swiftbrush_worker::pipeline::DiffusersFolder;
+    use swiftbrush_worker::vsd::TeacherUNet;
+    let folder = DiffusersFolder::open(&common::pipeline("sd1")).unwrap();
+    let init = |device: Device| {
+        let unet = UNet::load(&folder, device).unwrap();
+        tch::manual_seed(1234);
+        let t = TeacherUNet::new(unet, &conv_spec()).unwrap();
+        t.lora
+            .named_parameters()
+            .into_iter()
+            .map(|(n, v)| (n, v.to(Device::Cpu)))
+            .collect::<Vec<_>>()
+    };
+    let (on_device, on_cpu) = (init(common::device()), init(Device::Cpu));
+    assert_eq!(on_device.len(), on_cpu.len());
+    let mut worst = 0f64;
+    for ((na, a), (nb, b)) in on_device.iter().zip(&on_cpu) {
+        assert_eq!(na, nb);
+        assert_eq!(a.size(), b.size(), "{na}");
+        worst = worst.max(common::max_abs_diff(a, b));
+        if na.contains("lora_A") {
+            assert!(a.abs().max().double_value(&[]) > 0.0, "{na} not drawn");
+        }
+    }
+    common::report("LoRA init on the device vs the CPU", worst, 0.0);
+    assert_eq!(
+        worst,
+        0.0,
+        "adapters differ between {:?} and the CPU",
+        common::device()
+    );
+}
+
 /// The step runs the teacher and the LoRA teacher as one pass of twice the
 /// batch (`Scores::both`, adapters on the second half only): it must give
 /// what the two passes give, with the golden adapters (B != 0) on the

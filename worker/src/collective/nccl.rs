@@ -136,6 +136,8 @@ enum State {
 /// What the communicator and its abort handles share.
 struct Shared {
     lib: &'static NcclLib,
+    /// The communicator's CUDA device, made current on the aborting thread.
+    device: usize,
     abort_requested: AtomicBool,
     state: Mutex<State>,
 }
@@ -162,6 +164,15 @@ impl Shared {
     fn abort(&self) {
         let mut state = self.lock();
         if let State::Live(c) = &*state {
+            // ncclCommAbort switches to the communicator's device and back
+            // to the thread's current one: on a thread that never chose one
+            // (the heartbeat's), that is device 0, and switching back
+            // creates a CUDA context there (0.3-0.5 GB of GPU 0 per worker
+            // at every re-formation). Choose the communicator's first
+            // (issue 30, item 2).
+            if let Err(e) = cuda::set_device(self.device) {
+                tracing::warn!(device = self.device, error = %e, "cannot set the device before ncclCommAbort");
+            }
             // SAFETY: a live communicator, not used concurrently (lock held);
             // after this it is never touched again.
             let rc = unsafe { (self.lib.comm_abort)(c.0) };
@@ -206,6 +217,43 @@ pub struct NcclComm {
     shared: Arc<Shared>,
 }
 
+/// A communicator created by [`NcclComm::init`] whose join is under way.
+/// Dropping it aborts the communicator.
+pub struct NcclJoin {
+    comm: NcclComm,
+    /// What ncclCommInitRankConfig returned.
+    rc: NcclResult,
+    deadline: Instant,
+}
+
+impl NcclJoin {
+    /// A handle that can abort the join (and then the communicator) from
+    /// another thread.
+    pub fn abort_handle(&self) -> NcclAbortHandle {
+        self.comm.abort_handle()
+    }
+
+    /// Waits until every rank has joined (or an abort, an error, the
+    /// timeout: the communicator is then aborted).
+    pub fn wait(self) -> Result<NcclComm, NcclError> {
+        let comm = self.comm;
+        comm.after_call(
+            "ncclCommInitRankConfig",
+            self.rc,
+            "joining the NCCL world",
+            self.deadline,
+        )?;
+        tracing::info!(
+            rank = comm.rank,
+            world_size = comm.world_size,
+            device = comm.device,
+            nccl = %nccl_lib::version_string(comm.shared.lib.version),
+            "joined the NCCL world"
+        );
+        Ok(comm)
+    }
+}
+
 /// Polling intervals while waiting for NCCL or the GPU: short at first (a
 /// collective often finishes within microseconds of the call), then capped
 /// so an idle wait costs little CPU.
@@ -234,7 +282,7 @@ impl NcclComm {
     }
 
     /// Joins the world as `rank` of `world_size` on `device`, with rank 0's
-    /// `unique_id`.
+    /// `unique_id`: [`Self::init`], then [`NcclJoin::wait`].
     pub fn new(
         device: Device,
         rank: u64,
@@ -242,6 +290,21 @@ impl NcclComm {
         unique_id: &[u8],
         options: NcclOptions,
     ) -> Result<Self, NcclError> {
+        Self::init(device, rank, world_size, unique_id, options)?.wait()
+    }
+
+    /// Starts joining the world: creates the (nonblocking) communicator and
+    /// returns at once, before the peers are connected. The join's
+    /// [`NcclJoin::abort_handle`] can end it from another thread while
+    /// [`NcclJoin::wait`] waits (issue 30, item 4: a peer dying during
+    /// bootstrap then costs an abort, not `options.timeout`).
+    pub fn init(
+        device: Device,
+        rank: u64,
+        world_size: u64,
+        unique_id: &[u8],
+        options: NcclOptions,
+    ) -> Result<NcclJoin, NcclError> {
         let Device::Cuda(index) = device else {
             return Err(NcclError::NotCuda {
                 device: format!("{device:?}"),
@@ -276,25 +339,16 @@ impl NcclComm {
             options,
             shared: Arc::new(Shared {
                 lib,
+                device: index,
                 abort_requested: AtomicBool::new(false),
                 state: Mutex::new(State::Live(CommPtr(raw))),
             }),
         };
-        let deadline = Instant::now() + options.timeout;
-        comm.after_call(
-            "ncclCommInitRankConfig",
+        Ok(NcclJoin {
+            comm,
             rc,
-            "joining the NCCL world",
-            deadline,
-        )?;
-        tracing::info!(
-            rank,
-            world_size,
-            device = index,
-            nccl = %nccl_lib::version_string(lib.version),
-            "joined the NCCL world"
-        );
-        Ok(comm)
+            deadline: Instant::now() + options.timeout,
+        })
     }
 
     /// A handle that can abort this communicator from another thread.

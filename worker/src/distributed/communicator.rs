@@ -16,13 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use swiftbrush_proto::rpc;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 use super::link::{CoordinatorLink, Reaction, RpcError};
 pub use crate::collective::Backend;
-use crate::collective::nccl::{self, NcclAbortHandle, NcclComm, NcclError, NcclOptions};
+use crate::collective::buckets::DEFAULT_BUCKET_BYTES;
+use crate::collective::nccl::{self, NcclAbortHandle, NcclComm, NcclError, NcclJoin, NcclOptions};
 use crate::collective::tcp_ring::{RingAbort, RingOptions, TcpRing};
-use crate::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
+use crate::trainer::gradient_sync::{GradientSync, SingleProcess, StepVote, SyncError};
 
 /// The collective backends this worker can run on `device` (sent with
 /// Register).
@@ -154,11 +155,72 @@ pub fn form(
     slot: &AbortSlot,
     device: Device,
 ) -> Result<Box<dyn GradientSync>, CollectiveError> {
-    match world.backend {
-        _ if world.world_size == 1 => Ok(Box::new(SingleProcess)),
-        Backend::Tcp => tcp_ring(link, world, options, slot),
-        Backend::Nccl => nccl_comm(link, world, options, slot, device),
+    let mut sync = match world.backend {
+        _ if world.world_size == 1 => return Ok(Box::new(SingleProcess)),
+        Backend::Tcp => tcp_ring(link, world, options, slot)?,
+        Backend::Nccl => nccl_comm(link, world, options, slot, device)?,
+    };
+    warm_up(sync.as_mut(), device, warm_up_elements(world.backend))?;
+    Ok(sync)
+}
+
+/// How many float32 elements the warm-up all-reduce takes: one gradient
+/// bucket for NCCL (its buffers are what the warm-up allocates), a few for
+/// the ring (whose buffers are the host's).
+pub fn warm_up_elements(backend: Backend) -> i64 {
+    match backend {
+        Backend::Nccl => (DEFAULT_BUCKET_BYTES / 4) as i64,
+        Backend::Tcp => 1024,
     }
+}
+
+/// Runs what a step's collectives run, once, right after the communicator
+/// is created and before the first step: a float32 all-reduce of
+/// `elements` on `device` and one vote (issue 30, item 1). NCCL connects
+/// lazily and allocates its channel buffers (0.5-2 GB, outside libtorch's
+/// caching allocator) at the first collective; without this that is the
+/// first student all-reduce, right after the first backward, at the
+/// step's memory peak, where a batch that fits would fail.
+pub fn warm_up(
+    sync: &mut dyn GradientSync,
+    device: Device,
+    elements: i64,
+) -> Result<(), SyncError> {
+    let t = Tensor::zeros([elements], (Kind::Float, device));
+    sync.all_reduce_mean(std::slice::from_ref(&t))?;
+    sync.vote(StepVote {
+        finite: true,
+        ..StepVote::default()
+    })?;
+    Ok(())
+}
+
+/// A communicator created and joining its world, whose join an abort
+/// handle can end.
+trait Joining {
+    fn abort_handle(&self) -> Arc<dyn CollectiveAbort>;
+    fn wait(self) -> Result<Box<dyn GradientSync>, CollectiveError>;
+}
+
+impl Joining for NcclJoin {
+    fn abort_handle(&self) -> Arc<dyn CollectiveAbort> {
+        Arc::new(NcclJoin::abort_handle(self))
+    }
+    fn wait(self) -> Result<Box<dyn GradientSync>, CollectiveError> {
+        Ok(Box::new(NcclJoin::wait(self)?))
+    }
+}
+
+/// Registers the join's abort handle in `slot`, then waits for the join
+/// (issue 30, item 4): a peer dying during bootstrap is then ended by the
+/// heartbeat thread's abort, not by the timeout.
+fn join_abortable<J: Joining>(
+    slot: &AbortSlot,
+    generation: u64,
+    joining: J,
+) -> Result<Box<dyn GradientSync>, CollectiveError> {
+    slot.set(generation, joining.abort_handle());
+    joining.wait()
 }
 
 /// Rank 0 makes the NCCL unique id and publishes it (its process hosts
@@ -186,7 +248,7 @@ fn nccl_comm(
                 reason: "no NCCL unique id from rank 0".to_owned(),
             })?
     };
-    let comm = NcclComm::new(
+    let joining = NcclComm::init(
         device,
         u64::from(world.rank),
         u64::from(world.world_size),
@@ -196,8 +258,7 @@ fn nccl_comm(
             ..NcclOptions::default()
         },
     )?;
-    slot.set(world.generation, Arc::new(comm.abort_handle()));
-    Ok(Box::new(comm))
+    join_abortable(slot, world.generation, joining)
 }
 
 fn tcp_ring(
@@ -410,6 +471,98 @@ mod tests {
     fn loopback_coordinators_are_reached_over_loopback() {
         assert!(local_ip_towards("http://127.0.0.1:50051").is_loopback());
         assert!(local_ip_towards("not a url").is_loopback());
+    }
+
+    /// What a fake communicator was asked to do, in order.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<String>,
+    }
+
+    impl GradientSync for Recorder {
+        fn rank(&self) -> u64 {
+            0
+        }
+        fn world_size(&self) -> u64 {
+            2
+        }
+        fn all_reduce_mean(&mut self, grads: &[Tensor]) -> Result<(), SyncError> {
+            for g in grads {
+                self.calls.push(format!(
+                    "all_reduce {:?} {:?} {}",
+                    g.kind(),
+                    g.device(),
+                    g.numel()
+                ));
+            }
+            Ok(())
+        }
+        fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError> {
+            self.calls.push(format!("all_sum {}", values.len()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_warm_up_runs_a_bucket_sized_fp32_all_reduce_and_one_vote() {
+        let mut r = Recorder::default();
+        warm_up(&mut r, Device::Cpu, warm_up_elements(Backend::Nccl)).unwrap();
+        assert_eq!(
+            r.calls,
+            vec![
+                format!("all_reduce Float Cpu {}", DEFAULT_BUCKET_BYTES / 4),
+                "all_sum 3".to_owned()
+            ]
+        );
+    }
+
+    /// The join's abort handle is in the slot while the join waits: an
+    /// abort from the heartbeat thread ends a join that would otherwise
+    /// wait out its timeout (a peer died during bootstrap).
+    #[test]
+    fn a_join_waiting_on_a_dead_peer_can_be_aborted() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        #[derive(Default)]
+        struct Flag(AtomicBool);
+        impl CollectiveAbort for Flag {
+            fn abort(&self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        struct FakeJoin(Arc<Flag>);
+        impl Joining for FakeJoin {
+            fn abort_handle(&self) -> Arc<dyn CollectiveAbort> {
+                self.0.clone()
+            }
+            fn wait(self) -> Result<Box<dyn GradientSync>, CollectiveError> {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    if self.0.0.load(Ordering::SeqCst) {
+                        return Err(CollectiveError::Bootstrap {
+                            generation: 4,
+                            reason: "aborted".to_owned(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                panic!("the join was not aborted: its handle was not registered");
+            }
+        }
+        let slot = AbortSlot::default();
+        let heartbeat = {
+            let slot = slot.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                slot.abort_below(5);
+            })
+        };
+        let started = Instant::now();
+        let e = join_abortable(&slot, 4, FakeJoin(Arc::new(Flag::default())))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("aborted"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        heartbeat.join().unwrap();
     }
 
     #[test]
