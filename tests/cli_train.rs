@@ -464,6 +464,34 @@ fn extending_a_run_is_no_config_change_and_a_real_one_is_named() {
     assert!(!log.contains("train.max_steps"), "{log}");
 }
 
+/// Issue 28: `method.lora.rank: 100000` on the tiny fixture trained
+/// silently with 6.5 GB of memory (21 s a step). A rank above what a
+/// targeted layer can use is refused, naming the layer and its limit.
+#[test]
+fn a_lora_rank_above_a_layers_size_is_refused_naming_the_layer() {
+    let dir = setup();
+    let d = dir.path();
+    let tiny = std::fs::read_to_string(CONFIG).unwrap();
+    let huge = tiny.replacen("    rank: 4\n", "    rank: 100000\n", 1);
+    assert_ne!(huge, tiny);
+    let path = d.join("huge.yaml");
+    std::fs::write(&path, huge).unwrap();
+    let out = train_with(
+        path.to_str().unwrap(),
+        d,
+        &["--run-dir", "run", "--max-steps", "1"],
+        &[],
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("method.lora.rank = 100000 is larger than") && e.contains(".to_q allows"),
+        "{e}"
+    );
+    assert!(e.contains("use a rank of at most"), "{e}");
+    assert!(!d.join("run/checkpoints").exists(), "nothing was trained");
+}
+
 /// Runs tests/reference/check_tensorboard.py (TensorBoard's own loader,
 /// which checks every record's CRCs) on a run directory.
 fn tensorboard_files(run: &Path) -> serde_json::Value {

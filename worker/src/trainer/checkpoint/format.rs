@@ -4,8 +4,8 @@
 //! ([`TrainState`]); a [`Snapshot`] of them serialized to host bytes on the
 //! training thread, and a committed checkpoint read back ([`Restored`]).
 
-use swiftbrush_proto::JobConfig;
 use std::collections::HashMap;
+use swiftbrush_proto::JobConfig;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -149,7 +149,9 @@ pub fn read_checkpoint(store: &RunStore, manifest: &Manifest) -> Result<Restored
             let bytes = store.read_manifest_file(manifest, CONFIG)?;
             let text = String::from_utf8_lossy(&bytes);
             JobConfig::from_yaml_str(&text, CONFIG)
-                .inspect_err(|e| tracing::debug!(error = %e, "the checkpoint's config is not readable"))
+                .inspect_err(
+                    |e| tracing::debug!(error = %e, "the checkpoint's config is not readable"),
+                )
                 .ok()
         }
         None => None,
