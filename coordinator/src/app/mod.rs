@@ -140,6 +140,26 @@ impl Coordinator {
                     }
                 });
             }
+            Effect::VerifyCheckpoint { step } => {
+                tracing::warn!(
+                    step,
+                    "a world failed before training past its checkpoint: verifying it"
+                );
+                let this = self.clone();
+                let step = *step;
+                tokio::spawn(async move {
+                    let newest = this
+                        .store()
+                        .latest_verified()
+                        .await
+                        .map(|m| m.map(|m| m.step))
+                        .map_err(|e| e.to_string());
+                    if let Err(e) = &newest {
+                        tracing::warn!(step, error = %e, "could not verify the checkpoint");
+                    }
+                    this.transition(|s, _| s.checkpoint_checked(step, newest));
+                });
+            }
             // Leaving on purpose and completing are how things should go.
             Effect::WorkerDied { departure, .. } if !departure.is_failure() => {
                 tracing::info!(effect = %json(effect), "coordinator");

@@ -66,6 +66,11 @@ pub enum Effect {
     ApplyRetention {
         keep_last: u32,
     },
+    /// Verify the committed checkpoint at `step` (every file's sha256)
+    /// and set it aside if it is corrupt; report with `checkpoint_checked`.
+    VerifyCheckpoint {
+        step: u64,
+    },
     JobEnded {
         phase: JobPhase,
         reason: String,

@@ -89,10 +89,25 @@ impl CoordinatorState {
         let Some(world) = job.world.take() else {
             return;
         };
+        // A world that fails before any member trained past its resume
+        // step may have failed restoring it: a checkpoint that became
+        // corrupt after it was committed would break every world that
+        // resumes from it. It is verified before the next world forms.
+        let never_trained = world.members.iter().all(|id| {
+            self.workers
+                .get(id)
+                .is_none_or(|w| w.step <= world.resume_step)
+        });
         for id in &world.members {
             if let Some(worker) = self.workers.get_mut(id) {
                 worker.rank = None;
             }
+        }
+        if failure && never_trained && world.resume_step > 0 && job.verifying.is_none() {
+            job.verifying = Some(world.resume_step);
+            self.effects.push(Effect::VerifyCheckpoint {
+                step: world.resume_step,
+            });
         }
         let from = job.generation;
         job.generation += 1;
@@ -131,6 +146,33 @@ impl CoordinatorState {
         job.phase = JobPhase::Reforming;
         job.phase_since = now;
         job.reason = reason;
+    }
+
+    /// The verification of the committed checkpoint at `step` ended:
+    /// `newest_valid` is the newest checkpoint that verifies now (corrupt
+    /// newer ones were set aside), None when none does, or Err when the
+    /// store could not be read (nothing changes: the next failure checks
+    /// again). A corrupt committed checkpoint moves the job back to the
+    /// newest good one, so the next world resumes from there.
+    pub fn checkpoint_checked(&mut self, step: u64, newest_valid: Result<Option<u64>, String>) {
+        let Some(job) = self.job.as_mut() else {
+            return;
+        };
+        if job.verifying != Some(step) {
+            return;
+        }
+        job.verifying = None;
+        let Ok(newest) = newest_valid else {
+            return;
+        };
+        let newest = newest.unwrap_or(0);
+        if newest < job.committed_step && job.world.is_none() {
+            job.reason = format!(
+                "the checkpoint of step {} is corrupt and was set aside; resuming from step {newest}",
+                job.committed_step
+            );
+            job.committed_step = newest;
+        }
     }
 
     /// Moves the job to a terminal phase and releases every rank.

@@ -83,6 +83,14 @@ impl CoordinatorState {
                 500,
             );
         }
+        if let Some(step) = job.verifying {
+            return wait(
+                format!("verifying the checkpoint of step {step} before resuming from it"),
+                n,
+                min,
+                500,
+            );
+        }
         if now < job.not_before {
             return wait(
                 format!("backing off after restart {}", job.restarts),

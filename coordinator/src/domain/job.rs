@@ -212,6 +212,10 @@ pub struct Job {
     pub resize_at: Option<u64>,
     /// A cancel waiting for its final checkpoint (only while a world runs).
     pub stop_at: Option<StopAt>,
+    /// The committed step being verified before a world resumes from it
+    /// again (a world broke before training past it): no world forms
+    /// meanwhile.
+    pub verifying: Option<u64>,
     pub step_rate: StepRate,
     pub captions_served: u64,
     pub checkpoints_committed: u64,

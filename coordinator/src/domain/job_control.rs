@@ -42,6 +42,7 @@ impl CoordinatorState {
             commit_in_flight: None,
             resize_at: None,
             stop_at: None,
+            verifying: None,
             step_rate: Default::default(),
             captions_served: 0,
             checkpoints_committed: 0,

@@ -291,3 +291,64 @@ fn a_worker_that_has_not_loaded_the_teacher_waits_and_is_sent_the_job() {
         .unwrap_err();
     assert!(err.to_string().contains("the-checkpoints"), "{err}");
 }
+
+#[test]
+fn a_world_that_fails_before_training_has_its_checkpoint_verified_first() {
+    // Issue 28: a checkpoint that became corrupt while the job ran broke
+    // every re-formed world until the coordinator restarted.
+    let mut sim = Sim::with_job(spec(1, 2));
+    let ws = sim.world_of(2);
+    let (a, b) = (ws[0], ws[1]);
+    sim.beat_all(&ws, 10);
+    sim.commit(a, 10);
+    // A failure after training (steps past the resume step 0): no check.
+    sim.apply(|s, now| s.declare_dead(b, Departure::HeartbeatTimeout { silent_ms: 0 }, now));
+    assert_eq!(sim.state.job().and_then(|j| j.verifying), None);
+    // The next world resumes at 10 and fails before training past it (a
+    // member cannot restore the checkpoint): verify before another world.
+    sim.waiting(a);
+    sim.advance(3_000);
+    assert_eq!(sim.assigned(a).resume_step, 10);
+    let c = sim.register("host-c");
+    sim.apply(|s, now| s.fail_worker(a, "checkpoint step 10: sha256 mismatch".to_owned(), now))
+        .unwrap();
+    assert_eq!(sim.state.job().and_then(|j| j.verifying), Some(10));
+    assert!(
+        sim.effects
+            .iter()
+            .any(|e| matches!(e, Effect::VerifyCheckpoint { step: 10 }))
+    );
+    sim.rendezvous(c);
+    sim.advance(10_000);
+    let wait = sim.waiting(c);
+    assert!(
+        wait.reason.contains("verifying the checkpoint of step 10"),
+        "{wait:?}"
+    );
+    // Step 10 was corrupt and set aside; the newest good one is step 6.
+    sim.apply(|s, _| s.checkpoint_checked(10, Ok(Some(6))));
+    assert_eq!(sim.state.job().map(|j| j.committed_step), Some(6));
+    sim.advance(1_000);
+    assert_eq!(sim.assigned(c).resume_step, 6);
+}
+
+#[test]
+fn a_checkpoint_that_verifies_or_cannot_be_read_changes_nothing() {
+    let mut sim = Sim::with_job(spec(1, 1));
+    let a = sim.world_of(1)[0];
+    sim.beat_all(&[a], 4);
+    sim.commit(a, 4);
+    sim.apply(|s, now| s.declare_dead(a, Departure::HeartbeatTimeout { silent_ms: 0 }, now));
+    let b = sim.register("host-b");
+    sim.rendezvous(b);
+    sim.advance(3_000);
+    sim.assigned(b);
+    sim.apply(|s, now| s.fail_worker(b, "lost".to_owned(), now))
+        .unwrap();
+    assert_eq!(sim.state.job().and_then(|j| j.verifying), Some(4));
+    sim.apply(|s, _| s.checkpoint_checked(4, Err("store unreachable".to_owned())));
+    assert_eq!(
+        sim.state.job().map(|j| (j.committed_step, j.verifying)),
+        Some((4, None))
+    );
+}
