@@ -326,7 +326,7 @@ fn cancel_stops_a_running_job_after_a_final_checkpoint() {
     };
     // The coordinator asks for the step after the newest it has heard of;
     // workers whose heartbeat lagged checkpoint at their next boundary.
-    let asked = number_after("a final checkpoint at step ");
+    let asked = number_after("a final checkpoint at its first step boundary from step ");
     let step = number_after("newest checkpoint at step ");
     assert!(step >= asked, "{cancelled}");
     assert!(

@@ -130,6 +130,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         caption_audit: args.caption_audit,
         micro_batch: args.micro_batch,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        // Not told how many workers share this host: the world says.
+        world_threads: plan.shares_with_world(),
     };
     let summary = distributed::run_worker(options)?;
     let trained = summary.train.as_ref().map_or_else(

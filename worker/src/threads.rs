@@ -122,6 +122,27 @@ pub struct ThreadRequest {
     pub local_workers: Option<u32>,
 }
 
+impl ThreadPlan {
+    /// The cores to share among this host's workers of each world, when
+    /// nothing said how many workers share the host (the share then
+    /// assumed it alone): the coordinator's assignment tells.
+    pub fn shares_with_world(&self) -> Option<u32> {
+        match &self.source {
+            ThreadSource::Share {
+                cores,
+                local_workers_from,
+                ..
+            } if local_workers_from == "default" => Some(*cores),
+            _ => None,
+        }
+    }
+}
+
+/// Intra-op threads for one of `workers` workers on a host of `cores`.
+pub fn world_share(cores: u32, workers: u32) -> u32 {
+    (cores / workers.max(1)).max(1)
+}
+
 /// Decides the threads from the cores this process may run on, the
 /// request and the environment (`env`: a variable's value, if set); see
 /// the module's text for the order.
@@ -278,6 +299,29 @@ pub fn apply(plan: &ThreadPlan) -> Applied {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn workers_not_told_their_number_share_with_their_world() {
+        assert_eq!(world_share(2, 2), 1);
+        assert_eq!(world_share(16, 8), 2);
+        assert_eq!(world_share(2, 3), 1, "at least one");
+        assert_eq!(world_share(8, 1), 8);
+        let alone = plan(8, ThreadRequest::default(), |_| None).unwrap();
+        assert_eq!(alone.shares_with_world(), Some(8));
+        let told = ThreadRequest {
+            local_workers: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(plan(8, told, |_| None).unwrap().shares_with_world(), None);
+        let env = |v: &str| (v == "OMP_NUM_THREADS").then(|| "3".to_owned());
+        assert_eq!(
+            plan(8, ThreadRequest::default(), env)
+                .unwrap()
+                .shares_with_world(),
+            None
+        );
+    }
+
     use super::*;
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {

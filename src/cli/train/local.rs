@@ -81,6 +81,8 @@ pub fn train(config: JobConfig, options: LocalOptions) -> anyhow::Result<Outcome
             // The job config carries `--micro-batch`.
             micro_batch: None,
             connect_timeout: Duration::from_secs(10),
+            // One process: its threads are shared once (share_cpu_threads).
+            world_threads: None,
         };
         let done = done_tx.clone();
         let thread = std::thread::Builder::new()

@@ -70,6 +70,8 @@ pub(super) struct Assignment {
     pub(super) world_size: u32,
     pub(super) resume_step: u64,
     pub(super) backend: Backend,
+    /// Members of the world on this worker's host (itself included).
+    pub(super) local_members: u32,
 }
 
 impl TryFrom<&rpc::Assignment> for Assignment {
@@ -83,6 +85,7 @@ impl TryFrom<&rpc::Assignment> for Assignment {
             resume_step: a.resume_step,
             backend: Backend::from_name(&a.backend)
                 .ok_or_else(|| CollectiveError::UnknownBackend(a.backend.clone()))?,
+            local_members: 1,
         })
     }
 }
@@ -203,7 +206,9 @@ impl Worker {
             );
             match result.map(|r| r.outcome) {
                 Ok(Some(rendezvous_reply::Outcome::Assignment(a))) => {
-                    let placed = Assignment::try_from(&a)?;
+                    let mut placed = Assignment::try_from(&a)?;
+                    let here = a.members.iter().filter(|m| m.host == self.options.host);
+                    placed.local_members = u32::try_from(here.count()).unwrap_or(1).max(1);
                     if let Some(job) = a.job {
                         self.set_job(job)?;
                     }

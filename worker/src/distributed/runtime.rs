@@ -58,6 +58,10 @@ pub struct WorkerOptions {
     pub micro_batch: Option<u32>,
     /// How long to keep trying to reach the coordinator at start.
     pub connect_timeout: Duration,
+    /// The cores to share among this host's members of each world, when
+    /// the thread count was not given (`threads::ThreadPlan::
+    /// shares_with_world`); None keeps the threads as they are.
+    pub world_threads: Option<u32>,
 }
 
 /// Why the worker stopped.
@@ -231,6 +235,7 @@ impl Worker {
             "placed in a world"
         );
         self.status.set_phase(Phase::Loading);
+        self.share_threads(&a);
         let trainer = self.trainer_for(&config, a.resume_step)?;
         trainer.restore(Resume::Step(a.resume_step))?;
         let parts = match self.world_parts(&a, &config, num_captions) {
@@ -288,6 +293,24 @@ impl Worker {
                 None
             }
         })
+    }
+
+    /// Workers side by side on a host, none told how many they are, learn
+    /// it from their world: each takes its share of the cores, so their
+    /// OpenMP threads do not starve each other and the ring (issue 29).
+    fn share_threads(&self, a: &Assignment) {
+        let Some(cores) = self.options.world_threads else {
+            return;
+        };
+        let n = crate::threads::world_share(cores, a.local_members);
+        let n = i32::try_from(n).unwrap_or(1);
+        if tch::get_num_threads() != n {
+            tch::set_num_threads(n);
+            tracing::info!(
+                "threads: {n} intra-op ({cores} cores / {} workers of this world on this host)",
+                a.local_members
+            );
+        }
     }
 
     /// The trainer for a world resuming at `resume_step`: the loaded one,
