@@ -38,8 +38,9 @@ impl CoordinatorState {
     }
 
     /// Ends the job when no worker is alive and at least a world's worth
-    /// (`world.min_size`) of workers reported the same failure: every
-    /// worker that tried failed the same way.
+    /// (`world.min_size`, and never fewer than two: one failure may be a
+    /// passing one that a restarted worker gets past) of workers reported
+    /// the same failure: every worker that tried failed the same way.
     pub(crate) fn fail_job_if_every_worker_failed(&mut self, reason: &str) {
         let Some(job) = self.job.as_ref() else {
             return;
@@ -54,7 +55,7 @@ impl CoordinatorState {
                 |w| matches!(&w.departure, Some(Departure::Failed { reason: r }) if r == reason),
             )
             .count();
-        if same >= job.spec.min_size.max(1) as usize {
+        if same >= job.spec.min_size.max(2) as usize {
             let why = format!("every worker failed the same way ({same} workers): {reason}");
             self.end_job(JobPhase::Failed, why);
         }

@@ -8,9 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// The teacher every simulated worker reports.
-pub const TEACHER_FINGERPRINT: &str = "teacher-fingerprint";
-
 use bytes::Bytes;
 use swiftbrush_coordinator::app::ManualClock;
 use swiftbrush_coordinator::grpc::JobToken;
@@ -21,6 +18,9 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The teacher every simulated worker reports.
+pub const TEACHER_FINGERPRINT: &str = "teacher-fingerprint";
 
 pub type Client = rpc::CoordinatorConnection;
 
@@ -185,6 +185,18 @@ pub struct FakeWorker {
 }
 
 impl FakeWorker {
+    /// Exits on an error it reports (Leave with `failed`).
+    pub async fn fail(&mut self, reason: &str) {
+        self.client
+            .leave(rpc::LeaveRequest {
+                worker_id: self.id,
+                reason: reason.to_owned(),
+                failed: true,
+            })
+            .await
+            .expect("leave");
+    }
+
     pub async fn register(mut client: Client, host: &str, device: &str) -> Self {
         let reply = client
             .register(rpc::RegisterRequest {

@@ -231,6 +231,23 @@ fn workers_that_fail_the_same_way_fail_the_job_with_their_reason() {
 }
 
 #[test]
+fn one_failure_of_a_one_worker_job_waits_for_a_second() {
+    // It may be a passing failure: a restarted worker may get past it.
+    let mut sim = Sim::with_job(spec(1, 1));
+    let a = sim.world_of(1)[0];
+    sim.apply(|s, now| s.fail_worker(a, "out of memory".to_owned(), now))
+        .unwrap();
+    assert_eq!(sim.state.phase(), JobPhase::Reforming);
+    let b = sim.register("host-b");
+    sim.rendezvous(b);
+    sim.advance(3_000);
+    sim.assigned(b);
+    sim.apply(|s, now| s.fail_worker(b, "out of memory".to_owned(), now))
+        .unwrap();
+    assert_eq!(sim.state.phase(), JobPhase::Failed, "twice the same way");
+}
+
+#[test]
 fn workers_that_fail_differently_leave_the_job_waiting() {
     let mut sim = Sim::with_job(spec(2, 2));
     let ws = sim.world_of(2);
