@@ -144,7 +144,8 @@ impl Worker {
                         self.set_job(job)?;
                     }
                     self.check_backend()?;
-                    tracing::info!(worker_id = reply.worker_id, host = %self.options.host, device = %self.device_name, "registered");
+                    // Named as the coordinator names it in status and reasons.
+                    tracing::info!(worker = %format!("w{:x}", reply.worker_id), host = %self.options.host, device = %self.device_name, "registered");
                     return Ok(());
                 }
                 Err(e) if signals::preempt_requested() => return Err(e.into()),
