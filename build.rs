@@ -3,7 +3,7 @@
 //! the directory it linked against (links = "tch" -> DEP_TCH_LIBTORCH_LIB)
 //! to its direct dependents. Where that directory is missing (another
 //! machine), the loader takes libtorch from LD_LIBRARY_PATH and the worker
-//! finds the rest beside it (worker/src/libtorch.rs).
+//! finds the rest beside it (worker/src/torch/libtorch.rs).
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-# What worker/src/host_memory.rs sets with mallopt, as glibc's environment
+# What worker/src/torch/host_memory.rs sets with mallopt, as glibc's environment
 # variables (MMAP_THRESHOLD, TRIM_THRESHOLD there).
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--micro-batch", type=int)
     ap.add_argument("--tuned-reference", action="store_true",
                     help="also run the reference under the glibc malloc settings swiftbrush makes for "
-                    "itself (worker/src/host_memory.rs), as a third alternation: how much of the "
+                    "itself (worker/src/torch/host_memory.rs), as a third alternation: how much of the "
                     "ratio is the allocator")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

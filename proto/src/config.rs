@@ -439,7 +439,7 @@ pub struct PrecisionConfig {
     /// Autocast for the teacher passes, on CUDA or CPU (`none` to run them
     /// in teacher_dtype as stored). Schedule and losses stay float32. Checked
     /// against the device and teacher_dtype when the trainer is built
-    /// (worker/src/precision.rs).
+    /// (worker/src/torch/precision.rs).
     pub autocast: Autocast,
     /// The student, its EMA and optimizer state: fp32 only (validated; the
     /// key exists because the paper's script has it).

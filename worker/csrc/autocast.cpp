@@ -9,7 +9,7 @@
 
 #include "shim.h"
 
-// The numbering Rust relies on (worker/src/shim.rs).
+// The numbering Rust relies on (worker/src/torch/shim.rs).
 static_assert(static_cast<int>(c10::DeviceType::CPU) == 0, "c10::DeviceType::CPU");
 static_assert(static_cast<int>(c10::DeviceType::CUDA) == 1, "c10::DeviceType::CUDA");
 static_assert(static_cast<int>(c10::ScalarType::Half) == 5, "c10::ScalarType::Half");

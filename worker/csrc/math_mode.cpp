@@ -1,7 +1,7 @@
 // Whether float32 matrix products and convolutions on CUDA may run in TF32
 // (10-bit mantissa). libtorch's defaults differ by op (cuDNN convolutions
 // TF32, cuBLAS products IEEE), so an fp32 run on a GPU would silently be
-// part TF32; worker/src/device.rs sets both one way.
+// part TF32; worker/src/torch/device.rs sets both one way.
 
 #include <ATen/Context.h>
 

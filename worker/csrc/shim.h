@@ -2,7 +2,7 @@
 // 0.24 does not expose: autocast with a chosen dtype (autocast.cpp), the
 // current CUDA stream (cuda_stream.cpp), the TF32 switch (math_mode.cpp) and
 // multi-tensor ops (foreach.cpp). Rust declares the same functions in
-// worker/src/shim.rs; keep the two in step. No C++ exception crosses this
+// worker/src/torch/shim.rs; keep the two in step. No C++ exception crosses this
 // boundary: every function that can fail returns 0 on success and writes a
 // message into err.
 #ifndef SWIFTBRUSH_SHIM_H
