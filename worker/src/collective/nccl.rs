@@ -92,6 +92,24 @@ pub enum NcclError {
     },
     #[error("the NCCL communicator was aborted ({what} cannot run); form a new world")]
     Aborted { what: &'static str },
+    #[error(
+        "NCCL_COMM_BLOCKING={value} is set: swiftbrush makes nonblocking communicators so that \
+         the heartbeat thread can abort one when a peer dies, and in blocking mode \
+         ncclAllReduce holds the lock the abort needs (a dead peer would hang the job); unset \
+         NCCL_COMM_BLOCKING"
+    )]
+    BlockingRequested { value: String },
+}
+
+/// Refuses an environment that makes NCCL calls block (issue 30, item 9):
+/// NCCL_COMM_BLOCKING overrides the communicator's nonblocking config.
+pub fn check_environment(var: impl Fn(&str) -> Option<String>) -> Result<(), NcclError> {
+    match var("NCCL_COMM_BLOCKING") {
+        Some(value) if value.trim() != "0" && !value.trim().is_empty() => {
+            Err(NcclError::BlockingRequested { value })
+        }
+        _ => Ok(()),
+    }
 }
 
 impl From<NcclError> for SyncError {
@@ -317,6 +335,7 @@ impl NcclComm {
             return Err(NcclError::BadRank { rank, world_size });
         }
         let id = unique_id_from(unique_id)?;
+        check_environment(|v| std::env::var(v).ok())?;
         let lib = nccl_lib::library()?;
         // NCCL binds the communicator to the calling thread's device.
         cuda::set_device(index).map_err(NcclError::Cuda)?;
@@ -546,6 +565,7 @@ pub fn check_available(device: Device) -> Result<(), NcclError> {
             device: format!("{device:?}"),
         });
     }
+    check_environment(|v| std::env::var(v).ok())?;
     nccl_lib::library()?;
     Ok(())
 }
@@ -608,6 +628,20 @@ fn nccl_dtype(kind: Kind) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocking_nccl_environment_is_refused_naming_the_variable() {
+        let set = |value: &'static str| {
+            move |v: &str| (v == "NCCL_COMM_BLOCKING").then(|| value.to_owned())
+        };
+        let e = check_environment(set("1")).unwrap_err().to_string();
+        assert!(
+            e.contains("NCCL_COMM_BLOCKING=1") && e.contains("unset"),
+            "{e}"
+        );
+        assert!(check_environment(set("0")).is_ok());
+        assert!(check_environment(|_| None).is_ok());
+    }
 
     #[test]
     fn unique_ids_round_trip_and_bad_lengths_are_named() {
