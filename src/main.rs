@@ -21,29 +21,11 @@ fn main() -> std::process::ExitCode {
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", describe(&e));
+            // Each cause once (swiftbrush_proto::error_line).
+            eprintln!("error: {}", swiftbrush_proto::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, as anyhow's `{:#}` writes them,
-/// less every cause whose text the line already holds: many error types
-/// write their source into their own message (`"cannot start the job:
-/// {0}"`), and the chain would then say each thing twice.
-fn describe(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
 }
 
 #[cfg(test)]
@@ -58,14 +40,15 @@ mod tests {
     #[error("captions.txt: no captions")]
     struct Inner;
 
+    /// anyhow's context is a cause like any other: the line main prints.
     #[test]
     fn a_cause_already_in_the_message_is_not_repeated() {
         let e = anyhow::Error::from(Outer::from(Inner)).context("train");
         assert_eq!(
-            super::describe(&e),
+            swiftbrush_proto::error_line(e.as_ref()),
             "train: cannot start the job: captions.txt: no captions"
         );
         let plain = anyhow::anyhow!("top").context("outer");
-        assert_eq!(super::describe(&plain), "outer: top");
+        assert_eq!(swiftbrush_proto::error_line(plain.as_ref()), "outer: top");
     }
 }

@@ -216,13 +216,8 @@ impl CoordinatorState {
                     worker_fingerprint: fingerprint.to_owned(),
                     job_fingerprint: expected.clone(),
                 };
-                self.declare_dead(
-                    worker,
-                    Departure::Failed {
-                        reason: error.to_string(),
-                    },
-                    now,
-                );
+                // A failure with its reason, as a worker reports its own.
+                self.fail_worker(worker, error.to_string(), now)?;
                 Err(error)
             }
         }

@@ -306,21 +306,10 @@ impl Worker {
     }
 }
 
-/// An error and its causes on one line (a cause already in the text is not
-/// repeated), cut at a character boundary to what the coordinator accepts.
+/// An error and its causes on one line ([`swiftbrush_proto::error_line`]),
+/// cut at a character boundary to what the coordinator accepts.
 fn failure_reason(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = String::new();
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        let text = e.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-        cause = e.source();
-    }
+    let mut line = swiftbrush_proto::error_line(error);
     let mut end = line.len().min(swiftbrush_proto::rpc::MAX_REASON_BYTES);
     while !line.is_char_boundary(end) {
         end -= 1;
