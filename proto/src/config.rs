@@ -441,6 +441,12 @@ pub struct PrecisionConfig {
     /// against the device and teacher_dtype when the trainer is built
     /// (worker/src/torch/precision.rs).
     pub autocast: Autocast,
+    /// Also run the student's forward (and so its backward) under
+    /// `autocast`'s dtype, over float32 master weights, as an accelerate
+    /// script's mixed precision does; with fp16, both optimizers get
+    /// dynamic loss scaling (torch.amp.GradScaler's). False: the student
+    /// computes in float32. Needs `autocast` bf16 or fp16 (validated).
+    pub student_autocast: bool,
     /// The student, its EMA and optimizer state: fp32 only (validated; the
     /// key exists because the paper's script has it).
     pub student_dtype: Dtype,
@@ -454,6 +460,7 @@ impl Default for PrecisionConfig {
         Self {
             teacher_dtype: Dtype::Bf16,
             autocast: Autocast::Bf16,
+            student_autocast: false,
             student_dtype: Dtype::Fp32,
             vae_dtype: Dtype::Fp32,
         }

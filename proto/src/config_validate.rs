@@ -1,7 +1,7 @@
 //! Range and consistency checks of a parsed [`JobConfig`]. Each problem names
 //! the key path, the offending value and what is allowed.
 
-use crate::config::{Dtype, JobConfig, LORA_TARGETS, OptimizerConfig, check};
+use crate::config::{Autocast, Dtype, JobConfig, LORA_TARGETS, OptimizerConfig, check};
 use crate::config_error::Problem;
 
 pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
@@ -288,6 +288,14 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
     // Keys kept for the paper script's layout; accepting another value
     // would promise a saving the trainer does not make.
     let pr = &c.precision;
+    check(
+        &mut p,
+        !(pr.student_autocast && pr.autocast == Autocast::None),
+        "precision.student_autocast",
+        "true with precision.autocast: none".to_owned(),
+        "false, or precision.autocast bf16 or fp16 (the student runs under precision.autocast's \
+         dtype, and none gives it no dtype to run in)",
+    );
     check(
         &mut p,
         pr.student_dtype == Dtype::Fp32,

@@ -131,6 +131,37 @@ fn student_and_vae_dtypes_other_than_fp32_are_refused_not_ignored() {
 }
 
 #[test]
+fn student_autocast_needs_an_autocast_dtype_and_changes_training() {
+    let c = parse(TEACHER).unwrap();
+    assert!(!c.precision.student_autocast, "off by default");
+    let e = err(&format!(
+        "{TEACHER}precision:\n  autocast: none\n  student_autocast: true\n"
+    ));
+    assert!(
+        e.contains("precision.student_autocast") && e.contains("precision.autocast: none"),
+        "{e}"
+    );
+    for dtype in ["bf16", "fp16"] {
+        let on = parse(&format!(
+            "{TEACHER}precision:\n  teacher_dtype: fp32\n  autocast: {dtype}\n  \
+             student_autocast: true\n"
+        ))
+        .unwrap();
+        assert!(on.precision.student_autocast);
+    }
+    // It changes what a step computes: a resume names it, and the
+    // fingerprint differs.
+    let on = parse(&format!("{TEACHER}precision:\n  student_autocast: true\n")).unwrap();
+    assert_ne!(on.fingerprint(), c.fingerprint());
+    let changes: Vec<String> = on
+        .training_changes_from(&c)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(changes, vec!["precision.student_autocast: false -> true"]);
+}
+
+#[test]
 fn guidance_below_one() {
     let e = err(&format!("{TEACHER}method:\n  guidance_scale: 0.5\n"));
     assert!(

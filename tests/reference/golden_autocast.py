@@ -8,6 +8,10 @@
    the three teacher passes (frozen, LoRA, LoRA with gradients) run under
    bf16 autocast with their outputs cast to float32 before any schedule,
    guidance or loss arithmetic; the student pass stays float32.
+3. The same iteration with the student's forward under bf16 autocast too
+   (precision.student_autocast), its output cast to float32 before the x0
+   formula, as an accelerate script's mixed precision runs it; the
+   backward runs outside the region, as torch.autocast asks.
 """
 
 import os
@@ -50,19 +54,22 @@ def unet_outputs(root, pipelines):
         save_tensors(os.path.join(root, "golden", "autocast", f"unet_{kind}.safetensors"), out)
 
 
-def vsd_step(pipe, seed, dtype, device="cpu"):
-    """golden_vsd.run with the teacher passes under autocast."""
+def vsd_step(pipe, seed, dtype, device="cpu", student=False):
+    """golden_vsd.run with the teacher passes under autocast (and with
+    `student`, the student's pass too)."""
     # peft initialises lora_A from the global generator: seed it, so this
     # golden does not depend on what ran before it.
     torch.manual_seed(seed)
+    under_autocast = lambda unet, x, t, c: teacher_pass(unet, x, t, c, dtype)  # noqa: E731
     return golden_vsd.run(
         pipe,
         "sd1",
         False,
         seed,
         TARGETS,
-        lambda unet, x, t, c: teacher_pass(unet, x, t, c, dtype),
+        under_autocast,
         device=device,
+        student_pass=under_autocast if student else golden_vsd.plain_pass,
     )
 
 
@@ -71,6 +78,10 @@ def build(root, pipelines):
     # The Rust test computes the float32 baseline itself on these inputs.
     out = vsd_step(pl.load(pipelines["sd1"]), 21, torch.bfloat16)
     save_tensors(os.path.join(root, "golden", "autocast", "vsd_sd1_bf16.safetensors"), out)
+    out = vsd_step(pl.load(pipelines["sd1"]), 21, torch.bfloat16, student=True)
+    save_tensors(
+        os.path.join(root, "golden", "autocast", "vsd_sd1_bf16_student.safetensors"), out
+    )
 
 
 def vsd_step_on(device, fixtures, out_path):

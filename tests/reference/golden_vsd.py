@@ -65,10 +65,12 @@ def run(
     weighting="paper",
     fake="lora",
     device="cpu",
+    student_pass=plain_pass,
 ):
     """The iteration; `teacher_pass` runs the three teacher forwards (frozen,
     LoRA, LoRA with gradients; golden_autocast.py puts them under autocast),
-    the student pass is always float32. `weighting` is method.vsd_weighting,
+    `student_pass` the student's forward (float32 unless golden_autocast.py
+    puts it under autocast too, precision.student_autocast). `weighting` is method.vsd_weighting,
     `fake` method.fake_score: "lora", or "unet" for DMD2's full trainable
     copy of the teacher as the fake score. `device`: where the iteration
     runs (scripts/gpu-check: "cuda"); weights and draws are made on the CPU
@@ -131,7 +133,7 @@ def run(
 
     # 1. student draw
     t_student = torch.full((b,), 999, device=z.device)
-    s_out = student(z, t_student, cond).sample
+    s_out = student_pass(student, z, t_student, cond)
     eps_s = to_eps(s_out, z, torch.tensor(A, device=z.device).view(1, 1, 1, 1), ptype)
     x0 = (z - (1 - A) ** 0.5 * eps_s) / A**0.5
     # 2. noise it

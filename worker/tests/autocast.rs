@@ -130,6 +130,34 @@ fn trainer_applies_precision_autocast_from_the_config() {
     first_step(Dtype::Bf16, Autocast::None);
 }
 
+/// `precision.student_autocast` reaches the student's pass: the student's
+/// draw, and so the fake score's loss on it, changes; off (the default) the
+/// step is the teacher-only one.
+#[test]
+fn trainer_applies_student_autocast_from_the_config() {
+    tch::set_num_threads(1);
+    let first_step = |student_autocast: bool| {
+        let mut cfg = tiny_config(Dtype::Fp32, Autocast::Bf16);
+        cfg.precision.student_autocast = student_autocast;
+        let mut trainer = build(cfg).unwrap();
+        let losses = trainer.train_step(0).unwrap().losses;
+        assert!(losses.all_finite(), "{losses:?}");
+        assert_eq!(
+            autocast_kind(Device::Cpu),
+            None,
+            "the step left autocast on"
+        );
+        // bf16 needs no loss scaling.
+        assert_eq!(trainer.state().loss_scalers, None);
+        losses
+    };
+    let (on, off) = (first_step(true), first_step(false));
+    assert!(
+        (on.fake_score - off.fake_score).abs() > 1e-6,
+        "{on:?} vs {off:?}"
+    );
+}
+
 #[test]
 fn trainer_refuses_a_teacher_stored_in_the_other_half_dtype() {
     let err = match build(tiny_config(Dtype::Bf16, Autocast::Fp16)) {

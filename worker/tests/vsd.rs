@@ -90,6 +90,7 @@ fn check_step(
         scores: teachers,
         schedule: &schedule(prediction),
         config: &cfg,
+        loss_scales: None,
     };
     let losses = step.run(&text, &draws, micro).unwrap().losses;
 
@@ -432,6 +433,18 @@ fn step(
     autocast: Option<AutocastPlan>,
     one_score_pass: bool,
 ) -> ((f64, f64), HashMap<String, Tensor>) {
+    let (losses, grads, _) = step_with_student(g, autocast, None, one_score_pass);
+    (losses, grads)
+}
+
+/// [`step`] with the student's pass under `student_autocast`; also returns
+/// the student's draw x0_hat.
+fn step_with_student(
+    g: &HashMap<String, Tensor>,
+    autocast: Option<AutocastPlan>,
+    student_autocast: Option<AutocastPlan>,
+    one_score_pass: bool,
+) -> ((f64, f64), HashMap<String, Tensor>, Tensor) {
     let (student, teacher) = roles("sd1", &lora_spec(&["to_q", "to_v"]), g);
     let scores = ScorePair::Lora(Box::new(teacher));
     let (draws, text) = inputs(g);
@@ -441,10 +454,13 @@ fn step(
         schedule: &schedule(PredictionType::Epsilon),
         config: &VsdConfig {
             one_score_pass,
+            student_autocast,
             ..vsd_config(VsdWeighting::Paper, autocast)
         },
+        loss_scales: None,
     };
-    let losses = step.run(&text, &draws, None).unwrap().losses;
+    let out = step.run(&text, &draws, None).unwrap();
+    let (losses, x0) = (out.losses, out.x0);
     assert_eq!(
         autocast_kind(common::device()),
         None,
@@ -459,7 +475,7 @@ fn step(
         assert_eq!(p.grad().kind(), Kind::Float, "adapter grad {name}");
         grads.insert(format!("lora_grad.{name}"), p.grad());
     }
-    ((losses.vsd, losses.fake_score), grads)
+    ((losses.vsd, losses.fake_score), grads, x0)
 }
 
 /// Max abs difference over all gradients, relative to the largest entry of
@@ -541,6 +557,70 @@ fn check_bf16(g: &HashMap<String, Tensor>, one_pass: bool) {
             d * 5.0 <= d32,
             "{prefix}: autocast step differs from the reference by {d:e} of its scale, \
              the float32 step by {d32:e}"
+        );
+    }
+}
+
+/// The step with the student's pass under bf16 autocast too
+/// (`precision.student_autocast`) against the reference with torch.autocast
+/// around the student's forward as well (golden_autocast.py). The distance
+/// it must beat is the one that matters: the same step with only the
+/// teacher passes under autocast (a float32 student), whose x0 and student
+/// gradient differ by the student's bf16 rounding times 1/sqrt(A) = 14.6.
+#[test]
+fn vsd_step_with_bf16_autocast_student_matches_reference() {
+    tch::set_num_threads(1);
+    let g = common::golden("golden/autocast/vsd_sd1_bf16_student.safetensors");
+    let plan = AutocastPlan::new(common::device(), HalfDtype::Bf16).unwrap();
+    let ((vsd, lora), grads, x0) = step_with_student(&g, Some(plan), Some(plan), false);
+    let ((vsd_t, lora_t), grads_t, x0_t) = step_with_student(&g, Some(plan), None, false);
+    assert_eq!(autocast_kind(common::device()), None, "left autocast on");
+
+    // x0_hat relative to its own spread: the student's rounding, amplified.
+    let want_x0 = &g["x0_hat"];
+    let spread = want_x0.std(true).double_value(&[]);
+    let x0 = x0.to_device(tch::Device::Cpu);
+    let x0_t = x0_t.to_device(tch::Device::Cpu);
+    let d_x0 = common::max_abs_diff(&x0, want_x0) / spread;
+    let d_x0_t = common::max_abs_diff(&x0_t, want_x0) / spread;
+    eprintln!("x0_hat / std: student autocast {d_x0:e}, fp32 student {d_x0_t:e}");
+    common::report("bf16 student x0_hat / std", d_x0, d_x0_t / 10.0);
+    assert!(
+        d_x0 * 10.0 <= d_x0_t,
+        "x0_hat: {d_x0:e} of its std from the reference, the fp32 student {d_x0_t:e}"
+    );
+
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+    let want_vsd = g["loss_vsd"].double_value(&[0]);
+    let want_lora = g["loss_lora"].double_value(&[0]);
+    eprintln!(
+        "losses: vsd {vsd} / teacher-only {vsd_t} / ref {want_vsd}; \
+         lora {lora} / {lora_t} / {want_lora}"
+    );
+    for (what, got, other, want) in [
+        ("vsd", vsd, vsd_t, want_vsd),
+        ("fake-score", lora, lora_t, want_lora),
+    ] {
+        let (d, d_t) = (rel(got, want), rel(other, want));
+        eprintln!("{what} loss, relative: student autocast {d:e}, fp32 student {d_t:e}");
+        common::report(
+            &format!("bf16 student {what} loss, relative"),
+            d,
+            d_t / 10.0,
+        );
+        assert!(
+            d * 10.0 <= d_t,
+            "{what} loss {got} vs reference {want} (fp32 student {other})"
+        );
+    }
+    for prefix in ["student_grad.", "lora_grad."] {
+        let d = grad_diff(&grads, &g, prefix);
+        let d_t = grad_diff(&grads_t, &g, prefix);
+        eprintln!("{prefix}: student autocast {d:e}, fp32 student {d_t:e} (of the scale)");
+        common::report(&format!("bf16 student {prefix} / scale"), d, d_t / 10.0);
+        assert!(
+            d * 10.0 <= d_t,
+            "{prefix}: {d:e} of the reference's scale, the fp32 student {d_t:e}"
         );
     }
 }

@@ -14,7 +14,7 @@ pub mod schedule;
 pub use ddim::{DDIMScheduler, DDIMStepOutput, ddim_timesteps};
 pub use guidance::{classifier_free_guidance, guide_batched};
 pub use latents::draw_latents;
-pub use one_step::{Denoiser, OneStepDraw, one_step_x0};
+pub use one_step::{Denoiser, OneStepDraw, one_step_output, one_step_x0, x0_of_output};
 pub use schedule::{
     BetaSchedule, NoiseSchedule, PredictionType, ScheduleError, SchedulerConfig, TimestepSpacing,
     add_noise_at, one_minus, to_epsilon, to_x0,

@@ -31,12 +31,29 @@ pub fn one_step_x0(
     cond: &Tensor,
     draw: &OneStepDraw,
 ) -> Result<Tensor, TchError> {
+    let out = one_step_output(student, z, cond, draw)?;
+    x0_of_output(&out, z, draw)
+}
+
+/// The student's raw output at the draw's timestep, float32 (the pass
+/// alone: a caller may run it under autocast, the formula outside).
+pub fn one_step_output(
+    student: &impl Denoiser,
+    z: &Tensor,
+    cond: &Tensor,
+    draw: &OneStepDraw,
+) -> Result<Tensor, TchError> {
     let (b, device) = (z.size()[0], z.device());
     let t = Tensor::f_full([b], draw.timestep, (Kind::Int64, device))?;
-    let a = Tensor::f_full([1, 1, 1, 1], draw.alpha_bar, (Kind::Float, device))?;
-    let out = student.predict(z, &t, cond)?.f_to_kind(Kind::Float)?;
+    student.predict(z, &t, cond)?.f_to_kind(Kind::Float)
+}
+
+/// x0_hat = (z - sqrt(1 - A) eps) / sqrt(A) from the student's float32
+/// output `out` on the noise `z`.
+pub fn x0_of_output(out: &Tensor, z: &Tensor, draw: &OneStepDraw) -> Result<Tensor, TchError> {
+    let a = Tensor::f_full([1, 1, 1, 1], draw.alpha_bar, (Kind::Float, z.device()))?;
     // The constant A stands in for abar_t: the output is read as if the
     // student were at a timestep whose abar is A.
-    let eps = to_epsilon(draw.prediction, &out, z, &a)?;
+    let eps = to_epsilon(draw.prediction, out, z, &a)?;
     to_x0(PredictionType::Epsilon, &eps, z, &a)
 }

@@ -511,7 +511,7 @@ mod tests {
             r.calls,
             vec![
                 format!("all_reduce Float Cpu {}", DEFAULT_BUCKET_BYTES / 4),
-                "all_sum 3".to_owned()
+                "all_sum 5".to_owned()
             ]
         );
     }

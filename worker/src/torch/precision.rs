@@ -1,5 +1,7 @@
-//! Mixed precision of the teacher passes: what `precision.autocast` means on
-//! a device (`teacher_autocast`), and a guard that turns libtorch's autocast
+//! Mixed precision of the step's passes: what `precision.autocast` means on
+//! a device for the teacher passes (`teacher_autocast`) and, with
+//! `precision.student_autocast`, the student's (`student_autocast`; with
+//! fp16 also `loss_scaling`, trainer/grad_scaler.rs), and a guard that turns libtorch's autocast
 //! on for the calling thread and restores the previous state when dropped,
 //! also on panic or early return (`AutocastPlan::enter`).
 //!
@@ -12,8 +14,9 @@
 //! dtype; which other ops are kept in float32 follows libtorch's per-device
 //! lists (on CUDA normalisations, softmax and reductions; on CPU only a few
 //! losses and linear-algebra ops, so a bf16-stored teacher computes the same
-//! with or without CPU autocast). The VSD step casts each teacher output back
-//! to float32 before any schedule, guidance or loss arithmetic (vsd.rs).
+//! with or without CPU autocast). The VSD step casts each pass's output back
+//! to float32 before any schedule, guidance, x0 or loss arithmetic
+//! (vsd/step.rs).
 //!
 //! Autocast state is thread-local in libtorch, so a guard is neither Send
 //! nor Sync: it must be dropped on the thread that made it.
@@ -206,13 +209,42 @@ pub fn teacher_autocast(
     AutocastPlan::new(device, dtype).map(Some)
 }
 
+/// What `precision` asks of the student's pass: None for float32, or the
+/// teacher passes' autocast (`teacher`, from [`teacher_autocast`]) with
+/// `precision.student_autocast` (validation refuses it with autocast none).
+pub fn student_autocast(
+    cfg: &PrecisionConfig,
+    teacher: Option<AutocastPlan>,
+) -> Option<AutocastPlan> {
+    if cfg.student_autocast { teacher } else { None }
+}
+
+/// Whether `precision` asks for fp16 dynamic loss scaling: the student
+/// under fp16 autocast (trainer/grad_scaler.rs). fp16 teacher passes alone
+/// need none: no gradient flows through them in half precision except the
+/// LoRA teacher's, which trained unscaled before this option and still does.
+pub fn loss_scaling(cfg: &PrecisionConfig) -> bool {
+    cfg.student_autocast && cfg.autocast == Autocast::Fp16
+}
+
 /// One line for logs and `bench vsd-step`: what the step computes in (the
-/// student is float32: the config refuses another `precision.student_dtype`).
+/// student's weights are float32: the config refuses another
+/// `precision.student_dtype`).
 pub fn describe(cfg: &PrecisionConfig, autocast: Option<&AutocastPlan>) -> String {
+    let autocast = autocast.map_or("none", |a| a.dtype().name());
+    let student = if cfg.student_autocast {
+        format!("student fp32 weights (autocast {autocast})")
+    } else {
+        "student fp32".to_owned()
+    };
+    let scaling = if loss_scaling(cfg) {
+        ", fp16 dynamic loss scaling"
+    } else {
+        ""
+    };
     format!(
-        "teacher {} (autocast {}), student fp32, schedule and losses fp32",
+        "teacher {} (autocast {autocast}), {student}, schedule and losses fp32{scaling}",
         cfg.teacher_dtype.name(),
-        autocast.map_or("none", |a| a.dtype().name()),
     )
 }
 
@@ -335,5 +367,21 @@ mod tests {
             describe(&c, plan.as_ref()),
             "teacher bf16 (autocast bf16), student fp32, schedule and losses fp32"
         );
+        assert_eq!(student_autocast(&c, plan), None, "off by default");
+        assert!(!loss_scaling(&c));
+        let fp16 = PrecisionConfig {
+            student_autocast: true,
+            ..cfg(Dtype::Fp32, Autocast::Fp16)
+        };
+        let plan = teacher_autocast(&fp16, Device::Cpu).unwrap();
+        assert_eq!(student_autocast(&fp16, plan), plan);
+        assert!(loss_scaling(&fp16));
+        assert_eq!(
+            describe(&fp16, plan.as_ref()),
+            "teacher fp32 (autocast fp16), student fp32 weights (autocast fp16), schedule and \
+             losses fp32, fp16 dynamic loss scaling"
+        );
+        // fp16 teacher passes alone keep today's unscaled training.
+        assert!(!loss_scaling(&cfg(Dtype::Fp16, Autocast::Fp16)));
     }
 }

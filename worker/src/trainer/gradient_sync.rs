@@ -43,18 +43,22 @@ pub trait GradientSync {
         mine: StepVote,
         losses: &[f64],
     ) -> Result<(StepVote, Vec<f64>), SyncError> {
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
         let mut values = vec![
-            if mine.finite { 0.0 } else { 1.0 },
-            if mine.preempt { 1.0 } else { 0.0 },
+            flag(!mine.finite),
+            flag(mine.preempt),
             mine.num_truncated as f32,
+            flag(mine.student_nonfinite),
+            flag(mine.fake_score_nonfinite),
         ];
+        let first_loss = values.len();
         values.extend(losses.iter().map(|&l| l as f32));
         self.all_sum(&mut values)?;
         let n = self.world_size();
         let means = if n <= 1 {
             losses.to_vec()
         } else {
-            values[3..]
+            values[first_loss..]
                 .iter()
                 .map(|&v| f64::from(v) / n as f64)
                 .collect()
@@ -63,6 +67,8 @@ pub trait GradientSync {
             finite: values[0] == 0.0,
             preempt: values[1] > 0.0,
             num_truncated: values[2].round().max(0.0) as u64,
+            student_nonfinite: values[3] > 0.0,
+            fake_score_nonfinite: values[4] > 0.0,
         };
         Ok((vote, means))
     }
@@ -80,6 +86,12 @@ pub struct StepVote {
     pub preempt: bool,
     /// Captions cut at 77 tokens in this step's batch.
     pub num_truncated: u64,
+    /// The student's loss or gradient is not finite (with fp16 loss
+    /// scaling each optimizer's step and scaler follow their own flag;
+    /// without, `finite` decides both). Combined: if any rank's is.
+    pub student_nonfinite: bool,
+    /// The fake score's loss or gradient is not finite.
+    pub fake_score_nonfinite: bool,
 }
 
 /// One process: nothing to average, nobody to ask.
@@ -118,6 +130,8 @@ mod tests {
             finite: false,
             preempt: true,
             num_truncated: 3,
+            student_nonfinite: true,
+            fake_score_nonfinite: false,
         };
         assert_eq!(SingleProcess.vote(mine).unwrap(), mine);
         assert_eq!(

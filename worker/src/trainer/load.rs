@@ -37,7 +37,7 @@ impl Trainer {
             TrainingSamples::load(&cfg, &folder, &networks.text, networks.sample_shape, device)?;
 
         let m = &cfg.method;
-        let optimizers = Optimizers::new(
+        let mut optimizers = Optimizers::new(
             Adam::new(
                 networks.student.named_parameters(),
                 AdamConfig::from(&m.student),
@@ -49,6 +49,9 @@ impl Trainer {
             m.student.grad_clip,
             m.fake_score.optimizer.grad_clip,
         );
+        if crate::torch::precision::loss_scaling(&cfg.precision) {
+            optimizers = optimizers.with_loss_scaling();
+        }
         let ema = m
             .ema
             .enabled
@@ -67,6 +70,7 @@ impl Trainer {
             config_fingerprint: cfg.fingerprint(),
             teacher_fingerprint: fingerprint,
             teacher: teacher_dir,
+            loss_scalers: optimizers.loss_scalers(),
         };
         Ok(Self {
             cfg,
@@ -150,13 +154,18 @@ fn load_networks(
     } else {
         m.student_alpha_bar
     };
+    let teacher_autocast = crate::torch::precision::teacher_autocast(&cfg.precision, device)
+        .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let vsd = VsdConfig {
         student_timestep: i64::from(m.student_timestep),
         student_alpha_bar,
         guidance_scale: m.guidance_scale,
         weighting: m.vsd_weighting,
-        teacher_autocast: crate::torch::precision::teacher_autocast(&cfg.precision, device)
-            .map_err(|e| TrainError::Invalid(e.to_string()))?,
+        teacher_autocast,
+        student_autocast: crate::torch::precision::student_autocast(
+            &cfg.precision,
+            teacher_autocast,
+        ),
         one_score_pass: cfg.train.score_passes.one_pass(device.is_cuda()),
     };
     let sample_shape = sample_shape(cfg, folder, &student)?;

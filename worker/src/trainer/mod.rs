@@ -10,6 +10,7 @@
 //! | `checkpoint/` | checkpoints: [`Resume`], the `Checkpointer` (cadence, committed/written steps), the format, the upload thread and sinks, tensor bytes |
 //! | `save_restore.rs` | which tensors a checkpoint holds, restore, the loop's checkpoint step |
 //! | `optimizers.rs` | both Adams behind the step vote |
+//! | `grad_scaler.rs` | fp16 dynamic loss scaling, one GradScaler per optimizer |
 //! | `metrics.rs` | rank 0's progress and TensorBoard file per world; [`StepReport`] |
 //! | `world.rs` | what a world plugs in ([`WorldParts`]), [`World`], controls |
 //! | `solo.rs` | [`SoloTrainer`]: one process alone (tests, bench) |
@@ -20,6 +21,7 @@ pub mod caption_feed;
 pub mod checkpoint;
 mod error;
 pub mod events;
+pub mod grad_scaler;
 pub mod gradient_sync;
 mod load;
 mod metrics;

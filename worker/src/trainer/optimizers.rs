@@ -1,15 +1,18 @@
 //! The optimizer steps of an iteration: the student's and the fake score's
 //! Adam, each behind the step vote (gradients averaged over the ranks,
 //! every rank's losses and gradients finite), clipped to their configured
-//! norms.
+//! norms. With fp16 loss scaling each optimizer has its GradScaler
+//! (grad_scaler.rs): its gradients are unscaled before clipping, and it
+//! steps or skips on its own gradients (every rank's), not the other's.
 
 use tch::Tensor;
 
 use super::TrainError;
+use super::grad_scaler::{GradScaler, LossScalers};
 use super::gradient_sync::{GradientSync, StepVote};
 use crate::optim::{Adam, defined_grads, grad_norm, scale_to_norm};
 use crate::torch::host_read;
-use crate::vsd::{DeviceLosses, VsdLosses};
+use crate::vsd::{DeviceLosses, LossScales, VsdLosses};
 
 /// What the first optimizer step of an iteration decided.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +23,10 @@ pub struct Applied {
     pub rank_losses: VsdLosses,
     /// The global batch's: the ranks' losses averaged in the vote's round.
     pub losses: VsdLosses,
+    /// Whether each optimizer stepped (both iff `vote.finite`, unless fp16
+    /// loss scaling skipped one alone).
+    pub student_stepped: bool,
+    pub fake_score_stepped: bool,
 }
 
 pub struct Optimizers {
@@ -29,6 +36,9 @@ pub struct Optimizers {
     /// `method.fake_score.optimizer.grad_clip`).
     student_clip: f64,
     fake_score_clip: f64,
+    /// fp16 dynamic loss scaling (`precision::loss_scaling`); None: the
+    /// losses are not scaled.
+    scalers: Option<LossScalers>,
 }
 
 impl Optimizers {
@@ -38,6 +48,32 @@ impl Optimizers {
             fake_score,
             student_clip,
             fake_score_clip,
+            scalers: None,
+        }
+    }
+
+    /// With fp16 dynamic loss scaling, both scalers at torch's defaults.
+    pub fn with_loss_scaling(mut self) -> Self {
+        self.scalers = Some(LossScalers::default());
+        self
+    }
+
+    /// What the VSD step multiplies each loss by now (None: unscaled).
+    pub fn loss_scales(&self) -> Option<LossScales> {
+        self.scalers.as_ref().map(LossScalers::scales)
+    }
+
+    /// The scalers' state, for the checkpoint (None: no loss scaling).
+    pub fn loss_scalers(&self) -> Option<LossScalers> {
+        self.scalers
+    }
+
+    /// Restores the scalers from a checkpoint's state; one without it (an
+    /// older checkpoint, or a run that had no loss scaling) starts them at
+    /// torch's defaults. Nothing to do without loss scaling.
+    pub fn restore_loss_scalers(&mut self, saved: Option<LossScalers>) {
+        if let Some(scalers) = self.scalers.as_mut() {
+            *scalers = saved.unwrap_or_default();
         }
     }
 
@@ -72,13 +108,38 @@ impl Optimizers {
             fake_score: host[1],
         };
         mine.finite = host.iter().all(|v| v.is_finite());
+        mine.student_nonfinite = !(host[0].is_finite() && host[2].is_finite());
+        mine.fake_score_nonfinite = !(host[1].is_finite() && host[3].is_finite());
         let (vote, global) = sync.vote_with_losses(mine, &host[..2])?;
-        if vote.finite {
-            scale_to_norm(&student_grads, host[2], self.student_clip);
-            self.student.step();
-            scale_to_norm(&fake_grads, host[3], self.fake_score_clip);
-            self.fake_score.step();
-        }
+        let (student_stepped, fake_score_stepped) = match self.scalers.as_mut() {
+            None => {
+                if vote.finite {
+                    scale_to_norm(&student_grads, host[2], self.student_clip);
+                    self.student.step();
+                    scale_to_norm(&fake_grads, host[3], self.fake_score_clip);
+                    self.fake_score.step();
+                }
+                (vote.finite, vote.finite)
+            }
+            Some(scalers) => (
+                scaled_step(
+                    &mut self.student,
+                    &mut scalers.student,
+                    &student_grads,
+                    host[2],
+                    self.student_clip,
+                    !vote.student_nonfinite,
+                ),
+                scaled_step(
+                    &mut self.fake_score,
+                    &mut scalers.fake_score,
+                    &fake_grads,
+                    host[3],
+                    self.fake_score_clip,
+                    !vote.fake_score_nonfinite,
+                ),
+            ),
+        };
         self.zero_grad();
         Ok(Applied {
             vote,
@@ -87,6 +148,8 @@ impl Optimizers {
                 vsd: global[0],
                 fake_score: global[1],
             },
+            student_stepped,
+            fake_score_stepped,
         })
     }
 
@@ -104,18 +167,61 @@ impl Optimizers {
         sync.all_reduce_mean(&grads)?;
         let norm = grad_norm(&grads);
         let host = host_read::read(&[loss, &norm]).map_err(crate::vsd::VsdError::from)?;
+        let finite = host.iter().all(|v| v.is_finite());
         let vote = sync.vote(StepVote {
-            finite: host.iter().all(|v| v.is_finite()),
-            preempt: false,
-            num_truncated: 0,
+            finite,
+            fake_score_nonfinite: !finite,
+            ..StepVote::default()
         })?;
-        if vote.finite {
-            scale_to_norm(&grads, host[1], self.fake_score_clip);
-            self.fake_score.step();
+        match self.scalers.as_mut() {
+            None => {
+                if vote.finite {
+                    scale_to_norm(&grads, host[1], self.fake_score_clip);
+                    self.fake_score.step();
+                }
+            }
+            Some(scalers) => {
+                scaled_step(
+                    &mut self.fake_score,
+                    &mut scalers.fake_score,
+                    &grads,
+                    host[1],
+                    self.fake_score_clip,
+                    vote.finite,
+                );
+            }
         }
         self.fake_score.zero_grad();
         Ok(vote.finite)
     }
+}
+
+/// One optimizer's step under loss scaling (torch's `scaler.unscale_`,
+/// clip, `scaler.step`, `scaler.update`): with every rank's gradients
+/// finite (`finite`, from the vote), unscales them, clips the unscaled
+/// gradients to `max_norm` (their norm is `scaled_norm` times the inverse
+/// scale, exactly: the scale is a power of two) and steps; otherwise skips.
+/// Then the scaler counts the step or backs off. Returns whether it
+/// stepped.
+fn scaled_step(
+    optimizer: &mut Adam,
+    scaler: &mut GradScaler,
+    grads: &[Tensor],
+    scaled_norm: f64,
+    max_norm: f64,
+    finite: bool,
+) -> bool {
+    if finite {
+        let inv = scaler.inv_scale();
+        tch::no_grad(|| {
+            crate::torch::foreach::mul_scalar_(grads, inv)
+                .unwrap_or_else(|e| panic!("gradient unscale: {e}"));
+        });
+        scale_to_norm(grads, scaled_norm * inv, max_norm);
+        optimizer.step();
+    }
+    scaler.update(!finite);
+    finite
 }
 
 #[cfg(test)]
@@ -142,8 +248,8 @@ mod tests {
         };
         let vote = StepVote {
             finite: true,
-            preempt: false,
             num_truncated: 2,
+            ..StepVote::default()
         };
 
         // A NaN loss: nothing moves, gradients are cleared.
@@ -211,5 +317,77 @@ mod tests {
         assert_eq!(opt.fake_score.num_steps(), 1);
         assert!(Vec::<f32>::try_from(l.detach()).unwrap()[0] < 3.0);
         assert_eq!(opt.student.num_steps(), 0, "the student does not move");
+    }
+
+    #[test]
+    fn loss_scalers_restore_or_start_afresh() {
+        let s = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        let l = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let mut plain = Optimizers::new(adam(&s), adam(&l), 1.0, 1.0);
+        plain.restore_loss_scalers(Some(LossScalers::default()));
+        assert_eq!(plain.loss_scalers(), None, "no loss scaling: nothing kept");
+        assert_eq!(plain.loss_scales(), None);
+
+        let mut scaled = Optimizers::new(adam(&s), adam(&l), 1.0, 1.0).with_loss_scaling();
+        let saved = LossScalers {
+            student: GradScaler {
+                scale: 1024.0,
+                growth_tracker: 5,
+            },
+            fake_score: GradScaler::default(),
+        };
+        scaled.restore_loss_scalers(Some(saved));
+        assert_eq!(scaled.loss_scalers(), Some(saved));
+        assert_eq!(scaled.loss_scales().unwrap().student, 1024.0);
+        // A checkpoint without them (older, or written without scaling).
+        scaled.restore_loss_scalers(None);
+        assert_eq!(scaled.loss_scalers(), Some(LossScalers::default()));
+    }
+
+    #[test]
+    fn a_scaled_step_unscales_before_clipping() {
+        // Gradients scaled by 2^10: the step must see them unscaled and
+        // clipped by their unscaled norm, as torch's unscale_ then clip.
+        let s = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let l = Tensor::from_slice(&[3.0f32]).set_requires_grad(true);
+        let mut opt = Optimizers::new(adam(&s), adam(&l), 1.0, 1.0).with_loss_scaling();
+        opt.restore_loss_scalers(Some(LossScalers {
+            student: GradScaler {
+                scale: 1024.0,
+                growth_tracker: 0,
+            },
+            fake_score: GradScaler::default(),
+        }));
+        (&s * Tensor::from_slice(&[3.0f32 * 1024.0, 4.0 * 1024.0]))
+            .sum(Kind::Float)
+            .backward();
+        let g = s.grad();
+        let norm = grad_norm(std::slice::from_ref(&g)).double_value(&[]);
+        assert_eq!(norm, 5.0 * 1024.0);
+        let mut scaler = opt.loss_scalers().unwrap().student;
+        assert!(scaled_step(
+            &mut opt.student,
+            &mut scaler,
+            std::slice::from_ref(&g),
+            norm,
+            1.0,
+            true
+        ));
+        // Unscaled (3, 4), clipped to norm 1: (0.6, 0.8) up to the 1e-6.
+        let got = Vec::<f32>::try_from(&g).unwrap();
+        let coef = 1.0 / (5.0 + 1e-6);
+        assert_eq!(got, vec![(3.0 * coef) as f32, (4.0 * coef) as f32]);
+        assert_eq!(scaler.growth_tracker, 1);
+        // Skipped: no step, the scale backs off.
+        assert!(!scaled_step(
+            &mut opt.student,
+            &mut scaler,
+            std::slice::from_ref(&g),
+            f64::INFINITY,
+            1.0,
+            false
+        ));
+        assert_eq!((scaler.scale, scaler.growth_tracker), (512.0, 0));
+        assert_eq!(opt.student.num_steps(), 1);
     }
 }

@@ -33,8 +33,8 @@ use crate::diffusion::NoiseSchedule;
 use crate::ema::Ema;
 use crate::pipeline::UNet;
 use crate::vsd::{
-    Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, ScorePair, VsdConfig,
-    VsdLosses, VsdStep,
+    Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, LossScales, ScorePair,
+    VsdConfig, VsdLosses, VsdStep,
 };
 
 /// What a finished run reports.
@@ -62,13 +62,15 @@ pub struct Networks {
 }
 
 impl Networks {
-    /// The SwiftBrush step over these networks.
-    pub fn step(&self) -> VsdStep<'_, UNet, ScorePair> {
+    /// The SwiftBrush step over these networks, each loss multiplied by
+    /// its `loss_scales` before its backward (None: unscaled).
+    pub fn step(&self, loss_scales: Option<LossScales>) -> VsdStep<'_, UNet, ScorePair> {
         VsdStep {
             student: &self.student,
             scores: &self.scores,
             schedule: &self.schedule,
             config: &self.vsd,
+            loss_scales,
         }
     }
 }
@@ -264,6 +266,7 @@ impl Trainer {
             finite: true,
             preempt: world.parts.control.preempt_requested(),
             num_truncated: batch.num_truncated,
+            ..StepVote::default()
         };
         let t_sync = Instant::now();
         // `losses`: the global batch's, averaged in the vote; `rank_losses`:
@@ -272,6 +275,8 @@ impl Trainer {
             vote,
             rank_losses,
             losses,
+            student_stepped,
+            fake_score_stepped,
         } = self
             .optimizers
             .apply(world.parts.sync.as_mut(), &device_losses, mine)?;
@@ -280,6 +285,24 @@ impl Trainer {
         if vote.finite {
             allreduce_s += self.fake_score_updates(world, step, &batch.text, &x0)?;
             self.ema_update();
+        } else if let Some(scalers) = self.optimizers.loss_scalers() {
+            // fp16 loss scaling: an optimizer whose (scaled) gradients
+            // overflowed skipped its step and halved its scale; the other
+            // may have stepped. The EMA follows the student's steps; the
+            // further fake-score updates wait for an all-finite step.
+            self.state.num_nonfinite_steps += 1;
+            if student_stepped {
+                self.ema_update();
+            }
+            tracing::warn!(
+                step,
+                student_stepped,
+                fake_score_stepped,
+                student_loss_scale = scalers.student.scale,
+                fake_score_loss_scale = scalers.fake_score.scale,
+                "fp16 loss scaling: inf/NaN gradient, that optimizer's step skipped and its \
+                 loss scale halved"
+            );
         } else {
             self.state.num_nonfinite_steps += 1;
             tracing::warn!(
@@ -290,6 +313,7 @@ impl Trainer {
             );
         }
         self.state.num_truncated_captions += vote.num_truncated;
+        self.state.loss_scalers = self.optimizers.loss_scalers();
         self.state.step = step + 1;
         (self.state.epoch, self.state.caption_index) = self.feed_position(world, step + 1);
         self.last_losses = Some(losses);
@@ -355,7 +379,7 @@ impl Trainer {
         )?;
         Ok(self
             .networks
-            .step()
+            .step(self.optimizers.loss_scales())
             .run_on_device(text, &draws, self.cfg.train.micro_batch)?)
     }
 
@@ -382,12 +406,10 @@ impl Trainer {
                 self.cfg.method.null_condition_prob,
                 self.device,
             )?;
-            let loss = self.networks.step().update_fake_score(
-                text,
-                x0,
-                &draws,
-                self.cfg.train.micro_batch,
-            )?;
+            let loss = self
+                .networks
+                .step(self.optimizers.loss_scales())
+                .update_fake_score(text, x0, &draws, self.cfg.train.micro_batch)?;
             let t0 = Instant::now();
             let applied = self
                 .optimizers
@@ -500,6 +522,12 @@ impl Trainer {
 
     pub fn state(&self) -> &TrainState {
         &self.state
+    }
+
+    /// Both optimizers (their Adam states and, with fp16 loss scaling,
+    /// their scalers).
+    pub fn optimizers(&self) -> &Optimizers {
+        &self.optimizers
     }
 
     pub fn student(&self) -> &UNet {

@@ -112,6 +112,9 @@ impl Trainer {
         self.state = restored.state;
         self.state.config_fingerprint = fingerprint;
         self.state.teacher = teacher;
+        self.optimizers
+            .restore_loss_scalers(self.state.loss_scalers);
+        self.state.loss_scalers = self.optimizers.loss_scalers();
         self.initial = false;
         self.checkpointer.restored(manifest.step);
         tracing::info!(step = manifest.step, run_dir = %self.cfg.checkpoint.run_dir, "resumed from checkpoint");

@@ -36,6 +36,21 @@ impl MicroBatch {
             loss.f_mul_scalar(self.share)?.f_backward()
         }
     }
+
+    /// [`Self::backward`] of the share times `scale` (fp16 loss scaling:
+    /// accelerate divides by the accumulation steps, then the GradScaler
+    /// multiplies); None: exactly [`Self::backward`].
+    pub fn backward_scaled(&self, loss: &Tensor, scale: Option<f64>) -> Result<(), TchError> {
+        let Some(scale) = scale else {
+            return self.backward(loss);
+        };
+        let part = if self.share == 1.0 {
+            loss.shallow_clone()
+        } else {
+            loss.f_mul_scalar(self.share)?
+        };
+        part.f_mul_scalar(scale)?.f_backward()
+    }
 }
 
 /// Runs `part` on each micro-batch of a batch of `b` rows, in order, and

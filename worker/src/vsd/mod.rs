@@ -12,8 +12,13 @@
 //! Precision: the score passes (real and fake) run under the configured
 //! autocast (`VsdConfig::teacher_autocast`, see precision.rs) and each of
 //! their outputs is cast to float32 before it leaves the autocast region;
-//! the student pass, the schedule, guidance, the VSD gradient and both
-//! losses are float32.
+//! the student pass runs in float32, or under the same autocast with
+//! `precision.student_autocast` (`VsdConfig::student_autocast`, one place:
+//! [`VsdStep::student_x0`]), its output cast to float32 before the x0
+//! formula. The schedule, guidance, the VSD gradient and both losses are
+//! float32. With fp16 loss scaling the trainer gives the step
+//! [`LossScales`]: each loss is multiplied by its scale before its
+//! backward (trainer/grad_scaler.rs unscales).
 
 mod draws;
 mod micro_batch;
@@ -43,6 +48,9 @@ pub struct VsdConfig {
     /// Autocast for the score passes (None: as stored, inputs cast to the
     /// teacher's dtype). Build it with `precision::teacher_autocast`.
     pub teacher_autocast: Option<AutocastPlan>,
+    /// Autocast for the student's forward (and so its backward), None:
+    /// float32 (`precision.student_autocast`; the teacher's plan when on).
+    pub student_autocast: Option<AutocastPlan>,
     /// Step 3 runs the teacher and the LoRA teacher as one pass of twice
     /// the rows (`Scores::both`) instead of two (`train.score_passes`).
     pub one_score_pass: bool,
@@ -58,6 +66,17 @@ impl VsdConfig {
             prediction,
         }
     }
+}
+
+/// What each loss is multiplied by before its backward (fp16 dynamic loss
+/// scaling, powers of two, so the scaled gradients are exactly the
+/// unscaled ones times the scale unless they overflow).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScales {
+    /// The VSD loss (the student's gradients).
+    pub student: f64,
+    /// The fake score's denoising loss (its gradients).
+    pub fake_score: f64,
 }
 
 /// Text conditions of one batch, computed once and shared by all passes.

@@ -10,10 +10,10 @@ use tch::{Kind, Tensor};
 use super::draws::{Draws, FakeScoreDraws};
 use super::micro_batch::{MicroBatch, each_micro_batch};
 use super::scores::{FakeScore, Scores};
-use super::{Conditions, VsdConfig, VsdError, VsdLosses};
+use super::{Conditions, LossScales, VsdConfig, VsdError, VsdLosses};
 use crate::diffusion::{
-    Denoiser, NoiseSchedule, PredictionType, add_noise_at, guide_batched, one_minus, one_step_x0,
-    to_epsilon, to_x0,
+    Denoiser, NoiseSchedule, PredictionType, add_noise_at, guide_batched, one_minus,
+    one_step_output, one_step_x0, to_epsilon, to_x0, x0_of_output,
 };
 use swiftbrush_proto::config::VsdWeighting;
 
@@ -23,6 +23,9 @@ pub struct VsdStep<'a, S, F> {
     pub scores: &'a F,
     pub schedule: &'a NoiseSchedule,
     pub config: &'a VsdConfig,
+    /// Each loss's multiplier before its backward (fp16 loss scaling,
+    /// trainer/grad_scaler.rs); None: the plain backward.
+    pub loss_scales: Option<LossScales>,
 }
 
 /// What a step leaves besides the gradients.
@@ -144,6 +147,24 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         total.ok_or(VsdError::EmptyBatch)
     }
 
+    /// SPEC step 1: the student's draw x0_hat of the noise `z` under
+    /// `cond`, float32, with gradients when called with them. The one
+    /// place the student's forward runs in training (a recomputation must
+    /// call it too): under `precision.student_autocast` the pass runs
+    /// under the autocast and its output leaves the region as float32,
+    /// before the x0 formula's 1/sqrt(A) amplification.
+    pub fn student_x0(&self, z: &Tensor, cond: &Tensor) -> Result<Tensor, VsdError> {
+        let one_step = self.config.one_step(self.schedule.prediction_type());
+        let Some(plan) = self.config.student_autocast.as_ref() else {
+            return Ok(one_step_x0(self.student, z, cond, &one_step)?);
+        };
+        let out = {
+            let _autocast = plan.enter();
+            one_step_output(self.student, z, cond, &one_step)?
+        };
+        Ok(x0_of_output(&out, z, &one_step)?)
+    }
+
     /// Steps 1-6 on one micro-batch; both backwards run on its share of
     /// the losses, and the losses returned are the micro-batch's own.
     fn iteration(
@@ -153,8 +174,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         part: MicroBatch,
     ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
         // 1. Student draw: one pass at t = 999 from pure noise.
-        let one_step = self.config.one_step(self.schedule.prediction_type());
-        let x0_hat = one_step_x0(self.student, &draws.z, &text.cond, &one_step)?;
+        let x0_hat = self.student_x0(&draws.z, &text.cond)?;
 
         // 2. Noise it; x_t keeps its link to the student. abar_t is looked
         // up once for every formula of the step.
@@ -200,7 +220,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
             .f_square()?
             .f_mean(Kind::Float)?
             .f_mul_scalar(0.5)?;
-        part.backward(&loss_vsd)?;
+        part.backward_scaled(&loss_vsd, self.loss_scales.map(|s| s.student))?;
 
         // 6. The fake score learns to denoise the student's (detached) draws.
         let x0 = x0_hat.f_detach()?;
@@ -244,7 +264,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
                 .f_mean(Kind::Float)?,
             FakeScore::Unet => residual.f_square()?.f_mean(Kind::Float)?,
         };
-        part.backward(&loss)?;
+        part.backward_scaled(&loss, self.loss_scales.map(|s| s.fake_score))?;
         Ok(loss.f_detach()?)
     }
 

@@ -48,6 +48,7 @@ pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan
         guidance_scale: 4.5,
         weighting,
         teacher_autocast,
+        student_autocast: None,
         one_score_pass: false,
     }
 }

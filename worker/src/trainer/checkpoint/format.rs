@@ -75,6 +75,12 @@ pub struct TrainState {
     /// The teacher folder as given, so `sample --student RUN` finds the
     /// text encoder, tokenizer and VAE.
     pub teacher: String,
+    /// fp16 dynamic loss scaling's state (grad_scaler.rs), with
+    /// `precision.student_autocast` under fp16 only: absent otherwise, so
+    /// other runs' state.json is unchanged, and an older checkpoint without
+    /// it starts the scalers afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scalers: Option<crate::trainer::grad_scaler::LossScalers>,
 }
 
 /// One checkpoint, serialized, ready to upload.
@@ -161,4 +167,50 @@ pub fn read_checkpoint(store: &RunStore, manifest: &Manifest) -> Result<Restored
         tensors,
         config,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::grad_scaler::{GradScaler, LossScalers};
+
+    fn state(loss_scalers: Option<LossScalers>) -> TrainState {
+        TrainState {
+            step: 3,
+            epoch: 0,
+            caption_index: 6,
+            num_nonfinite_steps: 1,
+            num_truncated_captions: 0,
+            ema_updates: 2,
+            seed: 7,
+            config_fingerprint: "c".to_owned(),
+            teacher_fingerprint: "t".to_owned(),
+            teacher: "/t".to_owned(),
+            loss_scalers,
+        }
+    }
+
+    #[test]
+    fn loss_scalers_are_kept_only_when_there_are_some() {
+        // Without loss scaling state.json is what it was before the field.
+        let json = serde_json::to_string(&state(None)).unwrap();
+        assert!(!json.contains("loss_scalers"), "{json}");
+        // So an older checkpoint's state.json reads back without them.
+        assert_eq!(
+            serde_json::from_str::<TrainState>(&json).unwrap(),
+            state(None)
+        );
+        let scaled = state(Some(LossScalers {
+            student: GradScaler {
+                scale: 32768.0,
+                growth_tracker: 0,
+            },
+            fake_score: GradScaler {
+                scale: 65536.0,
+                growth_tracker: 3,
+            },
+        }));
+        let json = serde_json::to_string(&scaled).unwrap();
+        assert_eq!(serde_json::from_str::<TrainState>(&json).unwrap(), scaled);
+    }
 }
