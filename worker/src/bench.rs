@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use swiftbrush_proto::JobConfig;
 
+use crate::torch::math_mode::MathMode;
 use crate::torch::precision;
 use crate::trainer::caption_feed::LocalCaptionFeed;
 use crate::trainer::gradient_sync::SingleProcess;
@@ -17,6 +18,10 @@ pub struct VsdBenchReport {
     pub device: String,
     /// Dtypes of each part of the step (precision::describe).
     pub precision: String,
+    /// TF32 and cuDNN benchmark mode as the trainer set them on CUDA
+    /// (precision.tf32, precision.cudnn_benchmark; math_mode.rs); on the
+    /// CPU they change nothing and say so.
+    pub math_mode: String,
     /// How step 3 ran the teacher and the LoRA teacher
     /// (`train.score_passes` as resolved on this device): "one pass" or
     /// "two passes".
@@ -38,9 +43,10 @@ pub struct VsdBenchReport {
 impl VsdBenchReport {
     pub fn table(&self) -> String {
         format!(
-            "device            {}\nprecision         {}\nscore passes      {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
+            "device            {}\nprecision         {}\nmath mode         {}\nscore passes      {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
             self.device,
             self.precision,
+            self.math_mode,
             self.score_passes,
             self.images_per_step,
             self.steps,
@@ -66,6 +72,11 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     let autocast = precision::teacher_autocast(&cfg.precision, device)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let precision = precision::describe(&cfg.precision, autocast.as_ref());
+    let math_mode = if device.is_cuda() {
+        MathMode::of(&cfg.precision).describe()
+    } else {
+        "TF32 and cuDNN benchmark change nothing on the CPU".to_owned()
+    };
     let score_passes = format!(
         "{} ({:?})",
         if cfg.train.score_passes.one_pass(device.is_cuda()) {
@@ -114,6 +125,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     Ok(VsdBenchReport {
         device: format!("{device:?}"),
         precision,
+        math_mode,
         score_passes,
         images_per_step: images,
         steps,
