@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use swiftbrush_proto::JobConfig;
 
-use crate::torch::math_mode::MathMode;
+use crate::torch::math_mode;
 use crate::torch::precision;
 use crate::trainer::caption_feed::LocalCaptionFeed;
 use crate::trainer::gradient_sync::SingleProcess;
@@ -72,11 +72,6 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     let autocast = precision::teacher_autocast(&cfg.precision, device)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     let precision = precision::describe(&cfg.precision, autocast.as_ref());
-    let math_mode = if device.is_cuda() {
-        MathMode::of(&cfg.precision).describe()
-    } else {
-        "TF32 and cuDNN benchmark change nothing on the CPU".to_owned()
-    };
     let score_passes = format!(
         "{} ({:?})",
         if cfg.train.score_passes.one_pass(device.is_cuda()) {
@@ -103,6 +98,13 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         1,
     )?;
     let mut trainer = SoloTrainer::build(cfg, device, feed, SingleProcess, Resume::Auto)?;
+    // What the trainer set (precision.tf32, precision.cudnn_benchmark), read
+    // back from libtorch.
+    let math_mode = if device.is_cuda() {
+        math_mode::current().describe()
+    } else {
+        "TF32 and cuDNN benchmark change nothing on the CPU".to_owned()
+    };
     trainer.train_step(0)?;
     let mut times = Vec::with_capacity(steps as usize);
     let mut peak_gpu: Option<u64> = None;
