@@ -87,7 +87,12 @@ pub struct AllReduceReport {
 
 impl AllReduceReport {
     pub fn table(&self) -> String {
-        let layout = match (self.buckets, self.groups, self.bucket_bytes, self.group_bytes) {
+        let layout = match (
+            self.buckets,
+            self.groups,
+            self.bucket_bytes,
+            self.group_bytes,
+        ) {
             (Some(b), Some(g), Some(bb), Some(gb)) => format!(
                 "{b} bucket(s) of <= {:.1} MiB in {g} group(s) of <= {:.1} MiB",
                 bb as f64 / (1 << 20) as f64,
@@ -133,8 +138,12 @@ pub fn bench_allreduce(spec: &AllReduceSpec) -> Result<AllReduceReport, AllReduc
         )));
     }
     let options = NcclOptions {
-        bucket_bytes: spec.bucket_bytes.unwrap_or(NcclOptions::default().bucket_bytes),
-        group_bytes: spec.group_bytes.unwrap_or(NcclOptions::default().group_bytes),
+        bucket_bytes: spec
+            .bucket_bytes
+            .unwrap_or(NcclOptions::default().bucket_bytes),
+        group_bytes: spec
+            .group_bytes
+            .unwrap_or(NcclOptions::default().group_bytes),
         ..NcclOptions::default()
     };
     let sizes = split(numel, tensors);
@@ -149,10 +158,16 @@ pub fn bench_allreduce(spec: &AllReduceSpec) -> Result<AllReduceReport, AllReduc
         Backend::Tcp => None,
         Backend::Nccl => {
             let plan = buckets::plan(
-                &sizes.iter().map(|&n| (Kind::Float, n as usize)).collect::<Vec<_>>(),
+                &sizes
+                    .iter()
+                    .map(|&n| (Kind::Float, n as usize))
+                    .collect::<Vec<_>>(),
                 options.bucket_bytes,
             );
-            Some((plan.len(), buckets::groups(&plan, options.group_bytes).len()))
+            Some((
+                plan.len(),
+                buckets::groups(&plan, options.group_bytes).len(),
+            ))
         }
     };
     let ranks: Vec<Join> = match backend {
@@ -237,10 +252,7 @@ fn split(numel: i64, parts: usize) -> Vec<i64> {
         .collect()
 }
 
-fn nccl_ranks(
-    world_size: usize,
-    options: NcclOptions,
-) -> Result<Vec<Join>, AllReduceBenchError> {
+fn nccl_ranks(world_size: usize, options: NcclOptions) -> Result<Vec<Join>, AllReduceBenchError> {
     crate::torch::device::load_cuda_backend();
     let available = tch::Cuda::device_count().max(0) as usize;
     if available < world_size {

@@ -120,7 +120,9 @@ pub fn reduce_in_buckets<E>(
     buckets: &[Bucket],
     mut reduce: impl FnMut(&Tensor) -> Result<(), E>,
 ) -> Result<(), E> {
-    reduce_in_groups(grads, buckets, 0, |flats| flats.iter().try_for_each(&mut reduce))
+    reduce_in_groups(grads, buckets, 0, |flats| {
+        flats.iter().try_for_each(&mut reduce)
+    })
 }
 
 /// The buffer a bucket is reduced in: its lone contiguous gradient itself,
@@ -267,9 +269,15 @@ mod tests {
         // it.
         assert_eq!(groups(&buckets, 48), vec![0..2, 2..3, 3..6]);
         // Larger than a group: alone as well.
-        assert_eq!(groups(&buckets, 20), vec![0..1, 1..2, 2..3, 3..4, 4..5, 5..6]);
+        assert_eq!(
+            groups(&buckets, 20),
+            vec![0..1, 1..2, 2..3, 3..4, 4..5, 5..6]
+        );
         assert_eq!(groups(&buckets, usize::MAX), vec![0..6]);
-        assert_eq!(groups(&buckets, 0), (0..6).map(|i| i..i + 1).collect::<Vec<_>>());
+        assert_eq!(
+            groups(&buckets, 0),
+            (0..6).map(|i| i..i + 1).collect::<Vec<_>>()
+        );
         assert!(groups(&[], 32).is_empty());
     }
 
@@ -289,7 +297,12 @@ mod tests {
         let buckets = plan_for(&grads, 32);
         assert_eq!(
             members(&buckets),
-            vec![(F32, vec![0, 1]), (F32, vec![2]), (BF16, vec![3]), (F32, vec![4])]
+            vec![
+                (F32, vec![0, 1]),
+                (F32, vec![2]),
+                (BF16, vec![3]),
+                (F32, vec![4])
+            ]
         );
         let mut calls = Vec::new();
         reduce_in_groups(&grads, &buckets, 190, |flats| {

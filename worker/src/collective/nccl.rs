@@ -746,7 +746,11 @@ mod tests {
         };
         // Every call queued, then one end whose in-progress is the wait.
         assert_eq!(
-            run(NCCL_SUCCESS, &[NCCL_SUCCESS, NCCL_SUCCESS], NCCL_IN_PROGRESS),
+            run(
+                NCCL_SUCCESS,
+                &[NCCL_SUCCESS, NCCL_SUCCESS],
+                NCCL_IN_PROGRESS
+            ),
             (
                 ("ncclGroupEnd", NCCL_IN_PROGRESS),
                 "start, call 0, call 1, end".to_owned()
@@ -756,7 +760,10 @@ mod tests {
         // the failure is what is reported.
         assert_eq!(
             run(NCCL_SUCCESS, &[NCCL_SUCCESS, 3, NCCL_SUCCESS], NCCL_SUCCESS),
-            (("ncclAllReduce", 3), "start, call 0, call 1, end".to_owned())
+            (
+                ("ncclAllReduce", 3),
+                "start, call 0, call 1, end".to_owned()
+            )
         );
         // No group, nothing to end.
         assert_eq!(

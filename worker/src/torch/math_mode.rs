@@ -164,8 +164,14 @@ mod tests {
         // On the CPU the trainer leaves them as they are.
         apply(&config(true, true), Device::Cpu).unwrap();
         assert_eq!(current(), MathMode::default());
-        assert_eq!(MathMode::of(&config(true, false)).describe(), "TF32 on, cuDNN benchmark off");
-        assert_eq!(MathMode::of(&PrecisionConfig::default()), MathMode::default());
+        assert_eq!(
+            MathMode::of(&config(true, false)).describe(),
+            "TF32 on, cuDNN benchmark off"
+        );
+        assert_eq!(
+            MathMode::of(&PrecisionConfig::default()),
+            MathMode::default()
+        );
         set(before).unwrap();
     }
 

@@ -210,7 +210,8 @@ impl RankSlice {
         let mut shape = latent_shape.to_vec();
         shape[0] = per_rank * self.world_size as i64;
         let start = self.rank as i64 * per_rank;
-        let mine = move |x: Tensor| to_device(x.f_narrow(0, start, per_rank)?.f_contiguous()?, device);
+        let mine =
+            move |x: Tensor| to_device(x.f_narrow(0, start, per_rank)?.f_contiguous()?, device);
         (shape, mine)
     }
 }
