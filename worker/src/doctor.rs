@@ -233,11 +233,12 @@ impl DoctorReport {
             },
         );
         line(
-            "cuDNN benchmark",
+            "cuDNN bench",
             if self.cudnn_benchmark {
-                "on".to_owned()
+                "benchmark mode on".to_owned()
             } else {
-                "off (training: precision.cudnn_benchmark: true turns it on)".to_owned()
+                "benchmark mode off (training: precision.cudnn_benchmark: true turns it on)"
+                    .to_owned()
             },
         );
         line("CPU threads", self.cpu_threads.to_string());
