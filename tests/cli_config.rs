@@ -81,6 +81,8 @@ fn doctor_says_what_it_loaded_and_from_where() {
         (&report["tf32_matmul"], &report["tf32_conv"]),
         (&false.into(), &false.into())
     );
+    // cuDNN's benchmark mode stays libtorch's default (off) outside training.
+    assert_eq!(report["cudnn_benchmark"], false, "{report:#}");
     let mut tf32 = swiftbrush();
     tf32.env("SWIFTBRUSH_TF32", "1");
     let allowed = doctor_json(tf32);

@@ -173,6 +173,10 @@ fn bench_vsd_step_reports_json() {
         report["precision"],
         "teacher fp32 (autocast none), student fp32, schedule and losses fp32"
     );
+    assert_eq!(
+        report["math_mode"],
+        "TF32 and cuDNN benchmark change nothing on the CPU"
+    );
     // train.score_passes: auto runs two passes on the CPU.
     assert_eq!(report["score_passes"], "two passes (auto)");
     assert!(

@@ -59,6 +59,8 @@ fn the_gpu_check_passes_its_dry_run_on_the_cpu() {
         "train 4 steps == 2 + resume to 4",
         "bench allreduce --backend tcp",
         "speed: ratio reference / swiftbrush",
+        // precision.tf32 and precision.cudnn_benchmark parse and run.
+        "speed: swiftbrush step with tf32 and cudnn_benchmark on",
     ] {
         assert_eq!(status(name), "pass", "{name}\n{stdout}");
     }

@@ -453,6 +453,18 @@ pub struct PrecisionConfig {
     /// The VAE decoder (SPEC: kept in fp32): fp32 only, training never
     /// decodes; `swiftbrush sample --dtype` is the sampling precision.
     pub vae_dtype: Dtype,
+    /// Whether float32 matrix products and convolutions on CUDA may run in
+    /// TF32 (a 10-bit mantissa): faster on Ampere and newer, and a change of
+    /// the arithmetic (config_changes.rs counts it). Off: fp32 is IEEE fp32
+    /// on a GPU too. Changes nothing on the CPU. Applied when the trainer
+    /// is built (worker/src/torch/math_mode.rs).
+    pub tf32: bool,
+    /// cuDNN's benchmark mode: it times the convolution algorithms for each
+    /// new shape and keeps the fastest. A speed choice (the same
+    /// convolutions, as the GPU model is), so no training change; results
+    /// may differ in rounding from a run without it. Changes nothing on the
+    /// CPU.
+    pub cudnn_benchmark: bool,
 }
 
 impl Default for PrecisionConfig {
@@ -463,6 +475,8 @@ impl Default for PrecisionConfig {
             student_autocast: false,
             student_dtype: Dtype::Fp32,
             vae_dtype: Dtype::Fp32,
+            tf32: false,
+            cudnn_benchmark: false,
         }
     }
 }
@@ -580,13 +594,15 @@ impl JobConfig {
     }
 
     /// sha256 of the resolved config's canonical JSON: a resumed run checks
-    /// it. `train.micro_batch` and `train.score_passes` are left out: they
-    /// are each device's memory and speed matter (a worker may override
-    /// the micro-batch) and change no result.
+    /// it. `train.micro_batch`, `train.score_passes` and
+    /// `precision.cudnn_benchmark` are left out: they are each device's
+    /// memory and speed matter (a worker may override the micro-batch) and
+    /// change no result.
     pub fn fingerprint(&self) -> String {
         let mut canonical = self.clone();
         canonical.train.micro_batch = None;
         canonical.train.score_passes = ScorePasses::Auto;
+        canonical.precision.cudnn_benchmark = false;
         let json = serde_json::to_vec(&canonical).unwrap_or_default();
         let digest = Sha256::digest(&json);
         digest.iter().map(|b| format!("{b:02x}")).collect()

@@ -29,9 +29,11 @@ impl std::fmt::Display for ConfigChange {
 /// the name, where things are read and written, how often things happen
 /// beside training, how the world is run (a step's captions and draws do
 /// not depend on the world size), and the per-device memory and speed
-/// choices. The teacher's folder is left out too: the teacher itself is
-/// checked by its fingerprint, so a moved folder is no change.
-const NOT_TRAINING_MATH: [&str; 10] = [
+/// choices (cuDNN's benchmark mode picks among algorithms for the same
+/// convolutions; `precision.tf32` is not among them: it changes the
+/// arithmetic on CUDA). The teacher's folder is left out too: the teacher
+/// itself is checked by its fingerprint, so a moved folder is no change.
+const NOT_TRAINING_MATH: [&str; 11] = [
     "name",
     "model.teacher",
     "train.device",
@@ -39,6 +41,7 @@ const NOT_TRAINING_MATH: [&str; 10] = [
     "train.score_passes",
     "train.sample_every_steps",
     "train.sample_prompts",
+    "precision.cudnn_benchmark",
     "world",
     "checkpoint",
     "logging",

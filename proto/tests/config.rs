@@ -424,3 +424,34 @@ fn every_unknown_key_and_bad_value_is_reported_at_once() {
     let e = err(&format!("{TEACHER}train:\n  max_stepz: 4\n"));
     assert!(!e.contains("problems"), "{e}");
 }
+
+#[test]
+fn tf32_and_cudnn_benchmark_default_off_and_only_tf32_changes_training() {
+    let c = parse(TEACHER).unwrap();
+    assert!(!c.precision.tf32 && !c.precision.cudnn_benchmark);
+    let on = parse(&format!(
+        "{TEACHER}precision:\n  tf32: true\n  cudnn_benchmark: true\n"
+    ))
+    .unwrap();
+    assert!(on.precision.tf32 && on.precision.cudnn_benchmark);
+    let e = err(&format!("{TEACHER}precision:\n  tf32: fast\n"));
+    assert!(e.contains("precision.tf32"), "{e}");
+    let e = err(&format!("{TEACHER}precision:\n  cudnn_benchmarks: true\n"));
+    assert!(e.contains("precision.cudnn_benchmark"), "{e}");
+
+    // TF32 changes the arithmetic of fp32 products on CUDA: a training
+    // change, and part of the fingerprint.
+    let tf32 = parse(&format!("{TEACHER}precision:\n  tf32: true\n")).unwrap();
+    let changes: Vec<String> = tf32
+        .training_changes_from(&c)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(changes, vec!["precision.tf32: false -> true"]);
+    assert_ne!(tf32.fingerprint(), c.fingerprint());
+    // cuDNN's benchmark mode only chooses among algorithms for the same
+    // convolutions (a speed choice, like train.micro_batch): no change.
+    let bench = parse(&format!("{TEACHER}precision:\n  cudnn_benchmark: true\n")).unwrap();
+    assert_eq!(bench.training_changes_from(&c), vec![]);
+    assert_eq!(bench.fingerprint(), c.fingerprint());
+}

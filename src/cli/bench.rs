@@ -35,7 +35,8 @@ pub enum BenchCommand {
     Coordinator(super::bench_coordinator::CoordinatorBenchArgs),
     /// Bandwidth of a collective backend: W ranks as threads of this
     /// process (tcp: a ring on loopback; nccl: one GPU each) all-reduce one
-    /// float32 buffer; median time, algorithm and bus bandwidth.
+    /// float32 buffer (or --tensors gradients); median time, algorithm and
+    /// bus bandwidth.
     Allreduce {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "nccl"])]
         backend: String,
@@ -48,10 +49,30 @@ pub enum BenchCommand {
         /// Timed all-reduces (after one checked warm-up).
         #[arg(long, default_value_t = 20)]
         iters: usize,
+        /// Split the buffer into this many gradients of equal size (a
+        /// model's parameter list: NCCL packs them into buckets).
+        #[arg(long, default_value_t = 1)]
+        tensors: usize,
+        /// nccl: bytes of gradients per bucket, MiB (default 25).
+        #[arg(long)]
+        bucket_mib: Option<f64>,
+        /// nccl: bytes of buckets per ncclGroupStart/End, MiB (default
+        /// 1024; 0: one bucket per group).
+        #[arg(long)]
+        group_mib: Option<f64>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// MiB as bytes; a negative or non-finite value is refused naming its flag.
+fn mib(flag: &str, value: Option<f64>) -> anyhow::Result<Option<usize>> {
+    match value {
+        None => Ok(None),
+        Some(v) if v >= 0.0 && v.is_finite() => Ok(Some((v * (1u64 << 20) as f64) as usize)),
+        Some(v) => anyhow::bail!("--{flag} {v}: expected a size in MiB, 0 or more"),
+    }
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -80,12 +101,21 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             world,
             size_mb,
             iters,
+            tensors,
+            bucket_mib,
+            group_mib,
             json,
         } => {
-            use swiftbrush_worker::collective::{Backend, bench::bench_allreduce};
+            use swiftbrush_worker::collective::Backend;
+            use swiftbrush_worker::collective::bench::{AllReduceSpec, bench_allreduce};
             let backend = Backend::from_name(&backend)
                 .ok_or_else(|| anyhow::anyhow!("--backend {backend}: expected tcp or nccl"))?;
-            let report = bench_allreduce(backend, size_mb, world, iters)?;
+            let report = bench_allreduce(&AllReduceSpec {
+                tensors,
+                bucket_bytes: mib("bucket-mib", bucket_mib)?,
+                group_bytes: mib("group-mib", group_mib)?,
+                ..AllReduceSpec::new(backend, size_mb, world, iters)
+            })?;
             print_report(&report, report.table(), json)
         }
     }

@@ -23,10 +23,12 @@ void write_err(char* err, size_t err_len, const char* what) {
 
 #include <c10/core/Stream.h>
 
-// The pip wheel ships the CUDA runtime library but not all of its headers
-// (cuda_runtime_api.h includes crt/host_defines.h, which is missing), so
-// c10/cuda/CUDAStream.h cannot be included. These declarations mirror it
-// (torch 2.11, the pinned wheel): the class layout (one c10::Stream) and
+// The pip wheel ships the CUDA runtime library but not all of its headers:
+// torch 2.11.0+cu130's nvidia/cu13/include has cuda_runtime_api.h but not
+// the crt/host_defines.h it includes, so c10/cuda/CUDAStream.h cannot be
+// included. These declarations mirror that header as torch 2.11 ships it
+// (checked against the pinned wheel's include/c10/cuda/CUDAStream.h and
+// CUDAFunctions.h): the class layout (one c10::Stream) and
 // the out-of-line functions called below, which libc10_cuda.so exports. A
 // mismatch in a name or signature fails at link time; the layout is what
 // c10::Stream is, trivially copyable, returned in registers in both.

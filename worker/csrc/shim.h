@@ -1,10 +1,10 @@
 // The C ABI between the worker's Rust code and the libtorch features tch
 // 0.24 does not expose: autocast with a chosen dtype (autocast.cpp), the
-// current CUDA stream (cuda_stream.cpp), the TF32 switch (math_mode.cpp) and
-// multi-tensor ops (foreach.cpp). Rust declares the same functions in
-// worker/src/torch/shim.rs; keep the two in step. No C++ exception crosses this
-// boundary: every function that can fail returns 0 on success and writes a
-// message into err.
+// current CUDA stream (cuda_stream.cpp), the TF32 and cuDNN benchmark
+// switches (math_mode.cpp) and multi-tensor ops (foreach.cpp). Rust declares
+// the same functions in worker/src/torch/shim.rs; keep the two in step. No
+// C++ exception crosses this boundary: every function that can fail returns
+// 0 on success and writes a message into err.
 #ifndef SWIFTBRUSH_SHIM_H
 #define SWIFTBRUSH_SHIM_H
 
@@ -51,6 +51,10 @@ int32_t sb_cuda_current_stream_query(int32_t device, int32_t* done, char* err,
 int32_t sb_set_allow_tf32(int32_t allow, char* err, size_t err_len);
 // Bit 0: cuBLAS may use TF32; bit 1: cuDNN may.
 int32_t sb_allow_tf32(void);
+// Turns cuDNN's benchmark mode on (1) or off (0).
+int32_t sb_set_benchmark_cudnn(int32_t enabled, char* err, size_t err_len);
+// 1 when cuDNN's benchmark mode is on.
+int32_t sb_benchmark_cudnn(void);
 
 // Multi-tensor forms of the per-parameter loops (foreach.cpp). Tensors are
 // tch handles (at::Tensor*), n of each list.

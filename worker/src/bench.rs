@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::Serialize;
 use swiftbrush_proto::JobConfig;
 
+use crate::torch::math_mode;
 use crate::torch::precision;
 use crate::trainer::caption_feed::LocalCaptionFeed;
 use crate::trainer::gradient_sync::SingleProcess;
@@ -17,6 +18,10 @@ pub struct VsdBenchReport {
     pub device: String,
     /// Dtypes of each part of the step (precision::describe).
     pub precision: String,
+    /// TF32 and cuDNN benchmark mode as the trainer set them on CUDA
+    /// (precision.tf32, precision.cudnn_benchmark; math_mode.rs); on the
+    /// CPU they change nothing and say so.
+    pub math_mode: String,
     /// How step 3 ran the teacher and the LoRA teacher
     /// (`train.score_passes` as resolved on this device): "one pass" or
     /// "two passes".
@@ -38,9 +43,10 @@ pub struct VsdBenchReport {
 impl VsdBenchReport {
     pub fn table(&self) -> String {
         format!(
-            "device            {}\nprecision         {}\nscore passes      {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
+            "device            {}\nprecision         {}\nmath mode         {}\nscore passes      {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
             self.device,
             self.precision,
+            self.math_mode,
             self.score_passes,
             self.images_per_step,
             self.steps,
@@ -92,6 +98,13 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         1,
     )?;
     let mut trainer = SoloTrainer::build(cfg, device, feed, SingleProcess, Resume::Auto)?;
+    // What the trainer set (precision.tf32, precision.cudnn_benchmark), read
+    // back from libtorch.
+    let math_mode = if device.is_cuda() {
+        math_mode::current().describe()
+    } else {
+        "TF32 and cuDNN benchmark change nothing on the CPU".to_owned()
+    };
     trainer.train_step(0)?;
     let mut times = Vec::with_capacity(steps as usize);
     let mut peak_gpu: Option<u64> = None;
@@ -114,6 +127,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     Ok(VsdBenchReport {
         device: format!("{device:?}"),
         precision,
+        math_mode,
         score_passes,
         images_per_step: images,
         steps,

@@ -12,6 +12,7 @@ use crate::threads::{self, ThreadPlan, ThreadRequest};
 use crate::torch::cuda_driver;
 use crate::torch::device::{self, CudaBackend};
 use crate::torch::libtorch::{self, Source};
+use crate::torch::math_mode;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LibtorchReport {
@@ -66,9 +67,12 @@ pub struct DoctorReport {
     pub nccl: NcclReport,
     pub gpus: GpusReport,
     /// Whether float32 cuBLAS products / cuDNN convolutions may use TF32
-    /// (device::TF32_VAR).
+    /// (math_mode::TF32_VAR; training follows precision.tf32).
     pub tf32_matmul: bool,
     pub tf32_conv: bool,
+    /// Whether cuDNN's benchmark mode is on (off outside training;
+    /// training follows precision.cudnn_benchmark).
+    pub cudnn_benchmark: bool,
     /// This process's libtorch intra-op threads (doctor keeps libtorch's
     /// choice; `worker_threads` is what a worker would set).
     pub cpu_threads: i32,
@@ -111,8 +115,9 @@ pub fn report(threads: ThreadRequest) -> DoctorReport {
         cudnn_available: tch::Cuda::cudnn_is_available(),
         nccl,
         gpus,
-        tf32_matmul: device::tf32_state().0,
-        tf32_conv: device::tf32_state().1,
+        tf32_matmul: math_mode::tf32_state().0,
+        tf32_conv: math_mode::tf32_state().1,
+        cudnn_benchmark: math_mode::current().cudnn_benchmark,
         cpu_threads: tch::get_num_threads(),
         worker_threads: match threads::plan_here(threads) {
             Ok(plan) => WorkerThreadsReport::Planned {
@@ -215,11 +220,25 @@ impl DoctorReport {
         line(
             "fp32 on CUDA",
             match (self.tf32_matmul, self.tf32_conv) {
-                (false, false) => format!("IEEE fp32 (no TF32; {}=1 allows it)", device::TF32_VAR),
-                (m, c) => format!(
-                    "TF32 allowed (matrix products {m}, convolutions {c}; {})",
-                    device::TF32_VAR
+                (false, false) => format!(
+                    "IEEE fp32 (no TF32; training: precision.tf32: true allows it, other \
+                     commands: {}=1)",
+                    math_mode::TF32_VAR
                 ),
+                (m, c) => format!(
+                    "TF32 allowed (matrix products {m}, convolutions {c}; {}; training follows \
+                     precision.tf32)",
+                    math_mode::TF32_VAR
+                ),
+            },
+        );
+        line(
+            "cuDNN bench",
+            if self.cudnn_benchmark {
+                "benchmark mode on".to_owned()
+            } else {
+                "benchmark mode off (training: precision.cudnn_benchmark: true turns it on)"
+                    .to_owned()
             },
         );
         line("CPU threads", self.cpu_threads.to_string());

@@ -32,8 +32,10 @@ fn require_gpus(n: usize) {
 
 fn options() -> NcclOptions {
     NcclOptions {
-        // Small buckets: a few kilobytes of gradients make several of them.
+        // Small buckets: a few kilobytes of gradients make several of them,
+        // and several groups of several buckets (ncclGroupStart/End).
         bucket_bytes: 1024,
+        group_bytes: 2048,
         timeout: Duration::from_secs(60),
     }
 }

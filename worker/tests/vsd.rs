@@ -351,6 +351,64 @@ fn lora_init_is_the_same_on_every_device() {
     );
 }
 
+/// A step's draws reach a CUDA device through pinned memory and a
+/// non-blocking copy (vsd/draws.rs, issue 30 item 9): the values there must
+/// be the CPU's, bit for bit, for every draw and every rank's slice, also
+/// when the host has moved on (the pinned sources are gone) before the
+/// copies ran. The CPU path is a plain copy (draws.rs's unit tests); this
+/// one needs the GPU: scripts/gpu-check runs it with
+/// SWIFTBRUSH_TEST_DEVICE=cuda:0.
+#[test]
+#[ignore = "needs a CUDA device: SWIFTBRUSH_TEST_DEVICE=cuda:0 cargo test -p swiftbrush-worker \
+            --test vsd draws_reach -- --ignored (scripts/gpu-check runs it)"]
+fn draws_reach_the_device_bit_for_bit() {
+    use swiftbrush_worker::vsd::{DrawKey, DrawSpec, RankSlice};
+    let device = common::device();
+    assert!(
+        device.is_cuda(),
+        "this test checks the CUDA copy path; SWIFTBRUSH_TEST_DEVICE is {device:?}"
+    );
+    let spec = DrawSpec {
+        timesteps: (20, 980),
+        null_condition_prob: 0.1,
+        guidance_range: Some((2.0, 6.0)),
+    };
+    let mut worst = 0f64;
+    for step in 0..8u64 {
+        for rank in 0..2u64 {
+            let key = DrawKey { seed: 7, step };
+            let slice = RankSlice {
+                rank,
+                world_size: 2,
+            };
+            // Large enough that the copies are still running when the next
+            // draw's host work starts.
+            let shape = [4, 4, 64, 64];
+            let on_device = Draws::sample(key, &shape, slice, &spec, device).unwrap();
+            let on_cpu = Draws::sample(key, &shape, slice, &spec, Device::Cpu).unwrap();
+            let pairs = [
+                (&on_device.z, &on_cpu.z),
+                (&on_device.t, &on_cpu.t),
+                (&on_device.eps, &on_cpu.eps),
+                (&on_device.fake.t, &on_cpu.fake.t),
+                (&on_device.fake.eps, &on_cpu.fake.eps),
+            ];
+            for (i, (a, b)) in pairs.into_iter().enumerate() {
+                assert_eq!(a.device(), device, "draw {i}");
+                let a = a.to(Device::Cpu);
+                assert!(a.equal(b), "step {step} rank {rank} draw {i} differs");
+                worst = worst.max(common::max_abs_diff(
+                    &a.to_kind(Kind::Double),
+                    &b.to_kind(Kind::Double),
+                ));
+            }
+            assert_eq!(on_device.fake.null_condition, on_cpu.fake.null_condition);
+            assert_eq!(on_device.guidance_scale, on_cpu.guidance_scale);
+        }
+    }
+    common::report("draws on the device vs the CPU", worst, 0.0);
+}
+
 /// The step runs the teacher and the LoRA teacher as one pass of twice the
 /// batch (`Scores::both`, adapters on the second half only): it must give
 /// what the two passes give, with the golden adapters (B != 0) on the

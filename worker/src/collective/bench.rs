@@ -1,6 +1,9 @@
 //! `bench allreduce`: the bandwidth of a collective backend, with W ranks as
 //! threads of this process (tcp: a ring on loopback; nccl: one GPU each),
-//! every rank all-reducing one float32 buffer of `size_mb`. Reports the
+//! every rank all-reducing `size_mb` of float32, as one buffer or split
+//! into `tensors` gradients as a model's parameter list is (NCCL then packs
+//! them into its buckets and queues the buckets in groups: the trainer's
+//! path, with the bucket and group sizes to choose). Reports the
 //! median time and the bus bandwidth in nccl-tests' convention
 //! (algbw * 2(W-1)/W, the bytes each link carries). Timings live here, never
 //! in pass/fail tests. Each rank checks its first result (the mean of
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::{Backend, NcclComm, NcclError, NcclOptions, TcpRing};
+use super::{Backend, NcclComm, NcclError, NcclOptions, TcpRing, buckets};
 use crate::trainer::gradient_sync::{GradientSync, SyncError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,11 +32,50 @@ pub enum AllReduceBenchError {
     Panicked,
 }
 
+/// What to measure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllReduceSpec {
+    pub backend: Backend,
+    pub size_mb: f64,
+    pub world_size: usize,
+    pub iters: usize,
+    /// Gradients the buffer is split into (1: one buffer).
+    pub tensors: usize,
+    /// NCCL's bucket and group bytes (NcclOptions); `None`: its defaults.
+    /// The ring has neither (it reduces everything as one flat buffer).
+    pub bucket_bytes: Option<usize>,
+    pub group_bytes: Option<usize>,
+}
+
+impl AllReduceSpec {
+    /// One buffer of `size_mb`, NCCL's defaults.
+    pub fn new(backend: Backend, size_mb: f64, world_size: usize, iters: usize) -> Self {
+        Self {
+            backend,
+            size_mb,
+            world_size,
+            iters,
+            tensors: 1,
+            bucket_bytes: None,
+            group_bytes: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AllReduceReport {
     pub backend: String,
     pub world_size: usize,
     pub bytes: u64,
+    /// Gradients the bytes were split into.
+    pub tensors: usize,
+    /// NCCL only: its bucket and group bytes, and how many buckets and
+    /// groups (ncclGroupStart/End, each waited for once) one all-reduce
+    /// took.
+    pub bucket_bytes: Option<u64>,
+    pub group_bytes: Option<u64>,
+    pub buckets: Option<usize>,
+    pub groups: Option<usize>,
     pub iters: usize,
     /// Median over rank 0's timed iterations.
     pub median_s: f64,
@@ -45,11 +87,26 @@ pub struct AllReduceReport {
 
 impl AllReduceReport {
     pub fn table(&self) -> String {
+        let layout = match (
+            self.buckets,
+            self.groups,
+            self.bucket_bytes,
+            self.group_bytes,
+        ) {
+            (Some(b), Some(g), Some(bb), Some(gb)) => format!(
+                "{b} bucket(s) of <= {:.1} MiB in {g} group(s) of <= {:.1} MiB",
+                bb as f64 / (1 << 20) as f64,
+                gb as f64 / (1 << 20) as f64
+            ),
+            _ => "one flat buffer (the ring)".to_owned(),
+        };
         format!(
-            "backend           {}\nworld size        {}\nbuffer            {:.1} MB\niterations        {}\nmedian            {:.6} s\nalgorithm bw      {:.3} GB/s\nbus bw            {:.3} GB/s\n",
+            "backend           {}\nworld size        {}\nbuffer            {:.1} MB in {} tensor(s)\nlayout            {}\niterations        {}\nmedian            {:.6} s\nalgorithm bw      {:.3} GB/s\nbus bw            {:.3} GB/s\n",
             self.backend,
             self.world_size,
             self.bytes as f64 / 1e6,
+            self.tensors,
+            layout,
             self.iters,
             self.median_s,
             self.algbw_gb_s,
@@ -59,12 +116,15 @@ impl AllReduceReport {
 }
 
 /// One untimed all-reduce (checked), then `iters` timed ones per rank.
-pub fn bench_allreduce(
-    backend: Backend,
-    size_mb: f64,
-    world_size: usize,
-    iters: usize,
-) -> Result<AllReduceReport, AllReduceBenchError> {
+pub fn bench_allreduce(spec: &AllReduceSpec) -> Result<AllReduceReport, AllReduceBenchError> {
+    let AllReduceSpec {
+        backend,
+        size_mb,
+        world_size,
+        iters,
+        tensors,
+        ..
+    } = *spec;
     if world_size == 0 || iters == 0 || !(size_mb > 0.0 && size_mb.is_finite()) {
         return Err(AllReduceBenchError::Invalid(format!(
             "--world ({world_size}) and --iters ({iters}) must be at least 1 and --size-mb \
@@ -72,9 +132,47 @@ pub fn bench_allreduce(
         )));
     }
     let numel = ((size_mb * 1e6) / 4.0).ceil().max(1.0) as i64;
+    if tensors == 0 || tensors as i64 > numel {
+        return Err(AllReduceBenchError::Invalid(format!(
+            "--tensors ({tensors}) must be between 1 and the buffer's {numel} float32 elements"
+        )));
+    }
+    let options = NcclOptions {
+        bucket_bytes: spec
+            .bucket_bytes
+            .unwrap_or(NcclOptions::default().bucket_bytes),
+        group_bytes: spec
+            .group_bytes
+            .unwrap_or(NcclOptions::default().group_bytes),
+        ..NcclOptions::default()
+    };
+    let sizes = split(numel, tensors);
+    let layout = match backend {
+        Backend::Tcp if spec.bucket_bytes.is_some() || spec.group_bytes.is_some() => {
+            return Err(AllReduceBenchError::Invalid(
+                "--bucket-mib and --group-mib apply to --backend nccl: the ring reduces all \
+                 gradients as one flat buffer"
+                    .to_owned(),
+            ));
+        }
+        Backend::Tcp => None,
+        Backend::Nccl => {
+            let plan = buckets::plan(
+                &sizes
+                    .iter()
+                    .map(|&n| (Kind::Float, n as usize))
+                    .collect::<Vec<_>>(),
+                options.bucket_bytes,
+            );
+            Some((
+                plan.len(),
+                buckets::groups(&plan, options.group_bytes).len(),
+            ))
+        }
+    };
     let ranks: Vec<Join> = match backend {
         Backend::Tcp => tcp_ranks(world_size)?,
-        Backend::Nccl => nccl_ranks(world_size)?,
+        Backend::Nccl => nccl_ranks(world_size, options)?,
     };
     let handles: Vec<_> = ranks
         .into_iter()
@@ -84,9 +182,10 @@ pub fn bench_allreduce(
                 Backend::Tcp => Device::Cpu,
                 Backend::Nccl => Device::Cuda(rank),
             };
+            let sizes = sizes.clone();
             std::thread::spawn(move || -> Result<Vec<f64>, AllReduceBenchError> {
                 let mut sync = join()?;
-                run_rank(sync.as_mut(), rank, world_size, numel, iters, device)
+                run_rank(sync.as_mut(), rank, world_size, &sizes, iters, device)
             })
         })
         .collect();
@@ -106,6 +205,11 @@ pub fn bench_allreduce(
         backend: backend.name().to_owned(),
         world_size,
         bytes,
+        tensors,
+        bucket_bytes: layout.map(|_| options.bucket_bytes as u64),
+        group_bytes: layout.map(|_| options.group_bytes as u64),
+        buckets: layout.map(|(b, _)| b),
+        groups: layout.map(|(_, g)| g),
         iters,
         median_s,
         algbw_gb_s: algbw,
@@ -140,7 +244,15 @@ fn tcp_ranks(world_size: usize) -> Result<Vec<Join>, AllReduceBenchError> {
         .collect())
 }
 
-fn nccl_ranks(world_size: usize) -> Result<Vec<Join>, AllReduceBenchError> {
+/// `numel` elements as `parts` tensor sizes, as equal as can be.
+fn split(numel: i64, parts: usize) -> Vec<i64> {
+    let parts = parts as i64;
+    (0..parts)
+        .map(|i| numel / parts + i64::from(i < numel % parts))
+        .collect()
+}
+
+fn nccl_ranks(world_size: usize, options: NcclOptions) -> Result<Vec<Join>, AllReduceBenchError> {
     crate::torch::device::load_cuda_backend();
     let available = tch::Cuda::device_count().max(0) as usize;
     if available < world_size {
@@ -159,7 +271,7 @@ fn nccl_ranks(world_size: usize) -> Result<Vec<Join>, AllReduceBenchError> {
                     rank as u64,
                     world_size as u64,
                     &id,
-                    NcclOptions::default(),
+                    options,
                 )?;
                 Ok(Box::new(comm) as Box<dyn GradientSync>)
             }) as Join
@@ -171,27 +283,31 @@ fn run_rank(
     sync: &mut dyn GradientSync,
     rank: usize,
     world_size: usize,
-    numel: i64,
+    sizes: &[i64],
     iters: usize,
     device: Device,
 ) -> Result<Vec<f64>, AllReduceBenchError> {
-    let buf = Tensor::full([numel], (rank + 1) as f64, (Kind::Float, device));
-    let grads = [buf];
+    let grads: Vec<Tensor> = sizes
+        .iter()
+        .map(|&n| Tensor::full([n], (rank + 1) as f64, (Kind::Float, device)))
+        .collect();
     sync.all_reduce_mean(&grads)?;
-    // The mean of 1..=W.
+    // The mean of 1..=W, in every element of every gradient.
     let want = (world_size as f64 + 1.0) / 2.0;
-    let got = grads[0].max().double_value(&[]);
-    let low = grads[0].min().double_value(&[]);
-    if (got - want).abs() > 1e-4 || (low - want).abs() > 1e-4 {
-        return Err(AllReduceBenchError::WrongResult {
-            rank,
-            got: if (got - want).abs() > (low - want).abs() {
-                got
-            } else {
-                low
-            },
-            want,
-        });
+    for g in &grads {
+        let got = g.max().double_value(&[]);
+        let low = g.min().double_value(&[]);
+        if (got - want).abs() > 1e-4 || (low - want).abs() > 1e-4 {
+            return Err(AllReduceBenchError::WrongResult {
+                rank,
+                got: if (got - want).abs() > (low - want).abs() {
+                    got
+                } else {
+                    low
+                },
+                want,
+            });
+        }
     }
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
@@ -209,9 +325,10 @@ mod tests {
 
     #[test]
     fn tcp_bench_checks_its_result_and_reports_every_field() {
-        let r = bench_allreduce(Backend::Tcp, 0.25, 3, 2).unwrap();
+        let r = bench_allreduce(&AllReduceSpec::new(Backend::Tcp, 0.25, 3, 2)).unwrap();
         assert_eq!((r.backend.as_str(), r.world_size, r.iters), ("tcp", 3, 2));
         assert_eq!(r.bytes, 250_000);
+        assert_eq!((r.tensors, r.buckets, r.groups), (1, None, None));
         assert!(r.median_s > 0.0 && r.busbw_gb_s > 0.0);
         // nccl-tests' bus bandwidth factor for an all-reduce.
         let factor = r.busbw_gb_s / r.algbw_gb_s;
@@ -221,15 +338,41 @@ mod tests {
 
     #[test]
     fn bad_arguments_and_missing_gpus_are_named() {
-        let err = bench_allreduce(Backend::Tcp, 0.0, 2, 1)
+        let err = bench_allreduce(&AllReduceSpec::new(Backend::Tcp, 0.0, 2, 1))
             .unwrap_err()
             .to_string();
         assert!(err.contains("--size-mb"), "{err}");
+        let err = bench_allreduce(&AllReduceSpec {
+            bucket_bytes: Some(1 << 20),
+            ..AllReduceSpec::new(Backend::Tcp, 1.0, 2, 1)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("apply to --backend nccl"), "{err}");
+        let err = bench_allreduce(&AllReduceSpec {
+            tensors: 0,
+            ..AllReduceSpec::new(Backend::Tcp, 1.0, 2, 1)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--tensors (0)"), "{err}");
         if tch::Cuda::device_count() < 64 {
-            let err = bench_allreduce(Backend::Nccl, 1.0, 64, 1)
+            let err = bench_allreduce(&AllReduceSpec::new(Backend::Nccl, 1.0, 64, 1))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("needs 64 CUDA devices"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_split_buffer_is_reduced_and_checked_in_every_tensor() {
+        assert_eq!(split(10, 3), vec![4, 3, 3]);
+        assert_eq!(split(10, 1), vec![10]);
+        let r = bench_allreduce(&AllReduceSpec {
+            tensors: 7,
+            ..AllReduceSpec::new(Backend::Tcp, 0.1, 2, 1)
+        })
+        .unwrap();
+        assert_eq!((r.tensors, r.bytes), (7, 100_000));
     }
 }

@@ -20,7 +20,10 @@
 //!
 //! How it works. Gradients are packed per dtype into ~25 MB buckets
 //! (buckets.rs) and each bucket is all-reduced in place with `ncclAvg` (the
-//! mean in one pass: sum and division by the world size). Collectives are
+//! mean in one pass: sum and division by the world size). The buckets go to
+//! NCCL in groups of up to 1 GiB (`NcclOptions::group_bytes`), each one
+//! `ncclGroupStart` / `ncclGroupEnd` waited for once, not one call and one
+//! wait per bucket (issue 30, item 5). Collectives are
 //! queued on libtorch's current CUDA stream (collective/cuda.rs, through the
 //! C++ shim), the stream the backward pass ran on and the optimizer will run
 //! on, so they need no device synchronisation to be ordered. The
@@ -42,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::buckets::{self, DEFAULT_BUCKET_BYTES};
+use super::buckets::{self, DEFAULT_BUCKET_BYTES, DEFAULT_GROUP_BYTES};
 use super::cuda::{self, RawStream};
 use super::nccl_lib::{
     self, Config, LoadError, NCCL_AVG, NCCL_BFLOAT16, NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64,
@@ -124,6 +127,10 @@ impl From<NcclError> for SyncError {
 pub struct NcclOptions {
     /// Bytes of gradients per all-reduce.
     pub bucket_bytes: usize,
+    /// Bytes of buckets queued in one NCCL group (one ncclGroupStart /
+    /// ncclGroupEnd and one wait; buckets.rs `groups`); it bounds the flat
+    /// copies alive at once. 0: one bucket per group.
+    pub group_bytes: usize,
     /// How long joining the world, or one method's collectives, may take.
     /// It includes waiting for the slowest rank to arrive, so it must
     /// exceed the spread of the ranks' step times.
@@ -134,6 +141,7 @@ impl Default for NcclOptions {
     fn default() -> Self {
         Self {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            group_bytes: DEFAULT_GROUP_BYTES,
             timeout: Duration::from_secs(600),
         }
     }
@@ -476,6 +484,47 @@ impl NcclComm {
         self.after_call("ncclAllReduce", rc, what, deadline)
     }
 
+    /// Queues an in-place all-reduce of every tensor of `bufs` on `stream`
+    /// as one NCCL group, and waits once until NCCL has queued the group
+    /// (on a nonblocking communicator ncclGroupEnd returns ncclInProgress
+    /// while its thread launches the group's kernels).
+    fn all_reduce_group(
+        &self,
+        bufs: &[Tensor],
+        op: i32,
+        stream: RawStream,
+        what: &'static str,
+        deadline: Instant,
+    ) -> Result<(), NcclError> {
+        let calls = bufs
+            .iter()
+            .map(|t| {
+                let dtype = nccl_dtype(t.kind()).ok_or(NcclError::UnsupportedKind {
+                    index: 0,
+                    kind: t.kind(),
+                })?;
+                Ok((t.data_ptr(), t.numel(), dtype))
+            })
+            .collect::<Result<Vec<_>, NcclError>>()?;
+        let lib = self.shared.lib;
+        let (call, rc) = self.shared.with_comm(what, |c| {
+            grouped(
+                // SAFETY: NCCL's group calls; the group is this thread's.
+                || unsafe { (lib.group_start)() },
+                calls.iter().map(|&(ptr, count, dtype)| {
+                    // SAFETY: `ptr` is `count` elements of `dtype` on this
+                    // communicator's device, alive until the stream has run
+                    // the collective: the caller keeps `bufs` until after
+                    // it has queued their next use on the same stream.
+                    move || unsafe { (lib.all_reduce)(ptr, ptr, count, dtype, op, c, stream.0) }
+                }),
+                // SAFETY: as for the start.
+                || unsafe { (lib.group_end)() },
+            )
+        })?;
+        self.after_call(call, rc, what, deadline)
+    }
+
     /// Checks the gradients and prepares the thread: device and stream.
     fn prepare(&self, grads: &[Tensor]) -> Result<RawStream, NcclError> {
         for (index, g) in grads.iter().enumerate() {
@@ -523,8 +572,8 @@ impl NcclComm {
         let stream = self.prepare(grads)?;
         let deadline = Instant::now() + self.options.timeout;
         let plan = buckets::plan_for(grads, self.options.bucket_bytes);
-        buckets::reduce_in_buckets(grads, &plan, |flat| {
-            self.all_reduce_in_place(flat, NCCL_AVG, stream, WHAT, deadline)
+        buckets::reduce_in_groups(grads, &plan, self.options.group_bytes, |flats| {
+            self.all_reduce_group(flats, NCCL_AVG, stream, WHAT, deadline)
         })?;
         self.wait_for_stream(WHAT, deadline)
     }
@@ -600,6 +649,33 @@ impl Drop for NcclComm {
     }
 }
 
+/// Runs `calls` between `start` and `end`, NCCL's group bracket. The group
+/// is ended whatever happens inside it: the group is the calling thread's
+/// state, and one left open would swallow this thread's next NCCL calls
+/// (an abort's among them). Returns the call that decides and its result:
+/// the first call that failed, else the end's (ncclInProgress on a
+/// nonblocking communicator: the group is being queued).
+fn grouped<C: FnOnce() -> NcclResult>(
+    start: impl FnOnce() -> NcclResult,
+    calls: impl IntoIterator<Item = C>,
+    end: impl FnOnce() -> NcclResult,
+) -> (&'static str, NcclResult) {
+    let rc = start();
+    if rc != NCCL_SUCCESS {
+        return ("ncclGroupStart", rc);
+    }
+    let mut failed = None;
+    for call in calls {
+        let rc = call();
+        if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
+            failed = Some(("ncclAllReduce", rc));
+            break;
+        }
+    }
+    let ended = end();
+    failed.unwrap_or(("ncclGroupEnd", ended))
+}
+
 fn unique_id_from(bytes: &[u8]) -> Result<UniqueId, NcclError> {
     if bytes.len() != UNIQUE_ID_BYTES {
         return Err(NcclError::BadUniqueId { got: bytes.len() });
@@ -641,6 +717,59 @@ mod tests {
         );
         assert!(check_environment(set("0")).is_ok());
         assert!(check_environment(|_| None).is_ok());
+    }
+
+    #[test]
+    fn a_group_is_always_ended_and_its_first_failure_decides() {
+        use std::cell::RefCell;
+        let log = RefCell::new(Vec::new());
+        let run = |start_rc: NcclResult, call_rcs: &[NcclResult], end_rc: NcclResult| {
+            log.borrow_mut().clear();
+            let out = grouped(
+                || {
+                    log.borrow_mut().push("start".to_owned());
+                    start_rc
+                },
+                call_rcs.iter().enumerate().map(|(i, &rc)| {
+                    let log = &log;
+                    move || {
+                        log.borrow_mut().push(format!("call {i}"));
+                        rc
+                    }
+                }),
+                || {
+                    log.borrow_mut().push("end".to_owned());
+                    end_rc
+                },
+            );
+            (out, log.borrow().join(", "))
+        };
+        // Every call queued, then one end whose in-progress is the wait.
+        assert_eq!(
+            run(
+                NCCL_SUCCESS,
+                &[NCCL_SUCCESS, NCCL_SUCCESS],
+                NCCL_IN_PROGRESS
+            ),
+            (
+                ("ncclGroupEnd", NCCL_IN_PROGRESS),
+                "start, call 0, call 1, end".to_owned()
+            )
+        );
+        // A failing call stops the queueing, the group is still ended, and
+        // the failure is what is reported.
+        assert_eq!(
+            run(NCCL_SUCCESS, &[NCCL_SUCCESS, 3, NCCL_SUCCESS], NCCL_SUCCESS),
+            (
+                ("ncclAllReduce", 3),
+                "start, call 0, call 1, end".to_owned()
+            )
+        );
+        // No group, nothing to end.
+        assert_eq!(
+            run(2, &[NCCL_SUCCESS], NCCL_SUCCESS),
+            (("ncclGroupStart", 2), "start".to_owned())
+        );
     }
 
     #[test]

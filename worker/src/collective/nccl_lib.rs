@@ -53,7 +53,7 @@ pub struct UniqueId {
 }
 
 /// The oldest NCCL with everything used here (nonblocking communicators,
-/// ncclCommGetAsyncError, ncclGetLastError, ncclAvg).
+/// ncclCommGetAsyncError, ncclGetLastError, ncclAvg; groups are older).
 pub const MIN_VERSION: c_int = 21400;
 
 /// `ncclConfig_t` as NCCL 2.14 defined it (the first with `blocking`),
@@ -117,6 +117,7 @@ type AllReduceFn = unsafe extern "C" fn(
     RawComm,
     *mut c_void,
 ) -> NcclResult;
+type GroupFn = unsafe extern "C" fn() -> NcclResult;
 type GetErrorStringFn = unsafe extern "C" fn(NcclResult) -> *const c_char;
 type GetLastErrorFn = unsafe extern "C" fn(RawComm) -> *const c_char;
 
@@ -130,6 +131,11 @@ pub struct NcclLib {
     pub comm_get_async_error: CommGetAsyncErrorFn,
     pub comm_abort: CommAbortFn,
     pub all_reduce: AllReduceFn,
+    /// ncclGroupStart / ncclGroupEnd: the collectives queued between them
+    /// are launched together, and on a nonblocking communicator the group
+    /// is waited for once (ncclGroupEnd returns ncclInProgress).
+    pub group_start: GroupFn,
+    pub group_end: GroupFn,
     get_error_string: GetErrorStringFn,
     get_last_error: GetLastErrorFn,
 }
@@ -186,6 +192,8 @@ impl NcclLib {
             comm_get_async_error: sym!("ncclCommGetAsyncError", CommGetAsyncErrorFn),
             comm_abort: sym!("ncclCommAbort", CommAbortFn),
             all_reduce: sym!("ncclAllReduce", AllReduceFn),
+            group_start: sym!("ncclGroupStart", GroupFn),
+            group_end: sym!("ncclGroupEnd", GroupFn),
             get_error_string: sym!("ncclGetErrorString", GetErrorStringFn),
             get_last_error: sym!("ncclGetLastError", GetLastErrorFn),
         };
@@ -288,6 +296,9 @@ fn load_first(explicit: Option<&str>) -> Result<NcclLib, LoadError> {
 mod tests {
     use super::*;
 
+    /// `ncclInvalidUsage`.
+    const NCCL_INVALID_USAGE: NcclResult = 5;
+
     #[test]
     fn versions_read_as_nccl_writes_them() {
         assert_eq!(version_string(22907), "2.29.7");
@@ -323,6 +334,20 @@ mod tests {
                 symbol: "ncclGetVersion"
             }
         );
+    }
+
+    #[test]
+    fn the_wheels_nccl_has_the_group_calls_and_they_pair() {
+        // The pinned wheel ships libnccl.so.2, and it loads without a GPU.
+        let lib = library().expect("the torch wheel's libnccl");
+        // A group with nothing in it needs no device and no communicator.
+        // SAFETY: NCCL's C entry points; the group is thread-local state.
+        let (start, end) = unsafe { ((lib.group_start)(), (lib.group_end)()) };
+        assert_eq!((start, end), (NCCL_SUCCESS, NCCL_SUCCESS), "{lib:?}");
+        // An end without a start is refused: these are the real group calls.
+        // SAFETY: as above.
+        let unpaired = unsafe { (lib.group_end)() };
+        assert_eq!(unpaired, NCCL_INVALID_USAGE, "{lib:?}");
     }
 
     #[test]

@@ -225,6 +225,19 @@ fn join_abortable<J: Joining>(
 
 /// Rank 0 makes the NCCL unique id and publishes it (its process hosts
 /// NCCL's bootstrap root until everyone joined); the others fetch it.
+///
+/// A failed join leaves nothing of ours behind: every failure after
+/// `NcclComm::init` (an NCCL error, the timeout, an abort from the
+/// heartbeat thread) aborts the half-made communicator (`ncclCommAbort`
+/// joins NCCL's init thread and frees the communicator), and so does
+/// dropping an `NcclJoin` that was never waited for. What stays is NCCL's:
+/// `ncclGetUniqueId` started a detached thread with a listening socket
+/// (bootstrap.cc, bootstrapRoot) that accepts connections without any
+/// abort flag until every rank of the world has connected, and NCCL has no
+/// call that stops it; after a failed world it may wait forever. That is
+/// one thread and one socket in rank 0's process per world that failed
+/// before all its ranks reached the root (bounded by world.max_restarts),
+/// said once in a warning here.
 fn nccl_comm(
     link: &CoordinatorLink,
     world: &Membership,
@@ -232,9 +245,34 @@ fn nccl_comm(
     slot: &AbortSlot,
     device: Device,
 ) -> Result<Box<dyn GradientSync>, CollectiveError> {
+    let mut made_root = false;
+    let joined = nccl_join(link, world, options, slot, device, &mut made_root);
+    if let Err(e) = &joined
+        && made_root
+    {
+        tracing::warn!(
+            generation = world.generation,
+            error = %e,
+            "the NCCL world did not form; NCCL's bootstrap root for its id (a thread and a \
+             listening socket of this process) may stay until the process exits: NCCL has no \
+             call that stops it"
+        );
+    }
+    joined
+}
+
+fn nccl_join(
+    link: &CoordinatorLink,
+    world: &Membership,
+    options: &CollectiveOptions,
+    slot: &AbortSlot,
+    device: Device,
+    made_root: &mut bool,
+) -> Result<Box<dyn GradientSync>, CollectiveError> {
     let deadline = Instant::now() + options.connect_timeout;
     let id = if world.rank == 0 {
         let id = NcclComm::unique_id()?;
+        *made_root = true;
         publish(link, world, id.clone())?;
         id
     } else {

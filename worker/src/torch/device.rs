@@ -33,7 +33,8 @@ pub enum CudaBackend {
 pub fn load_cuda_backend() -> &'static CudaBackend {
     static BACKEND: OnceLock<CudaBackend> = OnceLock::new();
     BACKEND.get_or_init(|| {
-        apply_tf32_setting();
+        // TF32's process default (math_mode.rs; training sets its own).
+        crate::torch::math_mode::apply_environment();
         let Some(dir) = crate::torch::libtorch::lib_dir() else {
             return CudaBackend::Missing {
                 reason: "the libtorch directory is unknown".to_owned(),
@@ -55,42 +56,6 @@ pub fn load_cuda_backend() -> &'static CudaBackend {
         }
         CudaBackend::Loaded { path }
     })
-}
-
-/// The variable that lets float32 work on CUDA use TF32.
-pub const TF32_VAR: &str = "SWIFTBRUSH_TF32";
-
-/// Whether float32 matrix products and convolutions on CUDA may run in TF32:
-/// only with `SWIFTBRUSH_TF32=1`. By default fp32 means IEEE fp32 on a GPU
-/// too, as on the CPU and in the references it is checked against;
-/// libtorch's own default would make cuDNN convolutions (but not cuBLAS
-/// products) TF32. Training's teacher passes run under bf16 autocast
-/// either way; this decides the fp32 parts (the student's passes).
-pub fn tf32_requested() -> Result<bool, String> {
-    match std::env::var(TF32_VAR).as_deref() {
-        Err(_) | Ok("" | "0" | "false") => Ok(false),
-        Ok("1" | "true") => Ok(true),
-        Ok(other) => Err(format!("{TF32_VAR}={other:?}: expected 1 or 0")),
-    }
-}
-
-/// What cuBLAS and cuDNN may do now: (TF32 products, TF32 convolutions).
-pub fn tf32_state() -> (bool, bool) {
-    let bits = crate::torch::shim::sb_allow_tf32();
-    (bits & 1 != 0, bits & 2 != 0)
-}
-
-fn apply_tf32_setting() {
-    let allow = tf32_requested().unwrap_or_else(|e| {
-        tracing::warn!("{e}; TF32 stays off");
-        false
-    });
-    // SAFETY: `shim::call` provides the error buffer.
-    if let Err(e) = crate::torch::shim::call(|err, len| unsafe {
-        crate::torch::shim::sb_set_allow_tf32(allow.into(), err, len)
-    }) {
-        tracing::warn!("setting TF32 failed: {e}");
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,8 @@
 //! | file | owns |
 //! |---|---|
 //! | `libtorch.rs` | the directory the loader really took libtorch from; `dlopen` with the loader's message |
-//! | `device.rs` | the CUDA backend load, `--device` parsing (a worker's local rank), TF32 |
+//! | `device.rs` | the CUDA backend load, `--device` parsing (a worker's local rank) |
+//! | `math_mode.rs` | TF32 and cuDNN benchmark mode (`precision.tf32`, `precision.cudnn_benchmark`) |
 //! | `cuda_driver.rs` | the GPUs the driver reports (libcuda.so.1 by name) |
 //! | `host_memory.rs` | glibc malloc tuned for tensor-sized buffers |
 //! | `host_read.rs` | one device-to-host read of several scalars |
@@ -20,7 +21,8 @@ pub mod foreach;
 pub mod host_memory;
 pub mod host_read;
 pub mod libtorch;
+pub mod math_mode;
 pub mod precision;
-/// The C ABI of the C++ shim in csrc/ (autocast, CUDA stream, TF32,
-/// multi-tensor ops).
+/// The C ABI of the C++ shim in csrc/ (autocast, CUDA stream, TF32 and
+/// cuDNN benchmark, multi-tensor ops).
 pub(crate) mod shim;

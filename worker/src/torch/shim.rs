@@ -41,6 +41,8 @@ unsafe extern "C" {
 
     pub fn sb_set_allow_tf32(allow: i32, err: *mut c_char, err_len: usize) -> i32;
     pub safe fn sb_allow_tf32() -> i32;
+    pub fn sb_set_benchmark_cudnn(enabled: i32, err: *mut c_char, err_len: usize) -> i32;
+    pub safe fn sb_benchmark_cudnn() -> i32;
 
     pub fn sb_foreach_adam_step(
         params: *const *mut c_void,

@@ -25,6 +25,9 @@ impl Trainer {
     /// Loads the teacher, builds the fake score and the student, and opens
     /// the run directory; the state is the initial one.
     pub fn load(cfg: JobConfig, device: Device) -> Result<Self, TrainError> {
+        // TF32 and cuDNN benchmark mode as the config says, before any
+        // CUDA work of this trainer (on the CPU nothing changes).
+        crate::torch::math_mode::apply(&cfg.precision, device).map_err(TrainError::Invalid)?;
         let teacher_dir = cfg
             .model
             .teacher

@@ -3,7 +3,8 @@
 //! index) alone, drawn for the whole global batch on the CPU from
 //! libtorch's generator under one process-wide lock, then cut to this
 //! rank's rows. So they do not depend on the device or the world size, and
-//! a resumed run needs no generator state.
+//! a resumed run needs no generator state. On CUDA the rows go to the device
+//! from pinned memory without blocking the host ([`to_device`]).
 
 use tch::{Kind, TchError, Tensor};
 
@@ -209,12 +210,37 @@ impl RankSlice {
         let mut shape = latent_shape.to_vec();
         shape[0] = per_rank * self.world_size as i64;
         let start = self.rank as i64 * per_rank;
-        let mine = move |x: Tensor| {
-            x.f_narrow(0, start, per_rank)?
-                .f_contiguous()?
-                .f_to_device(device)
-        };
+        let mine =
+            move |x: Tensor| to_device(x.f_narrow(0, start, per_rank)?.f_contiguous()?, device);
         (shape, mine)
+    }
+}
+
+/// Copies a draw made on the CPU to `device`: the same values bit for bit
+/// (a copy), on every device.
+///
+/// On CUDA the copy starts from pinned (page-locked) memory and does not
+/// block (issue 30, item 9): from pageable memory a host-to-device copy is
+/// synchronous, so each step's first draw waited for everything queued
+/// before it on the stream, the previous step's optimizer included; now
+/// it is queued behind that work and the host goes on preparing the step.
+///
+/// The pinned source is dropped when this returns, possibly before the
+/// copy has run. That is safe: `pin_memory` takes its buffer from
+/// libtorch's CachingHostAllocator, and a non-blocking copy from such a
+/// buffer records an event on the copy's stream (ATen's copy_ calls
+/// CachingHostAllocator_recordEvent), so the allocator hands the block out
+/// again only after that event, i.e. after the copy, has completed. The
+/// destination is an ordinary tensor on the current stream, so every later
+/// use of it (the step's kernels, on the same stream) runs after the copy.
+///
+/// On the CPU (and any other device) nothing changes: a plain copy.
+fn to_device(x: Tensor, device: tch::Device) -> Result<Tensor, TchError> {
+    if device.is_cuda() {
+        x.f_pin_memory(device)?
+            .f_to_device_(device, x.kind(), true, false)
+    } else {
+        x.f_to_device(device)
     }
 }
 
