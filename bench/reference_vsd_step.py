@@ -53,8 +53,8 @@ DEFAULTS = {
         "lora": {"rank": 64, "alpha": 108.0, "target_modules": ["to_q", "to_v"]},
         "ema": {"enabled": True, "max_decay": 0.9999},
     },
-    "train": {"global_batch": 16, "seed": 0, "micro_batch": None},
-    "precision": {"teacher_dtype": "bf16", "autocast": "bf16"},
+    "train": {"global_batch": 16, "seed": 0, "micro_batch": None, "gradient_checkpointing": False},
+    "precision": {"teacher_dtype": "bf16", "autocast": "bf16", "student_autocast": False},
 }
 OPTIMIZER_DEFAULTS = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,10 +99,16 @@ class Step:
         dev = self.device
         self.teacher_dtype = DTYPES[p["teacher_dtype"]]
         self.autocast = None if p["autocast"] == "none" else DTYPES[p["autocast"]]
-        # bf16 autocast covers the student too, as an accelerate script's
-        # would; fp16 would need a GradScaler for the student, so it stays on
-        # the teacher passes (the Rust step: teacher passes only, always).
-        self.student_autocast = self.autocast == torch.bfloat16 and not args.student_fp32
+        # Autocast covers the student too, as an accelerate script's does
+        # (the authors' run), unless --student-fp32 keeps it in fp32 (the
+        # Rust step with precision.student_autocast: false).
+        self.student_autocast = self.autocast is not None and not args.student_fp32
+        # fp16 with the student under autocast: torch.amp.GradScaler with
+        # its defaults, one per optimizer (as the Rust step's scalers);
+        # disabled scalers pass everything through unchanged.
+        scaled = self.student_autocast and self.autocast == torch.float16
+        self.scaler_s = torch.amp.GradScaler(dev.type, enabled=scaled)
+        self.scaler_f = torch.amp.GradScaler(dev.type, enabled=scaled)
 
         sched = DDPMScheduler.from_pretrained(args.teacher, subfolder="scheduler")
         self.ptype = sched.config.prediction_type
@@ -141,6 +147,13 @@ class Step:
             self.fake = copy.deepcopy(self.student).requires_grad_(True).train()
             fake_params = list(self.fake.parameters())
         self.fake_params = fake_params
+        # --gradient-checkpointing (or train.gradient_checkpointing): the
+        # authors' flag, diffusers' block-level recomputation of the
+        # networks that train.
+        self.checkpointing = args.gradient_checkpointing or cfg["train"]["gradient_checkpointing"]
+        if self.checkpointing:
+            self.student.enable_gradient_checkpointing()
+            self.fake.enable_gradient_checkpointing()
 
         def adam(params, o):
             return torch.optim.Adam(
@@ -198,7 +211,7 @@ class Step:
             loss = torch.mean((a2.sqrt() * (self.score(self.fake, x2, t2, c2, a2) - eps2)) ** 2)
         else:  # DMD2: unweighted eps-MSE, no text dropout
             loss = torch.mean((self.score(self.fake, x2, t2, cond, a2) - eps2) ** 2)
-        (loss * share).backward()
+        self.scaler_f.scale(loss * share).backward()
         return loss.item()
 
     def run(self, captions, micro):
@@ -252,14 +265,16 @@ class Step:
             g = torch.nan_to_num(g)
             # 5. The surrogate whose gradient wrt x0_hat is g / numel.
             loss = 0.5 * torch.nn.functional.mse_loss(x0.float(), (x0 - g).detach().float())
-            (loss * share).backward()
+            self.scaler_s.scale(loss * share).backward()
             loss_vsd += share * loss.item()
             # 6. The fake score's denoising loss on the detached draw.
             loss_fake += self.fake_loss(x0d, cond, share, null)
             x0s.append(x0d)
         # 5. Student: clip, Adam, zero.
+        self.scaler_s.unscale_(self.opt_s)
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), m["student"]["grad_clip"])
-        self.opt_s.step()
+        self.scaler_s.step(self.opt_s)
+        self.scaler_s.update()
         self.opt_s.zero_grad(set_to_none=True)
         # 6. Fake score: clip, Adam, zero; DMD2's extra updates reuse the draws.
         clip_f = m["fake_score"]["optimizer"]["grad_clip"]
@@ -269,8 +284,10 @@ class Step:
                 for i, start in enumerate(range(0, b_all, micro)):
                     cond = cond_all[start : start + micro]
                     self.fake_loss(x0s[i], cond, cond.shape[0] / b_all, null)
+            self.scaler_f.unscale_(self.opt_f)
             torch.nn.utils.clip_grad_norm_(self.fake_params, clip_f)
-            self.opt_f.step()
+            self.scaler_f.step(self.opt_f)
+            self.scaler_f.update()
             self.opt_f.zero_grad(set_to_none=True)
         # 7. EMA of the student.
         if self.ema is not None:
@@ -356,7 +373,11 @@ def main():
     ap.add_argument("--batch", type=int, help="overrides train.global_batch")
     ap.add_argument("--micro-batch", type=int, help="overrides train.micro_batch")
     ap.add_argument("--student-fp32", action="store_true",
-                    help="keep the student pass out of autocast (what the Rust step does)")
+                    help="keep the student pass out of autocast (the Rust step with "
+                    "precision.student_autocast: false, its default)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="diffusers' enable_gradient_checkpointing on the student and the fake score "
+                    "(as the authors' --gradient_checkpointing; also train.gradient_checkpointing)")
     ap.add_argument("--count-flops", action="store_true",
                     help="count one more (untimed) step's FLOPs with torch's FlopCounterMode: "
                     "matrix products and convolutions, forward and backward (the MFU's numerator)")
@@ -416,7 +437,9 @@ def main():
         "impl": "pytorch+diffusers+peft" + (" (channels-last)" if args.channels_last else ""),
         "device": args.device,
         "precision": f"teacher {cfg['precision']['teacher_dtype']} (autocast {cfg['precision']['autocast']}), "
-        f"student fp32{' (autocast)' if step.student_autocast else ''}, schedule and losses fp32",
+        f"student fp32{' (autocast)' if step.student_autocast else ''}"
+        f"{', fp16 loss scaling' if step.scaler_s.is_enabled() else ''}, schedule and losses fp32",
+        "gradient_checkpointing": bool(step.checkpointing),
         "images_per_step": batch,
         "steps": args.steps,
         "median_step_s": median,

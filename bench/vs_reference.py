@@ -9,9 +9,10 @@ with --json the raw reports.
       --teacher assets/toy-teacher [--rounds 3] [--steps 5] [--device cpu]
 
 The ratio is reference median / swiftbrush median over the rounds'
-medians (> 1: swiftbrush is faster). The reference runs the student's
-passes in fp32 (--student-fp32), as swiftbrush does, so both compute the
-same step.
+medians (> 1: swiftbrush is faster). Both compute the same step: the
+reference's student runs under the config's autocast when the config's
+`precision.student_autocast` is true (as the authors run it), and in fp32
+(--student-fp32) when it is false, the default.
 """
 
 import argparse
@@ -59,7 +60,12 @@ def main():
               "--steps", str(args.steps)]
     if args.micro_batch:
         common += ["--micro-batch", str(args.micro_batch)]
-    reference = [sys.executable, os.path.join(HERE, "reference_vsd_step.py"), *common, "--student-fp32", "--json"]
+    import yaml
+
+    with open(args.config) as f:
+        precision = (yaml.safe_load(f) or {}).get("precision") or {}
+    student_fp32 = [] if precision.get("student_autocast", False) else ["--student-fp32"]
+    reference = [sys.executable, os.path.join(HERE, "reference_vsd_step.py"), *common, *student_fp32, "--json"]
     ours, theirs, tuned = [], [], []
     for _ in range(args.rounds):
         ours.append(run_json([args.bin, "bench", "vsd-step", *common, "--json"]))
