@@ -31,11 +31,13 @@ impl std::fmt::Display for ConfigChange {
 /// not depend on the world size), and the per-device memory and speed
 /// choices. The teacher's folder is left out too: the teacher itself is
 /// checked by its fingerprint, so a moved folder is no change.
-const NOT_TRAINING_MATH: [&str; 10] = [
+const NOT_TRAINING_MATH: [&str; 12] = [
     "name",
     "model.teacher",
     "train.device",
     "train.micro_batch",
+    "train.gradient_checkpointing",
+    "train.recompute_rows",
     "train.score_passes",
     "train.sample_every_steps",
     "train.sample_prompts",

@@ -21,6 +21,9 @@ pub struct VsdBenchReport {
     /// (`train.score_passes` as resolved on this device): "one pass" or
     /// "two passes".
     pub score_passes: String,
+    /// What the backward keeps (`train.gradient_checkpointing`): "kept"
+    /// or "recomputed, N rows at a time".
+    pub activations: String,
     pub images_per_step: u64,
     pub steps: u64,
     pub median_step_s: f64,
@@ -38,10 +41,11 @@ pub struct VsdBenchReport {
 impl VsdBenchReport {
     pub fn table(&self) -> String {
         format!(
-            "device            {}\nprecision         {}\nscore passes      {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
+            "device            {}\nprecision         {}\nscore passes      {}\nactivations       {}\nimages per step   {}\nsteps timed       {}\nmedian step       {:.4} s\nmean step         {:.4} s\nimages/s          {:.2}\npeak host memory  {}\npeak GPU memory   {}\nhost memory       {}\n",
             self.device,
             self.precision,
             self.score_passes,
+            self.activations,
             self.images_per_step,
             self.steps,
             self.median_step_s,
@@ -76,6 +80,11 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         cfg.train.score_passes
     )
     .to_lowercase();
+    let activations = if cfg.train.gradient_checkpointing {
+        format!("recomputed, {} rows at a time", cfg.train.recompute_rows)
+    } else {
+        "kept".to_owned()
+    };
     let captions: Vec<String> = [
         "a photo of an astronaut riding a horse on mars",
         "a red circle on a white background",
@@ -115,6 +124,7 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
         device: format!("{device:?}"),
         precision,
         score_passes,
+        activations,
         images_per_step: images,
         steps,
         median_step_s: median,

@@ -158,6 +158,10 @@ fn load_networks(
         teacher_autocast: crate::torch::precision::teacher_autocast(&cfg.precision, device)
             .map_err(|e| TrainError::Invalid(e.to_string()))?,
         one_score_pass: cfg.train.score_passes.one_pass(device.is_cuda()),
+        recompute_rows: cfg
+            .train
+            .gradient_checkpointing
+            .then_some(cfg.train.recompute_rows),
     };
     let sample_shape = sample_shape(cfg, folder, &student)?;
     Ok(Networks {
