@@ -81,7 +81,10 @@ pub fn bench_vsd_step(mut cfg: JobConfig, steps: u64) -> Result<VsdBenchReport, 
     )
     .to_lowercase();
     let activations = if cfg.train.gradient_checkpointing {
-        format!("recomputed, {} rows at a time", cfg.train.recompute_rows)
+        match cfg.train.recompute_rows {
+            1 => "recomputed, 1 row at a time".to_owned(),
+            n => format!("recomputed, {n} rows at a time"),
+        }
     } else {
         "kept".to_owned()
     };

@@ -174,7 +174,10 @@ fn assert_close(what: &str, got: &Outcome, want: &Outcome) {
     // step's: the same number.
     assert_eq!(got.losses.0, want.losses.0, "{what}: the VSD loss");
     let fake = rel(got.losses.1, want.losses.1);
-    assert!(fake < ROUNDING, "{what}: fake-score loss, relative {fake:e}");
+    assert!(
+        fake < ROUNDING,
+        "{what}: fake-score loss, relative {fake:e}"
+    );
     assert!(got.x0.equal(&want.x0), "{what}: the draw x0_hat");
     let student = relative_gap(&got.student, &want.student);
     let fake = relative_gap(&got.fake, &want.fake);
@@ -360,7 +363,7 @@ fn networks_run_with_gradients_a_chunk_at_a_time() {
             calls: Calls::default(),
         };
         let schedule = schedule(PredictionType::Epsilon);
-        let mut run = |recompute_rows: Option<u32>, micro: Option<u32>| {
+        let run = |recompute_rows: Option<u32>, micro: Option<u32>| {
             let cfg = config(recompute_rows);
             VsdStep {
                 student: &student,
@@ -375,21 +378,37 @@ fn networks_run_with_gradients_a_chunk_at_a_time() {
             };
             let student_calls = student.calls.take();
             let fake_calls = scores.calls.take();
-            (student_calls.clone(), with_grad(student_calls), with_grad(fake_calls))
+            (
+                student_calls.clone(),
+                with_grad(student_calls),
+                with_grad(fake_calls),
+            )
         };
         let (_, student_grad, fake_grad) = run(None, None);
-        assert_eq!((student_grad, fake_grad), (vec![4], vec![4]), "{form:?} plain");
+        assert_eq!(
+            (student_grad, fake_grad),
+            (vec![4], vec![4]),
+            "{form:?} plain"
+        );
         let (calls, student_grad, fake_grad) = run(Some(1), None);
         assert_eq!(calls[0], (4, false), "{form:?}: the draw without gradients");
         assert_eq!(student_grad, vec![1, 1, 1, 1], "{form:?}: chunks of 1");
         assert_eq!(fake_grad, vec![1, 1, 1, 1], "{form:?}: chunks of 1");
         let (_, student_grad, fake_grad) = run(Some(3), None);
-        assert_eq!((student_grad, fake_grad), (vec![3, 1], vec![3, 1]), "{form:?}");
+        assert_eq!(
+            (student_grad, fake_grad),
+            (vec![3, 1], vec![3, 1]),
+            "{form:?}"
+        );
         let (_, student_grad, fake_grad) = run(Some(3), Some(2));
-        assert_eq!((student_grad, fake_grad), (vec![2, 2], vec![2, 2]), "{form:?}");
+        assert_eq!(
+            (student_grad, fake_grad),
+            (vec![2, 2], vec![2, 2]),
+            "{form:?}"
+        );
         // A further fake-score update: its loss a chunk at a time too.
         let cfg = config(Some(1));
-        VsdStep {
+        let _loss = VsdStep {
             student: &student,
             scores: &scores,
             schedule: &schedule,

@@ -101,7 +101,10 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
             )
         })?;
         if chunks.len() == 1 {
-            return chunks.pop().map(|(_, loss)| loss).ok_or(VsdError::EmptyBatch);
+            return chunks
+                .pop()
+                .map(|(_, loss)| loss)
+                .ok_or(VsdError::EmptyBatch);
         }
         let mut total: Option<Tensor> = None;
         for (share, loss) in chunks {
@@ -122,8 +125,5 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
 /// (tch has no backward with a gradient argument): sum(output * gradient)
 /// sends exactly `gradient` (1 * gradient) into `output`'s graph.
 fn backward_from(output: &Tensor, gradient: &Tensor) -> Result<(), VsdError> {
-    Ok(output
-        .f_mul(gradient)?
-        .f_sum(Kind::Float)?
-        .f_backward()?)
+    Ok(output.f_mul(gradient)?.f_sum(Kind::Float)?.f_backward()?)
 }

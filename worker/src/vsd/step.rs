@@ -52,7 +52,11 @@ pub struct DeviceStepOutput {
 
 /// `total + share * loss` in float64 on the loss's device (`share * loss`
 /// alone for the first micro-batch: the host's 0.0 + x, exactly).
-pub(super) fn accumulate(total: Option<Tensor>, loss: &Tensor, share: f64) -> Result<Tensor, VsdError> {
+pub(super) fn accumulate(
+    total: Option<Tensor>,
+    loss: &Tensor,
+    share: f64,
+) -> Result<Tensor, VsdError> {
     let part = loss.f_to_kind(Kind::Double)?.f_mul_scalar(share)?;
     Ok(match total {
         None => part,
@@ -186,7 +190,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         // 2. Noise it; x_t keeps its link to the student. abar_t is looked
         // up once for every formula of the step.
         let abar_t = self.schedule.alpha_bar_at(&draws.t, draws.z.dim())?;
-        let x_t = add_noise_at(&x0_hat, &draws.eps, &abar_t)?;
+        let x_t = add_noise_at(x0_hat, &draws.eps, &abar_t)?;
 
         // 3. Both scores with guidance, without gradients.
         let scale = draws.guidance_scale.unwrap_or(self.config.guidance_scale);
