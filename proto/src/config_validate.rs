@@ -186,14 +186,6 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
     );
     check(
         &mut p,
-        t.gradient_checkpointing || t.recompute_rows <= 1,
-        "train.recompute_rows",
-        t.recompute_rows.to_string(),
-        "1 (its default) unless train.gradient_checkpointing is true: it sizes the \
-         recomputed chunks and has no effect without recomputation",
-    );
-    check(
-        &mut p,
         t.sample_every_steps == 0 || !t.sample_prompts.is_empty(),
         "train.sample_prompts",
         "[]".to_owned(),
