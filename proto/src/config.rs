@@ -327,8 +327,9 @@ pub struct TrainConfig {
     /// Rows per recomputed chunk under `gradient_checkpointing` (ignored
     /// without it; more than a micro-batch holds is one chunk per
     /// micro-batch). Fewer rows: less memory, smaller kernels. The default
-    /// 4 kept 88 % of 1 row's memory saving at no measured cost, where 1
-    /// row cost 40-50 % more CPU time a step (README, "Performance").
+    /// 4 kept 88 % of 1 row's memory saving at the SD layout for a cost
+    /// within this CPU's noise, where 1 row cost 40-70 % more CPU time a
+    /// step (README, "Performance", memory).
     pub recompute_rows: u32,
     /// How step 3 runs the teacher and SwiftBrush's LoRA teacher: `one`
     /// pass of twice the rows (the adapters on the LoRA teacher's half
