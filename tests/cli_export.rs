@@ -186,6 +186,28 @@ fn bench_vsd_step_reports_json() {
             .starts_with("glibc malloc tuned"),
         "{report:#}"
     );
+    assert_eq!(report["activations"], "kept");
+    assert!(report["median_step_cpu_s"].as_f64().unwrap() > 0.0);
+    // --gradient-checkpointing and --recompute-rows reach the step's config.
+    let out = swiftbrush(
+        dir.path(),
+        &[
+            "bench",
+            "vsd-step",
+            "--config",
+            config,
+            "--teacher",
+            &teacher,
+            "--steps",
+            "1",
+            "--json",
+            "--gradient-checkpointing",
+            "--recompute-rows",
+            "1",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(report["activations"], "recomputed, 1 row at a time");
 }
 
 #[test]

@@ -314,6 +314,23 @@ pub struct TrainConfig {
     /// null: all at once). Only memory and speed depend on it, not the
     /// result (to float rounding).
     pub micro_batch: Option<u32>,
+    /// Recompute the student's and the training fake score's activations
+    /// instead of keeping them for the whole (micro-)batch (diffusers'
+    /// name): the student draws without gradients, the scores run, then
+    /// the student's pass is run again with gradients `recompute_rows`
+    /// rows at a time to take the VSD gradient back, and the fake score's
+    /// loss runs and backpropagates as many rows at a time. One more
+    /// student forward per step; activation memory set by
+    /// `recompute_rows`, not by the batch. Only memory and speed depend on
+    /// it, not the result (to float rounding).
+    pub gradient_checkpointing: bool,
+    /// Rows per recomputed chunk under `gradient_checkpointing` (ignored
+    /// without it; more than a micro-batch holds is one chunk per
+    /// micro-batch). Fewer rows: less memory, smaller kernels. The default
+    /// 4 kept 88 % of 1 row's memory saving at the SD layout for a cost
+    /// within this CPU's noise, where 1 row cost 40-70 % more CPU time a
+    /// step (README, "Performance", memory).
+    pub recompute_rows: u32,
     /// How step 3 runs the teacher and SwiftBrush's LoRA teacher: `one`
     /// pass of twice the rows (the adapters on the LoRA teacher's half
     /// only: fewer, bigger kernels), `two` passes, or `auto`: one on CUDA,
@@ -340,6 +357,8 @@ impl Default for TrainConfig {
             seed: 0,
             device: "auto".to_owned(),
             micro_batch: None,
+            gradient_checkpointing: false,
+            recompute_rows: 4,
             score_passes: ScorePasses::Auto,
             sample_every_steps: 0,
             sample_prompts: Vec::new(),
@@ -594,13 +613,16 @@ impl JobConfig {
     }
 
     /// sha256 of the resolved config's canonical JSON: a resumed run checks
-    /// it. `train.micro_batch`, `train.score_passes` and
+    /// it. `train.micro_batch`, `train.gradient_checkpointing`,
+    /// `train.recompute_rows`, `train.score_passes` and
     /// `precision.cudnn_benchmark` are left out: they are each device's
     /// memory and speed matter (a worker may override the micro-batch) and
     /// change no result.
     pub fn fingerprint(&self) -> String {
         let mut canonical = self.clone();
         canonical.train.micro_batch = None;
+        canonical.train.gradient_checkpointing = false;
+        canonical.train.recompute_rows = TrainConfig::default().recompute_rows;
         canonical.train.score_passes = ScorePasses::Auto;
         canonical.precision.cudnn_benchmark = false;
         let json = serde_json::to_vec(&canonical).unwrap_or_default();

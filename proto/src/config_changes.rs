@@ -33,11 +33,13 @@ impl std::fmt::Display for ConfigChange {
 /// convolutions; `precision.tf32` is not among them: it changes the
 /// arithmetic on CUDA). The teacher's folder is left out too: the teacher
 /// itself is checked by its fingerprint, so a moved folder is no change.
-const NOT_TRAINING_MATH: [&str; 11] = [
+const NOT_TRAINING_MATH: [&str; 13] = [
     "name",
     "model.teacher",
     "train.device",
     "train.micro_batch",
+    "train.gradient_checkpointing",
+    "train.recompute_rows",
     "train.score_passes",
     "train.sample_every_steps",
     "train.sample_prompts",

@@ -179,6 +179,13 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
     }
     check(
         &mut p,
+        t.recompute_rows >= 1,
+        "train.recompute_rows",
+        t.recompute_rows.to_string(),
+        "an integer >= 1 (rows per recomputed chunk under train.gradient_checkpointing)",
+    );
+    check(
+        &mut p,
         t.sample_every_steps == 0 || !t.sample_prompts.is_empty(),
         "train.sample_prompts",
         "[]".to_owned(),

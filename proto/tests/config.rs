@@ -362,6 +362,37 @@ fn micro_batch_is_a_positive_count_or_null() {
     assert_ne!(other.fingerprint(), whole.fingerprint());
 }
 
+/// `train.gradient_checkpointing` and its chunk size: off by default,
+/// chunks of 4 rows, a chunk of 0 rows refused by name; neither changes
+/// the fingerprint or counts as a training change (memory and speed
+/// only).
+#[test]
+fn gradient_checkpointing_and_its_rows_parse_and_validate() {
+    let c = parse(TEACHER).unwrap();
+    assert!(!c.train.gradient_checkpointing);
+    assert_eq!(c.train.recompute_rows, 4);
+    let on = parse(&format!(
+        "{TEACHER}train:\n  gradient_checkpointing: true\n  recompute_rows: 2\n"
+    ))
+    .unwrap();
+    assert!(on.train.gradient_checkpointing);
+    assert_eq!(on.train.recompute_rows, 2);
+    let e = err(&format!(
+        "{TEACHER}train:\n  gradient_checkpointing: true\n  recompute_rows: 0\n"
+    ));
+    assert!(e.contains("train.recompute_rows = 0 is not allowed"), "{e}");
+    assert!(e.contains("an integer >= 1"), "{e}");
+    // Without recomputation the chunk size is inert (a toggle leaves it).
+    let inert = parse(&format!("{TEACHER}train:\n  recompute_rows: 2\n")).unwrap();
+    assert_eq!(inert.fingerprint(), c.fingerprint());
+    let e = err(&format!("{TEACHER}train:\n  recompute_rows: -1\n"));
+    assert!(e.contains("train.recompute_rows"), "{e}");
+    let e = err(&format!("{TEACHER}train:\n  gradient_checkpointing: 2\n"));
+    assert!(e.contains("train.gradient_checkpointing"), "{e}");
+    assert_eq!(on.fingerprint(), c.fingerprint());
+    assert_eq!(on.training_changes_from(&c), vec![]);
+}
+
 #[test]
 fn score_passes_parse_and_a_bad_one_names_the_choices() {
     let c = parse(TEACHER).unwrap();

@@ -25,6 +25,14 @@ pub enum BenchCommand {
         /// measures).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         micro_batch: Option<u32>,
+        /// Sets train.gradient_checkpointing: true (activations recomputed,
+        /// memory for the chunk instead of the batch).
+        #[arg(long)]
+        gradient_checkpointing: bool,
+        /// Overrides train.recompute_rows (with --gradient-checkpointing or
+        /// the config's).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        recompute_rows: Option<u32>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -83,6 +91,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             steps,
             device,
             micro_batch,
+            gradient_checkpointing,
+            recompute_rows,
             json,
         } => {
             let mut cfg = load_config(&config, teacher)?;
@@ -92,6 +102,13 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             if micro_batch.is_some() {
                 cfg.train.micro_batch = micro_batch;
             }
+            if gradient_checkpointing {
+                cfg.train.gradient_checkpointing = true;
+            }
+            if let Some(rows) = recompute_rows {
+                cfg.train.recompute_rows = rows;
+            }
+            cfg.validate()?;
             let report = swiftbrush_worker::bench::bench_vsd_step(cfg, steps)?;
             print_report(&report, report.table(), json)
         }

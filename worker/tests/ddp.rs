@@ -155,6 +155,32 @@ fn micro_batches_of_one_equal_the_whole_batch_at_once() {
     assert_equivalent("micro-batches of one vs the whole batch", &micro, &whole);
 }
 
+/// `train.gradient_checkpointing` (chunks of one row, both fake-score
+/// forms) trains the student the plain step trains, to rounding: the key
+/// reaches the step (worker/tests/gradient_checkpointing.rs holds the step
+/// itself to the plain one).
+#[test]
+fn gradient_checkpointing_trains_the_plain_student() {
+    tch::set_num_threads(1);
+    for (fake, tag) in [(FakeScore::Lora, "lora"), (FakeScore::Unet, "unet")] {
+        let plain = train(&format!("memory://ckpt-plain-{tag}"), fake, SingleProcess);
+        let mut cfg = config(&format!("memory://ckpt-rows-{tag}"), fake);
+        cfg.train.gradient_checkpointing = true;
+        cfg.train.recompute_rows = 1;
+        let recomputed = train_cfg(cfg, SingleProcess);
+        assert_equivalent(
+            &format!("{tag}: recomputed in rows of one vs the plain step"),
+            &recomputed,
+            &plain,
+        );
+        // Chunks of one row round differently from the batch of two.
+        assert!(
+            !tiny_run::equal(&recomputed.student, &plain.student),
+            "{tag}: train.gradient_checkpointing changed nothing"
+        );
+    }
+}
+
 /// `train.score_passes: one` (the teacher and the LoRA teacher as one
 /// pass of twice the rows) trains the student `two` trains, to rounding.
 #[test]

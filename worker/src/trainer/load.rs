@@ -170,6 +170,10 @@ fn load_networks(
             teacher_autocast,
         ),
         one_score_pass: cfg.train.score_passes.one_pass(device.is_cuda()),
+        recompute_rows: cfg
+            .train
+            .gradient_checkpointing
+            .then_some(cfg.train.recompute_rows),
     };
     let sample_shape = sample_shape(cfg, folder, &student)?;
     Ok(Networks {

@@ -8,6 +8,7 @@
 //! | `score_networks.rs` | the networks that answer them: [`TeacherUNet`] (teacher + LoRA), [`FullFakeScore`] (DMD2), [`ScorePair`] (either) |
 //! | `draws.rs` | every random draw of a step, a function of (seed, step, sample index) |
 //! | `micro_batch.rs` | gradient accumulation over a rank's batch |
+//! | `recompute.rs` | `train.gradient_checkpointing`: the student's and the fake score's activations recomputed a few rows at a time |
 //!
 //! Precision: the score passes (real and fake) run under the configured
 //! autocast (`VsdConfig::teacher_autocast`, see precision.rs) and each of
@@ -22,6 +23,7 @@
 
 mod draws;
 mod micro_batch;
+mod recompute;
 mod score_networks;
 mod scores;
 mod step;
@@ -54,6 +56,11 @@ pub struct VsdConfig {
     /// Step 3 runs the teacher and the LoRA teacher as one pass of twice
     /// the rows (`Scores::both`) instead of two (`train.score_passes`).
     pub one_score_pass: bool,
+    /// `train.gradient_checkpointing`: Some(rows) recomputes the student's
+    /// pass with gradients, and runs the fake score's loss, `rows` rows at
+    /// a time (recompute.rs); None keeps the student's graph for the whole
+    /// micro-batch.
+    pub recompute_rows: Option<u32>,
 }
 
 impl VsdConfig {

@@ -55,7 +55,11 @@ pub struct DeviceStepOutput {
 
 /// `total + share * loss` in float64 on the loss's device (`share * loss`
 /// alone for the first micro-batch: the host's 0.0 + x, exactly).
-fn accumulate(total: Option<Tensor>, loss: &Tensor, share: f64) -> Result<Tensor, VsdError> {
+pub(super) fn accumulate(
+    total: Option<Tensor>,
+    loss: &Tensor,
+    share: f64,
+) -> Result<Tensor, VsdError> {
     let part = loss.f_to_kind(Kind::Double)?.f_mul_scalar(share)?;
     Ok(match total {
         None => part,
@@ -133,12 +137,15 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         micro: Option<u32>,
     ) -> Result<Tensor, VsdError> {
         let parts = each_micro_batch(x0.size()[0], micro, |m| {
-            self.fake_score_loss(
+            let (text, x0, draws) = (
                 &text.rows(m.start, m.len),
                 &x0.narrow(0, m.start, m.len),
                 &draws.rows(m.start, m.len),
-                m,
-            )
+            );
+            match self.config.recompute_rows {
+                Some(rows) => self.fake_score_loss_in_chunks(text, x0, draws, m, rows),
+                None => self.fake_score_loss(text, x0, draws, m),
+            }
         })?;
         let mut total: Option<Tensor> = None;
         for (share, loss) in parts {
@@ -173,13 +180,37 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         draws: &Draws,
         part: MicroBatch,
     ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
+        // train.gradient_checkpointing: the same steps, activations
+        // recomputed a few rows at a time (recompute.rs).
+        if let Some(rows) = self.config.recompute_rows {
+            return self.iteration_recomputed(text, draws, part, rows);
+        }
         // 1. Student draw: one pass at t = 999 from pure noise.
         let x0_hat = self.student_x0(&draws.z, &text.cond)?;
 
+        // 2-5. The surrogate loss, backward into the student.
+        let loss_vsd = self.vsd_loss(&x0_hat, text, draws)?;
+        part.backward_scaled(&loss_vsd, self.loss_scales.map(|s| s.student))?;
+
+        // 6. The fake score learns to denoise the student's (detached) draws.
+        let x0 = x0_hat.f_detach()?;
+        let fake_score = self.fake_score_loss(text, &x0, &draws.fake, part)?;
+
+        Ok(((loss_vsd.f_detach()?, fake_score), x0))
+    }
+
+    /// Steps 2-5 up to the surrogate loss of the student's draw `x0_hat`,
+    /// whose gradient wrt `x0_hat` is g / numel.
+    pub(super) fn vsd_loss(
+        &self,
+        x0_hat: &Tensor,
+        text: &Conditions,
+        draws: &Draws,
+    ) -> Result<Tensor, VsdError> {
         // 2. Noise it; x_t keeps its link to the student. abar_t is looked
         // up once for every formula of the step.
         let abar_t = self.schedule.alpha_bar_at(&draws.t, draws.z.dim())?;
-        let x_t = add_noise_at(&x0_hat, &draws.eps, &abar_t)?;
+        let x_t = add_noise_at(x0_hat, &draws.eps, &abar_t)?;
 
         // 3. Both scores with guidance, without gradients.
         let scale = draws.guidance_scale.unwrap_or(self.config.guidance_scale);
@@ -220,13 +251,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
             .f_square()?
             .f_mean(Kind::Float)?
             .f_mul_scalar(0.5)?;
-        part.backward_scaled(&loss_vsd, self.loss_scales.map(|s| s.student))?;
-
-        // 6. The fake score learns to denoise the student's (detached) draws.
-        let x0 = x0_hat.f_detach()?;
-        let fake_score = self.fake_score_loss(text, &x0, &draws.fake, part)?;
-
-        Ok(((loss_vsd.f_detach()?, fake_score), x0))
+        Ok(loss_vsd)
     }
 
     /// SPEC step 6 on one micro-batch: the fake score's denoising loss on
@@ -235,7 +260,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
     /// DMD2's full copy trains on the caption always (the draws' null flag
     /// is ignored, so the random stream is the same for both forms) with
     /// the unweighted eps-MSE.
-    fn fake_score_loss(
+    pub(super) fn fake_score_loss(
         &self,
         text: &Conditions,
         x0: &Tensor,

@@ -40,7 +40,8 @@ pub fn schedule(prediction: PredictionType) -> NoiseSchedule {
 }
 
 /// The reference step's constants: the student at t = 999 with A = 0.0047,
-/// guidance 4.5, the scores in two passes (a case sets `one_score_pass`).
+/// guidance 4.5, the scores in two passes (a case sets `one_score_pass`),
+/// no recomputation.
 pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan>) -> VsdConfig {
     VsdConfig {
         student_timestep: 999,
@@ -50,6 +51,7 @@ pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan
         teacher_autocast,
         student_autocast: None,
         one_score_pass: false,
+        recompute_rows: None,
     }
 }
 
