@@ -38,13 +38,14 @@ fn failure(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The toy step at batch `batch` (bench/paper_step_toy.yaml's method).
-fn toy_config(dir: &Path, batch: u32) -> PathBuf {
+/// The toy step at `resolution` (pixel space: 3 x resolution^2) and batch
+/// `batch` (bench/paper_step_toy.yaml's method).
+fn toy_config(dir: &Path, resolution: u32, batch: u32) -> PathBuf {
     let path = dir.join("plan.yaml");
     std::fs::write(
         &path,
         format!(
-            "name: plan-toy\nmodel:\n  resolution: 32\nmethod:\n  lora:\n    rank: 64\n    alpha: 108\n\
+            "name: plan-toy\nmodel:\n  resolution: {resolution}\nmethod:\n  lora:\n    rank: 64\n    alpha: 108\n\
              train:\n  global_batch: {batch}\n  device: cpu\nworld:\n  min_size: 1\n  max_size: 2\n\
              precision:\n  teacher_dtype: fp32\n  autocast: none\nlogging:\n  tensorboard: false\n"
         ),
@@ -58,11 +59,19 @@ const TOY: &str = "assets/toy-teacher";
 #[test]
 fn plan_reports_parts_and_fits_and_names_bad_flags() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = toy_config(tmp.path(), 4);
+    let cfg = toy_config(tmp.path(), 32, 4);
     let cfg = cfg.to_str().unwrap();
     let plan = json(&[
-        "plan", "--config", cfg, "--teacher", TOY, "--gpu-memory", "24GB", "--gpu-memory",
-        "1000MiB", "--json",
+        "plan",
+        "--config",
+        cfg,
+        "--teacher",
+        TOY,
+        "--gpu-memory",
+        "24GB",
+        "--gpu-memory",
+        "1000MiB",
+        "--json",
     ]);
     let parts = plan["parts"].as_array().unwrap();
     let sum: u64 = parts.iter().map(|p| p["bytes"].as_u64().unwrap()).sum();
@@ -82,9 +91,20 @@ fn plan_reports_parts_and_fits_and_names_bad_flags() {
     // The table says what is predicted.
     let out = swiftbrush(&["plan", "--config", cfg, "--teacher", TOY]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("PREDICTED") && table.contains("141 GB"), "{table}");
+    assert!(
+        table.contains("PREDICTED") && table.contains("141 GB"),
+        "{table}"
+    );
 
-    let e = failure(&["plan", "--config", cfg, "--teacher", TOY, "--gpu-memory", "80"]);
+    let e = failure(&[
+        "plan",
+        "--config",
+        cfg,
+        "--teacher",
+        TOY,
+        "--gpu-memory",
+        "80",
+    ]);
     assert!(e.contains("--gpu-memory") && e.contains("no unit"), "{e}");
     let e = failure(&["plan", "--config", cfg, "--teacher", TOY, "--world", "3"]);
     assert!(e.contains("train.global_batch"), "{e}");
@@ -95,7 +115,7 @@ fn plan_reports_parts_and_fits_and_names_bad_flags() {
 #[test]
 fn a_folder_of_config_files_plans_as_the_full_folder_does() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = toy_config(tmp.path(), 4);
+    let cfg = toy_config(tmp.path(), 32, 4);
     let configs = tmp.path().join("configs-only");
     for file in [
         "model_index.json",
@@ -112,7 +132,12 @@ fn a_folder_of_config_files_plans_as_the_full_folder_does() {
     }
     let args = |teacher: &str| {
         json(&[
-            "plan", "--config", cfg.to_str().unwrap(), "--teacher", teacher, "--no-probe",
+            "plan",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--teacher",
+            teacher,
+            "--no-probe",
             "--json",
         ])
     };
@@ -124,19 +149,38 @@ fn a_folder_of_config_files_plans_as_the_full_folder_does() {
 
 /// The CPU prediction (program + resident + the composed activation peak)
 /// within 15 % of bench vsd-step's measured peak, at micro-batch 8 and 2.
+/// At 64 px the activations are about half of the peak at micro-batch 8,
+/// so a pass left out of the composition shows (the student's graph left
+/// out of the score passes' peak: -19 %).
 #[test]
 fn plan_predicts_the_bench_peak_on_this_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = toy_config(tmp.path(), 8);
+    let cfg = toy_config(tmp.path(), 64, 8);
     let cfg = cfg.to_str().unwrap();
     for micro in ["8", "2"] {
         let bench = json(&[
-            "bench", "vsd-step", "--config", cfg, "--teacher", TOY, "--steps", "1",
-            "--micro-batch", micro, "--json",
+            "bench",
+            "vsd-step",
+            "--config",
+            cfg,
+            "--teacher",
+            TOY,
+            "--steps",
+            "1",
+            "--micro-batch",
+            micro,
+            "--json",
         ]);
         let measured = bench["peak_host_mib"].as_f64().unwrap();
         let plan = json(&[
-            "plan", "--config", cfg, "--teacher", TOY, "--micro-batch", micro, "--json",
+            "plan",
+            "--config",
+            cfg,
+            "--teacher",
+            TOY,
+            "--micro-batch",
+            micro,
+            "--json",
         ]);
         let predicted = plan["cpu"]["peak"].as_f64().unwrap() / (1u64 << 20) as f64;
         let error = (predicted - measured).abs() / measured;

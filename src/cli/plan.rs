@@ -32,10 +32,14 @@ pub struct PlanArgs {
     /// Rows the checkpointed student forward re-runs at a time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     checkpoint_chunk: u32,
-    /// Rows the probe measures at: 2 (1 and 2) or 1 (half the probe's
-    /// memory; all activations counted per sample, an overestimate).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    /// Rows r the probe runs each pass at (then 2r): nearer the planned
+    /// micro-batch extrapolates less, at more memory and time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     probe_rows: u32,
+    /// 2: measure at r and 2r rows; 1: at r only (half the probe's memory;
+    /// every byte counted per sample, an overestimate).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    probe_points: u32,
     /// Resident parts only: no measured activations, no fits.
     #[arg(long)]
     no_probe: bool,
@@ -63,6 +67,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         gpu_memory,
         probe: !args.no_probe,
         probe_rows: args.probe_rows,
+        probe_points: args.probe_points,
         checkpoint_chunk: args.checkpoint_chunk,
         ..PlanOptions::default()
     };

@@ -139,9 +139,9 @@ pub fn parse_memory(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = (&t[..split], t[split..].trim());
-    let value: f64 = number.parse().map_err(|_| {
-        format!("{text:?}: expected a size such as 80GiB, 80GB or 80000MiB")
-    })?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a size such as 80GiB, 80GB or 80000MiB"))?;
     let scale: f64 = match unit.to_ascii_lowercase().as_str() {
         "b" => 1.0,
         "kb" => 1e3,
@@ -189,6 +189,8 @@ mod tests {
             fake_forward_peak: lin(0, 90),
             fake_graph: lin(0, 80),
             fake_backward_peak: lin(0, 20),
+            // Not part of the composition (the CPU prediction's alone).
+            sequence_peak: lin(0, 1000),
         }
     }
 

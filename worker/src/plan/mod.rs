@@ -61,10 +61,12 @@ pub struct PlanOptions {
     pub gradient_checkpointing: bool,
     /// Rows the checkpointed student forward re-runs at a time.
     pub checkpoint_chunk: u32,
-    /// Rows the probe measures at: 2 (1 and 2: fixed and per-sample
-    /// parts) or 1 (all per sample, an overestimate; half the probe's
-    /// memory).
+    /// Rows r the probe measures at (r, and 2r with two points): nearer
+    /// the planned micro-batch extrapolates less.
     pub probe_rows: u32,
+    /// 2: at r and 2r rows (fixed and per-sample parts); 1: at r only (all
+    /// per sample, an overestimate; half the probe's memory).
+    pub probe_points: u32,
     /// Skip the probe (resident parts only).
     pub probe: bool,
 }
@@ -77,7 +79,8 @@ impl Default for PlanOptions {
             student_autocast: false,
             gradient_checkpointing: false,
             checkpoint_chunk: 1,
-            probe_rows: 2,
+            probe_rows: 1,
+            probe_points: 2,
             probe: true,
         }
     }
@@ -95,7 +98,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
         PlanError::Invalid("model.teacher is not set (pass --teacher DIR)".to_owned())
     })?;
     let folder = DiffusersFolder::open(Path::new(&teacher))?;
-    if opts.world == 0 || cfg.train.global_batch % opts.world != 0 {
+    if opts.world == 0 || !cfg.train.global_batch.is_multiple_of(opts.world) {
         return Err(PlanError::Invalid(format!(
             "--world {}: train.global_batch = {} is not divisible by it",
             opts.world, cfg.train.global_batch
@@ -143,7 +146,13 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
 
     let cpu = probe.as_ref().and_then(|p| {
         let m = u64::from(cfg.train.micro_batch.unwrap_or(rank_batch).min(rank_batch));
-        let (act, above) = step_peak(m, form(false, opts.gradient_checkpointing))?;
+        let (mut act, _) = step_peak(m, form(false, opts.gradient_checkpointing))?;
+        // The plain step run in order shows what the heap cannot reuse
+        // between passes (glibc); the checkpointed one is composed only.
+        if !opts.gradient_checkpointing {
+            act = act.max(p.passes.sequence_peak.at(m) + inputs(m));
+        }
+        let above = act.max(optimizer);
         Some(CpuPrediction {
             micro_batch: m as u32,
             baseline: p.baseline,

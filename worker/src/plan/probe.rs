@@ -1,10 +1,11 @@
 //! The activation side of the plan, measured: the trainer's own networks
 //! (built by `trainer::score_networks` from the config files, random
 //! weights) run each pass of the step once on the CPU at the real sample
-//! shape and dtypes, at 1 and 2 rows, and the probe records what each pass
+//! shape and dtypes, at r and 2r rows, and the probe records what each pass
 //! keeps for its backward (glibc's heap in use, `memory::heap_in_use`) and
 //! its transient peak (the resident set's high-water mark from a trimmed
-//! heap). Two points give each pass as fixed + rows x per-sample bytes.
+//! heap). Two points (r and 2r rows, r = 1 by default) give each pass as
+//! fixed + rows x per-sample bytes.
 //!
 //! The passes, as `vsd/step.rs` runs them:
 //! - the student's draw with gradients (its graph stays alive through the
@@ -30,8 +31,8 @@ use crate::pipeline::{DiffusersFolder, UNet};
 use crate::torch::precision::AutocastPlan;
 use crate::vsd::{FakeScore, ScorePair, Scores, VsdConfig, with_generator};
 
-/// Bytes as fixed + rows x per_sample, from measurements at 1 and 2 rows
-/// (at 1 row only: all of it per sample, which can only overestimate).
+/// Bytes as fixed + rows x per_sample, from measurements at r and 2r rows
+/// (at r rows only: all of it per sample, which can only overestimate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Linear {
     pub fixed: u64,
@@ -43,29 +44,30 @@ impl Linear {
         self.fixed + rows * self.per_sample
     }
 
-    /// Through the points (1, at1) and (2, at2); a smaller second point
-    /// (measurement noise) keeps the larger as per-sample bytes.
-    pub fn fit(at1: u64, at2: Option<u64>) -> Self {
+    /// Through the points (r, at1) and (2r, at2).
+    pub fn fit(r: u64, at1: u64, at2: Option<u64>) -> Self {
+        let r = r.max(1);
         match at2 {
-            // Noise can make the second point smaller: all per sample.
-            None => Self {
-                fixed: 0,
-                per_sample: at1,
-            },
-            Some(at2) if at2 < at1 => Self {
-                fixed: 0,
-                per_sample: at1,
-            },
-            // More than double at two rows: through the origin and the
-            // second point (no negative fixed part).
-            Some(at2) if at2 - at1 > at1 => Self {
-                fixed: 0,
-                per_sample: at2.div_ceil(2),
-            },
-            Some(at2) => Self {
-                fixed: 2 * at1 - at2,
-                per_sample: at2 - at1,
-            },
+            // One point, or noise made the second smaller: all per sample.
+            None => Self::through_origin(r, at1),
+            Some(at2) if at2 < at1 => Self::through_origin(r, at1),
+            // More than double at twice the rows: through the origin and
+            // the second point (no negative fixed part).
+            Some(at2) if at2 - at1 > at1 => Self::through_origin(2 * r, at2),
+            Some(at2) => {
+                let per_sample = (at2 - at1).div_ceil(r);
+                Self {
+                    fixed: at1.saturating_sub(per_sample * r),
+                    per_sample,
+                }
+            }
+        }
+    }
+
+    fn through_origin(rows: u64, bytes: u64) -> Self {
+        Self {
+            fixed: 0,
+            per_sample: bytes.div_ceil(rows),
         }
     }
 }
@@ -83,6 +85,11 @@ pub struct PassCosts {
     pub fake_forward_peak: Linear,
     pub fake_graph: Linear,
     pub fake_backward_peak: Linear,
+    /// The plain step's passes in their order, with no trim between them
+    /// (as the trainer runs them): its peak includes what glibc's heap
+    /// cannot reuse, which the passes measured one by one do not. The CPU
+    /// prediction uses it.
+    pub sequence_peak: Linear,
 }
 
 /// What the probe measured.
@@ -107,6 +114,7 @@ struct Sample {
     scores_one: Cost,
     fake_forward: Cost,
     fake_backward: Cost,
+    sequence: Cost,
 }
 
 /// The process before any network: libtorch's CPU kernels and thread pool
@@ -125,7 +133,8 @@ pub fn baseline() -> Result<u64, PlanError> {
 }
 
 /// Builds the networks from `folder`'s configs and measures every pass at
-/// 1 (and with `opts.probe_rows` 2, also 2) rows of shape `shape`, after
+/// `opts.probe_rows` rows (and with `opts.probe_points` 2, twice as many)
+/// of shape `shape`, after
 /// one unmeasured round (which also allocates the gradients, resident from
 /// a run's first step on).
 pub fn run(
@@ -172,21 +181,25 @@ pub fn run(
         shape,
         width,
     };
-    nets.sample(1)?;
+    let r = i64::from(opts.probe_rows.max(1));
+    nets.sample(r)?;
     // The program after its first step: libtorch's kernel caches (oneDNN's
     // JIT-compiled primitives for these shapes) are the program's, not any
     // tensor's. What the networks' tensors hold is taken out.
     super::memory::trim();
-    let tensors = tensor_bytes(&student.vs.trainable_variables())
-        + tensor_bytes(&scores_tensors(&scores));
-    let baseline = super::memory::resident()?.0.saturating_sub(tensors).max(baseline);
-    let one = nets.sample(1)?;
-    let two = if opts.probe_rows >= 2 {
-        Some(nets.sample(2)?)
+    let tensors =
+        tensor_bytes(&student.vs.trainable_variables()) + tensor_bytes(&scores_tensors(&scores));
+    let baseline = super::memory::resident()?
+        .0
+        .saturating_sub(tensors)
+        .max(baseline);
+    let one = nets.sample(r)?;
+    let two = if opts.probe_points >= 2 {
+        Some(nets.sample(2 * r)?)
     } else {
         None
     };
-    let fit = |f: fn(&Sample) -> u64| Linear::fit(f(&one), two.as_ref().map(f));
+    let fit = |f: fn(&Sample) -> u64| Linear::fit(r as u64, f(&one), two.as_ref().map(f));
     Ok(Probe {
         baseline,
         passes: PassCosts {
@@ -199,8 +212,13 @@ pub fn run(
             fake_forward_peak: fit(|s| s.fake_forward.peak),
             fake_graph: fit(|s| s.fake_forward.kept),
             fake_backward_peak: fit(|s| s.fake_backward.peak),
+            sequence_peak: fit(|s| s.sequence.peak),
         },
-        rows: if two.is_some() { vec![1, 2] } else { vec![1] },
+        rows: if two.is_some() {
+            vec![r as u32, 2 * r as u32]
+        } else {
+            vec![r as u32]
+        },
     })
 }
 
@@ -306,7 +324,44 @@ impl Nets<'_> {
         let loss = loss?;
         let (r, fake_backward) = measure(|| loss.f_backward())?;
         r?;
+        drop(loss);
+
+        // All of it again in order, as one stretch.
+        let (r, sequence) = measure(|| {
+            let x0 = draw()?;
+            let x = x0.f_detach()?;
+            let x2 = Tensor::f_cat(&[&x, &x], 0)?;
+            let eps = tch::no_grad(|| {
+                let _ac = teacher_ac();
+                if self.vsd.one_score_pass && self.scores.form() == FakeScore::Lora {
+                    let (real, fake) = self.scores.both(&x2, &t2, &c2)?;
+                    real.f_to_kind(Kind::Float)?
+                        .f_sub(&fake.f_to_kind(Kind::Float)?)
+                } else {
+                    let real = self.scores.real(&x2, &t2, &c2)?.f_to_kind(Kind::Float)?;
+                    let fake = match self.scores.form() {
+                        FakeScore::Lora => self.scores.fake(&x2, &t2, &c2)?,
+                        FakeScore::Unet => self.scores.fake(&x, &t, &cond)?,
+                    };
+                    let _ = fake.f_to_kind(Kind::Float)?;
+                    Ok(real)
+                }
+            })?;
+            let g = eps.f_narrow(0, 0, n)?;
+            x0.f_sub(&g)?
+                .f_square()?
+                .f_mean(Kind::Float)?
+                .f_backward()?;
+            drop(x0);
+            let out = {
+                let _ac = teacher_ac();
+                self.scores.fake(&x, &t, &cond)?.f_to_kind(Kind::Float)?
+            };
+            out.f_sub(&z)?.f_square()?.f_mean(Kind::Float)?.f_backward()
+        })?;
+        r?;
         Ok(Sample {
+            sequence,
             student_no_grad,
             student_forward,
             student_backward,
@@ -324,14 +379,53 @@ mod tests {
 
     #[test]
     fn two_points_split_into_fixed_and_per_sample() {
-        let l = Linear::fit(300, Some(500));
-        assert_eq!(l, Linear { fixed: 100, per_sample: 200 });
+        let l = Linear::fit(1, 300, Some(500));
+        assert_eq!(
+            l,
+            Linear {
+                fixed: 100,
+                per_sample: 200
+            }
+        );
         assert_eq!(l.at(4), 900);
+        // At 4 and 8 rows.
+        assert_eq!(
+            Linear::fit(4, 500, Some(900)),
+            Linear {
+                fixed: 100,
+                per_sample: 100
+            }
+        );
         // One point: all per sample.
-        assert_eq!(Linear::fit(300, None), Linear { fixed: 0, per_sample: 300 });
-        // More than double at two rows: no negative fixed part.
-        assert_eq!(Linear::fit(100, Some(300)), Linear { fixed: 0, per_sample: 150 });
-        // Noise (the second smaller): the larger, per sample.
-        assert_eq!(Linear::fit(300, Some(290)), Linear { fixed: 0, per_sample: 300 });
+        assert_eq!(
+            Linear::fit(1, 300, None),
+            Linear {
+                fixed: 0,
+                per_sample: 300
+            }
+        );
+        assert_eq!(
+            Linear::fit(2, 301, None),
+            Linear {
+                fixed: 0,
+                per_sample: 151
+            }
+        );
+        // More than double at twice the rows: no negative fixed part.
+        assert_eq!(
+            Linear::fit(1, 100, Some(300)),
+            Linear {
+                fixed: 0,
+                per_sample: 150
+            }
+        );
+        // Noise (the second smaller): the first, per sample.
+        assert_eq!(
+            Linear::fit(1, 300, Some(290)),
+            Linear {
+                fixed: 0,
+                per_sample: 300
+            }
+        );
     }
 }

@@ -82,7 +82,12 @@ impl Plan {
         let _ = writeln!(
             s,
             "plan for {} with teacher {}\nworld {} (each worker: {} rows a step), sample {:?}, {}",
-            self.config, self.teacher, self.world, self.rank_batch, self.sample_shape, self.precision
+            self.config,
+            self.teacher,
+            self.world,
+            self.rank_batch,
+            self.sample_shape,
+            self.precision
         );
         let _ = writeln!(s, "\nresident per worker (exact, from the config files):");
         for p in &self.parts {
@@ -112,12 +117,19 @@ impl Plan {
                 ("student draw, no grad (peak)", &q.student_no_grad_peak),
                 ("student forward (peak)", &q.student_forward_peak),
                 ("student graph kept", &q.student_graph),
-                ("student backward (peak over graph)", &q.student_backward_peak),
+                (
+                    "student backward (peak over graph)",
+                    &q.student_backward_peak,
+                ),
                 ("score passes, two (peak)", &q.scores_two_passes_peak),
                 ("score passes, one (peak)", &q.scores_one_pass_peak),
                 ("fake score forward (peak)", &q.fake_forward_peak),
                 ("fake score graph kept", &q.fake_graph),
-                ("fake score backward (peak over graph)", &q.fake_backward_peak),
+                (
+                    "fake score backward (peak over graph)",
+                    &q.fake_backward_peak,
+                ),
+                ("the plain step in order (peak)", &q.sequence_peak),
             ] {
                 let _ = writeln!(s, "  {name:<38} {}", linear(l));
             }

@@ -39,8 +39,7 @@ pub struct Counts {
 
 /// Counts the networks of `folder` as `cfg` builds them.
 pub fn count(cfg: &JobConfig, folder: &DiffusersFolder) -> Result<Counts, PlanError> {
-    let unet_config =
-        UNet2DConditionConfig::from_file(&folder.component("unet")?.config_path()?)?;
+    let unet_config = UNet2DConditionConfig::from_file(&folder.component("unet")?.config_path()?)?;
     let vs = nn::VarStore::new(Device::Cpu);
     let mut model = without_init(|| UNet2DConditionModel::new(vs.root(), &unet_config))?;
     let unet_tensors = sorted_numels(&vs);
