@@ -8,6 +8,7 @@ mod coordinator;
 mod eval;
 mod export;
 mod launch;
+mod plan;
 mod remote;
 mod sample;
 mod status;
@@ -107,6 +108,11 @@ enum Command {
     /// Benchmarks (timings live here, never in tests).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Each worker's memory before launch: the resident parts (exact, from
+    /// the teacher's config.json files), the activations of each pass
+    /// (measured on this CPU), and the largest micro-batch that fits each
+    /// GPU size, with and without gradient checkpointing (predicted).
+    Plan(Box<plan::PlanArgs>),
     /// Draw images: from a teacher (diffusers folder, DDIM with guidance).
     Sample(Box<sample::SampleArgs>),
     /// Judge a teacher's or a student's pictures (CLIP score, FID).
@@ -171,6 +177,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Plan(args) => plan::run(*args),
         Command::Sample(args) => sample::run(*args),
         Command::Eval(command) => eval::run(*command),
         Command::Coordinator(args) => coordinator::run(args),

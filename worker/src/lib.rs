@@ -14,6 +14,7 @@ pub mod lora;
 pub mod models;
 pub mod optim;
 pub mod pipeline;
+pub mod plan;
 pub mod sample;
 pub mod threads;
 pub mod torch;

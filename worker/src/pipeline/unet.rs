@@ -55,6 +55,19 @@ impl UNet {
         Ok(Self { vs, model, config })
     }
 
+    /// A UNet of `config` with PyTorch's default initialisation (random
+    /// weights) in float32: what `swiftbrush plan` measures passes with,
+    /// from a folder that may hold only config files.
+    pub fn from_config(config: &UNet2DConditionConfig, device: Device) -> Result<Self, UNetError> {
+        let vs = nn::VarStore::new(device);
+        let model = UNet2DConditionModel::new(vs.root(), config)?;
+        Ok(Self {
+            vs,
+            model,
+            config: config.clone(),
+        })
+    }
+
     /// A new UNet with the same architecture and a copy of the weights.
     pub fn duplicate(&self) -> Result<Self, UNetError> {
         let mut vs = nn::VarStore::new(self.vs.device());

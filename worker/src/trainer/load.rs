@@ -107,33 +107,8 @@ fn load_networks(
     // neither move the generator between the seed and the adapters' draw
     // nor see its own draws moved.
     let (scores, student, text) = with_generator(|| {
-        let mut teacher = UNet::load(folder, device).map_err(|e| teacher_err(e.into()))?;
-        let student = teacher.duplicate().map_err(|e| teacher_err(e.into()))?;
-        // DMD2's fake score: a float32 copy, made before the teacher takes
-        // its storage dtype.
-        let fake = match cfg.method.fake_score.kind {
-            FakeScore::Lora => None,
-            FakeScore::Unet => Some(teacher.duplicate().map_err(|e| teacher_err(e.into()))?),
-        };
-        // set_kind, not bfloat16()/half(): those convert the weights but
-        // leave the store's kind at float32, and UNet::predict casts its
-        // inputs to the store's kind (a bf16 teacher without autocast then
-        // fails with "mat1 and mat2 must have the same dtype").
-        match cfg.precision.teacher_dtype {
-            Dtype::Fp32 => {}
-            Dtype::Bf16 => teacher.vs.set_kind(tch::Kind::BFloat16),
-            Dtype::Fp16 => teacher.vs.set_kind(tch::Kind::Half),
-        }
-        // Adapters are initialised from the run's seed: a fresh run is
-        // reproducible, a resumed one loads them.
-        tch::manual_seed(cfg.train.seed as i64);
-        let scores = match fake {
-            None => ScorePair::Lora(Box::new(
-                TeacherUNet::new(teacher, &LoraSpec::from(&cfg.method.lora))
-                    .map_err(teacher_err)?,
-            )),
-            Some(fake) => ScorePair::Unet(Box::new(FullFakeScore::new(teacher, fake))),
-        };
+        let teacher = UNet::load(folder, device).map_err(|e| teacher_err(e.into()))?;
+        let (scores, student) = score_networks(cfg, teacher, teacher_dir)?;
         let text = TextConditioner::load(folder, device)?;
         Ok::<_, TrainError>((scores, student, text))
     })?;
@@ -151,6 +126,67 @@ fn load_networks(
              (epsilon and v_prediction are)"
         )));
     }
+    let vsd = vsd_config(cfg, &schedule, device)?;
+    let sample_shape = sample_shape(cfg, folder, student.config.in_channels)?;
+    Ok(Networks {
+        text,
+        scores,
+        student,
+        schedule,
+        vsd,
+        sample_shape,
+    })
+}
+
+/// The score networks and the student from the teacher's UNet as loaded
+/// (float32): the student a copy, DMD2's fake score a float32 copy made
+/// before the teacher takes its storage dtype, the LoRA adapters drawn from
+/// the run's seed. Call it under [`with_generator`]. `swiftbrush plan`'s
+/// probe builds its networks here too, so it measures the trainer's.
+pub(crate) fn score_networks(
+    cfg: &JobConfig,
+    mut teacher: UNet,
+    teacher_dir: &str,
+) -> Result<(ScorePair, UNet), TrainError> {
+    let teacher_err = |source| TrainError::Teacher {
+        teacher: teacher_dir.to_owned(),
+        source,
+    };
+    let student = teacher.duplicate().map_err(|e| teacher_err(e.into()))?;
+    // DMD2's fake score: a float32 copy, made before the teacher takes
+    // its storage dtype.
+    let fake = match cfg.method.fake_score.kind {
+        FakeScore::Lora => None,
+        FakeScore::Unet => Some(teacher.duplicate().map_err(|e| teacher_err(e.into()))?),
+    };
+    // set_kind, not bfloat16()/half(): those convert the weights but
+    // leave the store's kind at float32, and UNet::predict casts its
+    // inputs to the store's kind (a bf16 teacher without autocast then
+    // fails with "mat1 and mat2 must have the same dtype").
+    match cfg.precision.teacher_dtype {
+        Dtype::Fp32 => {}
+        Dtype::Bf16 => teacher.vs.set_kind(tch::Kind::BFloat16),
+        Dtype::Fp16 => teacher.vs.set_kind(tch::Kind::Half),
+    }
+    // Adapters are initialised from the run's seed: a fresh run is
+    // reproducible, a resumed one loads them.
+    tch::manual_seed(cfg.train.seed as i64);
+    let scores = match fake {
+        None => ScorePair::Lora(Box::new(
+            TeacherUNet::new(teacher, &LoraSpec::from(&cfg.method.lora)).map_err(teacher_err)?,
+        )),
+        Some(fake) => ScorePair::Unet(Box::new(FullFakeScore::new(teacher, fake))),
+    };
+    Ok((scores, student))
+}
+
+/// The step's constants from the config, the teacher's schedule and the
+/// device (the trainer's and `swiftbrush plan`'s probe's).
+pub(crate) fn vsd_config(
+    cfg: &JobConfig,
+    schedule: &NoiseSchedule,
+    device: Device,
+) -> Result<VsdConfig, TrainError> {
     let m = &cfg.method;
     let student_alpha_bar = if m.student_alpha_bar_from_schedule {
         schedule.alpha_bar(i64::from(m.student_timestep))?
@@ -159,7 +195,7 @@ fn load_networks(
     };
     let teacher_autocast = crate::torch::precision::teacher_autocast(&cfg.precision, device)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
-    let vsd = VsdConfig {
+    Ok(VsdConfig {
         student_timestep: i64::from(m.student_timestep),
         student_alpha_bar,
         guidance_scale: m.guidance_scale,
@@ -174,24 +210,15 @@ fn load_networks(
             .train
             .gradient_checkpointing
             .then_some(cfg.train.recompute_rows),
-    };
-    let sample_shape = sample_shape(cfg, folder, &student)?;
-    Ok(Networks {
-        text,
-        scores,
-        student,
-        schedule,
-        vsd,
-        sample_shape,
     })
 }
 
 /// [C, h, w] of one sample: latents are resolution / 8 with SD's VAE (the
 /// VAE's scale factor in general), the pixels themselves without a VAE.
-fn sample_shape(
+pub(crate) fn sample_shape(
     cfg: &JobConfig,
     folder: &DiffusersFolder,
-    student: &UNet,
+    in_channels: i64,
 ) -> Result<[i64; 3], TrainError> {
     let scale = if folder.has("vae") {
         let vae = AutoencoderKLConfig::from_file(&folder.component("vae")?.config_path()?)?;
@@ -205,7 +232,7 @@ fn sample_shape(
             "model.resolution = {res} is not a multiple of the VAE's scale factor {scale}"
         )));
     }
-    Ok([student.config.in_channels, res / scale, res / scale])
+    Ok([in_channels, res / scale, res / scale])
 }
 
 /// The device a config asks for.

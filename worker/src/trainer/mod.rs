@@ -37,6 +37,7 @@ pub mod world;
 pub use checkpoint::Resume;
 pub use error::TrainError;
 pub use load::device_of;
+pub(crate) use load::{sample_shape, score_networks, vsd_config};
 pub use metrics::StepReport;
 pub use optimizers::Optimizers;
 pub use run::{Networks, StepDone, TrainSummary, Trainer};

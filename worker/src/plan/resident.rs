@@ -1,0 +1,161 @@
+//! What a worker holds for the whole run, counted exactly from the
+//! teacher folder's config.json files: the networks are built with
+//! `without_init` (variables backed by untouched memory, so even SD's
+//! UNet costs nothing resident) and their variables counted, the text
+//! encoder by transformers' formula (`CLIPTextConfig::num_params`). No
+//! weight file is read: a folder of config files plans as well as a full
+//! one.
+
+use serde::Serialize;
+use swiftbrush_proto::JobConfig;
+use swiftbrush_proto::config::{Dtype, FakeScore};
+use tch::{Device, nn};
+
+use super::PlanError;
+use crate::lora::{LoraSpec, attach_lora};
+use crate::models::clip::CLIPTextConfig;
+use crate::models::layers::without_init;
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::pipeline::DiffusersFolder;
+
+/// Element counts of the networks a run builds.
+#[derive(Debug, Clone)]
+pub struct Counts {
+    pub unet_config: UNet2DConditionConfig,
+    /// The UNet's parameters (teacher, student, DMD2's copy: each one).
+    pub unet: u64,
+    /// Elements of each UNet variable, sorted by name (the order the
+    /// optimizer's chunks take them in).
+    pub unet_tensors: Vec<u64>,
+    /// The LoRA adapters' parameters (method.lora on this UNet).
+    pub lora: u64,
+    pub lora_tensors: Vec<u64>,
+    pub text_encoder: u64,
+    /// The VAE, when the run loads it (train.sample_every_steps with a
+    /// latent-space teacher).
+    pub vae: Option<u64>,
+}
+
+/// Counts the networks of `folder` as `cfg` builds them.
+pub fn count(cfg: &JobConfig, folder: &DiffusersFolder) -> Result<Counts, PlanError> {
+    let unet_config = UNet2DConditionConfig::from_file(&folder.component("unet")?.config_path()?)?;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut model = without_init(|| UNet2DConditionModel::new(vs.root(), &unet_config))?;
+    let unet_tensors = sorted_numels(&vs);
+    // Adapters are small and drawn at once (A is Kaiming-uniform).
+    let lora = attach_lora(&mut model, &LoraSpec::from(&cfg.method.lora), Device::Cpu)?;
+    let lora_tensors: Vec<u64> = lora
+        .named_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() as u64)
+        .collect();
+    let text = CLIPTextConfig::from_file(&folder.component("text_encoder")?.config_path()?)?;
+    let samples = cfg.train.sample_every_steps > 0 && !cfg.train.sample_prompts.is_empty();
+    let vae = if samples && folder.has("vae") {
+        let vae_config = AutoencoderKLConfig::from_file(&folder.component("vae")?.config_path()?)?;
+        let vs = nn::VarStore::new(Device::Cpu);
+        without_init(|| AutoencoderKL::new(vs.root(), &vae_config))?;
+        Some(sorted_numels(&vs).iter().sum())
+    } else {
+        None
+    };
+    Ok(Counts {
+        unet_config,
+        unet: unet_tensors.iter().sum(),
+        unet_tensors,
+        lora: lora_tensors.iter().sum(),
+        lora_tensors,
+        text_encoder: text.num_params() as u64,
+        vae,
+    })
+}
+
+fn sorted_numels(vs: &nn::VarStore) -> Vec<u64> {
+    let mut v: Vec<(String, u64)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.numel() as u64))
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, n)| n).collect()
+}
+
+/// One resident part of a worker.
+#[derive(Debug, Clone, Serialize)]
+pub struct Part {
+    pub name: String,
+    pub elements: u64,
+    pub dtype: &'static str,
+    pub bytes: u64,
+}
+
+fn part(name: &str, elements: u64, dtype: Dtype) -> Part {
+    Part {
+        name: name.to_owned(),
+        elements,
+        dtype: dtype.name(),
+        bytes: elements * dtype_bytes(dtype),
+    }
+}
+
+pub fn dtype_bytes(d: Dtype) -> u64 {
+    match d {
+        Dtype::Fp32 => 4,
+        Dtype::Bf16 | Dtype::Fp16 => 2,
+    }
+}
+
+/// Every part a worker holds from its first step to its last (trainer/:
+/// `load.rs`, `optimizers.rs`, the EMA, `samples.rs`). Gradients are kept
+/// between steps (zeroed in place), Adam's moments exist from the start.
+pub fn parts(cfg: &JobConfig, c: &Counts) -> Vec<Part> {
+    let f32 = Dtype::Fp32;
+    let mut parts = vec![
+        part("teacher UNet", c.unet, cfg.precision.teacher_dtype),
+        part("text encoder", c.text_encoder, f32),
+    ];
+    if let Some(vae) = c.vae {
+        parts.push(part("VAE (train.sample_every_steps)", vae, f32));
+    }
+    parts.extend([
+        part("student", c.unet, f32),
+        part("student gradients", c.unet, f32),
+        part("student Adam exp_avg", c.unet, f32),
+        part("student Adam exp_avg_sq", c.unet, f32),
+    ]);
+    if cfg.method.ema.enabled {
+        parts.push(part("student EMA", c.unet, f32));
+    }
+    let (what, n) = match cfg.method.fake_score.kind {
+        FakeScore::Lora => ("LoRA adapters", c.lora),
+        FakeScore::Unet => ("fake score UNet (DMD2)", c.unet),
+    };
+    parts.extend([
+        part(what, n, f32),
+        part(&format!("{what} gradients"), n, f32),
+        part(&format!("{what} Adam exp_avg"), n, f32),
+        part(&format!("{what} Adam exp_avg_sq"), n, f32),
+    ]);
+    parts
+}
+
+/// The optimizer step's transient: the multi-tensor Adam
+/// (`csrc/foreach.cpp`) holds at most two temporary lists at once, each
+/// the size of its chunk (`torch::foreach::chunks` of CHUNK_BYTES, the
+/// split the optimizer makes), float32.
+pub fn optimizer_transient(cfg: &JobConfig, c: &Counts) -> u64 {
+    let largest_chunk = |numels: &[u64]| -> u64 {
+        let bytes: Vec<usize> = numels.iter().map(|n| (*n * 4) as usize).collect();
+        crate::torch::foreach::chunks(&bytes, crate::torch::foreach::CHUNK_BYTES)
+            .into_iter()
+            .map(|r| bytes[r].iter().sum::<usize>() as u64)
+            .max()
+            .unwrap_or(0)
+    };
+    let fake = match cfg.method.fake_score.kind {
+        FakeScore::Lora => largest_chunk(&c.lora_tensors),
+        FakeScore::Unet => largest_chunk(&c.unet_tensors),
+    };
+    2 * largest_chunk(&c.unet_tensors).max(fake)
+}

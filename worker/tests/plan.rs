@@ -1,0 +1,71 @@
+//! `swiftbrush plan`'s resident counts are exact: the elements it counts
+//! from the config.json files alone equal the tensors in the fixtures'
+//! weight files, for every fixture pipeline and for DMD2's fake score.
+
+mod common;
+
+use std::path::Path;
+
+use swiftbrush_proto::JobConfig;
+use swiftbrush_worker::pipeline::DiffusersFolder;
+use swiftbrush_worker::plan::resident;
+
+/// Elements of every tensor in a safetensors file, by reading its header.
+fn numel(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.tensors()
+        .iter()
+        // transformers' buffer, not a parameter (the loader drops it).
+        .filter(|(name, _)| !name.ends_with("position_ids"))
+        .map(|(_, info)| info.shape.iter().product::<usize>() as u64)
+        .sum()
+}
+
+fn config(teacher: &Path, fake_score: &str) -> JobConfig {
+    let yaml = format!(
+        "name: t\nmodel:\n  teacher: {}\n  resolution: 16\nmethod:\n  lora:\n    rank: 4\n    alpha: 8\n  fake_score:\n    kind: {fake_score}\n\
+         train:\n  global_batch: 2\n  sample_every_steps: 1\n  sample_prompts: [a]\n",
+        teacher.display()
+    );
+    JobConfig::from_yaml_str(&yaml, "test").unwrap()
+}
+
+#[test]
+fn counts_from_configs_equal_the_fixture_weight_files() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/toy-teacher");
+    for (kind, dir) in ["sd1", "sd2", "sd2v"]
+        .map(|k| (k, common::pipeline(k)))
+        .into_iter()
+        .chain([("toy", toy)])
+    {
+        let folder = DiffusersFolder::open(&dir).unwrap();
+        let c = resident::count(&config(&dir, "lora"), &folder).unwrap();
+        let unet = numel(&dir.join("unet/diffusion_pytorch_model.safetensors"));
+        let text = numel(&dir.join("text_encoder/model.safetensors"));
+        assert_eq!(c.unet, unet, "{kind}: UNet");
+        assert_eq!(c.text_encoder, text, "{kind}: text encoder");
+        let vae = dir.join("vae/diffusion_pytorch_model.safetensors");
+        assert_eq!(c.vae, vae.exists().then(|| numel(&vae)), "{kind}: VAE");
+        assert!(c.lora > 0, "{kind}: adapters");
+    }
+}
+
+#[test]
+fn resident_parts_take_their_dtypes_and_the_fake_score_form() {
+    let dir = common::pipeline("sd1");
+    let folder = DiffusersFolder::open(&dir).unwrap();
+    let mut cfg = config(&dir, "unet");
+    cfg.precision.teacher_dtype = swiftbrush_proto::config::Dtype::Bf16;
+    let c = resident::count(&cfg, &folder).unwrap();
+    let parts = resident::parts(&cfg, &c);
+    let bytes = |name: &str| parts.iter().find(|p| p.name == name).unwrap().bytes;
+    assert_eq!(bytes("teacher UNet"), 2 * c.unet);
+    assert_eq!(bytes("student"), 4 * c.unet);
+    // DMD2: a full float32 copy with its gradients and both moments.
+    assert_eq!(bytes("fake score UNet (DMD2) Adam exp_avg_sq"), 4 * c.unet);
+    let total: u64 = parts.iter().map(|p| p.bytes).sum();
+    let vae = 4 * c.vae.unwrap();
+    // teacher 2 + student, grads, m, v, EMA 4 each + copy, grads, m, v 4 each.
+    assert_eq!(total, (2 + 20 + 16) * c.unet + 4 * c.text_encoder + vae);
+}
