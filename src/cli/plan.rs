@@ -72,7 +72,6 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         checkpoint_chunk: args.checkpoint_chunk.unwrap_or(cfg.train.recompute_rows),
         student_autocast: cfg.precision.student_autocast,
         gradient_checkpointing: cfg.train.gradient_checkpointing,
-        ..PlanOptions::default()
     };
     let plan = plan(&cfg, &opts)?;
     if args.json {
