@@ -147,11 +147,14 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let cpu = probe.as_ref().and_then(|p| {
         let m = u64::from(cfg.train.micro_batch.unwrap_or(rank_batch).min(rank_batch));
         let (mut act, _) = step_peak(m, form(false, opts.gradient_checkpointing))?;
-        // The plain step run in order shows what the heap cannot reuse
-        // between passes (glibc); the checkpointed one is composed only.
+        // The plain step's passes run in order show what the heap cannot
+        // reuse between passes (glibc); the trainer's own step, measured
+        // as the config runs it (checkpointing included), what the
+        // composition leaves out.
         if !opts.gradient_checkpointing {
             act = act.max(p.passes.sequence_peak.at(m) + inputs(m));
         }
+        act = act.max(p.passes.step_peak.at(m) + inputs(m));
         let above = act.max(optimizer);
         Some(CpuPrediction {
             micro_batch: m as u32,

@@ -29,7 +29,10 @@ use crate::diffusion::{NoiseSchedule, SchedulerConfig, one_step_x0};
 use crate::models::unet_2d_condition_config::OneOrMany;
 use crate::pipeline::{DiffusersFolder, UNet};
 use crate::torch::precision::AutocastPlan;
-use crate::vsd::{FakeScore, ScorePair, Scores, VsdConfig, with_generator};
+use crate::vsd::{
+    Conditions, Draws, FakeScore, FakeScoreDraws, ScorePair, Scores, VsdConfig, VsdStep,
+    with_generator,
+};
 
 /// Bytes as fixed + rows x per_sample, from measurements at r and 2r rows
 /// (at r rows only: all of it per sample, which can only overestimate).
@@ -90,6 +93,11 @@ pub struct PassCosts {
     /// cannot reuse, which the passes measured one by one do not. The CPU
     /// prediction uses it.
     pub sequence_peak: Linear,
+    /// The trainer's own step (`VsdStep::run_on_device`, as the config
+    /// runs it: its score passes, autocast and recomputation) from a
+    /// trimmed heap. The CPU prediction uses the larger of it and the
+    /// composition.
+    pub step_peak: Linear,
 }
 
 /// What the probe measured.
@@ -200,6 +208,16 @@ pub fn run(
         None
     };
     let fit = |f: fn(&Sample) -> u64| Linear::fit(r as u64, f(&one), two.as_ref().map(f));
+    // The step with recomputation keeps a chunk's graph whatever the
+    // batch: measured below a chunk it would grow as the plain step does,
+    // so it is measured at a chunk (and two) at least.
+    let step_rows = vsd.recompute_rows.map_or(r, |c| r.max(i64::from(c)));
+    let step_one = nets.step(step_rows)?;
+    let step_two = if opts.probe_points >= 2 {
+        Some(nets.step(2 * step_rows)?)
+    } else {
+        None
+    };
     Ok(Probe {
         baseline,
         passes: PassCosts {
@@ -213,6 +231,7 @@ pub fn run(
             fake_graph: fit(|s| s.fake_forward.kept),
             fake_backward_peak: fit(|s| s.fake_backward.peak),
             sequence_peak: fit(|s| s.sequence.peak),
+            step_peak: Linear::fit(step_rows as u64, step_one.peak, step_two.map(|c| c.peak)),
         },
         rows: if two.is_some() {
             vec![r as u32, 2 * r as u32]
@@ -265,6 +284,39 @@ struct Nets<'a> {
 }
 
 impl Nets<'_> {
+    /// The trainer's own step (`VsdStep::run_on_device`, as the config
+    /// runs it) on fresh draws of `n` rows, from a trimmed heap.
+    fn step(&self, n: i64) -> Result<Cost, PlanError> {
+        let opts = (Kind::Float, Device::Cpu);
+        let [c, h, w] = self.shape;
+        let t = Tensor::f_randint_low(20, 981, [n], (Kind::Int64, Device::Cpu))?;
+        let draws = Draws {
+            z: Tensor::f_randn([n, c, h, w], opts)?,
+            t: t.shallow_clone(),
+            eps: Tensor::f_randn([n, c, h, w], opts)?,
+            fake: FakeScoreDraws {
+                t,
+                eps: Tensor::f_randn([n, c, h, w], opts)?,
+                null_condition: false,
+            },
+            guidance_scale: None,
+        };
+        let text = Conditions {
+            cond: Tensor::f_randn([n, 77, self.width], opts)?,
+            uncond: Tensor::f_randn([1, 77, self.width], opts)?,
+        };
+        let vsd_step = VsdStep {
+            student: self.student,
+            scores: self.scores,
+            schedule: self.schedule,
+            config: self.vsd,
+            loss_scales: None,
+        };
+        let (r, cost) = measure(|| vsd_step.run_on_device(&text, &draws, None).map(drop))?;
+        r.map_err(|e| PlanError::Invalid(format!("the probe's step failed: {e}")))?;
+        Ok(cost)
+    }
+
     fn sample(&self, n: i64) -> Result<Sample, PlanError> {
         let opts = (Kind::Float, Device::Cpu);
         let [c, h, w] = self.shape;
@@ -360,6 +412,7 @@ impl Nets<'_> {
             out.f_sub(&z)?.f_square()?.f_mean(Kind::Float)?.f_backward()
         })?;
         r?;
+
         Ok(Sample {
             sequence,
             student_no_grad,
