@@ -191,6 +191,7 @@ mod tests {
             fake_backward_peak: lin(0, 20),
             // Not part of the composition (the CPU prediction's alone).
             sequence_peak: lin(0, 1000),
+            step_peak: lin(0, 1000),
         }
     }
 
