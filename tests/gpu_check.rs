@@ -61,6 +61,10 @@ fn the_gpu_check_passes_its_dry_run_on_the_cpu() {
         "speed: ratio reference / swiftbrush",
         // precision.tf32 and precision.cudnn_benchmark parse and run.
         "speed: swiftbrush step with tf32 and cudnn_benchmark on",
+        // swiftbrush plan beside the measured peak, and the precision and
+        // memory matrix's keys (issue 23).
+        "plan: predicted peak vs measured",
+        "speed: autocast none, checkpointing on",
     ] {
         assert_eq!(status(name), "pass", "{name}\n{stdout}");
     }
