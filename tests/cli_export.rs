@@ -150,21 +150,27 @@ fn bench_vsd_step_reports_json() {
         .to_string();
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
     let dir = tempfile::tempdir().unwrap();
-    let out = swiftbrush(
-        dir.path(),
-        &[
-            "bench",
-            "vsd-step",
-            "--config",
-            config,
-            "--teacher",
-            &teacher,
-            "--steps",
-            "1",
-            "--json",
-        ],
-    );
-    let report: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    // One timed step of `bench vsd-step --json` with `extra` flags.
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let args = [
+            &[
+                "bench",
+                "vsd-step",
+                "--config",
+                config,
+                "--teacher",
+                &teacher,
+                "--steps",
+                "1",
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let out = swiftbrush(dir.path(), &args);
+        serde_json::from_str(&out).expect(&out)
+    };
+    let report = bench(&[]);
     assert_eq!(report["steps"], 1);
     assert_eq!(report["images_per_step"], 2);
     assert!(report["median_step_s"].as_f64().unwrap() > 0.0);
@@ -189,24 +195,7 @@ fn bench_vsd_step_reports_json() {
     assert_eq!(report["activations"], "kept");
     assert!(report["median_step_cpu_s"].as_f64().unwrap() > 0.0);
     // --gradient-checkpointing and --recompute-rows reach the step's config.
-    let out = swiftbrush(
-        dir.path(),
-        &[
-            "bench",
-            "vsd-step",
-            "--config",
-            config,
-            "--teacher",
-            &teacher,
-            "--steps",
-            "1",
-            "--json",
-            "--gradient-checkpointing",
-            "--recompute-rows",
-            "1",
-        ],
-    );
-    let report: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    let report = bench(&["--gradient-checkpointing", "--recompute-rows", "1"]);
     assert_eq!(report["activations"], "recomputed, 1 row at a time");
 }
 

@@ -9,14 +9,11 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::tiny_run;
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::{FakeScore, ScorePasses};
-use swiftbrush_worker::collective::TcpRing;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
 use tch::Tensor;
 
@@ -213,29 +210,13 @@ fn two_ranks_equal_one_rank_with_a_full_unet_fake_score() {
     two_ranks_equal_one_rank(FakeScore::Unet, "unet");
 }
 
-fn two_ranks_equal_one_rank(fake: FakeScore, tag: &str) {
+fn two_ranks_equal_one_rank(fake: FakeScore, tag: &'static str) {
     tch::set_num_threads(1);
     let single = train(&format!("memory://ddp-{tag}-single"), fake, SingleProcess);
 
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(r, l)| {
-            let addrs = addrs.clone();
-            let run_dir = format!("memory://ddp-{tag}-rank{r}");
-            std::thread::spawn(move || {
-                tch::set_num_threads(1);
-                let ring =
-                    TcpRing::connect(r as u64, &addrs, l, 0, Duration::from_secs(30)).unwrap();
-                train(&run_dir, fake, ring)
-            })
-        })
-        .collect();
-    let ranks: Vec<Run> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ranks: Vec<Run> = tiny_run::on_two_ranks(move |r, ring| {
+        train(&format!("memory://ddp-{tag}-rank{r}"), fake, ring)
+    });
 
     // Rank 0 equals one rank with the whole batch: the same averaged
     // gradients, the same student, to rounding.

@@ -11,14 +11,10 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
-
 use common::golden_vsd::{inputs, lora_spec, roles, schedule, vsd_config};
 use common::tiny_run::{self, equal, snapshot, student};
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::Autocast;
-use swiftbrush_worker::collective::TcpRing;
 use swiftbrush_worker::diffusion::PredictionType;
 use swiftbrush_worker::optim::{defined_grads, grad_norm};
 use swiftbrush_worker::torch::host_read;
@@ -177,31 +173,16 @@ fn a_resume_across_a_skipped_step_continues_bit_for_bit() {
 fn one_ranks_overflow_skips_the_step_on_every_rank() {
     tch::set_num_threads(1);
     let captions = ["a red circle", "a photo of a cat", "a blue square", "a dog"];
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(r, l)| {
-            let addrs = addrs.clone();
-            std::thread::spawn(move || {
-                tch::set_num_threads(1);
-                let ring =
-                    TcpRing::connect(r as u64, &addrs, l, 0, Duration::from_secs(30)).unwrap();
-                // Only rank 1's student gradients overflow.
-                let sync = Overflow::at(ring, (r == 1).then_some(0));
-                let dir = format!("memory://ls-ranks-{r}");
-                let mut t = tiny_run::trainer_with(config(&dir, 1), &captions, sync);
-                let before = student(&t);
-                t.train_step(0).unwrap();
-                (equal(&student(&t), &before), scalers(&t))
-            })
-        })
-        .collect();
-    for (rank, h) in handles.into_iter().enumerate() {
-        let (unmoved, scalers) = h.join().unwrap();
+    let ranks = tiny_run::on_two_ranks(move |r, ring| {
+        // Only rank 1's student gradients overflow.
+        let sync = Overflow::at(ring, (r == 1).then_some(0));
+        let dir = format!("memory://ls-ranks-{r}");
+        let mut t = tiny_run::trainer_with(config(&dir, 1), &captions, sync);
+        let before = student(&t);
+        t.train_step(0).unwrap();
+        (equal(&student(&t), &before), scalers(&t))
+    });
+    for (rank, (unmoved, scalers)) in ranks.into_iter().enumerate() {
         assert!(unmoved, "rank {rank}'s student stepped");
         assert_eq!(
             scalers,

@@ -2,12 +2,42 @@
 //! the tests that train a few steps in-process (lora_updates.rs,
 //! fake_score.rs, ddp.rs), and how they compare weights.
 
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::FakeScore;
+use swiftbrush_worker::collective::TcpRing;
 use swiftbrush_worker::trainer::caption_feed::LocalCaptionFeed;
 use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
 use swiftbrush_worker::trainer::{Resume, SoloTrainer, TrainError};
 use tch::{Device, Tensor};
+
+/// `f(rank, ring)` on each of two ranks joined by a TCP ring on loopback,
+/// each in its own thread with one libtorch thread; their results in rank
+/// order.
+pub fn on_two_ranks<T: Send + 'static>(
+    f: impl Fn(usize, TcpRing) -> T + Send + Clone + 'static,
+) -> Vec<T> {
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let (addrs, f) = (addrs.clone(), f.clone());
+            std::thread::spawn(move || {
+                tch::set_num_threads(1);
+                let ring =
+                    TcpRing::connect(r as u64, &addrs, l, 0, Duration::from_secs(30)).unwrap();
+                f(r, ring)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
 
 /// configs/tiny.yaml on the sd1 fixture: global batch 2, `max_steps`,
 /// a checkpoint every step into `run_dir`.
