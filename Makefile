@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-REQS := requirements-torch.txt tests/reference/requirements.txt tests/reference/constraints.txt
+REQS := requirements-torch.txt tests/reference/requirements.txt tests/reference/constraints.txt \
+	tests/captions/requirements.txt
 FIXTURES := target/fixtures
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
@@ -23,7 +24,7 @@ $(STAMP): $(REQS)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check \
 		-r requirements-torch.txt -r tests/reference/requirements.txt \
-		-c tests/reference/constraints.txt
+		-r tests/captions/requirements.txt -c tests/reference/constraints.txt
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0
 	ln -sfn "$$($(VPY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
 	@touch $@

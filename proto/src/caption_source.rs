@@ -148,6 +148,43 @@ pub fn parse_captions(
     Ok(out)
 }
 
+/// One caption held whole by a record (a Parquet value, a WebDataset
+/// `.txt` member), with the rules of a `.txt` line: invalid UTF-8 and blank
+/// text are skipped and counted, surrounding whitespace trimmed, long text
+/// cut and counted.
+pub fn text_caption(raw: &[u8], stats: &mut SkipStats) -> Option<String> {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        stats.invalid_utf8 += 1;
+        return None;
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        stats.blank += 1;
+        return None;
+    }
+    Some(bounded(text.to_owned(), stats))
+}
+
+/// One caption held by a JSON document (a WebDataset `.json` member), with
+/// the rules of a `.jsonl` line (`field`, else `caption` then `prompt`).
+pub fn json_caption(raw: &[u8], field: Option<&str>, stats: &mut SkipStats) -> Option<String> {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        stats.invalid_utf8 += 1;
+        return None;
+    };
+    match jsonl_caption(text.trim(), field) {
+        Ok(caption) => Some(bounded(caption, stats)),
+        Err(JsonlSkip::BadJson) => {
+            stats.bad_json += 1;
+            None
+        }
+        Err(JsonlSkip::NoField) => {
+            stats.missing_field += 1;
+            None
+        }
+    }
+}
+
 /// The caption cut to at most [`MAX_CAPTION_BYTES`], at a character
 /// boundary, and counted when cut.
 fn bounded(mut caption: String, stats: &mut SkipStats) -> String {

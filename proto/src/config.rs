@@ -275,11 +275,18 @@ impl Default for EmaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Paths or object-store URLs: `.txt` (one caption a line) or `.jsonl`.
+    /// Paths or object-store URLs: `.txt` (one caption a line), `.jsonl`,
+    /// `.parquet` (one text column) or WebDataset `.tar` shards (each
+    /// sample's `.txt` member, else its `.json`).
     pub captions: Vec<String>,
-    /// The JSONL field holding the caption; when unset, `caption` then
-    /// `prompt` are tried.
+    /// The JSONL field holding the caption (also in a WebDataset sample's
+    /// `.json`); when unset, `caption` then `prompt` are tried.
     pub jsonl_field: Option<String>,
+    /// The Parquet column holding the caption; when unset, `caption`,
+    /// `prompt` then `text` are tried. Left out of the serialized config
+    /// when unset, so configs without Parquet keep their fingerprint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_column: Option<String>,
     /// Shuffle captions per epoch (a permutation seeded by train.seed and the
     /// epoch).
     pub shuffle: bool,
@@ -290,6 +297,7 @@ impl Default for DataConfig {
         Self {
             captions: Vec::new(),
             jsonl_field: None,
+            text_column: None,
             shuffle: true,
         }
     }

@@ -231,6 +231,15 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
             });
         }
     }
+    if let Some(column) = &c.data.text_column {
+        check(
+            &mut p,
+            !column.trim().is_empty(),
+            "data.text_column",
+            format!("{column:?}"),
+            "the name of a Parquet column holding the captions",
+        );
+    }
     // One step's captions for one rank must fit one GetCaptions reply.
     if w.min_size >= 1 {
         let per_rank = t.global_batch / w.min_size;

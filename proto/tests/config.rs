@@ -486,3 +486,22 @@ fn tf32_and_cudnn_benchmark_default_off_and_only_tf32_changes_training() {
     assert_eq!(bench.training_changes_from(&c), vec![]);
     assert_eq!(bench.fingerprint(), c.fingerprint());
 }
+
+#[test]
+fn data_text_column_is_left_out_when_unset_and_counts_when_set() {
+    // Unset, the serialized config (and so every existing run's
+    // fingerprint) holds no trace of the key.
+    let a = parse(TEACHER).unwrap();
+    assert!(!serde_json::to_string(&a).unwrap().contains("text_column"));
+    let b = parse(&format!("{TEACHER}data:\n  text_column: caption_en\n")).unwrap();
+    assert_eq!(b.data.text_column.as_deref(), Some("caption_en"));
+    assert_ne!(a.fingerprint(), b.fingerprint());
+    let changes: Vec<String> = b
+        .training_changes_from(&a)
+        .iter()
+        .map(|c| c.key.clone())
+        .collect();
+    assert_eq!(changes, ["data.text_column"]);
+    let e = err(&format!("{TEACHER}data:\n  text_column: \"  \"\n"));
+    assert!(e.contains("data.text_column"), "{e}");
+}

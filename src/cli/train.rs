@@ -21,7 +21,8 @@ pub struct TrainArgs {
     /// The teacher's diffusers folder (overrides model.teacher).
     #[arg(long)]
     teacher: Option<String>,
-    /// Caption files, .txt or .jsonl, paths or object-store URLs; repeat
+    /// Caption files (.txt, .jsonl, .parquet or WebDataset .tar shards),
+    /// paths or object-store URLs; repeat
     /// for several (overrides data.captions).
     #[arg(long = "captions")]
     captions: Vec<String>,

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 pub use captions::{MAX_CAPTION_REPLY_BYTES, StepCaptions};
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use commit::Committed;
-pub use corpus::{CaptionCorpus, CorpusError};
+pub use corpus::{CaptionCorpus, CaptionFields, CorpusError};
 pub use error::AppError;
 pub use submit::{JobInfo, Submitted};
 pub use waiting::MAX_WAIT;

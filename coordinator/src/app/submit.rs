@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use swiftbrush_proto::JobConfig;
 
-use super::corpus::CaptionCorpus;
+use super::corpus::{CaptionCorpus, CaptionFields};
 use super::error::AppError;
 use super::{Coordinator, JobData};
 use crate::domain::{CoreError, JobSpec};
@@ -56,8 +56,11 @@ impl Coordinator {
         })?;
         let store = self.store().clone();
         config.checkpoint.run_dir = store.name().to_owned();
-        let corpus =
-            CaptionCorpus::load(&config.data.captions, config.data.jsonl_field.as_deref()).await?;
+        let fields = CaptionFields {
+            jsonl_field: config.data.jsonl_field.clone(),
+            text_column: config.data.text_column.clone(),
+        };
+        let corpus = CaptionCorpus::load(&config.data.captions, &fields).await?;
         if corpus.skipped.any() {
             tracing::warn!(
                 "caption lines skipped or cut: {}",

@@ -50,7 +50,9 @@ impl From<AppError> for Status {
                 ConfigError::Read { .. } => Status::failed_precondition(message),
             },
             AppError::Captions(captions) => match captions {
-                CorpusError::NoSources | CorpusError::Parse(_) => Status::invalid_argument(message),
+                CorpusError::NoSources | CorpusError::UnknownFormat(_) | CorpusError::Parse(_) => {
+                    Status::invalid_argument(message)
+                }
                 CorpusError::Read { .. } => Status::failed_precondition(message),
             },
             AppError::Store(store) => match store {
