@@ -13,7 +13,7 @@ REQS := requirements-torch.txt tests/reference/requirements.txt tests/reference/
 FIXTURES := target/fixtures
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all venv build release fixtures test lint check-deps demo clean-fixtures gpu-bundle bench-vs-reference
+.PHONY: all venv build release fixtures chromium test lint check-deps demo clean-fixtures gpu-bundle bench-vs-reference
 
 all: build
 
@@ -40,6 +40,12 @@ release: $(STAMP)
 fixtures: $(STAMP)
 	@$(VPY) tests/reference/build_all.py --root $(FIXTURES)
 
+# Headless Chromium for the status page's browser test (tests/status_page.rs),
+# unpacked from Debian's packages into target/chromium without root; where
+# that cannot work the script says why and the test skips, naming it.
+chromium:
+	@scripts/fetch-chromium target/chromium
+
 check-deps:
 	@if cargo tree -p swiftbrush-coordinator -e normal,build | grep -E '\b(tch|torch-sys)\b'; then \
 		echo "error: swiftbrush-coordinator must not depend on libtorch"; exit 1; \
@@ -55,7 +61,7 @@ lint: $(STAMP)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-test: $(STAMP) fixtures check-deps lint
+test: $(STAMP) fixtures chromium check-deps lint
 ifeq ($(NEXTEST),yes)
 	cargo nextest run --workspace --no-fail-fast
 else

@@ -11,6 +11,7 @@ mod commit;
 mod corpus;
 mod error;
 mod lease;
+mod loss_history;
 mod submit;
 mod waiting;
 
@@ -26,6 +27,7 @@ pub use clock::{Clock, ManualClock, TokioClock};
 pub use commit::Committed;
 pub use corpus::{CaptionCorpus, CaptionFields, CorpusError};
 pub use error::AppError;
+pub use loss_history::{LossHistory, LossPoint, LossSeries};
 pub use submit::{JobInfo, Submitted};
 pub use waiting::MAX_WAIT;
 
@@ -56,6 +58,8 @@ struct Inner {
     lease: tokio::sync::Mutex<Option<RunLease>>,
     /// The holder that took the lease, once it is lost.
     lease_lost: watch::Sender<Option<LeaseHolder>>,
+    /// The losses heartbeats reported, for the status page's curves.
+    history: Mutex<LossHistory>,
 }
 
 /// The coordinator: cheap to clone, every clone is the same coordinator.
@@ -85,6 +89,7 @@ impl Coordinator {
                 shutting_down: AtomicBool::new(false),
                 lease: tokio::sync::Mutex::new(None),
                 lease_lost: watch::channel(None).0,
+                history: Mutex::new(LossHistory::default()),
             }),
         }
     }
@@ -219,7 +224,23 @@ impl Coordinator {
     }
 
     pub fn heartbeat(&self, input: HeartbeatInput) -> Result<HeartbeatAck, AppError> {
-        Ok(self.transition(|s, now| s.heartbeat(input, now))?)
+        let (worker, step, metrics) = (input.worker, input.step, input.metrics);
+        let ack = self.transition(|s, now| s.heartbeat(input, now))?;
+        self.inner
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(worker, step, &metrics);
+        Ok(ack)
+    }
+
+    /// Each worker's reported losses since this coordinator started.
+    pub fn loss_history(&self) -> Vec<LossSeries> {
+        self.inner
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .series()
     }
 
     pub fn leave(&self, worker: WorkerId, reason: String) -> Result<(), AppError> {
