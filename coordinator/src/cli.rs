@@ -23,7 +23,8 @@ pub struct CoordinatorArgs {
     /// (with TLS, or on a private network) to serve a cluster.
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// HTTP address for /metrics, /status, /healthz and /readyz (off if unset).
+    /// HTTP address for the status page (/), /metrics, /status, /healthz and
+    /// /readyz (off if unset).
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// The run directory: a local path, file://, s3://, gs:// or memory://.

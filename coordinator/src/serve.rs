@@ -47,7 +47,8 @@ impl std::fmt::Debug for TlsOptions {
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub listen: SocketAddr,
-    /// The HTTP side (/metrics, /status, /healthz, /readyz); none if unset.
+    /// The HTTP side (the status page /, /metrics, /status, /history,
+    /// /healthz, /readyz); none if unset.
     pub http_listen: Option<SocketAddr>,
     /// The run directory (local path, file://, s3://, gs://, memory://).
     pub store_url: String,
