@@ -276,3 +276,44 @@ fn parquet_and_webdataset_from_s3() {
     .unwrap_err();
     assert!(e.contains("absent.parquet"), "{e}");
 }
+
+/// A submitted job reads its Parquet column from `data.text_column` and
+/// its WebDataset .json field from `data.jsonl_field`.
+#[test]
+fn a_submitted_job_takes_its_columns_from_the_config() {
+    use std::sync::Arc;
+    use swiftbrush_coordinator::app::{Coordinator, TokioClock};
+    use swiftbrush_coordinator::domain::CoreOptions;
+
+    let dir = caption_files();
+    let submit = |data: &str| {
+        runtime().block_on(async {
+            let store =
+                AsyncRunStore::open(&source(dir.path(), &format!("run-{}", data.len()))).unwrap();
+            let app = Coordinator::new(CoreOptions::default(), store, Arc::new(TokioClock::new()));
+            let yaml = format!("name: sources\nmodel: {{teacher: /models/sd}}\ndata: {data}\n");
+            app.submit_yaml(&yaml)
+                .await
+                .map(|s| s.num_captions)
+                .map_err(|e| e.to_string())
+        })
+    };
+    let prompts = source(dir.path(), "prompts.parquet");
+    let shard = source(dir.path(), "shard-000000.tar");
+    assert_eq!(
+        submit(&format!("{{captions: [{prompts}, {shard}]}}")),
+        Ok(2 + 5)
+    );
+    // `text` exists in prompts.parquet; `alt` in one .json of the shard.
+    assert_eq!(
+        submit(&format!(
+            "{{captions: [{prompts}, {shard}], text_column: text, jsonl_field: alt}}"
+        )),
+        Ok(2 + 4)
+    );
+    let e = submit(&format!("{{captions: [{prompts}], text_column: title}}")).unwrap_err();
+    assert!(
+        e.contains("data.text_column") && e.contains("prompts.parquet"),
+        "{e}"
+    );
+}
