@@ -221,10 +221,23 @@ precision: {{teacher_dtype: fp32, autocast: none}}
     let dom = render(&browser, &url, profile.path());
     assert!(dom.contains("<h1 id=\"job\">page-test</h1>"), "{dom}");
     assert!(dom.contains(">running</span>"), "the phase: {dom}");
+    let status = status_json(&coordinator.http);
     let mut ranks = Vec::new();
     for host in ["host-a", "host-b"] {
         let row = worker_row(&dom, host).unwrap_or_else(|| panic!("no row for {host}: {dom}"));
         assert!(row.contains("data-health=\"alive\""), "{row}");
+        // Named as the coordinator names it: all 64 bits of the id.
+        let id = status["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["host"] == host)
+            .and_then(|w| w["worker"].as_u64())
+            .unwrap();
+        assert!(
+            row.contains(&format!("data-worker=\"w{id:x}\"")),
+            "w{id:x}: {row}"
+        );
         let rank = row
             .split("data-rank=\"")
             .nth(1)

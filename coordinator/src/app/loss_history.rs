@@ -29,14 +29,19 @@ pub struct LossHistory {
 
 impl LossHistory {
     /// Records a heartbeat's losses once per step (a worker repeats its
-    /// newest step's metrics until it finishes the next one).
+    /// newest step's metrics until it finishes the next one). A step below
+    /// the newest one means the world went back to an older checkpoint:
+    /// the points past it were not kept by the run and are dropped.
     pub fn record(&mut self, worker: WorkerId, step: u64, metrics: &StepMetrics) {
         if step == 0 {
             return;
         }
         let points = self.series.entry(worker).or_default();
-        if points.last().is_some_and(|&(last, _, _)| last >= step) {
+        if points.last().is_some_and(|&(last, _, _)| last == step) {
             return;
+        }
+        while points.last().is_some_and(|&(last, _, _)| last >= step) {
+            points.pop();
         }
         points.push((step, metrics.loss_vsd, metrics.loss_fake_score));
         if points.len() > MAX_POINTS {
@@ -79,6 +84,10 @@ mod tests {
         h.record(WorkerId(1), 1, &metrics(2.0));
         h.record(WorkerId(1), 2, &metrics(3.0));
         assert_eq!(h.series()[0].points, [(1, 1.0, -1.0), (2, 3.0, -3.0)]);
+        // Back to step 1's checkpoint: step 2 is trained again.
+        h.record(WorkerId(1), 3, &metrics(4.0));
+        h.record(WorkerId(1), 2, &metrics(5.0));
+        assert_eq!(h.series()[0].points, [(1, 1.0, -1.0), (2, 5.0, -5.0)]);
         for step in 3..=(MAX_POINTS as u64 + 1) {
             h.record(WorkerId(1), step, &metrics(step as f64));
         }
