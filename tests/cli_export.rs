@@ -461,6 +461,35 @@ fn a_four_step_student_exports_for_diffusers_stock_pipeline() {
             "diffusers' stock call with {steps}: {gap:e}"
         );
     }
+    // `eval clip-score` draws the student as `sample` does: all four steps
+    // by default (the score of run.safetensors), one with --steps 1.
+    let clip = common::fixtures().join("clip_model");
+    let score = |steps: &[&str]| {
+        let mut args = vec!["eval", "clip-score", "--clip", clip.to_str().unwrap()];
+        args.extend([
+            "--student",
+            "run",
+            "--prompt",
+            prompt,
+            "--seed",
+            "3",
+            "--json",
+        ]);
+        args.extend(steps);
+        let report: serde_json::Value = serde_json::from_str(&swiftbrush(d, &args)).unwrap();
+        report["clip_score"].as_f64().unwrap()
+    };
+    let scorer = swiftbrush_worker::eval::ClipScorer::load(&clip, tch::Device::Cpu).unwrap();
+    let want = scorer
+        .scores(&ours, &[prompt.to_owned()])
+        .unwrap()
+        .double_value(&[0]);
+    let (four, one) = (score(&[]), score(&["--steps", "1"]));
+    assert!((four - want).abs() <= 1e-5, "clip-score {four} vs {want}");
+    assert!(
+        (one - want).abs() > 1e-4,
+        "--steps 1 scored the four-step picture"
+    );
 }
 
 /// `bench coordinator` drives a real coordinator process with real gRPC

@@ -506,8 +506,13 @@ fn student_timesteps_descend_from_the_student_timestep_and_change_training() {
         assert!(e.contains("method.student_timesteps"), "{bad}: {e}");
         assert!(e.contains("descending"), "{bad}: {e}");
     }
-    let e = err(&format!("{TEACHER}method:\n  student_timesteps: [900, 500]\n"));
-    assert!(e.contains("starting at method.student_timestep (999)"), "{e}");
+    let e = err(&format!(
+        "{TEACHER}method:\n  student_timesteps: [900, 500]\n"
+    ));
+    assert!(
+        e.contains("starting at method.student_timestep (999)"),
+        "{e}"
+    );
     let e = err(&format!(
         "{TEACHER}method:\n  student_timesteps: [999, 499]\ntrain:\n  gradient_checkpointing: true\n"
     ));

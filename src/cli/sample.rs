@@ -1,5 +1,5 @@
 //! `swiftbrush sample`: images from a teacher (DDIM with guidance) or a
-//! one-step student.
+//! trained student (one step, or a few-step student's chain).
 
 use std::path::PathBuf;
 
@@ -34,7 +34,7 @@ pub struct DrawArgs {
     /// classifier-free guidance as diffusers' StableDiffusionPipeline does.
     #[arg(long, value_name = "DIR")]
     teacher: Option<PathBuf>,
-    /// A trained one-step student: a run directory (its newest valid
+    /// A trained student (one step, or the K steps it was trained for): a run directory (its newest valid
     /// checkpoint, EMA weights), RUN/checkpoints/step-N, or a folder written
     /// by `export --pipeline`. Text encoder, tokenizer and VAE come from the
     /// teacher the run recorded (or the exported folder).

@@ -141,6 +141,11 @@ impl ToySampler {
         self.one_step.is_some()
     }
 
+    /// How many passes a student draws with (1 for a teacher's sampler).
+    pub fn student_steps(&self) -> usize {
+        self.chain.as_ref().map_or(1, |c| c.len())
+    }
+
     /// Draws `samples_per_caption` images of each caption (samples of one
     /// caption together, captions in the order given).
     pub fn sample(&self, captions: &[Caption], opts: &SampleOptions) -> Result<Samples, ToyError> {
