@@ -6,12 +6,13 @@
 //!
 //! Step 0 reads the output with the run's constant A (SPEC step 1, as the
 //! one-step draw does); later steps with the schedule's abar_{t_j}. This is
-//! the chain diffusers' LCMScheduler draws (README, "Exporting"), up to its
-//! boundary scalings and the first step's abar.
+//! the chain diffusers' LCMScheduler draws (README, "Few-step students";
+//! `export_scheduler.rs` sets its boundary scaling and first abar).
 //!
 //! The one-step student (K = 1) never comes here: it keeps `one_step.rs`,
-//! so its arithmetic is today's. A chain of one step computes the same
-//! numbers (`tests`, below), but through a per-sample abar tensor.
+//! so its arithmetic is today's. Step 0 of a chain computes the same
+//! numbers bit for bit (worker/tests/few_step.rs), through a per-sample
+//! abar tensor.
 
 use tch::{Kind, TchError, Tensor};
 

@@ -1,9 +1,10 @@
 //! Noise schedules, samplers and guidance (diffusers-compatible): the DDPM
 //! schedule, the forward process and the conversions between epsilon, v and
 //! x0 ([`schedule`]), the DDIM sampler ([`ddim`]), the student's one-step
-//! draw ([`one_step`]), a few-step student's chain ([`few_step`]), classifier-free guidance ([`guidance`]) and the
-//! seeded initial noise of sampling ([`latents`]). Each formula lives here
-//! once; the VSD step calls them.
+//! draw ([`one_step`]), a few-step student's chain ([`few_step`]),
+//! classifier-free guidance ([`guidance`]) and the seeded initial noise of
+//! sampling ([`latents`]). Each formula lives here once; the VSD step calls
+//! them.
 
 pub mod ddim;
 pub mod few_step;
