@@ -76,11 +76,13 @@ endif
 # The toy world end to end on the CPU (docs/TOYWORLD.md): the committed toy
 # teacher (or, without it, one trained here: about two hours on 2 cores), SwiftBrush
 # distillation on the 54 captions through `swiftbrush train`
-# (configs/toy.yaml), then runs/demo/compare.png and runs/demo/report.md.
+# (configs/toy.yaml; and a four-step student, configs/toy-few-step.yaml),
+# then runs/demo/compare.png and runs/demo/report.md.
 TOY_TEACHER := assets/toy-teacher
 demo: $(STAMP)
 	cargo build --release --bin swiftbrush
 	target/release/swiftbrush toy demo --out runs/demo --config configs/toy.yaml \
+		--few-step-config configs/toy-few-step.yaml \
 		$(if $(wildcard $(TOY_TEACHER)/model_index.json),--teacher $(TOY_TEACHER))
 
 # swiftbrush's training step beside the same step in PyTorch + diffusers +

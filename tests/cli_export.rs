@@ -30,19 +30,40 @@ fn check(args: &[&str]) -> String {
 }
 
 fn trained_run() -> tempfile::TempDir {
+    trained_run_of(None)
+}
+
+/// Two steps of configs/tiny.yaml, with `method.student_timesteps` when
+/// given.
+fn trained_run_of(student_timesteps: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("c.txt"), "a red circle\na photo of a cat\n").unwrap();
     let teacher = common::fixtures()
         .join("pipelines/sd1")
         .display()
         .to_string();
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
+    let tiny = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
+    let config = match student_timesteps {
+        None => tiny.to_owned(),
+        Some(steps) => {
+            let text = std::fs::read_to_string(tiny).unwrap();
+            let with = text.replacen(
+                "method:\n",
+                &format!("method:\n  student_timesteps: {steps}\n"),
+                1,
+            );
+            assert!(with != text, "configs/tiny.yaml has no method section");
+            let path = dir.path().join("steps.yaml");
+            std::fs::write(&path, with).unwrap();
+            path.display().to_string()
+        }
+    };
     swiftbrush(
         dir.path(),
         &[
             "train",
             "--config",
-            config,
+            &config,
             "--teacher",
             &teacher,
             "--captions",
@@ -338,6 +359,137 @@ fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
         diff(&ours, &reference)
     );
     assert_eq!(diff(&ours, &exported), 0.0);
+    // Issue 26: diffusers' stock pipeline draws it with a plain call on the
+    // exported LCMScheduler (num_inference_steps=1, guidance_scale=0).
+    let stock = check(&[
+        "stock",
+        &d.join("pipe").display().to_string(),
+        prompt,
+        "0",
+        &d.join("stock.safetensors").display().to_string(),
+        "1",
+        &latents,
+    ]);
+    assert!(stock.contains(r#""timesteps": [999]"#), "{stock}");
+    let stock = read("stock.safetensors");
+    let gap = diff(&ours, &stock);
+    eprintln!("stock one step: {gap:e} (bound {STOCK_BOUND:e})");
+    assert!(gap <= STOCK_BOUND, "diffusers' stock call: {gap:e}");
+}
+
+/// How far diffusers' stock pipeline (LCMScheduler as exported) may draw
+/// from ours, on [0, 1] pictures: measured 0 (bit for bit) on the sd1
+/// fixture, one CPU thread each. The first step's A (0.0047) read as the
+/// schedule's 0.004660, i.e. the export without its moved beta_999, moves
+/// the four-step picture by 1.2e-3; another seed's picture is 1.0 away.
+const STOCK_BOUND: f64 = 1e-4;
+
+/// Issue 26: a four-step student samples its chain from the run and from
+/// its export alike, and diffusers' stock pipeline draws the same picture
+/// from the same seed with a plain call (`num_inference_steps=4`, or its
+/// timesteps), within STOCK_BOUND.
+#[test]
+fn a_four_step_student_exports_for_diffusers_stock_pipeline() {
+    let dir = trained_run_of(Some("[999, 749, 499, 249]"));
+    let d = dir.path();
+    let prompt = "a red circle on a white background";
+    let sample = |student: &str, seed: &str, out: &str| {
+        swiftbrush(
+            d,
+            &[
+                "sample",
+                "--student",
+                student,
+                "--prompt",
+                prompt,
+                "--seed",
+                seed,
+                "--raw-out",
+                out,
+            ],
+        )
+    };
+    sample("run", "3", "run.safetensors");
+    swiftbrush(
+        d,
+        &["export", "--student", "run", "--out", "pipe", "--pipeline"],
+    );
+    let json = |path: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join(path)).unwrap()).unwrap()
+    };
+    let one_step = json("pipe/swiftbrush.json");
+    assert_eq!(
+        one_step["student_timesteps"],
+        serde_json::json!([999, 749, 499, 249])
+    );
+    let scheduler = json("pipe/scheduler/scheduler_config.json");
+    assert_eq!(scheduler["_class_name"], "LCMScheduler", "{scheduler}");
+    assert_eq!(scheduler["original_inference_steps"], 4, "{scheduler}");
+    assert_eq!(
+        json("pipe/model_index.json")["scheduler"][1],
+        "LCMScheduler"
+    );
+    sample("pipe", "3", "pipe.safetensors");
+    sample("run", "4", "seed4.safetensors");
+
+    let read = |name: &str| {
+        let mut t = tch::Tensor::read_safetensors(d.join(name)).unwrap();
+        t.remove(0).1
+    };
+    let diff = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+    let ours = read("run.safetensors");
+    assert_eq!(diff(&ours, &read("pipe.safetensors")), 0.0);
+    assert!(
+        diff(&ours, &read("seed4.safetensors")) > 0.1,
+        "the seed draws nothing"
+    );
+    let pipe = d.join("pipe").display().to_string();
+    for (steps, name) in [
+        ("4", "stock.safetensors"),
+        ("999,749,499,249", "listed.safetensors"),
+    ] {
+        let out = d.join(name).display().to_string();
+        let said = check(&["stock", &pipe, prompt, "3", &out, steps]);
+        assert!(
+            said.contains(r#""timesteps": [999, 749, 499, 249]"#),
+            "{said}"
+        );
+        let gap = diff(&ours, &read(name));
+        eprintln!("stock four steps ({steps}): {gap:e} (bound {STOCK_BOUND:e})");
+        assert!(
+            gap <= STOCK_BOUND,
+            "diffusers' stock call with {steps}: {gap:e}"
+        );
+    }
+    // `eval clip-score` draws the student as `sample` does: all four steps
+    // by default (the score of run.safetensors), one with --steps 1.
+    let clip = common::fixtures().join("clip_model");
+    let score = |steps: &[&str]| {
+        let mut args = vec!["eval", "clip-score", "--clip", clip.to_str().unwrap()];
+        args.extend([
+            "--student",
+            "run",
+            "--prompt",
+            prompt,
+            "--seed",
+            "3",
+            "--json",
+        ]);
+        args.extend(steps);
+        let report: serde_json::Value = serde_json::from_str(&swiftbrush(d, &args)).unwrap();
+        report["clip_score"].as_f64().unwrap()
+    };
+    let scorer = swiftbrush_worker::eval::ClipScorer::load(&clip, tch::Device::Cpu).unwrap();
+    let want = scorer
+        .scores(&ours, &[prompt.to_owned()])
+        .unwrap()
+        .double_value(&[0]);
+    let (four, one) = (score(&[]), score(&["--steps", "1"]));
+    assert!((four - want).abs() <= 1e-5, "clip-score {four} vs {want}");
+    assert!(
+        (one - want).abs() > 1e-4,
+        "--steps 1 scored the four-step picture"
+    );
 }
 
 /// `bench coordinator` drives a real coordinator process with real gRPC

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 const TOY_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/toy.yaml");
+const TOY_FEW_STEP_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/toy-few-step.yaml");
 
 fn swiftbrush(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
@@ -69,6 +70,8 @@ fn demo_runs_end_to_end_on_a_briefly_trained_teacher() {
             "demo",
             "--config",
             TOY_CONFIG,
+            "--few-step-config",
+            TOY_FEW_STEP_CONFIG,
             "--teacher",
             "teacher",
             "--samples-per-caption",
@@ -99,10 +102,13 @@ fn demo_runs_end_to_end_on_a_briefly_trained_teacher() {
         assert!(demo.join("teacher").join(part).exists(), "teacher/{part}");
     }
     assert!(!demo.join("teacher/checkpoints").exists());
-    assert!(
-        demo.join("student/checkpoints/step-00000002/manifest.json")
-            .is_file()
-    );
+    for student in ["student", "student-few-step"] {
+        let manifest = demo
+            .join(student)
+            .join("checkpoints/step-00000002/manifest.json");
+        assert!(manifest.is_file(), "{student}");
+    }
+    assert!(stdout.contains("4-step student all-three"), "{stdout}");
     let captions = std::fs::read_to_string(demo.join("captions.txt")).unwrap();
     assert_eq!(captions.lines().count(), 54);
     assert_eq!(
@@ -117,15 +123,15 @@ fn demo_runs_end_to_end_on_a_briefly_trained_teacher() {
         (96, 64)
     );
 
-    // The picture: 18 caption rows of 96 px; one teacher and one student
-    // sample per row (96 px each) with a 24 px gap.
-    assert_eq!(png_size(&demo.join("compare.png")), (216, 18 * 96));
+    // The picture: 18 caption rows of 96 px; one teacher, one student and
+    // one four-step student sample per row (96 px each) with 24 px gaps.
+    assert_eq!(png_size(&demo.join("compare.png")), (336, 18 * 96));
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(demo.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["distill_steps"], 2);
     assert!(report["distill_seconds"].as_f64().unwrap() > 0.0);
-    for side in ["teacher", "student"] {
+    for side in ["teacher", "student", "few_step"] {
         assert_eq!(report[side]["report"]["num_images"], 54, "{side}");
         assert!(
             report[side]["report"]["seconds_per_image"]
@@ -135,11 +141,15 @@ fn demo_runs_end_to_end_on_a_briefly_trained_teacher() {
         );
     }
     assert_eq!(report["student"]["steps"], 1);
-    assert_eq!(report["bars"].as_array().unwrap().len(), 5);
+    assert_eq!(report["few_step"]["steps"], 4);
+    assert!(report["few_step_distill_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["bars"].as_array().unwrap().len(), 8);
     let md = std::fs::read_to_string(demo.join("report.md")).unwrap();
     for needle in [
         "| all three correct |",
         "| seconds per image |",
+        "| 4-step student |",
+        "| squares (all three) |",
         "Distillation took",
         "faster per image",
         "![teacher",
@@ -169,6 +179,27 @@ fn demo_runs_end_to_end_on_a_briefly_trained_teacher() {
     assert_eq!(
         eval["all_three_accuracy"],
         report["student"]["report"]["all_three_accuracy"]
+    );
+    // The four-step student too (it draws its whole chain): the pictures
+    // the demo judged, so the same report.
+    let json = ok(&swiftbrush(
+        dir,
+        &[
+            "toy",
+            "eval",
+            "--student",
+            "demo/student-few-step",
+            "--samples-per-caption",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    ));
+    let eval: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        eval["per_caption"],
+        report["few_step"]["report"]["per_caption"]
     );
 }
 

@@ -754,3 +754,133 @@ fn a_second_train_is_refused_and_take_over_stops_the_first() {
     // The taker released the run directory: a next job gets in.
     ok(&train(d, &["--run-dir", "run", "--max-steps", "2"], &[]));
 }
+
+/// configs/tiny.yaml with `method.student_timesteps` set to `steps`
+/// (and the sample step's pictures when `sampling`).
+fn few_step_config(dir: &Path, steps: &str, sampling: bool) -> String {
+    let base = if sampling {
+        std::fs::read_to_string(sampling_config(dir)).unwrap()
+    } else {
+        std::fs::read_to_string(CONFIG).unwrap()
+    };
+    let with = base.replacen(
+        "method:\n",
+        &format!("method:\n  student_timesteps: {steps}\n"),
+        1,
+    );
+    assert!(with != base, "configs/tiny.yaml has no method section");
+    let path = dir.join(format!("steps-{}-{sampling}.yaml", steps.len()));
+    std::fs::write(&path, with).unwrap();
+    path.display().to_string()
+}
+
+/// Issue 26: a four-step student trains by backward simulation and resumes
+/// bit for bit (its chain draws are a function of seed and step), its
+/// sample step draws what `sample --student` draws, and it trains
+/// something else than the one-step student, whose explicit
+/// `student_timesteps: [999]` is today's run bit for bit.
+#[test]
+fn a_four_step_student_resumes_bitwise_and_samples_its_chain() {
+    let dir = setup();
+    let d = dir.path();
+    let four = few_step_config(d, "[999, 749, 499, 249]", false);
+    let four_sampling = few_step_config(d, "[999, 749, 499, 249]", true);
+    ok(&train_with(
+        &four,
+        d,
+        &["--run-dir", "straight", "--max-steps", "4"],
+        &[],
+    ));
+    ok(&train_with(
+        &four_sampling,
+        d,
+        &["--run-dir", "resumed", "--max-steps", "2"],
+        &[],
+    ));
+    let out = ok(&train_with(
+        &four_sampling,
+        d,
+        &["--run-dir", "resumed", "--max-steps", "4"],
+        &[],
+    ));
+    assert!(out.contains("trained steps 2..4"), "{out}");
+    for name in [
+        "student.safetensors",
+        "ema.safetensors",
+        "lora.safetensors",
+        "optimizer_student.safetensors",
+    ] {
+        let a = checkpoint_file(&d.join("straight"), 4, name);
+        let b = checkpoint_file(&d.join("resumed"), 4, name);
+        assert!(
+            a == b,
+            "{name} differs between the straight and the resumed run"
+        );
+    }
+    // One step: the default and an explicit [999] are the same run; the
+    // four-step student's differs from both.
+    let one = few_step_config(d, "[999]", false);
+    ok(&train(
+        d,
+        &["--run-dir", "default", "--max-steps", "2"],
+        &[],
+    ));
+    ok(&train_with(
+        &one,
+        d,
+        &["--run-dir", "one", "--max-steps", "2"],
+        &[],
+    ));
+    let student = |run: &str| checkpoint_file(&d.join(run), 2, "student.safetensors");
+    assert!(
+        student("default") == student("one"),
+        "[999] is not the one-step run"
+    );
+    assert!(
+        student("straight") != student("one"),
+        "four steps trained as one"
+    );
+
+    // The step-4 picture is `sample --student`'s, chain noise included.
+    std::fs::write(d.join("prompts.txt"), SAMPLE_PROMPTS.join("\n")).unwrap();
+    let sample = |steps: Option<&str>, png: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_swiftbrush"));
+        cmd.env_clear()
+            .env("OMP_NUM_THREADS", "1")
+            .current_dir(d)
+            .args(["sample", "--student", "resumed/checkpoints/step-00000004"])
+            .args([
+                "--prompts",
+                "prompts.txt",
+                "--seed",
+                "0",
+                "--batch-size",
+                "8",
+            ])
+            .args(["--height", "16", "--width", "16", "--out", png]);
+        if let Some(s) = steps {
+            cmd.args(["--steps", s]);
+        }
+        cmd.output().unwrap()
+    };
+    let sampled = sample(None, "s4.png");
+    assert!(
+        sampled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sampled.stderr)
+    );
+    let p4 = std::fs::read(d.join("resumed/samples/step-00000004.png")).unwrap();
+    assert!(
+        std::fs::read(d.join("s4.png")).unwrap() == p4,
+        "samples/step-00000004.png differs from `sample --student` of that checkpoint"
+    );
+    // Fewer steps draw another picture; more than it was trained for is refused.
+    assert!(sample(Some("2"), "s2.png").status.success());
+    assert!(std::fs::read(d.join("s2.png")).unwrap() != p4);
+    let refused = sample(Some("5"), "s5.png");
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && e.contains("trained for 4 step(s)"),
+        "{e}"
+    );
+}

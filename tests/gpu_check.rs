@@ -53,6 +53,7 @@ fn the_gpu_check_passes_its_dry_run_on_the_cpu() {
         "doctor: libtorch",
         "sample --teacher sd1 vs diffusers",
         "sample --teacher sd2 vs diffusers",
+        "sample --student four steps: device vs cpu",
         "sd1_null0 student_grad. / max",
         "sd1_null0 lora_grad. / max",
         "bf16 student_grad. / scale",

@@ -68,6 +68,11 @@ pub struct MethodConfig {
     /// Use the schedule's alphas_cumprod[student_timestep] instead of
     /// `student_alpha_bar`.
     pub student_alpha_bar_from_schedule: bool,
+    /// A few-step student's descending timesteps (shared/SPEC.md "Few-step
+    /// students", DMD2's backward simulation), e.g. [999, 749, 499, 249];
+    /// the first is `student_timestep`. Unset: [student_timestep], the
+    /// one-step student (SwiftBrush), on its own code path.
+    pub student_timesteps: Option<Vec<u32>>,
     /// Smallest timestep drawn for the VSD noise (0.02 T).
     pub min_timestep: u32,
     /// Largest timestep drawn for the VSD noise (0.98 T).
@@ -95,12 +100,23 @@ pub struct MethodConfig {
     pub ema: EmaConfig,
 }
 
+impl MethodConfig {
+    /// The student's timesteps, t_0 > t_1 > ...: `student_timesteps`, or
+    /// [student_timestep] when unset (one step).
+    pub fn student_steps(&self) -> Vec<u32> {
+        self.student_timesteps
+            .clone()
+            .unwrap_or_else(|| vec![self.student_timestep])
+    }
+}
+
 impl Default for MethodConfig {
     fn default() -> Self {
         Self {
             student_timestep: 999,
             student_alpha_bar: 0.0047,
             student_alpha_bar_from_schedule: false,
+            student_timesteps: None,
             min_timestep: 20,
             max_timestep: 980,
             max_timestep_final: None,

@@ -46,6 +46,38 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         m.student_alpha_bar.to_string(),
         "0 < A < 1",
     );
+    if let Some(steps) = &m.student_timesteps {
+        let descending = steps.windows(2).all(|w| w[0] > w[1]);
+        check(
+            &mut p,
+            !steps.is_empty() && descending && steps.iter().all(|&t| t <= 999),
+            "method.student_timesteps",
+            format!("{steps:?}"),
+            "a non-empty, strictly descending list of timesteps in 0..=999, e.g. \
+             [999, 749, 499, 249]",
+        );
+        if let Some(&first) = steps.first() {
+            check(
+                &mut p,
+                first == m.student_timestep,
+                "method.student_timesteps",
+                format!("{steps:?}"),
+                &format!(
+                    "a list starting at method.student_timestep ({}): the first step is \
+                     the one-step student's pass (set both)",
+                    m.student_timestep
+                ),
+            );
+        }
+        check(
+            &mut p,
+            steps.len() <= 1 || !c.train.gradient_checkpointing,
+            "train.gradient_checkpointing",
+            "true".to_owned(),
+            "false with a few-step student (method.student_timesteps of more than one \
+             step): its backward simulation is not recomputed in chunks",
+        );
+    }
     check(
         &mut p,
         m.min_timestep < m.max_timestep,

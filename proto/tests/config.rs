@@ -505,3 +505,36 @@ fn data_text_column_is_left_out_when_unset_and_counts_when_set() {
     let e = err(&format!("{TEACHER}data:\n  text_column: \"  \"\n"));
     assert!(e.contains("data.text_column"), "{e}");
 }
+
+#[test]
+fn student_timesteps_descend_from_the_student_timestep_and_change_training() {
+    let plain = parse(TEACHER).unwrap();
+    assert_eq!(plain.method.student_timesteps, None);
+    assert_eq!(plain.method.student_steps(), vec![999]);
+    let four = parse(&format!(
+        "{TEACHER}method:\n  student_timesteps: [999, 749, 499, 249]\n"
+    ))
+    .unwrap();
+    assert_eq!(four.method.student_steps(), vec![999, 749, 499, 249]);
+    let changes = four.training_changes_from(&plain);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].key, "method.student_timesteps");
+    assert_ne!(four.fingerprint(), plain.fingerprint());
+    for bad in ["[]", "[999, 999]", "[999, 1200]", "[249, 999]"] {
+        let e = err(&format!("{TEACHER}method:\n  student_timesteps: {bad}\n"));
+        assert!(e.contains("method.student_timesteps"), "{bad}: {e}");
+        assert!(e.contains("descending"), "{bad}: {e}");
+    }
+    let e = err(&format!(
+        "{TEACHER}method:\n  student_timesteps: [900, 500]\n"
+    ));
+    assert!(
+        e.contains("starting at method.student_timestep (999)"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{TEACHER}method:\n  student_timesteps: [999, 499]\ntrain:\n  gradient_checkpointing: true\n"
+    ));
+    assert!(e.contains("train.gradient_checkpointing"), "{e}");
+    assert!(e.contains("few-step student"), "{e}");
+}

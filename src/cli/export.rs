@@ -55,9 +55,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             Some("text_encoder") => "the teacher's text encoder",
             Some("tokenizer") => "the teacher's tokenizer",
             Some("vae") => "the teacher's VAE",
-            Some("scheduler") => "the teacher's scheduler",
+            Some("scheduler") => {
+                "LCMScheduler on the teacher's schedule (diffusers draws the student)"
+            }
             Some("model_index.json") => "the pipeline index",
-            Some(ONE_STEP_FILE) => "the one-step settings (student timestep, alpha-bar)",
+            Some(ONE_STEP_FILE) => "how the student draws (timesteps, alpha-bar)",
             _ => "",
         };
         println!("  {:<40} {what}", path.display());

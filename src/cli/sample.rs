@@ -1,5 +1,5 @@
 //! `swiftbrush sample`: images from a teacher (DDIM with guidance) or a
-//! one-step student.
+//! trained student (one step, or a few-step student's chain).
 
 use std::path::PathBuf;
 
@@ -34,7 +34,7 @@ pub struct DrawArgs {
     /// classifier-free guidance as diffusers' StableDiffusionPipeline does.
     #[arg(long, value_name = "DIR")]
     teacher: Option<PathBuf>,
-    /// A trained one-step student: a run directory (its newest valid
+    /// A trained student (one step, or the K steps it was trained for): a run directory (its newest valid
     /// checkpoint, EMA weights), RUN/checkpoints/step-N, or a folder written
     /// by `export --pipeline`. Text encoder, tokenizer and VAE come from the
     /// teacher the run recorded (or the exported folder).
@@ -46,11 +46,12 @@ pub struct DrawArgs {
     /// A text file with one prompt a line.
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
-    /// DDIM steps of --teacher [default: 25]. Not with --student (one step).
+    /// DDIM steps of --teacher [default: 25]; with --student, how many of
+    /// a few-step student's steps to draw [default: all it was trained for].
     #[arg(long)]
     steps: Option<i64>,
     /// Classifier-free guidance scale of --teacher; <= 1 turns guidance off
-    /// [default: 4.5]. Not with --student (one step, no guidance).
+    /// [default: 4.5]. Not with --student (no guidance).
     #[arg(long)]
     guidance: Option<f64>,
     /// Seeds the initial noise (drawn on the CPU: the same on every device).
@@ -85,30 +86,29 @@ impl DrawArgs {
         out: Option<PathBuf>,
         raw_out: Option<PathBuf>,
     ) -> anyhow::Result<SampleRequest> {
-        // A student draws in one step without guidance: DDIM's flags would
-        // change nothing (and --teacher only names where its text encoder,
+        // A student draws without guidance: --guidance would change
+        // nothing (and --teacher only names where its text encoder,
         // tokenizer and VAE come from). Checked here, not by clap: clap's
         // conflicts ignore defaults, and these have none to ignore.
+        // --steps picks a few-step student's steps (checked against what it
+        // was trained for once it is loaded).
         if self.student.is_some() {
-            let given: Vec<&str> = [
-                self.steps.map(|_| "--steps"),
-                self.guidance.map(|_| "--guidance"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let (verb, them) = if given.len() == 1 {
-                ("sets", "it")
-            } else {
-                ("set", "them")
-            };
             anyhow::ensure!(
-                given.is_empty(),
-                "{} {verb} the DDIM sampling of --teacher; a --student draws in one step \
-                 without guidance, so {them} would change nothing: drop {them}",
-                given.join(" and "),
+                self.guidance.is_none(),
+                "--guidance sets the DDIM sampling of --teacher; a --student draws \
+                 without guidance, so it would change nothing: drop it",
             );
+            if let Some(steps) = self.steps {
+                anyhow::ensure!(
+                    steps >= 1,
+                    "--steps {steps}: a student draws with at least 1 step"
+                );
+            }
         }
+        let student_steps = match &self.student {
+            Some(_) => self.steps.map(|s| usize::try_from(s).unwrap_or(usize::MAX)),
+            None => None,
+        };
         // With --student, --teacher overrides the teacher the run recorded.
         let model = match (self.teacher, self.student) {
             (teacher, Some(path)) => SampleModel::Student {
@@ -127,6 +127,7 @@ impl DrawArgs {
             model,
             prompts,
             steps: self.steps.unwrap_or(DEFAULT_STEPS),
+            student_steps,
             guidance: self.guidance.unwrap_or(DEFAULT_GUIDANCE),
             seed: self.seed,
             latents: self.latents,

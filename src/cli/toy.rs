@@ -62,6 +62,11 @@ pub enum ToyCommand {
         /// The distillation's job config.
         #[arg(long, default_value = "configs/toy.yaml")]
         config: PathBuf,
+        /// A few-step student's job config (`method.student_timesteps`),
+        /// distilled after the one-step student into OUT/student-few-step
+        /// and compared beside it (`make demo`: configs/toy-few-step.yaml).
+        #[arg(long, value_name = "FILE")]
+        few_step_config: Option<PathBuf>,
         /// A trained toy teacher folder to copy into OUT/teacher (the repo
         /// commits one in assets/toy-teacher); without it one is trained.
         #[arg(long)]
@@ -84,7 +89,7 @@ pub enum ToyCommand {
         train_args: Vec<String>,
     },
     /// Sample a toy teacher (DDIM with guidance) or a distilled student
-    /// (one step) on the 54 captions and judge every image.
+    /// (its one step, or a few-step student's chain) on the 54 captions and judge every image.
     #[command(group(clap::ArgGroup::new("model").required(true).multiple(true).args(["teacher", "student"])))]
     Eval {
         /// A toy teacher folder. With --student: overrides the teacher the
@@ -182,6 +187,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
         ToyCommand::Demo {
             out,
             config,
+            few_step_config,
             teacher,
             samples_per_caption,
             teacher_steps,
@@ -194,6 +200,7 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
             let opts = demo::DemoOptions {
                 out,
                 config,
+                few_step_config,
                 teacher_source: teacher,
                 exe: std::env::current_exe().context("cannot find the swiftbrush binary")?,
                 train_args,
@@ -218,6 +225,14 @@ pub fn run(command: ToyCommand) -> anyhow::Result<()> {
                 100.0 * c.student.report.all_three_accuracy,
                 c.speedup
             );
+            if let Some(f) = &c.few_step {
+                println!(
+                    "{}-step student all-three {:.1} %, speed-up {:.1}x",
+                    f.steps,
+                    100.0 * f.report.all_three_accuracy,
+                    c.few_step_speedup.unwrap_or(f64::NAN)
+                );
+            }
             for bar in &c.bars {
                 println!(
                     "  {:<42} {:>8.3} (needs >= {}) {}",

@@ -7,6 +7,14 @@ build()). Prints one JSON object.
         loads the pipeline folder, runs SwiftBrush's one-step sampling
         (t = 999, x0 = (z - sqrt(1-A) eps) / sqrt(A), VAE decode) from the
         safetensors `latents` and writes `images` [B,3,H,W] in [0,1] to OUT
+  check_export.py stock DIR PROMPT SEED OUT STEPS [LATENTS]
+        diffusers' stock call on the exported folder, as a user writes it:
+        StableDiffusionPipeline.from_pretrained(DIR)(PROMPT,
+        num_inference_steps=STEPS, guidance_scale=0,
+        generator=torch.Generator().manual_seed(SEED), output_type="pt"),
+        with latents=LATENTS when given; STEPS may be a comma-separated list
+        of timesteps (then timesteps=[...]). Writes `images` to OUT and prints
+        the scheduler's class and timesteps
   check_export.py peft UNET_DIR LORA RANK ALPHA TARGETS
         attaches peft LoRA adapters and loads LORA with set_peft_model_state_dict
 """
@@ -41,6 +49,28 @@ def pipeline(path, prompt, latents_file, out, a):
     print(json.dumps({"ok": True}))
 
 
+@torch.no_grad()
+def stock(path, prompt, seed, out, steps, latents_file=None):
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    kwargs = {}
+    if "," in steps:
+        kwargs["timesteps"] = [int(t) for t in steps.split(",")]
+    else:
+        kwargs["num_inference_steps"] = int(steps)
+    if latents_file:
+        kwargs["latents"] = load_file(latents_file)["latents"]
+    images = pipe(
+        prompt,
+        guidance_scale=0,
+        generator=torch.Generator().manual_seed(int(seed)),
+        output_type="pt",
+        **kwargs,
+    ).images
+    save_file({"images": images.contiguous()}, out)
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "timesteps": timesteps}))
+
+
 def peft(unet_dir, lora, rank, alpha, targets):
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
@@ -59,6 +89,8 @@ if __name__ == "__main__":
         unet(*args)
     elif cmd == "pipeline":
         pipeline(args[0], args[1], args[2], args[3], float(args[4]))
+    elif cmd == "stock":
+        stock(*args)
     elif cmd == "peft":
         peft(*args)
     else:

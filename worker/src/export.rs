@@ -31,15 +31,55 @@ pub enum StudentWeights {
 }
 
 /// How a student draws: one pass at `student_timestep`, x0 with the
-/// constant `student_alpha_bar` (from the run's config). Written as
-/// `swiftbrush.json` into exported pipelines so they sample the same way.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+/// constant `student_alpha_bar` (from the run's config); a few-step
+/// student then goes on through `student_timesteps` (shared/SPEC.md
+/// "Few-step students"). Written as `swiftbrush.json` into exported
+/// pipelines so they sample the same way.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OneStep {
     pub student_timestep: i64,
     pub student_alpha_bar: f64,
     /// Use the schedule's alphas_cumprod[student_timestep] instead.
     #[serde(default)]
     pub alpha_bar_from_schedule: bool,
+    /// A few-step student's timesteps, starting at `student_timestep`;
+    /// absent or empty: one step (files written before few-step students).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub student_timesteps: Vec<i64>,
+}
+
+impl OneStep {
+    /// The student's timesteps, t_0 > t_1 > ... ([student_timestep] for
+    /// a one-step student).
+    pub fn steps(&self) -> Vec<i64> {
+        if self.student_timesteps.is_empty() {
+            vec![self.student_timestep]
+        } else {
+            self.student_timesteps.clone()
+        }
+    }
+
+    /// A few-step student's chain on the pipeline's schedule; None for
+    /// one step.
+    pub fn chain(
+        &self,
+        schedule: &crate::diffusion::NoiseSchedule,
+    ) -> Result<Option<crate::diffusion::StudentChain>, ExportError> {
+        let steps = self.steps();
+        if steps.len() < 2 {
+            return Ok(None);
+        }
+        if steps[0] != self.student_timestep {
+            return Err(ExportError::Invalid(format!(
+                "{ONE_STEP_FILE}: student_timesteps {steps:?} must start at \
+                 student_timestep {}",
+                self.student_timestep
+            )));
+        }
+        crate::diffusion::StudentChain::new(&steps, self.student_alpha_bar, schedule)
+            .map(Some)
+            .map_err(|e| ExportError::Invalid(format!("{ONE_STEP_FILE}: {e}")))
+    }
 }
 
 impl Default for OneStep {
@@ -48,6 +88,7 @@ impl Default for OneStep {
             student_timestep: 999,
             student_alpha_bar: 0.0047,
             alpha_bar_from_schedule: false,
+            student_timesteps: Vec::new(),
         }
     }
 }
@@ -191,6 +232,10 @@ impl StudentCheckpoint {
             student_timestep: i64::from(cfg.method.student_timestep),
             student_alpha_bar: cfg.method.student_alpha_bar,
             alpha_bar_from_schedule: cfg.method.student_alpha_bar_from_schedule,
+            student_timesteps: match &cfg.method.student_timesteps {
+                Some(steps) if steps.len() > 1 => steps.iter().map(|&t| i64::from(t)).collect(),
+                _ => Vec::new(),
+            },
         })
     }
 
@@ -260,8 +305,32 @@ pub fn export(
                 written.push(out.join(name));
             }
         }
+        // The student's own scheduler: diffusers' stock pipeline then draws
+        // its picture with a plain call (export_scheduler.rs).
+        if let Ok(c) = folder.component("scheduler") {
+            let path = out.join("scheduler").join("scheduler_config.json");
+            let teacher = std::fs::read(c.dir.join("scheduler_config.json"))
+                .map_err(|e| io(&c.dir.join("scheduler_config.json"), e))?;
+            let teacher: serde_json::Value = serde_json::from_slice(&teacher)
+                .map_err(|e| ExportError::Invalid(format!("{}: {e}", c.dir.display())))?;
+            let config = crate::export_scheduler::student_scheduler_config(&teacher, &one_step)?;
+            let json = serde_json::to_vec_pretty(&config)
+                .map_err(|e| ExportError::Invalid(format!("{}: {e}", path.display())))?;
+            write(&path, &json)?;
+        }
+        // model_index.json names the scheduler's class: diffusers loads
+        // that one, so it must say LCMScheduler too.
         let index = out.join("model_index.json");
-        copy(&folder.root().join("model_index.json"), &index)?;
+        let source = folder.root().join("model_index.json");
+        let bytes = std::fs::read(&source).map_err(|e| io(&source, e))?;
+        let mut model_index: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ExportError::Invalid(format!("{}: {e}", source.display())))?;
+        if let Some(entry) = model_index.get_mut("scheduler") {
+            *entry = serde_json::json!(["diffusers", "LCMScheduler"]);
+        }
+        let json = serde_json::to_vec_pretty(&model_index)
+            .map_err(|e| ExportError::Invalid(format!("{}: {e}", index.display())))?;
+        write(&index, &json)?;
         written.push(index);
         // How the folder draws (`sample --student` refuses a pipeline
         // folder without it: that is a teacher).

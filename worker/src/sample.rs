@@ -11,7 +11,7 @@ use std::time::Instant;
 use swiftbrush_proto::config::Dtype;
 use tch::{Device, Kind, Tensor};
 
-use crate::diffusion::{NoiseSchedule, draw_latents};
+use crate::diffusion::{NoiseSchedule, StudentChain, draw_chain_noise, draw_latents, draw_renoise};
 use crate::export::{ONE_STEP_FILE, OneStep, StudentCheckpoint, StudentWeights};
 use crate::image_io::{ImageError, grid_columns, save_png};
 use crate::models::weights;
@@ -51,7 +51,11 @@ pub enum SampleError {
 pub struct SampleRequest {
     pub model: SampleModel,
     pub prompts: Vec<String>,
+    /// DDIM steps of a teacher.
     pub steps: i64,
+    /// A student's steps (a few-step student's first `n` steps; at most
+    /// what it was trained for). None: all of them (1 for SwiftBrush).
+    pub student_steps: Option<usize>,
     pub guidance: f64,
     /// Seeds the initial noise when `latents` is None.
     pub seed: u64,
@@ -249,6 +253,7 @@ pub fn draw_in_batches<E: From<SampleError>>(
     let PreparedDraw {
         pipe,
         one_step,
+        chain,
         latents,
         device,
         loaded,
@@ -259,11 +264,19 @@ pub fn draw_in_batches<E: From<SampleError>>(
         let start = i * req.batch_size;
         let imgs = (|| -> Result<Tensor, SampleError> {
             let part = latents.f_narrow(0, start as i64, chunk.len() as i64)?;
-            let imgs = match one_step {
-                Some(o) => {
+            let imgs = match (&one_step, &chain) {
+                (_, Some(c)) => {
+                    let noises: Vec<Tensor> = c
+                        .noises
+                        .iter()
+                        .map(|e| e.f_narrow(0, start as i64, chunk.len() as i64))
+                        .collect::<Result<_, _>>()?;
+                    pipe.sample_few_step(chunk, &part, &noises, &c.chain, c.steps)?
+                }
+                (Some(o), None) => {
                     pipe.sample_one_step(chunk, &part, o.student_timestep, o.student_alpha_bar)?
                 }
-                None => pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?,
+                (None, None) => pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?,
             };
             Ok(imgs.f_to_device(Device::Cpu)?)
         })()?;
@@ -285,6 +298,9 @@ struct PreparedDraw {
     pipe: StableDiffusion,
     /// A student's one-step settings (None: the teacher, with DDIM).
     one_step: Option<OneStep>,
+    /// A few-step student's chain, its noise and the steps drawn (None:
+    /// a one-step student draws with `one_step` alone).
+    chain: Option<ChainDraw>,
     /// The whole prompt list's noise.
     latents: Tensor,
     device: Device,
@@ -352,14 +368,69 @@ fn prepare_draw(req: &SampleRequest) -> Result<PreparedDraw, SampleError> {
             draw_latents(req.seed, &pipe.latent_shape(num as i64, height, width)?)?
         }
     };
+    let chain = match &one_step {
+        Some(o) => chain_draw(&pipe, o, req, &latents)?,
+        None => None,
+    };
     Ok(PreparedDraw {
         pipe,
         one_step,
+        chain,
         latents,
         device,
         loaded,
         load_seconds,
     })
+}
+
+/// A few-step student's draw: its chain, the steps drawn and the
+/// re-noising noise of the whole prompt list.
+struct ChainDraw {
+    chain: StudentChain,
+    steps: usize,
+    noises: Vec<Tensor>,
+}
+
+/// The chain a student `o` draws through, when it has more than one step
+/// (or `--steps` asks a one-step student for more, which is refused):
+/// `req.student_steps` of them (all by default), with noise seeded by
+/// `--seed` after the latents (`draw_chain_noise`), or from the seed alone
+/// when latents were given: what diffusers' pipeline with that
+/// generator draws.
+fn chain_draw(
+    pipe: &StableDiffusion,
+    o: &OneStep,
+    req: &SampleRequest,
+    latents: &Tensor,
+) -> Result<Option<ChainDraw>, SampleError> {
+    let trained = o.steps().len();
+    let steps = req.student_steps.unwrap_or(trained);
+    if steps == 0 || steps > trained {
+        return Err(SampleError::Input(format!(
+            "--steps {steps}: this student was trained for {trained} step(s) \
+             (its timesteps {:?}); draw it with 1..={trained} steps",
+            o.steps()
+        )));
+    }
+    if trained == 1 {
+        return Ok(None);
+    }
+    let schedule = NoiseSchedule::new(&pipe.scheduler, Device::Cpu)
+        .map_err(|e| SampleError::Input(e.to_string()))?;
+    let chain = o
+        .chain(&schedule)
+        .map_err(student_error)?
+        .ok_or_else(|| SampleError::Input("a few-step student without a chain".into()))?;
+    let shape = latents.size();
+    let noises = match req.latents {
+        Some(_) => draw_renoise(req.seed, &shape, steps)?,
+        None => draw_chain_noise(req.seed, &shape, steps)?.1,
+    };
+    Ok(Some(ChainDraw {
+        chain,
+        steps,
+        noises,
+    }))
 }
 
 /// The pipeline to draw with, and for a student its one-step settings

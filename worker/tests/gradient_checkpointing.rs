@@ -74,6 +74,7 @@ fn draws(g: &HashMap<String, Tensor>, rows: i64) -> (Draws, Conditions) {
             null_condition: d.fake.null_condition,
         },
         guidance_scale: None,
+        chain: None,
     };
     let text = Conditions {
         cond: twice(&text.cond, 1.0),

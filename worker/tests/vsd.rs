@@ -372,6 +372,7 @@ fn draws_reach_the_device_bit_for_bit() {
         timesteps: (20, 980),
         null_condition_prob: 0.1,
         guidance_range: Some((2.0, 6.0)),
+        student_steps: 1,
     };
     let mut worst = 0f64;
     for step in 0..8u64 {

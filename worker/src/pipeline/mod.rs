@@ -4,6 +4,7 @@
 //! and a cheap identity of a teacher folder (`fingerprint`).
 
 pub mod components;
+mod few_step;
 pub mod fingerprint;
 pub mod folder;
 pub mod stable_diffusion;

@@ -300,6 +300,17 @@ impl Nets<'_> {
                 null_condition: false,
             },
             guidance_scale: None,
+            // A few-step student's backward simulation at its costliest:
+            // every sample runs the whole chain before its last step.
+            chain: match &self.vsd.few_step {
+                Some(chain) => Some(crate::vsd::ChainDraws {
+                    k: Tensor::f_full([n], chain.len() as i64 - 1, (Kind::Int64, Device::Cpu))?,
+                    eps: (1..chain.len())
+                        .map(|_| Tensor::f_randn([n, c, h, w], opts))
+                        .collect::<Result<_, _>>()?,
+                }),
+                None => None,
+            },
         };
         let text = Conditions {
             cond: Tensor::f_randn([n, 77, self.width], opts)?,

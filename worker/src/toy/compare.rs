@@ -1,7 +1,8 @@
 //! Teacher against student in one process: both judged on the same
 //! captions and seeds, both timed here, written as the demo's picture
 //! (`compare.png`: one row per caption, the teacher's samples, a gap, the
-//! student's from the same noise) and report (`report.md`, `report.json`).
+//! student's from the same noise, and a few-step student's when there is
+//! one) and report (`report.md`, `report.json`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ pub const TEACHER_MIN_CENTROID_SPREAD_PX: f64 = 1.5;
 pub const STUDENT_MIN_RELATIVE_ALL_THREE: f64 = 0.85;
 pub const STUDENT_MIN_CENTROID_SPREAD_PX: f64 = 1.0;
 pub const MIN_SPEEDUP: f64 = 25.0;
+/// A few-step student's bars (issue 26): all three at 0.95 of the
+/// teacher's, positions spread, sizes spread 0.8 of the teacher's.
+pub const FEW_STEP_MIN_RELATIVE_ALL_THREE: f64 = 0.95;
+pub const FEW_STEP_MIN_RELATIVE_AREA_SPREAD: f64 = 0.8;
 
 /// The toy teacher's sampling guidance: 1.5 keeps it above the bars (the
 /// committed teacher: 96.1 % all three, centroid spread 2.21 px); 2 and
@@ -77,6 +82,15 @@ pub struct Side {
 pub struct Comparison {
     pub teacher: Side,
     pub student: Side,
+    /// A few-step student, when the demo distilled one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub few_step: Option<Side>,
+    /// Teacher seconds per image / the few-step student's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub few_step_speedup: Option<f64>,
+    /// Wall time and steps of the few-step student's distillation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub few_step_distill_seconds: Option<f64>,
     /// Teacher seconds per image / student seconds per image.
     pub speedup: f64,
     /// Wall time of the distillation, when the caller measured it.
@@ -94,13 +108,22 @@ pub struct Bar {
     pub met: bool,
 }
 
-/// Samples both models with the same seeds, judges them, times them.
+/// What a comparison drew: the teacher's, the student's and the few-step
+/// student's samples.
+pub struct Drawn {
+    pub teacher: Samples,
+    pub student: Samples,
+    pub few_step: Option<Samples>,
+}
+
+/// Samples the models with the same seeds, judges them, times them.
 pub fn compare(
     teacher: &ToyModel,
     student: &ToyModel,
+    few_step: Option<&ToyModel>,
     opts: &CompareOptions,
     device: Device,
-) -> Result<(Comparison, Samples, Samples), ToyError> {
+) -> Result<(Comparison, Drawn), ToyError> {
     let captions = Caption::all();
     let sample_opts = SampleOptions {
         samples_per_caption: opts.samples_per_caption,
@@ -127,6 +150,21 @@ pub fn compare(
     s_sampler.sample(&captions[..1], &warm)?;
     let t_samples = t_sampler.sample(&captions, &sample_opts)?;
     let s_samples = s_sampler.sample(&captions, &sample_opts)?;
+    let few = match few_step {
+        Some(model) => {
+            let sampler = ToySampler::load(model, device)?;
+            if !sampler.is_student() {
+                return Err(ToyError::Sample(format!(
+                    "{} is not a student run",
+                    model.describe()
+                )));
+            }
+            sampler.sample(&captions[..1], &warm)?;
+            let samples = sampler.sample(&captions, &sample_opts)?;
+            Some((model, sampler, samples))
+        }
+        None => None,
+    };
     let side = |model: &ToyModel, sampler: &ToySampler, samples: &Samples, steps, guidance| Side {
         model: model.describe(),
         steps,
@@ -143,19 +181,61 @@ pub fn compare(
     );
     let s = side(student, &s_sampler, &s_samples, 1, None);
     let speedup = t_samples.seconds_per_image / s_samples.seconds_per_image.max(1e-12);
-    let bars = bars(&t.report, &s.report, speedup);
+    let mut bars = bars(&t.report, &s.report, speedup);
+    let (few_side, few_samples, few_speedup) = match few {
+        Some((model, sampler, samples)) => {
+            let steps = sampler.student_steps() as i64;
+            let f = side(model, &sampler, &samples, steps, None);
+            bars.extend(few_step_bars(&t.report, &f.report));
+            let speedup = t_samples.seconds_per_image / samples.seconds_per_image.max(1e-12);
+            (Some(f), Some(samples), Some(speedup))
+        }
+        None => (None, None, None),
+    };
     Ok((
         Comparison {
             teacher: t,
             student: s,
+            few_step: few_side,
+            few_step_speedup: few_speedup,
+            few_step_distill_seconds: None,
             speedup,
             distill_seconds: None,
             distill_steps: None,
             bars,
         },
-        t_samples,
-        s_samples,
+        Drawn {
+            teacher: t_samples,
+            student: s_samples,
+            few_step: few_samples,
+        },
     ))
+}
+
+fn few_step_bars(teacher: &ToyReport, few: &ToyReport) -> Vec<Bar> {
+    let bar = |what: &str, value: f64, required: f64| Bar {
+        what: what.to_owned(),
+        value,
+        required,
+        met: value >= required,
+    };
+    vec![
+        bar(
+            "few-step student all-three accuracy / teacher's",
+            few.all_three_accuracy / teacher.all_three_accuracy.max(1e-12),
+            FEW_STEP_MIN_RELATIVE_ALL_THREE,
+        ),
+        bar(
+            "few-step student centroid spread (px)",
+            few.centroid_spread_px,
+            STUDENT_MIN_CENTROID_SPREAD_PX,
+        ),
+        bar(
+            "few-step student sqrt(area) spread / teacher's",
+            few.sqrt_area_spread_px / teacher.sqrt_area_spread_px.max(1e-12),
+            FEW_STEP_MIN_RELATIVE_AREA_SPREAD,
+        ),
+    ]
 }
 
 fn bars(teacher: &ToyReport, student: &ToyReport, speedup: f64) -> Vec<Bar> {
@@ -192,12 +272,12 @@ fn bars(teacher: &ToyReport, student: &ToyReport, speedup: f64) -> Vec<Bar> {
 
 /// The picture: for each caption of `opts.picture_captions` one row of
 /// `picture_samples` teacher images, a gap, and the student's images from
-/// the same noise. Returns [1, 3, H, W] in [0, 1].
-pub fn picture(
-    teacher: &Samples,
-    student: &Samples,
-    opts: &CompareOptions,
-) -> Result<Tensor, ToyError> {
+/// the same noise (then a gap and the few-step student's, when drawn).
+/// Returns [1, 3, H, W] in [0, 1].
+pub fn picture(drawn: &Drawn, opts: &CompareOptions) -> Result<Tensor, ToyError> {
+    let teacher = &drawn.teacher;
+    let mut students = vec![&drawn.student];
+    students.extend(drawn.few_step.as_ref());
     let k = opts.picture_samples;
     if k == 0 || k > opts.samples_per_caption || opts.picture_captions.is_empty() {
         return Err(ToyError::Sample(format!(
@@ -209,7 +289,8 @@ pub fn picture(
     let scale = opts.picture_scale.max(1) as usize;
     let cell = SIZE * scale;
     let gap = cell / 4;
-    let width = 2 * k * cell + gap;
+    let blocks = 1 + students.len();
+    let width = blocks * k * cell + (blocks - 1) * gap;
     let height = opts.picture_captions.len() * cell;
     // White canvas; the gap stays white.
     let mut canvas = vec![255u8; width * height * 3];
@@ -231,7 +312,10 @@ pub fn picture(
             .ok_or_else(|| ToyError::Sample(format!("caption id {id} was not sampled")))?;
         for j in 0..k {
             blit(teacher, first + j, j * cell, row * cell);
-            blit(student, first + j, k * cell + gap + j * cell, row * cell);
+            for (b, student) in students.iter().enumerate() {
+                let x0 = (b + 1) * (k * cell + gap) + j * cell;
+                blit(student, first + j, x0, row * cell);
+            }
         }
     }
     Ok(Tensor::from_slice(&canvas)
@@ -248,8 +332,15 @@ pub fn markdown(c: &Comparison, opts: &CompareOptions, picture: Option<&Path>) -
     let _ = writeln!(s, "# Toy-world distillation report\n");
     let _ = writeln!(
         s,
-        "The {} ({} DDIM steps, guidance {}) against the {} (one step).",
-        c.teacher.model, c.teacher.steps, opts.teacher_guidance, c.student.model
+        "The {} ({} DDIM steps, guidance {}) against the {} (one step){}.",
+        c.teacher.model,
+        c.teacher.steps,
+        opts.teacher_guidance,
+        c.student.model,
+        c.few_step.as_ref().map_or(String::new(), |f| format!(
+            " and the {} ({} steps)",
+            f.model, f.steps
+        ))
     );
     let _ = writeln!(
         s,
@@ -257,12 +348,23 @@ pub fn markdown(c: &Comparison, opts: &CompareOptions, picture: Option<&Path>) -
         opts.samples_per_caption, opts.seed
     );
     if let Some(p) = picture {
+        let few = c.few_step.as_ref().map_or(String::new(), |f| {
+            format!(", {}-step student (right)", f.steps)
+        });
         let _ = writeln!(
             s,
-            "![teacher (left, {} steps) and student (right, 1 step), same noise]({})\n",
+            "![teacher (left, {} steps), one-step student{}, same noise]({})\n",
             c.teacher.steps,
+            if few.is_empty() {
+                " (right)"
+            } else {
+                " (middle)"
+            },
             p.display()
         );
+        if !few.is_empty() {
+            let _ = writeln!(s, "Blocks: teacher, one-step student{few}.\n");
+        }
         let _ = writeln!(s, "Rows of the picture, top to bottom:");
         for id in &opts.picture_captions {
             if let Some(cap) = Caption::from_id(*id) {
@@ -271,47 +373,83 @@ pub fn markdown(c: &Comparison, opts: &CompareOptions, picture: Option<&Path>) -
         }
         let _ = writeln!(s, "\n");
     }
-    let _ = writeln!(s, "| | teacher | student |");
-    let _ = writeln!(s, "|---|---|---|");
-    let (t, u) = (&c.teacher.report, &c.student.report);
-    let rows: [(&str, String, String); 8] = [
+    let mut reports = vec![&c.teacher.report, &c.student.report];
+    reports.extend(c.few_step.as_ref().map(|f| &f.report));
+    match &c.few_step {
+        Some(f) => {
+            let _ = writeln!(
+                s,
+                "| | teacher | student | {}-step student |\n|---|---|---|---|",
+                f.steps
+            );
+        }
+        None => {
+            let _ = writeln!(s, "| | teacher | student |\n|---|---|---|");
+        }
+    }
+    // All three correct over the captions of one shape.
+    let by_shape = |r: &ToyReport, kind: &str| {
+        let (right, n) = r
+            .per_caption
+            .iter()
+            .filter(|c| c.caption.contains(&format!(" {kind} ")))
+            .fold((0.0, 0usize), |(right, n), c| {
+                (right + c.all_three * c.num_images as f64, n + c.num_images)
+            });
+        if n == 0 {
+            "-".to_owned()
+        } else {
+            pct(right / n as f64)
+        }
+    };
+    type Row<'a> = (&'a str, Box<dyn Fn(&ToyReport) -> String + 'a>);
+    let rows: Vec<Row> = vec![
+        ("all three correct", Box::new(|r| pct(r.all_three_accuracy))),
+        ("color", Box::new(|r| pct(r.color_accuracy))),
+        ("shape", Box::new(|r| pct(r.shape_accuracy))),
+        ("background", Box::new(|r| pct(r.background_accuracy))),
+        ("circles (all three)", Box::new(|r| by_shape(r, "circle"))),
+        ("squares (all three)", Box::new(|r| by_shape(r, "square"))),
         (
-            "all three correct",
-            pct(t.all_three_accuracy),
-            pct(u.all_three_accuracy),
+            "triangles (all three)",
+            Box::new(|r| by_shape(r, "triangle")),
         ),
-        ("color", pct(t.color_accuracy), pct(u.color_accuracy)),
-        ("shape", pct(t.shape_accuracy), pct(u.shape_accuracy)),
-        (
-            "background",
-            pct(t.background_accuracy),
-            pct(u.background_accuracy),
-        ),
-        ("no shape found", pct(t.no_shape_rate), pct(u.no_shape_rate)),
+        ("no shape found", Box::new(|r| pct(r.no_shape_rate))),
         (
             "centroid spread (px; data 2.31)",
-            format!("{:.2}", t.centroid_spread_px),
-            format!("{:.2}", u.centroid_spread_px),
+            Box::new(|r| format!("{:.2}", r.centroid_spread_px)),
         ),
         (
             "sqrt(area) spread (px)",
-            format!("{:.2}", t.sqrt_area_spread_px),
-            format!("{:.2}", u.sqrt_area_spread_px),
+            Box::new(|r| format!("{:.2}", r.sqrt_area_spread_px)),
         ),
         (
             "seconds per image",
-            format!("{:.5}", t.seconds_per_image.unwrap_or(f64::NAN)),
-            format!("{:.5}", u.seconds_per_image.unwrap_or(f64::NAN)),
+            Box::new(|r| format!("{:.5}", r.seconds_per_image.unwrap_or(f64::NAN))),
         ),
     ];
-    for (what, a, b) in rows {
-        let _ = writeln!(s, "| {what} | {a} | {b} |");
+    for (what, value) in rows {
+        let cells: Vec<String> = reports.iter().map(|r| value(r)).collect();
+        let _ = writeln!(s, "| {what} | {} |", cells.join(" | "));
     }
     let _ = writeln!(
         s,
         "\nOne-step sampling is {:.1}x faster per image than the teacher's {} guided steps (measured in this process).",
         c.speedup, c.teacher.steps
     );
+    if let (Some(f), Some(x)) = (&c.few_step, c.few_step_speedup) {
+        let _ = writeln!(
+            s,
+            "{}-step sampling is {x:.1}x faster per image than the teacher's.",
+            f.steps
+        );
+    }
+    if let Some(secs) = c.few_step_distill_seconds {
+        let _ = writeln!(
+            s,
+            "The few-step student's distillation took {secs:.0} s (backward simulation)."
+        );
+    }
     if let Some(secs) = c.distill_seconds {
         let steps = c
             .distill_steps
@@ -342,13 +480,12 @@ pub fn markdown(c: &Comparison, opts: &CompareOptions, picture: Option<&Path>) -
 pub fn write_outputs(
     out: &Path,
     c: &Comparison,
-    teacher: &Samples,
-    student: &Samples,
+    drawn: &Drawn,
     opts: &CompareOptions,
 ) -> Result<Vec<PathBuf>, ToyError> {
     std::fs::create_dir_all(out).map_err(ToyError::io(out))?;
     let png = out.join("compare.png");
-    let image = picture(teacher, student, opts)?;
+    let image = picture(drawn, opts)?;
     crate::image_io::save_png(&image, &png, 1).map_err(|e| ToyError::Sample(e.to_string()))?;
     let md = out.join("report.md");
     let text = markdown(c, opts, Some(Path::new("compare.png")));

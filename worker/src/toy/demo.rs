@@ -2,7 +2,8 @@
 //! 1. the teacher: the committed one copied into OUT/teacher (or, without
 //!    one, trained there); 2. the 54 captions as OUT/captions.txt; 3. the
 //!    distillation, by running `swiftbrush train` itself as a child process
-//!    (the real command, nothing special-cased) into OUT/student; 4. the
+//!    (the real command, nothing special-cased) into OUT/student, and with
+//!    a few-step config a K-step student into OUT/student-few-step; 4. the
 //!    comparison: OUT/compare.png, OUT/report.md, OUT/report.json.
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,10 @@ pub struct DemoOptions {
     pub out: PathBuf,
     /// The distillation's job config (configs/toy.yaml).
     pub config: PathBuf,
+    /// A few-step student's job config (configs/toy-few-step.yaml), distilled
+    /// into OUT/student-few-step after the one-step student and compared
+    /// beside it; None: the one-step student alone.
+    pub few_step_config: Option<PathBuf>,
     /// A trained toy teacher to copy; trained into OUT/teacher when absent.
     pub teacher_source: Option<PathBuf>,
     /// The `swiftbrush` binary that runs `train` (this one).
@@ -57,31 +62,15 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoOutcome, ToyError> {
     let text: String = Caption::all().iter().map(|c| c.text() + "\n").collect();
     std::fs::write(&captions, text).map_err(ToyError::io(&captions))?;
 
-    // A fresh student each time: the demo shows a whole distillation.
     let student = opts.out.join("student");
-    if student.exists() {
-        std::fs::remove_dir_all(&student).map_err(ToyError::io(&student))?;
-    }
-    let started = Instant::now();
-    let mut cmd = Command::new(&opts.exe);
-    cmd.arg("train")
-        .arg("--config")
-        .arg(&opts.config)
-        .arg("--teacher")
-        .arg(&teacher)
-        .arg("--captions")
-        .arg(&captions)
-        .arg("--run-dir")
-        .arg(&student)
-        .args(&opts.train_args);
-    tracing::info!(command = ?cmd, "distilling the toy teacher");
-    let status = cmd.status().map_err(ToyError::io(&opts.exe))?;
-    if !status.success() {
-        return Err(ToyError::Sample(format!(
-            "`swiftbrush train` failed ({status}); its messages are above"
-        )));
-    }
-    let distill_seconds = started.elapsed().as_secs_f64();
+    let distill_seconds = distill(opts, &opts.config, &teacher, &captions, &student)?;
+    let few_step = match &opts.few_step_config {
+        Some(config) => {
+            let dir = opts.out.join("student-few-step");
+            Some((distill(opts, config, &teacher, &captions, &dir)?, dir))
+        }
+        None => None,
+    };
 
     let student_model = ToyModel::Student {
         path: student.display().to_string(),
@@ -91,26 +80,61 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoOutcome, ToyError> {
         .map_err(|e| ToyError::Sample(e.to_string()))?
         .manifest
         .step;
-    tracing::info!("sampling and judging teacher and student");
-    let (mut comparison, t_samples, s_samples) = compare::compare(
+    let few_step_model = few_step.as_ref().map(|(_, dir)| ToyModel::Student {
+        path: dir.display().to_string(),
+        teacher: Some(teacher.clone()),
+    });
+    tracing::info!("sampling and judging teacher and students");
+    let (mut comparison, drawn) = compare::compare(
         &ToyModel::Teacher(teacher),
         &student_model,
+        few_step_model.as_ref(),
         &opts.compare,
         opts.device,
     )?;
     comparison.distill_seconds = Some(distill_seconds);
     comparison.distill_steps = Some(step);
-    let written = compare::write_outputs(
-        &opts.out,
-        &comparison,
-        &t_samples,
-        &s_samples,
-        &opts.compare,
-    )?;
+    comparison.few_step_distill_seconds = few_step.map(|(secs, _)| secs);
+    let written = compare::write_outputs(&opts.out, &comparison, &drawn, &opts.compare)?;
     Ok(DemoOutcome {
         comparison,
         written,
     })
+}
+
+/// A fresh student in `dir` (the demo shows a whole distillation) by
+/// `swiftbrush train --config config` as a child process; returns its
+/// wall time in seconds.
+fn distill(
+    opts: &DemoOptions,
+    config: &Path,
+    teacher: &Path,
+    captions: &Path,
+    dir: &Path,
+) -> Result<f64, ToyError> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(ToyError::io(dir))?;
+    }
+    let started = Instant::now();
+    let mut cmd = Command::new(&opts.exe);
+    cmd.arg("train")
+        .arg("--config")
+        .arg(config)
+        .arg("--teacher")
+        .arg(teacher)
+        .arg("--captions")
+        .arg(captions)
+        .arg("--run-dir")
+        .arg(dir)
+        .args(&opts.train_args);
+    tracing::info!(command = ?cmd, "distilling the toy teacher");
+    let status = cmd.status().map_err(ToyError::io(&opts.exe))?;
+    if !status.success() {
+        return Err(ToyError::Sample(format!(
+            "`swiftbrush train` failed ({status}); its messages are above"
+        )));
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// OUT/teacher: a copy of `source` (kept when already equal), or a newly

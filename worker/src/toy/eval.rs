@@ -1,5 +1,7 @@
 //! Sampling and judging toy models: a teacher folder with DDIM and
-//! classifier-free guidance, or a distilled student with one UNet pass.
+//! classifier-free guidance, or a distilled student with one UNet pass (a
+//! few-step student: its whole chain, the re-noising draws continuing each
+//! image's noise stream).
 //! Both go through the same pipeline code as `swiftbrush sample`
 //! (`StableDiffusion` in pixel space: no VAE). Image i's starting noise is
 //! seeded by (seed, i) whatever the model, so a teacher and a student
@@ -15,6 +17,7 @@ use super::ToyError;
 use super::evaluator::ToyReport;
 use super::rng::ToyRng;
 use super::shapes::{CHANNELS, Caption, SIZE, tensor_to_pixels};
+use crate::diffusion::{NoiseSchedule, StudentChain};
 use crate::export::OneStep;
 use crate::pipeline::StableDiffusion;
 use crate::sample::{SampleModel, load_model};
@@ -101,6 +104,8 @@ pub struct ToySampler {
     pipe: StableDiffusion,
     /// Some for a student.
     one_step: Option<OneStep>,
+    /// A few-step student's chain (drawn through all its steps).
+    chain: Option<StudentChain>,
     pub load_seconds: f64,
 }
 
@@ -115,15 +120,30 @@ impl ToySampler {
                 model.describe()
             )));
         }
+        let chain = match &one_step {
+            Some(o) => {
+                let schedule = NoiseSchedule::new(&pipe.scheduler, Device::Cpu)
+                    .map_err(|e| ToyError::Sample(format!("{}: {e}", model.describe())))?;
+                o.chain(&schedule)
+                    .map_err(|e| ToyError::Sample(format!("{}: {e}", model.describe())))?
+            }
+            None => None,
+        };
         Ok(Self {
             pipe,
             one_step,
+            chain,
             load_seconds: started.elapsed().as_secs_f64(),
         })
     }
 
     pub fn is_student(&self) -> bool {
         self.one_step.is_some()
+    }
+
+    /// How many passes a student draws with (1 for a teacher's sampler).
+    pub fn student_steps(&self) -> usize {
+        self.chain.as_ref().map_or(1, |c| c.len())
     }
 
     /// Draws `samples_per_caption` images of each caption (samples of one
@@ -138,22 +158,37 @@ impl ToySampler {
         let started = Instant::now();
         for (chunk_index, chunk) in captions.chunks(CHUNK).enumerate() {
             let mut noise = Vec::with_capacity(chunk.len() * CHANNELS * SIZE * SIZE);
+            // A few-step student's re-noising draws: image i's continue its
+            // own stream after its starting noise.
+            let renoises = self.chain.as_ref().map_or(0, |c| c.len() - 1);
+            let mut chain_noise = vec![Vec::new(); renoises];
             for i in 0..chunk.len() {
                 let index = (chunk_index * CHUNK + i) as u64;
                 let mut rng = ToyRng::stream(opts.seed, index, STREAM_EVAL);
                 noise.extend(rng.normals_f32(CHANNELS * SIZE * SIZE));
+                for buffer in &mut chain_noise {
+                    buffer.extend(rng.normals_f32(CHANNELS * SIZE * SIZE));
+                }
             }
-            let z =
-                Tensor::from_slice(&noise).view([chunk.len() as i64, CHANNELS as i64, side, side]);
+            let shape = [chunk.len() as i64, CHANNELS as i64, side, side];
+            let z = Tensor::from_slice(&noise).view(shape);
             let prompts: Vec<String> = chunk.iter().map(Caption::text).collect();
-            let images = match self.one_step {
-                Some(o) => self.pipe.sample_one_step(
+            let images = match (&self.one_step, &self.chain) {
+                (_, Some(chain)) => {
+                    let noises: Vec<Tensor> = chain_noise
+                        .iter()
+                        .map(|n| Tensor::from_slice(n).view(shape))
+                        .collect();
+                    self.pipe
+                        .sample_few_step(&prompts, &z, &noises, chain, chain.len())?
+                }
+                (Some(o), None) => self.pipe.sample_one_step(
                     &prompts,
                     &z,
                     o.student_timestep,
                     o.student_alpha_bar,
                 )?,
-                None => self.pipe.sample_ddim(
+                (None, None) => self.pipe.sample_ddim(
                     &prompts,
                     &z,
                     opts.num_inference_steps,

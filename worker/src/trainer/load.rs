@@ -13,7 +13,7 @@ use super::optimizers::Optimizers;
 use super::run::{Networks, Trainer};
 use super::samples::TrainingSamples;
 use super::{TextConditioner, TrainError};
-use crate::diffusion::{NoiseSchedule, PredictionType, SchedulerConfig};
+use crate::diffusion::{NoiseSchedule, PredictionType, SchedulerConfig, StudentChain};
 use crate::ema::Ema;
 use crate::lora::LoraSpec;
 use crate::models::vae::AutoencoderKLConfig;
@@ -193,6 +193,13 @@ pub(crate) fn vsd_config(
     } else {
         m.student_alpha_bar
     };
+    // A few-step student's chain (one step keeps the plain path).
+    let steps: Vec<i64> = m.student_steps().into_iter().map(i64::from).collect();
+    let few_step = if steps.len() > 1 {
+        Some(StudentChain::new(&steps, student_alpha_bar, schedule)?)
+    } else {
+        None
+    };
     let teacher_autocast = crate::torch::precision::teacher_autocast(&cfg.precision, device)
         .map_err(|e| TrainError::Invalid(e.to_string()))?;
     Ok(VsdConfig {
@@ -210,6 +217,7 @@ pub(crate) fn vsd_config(
             .train
             .gradient_checkpointing
             .then_some(cfg.train.recompute_rows),
+        few_step,
     })
 }
 

@@ -446,15 +446,19 @@ impl Trainer {
             return;
         }
         let t0 = Instant::now();
-        let one_step = self
-            .networks
-            .vsd
-            .one_step(self.networks.schedule.prediction_type());
+        let draw = match &self.networks.vsd.few_step {
+            Some(chain) => super::samples::StudentDraw::Chain(chain, &self.networks.schedule),
+            None => super::samples::StudentDraw::OneStep(
+                self.networks
+                    .vsd
+                    .one_step(self.networks.schedule.prediction_type()),
+            ),
+        };
         let written = samples.write(
             done,
             &self.networks.student,
             self.ema.as_mut(),
-            &one_step,
+            &draw,
             self.checkpointer.store(),
         );
         match written {

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::TrainError;
 use super::text::TextConditioner;
-use crate::diffusion::{OneStepDraw, one_step_x0};
+use crate::diffusion::{NoiseSchedule, OneStepDraw, StudentChain, one_step_x0};
 use crate::ema::Ema;
 use crate::image_io::{grid_columns, png_bytes};
 use crate::pipeline::components::{Vae, decode_images};
@@ -31,6 +31,9 @@ pub(super) struct TrainingSamples {
     cond: Tensor,
     /// The fixed noise [N,C,h,w] on the training device.
     z: Tensor,
+    /// A few-step student's re-noising draws (K - 1 of z's shape, drawn
+    /// after it as `sample` draws them); none for one step.
+    noises: Vec<Tensor>,
     /// None for a pixel-space teacher (the latents are the images).
     vae: Option<Vae>,
 }
@@ -46,6 +49,7 @@ impl TrainingSamples {
         [c, h, w]: [i64; 3],
         device: Device,
     ) -> Result<Option<Self>, TrainError> {
+        let steps = cfg.method.student_steps().len();
         let t = &cfg.train;
         if t.sample_every_steps == 0 || t.sample_prompts.is_empty() {
             return Ok(None);
@@ -65,13 +69,16 @@ impl TrainingSamples {
         let n = t.sample_prompts.len() as i64;
         // `sample --seed` draws the same numbers (a CPU generator seeded by
         // the seed), under the draw lock that the training draws take too.
-        let z = with_generator(|| crate::diffusion::draw_latents(t.seed, &[n, c, h, w]))
-            .map_err(|e| TrainError::Invalid(e.to_string()))?
-            .to_device(device);
+        let (z, noises) =
+            with_generator(|| crate::diffusion::draw_chain_noise(t.seed, &[n, c, h, w], steps))
+                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let z = z.to_device(device);
+        let noises = noises.into_iter().map(|e| e.to_device(device)).collect();
         Ok(Some(Self {
             every: t.sample_every_steps,
             cond,
             z,
+            noises,
             vae,
         }))
     }
@@ -89,7 +96,7 @@ impl TrainingSamples {
         step: u64,
         student: &UNet,
         ema: Option<&mut Ema>,
-        draw: &OneStepDraw,
+        draw: &StudentDraw,
         store: &RunStore,
     ) -> Result<(String, Vec<u8>), TrainError> {
         let images = match ema {
@@ -110,7 +117,7 @@ impl TrainingSamples {
         Ok((name, png))
     }
 
-    fn draw(&self, student: &UNet, draw: &OneStepDraw) -> Result<Tensor, TrainError> {
+    fn draw(&self, student: &UNet, draw: &StudentDraw) -> Result<Tensor, TrainError> {
         tch::no_grad(|| {
             let n = self.z.size()[0];
             let mut images = Vec::new();
@@ -118,10 +125,29 @@ impl TrainingSamples {
                 let len = (n - start).min(CHUNK as i64);
                 let z = self.z.narrow(0, start, len);
                 let cond = self.cond.narrow(0, start, len);
-                let x0 = one_step_x0(student, &z, &cond, draw)?;
+                let x0 = match draw {
+                    StudentDraw::OneStep(draw) => one_step_x0(student, &z, &cond, draw)?,
+                    StudentDraw::Chain(chain, schedule) => {
+                        let noises: Vec<Tensor> = self
+                            .noises
+                            .iter()
+                            .map(|e| e.narrow(0, start, len))
+                            .collect();
+                        chain
+                            .draw(student, &z, &cond, &noises, chain.len(), schedule)
+                            .map_err(|e| TrainError::Invalid(e.to_string()))?
+                    }
+                };
                 images.push(decode_images(self.vae.as_ref(), &x0)?.f_to_device(Device::Cpu)?);
             }
             Ok(Tensor::f_cat(&images, 0)?)
         })
     }
+}
+
+/// How the student draws its pictures: one step, or a few-step student's
+/// whole chain.
+pub(super) enum StudentDraw<'a> {
+    OneStep(OneStepDraw),
+    Chain(&'a StudentChain, &'a NoiseSchedule),
 }

@@ -24,7 +24,35 @@ pub struct Draws {
     /// This iteration's guidance scale for both scores, drawn when
     /// `method.guidance_scale_range` is set (else `VsdConfig`'s).
     pub guidance_scale: Option<f64>,
+    /// A few-step student's backward simulation (None for one step).
+    pub chain: Option<ChainDraws>,
 }
+
+/// The draws of a few-step student's backward simulation (shared/SPEC.md
+/// "Few-step students"), from a stream of the step's own
+/// ([`CHAIN_STREAM`]), so every other draw is the one-step run's.
+#[derive(Debug)]
+pub struct ChainDraws {
+    /// Each sample's step index k [B], int64 uniform in 0..K: the student
+    /// is trained at t_k on the input its own chain reaches there.
+    pub k: Tensor,
+    /// The chain's re-noising noise eps_j [B,C,h,w] for j = 0..K-1.
+    pub eps: Vec<Tensor>,
+}
+
+impl ChainDraws {
+    /// Rows `start..start + len` (one micro-batch).
+    pub fn rows(&self, start: i64, len: i64) -> ChainDraws {
+        ChainDraws {
+            k: self.k.narrow(0, start, len),
+            eps: self.eps.iter().map(|e| e.narrow(0, start, len)).collect(),
+        }
+    }
+}
+
+/// The seed stream of a step's backward-simulation draws: above every
+/// fake-score update's stream (1..=u32::MAX).
+const CHAIN_STREAM: u64 = 1 << 40;
 
 /// The draws of one fake-score update (SPEC step 6): the first of an
 /// iteration comes with [`Draws`]; each further one
@@ -49,6 +77,8 @@ pub struct DrawSpec {
     pub null_condition_prob: f64,
     /// SNOOPI's per-iteration guidance scale, uniform in [lo, hi].
     pub guidance_range: Option<(f64, f64)>,
+    /// The student's number of steps K (1: SwiftBrush, no chain draws).
+    pub student_steps: usize,
 }
 
 impl DrawSpec {
@@ -69,6 +99,7 @@ impl DrawSpec {
             timesteps: (lo, hi.max(lo)),
             null_condition_prob: m.null_condition_prob,
             guidance_range: m.guidance_scale_range.map(|[a, b]| (a, b)),
+            student_steps: m.student_steps().len(),
         }
     }
 }
@@ -114,7 +145,18 @@ impl Draws {
                 Some((lo, hi)) => Some(lo + (hi - lo) * uniform()?),
                 None => None,
             };
+            let chain = if spec.student_steps > 1 {
+                tch::manual_seed(key.seed_value(CHAIN_STREAM));
+                let k = Tensor::f_randint_low(0, spec.student_steps as i64, [global], INT)?;
+                let eps = (1..spec.student_steps)
+                    .map(|_| Tensor::f_randn(&shape, FLOAT).and_then(&mine))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some(ChainDraws { k: mine(k)?, eps })
+            } else {
+                None
+            };
             Ok(Self {
+                chain,
                 z: mine(z)?,
                 t: mine(t)?,
                 eps: mine(eps)?,
@@ -137,6 +179,7 @@ impl Draws {
             eps: self.eps.narrow(0, start, len),
             fake: self.fake.rows(start, len),
             guidance_scale: self.guidance_scale,
+            chain: self.chain.as_ref().map(|c| c.rows(start, len)),
         }
     }
 }
@@ -269,6 +312,7 @@ mod tests {
         timesteps: (20, 980),
         null_condition_prob: 0.1,
         guidance_range: None,
+        student_steps: 1,
     };
 
     fn draw(seed: u64, step: u64, shape: &[i64], slice: RankSlice) -> Draws {
@@ -339,6 +383,42 @@ mod tests {
         let mean = scales.iter().sum::<f64>() / scales.len() as f64;
         assert!((3.7..4.3).contains(&mean), "mean {mean}");
         assert!(scales.iter().any(|&g| g < 2.5) && scales.iter().any(|&g| g > 5.5));
+    }
+
+    #[test]
+    fn a_few_step_students_chain_draws_leave_every_other_draw_unchanged() {
+        let spec = DrawSpec {
+            student_steps: 4,
+            ..SPEC
+        };
+        let shape = [2, 4, 8, 8];
+        let one = draw(1, 5, &shape, RankSlice::SINGLE);
+        let four = draw_with(1, 5, &shape, RankSlice::SINGLE, &spec);
+        assert!(one.chain.is_none());
+        assert!(one.z.equal(&four.z) && one.t.equal(&four.t) && one.eps.equal(&four.eps));
+        assert!(one.fake.eps.equal(&four.fake.eps) && one.fake.t.equal(&four.fake.t));
+        let chain = four.chain.as_ref().unwrap();
+        assert_eq!(chain.eps.len(), 3);
+        assert!(!chain.eps[0].equal(&chain.eps[1]) && !chain.eps[0].equal(&four.z));
+        // A function of (seed, step, sample index): two ranks hold the rows.
+        let half = |rank| {
+            let slice = RankSlice {
+                rank,
+                world_size: 2,
+            };
+            draw_with(1, 5, &[1, 4, 8, 8], slice, &spec).chain.unwrap()
+        };
+        let (r0, r1) = (half(0), half(1));
+        assert!(Tensor::cat(&[&r0.k, &r1.k], 0).equal(&chain.k));
+        assert!(Tensor::cat(&[&r0.eps[2], &r1.eps[2]], 0).equal(&chain.eps[2]));
+        // Step indices cover 0..K.
+        let ks: Vec<i64> = (0..50)
+            .flat_map(|s| {
+                let d = draw_with(2, s, &[4, 1, 1, 1], RankSlice::SINGLE, &spec);
+                Vec::<i64>::try_from(d.chain.unwrap().k).unwrap()
+            })
+            .collect();
+        assert!((0..4).all(|k| ks.contains(&k)) && ks.iter().all(|k| (0..4).contains(k)));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | `scores.rs` | [`Scores`]: the real and the fake score the gradient compares |
 //! | `score_networks.rs` | the networks that answer them: [`TeacherUNet`] (teacher + LoRA), [`FullFakeScore`] (DMD2), [`ScorePair`] (either) |
 //! | `draws.rs` | every random draw of a step, a function of (seed, step, sample index) |
+//! | `few_step.rs` | a few-step student's iteration: DMD2's backward simulation before steps 2-6 |
 //! | `micro_batch.rs` | gradient accumulation over a rank's batch |
 //! | `recompute.rs` | `train.gradient_checkpointing`: the student's and the fake score's activations recomputed a few rows at a time |
 //!
@@ -22,6 +23,7 @@
 //! backward (trainer/grad_scaler.rs unscales).
 
 mod draws;
+mod few_step;
 mod micro_batch;
 mod recompute;
 mod score_networks;
@@ -30,17 +32,17 @@ mod step;
 
 use tch::{TchError, Tensor};
 
-pub use draws::{DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice, with_generator};
+pub use draws::{ChainDraws, DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice, with_generator};
 pub use score_networks::{FullFakeScore, ScoreNetworkError, ScorePair, TeacherUNet};
 pub use scores::{FakeScore, Scores};
 pub use step::{DeviceLosses, DeviceStepOutput, StepOutput, VsdStep};
 pub use swiftbrush_proto::config::VsdWeighting;
 
-use crate::diffusion::{OneStepDraw, PredictionType, ScheduleError};
+use crate::diffusion::{OneStepDraw, PredictionType, ScheduleError, StudentChain};
 use crate::torch::precision::AutocastPlan;
 
 /// The method's constants for one step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct VsdConfig {
     pub student_timestep: i64,
     /// A in x0_hat = (z - sqrt(1 - A) eps) / sqrt(A).
@@ -61,6 +63,10 @@ pub struct VsdConfig {
     /// a time (recompute.rs); None keeps the student's graph for the whole
     /// micro-batch.
     pub recompute_rows: Option<u32>,
+    /// A few-step student (`method.student_timesteps` of K > 1 steps):
+    /// its chain, trained by backward simulation (few_step.rs). None: the
+    /// one-step student on the plain path.
+    pub few_step: Option<StudentChain>,
 }
 
 impl VsdConfig {
@@ -130,4 +136,6 @@ pub enum VsdError {
     Schedule(#[from] ScheduleError),
     #[error("the VSD step was given an empty batch")]
     EmptyBatch,
+    #[error("the VSD step cannot run: {0}")]
+    Unsupported(String),
 }

@@ -182,6 +182,10 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
     ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
         // train.gradient_checkpointing: the same steps, activations
         // recomputed a few rows at a time (recompute.rs).
+        // A few-step student: backward simulation first (few_step.rs).
+        if let Some(chain) = &self.config.few_step {
+            return self.iteration_few_step(chain, text, draws, part);
+        }
         if let Some(rows) = self.config.recompute_rows {
             return self.iteration_recomputed(text, draws, part, rows);
         }

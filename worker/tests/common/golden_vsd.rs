@@ -52,6 +52,7 @@ pub fn vsd_config(weighting: VsdWeighting, teacher_autocast: Option<AutocastPlan
         student_autocast: None,
         one_score_pass: false,
         recompute_rows: None,
+        few_step: None,
     }
 }
 
@@ -103,6 +104,7 @@ pub fn inputs(g: &HashMap<String, Tensor>) -> (Draws, Conditions) {
             null_condition: g["null_condition"].int64_value(&[0]) == 1,
         },
         guidance_scale: None,
+        chain: None,
     };
     let text = Conditions {
         cond: on("cond"),

@@ -1,0 +1,39 @@
+//! A few-step student's sampling (shared/SPEC.md "Few-step students"):
+//! the chain of `diffusion::few_step` on the pipeline's own schedule, from
+//! given noise, decoded as the one-step draw is. No guidance.
+
+use tch::{Kind, Tensor};
+
+use super::{PipelineError, StableDiffusion};
+use crate::diffusion::{NoiseSchedule, StudentChain};
+
+impl StableDiffusion {
+    /// The first `steps` steps of `chain` from the noise `z` [B,C,h,w]
+    /// with the re-noising draws `noises` (each like z), decoded to images
+    /// [B,3,H,W] in [0,1].
+    pub fn sample_few_step<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        z: &Tensor,
+        noises: &[Tensor],
+        chain: &StudentChain,
+        steps: usize,
+    ) -> Result<Tensor, PipelineError> {
+        if prompts.is_empty() {
+            return Err(PipelineError::Input("no prompts to sample".into()));
+        }
+        self.check_latents(z, prompts.len())?;
+        let device = self.device();
+        let schedule = NoiseSchedule::new(&self.scheduler, device)?;
+        tch::no_grad(|| {
+            let cond = self.encode_prompts(prompts)?;
+            let z = z.f_to_device(device)?.f_to_kind(Kind::Float)?;
+            let noises = noises
+                .iter()
+                .map(|e| e.f_to_device(device))
+                .collect::<Result<Vec<_>, _>>()?;
+            let x0 = chain.draw(&self.unet, &z, &cond, &noises, steps, &schedule)?;
+            self.decode(&x0)
+        })
+    }
+}
