@@ -1,17 +1,19 @@
 //! Noise schedules, samplers and guidance (diffusers-compatible): the DDPM
 //! schedule, the forward process and the conversions between epsilon, v and
-//! x0 ([`schedule`]), the DDIM sampler ([`ddim`]), the student's one-step
+//! x0 ([`schedule`]), the DDIM sampler ([`ddim`]), SDXL's default Euler sampler ([`euler`]), the student's one-step
 //! draw ([`one_step`]), classifier-free guidance ([`guidance`]) and the
 //! seeded initial noise of sampling ([`latents`]). Each formula lives here
 //! once; the VSD step calls them.
 
 pub mod ddim;
+pub mod euler;
 pub mod guidance;
 pub mod latents;
 pub mod one_step;
 pub mod schedule;
 
 pub use ddim::{DDIMScheduler, DDIMStepOutput, ddim_timesteps};
+pub use euler::{EulerDiscreteScheduler, EulerOptions};
 pub use guidance::{classifier_free_guidance, guide_batched};
 pub use latents::draw_latents;
 pub use one_step::{Denoiser, OneStepDraw, one_step_output, one_step_x0, x0_of_output};
