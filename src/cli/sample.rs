@@ -46,7 +46,8 @@ pub struct DrawArgs {
     /// A text file with one prompt a line.
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
-    /// DDIM steps of --teacher [default: 25]. Not with --student (one step).
+    /// Sampling steps of --teacher (DDIM for SD 1/2; an SDXL folder's own
+    /// DDIM or Euler scheduler) [default: 25]. Not with --student (one step).
     #[arg(long)]
     steps: Option<i64>,
     /// Classifier-free guidance scale of --teacher; <= 1 turns guidance off

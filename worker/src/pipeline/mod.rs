@@ -4,6 +4,7 @@
 //! SDXL's (`stable_diffusion_xl`),
 //! and a cheap identity of a teacher folder (`fingerprint`).
 
+pub mod any_pipeline;
 pub mod components;
 pub mod fingerprint;
 pub mod folder;
@@ -11,6 +12,7 @@ pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 pub mod unet;
 
+pub use any_pipeline::AnyPipeline;
 pub use fingerprint::{FingerprintError, teacher_fingerprint};
 pub use folder::{Component, DiffusersFolder, FolderError};
 pub use stable_diffusion::{PipelineError, PromptEmbeddings, StableDiffusion};

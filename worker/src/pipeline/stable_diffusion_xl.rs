@@ -280,7 +280,21 @@ impl StableDiffusionXL {
             .f_repeat([batch, 1])
     }
 
-    fn check_latents(&self, latents: &Tensor, num_prompts: usize) -> Result<(), PipelineError> {
+    /// The default image size (height, width): sample_size times the VAE
+    /// scale factor, as diffusers' `default_sample_size * vae_scale_factor`.
+    pub fn default_size(&self) -> Option<(i64, i64)> {
+        let f = self.vae_scale_factor();
+        match self.unet.config.sample_size.as_ref()? {
+            OneOrMany::One(s) => Some((s * f, s * f)),
+            OneOrMany::Many(v) => match v.as_slice() {
+                [h, w] => Some((h * f, w * f)),
+                _ => None,
+            },
+        }
+    }
+
+    /// Checks that `latents` can be denoised with `num_prompts` prompts.
+    pub fn check_latents(&self, latents: &Tensor, num_prompts: usize) -> Result<(), PipelineError> {
         let size = latents.size();
         let c = self.unet.config.in_channels;
         match size.as_slice() {
