@@ -486,3 +486,19 @@ fn tf32_and_cudnn_benchmark_default_off_and_only_tf32_changes_training() {
     assert_eq!(bench.training_changes_from(&c), vec![]);
     assert_eq!(bench.fingerprint(), c.fingerprint());
 }
+
+#[test]
+fn student_init_is_absent_unless_set_and_a_change_when_set() {
+    let plain = parse("name: a\nmodel:\n  teacher: /t\n").unwrap();
+    let json = serde_json::to_string(&plain).unwrap();
+    assert!(
+        !json.contains("student_init"),
+        "unset, it leaves the serialized config (and so every old fingerprint) as it was"
+    );
+    let init = parse("name: a\nmodel:\n  teacher: /t\n  student_init: /u\n").unwrap();
+    assert_eq!(init.model.student_init.as_deref(), Some("/u"));
+    assert_ne!(plain.fingerprint(), init.fingerprint());
+    let changes = init.training_changes_from(&plain);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].key, "model.student_init");
+}
