@@ -11,6 +11,7 @@ pub mod folder;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 pub mod unet;
+pub mod xl_condition;
 
 pub use any_pipeline::AnyPipeline;
 pub use fingerprint::{FingerprintError, teacher_fingerprint};
