@@ -100,3 +100,141 @@ fn eval_clip_score_runs_on_an_sdxl_teacher() {
     assert_eq!(scores.len(), 2);
     assert!(scores.iter().all(|v| v.as_f64().unwrap().is_finite()));
 }
+
+fn train(dir: &Path, run_dir: &str, max_steps: &str) {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(dir)
+        .args(["train", "--config", config, "--teacher", s(&sdxl())])
+        .args(["--captions", "captions.txt", "--run-dir", run_dir])
+        .args(["--max-steps", max_steps])
+        .output()
+        .unwrap();
+    let stdout = assert_ok(&out);
+    assert!(stdout.contains("last checkpoint: step"), "{stdout}");
+}
+
+fn in_dir(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_ok(&out)
+}
+
+/// configs/tiny.yaml on the SDXL fixture from the command line: 4 steps
+/// straight equal 2 + 2 resumed, checkpoint file for file; the export with
+/// `--pipeline` carries both encoders and tokenizers, draws what the run
+/// draws, and diffusers' StableDiffusionXLPipeline components draw the same
+/// one-step picture from it (tests/reference/check_export.py pipeline_xl);
+/// `eval clip-score` scores the student.
+#[test]
+fn sdxl_train_resume_export_and_sample_the_student() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(
+        d.join("captions.txt"),
+        "a red circle\na photo of a cat\na blue square\nthe quick fox\n",
+    )
+    .unwrap();
+    train(d, "straight", "4");
+    train(d, "resumed", "2");
+    train(d, "resumed", "4");
+    let file = |run: &str, name: &str| {
+        let dir = d.join(run).join("checkpoints/step-00000004");
+        let attempt = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("attempt-"))
+            .unwrap();
+        std::fs::read(attempt.path().join(name)).unwrap()
+    };
+    for name in ["student.safetensors", "ema.safetensors", "lora.safetensors"] {
+        assert!(
+            file("straight", name) == file("resumed", name),
+            "{name} differs between the straight and the resumed run"
+        );
+    }
+    let exported = in_dir(
+        d,
+        &[
+            "export",
+            "--student",
+            "straight",
+            "--out",
+            "pipe",
+            "--pipeline",
+        ],
+    );
+    for part in ["pipe/text_encoder_2", "pipe/tokenizer_2", "pipe/unet"] {
+        assert!(exported.contains(part), "{part} not listed: {exported}");
+    }
+    let latents = golden("latents.safetensors");
+    let prompts = golden("prompts.txt");
+    for (student, raw) in [
+        ("straight", "run.safetensors"),
+        ("pipe", "pipe.safetensors"),
+    ] {
+        in_dir(
+            d,
+            &[
+                "sample",
+                "--student",
+                student,
+                "--prompts",
+                s(&prompts),
+                "--latents",
+                s(&latents),
+                "--raw-out",
+                raw,
+            ],
+        );
+    }
+    let ours = read(&d.join("run.safetensors"), "images");
+    assert_eq!(ours.size(), [2, 3, 16, 16]);
+    assert!(ours.equal(&read(&d.join("pipe.safetensors"), "images")));
+    // diffusers draws one prompt at a time here: the first prompt's noise.
+    let first = d.join("latents0.safetensors");
+    let z = read(&latents, "latents").narrow(0, 0, 1);
+    Tensor::write_safetensors(&[("latents", &z)], &first).unwrap();
+    let prompt = std::fs::read_to_string(&prompts).unwrap();
+    let prompt = prompt.lines().next().unwrap();
+    common::reference_python(
+        "check_export.py",
+        &[
+            "pipeline_xl",
+            s(&d.join("pipe")),
+            prompt,
+            s(&first),
+            s(&d.join("diffusers.safetensors")),
+            "0.0047",
+        ],
+    );
+    let reference = read(&d.join("diffusers.safetensors"), "images");
+    let diff = common::tensors::max_abs_diff(&ours.narrow(0, 0, 1), &reference);
+    assert!(diff <= 1e-3, "the exported student vs diffusers: {diff}");
+
+    let clip = common::fixtures().join("clip_model");
+    let report = in_dir(
+        d,
+        &[
+            "eval",
+            "clip-score",
+            "--clip",
+            s(&clip),
+            "--json",
+            "--student",
+            "pipe",
+            "--prompts",
+            s(&prompts),
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["scores"].as_array().unwrap().len(), 2);
+}

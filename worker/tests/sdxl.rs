@@ -68,7 +68,7 @@ fn sdxl_parts_match_diffusers() {
     assert_close("prompt_embeds", &cond.hidden, &g["prompt_embeds"], 1e-5);
     assert_close("pooled", &cond.pooled, &g["pooled_prompt_embeds"], 1e-5);
     let null = pipe.null_condition(&cond).unwrap();
-    assert!(pipe.force_zeros_for_empty_prompt);
+    assert!(pipe.text.force_zeros_for_empty_prompt);
     assert_eq!(null.hidden, g["negative_prompt_embeds"]);
     assert_eq!(null.pooled, g["negative_pooled_prompt_embeds"]);
     let ids = pipe.add_time_ids(1, 16, 16).unwrap();

@@ -12,6 +12,7 @@ pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 pub mod unet;
 pub mod xl_condition;
+pub mod xl_text;
 
 pub use any_pipeline::AnyPipeline;
 pub use fingerprint::{FingerprintError, teacher_fingerprint};

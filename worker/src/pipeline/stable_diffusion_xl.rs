@@ -11,16 +11,16 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use super::components::{TextEncoder, TextEncoderWithProjection, Vae};
+use super::components::Vae;
 use super::folder::DiffusersFolder;
 use super::stable_diffusion::{PipelineError, load_err};
 use super::unet::UNet;
+pub use super::xl_text::{XlCondition, XlTextEncoders};
 use crate::diffusion::{
     DDIMScheduler, EulerDiscreteScheduler, EulerOptions, OneStepDraw, ScheduleError,
     SchedulerConfig, guide_batched, one_step_x0,
 };
 use crate::models::text_time_embedding::AddedConditions;
-use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet_2d_condition::OneOrMany;
 
 /// The class model_index.json records for an SDXL pipeline.
@@ -33,37 +33,14 @@ pub enum XlSampler {
     Euler(EulerOptions),
 }
 
-/// SDXL's condition for a batch: the text hidden states [B, 77, D1 + D2]
-/// and the pooled embedding [B, P].
-#[derive(Debug)]
-pub struct XlCondition {
-    pub hidden: Tensor,
-    pub pooled: Tensor,
-}
-
-impl XlCondition {
-    fn cat(a: &Self, b: &Self) -> Result<Self, tch::TchError> {
-        Ok(Self {
-            hidden: Tensor::f_cat(&[&a.hidden, &b.hidden], 0)?,
-            pooled: Tensor::f_cat(&[&a.pooled, &b.pooled], 0)?,
-        })
-    }
-}
-
 /// A loaded SDXL pipeline (frozen, inference only).
 pub struct StableDiffusionXL {
     pub folder: DiffusersFolder,
-    pub tokenizer: ClipTokenizer,
-    pub tokenizer_2: ClipTokenizer,
-    pub text_encoder: TextEncoder,
-    pub text_encoder_2: TextEncoderWithProjection,
+    pub text: XlTextEncoders,
     pub unet: UNet,
     pub vae: Vae,
     pub scheduler: SchedulerConfig,
     pub sampler: XlSampler,
-    /// model_index.json's `force_zeros_for_empty_prompt` (diffusers'
-    /// default, true, where absent).
-    pub force_zeros_for_empty_prompt: bool,
     device: Device,
     kind: Kind,
 }
@@ -80,10 +57,6 @@ impl StableDiffusionXL {
     /// the UNet in `kind` (the VAE: see [`Vae::load`]).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, PipelineError> {
         let folder = DiffusersFolder::open(dir)?;
-        let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)
-            .map_err(load_err("tokenizer"))?;
-        let tokenizer_2 = ClipTokenizer::from_dir(&folder.component("tokenizer_2")?.dir)
-            .map_err(load_err("tokenizer_2"))?;
         let scheduler_dir = folder.component("scheduler")?.dir;
         let scheduler_file = scheduler_dir.join("scheduler_config.json");
         let scheduler =
@@ -105,27 +78,17 @@ impl StableDiffusionXL {
                 });
             }
         };
-        let text_encoder = TextEncoder::load(&folder.component("text_encoder")?, device, kind)
-            .map_err(load_err("text_encoder"))?;
-        let text_encoder_2 =
-            TextEncoderWithProjection::load(&folder.component("text_encoder_2")?, device, kind)
-                .map_err(load_err("text_encoder_2"))?;
+        let text = XlTextEncoders::load(&folder, device, kind)?;
         folder.component("unet")?;
         let unet = UNet::load_as(&folder, device, kind).map_err(load_err("unet"))?;
         let vae = Vae::load(&folder.component("vae")?, device, kind).map_err(load_err("vae"))?;
-        let force_zeros_for_empty_prompt =
-            folder.flag("force_zeros_for_empty_prompt").unwrap_or(true);
         let pipeline = Self {
             folder,
-            tokenizer,
-            tokenizer_2,
-            text_encoder,
-            text_encoder_2,
+            text,
             unet,
             vae,
             scheduler,
             sampler,
-            force_zeros_for_empty_prompt,
             device,
             kind,
         };
@@ -136,8 +99,8 @@ impl StableDiffusionXL {
     fn check_fit(&self) -> Result<(), PipelineError> {
         let unet = &self.unet.config;
         let (h1, h2) = (
-            self.text_encoder.config.hidden_size,
-            self.text_encoder_2.model.config.hidden_size,
+            self.text.text_encoder.config.hidden_size,
+            self.text.text_encoder_2.model.config.hidden_size,
         );
         let mut problems = Vec::new();
         let cross = match &unet.cross_attention_dim {
@@ -152,7 +115,7 @@ impl StableDiffusionXL {
         }
         match unet.text_time() {
             Ok(Some(dims)) => {
-                let p = self.text_encoder_2.model.projection.projection_dim;
+                let p = self.text.pooled_dim();
                 if dims.pooled_dim() != p {
                     problems.push(format!(
                         "text_encoder_2's projection_dim is {p} but the unet's \
@@ -171,32 +134,6 @@ impl StableDiffusionXL {
             problems.push(format!(
                 "the vae's latent_channels is {} but the unet's in_channels is {}",
                 self.vae.config.latent_channels, unet.in_channels
-            ));
-        }
-        for (name, tok, positions) in [
-            (
-                "tokenizer",
-                &self.tokenizer,
-                self.text_encoder.config.max_position_embeddings,
-            ),
-            (
-                "tokenizer_2",
-                &self.tokenizer_2,
-                self.text_encoder_2.model.config.max_position_embeddings,
-            ),
-        ] {
-            if tok.max_length() as i64 > positions {
-                problems.push(format!(
-                    "{name}'s model_max_length is {} but its text encoder has {positions} positions",
-                    tok.max_length()
-                ));
-            }
-        }
-        if self.tokenizer.max_length() != self.tokenizer_2.max_length() {
-            problems.push(format!(
-                "tokenizer and tokenizer_2 pad to {} and {} tokens; their states are concatenated",
-                self.tokenizer.max_length(),
-                self.tokenizer_2.max_length()
             ));
         }
         if problems.is_empty() {
@@ -232,52 +169,22 @@ impl StableDiffusionXL {
         &self,
         prompts: &[S],
     ) -> Result<XlCondition, PipelineError> {
-        let ids_1 = self.tokenizer.encode_batch(prompts, self.device)?.input_ids;
-        let ids_2 = self
-            .tokenizer_2
-            .encode_batch(prompts, self.device)?
-            .input_ids;
-        Ok(tch::no_grad(|| -> Result<XlCondition, tch::TchError> {
-            let h1 = self.text_encoder.model.f_penultimate(&ids_1)?;
-            let out = self.text_encoder_2.model.f_forward(&ids_2)?;
-            Ok(XlCondition {
-                hidden: Tensor::f_cat(&[&h1, &out.penultimate], -1)?,
-                pooled: out.text_embeds,
-            })
-        })?)
+        Ok(self.text.encode(prompts)?.0)
     }
 
-    /// The null condition for `batch` rows: zeros shaped like `cond` where
-    /// `force_zeros_for_empty_prompt`, else the encoding of "".
+    /// The null condition shaped like `cond` (see [`XlTextEncoders::null_condition`]).
     pub fn null_condition(&self, cond: &XlCondition) -> Result<XlCondition, PipelineError> {
-        if self.force_zeros_for_empty_prompt {
-            return Ok(XlCondition {
-                hidden: cond.hidden.f_zeros_like()?,
-                pooled: cond.pooled.f_zeros_like()?,
-            });
-        }
-        let b = cond.hidden.size()[0];
-        let e = self.encode_prompts(&[""])?;
-        Ok(XlCondition {
-            hidden: e.hidden.f_expand([b, -1, -1], false)?,
-            pooled: e.pooled.f_expand([b, -1], false)?,
-        })
+        self.text.null_condition(cond)
     }
 
-    /// diffusers' `_get_add_time_ids` for `batch` images of height x width
-    /// pixels, no crop: [h, w, 0, 0, h, w] per row, in the pipeline's dtype.
+    /// diffusers' `_get_add_time_ids` (see [`XlTextEncoders::add_time_ids`]).
     pub fn add_time_ids(
         &self,
         batch: i64,
         height: i64,
         width: i64,
     ) -> Result<Tensor, tch::TchError> {
-        let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
-        Tensor::f_from_slice(&ids)?
-            .f_reshape([1, 6])?
-            .f_to_kind(self.kind)?
-            .f_to_device(self.device)?
-            .f_repeat([batch, 1])
+        self.text.add_time_ids(batch, height, width)
     }
 
     /// The default image size (height, width): sample_size times the VAE

@@ -112,7 +112,7 @@ fn load_networks(
         if let Some(dir) = &cfg.model.student_init {
             super::student_init::init_student(&mut student, dir)?;
         }
-        let text = TextConditioner::load(folder, device)?;
+        let text = TextConditioner::load(folder, device, i64::from(cfg.model.resolution))?;
         Ok::<_, TrainError>((scores, student, text))
     })?;
 
