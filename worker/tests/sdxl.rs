@@ -138,3 +138,42 @@ fn sdxl_refuses_an_unsupported_scheduler_naming_the_supported_ones() {
         "{err}"
     );
 }
+
+/// The teacher fingerprint covers both encoders and both tokenizers: a
+/// changed value in text_encoder_2's weights or a changed tokenizer_2 file
+/// makes another teacher.
+#[test]
+fn sdxl_fingerprint_covers_the_second_encoder_and_tokenizer() {
+    use swiftbrush_worker::pipeline::teacher_fingerprint;
+    let src = pipeline("sdxl");
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        std::fs::copy(src.join("model_index.json"), to.join("model_index.json")).unwrap();
+        for c in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            std::os::unix::fs::symlink(src.join(c), to.join(c)).unwrap();
+        }
+        for c in ["text_encoder_2", "tokenizer_2"] {
+            std::fs::create_dir_all(to.join(c)).unwrap();
+            for f in std::fs::read_dir(src.join(c)).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, to.join(c).join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    };
+    let original = teacher_fingerprint(&src).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    copy(&a);
+    copy(&b);
+    assert_eq!(teacher_fingerprint(&a).unwrap(), original);
+    let weights = a.join("text_encoder_2/model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    std::fs::write(&weights, bytes).unwrap();
+    assert_ne!(teacher_fingerprint(&a).unwrap(), original);
+    let config = b.join("tokenizer_2/special_tokens_map.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"!\"", "\"<|endoftext|>\"");
+    std::fs::write(&config, text).unwrap();
+    assert_ne!(teacher_fingerprint(&b).unwrap(), original);
+}
