@@ -238,3 +238,23 @@ fn sdxl_train_resume_export_and_sample_the_student() {
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["scores"].as_array().unwrap().len(), 2);
 }
+
+/// `doctor --teacher` and `config check` name the architecture they find.
+#[test]
+fn doctor_and_config_check_name_the_architecture() {
+    let sd1 = common::fixtures().join("pipelines/sd1");
+    let out = assert_ok(&run(&["doctor", "--teacher", s(&sdxl())]));
+    assert!(
+        out.contains("Stable Diffusion XL (StableDiffusionXLPipeline"),
+        "{out}"
+    );
+    let out = assert_ok(&run(&["doctor", "--json", "--teacher", s(&sd1)]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let found = json["teacher"]["architecture"].as_str().unwrap();
+    assert!(found.starts_with("Stable Diffusion 1.x/2.x"), "{found}");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml");
+    let out = run(&["config", "check", config, "--teacher", s(&sdxl())]);
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("Stable Diffusion XL"), "{log}");
+}

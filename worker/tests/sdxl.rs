@@ -173,7 +173,9 @@ fn sdxl_fingerprint_covers_the_second_encoder_and_tokenizer() {
     std::fs::write(&weights, bytes).unwrap();
     assert_ne!(teacher_fingerprint(&a).unwrap(), original);
     let config = b.join("tokenizer_2/special_tokens_map.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"!\"", "\"<|endoftext|>\"");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"!\"", "\"<|endoftext|>\"");
     std::fs::write(&config, text).unwrap();
     assert_ne!(teacher_fingerprint(&b).unwrap(), original);
 }

@@ -5,6 +5,7 @@
 //! and a cheap identity of a teacher folder (`fingerprint`).
 
 pub mod any_pipeline;
+pub mod architecture;
 pub mod components;
 pub mod fingerprint;
 pub mod folder;
@@ -15,6 +16,7 @@ pub mod xl_condition;
 pub mod xl_text;
 
 pub use any_pipeline::AnyPipeline;
+pub use architecture::teacher_architecture;
 pub use fingerprint::{FingerprintError, teacher_fingerprint};
 pub use folder::{Component, DiffusersFolder, FolderError};
 pub use stable_diffusion::{PipelineError, PromptEmbeddings, StableDiffusion};
