@@ -63,7 +63,7 @@ fn presets_parse_and_validate() {
         }
     }
     names.sort();
-    for want in ["sd15.yaml", "sd21-base.yaml", "tiny.yaml"] {
+    for want in ["sd15.yaml", "sd21-base.yaml", "sdxl-base.yaml", "tiny.yaml"] {
         assert!(names.iter().any(|n| n == want), "missing preset {want}");
     }
 }
