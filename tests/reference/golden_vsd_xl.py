@@ -51,15 +51,23 @@ def conditions(pipe):
     return cond, uncond
 
 
+CASES = ((False, 41, "lora"), (True, 42, "lora"), (True, 43, "unet"))
+
+
+def build_case(root, pipeline_dir, null_condition, seed, fake):
+    """One case into root/golden/vsd/ (scripts/gpu-check makes the first
+    on the device's CPU, beside a fixture it builds there)."""
+    pipe = load(pipeline_dir)
+    xl = xl_pass(pipe.text_encoder_2.config.projection_dim)
+    out = run(
+        pipe, "sdxl", null_condition, seed, TARGETS, teacher_pass=xl, student_pass=xl,
+        fake=fake, conditions=conditions(pipe),
+    )
+    suffix = "_fullfake" if fake == "unet" else ""
+    name = f"sdxl{suffix}_null{int(null_condition)}.safetensors"
+    save_tensors(os.path.join(root, "golden", "vsd", name), out)
+
+
 def build(root, _pipelines):
-    path = os.path.join(root, "pipelines", "sdxl")
-    for null_condition, seed, fake in ((False, 41, "lora"), (True, 42, "lora"), (True, 43, "unet")):
-        pipe = load(path)
-        xl = xl_pass(pipe.text_encoder_2.config.projection_dim)
-        out = run(
-            pipe, "sdxl", null_condition, seed, TARGETS, teacher_pass=xl, student_pass=xl,
-            fake=fake, conditions=conditions(pipe),
-        )
-        suffix = "_fullfake" if fake == "unet" else ""
-        name = f"sdxl{suffix}_null{int(null_condition)}.safetensors"
-        save_tensors(os.path.join(root, "golden", "vsd", name), out)
+    for case in CASES:
+        build_case(root, os.path.join(root, "pipelines", "sdxl"), *case)

@@ -80,5 +80,8 @@ fn sdxl_counts_both_text_encoders() {
     let text = numel(&dir.join("text_encoder/model.safetensors"))
         + numel(&dir.join("text_encoder_2/model.safetensors"));
     assert_eq!(c.text_encoder, text);
-    assert_eq!(c.unet, numel(&dir.join("unet/diffusion_pytorch_model.safetensors")));
+    assert_eq!(
+        c.unet,
+        numel(&dir.join("unet/diffusion_pytorch_model.safetensors"))
+    );
 }
