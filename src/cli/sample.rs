@@ -31,7 +31,9 @@ pub struct SampleArgs {
 #[command(group(ArgGroup::new("text").required(true).args(["prompt", "prompts"])))]
 pub struct DrawArgs {
     /// A diffusers Stable Diffusion folder, sampled with DDIM and
-    /// classifier-free guidance as diffusers' StableDiffusionPipeline does.
+    /// classifier-free guidance as diffusers' StableDiffusionPipeline does;
+    /// an SDXL folder as StableDiffusionXLPipeline does, with its own
+    /// scheduler (EulerDiscreteScheduler or DDIMScheduler).
     #[arg(long, value_name = "DIR")]
     teacher: Option<PathBuf>,
     /// A trained one-step student: a run directory (its newest valid
