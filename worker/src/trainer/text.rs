@@ -50,13 +50,15 @@ impl XlText {
     }
 }
 
-/// The teacher family's encoders.
+/// The teacher family's encoders. One per trainer: the variants' sizes
+/// do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Encoders {
     Sd {
         tokenizer: ClipTokenizer,
         encoder: TextEncoder,
     },
-    Xl(Box<XlText>),
+    Xl(XlText),
 }
 
 pub struct TextConditioner {
@@ -82,7 +84,7 @@ impl TextConditioner {
         let encoders = if is_sdxl_folder(folder) {
             let encoders = XlTextEncoders::load(folder, device, Kind::Float)?;
             let time_ids = encoders.add_time_ids(1, image_size, image_size)?;
-            Encoders::Xl(Box::new(XlText { encoders, time_ids }))
+            Encoders::Xl(XlText { encoders, time_ids })
         } else {
             let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)?;
             let encoder =
