@@ -54,6 +54,10 @@ fn the_gpu_check_passes_its_dry_run_on_the_cpu() {
         "sample --teacher sd1 vs diffusers",
         "sample --teacher sd2 vs diffusers",
         "sample --student four steps: device vs cpu",
+        // SDXL (issue 25): the fixture built on the spot, sample and one step.
+        "sample --teacher sdxl vs diffusers",
+        "sdxl_null0 student_grad. / max",
+        "sdxl_null0 lora_grad. / max",
         "sd1_null0 student_grad. / max",
         "sd1_null0 lora_grad. / max",
         "bf16 student_grad. / scale",

@@ -50,6 +50,16 @@ pub struct ModelConfig {
     /// pixels themselves for a pixel-space teacher (no vae/ folder).
     #[serde(default = "default_resolution")]
     pub resolution: u32,
+    /// A diffusers UNet folder (config.json and safetensors weights; a
+    /// pipeline folder's `unet/` is taken) whose weights start the student
+    /// instead of a copy of the teacher's. Its config must describe the
+    /// teacher UNet's architecture (a differing key is refused by name);
+    /// the teacher and the fake score stay the teacher's. Unset (the
+    /// default): the student starts as the teacher. Absent from the
+    /// serialized config when unset, so fingerprints of configs without it
+    /// are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_init: Option<String>,
 }
 
 fn default_resolution() -> u32 {

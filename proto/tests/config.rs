@@ -63,7 +63,7 @@ fn presets_parse_and_validate() {
         }
     }
     names.sort();
-    for want in ["sd15.yaml", "sd21-base.yaml", "tiny.yaml"] {
+    for want in ["sd15.yaml", "sd21-base.yaml", "sdxl-base.yaml", "tiny.yaml"] {
         assert!(names.iter().any(|n| n == want), "missing preset {want}");
     }
 }
@@ -537,4 +537,20 @@ fn student_timesteps_descend_from_the_student_timestep_and_change_training() {
     ));
     assert!(e.contains("train.gradient_checkpointing"), "{e}");
     assert!(e.contains("few-step student"), "{e}");
+}
+
+#[test]
+fn student_init_is_absent_unless_set_and_a_change_when_set() {
+    let plain = parse("name: a\nmodel:\n  teacher: /t\n").unwrap();
+    let json = serde_json::to_string(&plain).unwrap();
+    assert!(
+        !json.contains("student_init"),
+        "unset, it leaves the serialized config (and so every old fingerprint) as it was"
+    );
+    let init = parse("name: a\nmodel:\n  teacher: /t\n  student_init: /u\n").unwrap();
+    assert_eq!(init.model.student_init.as_deref(), Some("/u"));
+    assert_ne!(plain.fingerprint(), init.fingerprint());
+    let changes = init.training_changes_from(&plain);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].key, "model.student_init");
 }

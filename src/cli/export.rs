@@ -54,6 +54,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             _ if i == 0 => "the student UNet (config.json, diffusion_pytorch_model.safetensors)",
             Some("text_encoder") => "the teacher's text encoder",
             Some("tokenizer") => "the teacher's tokenizer",
+            Some("text_encoder_2") => "the teacher's second text encoder (SDXL)",
+            Some("tokenizer_2") => "the teacher's second tokenizer (SDXL)",
             Some("vae") => "the teacher's VAE",
             Some("scheduler") => {
                 "LCMScheduler on the teacher's schedule (diffusers draws the student)"

@@ -95,6 +95,10 @@ enum Command {
         json: bool,
         #[command(flatten)]
         threads: worker::ThreadArgs,
+        /// Also name the architecture of this teacher folder (from its
+        /// config files: SD 1.x/2.x or SDXL).
+        #[arg(long, value_name = "DIR")]
+        teacher: Option<PathBuf>,
     },
     /// Distill the teacher into a one-step student (SwiftBrush) on this
     /// machine (a coordinator in-process, --workers N). Resumes from the run
@@ -152,6 +156,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             for warning in missing_paths(&config) {
                 tracing::warn!("{warning}");
             }
+            if let Some(dir) = config.model.teacher.as_deref() {
+                let dir = std::path::Path::new(dir);
+                if dir.join("model_index.json").is_file() {
+                    match swiftbrush_worker::pipeline::teacher_architecture(dir) {
+                        Ok(a) => tracing::info!(architecture = %a, "teacher"),
+                        Err(e) => tracing::warn!("model.teacher: {e}"),
+                    }
+                }
+            }
             tracing::info!(
                 file = %file.display(),
                 fingerprint = %config.fingerprint(),
@@ -165,15 +178,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(command) => bench::run(command),
         Command::Export(args) => export::run(args),
         Command::Toy(command) => toy::run(command),
-        Command::Doctor { json, threads } => {
+        Command::Doctor {
+            json,
+            threads,
+            teacher,
+        } => {
             let report = swiftbrush_worker::doctor::report(threads.request());
+            let architecture = teacher.as_ref().map(|dir| {
+                swiftbrush_worker::pipeline::teacher_architecture(dir).map_err(|e| e.to_string())
+            });
             if json {
                 let mut value = serde_json::to_value(&report)?;
                 value["swiftbrush"] = env!("CARGO_PKG_VERSION").into();
+                if let (Some(dir), Some(found)) = (&teacher, &architecture) {
+                    value["teacher"] = match found {
+                        Ok(a) => serde_json::json!({"dir": dir, "architecture": a}),
+                        Err(e) => serde_json::json!({"dir": dir, "error": e}),
+                    };
+                }
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 println!("swiftbrush {}", env!("CARGO_PKG_VERSION"));
                 print!("{}", report.table());
+                if let (Some(dir), Some(found)) = (&teacher, &architecture) {
+                    match found {
+                        Ok(a) => println!("{:<14} {}: {a}", "teacher", dir.display()),
+                        Err(e) => println!("{:<14} {}: missing: {e}", "teacher", dir.display()),
+                    }
+                }
             }
             Ok(())
         }

@@ -31,7 +31,9 @@ pub struct SampleArgs {
 #[command(group(ArgGroup::new("text").required(true).args(["prompt", "prompts"])))]
 pub struct DrawArgs {
     /// A diffusers Stable Diffusion folder, sampled with DDIM and
-    /// classifier-free guidance as diffusers' StableDiffusionPipeline does.
+    /// classifier-free guidance as diffusers' StableDiffusionPipeline does;
+    /// an SDXL folder as StableDiffusionXLPipeline does, with its own
+    /// scheduler (EulerDiscreteScheduler or DDIMScheduler).
     #[arg(long, value_name = "DIR")]
     teacher: Option<PathBuf>,
     /// A trained student (one step, or the K steps it was trained for): a run directory (its newest valid
@@ -46,7 +48,8 @@ pub struct DrawArgs {
     /// A text file with one prompt a line.
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
-    /// DDIM steps of --teacher [default: 25]; with --student, how many of
+    /// Sampling steps of --teacher (DDIM for SD 1/2; an SDXL folder's own
+    /// DDIM or Euler scheduler) [default: 25]; with --student, how many of
     /// a few-step student's steps to draw [default: all it was trained for].
     #[arg(long)]
     steps: Option<i64>,

@@ -60,6 +60,11 @@ def main():
     import pipelines
 
     paths = pipelines.build(tmp)
+    # SDXL has its own fixture and goldens (pipelines_xl.py, golden_*_xl.py),
+    # outside `paths`: the SD goldens iterate over `paths`.
+    import pipelines_xl
+
+    pipelines_xl.build(tmp)
     for path in sorted(glob.glob(os.path.join(HERE, "golden_*.py"))):
         name = os.path.splitext(os.path.basename(path))[0]
         t0 = time.time()

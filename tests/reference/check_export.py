@@ -15,6 +15,9 @@ build()). Prints one JSON object.
         with latents=LATENTS when given; STEPS may be a comma-separated list
         of timesteps (then timesteps=[...]). Writes `images` to OUT and prints
         the scheduler's class and timesteps
+  check_export.py pipeline_xl DIR PROMPT LATENTS OUT A
+        the same with StableDiffusionXLPipeline: the UNet takes encode_prompt's
+        states and pooled embedding and the time ids of the latents' image size
   check_export.py peft UNET_DIR LORA RANK ALPHA TARGETS
         attaches peft LoRA adapters and loads LORA with set_peft_model_state_dict
 """
@@ -69,6 +72,26 @@ def stock(path, prompt, seed, out, steps, latents_file=None):
     save_file({"images": images.contiguous()}, out)
     timesteps = [int(t) for t in pipe.scheduler.timesteps]
     print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "timesteps": timesteps}))
+def pipeline_xl(path, prompt, latents_file, out, a):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
+    z = load_file(latents_file)["latents"]
+    b = z.shape[0]
+    hidden, _, pooled, _ = pipe.encode_prompt(
+        [prompt] * b, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    size = (z.shape[2] * pipe.vae_scale_factor, z.shape[3] * pipe.vae_scale_factor)
+    ids = pipe._get_add_time_ids(
+        size, (0, 0), size, dtype=hidden.dtype,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    ).repeat(b, 1)
+    t = torch.full((b,), 999)
+    out_eps = pipe.unet(z, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    x0 = (z - (1 - a) ** 0.5 * out_eps) / a**0.5
+    img = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+    save_file({"images": (img / 2 + 0.5).clamp(0, 1).contiguous()}, out)
+    print(json.dumps({"ok": True}))
 
 
 def peft(unet_dir, lora, rank, alpha, targets):
@@ -91,6 +114,8 @@ if __name__ == "__main__":
         pipeline(args[0], args[1], args[2], args[3], float(args[4]))
     elif cmd == "stock":
         stock(*args)
+    elif cmd == "pipeline_xl":
+        pipeline_xl(args[0], args[1], args[2], args[3], float(args[4]))
     elif cmd == "peft":
         peft(*args)
     else:

@@ -66,6 +66,7 @@ def run(
     fake="lora",
     device="cpu",
     student_pass=plain_pass,
+    conditions=None,
 ):
     """The iteration; `teacher_pass` runs the three teacher forwards (frozen,
     LoRA, LoRA with gradients; golden_autocast.py puts them under autocast),
@@ -74,7 +75,9 @@ def run(
     `fake` method.fake_score: "lora", or "unet" for DMD2's full trainable
     copy of the teacher as the fake score. `device`: where the iteration
     runs (scripts/gpu-check: "cuda"); weights and draws are made on the CPU
-    first either way, so they are the same values everywhere."""
+    first either way, so they are the same values everywhere.
+    `conditions`: (cond, uncond) instead of encoding PROMPTS and "" with the
+    pipeline's text encoder (golden_vsd_xl.py passes SDXL's, packed)."""
     ptype = pipe.scheduler.config.prediction_type
     abar = pipe.scheduler.alphas_cumprod.to(torch.float32)
     teacher = pipe.unet
@@ -114,8 +117,11 @@ def run(
         real_model = fake_model = teacher
         disable, enable = teacher.disable_adapters, teacher.enable_adapters
 
-    cond = encode(pipe, PROMPTS)
-    uncond = encode(pipe, [""])
+    if conditions is None:
+        cond = encode(pipe, PROMPTS)
+        uncond = encode(pipe, [""])
+    else:
+        cond, uncond = conditions
     b = len(PROMPTS)
     shape = (b, 4, 8, 8)
     z = torch.randn(shape, generator=g)

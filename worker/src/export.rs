@@ -1,7 +1,7 @@
 //! `swiftbrush export`: a trained student as a diffusers UNet folder
 //! (config.json + diffusion_pytorch_model.safetensors, the EMA weights by
 //! default), or with `pipeline` a whole pipeline folder: the student UNet
-//! plus the teacher's text encoder, tokenizer, VAE and scheduler, which
+//! plus the teacher's text encoder(s), tokenizer(s), VAE and scheduler, which
 //! diffusers loads with `from_pretrained`.
 
 use std::path::{Path, PathBuf};
@@ -299,7 +299,15 @@ pub fn export(
     )?;
     let mut written = vec![unet_dir];
     if let Some(one_step) = one_step {
-        for name in ["text_encoder", "tokenizer", "vae", "scheduler"] {
+        // An SDXL teacher's second encoder and tokenizer too.
+        for name in [
+            "text_encoder",
+            "tokenizer",
+            "text_encoder_2",
+            "tokenizer_2",
+            "vae",
+            "scheduler",
+        ] {
             if let Ok(c) = folder.component(name) {
                 copy_dir(&c.dir, &out.join(name))?;
                 written.push(out.join(name));

@@ -15,7 +15,7 @@ use crate::diffusion::{NoiseSchedule, StudentChain, draw_chain_noise, draw_laten
 use crate::export::{ONE_STEP_FILE, OneStep, StudentCheckpoint, StudentWeights};
 use crate::image_io::{ImageError, grid_columns, save_png};
 use crate::models::weights;
-use crate::pipeline::{PipelineError, StableDiffusion};
+use crate::pipeline::{AnyPipeline, PipelineError, StableDiffusion};
 use crate::torch::device::{DeviceError, parse_device};
 use crate::trainer::checkpoint::tensor_bytes;
 
@@ -276,7 +276,7 @@ pub fn draw_in_batches<E: From<SampleError>>(
                 (Some(o), None) => {
                     pipe.sample_one_step(chunk, &part, o.student_timestep, o.student_alpha_bar)?
                 }
-                (None, None) => pipe.sample_ddim(chunk, &part, req.steps, req.guidance)?,
+                (None, None) => pipe.sample_teacher(chunk, &part, req.steps, req.guidance)?,
             };
             Ok(imgs.f_to_device(Device::Cpu)?)
         })()?;
@@ -295,7 +295,7 @@ pub fn draw_in_batches<E: From<SampleError>>(
 
 /// Everything `draw_in_batches` checks and loads before the first batch.
 struct PreparedDraw {
-    pipe: StableDiffusion,
+    pipe: AnyPipeline,
     /// A student's one-step settings (None: the teacher, with DDIM).
     one_step: Option<OneStep>,
     /// A few-step student's chain, its noise and the steps drawn (None:
@@ -398,7 +398,7 @@ struct ChainDraw {
 /// when latents were given: what diffusers' pipeline with that
 /// generator draws.
 fn chain_draw(
-    pipe: &StableDiffusion,
+    pipe: &AnyPipeline,
     o: &OneStep,
     req: &SampleRequest,
     latents: &Tensor,
@@ -415,7 +415,7 @@ fn chain_draw(
     if trained == 1 {
         return Ok(None);
     }
-    let schedule = NoiseSchedule::new(&pipe.scheduler, Device::Cpu)
+    let schedule = NoiseSchedule::new(pipe.scheduler(), Device::Cpu)
         .map_err(|e| SampleError::Input(e.to_string()))?;
     let chain = o
         .chain(&schedule)
@@ -435,12 +435,18 @@ fn chain_draw(
 
 /// The pipeline to draw with, and for a student its one-step settings
 /// (with the alpha-bar resolved from the schedule when the run asked so).
+/// An SD 1.x/2.x model only (the toy world's evaluation).
 pub fn load_model(
     model: &SampleModel,
     device: Device,
     kind: Kind,
 ) -> Result<(StableDiffusion, Option<OneStep>), SampleError> {
-    load_model_described(model, device, kind).map(|(pipe, one_step, _)| (pipe, one_step))
+    match load_model_described(model, device, kind)? {
+        (AnyPipeline::Sd(pipe), one_step, _) => Ok((*pipe, one_step)),
+        (AnyPipeline::Xl(_), _, what) => Err(SampleError::Input(format!(
+            "{what} is a Stable Diffusion XL pipeline; this command takes SD 1.x/2.x only"
+        ))),
+    }
 }
 
 /// As [`load_model`], with what was loaded in words: `teacher DIR`,
@@ -450,10 +456,10 @@ pub fn load_model_described(
     model: &SampleModel,
     device: Device,
     kind: Kind,
-) -> Result<(StableDiffusion, Option<OneStep>, String), SampleError> {
+) -> Result<(AnyPipeline, Option<OneStep>, String), SampleError> {
     match model {
         SampleModel::Teacher(dir) => Ok((
-            StableDiffusion::load(dir, device, kind)?,
+            AnyPipeline::load(dir, device, kind)?,
             None,
             model.describe(),
         )),
@@ -462,16 +468,16 @@ pub fn load_model_described(
             let (pipe, mut one_step, what) = if dir.join("model_index.json").is_file() {
                 let one_step = OneStep::from_export(dir).map_err(student_error)?;
                 let what = format!("student {path} (exported pipeline, {ONE_STEP_FILE})");
-                (StableDiffusion::load(dir, device, kind)?, one_step, what)
+                (AnyPipeline::load(dir, device, kind)?, one_step, what)
             } else {
                 let ckpt = StudentCheckpoint::open(path).map_err(student_error)?;
                 let folder = ckpt.teacher(teacher.as_deref()).map_err(student_error)?;
-                let mut pipe = StableDiffusion::load(folder.root(), device, kind)?;
+                let mut pipe = AnyPipeline::load(folder.root(), device, kind)?;
                 let bytes = ckpt.weights(StudentWeights::Ema).map_err(student_error)?;
                 let what = format!("{path}: checkpoint step {} EMA weights", ckpt.manifest.step);
                 let tensors = tensor_bytes::from_bytes(&bytes, &what)
                     .map_err(|e| SampleError::Input(e.to_string()))?;
-                weights::load_tensors_strict(&mut pipe.unet.vs, tensors, &[what.into()])
+                weights::load_tensors_strict(pipe.unet_vs_mut(), tensors, &[what.into()])
                     .map_err(|e| SampleError::Input(e.to_string()))?;
                 let what = format!(
                     "student {path} (checkpoint step {}, EMA weights)",
@@ -480,7 +486,7 @@ pub fn load_model_described(
                 (pipe, ckpt.one_step().map_err(student_error)?, what)
             };
             if one_step.alpha_bar_from_schedule {
-                let schedule = NoiseSchedule::new(&pipe.scheduler, Device::Cpu)
+                let schedule = NoiseSchedule::new(pipe.scheduler(), Device::Cpu)
                     .map_err(|e| SampleError::Input(e.to_string()))?;
                 one_step.student_alpha_bar = schedule
                     .alpha_bar(one_step.student_timestep)
@@ -497,7 +503,7 @@ fn student_error(e: crate::export::ExportError) -> SampleError {
 
 /// Given latents fix the image size; explicit --height/--width must agree.
 fn check_size(
-    pipe: &StableDiffusion,
+    pipe: &AnyPipeline,
     latents: &Tensor,
     req: &SampleRequest,
 ) -> Result<(), SampleError> {

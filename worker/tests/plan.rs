@@ -69,3 +69,19 @@ fn resident_parts_take_their_dtypes_and_the_fake_score_form() {
     // teacher 2 + student, grads, m, v, EMA 4 each + copy, grads, m, v 4 each.
     assert_eq!(total, (2 + 20 + 16) * c.unet + 4 * c.text_encoder + vae);
 }
+
+/// SDXL: the resident text encoder is both encoders (the second with its
+/// projection), as their weight files hold.
+#[test]
+fn sdxl_counts_both_text_encoders() {
+    let dir = common::pipeline("sdxl");
+    let folder = DiffusersFolder::open(&dir).unwrap();
+    let c = resident::count(&config(&dir, "lora"), &folder).unwrap();
+    let text = numel(&dir.join("text_encoder/model.safetensors"))
+        + numel(&dir.join("text_encoder_2/model.safetensors"));
+    assert_eq!(c.text_encoder, text);
+    assert_eq!(
+        c.unet,
+        numel(&dir.join("unet/diffusion_pytorch_model.safetensors"))
+    );
+}

@@ -683,3 +683,43 @@ fn vsd_step_with_bf16_autocast_student_matches_reference() {
         );
     }
 }
+
+// SDXL (tests/reference/golden_vsd_xl.py: golden_vsd.py's iteration on the
+// tiny SDXL fixture): the student, the teacher and the fake score take the
+// pooled embedding and the time ids, carried packed in the condition
+// (pipeline/xl_condition.rs); the null condition is zeros with the same
+// time ids. scripts/gpu-check runs the first on the GPU.
+
+#[test]
+fn vsd_step_matches_reference_sdxl() {
+    check("sdxl_null0", "sdxl", PredictionType::Epsilon);
+    // The added embedding is among the student's weights compared above.
+    let (student, _) = fresh_roles("sdxl", &spec());
+    assert!(
+        student
+            .named_parameters()
+            .iter()
+            .any(|(n, _)| n.starts_with("add_embedding."))
+    );
+}
+
+#[test]
+fn vsd_step_matches_reference_sdxl_null_condition() {
+    check("sdxl_null1", "sdxl", PredictionType::Epsilon);
+}
+
+#[test]
+fn vsd_step_matches_reference_sdxl_with_a_full_unet_fake_score() {
+    let case = "sdxl_fullfake_null1";
+    let g = common::golden(&format!("golden/vsd/{case}.safetensors"));
+    let (student, scores) = full_fake_roles("sdxl", &g);
+    check_step(
+        case,
+        &g,
+        &student,
+        &ScorePair::Unet(Box::new(scores)),
+        PredictionType::Epsilon,
+        VsdWeighting::Paper,
+        |_| {},
+    );
+}

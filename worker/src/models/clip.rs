@@ -418,6 +418,34 @@ impl CLIPTextModel {
         self.final_layer_norm.forward(&xs)
     }
 
+    /// transformers' `hidden_states[-2]` [B, L, hidden]: the input of the
+    /// last encoder layer, without the final layer norm (what SDXL
+    /// conditions on). The same ops as [`Self::f_forward`] up to there.
+    pub fn f_penultimate(&self, input_ids: &Tensor) -> Result<Tensor, tch::TchError> {
+        let size = input_ids.size();
+        if !matches!(size.as_slice(), [_, l] if *l <= self.max_position_embeddings) {
+            return Err(tch::TchError::Shape(format!(
+                "CLIP text encoder expects input_ids [batch, <= {}], got {size:?}",
+                self.max_position_embeddings
+            )));
+        }
+        let mut xs = self.embeddings.forward(input_ids)?;
+        let n = self.layers.len().saturating_sub(1);
+        for layer in &self.layers[..n] {
+            xs = layer.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+
+    /// The last hidden state (after the final layer norm) from
+    /// [`Self::f_penultimate`]'s output: the last layer, then the norm.
+    pub fn f_last_from_penultimate(&self, xs: &Tensor) -> Result<Tensor, tch::TchError> {
+        match self.layers.last() {
+            Some(layer) => self.final_layer_norm.forward(&layer.forward(xs)?),
+            None => self.final_layer_norm.forward(xs),
+        }
+    }
+
     /// As [`Self::f_forward`]; panics on a malformed `input_ids`, which only
     /// the caller's code (not a user's file) can produce.
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {

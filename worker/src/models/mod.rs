@@ -5,10 +5,12 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_with_projection;
 pub mod embeddings;
 pub mod layers;
 pub mod lora_layer;
 pub mod resnet;
+pub mod text_time_embedding;
 pub mod tokenizer;
 pub mod transformer_2d;
 pub mod unet_2d_blocks;

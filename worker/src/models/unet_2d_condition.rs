@@ -1,5 +1,6 @@
-//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x/2.x, the
-//! network: time embedding, conv_in, down blocks, mid block, up blocks,
+//! diffusers' `UNet2DConditionModel` for Stable Diffusion 1.x/2.x and XL,
+//! the network: time embedding (plus SDXL's added text/time embedding,
+//! `text_time_embedding.rs`), conv_in, down blocks, mid block, up blocks,
 //! conv_norm_out, conv_out, built from a validated
 //! [`UNet2DConditionConfig`] (its config.json schema lives in
 //! `unet_2d_condition_config.rs` and is re-exported here). The timestep is a
@@ -13,6 +14,7 @@ use tch::{TchError, Tensor, nn};
 use super::ModelError;
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::layers::{Activation, Conv2d, GroupNorm};
+use super::text_time_embedding::{AddedConditions, TextTimeEmbedding};
 use super::unet_2d_blocks::{
     CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
     DownBlock2D, UNetMidBlock2D, UNetMidBlock2DConfig, UNetMidBlock2DCrossAttn,
@@ -61,6 +63,8 @@ pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     pub time_proj: Timesteps,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's `add_time_proj` and `add_embedding`; None for SD 1.x/2.x.
+    pub add_embedding: Option<TextTimeEmbedding>,
     pub down_blocks: Vec<UNetDownBlock>,
     pub mid_block: Option<UNetMidBlock>,
     pub up_blocks: Vec<UNetUpBlock>,
@@ -98,6 +102,16 @@ impl UNet2DConditionModel {
             layout.time_embed_dim,
             layout.act,
         )?;
+        let add_embedding = match layout.text_time {
+            Some(dims) => Some(TextTimeEmbedding::new(
+                &vs,
+                dims,
+                cfg.flip_sin_to_cos,
+                cfg.freq_shift,
+                layout.time_embed_dim,
+            )?),
+            None => None,
+        };
 
         let down_path = &vs / "down_blocks";
         let mut down_blocks = Vec::with_capacity(layout.down.len());
@@ -186,6 +200,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_proj,
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -213,12 +228,27 @@ impl UNet2DConditionModel {
     /// numeric kind, moved to the sample's device) given
     /// `encoder_hidden_states` [B, 77, cross_attention_dim] in the model's
     /// dtype. Works under autograd and under `tch::no_grad`. A shape,
-    /// dtype or device mismatch, or running out of memory, is an error.
+    /// dtype or device mismatch, or running out of memory, is an error,
+    /// and so is an SDXL UNet (which needs [`AddedConditions`]: see
+    /// [`Self::f_forward_added`]).
     pub fn f_forward(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor, TchError> {
+        self.f_forward_added(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// As [`Self::f_forward`], with SDXL's added conditions, which an SDXL
+    /// UNet (`addition_embed_type: "text_time"`) needs and any other
+    /// refuses. With None the SD 1.x/2.x pass is unchanged op for op.
+    pub fn f_forward_added(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
     ) -> Result<Tensor, TchError> {
         let (batch, _, height, width) = sample.size4()?;
         let num_upsamplers = self.up_blocks.iter().filter(|b| b.has_upsampler()).count();
@@ -242,6 +272,24 @@ impl UNet2DConditionModel {
             .forward(&timestep.f_expand([batch], false)?)?
             .f_to_kind(sample.f_kind()?)?;
         let emb = self.time_embedding.forward(&t_emb)?;
+        let emb = match (&self.add_embedding, added) {
+            (None, None) => emb,
+            (Some(add), Some(added)) => emb.f_add(&add.forward(added, emb.kind())?)?,
+            (Some(_), None) => {
+                return Err(TchError::Shape(
+                    "this UNet has addition_embed_type \"text_time\" (SDXL): it needs the \
+                     pooled text embedding and the time ids"
+                        .into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(TchError::Shape(
+                    "added conditions (text_embeds, time_ids) were given to a UNet without \
+                     addition_embed_type \"text_time\""
+                        .into(),
+                ));
+            }
+        };
         let temb = Some(&emb);
         let context = encoder_hidden_states;
 

@@ -1,5 +1,5 @@
 //! diffusers' `UNet2DConditionModel` config.json for Stable Diffusion
-//! 1.x/2.x: its serde mirror ([`UNet2DConditionConfig`], diffusers'
+//! 1.x/2.x and XL: its serde mirror ([`UNet2DConditionConfig`], diffusers'
 //! defaults for absent keys, the SD 1.5 and 2.1-base presets), reading it
 //! from a file, and the validation that refuses unsupported features up
 //! front with the key and value named and resolves the per-block layout
@@ -84,6 +84,8 @@ pub struct UNet2DConditionConfig {
     pub addition_embed_type: Option<String>,
     pub addition_time_embed_dim: Option<i64>,
     pub num_class_embeds: Option<i64>,
+    /// SDXL's config.json writes `null`, which diffusers reads as false.
+    #[serde(deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     pub resnet_skip_time_act: bool,
@@ -173,6 +175,8 @@ impl Default for UNet2DConditionConfig {
 const SD_V1_5_JSON: &str = include_str!("configs/sd15_unet.json");
 /// stabilityai/stable-diffusion-2-1-base unet/config.json.
 const SD_V2_1_BASE_JSON: &str = include_str!("configs/sd21_base_unet.json");
+/// stabilityai/stable-diffusion-xl-base-1.0 unet/config.json.
+const SDXL_BASE_JSON: &str = include_str!("configs/sdxl_base_unet.json");
 
 impl UNet2DConditionConfig {
     /// Stable Diffusion 1.5's UNet (859,520,964 parameters).
@@ -183,6 +187,11 @@ impl UNet2DConditionConfig {
     /// Stable Diffusion 2.1-base's UNet (865,910,724 parameters).
     pub fn sd_v2_1_base() -> Self {
         serde_json::from_str(SD_V2_1_BASE_JSON).expect("the embedded SD 2.1-base config parses")
+    }
+
+    /// Stable Diffusion XL base 1.0's UNet (2,567,463,684 parameters).
+    pub fn sdxl_base() -> Self {
+        serde_json::from_str(SDXL_BASE_JSON).expect("the embedded SDXL base config parses")
     }
 
     /// Reads a diffusers unet/config.json and checks that this crate can
@@ -382,6 +391,7 @@ impl UNet2DConditionConfig {
             act,
             groups,
             time_embed_dim,
+            text_time: self.text_time()?,
             down,
             mid,
             up,
@@ -401,11 +411,50 @@ impl UNet2DConditionConfig {
         value.per_block(key, num_blocks)
     }
 
-    /// Features SD 1.x/2.x do not use: refused, not silently dropped.
+    /// SDXL's added conditioning (`addition_embed_type: "text_time"`): the
+    /// sinusoid width per time id and the width of the pooled text
+    /// embedding plus the six embedded ids; None without it. Another
+    /// addition_embed_type, or text_time without both sizes, is refused.
+    pub fn text_time(&self) -> Result<Option<TextTimeDims>, String> {
+        match self.addition_embed_type.as_deref() {
+            None => Ok(None),
+            Some("text_time") => {
+                let need = |key: &str, v: Option<i64>| {
+                    v.ok_or_else(|| {
+                        format!("addition_embed_type = \"text_time\" needs {key} (SDXL sets it)")
+                    })
+                    .and_then(|v| positive(key, v).map(|_| v))
+                };
+                let time_embed_dim = need("addition_time_embed_dim", self.addition_time_embed_dim)?;
+                let input_dim = need(
+                    "projection_class_embeddings_input_dim",
+                    self.projection_class_embeddings_input_dim,
+                )?;
+                if input_dim <= 6 * time_embed_dim {
+                    return Err(format!(
+                        "projection_class_embeddings_input_dim = {input_dim} leaves no room for \
+                         the pooled text embedding beside 6 x addition_time_embed_dim = {}",
+                        6 * time_embed_dim
+                    ));
+                }
+                Ok(Some(TextTimeDims {
+                    time_embed_dim,
+                    input_dim,
+                }))
+            }
+            Some(other) => Err(format!(
+                "addition_embed_type = {} is not supported (supported: \"text_time\", SDXL's, \
+                 or null)",
+                json(&other)
+            )),
+        }
+    }
+
+    /// Features SD 1.x/2.x/XL do not use: refused, not silently dropped.
     fn refuse_unsupported(&self) -> Result<(), String> {
         let unsupported = |key: &str, value: String| {
             Err(format!(
-                "{key} = {value} is not supported by this UNet2DConditionModel (SD 1.x/2.x only)"
+                "{key} = {value} is not supported by this UNet2DConditionModel (SD 1.x/2.x/XL only)"
             ))
         };
         if let Some(v) = &self.num_attention_heads {
@@ -422,13 +471,10 @@ impl UNet2DConditionConfig {
         if only_cross {
             return unsupported("only_cross_attention", json(&self.only_cross_attention));
         }
-        let options: [(&str, Option<String>); 9] = [
+        self.text_time()?;
+        let options: [(&str, Option<String>); 8] = [
             ("class_embed_type", self.class_embed_type.as_ref().map(json)),
             ("num_class_embeds", self.num_class_embeds.as_ref().map(json)),
-            (
-                "addition_embed_type",
-                self.addition_embed_type.as_ref().map(json),
-            ),
             ("encoder_hid_dim", self.encoder_hid_dim.as_ref().map(json)),
             (
                 "encoder_hid_dim_type",
@@ -479,6 +525,11 @@ impl UNet2DConditionConfig {
         }
         Ok(())
     }
+}
+
+/// `null` or a bool; `null` is false, as Python's truthiness reads it.
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -554,11 +605,29 @@ impl UpBlockType {
     }
 }
 
+/// The sizes of SDXL's added conditioning (see
+/// [`UNet2DConditionConfig::text_time`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeDims {
+    /// `addition_time_embed_dim`: sinusoid channels per time id.
+    pub time_embed_dim: i64,
+    /// `projection_class_embeddings_input_dim`: pooled width + 6 x the above.
+    pub input_dim: i64,
+}
+
+impl TextTimeDims {
+    /// The pooled text embedding's width the UNet expects.
+    pub fn pooled_dim(&self) -> i64 {
+        self.input_dim - 6 * self.time_embed_dim
+    }
+}
+
 /// A validated config, resolved per block.
 pub(super) struct Layout {
     pub(super) act: Activation,
     pub(super) groups: i64,
     pub(super) time_embed_dim: i64,
+    pub(super) text_time: Option<TextTimeDims>,
     pub(super) down: Vec<DownSpec>,
     pub(super) mid: Option<MidSpec>,
     pub(super) up: Vec<UpSpec>,
@@ -595,9 +664,14 @@ mod tests {
         for cfg in [
             UNet2DConditionConfig::sd_v1_5(),
             UNet2DConditionConfig::sd_v2_1_base(),
+            UNet2DConditionConfig::sdxl_base(),
         ] {
             cfg.layout().unwrap();
         }
+        let xl = UNet2DConditionConfig::sdxl_base();
+        assert!(!xl.upcast_attention, "null reads as false");
+        let dims = xl.text_time().unwrap().unwrap();
+        assert_eq!((dims.time_embed_dim, dims.pooled_dim()), (256, 1280));
         let sd2 = UNet2DConditionConfig::sd_v2_1_base();
         assert_eq!(sd2.attention_head_dim, OneOrMany::Many(vec![5, 10, 20, 20]));
         assert!(sd2.use_linear_projection);
@@ -646,6 +720,21 @@ mod tests {
                     ..Default::default()
                 },
                 "only_cross_attention = [false,true,false,false]",
+            ),
+            (
+                UNet2DConditionConfig {
+                    addition_embed_type: Some("text".into()),
+                    ..Default::default()
+                },
+                "addition_embed_type = \"text\" is not supported",
+            ),
+            (
+                UNet2DConditionConfig {
+                    addition_embed_type: Some("text_time".into()),
+                    addition_time_embed_dim: Some(256),
+                    ..Default::default()
+                },
+                "needs projection_class_embeddings_input_dim",
             ),
             (
                 UNet2DConditionConfig {

@@ -1,6 +1,6 @@
 //! The non-UNet networks of a Stable Diffusion folder, each loaded strictly
 //! from its component folder in a chosen dtype: the CLIP text encoder and
-//! the VAE. (The UNet is `unet::UNet`: the trainer gives it roles.)
+//! the VAE, and SDXL's second text encoder. (The UNet is `unet::UNet`: the trainer gives it roles.)
 
 use std::collections::HashMap;
 
@@ -8,6 +8,9 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::models::ModelError;
 use crate::models::clip::{CLIPTextConfig, CLIPTextModel, load_text_encoder_weights};
+use crate::models::clip_with_projection::{
+    CLIPTextModelWithProjection, load_with_projection_weights,
+};
 use crate::models::layers::without_init;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig, rename_deprecated_attention_keys};
 use crate::models::weights;
@@ -117,4 +120,24 @@ fn new_store(device: Device, kind: Kind) -> nn::VarStore {
     let mut vs = nn::VarStore::new(device);
     vs.set_kind(kind);
     vs
+}
+
+/// SDXL's frozen `text_encoder_2` (CLIPTextModelWithProjection) and the
+/// store that owns its weights.
+pub struct TextEncoderWithProjection {
+    pub vs: nn::VarStore,
+    pub model: CLIPTextModelWithProjection,
+}
+
+impl TextEncoderWithProjection {
+    /// `text_encoder_2/config.json` and its safetensors weights, in `kind`
+    /// on `device`.
+    pub fn load(component: &Component, device: Device, kind: Kind) -> Result<Self, ComponentError> {
+        let files = component.weight_files()?;
+        let mut vs = new_store(device, kind);
+        let model = CLIPTextModelWithProjection::new(vs.root(), &component.config_path()?)?;
+        load_with_projection_weights(&mut vs, &files)?;
+        vs.freeze();
+        Ok(Self { vs, model })
+    }
 }

@@ -39,6 +39,9 @@ pub struct DiffusersFolder {
     /// Component name -> [library, class]; `None` for components the
     /// pipeline was saved without (e.g. `safety_checker: [null, null]`).
     components: BTreeMap<String, Option<(String, String)>>,
+    /// The boolean options beside them (`force_zeros_for_empty_prompt`,
+    /// `requires_safety_checker`).
+    flags: BTreeMap<String, bool>,
 }
 
 impl DiffusersFolder {
@@ -72,7 +75,11 @@ impl DiffusersFolder {
             message: "expected a JSON object".to_owned(),
         })?;
         let mut components = BTreeMap::new();
+        let mut flags = BTreeMap::new();
         for (key, value) in obj {
+            if let Some(flag) = value.as_bool() {
+                flags.insert(key.clone(), flag);
+            }
             if key.starts_with('_') {
                 continue;
             }
@@ -93,7 +100,13 @@ impl DiffusersFolder {
                 .and_then(|v| v.as_str())
                 .map(str::to_owned),
             components,
+            flags,
         })
+    }
+
+    /// A boolean option of model_index.json (None where absent).
+    pub fn flag(&self, name: &str) -> Option<bool> {
+        self.flags.get(name).copied()
     }
 
     pub fn root(&self) -> &Path {

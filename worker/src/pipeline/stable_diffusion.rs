@@ -58,7 +58,9 @@ pub enum LoadCause {
     Schedule(#[from] ScheduleError),
 }
 
-fn load_err<E: Into<LoadCause>>(component: &'static str) -> impl FnOnce(E) -> PipelineError {
+pub(super) fn load_err<E: Into<LoadCause>>(
+    component: &'static str,
+) -> impl FnOnce(E) -> PipelineError {
     move |e| PipelineError::Load {
         component,
         cause: e.into(),

@@ -104,8 +104,17 @@ impl UNet {
 impl Denoiser for UNet {
     /// Inputs are cast to the weights' dtype (a bf16 teacher takes float32
     /// latents) and the output comes back as float32.
+    /// An SDXL UNet takes its condition packed (`xl_condition.rs`).
     fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, TchError> {
         let k = self.vs.kind();
+        if let Ok(Some(dims)) = self.config.text_time() {
+            let (hidden, added) =
+                super::xl_condition::unpack(&cond.f_to_kind(k)?, dims.pooled_dim())?;
+            return self
+                .model
+                .f_forward_added(&x.f_to_kind(k)?, t, &hidden, Some(&added))?
+                .f_to_kind(Kind::Float);
+        }
         self.model
             .f_forward(&x.f_to_kind(k)?, t, &cond.f_to_kind(k)?)?
             .f_to_kind(Kind::Float)

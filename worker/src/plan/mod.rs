@@ -117,8 +117,8 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let optimizer = resident::optimizer_transient(cfg, &counts);
     let sample_bytes = 4 * (shape[0] * shape[1] * shape[2]) as u64;
     // The step's own inputs: text conditions and the draws.
-    let text_width = text_width(&folder)?;
-    let inputs = |m: u64| m * (77 * text_width * 4 + 3 * sample_bytes);
+    let (text_rows, text_width) = text_shape(&folder)?;
+    let inputs = |m: u64| m * (text_rows * text_width * 4 + 3 * sample_bytes);
 
     let probe = match baseline {
         Some(b) => Some(probe::run(
@@ -228,10 +228,20 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     })
 }
 
-/// The text encoder's width (the conditions' last dimension).
-fn text_width(folder: &DiffusersFolder) -> Result<u64, PlanError> {
-    let cfg = crate::models::clip::CLIPTextConfig::from_file(
-        &folder.component("text_encoder")?.config_path()?,
-    )?;
-    Ok(cfg.hidden_size as u64)
+/// A condition's rows and width: 77 tokens of the text encoder's width;
+/// SDXL's two encoders' widths together, with its two extra rows
+/// (pipeline/xl_condition.rs).
+fn text_shape(folder: &DiffusersFolder) -> Result<(u64, u64), PlanError> {
+    let width = |name: &str| -> Result<u64, PlanError> {
+        let cfg = crate::models::clip::CLIPTextConfig::from_file(
+            &folder.component(name)?.config_path()?,
+        )?;
+        Ok(cfg.hidden_size as u64)
+    };
+    if crate::pipeline::is_sdxl_folder(folder) {
+        let rows = 77 + crate::pipeline::xl_condition::EXTRA_ROWS as u64;
+        Ok((rows, width("text_encoder")? + width("text_encoder_2")?))
+    } else {
+        Ok((77, width("text_encoder")?))
+    }
 }

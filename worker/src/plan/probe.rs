@@ -180,6 +180,12 @@ pub fn run(
         OneOrMany::One(w) => *w,
         OneOrMany::Many(ws) => ws.first().copied().unwrap_or(1),
     };
+    // An SDXL condition carries its pooled row and time-ids row
+    // (pipeline/xl_condition.rs).
+    let rows = match unet_config.text_time() {
+        Ok(Some(_)) => 77 + crate::pipeline::xl_condition::EXTRA_ROWS,
+        _ => 77,
+    };
     let nets = Nets {
         student: &student,
         scores: &scores,
@@ -188,6 +194,7 @@ pub fn run(
         student_autocast,
         shape,
         width,
+        rows,
     };
     let r = i64::from(opts.probe_rows.max(1));
     nets.sample(r)?;
@@ -281,6 +288,8 @@ struct Nets<'a> {
     student_autocast: Option<AutocastPlan>,
     shape: [i64; 3],
     width: i64,
+    /// Rows of a condition: 77 tokens (and SDXL's two extra rows).
+    rows: i64,
 }
 
 impl Nets<'_> {
@@ -313,8 +322,8 @@ impl Nets<'_> {
             },
         };
         let text = Conditions {
-            cond: Tensor::f_randn([n, 77, self.width], opts)?,
-            uncond: Tensor::f_randn([1, 77, self.width], opts)?,
+            cond: Tensor::f_randn([n, self.rows, self.width], opts)?,
+            uncond: Tensor::f_randn([1, self.rows, self.width], opts)?,
         };
         let vsd_step = VsdStep {
             student: self.student,
@@ -332,8 +341,8 @@ impl Nets<'_> {
         let opts = (Kind::Float, Device::Cpu);
         let [c, h, w] = self.shape;
         let z = Tensor::f_randn([n, c, h, w], opts)?;
-        let cond = Tensor::f_randn([n, 77, self.width], opts)?;
-        let uncond = Tensor::f_randn([1, 77, self.width], opts)?;
+        let cond = Tensor::f_randn([n, self.rows, self.width], opts)?;
+        let uncond = Tensor::f_randn([1, self.rows, self.width], opts)?;
         let t = Tensor::f_randint_low(20, 981, [n], (Kind::Int64, Device::Cpu))?;
         let one_step = self.vsd.one_step(self.schedule.prediction_type());
         let draw = || {

@@ -66,9 +66,21 @@ pub fn count(cfg: &JobConfig, folder: &DiffusersFolder) -> Result<Counts, PlanEr
         unet_tensors,
         lora: lora_tensors.iter().sum(),
         lora_tensors,
-        text_encoder: text.num_params() as u64,
+        text_encoder: text.num_params() as u64 + second_encoder(folder)?,
         vae,
     })
+}
+
+/// SDXL's text_encoder_2 (with its projection), 0 for SD 1/2.
+fn second_encoder(folder: &DiffusersFolder) -> Result<u64, PlanError> {
+    if !crate::pipeline::is_sdxl_folder(folder) {
+        return Ok(0);
+    }
+    let path = folder.component("text_encoder_2")?.config_path()?;
+    let text = CLIPTextConfig::from_file(&path)?;
+    let projection: crate::models::clip_with_projection::ProjectionConfig =
+        crate::models::read_json_config(&path)?;
+    Ok((text.num_params() + projection.projection_dim * text.hidden_size) as u64)
 }
 
 fn sorted_numels(vs: &nn::VarStore) -> Vec<u64> {

@@ -1,6 +1,6 @@
 //! Building a trainer: the teacher folder loaded once, the fake score
 //! overlaid on it (LoRA adapters) or copied from it (DMD2's full copy), the
-//! student copied from it, the schedule, optimizers and EMA, and the run
+//! student copied from it (or from `model.student_init`), the schedule, optimizers and EMA, and the run
 //! directory opened; the state is the initial one.
 
 use swiftbrush_proto::JobConfig;
@@ -108,8 +108,11 @@ fn load_networks(
     // nor see its own draws moved.
     let (scores, student, text) = with_generator(|| {
         let teacher = UNet::load(folder, device).map_err(|e| teacher_err(e.into()))?;
-        let (scores, student) = score_networks(cfg, teacher, teacher_dir)?;
-        let text = TextConditioner::load(folder, device)?;
+        let (scores, mut student) = score_networks(cfg, teacher, teacher_dir)?;
+        if let Some(dir) = &cfg.model.student_init {
+            super::student_init::init_student(&mut student, dir)?;
+        }
+        let text = TextConditioner::load(folder, device, i64::from(cfg.model.resolution))?;
         Ok::<_, TrainError>((scores, student, text))
     })?;
 

@@ -31,6 +31,7 @@ pub mod run;
 mod samples;
 mod save_restore;
 mod solo;
+pub mod student_init;
 pub mod text;
 pub mod world;
 

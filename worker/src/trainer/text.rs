@@ -1,12 +1,16 @@
 //! Text conditions: the frozen CLIP text encoder's last hidden state for a
 //! batch of captions, and the empty prompt's (the null condition, computed
-//! once: it is not zeros).
+//! once: it is not zeros). An SDXL teacher's are its two encoders'
+//! (`pipeline/xl_text.rs`), packed with the pooled embedding and the time
+//! ids of the training resolution (`pipeline/xl_condition.rs`); its null
+//! condition is zeros with the same time ids where the folder says so.
 
 use tch::{Device, Kind, Tensor};
 
 use crate::models::tokenizer::{ClipTokenizer, TokenizerError};
-use crate::pipeline::DiffusersFolder;
 use crate::pipeline::components::{ComponentError, TextEncoder};
+use crate::pipeline::xl_text::XlTextEncoders;
+use crate::pipeline::{DiffusersFolder, PipelineError, is_sdxl_folder, xl_condition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
@@ -18,11 +22,47 @@ pub enum TextError {
     Tokenizer(#[from] TokenizerError),
     #[error("the text encoder failed: {0}")]
     Torch(#[from] tch::TchError),
+    /// SDXL's text encoders.
+    #[error(transparent)]
+    Xl(Box<PipelineError>),
+}
+
+impl From<PipelineError> for TextError {
+    fn from(e: PipelineError) -> Self {
+        Self::Xl(Box::new(e))
+    }
+}
+
+/// SDXL's encoders and the time ids of the training resolution [1, 6].
+struct XlText {
+    encoders: XlTextEncoders,
+    time_ids: Tensor,
+}
+
+impl XlText {
+    fn pack(&self, c: &crate::pipeline::XlCondition) -> Result<Tensor, TextError> {
+        let b = c.hidden.size()[0];
+        Ok(xl_condition::pack(
+            &c.hidden,
+            &c.pooled,
+            &self.time_ids.f_expand([b, 6], false)?,
+        )?)
+    }
+}
+
+/// The teacher family's encoders. One per trainer: the variants' sizes
+/// do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Encoders {
+    Sd {
+        tokenizer: ClipTokenizer,
+        encoder: TextEncoder,
+    },
+    Xl(XlText),
 }
 
 pub struct TextConditioner {
-    tokenizer: ClipTokenizer,
-    encoder: TextEncoder,
+    encoders: Encoders,
     uncond: Tensor,
     device: Device,
 }
@@ -34,23 +74,52 @@ pub struct EncodedCaptions {
 }
 
 impl TextConditioner {
-    pub fn load(folder: &DiffusersFolder, device: Device) -> Result<Self, TextError> {
-        let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)?;
-        let encoder = TextEncoder::load(&folder.component("text_encoder")?, device, Kind::Float)?;
+    /// The folder's encoders in float32. `image_size` (pixels, square) sets
+    /// an SDXL teacher's time ids; SD 1/2 ignore it.
+    pub fn load(
+        folder: &DiffusersFolder,
+        device: Device,
+        image_size: i64,
+    ) -> Result<Self, TextError> {
+        let encoders = if is_sdxl_folder(folder) {
+            let encoders = XlTextEncoders::load(folder, device, Kind::Float)?;
+            let time_ids = encoders.add_time_ids(1, image_size, image_size)?;
+            Encoders::Xl(XlText { encoders, time_ids })
+        } else {
+            let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)?;
+            let encoder =
+                TextEncoder::load(&folder.component("text_encoder")?, device, Kind::Float)?;
+            Encoders::Sd { tokenizer, encoder }
+        };
         let mut me = Self {
-            tokenizer,
-            encoder,
+            encoders,
             uncond: Tensor::new(),
             device,
         };
-        me.uncond = me.encode(&[""])?.cond;
+        me.uncond = match &me.encoders {
+            Encoders::Xl(xl) => {
+                let (one, _) = xl.encoders.encode(&[""])?;
+                xl.pack(&xl.encoders.null_condition(&one)?)?
+            }
+            Encoders::Sd { .. } => me.encode(&[""])?.cond,
+        };
         Ok(me)
     }
 
     /// [B,77,D] for the captions, without gradients.
     pub fn encode<S: AsRef<str>>(&self, captions: &[S]) -> Result<EncodedCaptions, TextError> {
-        let batch = self.tokenizer.encode_batch(captions, self.device)?;
-        let cond = tch::no_grad(|| self.encoder.model.f_forward(&batch.input_ids))?;
+        let (tokenizer, encoder) = match &self.encoders {
+            Encoders::Xl(xl) => {
+                let (c, num_truncated) = xl.encoders.encode(captions)?;
+                return Ok(EncodedCaptions {
+                    cond: xl.pack(&c)?,
+                    num_truncated,
+                });
+            }
+            Encoders::Sd { tokenizer, encoder } => (tokenizer, encoder),
+        };
+        let batch = tokenizer.encode_batch(captions, self.device)?;
+        let cond = tch::no_grad(|| encoder.model.f_forward(&batch.input_ids))?;
         Ok(EncodedCaptions {
             cond,
             num_truncated: batch.num_truncated(),
