@@ -29,6 +29,7 @@ mod optimizers;
 pub mod progress;
 pub mod run;
 mod samples;
+mod sharded_step;
 mod save_restore;
 mod solo;
 pub mod text;
