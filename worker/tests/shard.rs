@@ -166,3 +166,25 @@ fn resident_state_per_rank_falls_by_about_the_world_size() {
         }
     }
 }
+
+/// Sharded, a step still reads the device once (losses and the slices'
+/// squared norms together; the global norm is summed in the vote's round)
+/// and each further fake-score update once more: no new host syncs.
+#[test]
+fn a_sharded_step_reads_the_device_once_and_each_further_update_once_more() {
+    use swiftbrush_worker::torch::host_read;
+    tch::set_num_threads(1);
+    let reads = tiny_run::on_ranks(2, |r, ring| {
+        let cfg = config(
+            &format!("memory://shard-reads-{r}"),
+            3,
+            ShardState::OptimizerAndGradients,
+        );
+        let mut t = tiny_run::trainer_with(cfg, &CAPTIONS, ring);
+        t.train_step(0).unwrap();
+        let before = host_read::count();
+        t.train_step(1).unwrap();
+        host_read::count() - before
+    });
+    assert_eq!(reads, vec![2, 2], "one read a step, one a further update");
+}

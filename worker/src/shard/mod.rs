@@ -115,10 +115,9 @@ impl ShardedState {
         })
     }
 
-    /// Bytes of training state this rank keeps beside the weights (the
-    /// sharded networks'; the replicated LoRA Adam's is `replicated`).
-    pub fn resident_bytes(&self) -> usize {
-        self.student.resident_bytes() + self.fake_score.as_ref().map_or(0, ShardedNet::resident_bytes)
+    /// Bytes of the slices' moments and EMA this rank keeps.
+    pub fn slice_bytes(&self) -> usize {
+        self.student.slice_bytes() + self.fake_score.as_ref().map_or(0, ShardedNet::slice_bytes)
     }
 }
 

@@ -207,15 +207,14 @@ impl ShardedNet {
         Ok(self.layout.split(&self.gather(sync, &slice)?, ""))
     }
 
-    /// Bytes of the training state this rank keeps for the network beside
-    /// its weights: the moments, the EMA and the gradients held now.
-    pub fn resident_bytes(&self) -> usize {
+    /// Bytes of the slice's moments and EMA.
+    pub fn slice_bytes(&self) -> usize {
         let (m, v) = self.adam.moments();
         let ema: Vec<Tensor> = self
             .ema
             .iter()
             .flat_map(|e| e.tensors().into_iter().map(|(_, t)| t))
             .collect();
-        super::bytes_of(m) + super::bytes_of(v) + super::bytes_of(&ema) + super::grad_bytes(&self.params)
+        super::bytes_of(m) + super::bytes_of(v) + super::bytes_of(&ema)
     }
 }

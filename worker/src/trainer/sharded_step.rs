@@ -81,22 +81,12 @@ impl Optimizers {
 
     /// Bytes of optimizer state, EMA and gradients this rank keeps beside
     /// the weights (the resident-state test's count; `ema`: the trainer's
-    /// unsharded EMA).
+    /// unsharded EMA): the full Adams' moments (empty while sharded), the
+    /// gradients the parameters hold, and the slices' moments and EMA.
     pub fn resident_state_bytes(&self, ema: Option<&crate::ema::Ema>) -> usize {
-        match &self.shard {
-            None => {
-                crate::shard::replicated_bytes(&self.student, ema)
-                    + crate::shard::replicated_bytes(&self.fake_score, None)
-            }
-            Some(s) => {
-                s.resident_bytes()
-                    + if s.fake_score.is_none() {
-                        crate::shard::replicated_bytes(&self.fake_score, None)
-                    } else {
-                        0
-                    }
-            }
-        }
+        crate::shard::replicated_bytes(&self.student, ema)
+            + crate::shard::replicated_bytes(&self.fake_score, None)
+            + self.shard.as_ref().map_or(0, ShardedState::slice_bytes)
     }
 
     /// [`Optimizers::apply`] sharded.
