@@ -152,10 +152,14 @@ fn gpu_one_rank_reduce_scatter_and_all_gather_equal_the_all_reduce() {
     for kind in [Kind::Float, Kind::BFloat16] {
         let data = Tensor::randn([1001], (kind, Device::Cuda(0)));
         let reduced = data.copy();
-        comm.all_reduce_mean(std::slice::from_ref(&reduced)).unwrap();
+        comm.all_reduce_mean(std::slice::from_ref(&reduced))
+            .unwrap();
         assert_eq!(comm.shard_range(1001, 0), 0..1001);
         let part = comm.reduce_scatter_mean(&data.copy()).unwrap();
-        assert!(part.equal(&reduced), "{kind:?}: reduce-scatter vs all-reduce");
+        assert!(
+            part.equal(&reduced),
+            "{kind:?}: reduce-scatter vs all-reduce"
+        );
         let gathered = part.copy();
         comm.all_gather(&gathered).unwrap();
         assert!(gathered.equal(&reduced), "{kind:?}: all-gather changed it");
@@ -177,7 +181,8 @@ fn gpu_two_ranks_reduce_scatter_and_all_gather_equal_the_all_reduce() {
                 let mut comm = NcclComm::new(device, rank as u64, 2, &id, options()).unwrap();
                 let data = Tensor::arange(1001, (Kind::Float, device)) * (rank as f64 + 1.0);
                 let reduced = data.copy();
-                comm.all_reduce_mean(std::slice::from_ref(&reduced)).unwrap();
+                comm.all_reduce_mean(std::slice::from_ref(&reduced))
+                    .unwrap();
                 let range = comm.shard_range(1001, rank as u64);
                 let part = comm.reduce_scatter_mean(&data.copy()).unwrap();
                 let want = reduced.narrow(0, range.start as i64, range.len() as i64);

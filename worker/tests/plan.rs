@@ -90,16 +90,28 @@ fn sharded_state_counts_a_ranks_slice() {
             let slice = c.unet.div_ceil(3);
             // Student: m, v and EMA; DMD2's copy: m and v.
             let shed = 3 * 4 * (c.unet - slice)
-                + if fake_moments { 2 * 4 * (c.unet - slice) } else { 0 };
+                + if fake_moments {
+                    2 * 4 * (c.unet - slice)
+                } else {
+                    0
+                };
             assert_eq!(replicated - total(&cfg, 3), shed, "{fake}, {state:?}");
-            assert_eq!(total(&cfg, 1), replicated, "{fake}, {state:?}: a world of one");
+            assert_eq!(
+                total(&cfg, 1),
+                replicated,
+                "{fake}, {state:?}: a world of one"
+            );
             let parts = resident::parts(&cfg, &c, 3);
             let p = parts
                 .iter()
                 .find(|p| p.name == "student EMA (this rank's slice)")
                 .unwrap();
             assert_eq!(p.elements, slice);
-            assert!(parts.iter().any(|p| p.name == "student gradients" && p.elements == c.unet));
+            assert!(
+                parts
+                    .iter()
+                    .any(|p| p.name == "student gradients" && p.elements == c.unet)
+            );
         }
     }
 }

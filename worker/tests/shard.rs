@@ -12,8 +12,8 @@ mod common;
 
 use common::tiny_run;
 use swiftbrush_proto::JobConfig;
-use swiftbrush_proto::config::{FakeScore, ShardState};
-use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess};
+use swiftbrush_proto::config::{Autocast, FakeScore, ShardState};
+use swiftbrush_worker::trainer::gradient_sync::{GradientSync, SingleProcess, SyncError};
 use tch::Tensor;
 
 const STUDENT_LR: f64 = 1e-3;
@@ -115,7 +115,11 @@ fn a_sharded_checkpoint_resumes_at_another_world_size() {
     first("memory://shard-resume-a");
     let at_three = tiny_run::on_ranks(3, |_, ring| {
         train(
-            config("memory://shard-resume-a", 4, ShardState::OptimizerAndGradients),
+            config(
+                "memory://shard-resume-a",
+                4,
+                ShardState::OptimizerAndGradients,
+            ),
             ring,
         )
     });
@@ -187,4 +191,118 @@ fn a_sharded_step_reads_the_device_once_and_each_further_update_once_more() {
         host_read::count() - before
     });
     assert_eq!(reads, vec![2, 2], "one read a step, one a further update");
+}
+
+/// Fills this rank's reduced slice with inf at its `poison`-th
+/// reduce-scatter (the student's come first in a step), or, unsharded, the
+/// first gradient at its `poison`-th all-reduce (loss_scaling.rs's
+/// injection); every collective is the inner one's.
+struct Overflow<S> {
+    inner: S,
+    calls: usize,
+    poison: Option<usize>,
+    /// Unsharded: the all-reduces count, not the reduce-scatters.
+    unsharded: bool,
+}
+
+impl<S> Overflow<S> {
+    fn poisoned(&mut self) -> bool {
+        let hit = Some(self.calls) == self.poison;
+        self.calls += 1;
+        hit
+    }
+}
+
+impl<S: GradientSync> GradientSync for Overflow<S> {
+    fn rank(&self) -> u64 {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> u64 {
+        self.inner.world_size()
+    }
+    fn all_reduce_mean(&mut self, grads: &[Tensor]) -> Result<(), SyncError> {
+        self.inner.all_reduce_mean(grads)?;
+        // Sharded, only the replicated adapters are all-reduced: not these.
+        if self.unsharded && self.poisoned() {
+            let _ = grads[0].shallow_clone().fill_(f64::INFINITY);
+        }
+        Ok(())
+    }
+    fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError> {
+        self.inner.all_sum(values)
+    }
+    fn shard_range(&self, numel: usize, rank: u64) -> std::ops::Range<usize> {
+        self.inner.shard_range(numel, rank)
+    }
+    fn reduce_scatter_mean(&mut self, flat: &Tensor) -> Result<Tensor, SyncError> {
+        let mine = self.inner.reduce_scatter_mean(flat)?;
+        if self.poisoned() {
+            let _ = mine.shallow_clone().fill_(f64::INFINITY);
+        }
+        Ok(mine)
+    }
+    fn all_gather(&mut self, flat: &Tensor) -> Result<(), SyncError> {
+        self.inner.all_gather(flat)
+    }
+}
+
+/// configs/tiny.yaml with the student and the teacher passes under fp16
+/// autocast (loss scaling on), ddp.rs's learning rate.
+fn fp16_config(run_dir: &str, steps: u64, shard: ShardState) -> JobConfig {
+    let mut cfg = tiny_run::config(run_dir, steps);
+    cfg.precision.autocast = Autocast::Fp16;
+    cfg.precision.student_autocast = true;
+    cfg.checkpoint.every_steps = 100;
+    cfg.method.student.lr = STUDENT_LR;
+    cfg.world.shard_state = shard;
+    cfg
+}
+
+/// fp16 loss scaling, sharded: an overflow in one rank's slice alone
+/// skips the student's step on every rank and halves its scale there,
+/// while the (replicated) adapters step; two sharded ranks with a skipped
+/// step end with two unsharded ranks' student under the same skip (the
+/// same world: fp16 rounds a batch of one row and of two differently, and
+/// Adam turns that into lr-sized moves of near-zero gradients, so one
+/// rank against two is ~0.9 of the move apart here, sharded or not).
+#[test]
+fn fp16_loss_scaling_skips_a_sharded_overflow_on_every_rank() {
+    tch::set_num_threads(1);
+    let captions = ["a red circle", "a photo of a cat"];
+    let run = |shard: ShardState| {
+        tiny_run::on_ranks(2, move |r, ring| {
+            let sync = Overflow {
+                inner: ring,
+                calls: 0,
+                poison: (r == 1).then_some(0),
+                unsharded: shard.is_none(),
+            };
+            let dir = format!("memory://shard-fp16-{shard:?}-{r}");
+            let cfg = fp16_config(&dir, 3, shard);
+            let mut t = tiny_run::trainer_with(cfg, &captions, sync);
+            let before = tiny_run::student(&t);
+            let done = t.train_step(0).unwrap();
+            let skipped =
+                done.vote.student_nonfinite && tiny_run::equal(&tiny_run::student(&t), &before);
+            let scalers = t.state().loss_scalers.unwrap();
+            t.run().unwrap();
+            (skipped, scalers, tiny_run::student(&t))
+        })
+    };
+    let replicated = run(ShardState::None);
+    let ranks = run(ShardState::OptimizerAndGradients);
+    for (r, (skipped, scalers, _)) in ranks.iter().chain(&replicated).enumerate() {
+        assert!(skipped, "rank {r}: the student stepped over an overflow");
+        assert_eq!(scalers.student.scale, 32768.0, "rank {r}: the scale halved");
+        assert_eq!(
+            scalers.fake_score.growth_tracker, 1,
+            "rank {r}: the adapters stepped"
+        );
+    }
+    assert_same_student(
+        "fp16, 2 sharded ranks vs 2 unsharded",
+        &ranks[0].2,
+        &replicated[0].2,
+    );
+    assert_eq!(common::max_abs_diff_named(&ranks[1].2, &ranks[0].2), 0.0);
 }

@@ -521,8 +521,14 @@ mod tests {
             });
             let mut covered = 0;
             for (r, (same_chunk, same_all, range)) in results.iter().enumerate() {
-                assert!(same_chunk, "W={w} rank {r}: its chunk is not the all-reduce's");
-                assert!(same_all, "W={w} rank {r}: the all-gather is not the all-reduce");
+                assert!(
+                    same_chunk,
+                    "W={w} rank {r}: its chunk is not the all-reduce's"
+                );
+                assert!(
+                    same_all,
+                    "W={w} rank {r}: the all-gather is not the all-reduce"
+                );
                 covered += range.len();
             }
             assert_eq!(covered, 1001, "W={w}: the ranks' chunks tile the buffer");

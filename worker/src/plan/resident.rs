@@ -117,7 +117,13 @@ pub fn dtype_bytes(d: Dtype) -> u64 {
 pub fn parts(cfg: &JobConfig, c: &Counts, world: u32) -> Vec<Part> {
     let f32 = Dtype::Fp32;
     let sharded = !cfg.world.shard_state.is_none();
-    let slice = |n: u64| if sharded { n.div_ceil(u64::from(world.max(1))) } else { n };
+    let slice = |n: u64| {
+        if sharded {
+            n.div_ceil(u64::from(world.max(1)))
+        } else {
+            n
+        }
+    };
     let of_slice = |name: &str| {
         if sharded {
             format!("{name} (this rank's slice)")

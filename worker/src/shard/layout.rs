@@ -115,7 +115,10 @@ impl FlatLayout {
             .zip(&self.sizes)
             .zip(&self.numels)
             .map(|((n, size), &k)| {
-                let t = flat.narrow(0, offset, k as i64).view(size.as_slice()).copy();
+                let t = flat
+                    .narrow(0, offset, k as i64)
+                    .view(size.as_slice())
+                    .copy();
                 offset += k as i64;
                 (format!("{prefix}{n}"), t)
             })

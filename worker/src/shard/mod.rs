@@ -131,7 +131,11 @@ pub fn bytes_of(tensors: &[Tensor]) -> usize {
 
 /// Bytes of the gradients `params` hold now.
 pub fn grad_bytes(params: &[Tensor]) -> usize {
-    let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(Tensor::grad)
+        .filter(Tensor::defined)
+        .collect();
     bytes_of(&grads)
 }
 

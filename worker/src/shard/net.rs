@@ -177,7 +177,8 @@ impl ShardedNet {
         let (m, v) = self.adam.moments();
         let m = self.layout.split(&self.gather(sync, &m[0])?, "exp_avg.");
         let v = self.layout.split(&self.gather(sync, &v[0])?, "exp_avg_sq.");
-        let mut adam: Vec<(String, Tensor)> = m.into_iter().zip(v).flat_map(|(a, b)| [a, b]).collect();
+        let mut adam: Vec<(String, Tensor)> =
+            m.into_iter().zip(v).flat_map(|(a, b)| [a, b]).collect();
         adam.push(("step".to_owned(), Tensor::from(self.adam.num_steps())));
         let ema = match &self.ema {
             Some(ema) => Some(self.gather_ema_of(sync, ema)?),

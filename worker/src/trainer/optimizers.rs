@@ -175,11 +175,7 @@ impl Optimizers {
         sync: &mut dyn GradientSync,
         loss: &Tensor,
     ) -> Result<bool, TrainError> {
-        if self
-            .shard
-            .as_ref()
-            .is_some_and(|s| s.fake_score.is_some())
-        {
+        if self.shard.as_ref().is_some_and(|s| s.fake_score.is_some()) {
             return self.apply_fake_score_sharded(sync, loss);
         }
         let grads = defined_grads(self.fake_score.params());

@@ -152,10 +152,7 @@ impl Trainer {
             crate::vsd::ScorePair::Unet(_) => Some(self.networks.scores.fake_parameters()),
             crate::vsd::ScorePair::Lora(_) => None,
         };
-        let ema = self
-            .ema
-            .take()
-            .map(|e| (e, self.cfg.method.ema.max_decay));
+        let ema = self.ema.take().map(|e| (e, self.cfg.method.ema.max_decay));
         self.optimizers.enter_sharding(
             stage,
             world.parts.sync.as_ref(),

@@ -173,7 +173,10 @@ impl Trainer {
 
     /// Sharded, after the last step: rank 0 writes the state it gathered
     /// at `train.max_steps` (the other ranks no longer vote).
-    pub(super) fn checkpoint_final_gathered(&mut self, world: &mut World) -> Result<(), TrainError> {
+    pub(super) fn checkpoint_final_gathered(
+        &mut self,
+        world: &mut World,
+    ) -> Result<(), TrainError> {
         let step = self.state.step;
         if world.rank() != 0 || !self.checkpointer.wants(step) {
             return Ok(());

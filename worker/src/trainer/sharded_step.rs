@@ -41,8 +41,9 @@ impl Optimizers {
         fake_params: Option<Vec<(String, Tensor)>>,
     ) -> Result<(), TrainError> {
         let fake = fake_params.map(|p| (&mut self.fake_score, p));
-        let state = ShardedState::enter(stage, sync, (&mut self.student, student_params), ema, fake)
-            .map_err(TrainError::Invalid)?;
+        let state =
+            ShardedState::enter(stage, sync, (&mut self.student, student_params), ema, fake)
+                .map_err(TrainError::Invalid)?;
         self.shard = Some(state);
         Ok(())
     }
@@ -123,7 +124,11 @@ impl Optimizers {
         mine.finite = host.iter().all(|v| v.is_finite());
         mine.student_nonfinite = !(host[0].is_finite() && host[2].is_finite());
         mine.fake_score_nonfinite = !(host[1].is_finite() && host[3].is_finite());
-        let asked = if shard.take_checkpoint_request() { 1.0 } else { 0.0 };
+        let asked = if shard.take_checkpoint_request() {
+            1.0
+        } else {
+            0.0
+        };
         let fake_sliced = matches!(fake_grads, FakeGrads::Slice(_));
         // The vote averages: the squared norms' sums are W times the means.
         let fake_sq = if fake_sliced { host[3] } else { 0.0 };
@@ -139,15 +144,14 @@ impl Optimizers {
         let checkpoint = global[4] * w > 0.5;
         let (student_clip, fake_clip) = (self.student_clip, self.fake_score_clip);
         let fake_score = &mut self.fake_score;
-        let mut fake_step = |sync: &mut dyn GradientSync,
-                             shard: &mut ShardedState|
-         -> Result<(), TrainError> {
-            match (&fake_grads, shard.fake_score.as_mut()) {
-                (FakeGrads::Slice(g), Some(net)) => net.step(sync, g)?,
-                _ => fake_score.step(),
-            }
-            Ok(())
-        };
+        let mut fake_step =
+            |sync: &mut dyn GradientSync, shard: &mut ShardedState| -> Result<(), TrainError> {
+                match (&fake_grads, shard.fake_score.as_mut()) {
+                    (FakeGrads::Slice(g), Some(net)) => net.step(sync, g)?,
+                    _ => fake_score.step(),
+                }
+                Ok(())
+            };
         let fake_list: Vec<Tensor> = match &fake_grads {
             FakeGrads::Slice(g) => vec![g.shallow_clone()],
             FakeGrads::All(gs) => gs.iter().map(Tensor::shallow_clone).collect(),
