@@ -477,6 +477,18 @@ fn a_killed_worker_costs_nothing_sharded() {
 
 #[test]
 fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
+    sigterm_checkpoints_with(None);
+}
+
+/// The preemption checkpoint sharded (ZeRO-1): every rank gathers at the
+/// boundary the vote agreed on, rank 0 writes; the job resumes in a new
+/// world from it.
+#[test]
+fn sigterm_checkpoints_sharded() {
+    sigterm_checkpoints_with(Some("optimizer"));
+}
+
+fn sigterm_checkpoints_with(shard_state: Option<&str>) {
     // Room for the signal to take effect before the job's end: the
     // checkpoint comes at the step boundary both ranks agree on, which a
     // loaded machine may reach seconds later (with 8 steps, once, the job
@@ -484,6 +496,9 @@ fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
     let max_steps = 24;
     let dir = setup(2, max_steps);
     let d = dir.path();
+    if let Some(state) = shard_state {
+        shard_job(d, state);
+    }
     let coordinator = Coordinator::start(d, "run");
     let a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
     let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
@@ -605,9 +620,34 @@ fn a_worker_with_another_teacher_is_refused_and_the_job_goes_on() {
 
 #[test]
 fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
+    graceful_cancel_with(None);
+}
+
+/// The coordinator's checkpoint order, sharded (ZeRO-2): rank 0 puts it
+/// into the next step's vote, every rank gathers after that step, rank 0
+/// writes and the job ends the same way.
+#[test]
+fn a_graceful_cancel_gets_its_final_checkpoint_sharded() {
+    graceful_cancel_with(Some("optimizer_and_gradients"));
+}
+
+fn graceful_cancel_with(shard_state: Option<&str>) {
     let max_steps = 40;
     let dir = setup(2, max_steps);
     let d = dir.path();
+    if let Some(state) = shard_state {
+        shard_job(d, state);
+        // Only the order writes a checkpoint (none on the cadence), so
+        // the order's path through the vote is what ends the job.
+        let path = d.join("job.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        assert!(yaml.contains("checkpoint:\n  every_steps: 2\n"), "{yaml}");
+        let yaml = yaml.replace(
+            "checkpoint:\n  every_steps: 2\n",
+            "checkpoint:\n  every_steps: 1000\n",
+        );
+        std::fs::write(path, yaml).unwrap();
+    }
     let coordinator = Coordinator::start(d, "run");
     let mut a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
     let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
