@@ -375,12 +375,31 @@ fn two_worker_processes_end_where_one_process_ends() {
     assert_matches_reference(d, "run", max_steps);
 }
 
+/// `world.shard_state: state` in `dir`'s job.yaml (the one-process
+/// reference, alone.yaml, stays unsharded).
+fn shard_job(dir: &Path, state: &str) {
+    let path = dir.join("job.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    assert!(yaml.contains("world:\n"), "{yaml}");
+    let yaml = yaml.replace("world:\n", &format!("world:\n  shard_state: {state}\n"));
+    std::fs::write(path, yaml).unwrap();
+}
+
 /// Kills (or freezes) one member once a checkpoint is committed; the other
 /// goes on alone from the newest committed checkpoint.
 fn survives(fault: &str) {
+    survives_with(fault, None)
+}
+
+/// [`survives`], with `world.shard_state` set in the job (the re-formed
+/// world reshards the newest committed checkpoint for its own size).
+fn survives_with(fault: &str, shard_state: Option<&str>) {
     let max_steps = 12;
     let dir = setup(1, max_steps);
     let d = dir.path();
+    if let Some(state) = shard_state {
+        shard_job(d, state);
+    }
     let coordinator = Coordinator::start(d, "run");
     let a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
     let b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
@@ -447,8 +466,29 @@ fn a_frozen_worker_is_declared_dead_and_its_peer_goes_on() {
     survives("STOP");
 }
 
+/// Elastic re-formation with ZeRO-2: the rank that gathers and writes the
+/// checkpoints is killed; the survivor re-forms alone from the newest
+/// committed checkpoint (the full state) and ends where one unsharded
+/// process ends.
+#[test]
+fn a_killed_worker_costs_nothing_sharded() {
+    survives_with("KILL", Some("optimizer_and_gradients"));
+}
+
 #[test]
 fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
+    sigterm_checkpoints_with(None);
+}
+
+/// The preemption checkpoint sharded (ZeRO-1): every rank gathers at the
+/// boundary the vote agreed on, rank 0 writes; the job resumes in a new
+/// world from it.
+#[test]
+fn sigterm_checkpoints_sharded() {
+    sigterm_checkpoints_with(Some("optimizer"));
+}
+
+fn sigterm_checkpoints_with(shard_state: Option<&str>) {
     // Room for the signal to take effect before the job's end: the
     // checkpoint comes at the step boundary both ranks agree on, which a
     // loaded machine may reach seconds later (with 8 steps, once, the job
@@ -456,6 +496,9 @@ fn sigterm_checkpoints_leaves_and_the_job_resumes_when_a_worker_joins() {
     let max_steps = 24;
     let dir = setup(2, max_steps);
     let d = dir.path();
+    if let Some(state) = shard_state {
+        shard_job(d, state);
+    }
     let coordinator = Coordinator::start(d, "run");
     let a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
     let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
@@ -577,9 +620,34 @@ fn a_worker_with_another_teacher_is_refused_and_the_job_goes_on() {
 
 #[test]
 fn a_graceful_cancel_gets_its_final_checkpoint_from_the_workers() {
+    graceful_cancel_with(None);
+}
+
+/// The coordinator's checkpoint order, sharded (ZeRO-2): rank 0 puts it
+/// into the next step's vote, every rank gathers after that step, rank 0
+/// writes and the job ends the same way.
+#[test]
+fn a_graceful_cancel_gets_its_final_checkpoint_sharded() {
+    graceful_cancel_with(Some("optimizer_and_gradients"));
+}
+
+fn graceful_cancel_with(shard_state: Option<&str>) {
     let max_steps = 40;
     let dir = setup(2, max_steps);
     let d = dir.path();
+    if let Some(state) = shard_state {
+        shard_job(d, state);
+        // Only the order writes a checkpoint (none on the cadence), so
+        // the order's path through the vote is what ends the job.
+        let path = d.join("job.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        assert!(yaml.contains("checkpoint:\n  every_steps: 2\n"), "{yaml}");
+        let yaml = yaml.replace(
+            "checkpoint:\n  every_steps: 2\n",
+            "checkpoint:\n  every_steps: 1000\n",
+        );
+        std::fs::write(path, yaml).unwrap();
+    }
     let coordinator = Coordinator::start(d, "run");
     let mut a = Worker::spawn(d, &coordinator.address, "host-a", &[]);
     let mut b = Worker::spawn(d, &coordinator.address, "host-b", &[]);
@@ -764,6 +832,54 @@ fn local_mode_with_two_workers_ends_where_one_worker_ends() {
         assert!(
             (two - one).abs() <= 1e-5 * one.abs(),
             "{name}: 2 workers printed {two}, 1 worker {one}"
+        );
+    }
+}
+
+/// `train --workers 2` with ZeRO-1 and `--workers 3` with ZeRO-2 (global
+/// batch 6, which both divide) end with the student one unsharded process
+/// ends with, by the data-parallel measure.
+#[test]
+fn local_mode_sharded_workers_end_where_one_worker_ends() {
+    let max_steps = 4;
+    for (workers, state) in [("2", "optimizer"), ("3", "optimizer_and_gradients")] {
+        let dir = setup(1, max_steps);
+        let d = dir.path();
+        for file in ["job.yaml", "alone.yaml"] {
+            let path = d.join(file);
+            let yaml = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("global_batch: 2\n", "global_batch: 6\n")
+                .replace("max_size: 2\n", "max_size: 3\n");
+            std::fs::write(path, yaml).unwrap();
+        }
+        shard_job(d, state);
+        let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .env("OMP_NUM_THREADS", "1")
+            .current_dir(d)
+            .args(["train", "--config", "job.yaml", "--run-dir", "run"])
+            .args(["--workers", workers])
+            .output()
+            .expect("spawn swiftbrush train");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{workers} workers, {state}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("trained steps 0..4"), "{stdout}");
+        train_alone(d, "reference");
+        let ours = student(&d.join("run"), max_steps);
+        let theirs = student(&d.join("reference"), max_steps);
+        let start = student(&d.join("reference"), 2);
+        let r = common::tensors::relative_to_move(&ours, &theirs, &start);
+        eprintln!("{workers} workers, {state}: {r:e} of the move");
+        assert!(
+            r <= 2e-2,
+            "{workers} workers, {state}: the student differs from one process's by {r:e} of \
+             its move"
         );
     }
 }

@@ -63,6 +63,10 @@ fn the_gpu_check_passes_its_dry_run_on_the_cpu() {
         "bf16 student_grad. / scale",
         "train 4 steps == 2 + resume to 4",
         "bench allreduce --backend tcp",
+        // world.shard_state's collectives and a sharded step (issue 24).
+        "bench allreduce --backend tcp (dry run): reduce-scatter",
+        "bench allreduce --backend tcp (dry run): all-gather",
+        "train --workers 1, world.shard_state optimizer_and_gradients vs none",
         "speed: ratio reference / swiftbrush",
         // precision.tf32 and precision.cudnn_benchmark parse and run.
         "speed: swiftbrush step with tf32 and cudnn_benchmark on",

@@ -436,6 +436,37 @@ pub struct WorldConfig {
     /// A worker whose step does not advance this long is declared dead.
     pub progress_timeout_ms: u64,
     pub max_restarts: u32,
+    /// ZeRO sharding of the training state over the data-parallel ranks
+    /// (SPEC "Sharded optimizer state"); memory only: left out of the
+    /// fingerprint, and not written when `none` (so today's configs
+    /// serialize as before).
+    #[serde(skip_serializing_if = "ShardState::is_none")]
+    pub shard_state: ShardState,
+}
+
+/// `world.shard_state`: which training state each rank keeps only for its
+/// 1/W slice of the flattened parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardState {
+    /// Every rank holds everything (replicated).
+    #[default]
+    None,
+    /// ZeRO-1: Adam's moments and the EMA only for the rank's slice.
+    Optimizer,
+    /// ZeRO-2: also only the rank's slice of the reduced gradients.
+    OptimizerAndGradients,
+}
+
+impl ShardState {
+    pub fn is_none(&self) -> bool {
+        *self == ShardState::None
+    }
+
+    /// Whether the reduced gradients outside the rank's slice are freed.
+    pub fn shards_gradients(self) -> bool {
+        self == ShardState::OptimizerAndGradients
+    }
 }
 
 impl Default for WorldConfig {
@@ -448,6 +479,7 @@ impl Default for WorldConfig {
             heartbeat_timeout_ms: 10_000,
             progress_timeout_ms: 600_000,
             max_restarts: 10,
+            shard_state: ShardState::None,
         }
     }
 }
@@ -649,7 +681,7 @@ impl JobConfig {
     /// sha256 of the resolved config's canonical JSON: a resumed run checks
     /// it. `train.micro_batch`, `train.gradient_checkpointing`,
     /// `train.recompute_rows`, `train.score_passes` and
-    /// `precision.cudnn_benchmark` are left out: they are each device's
+    /// `precision.cudnn_benchmark` (and `world.shard_state`) are left out: they are each device's
     /// memory and speed matter (a worker may override the micro-batch) and
     /// change no result.
     pub fn fingerprint(&self) -> String {
@@ -659,6 +691,7 @@ impl JobConfig {
         canonical.train.recompute_rows = TrainConfig::default().recompute_rows;
         canonical.train.score_passes = ScorePasses::Auto;
         canonical.precision.cudnn_benchmark = false;
+        canonical.world.shard_state = ShardState::None;
         let json = serde_json::to_vec(&canonical).unwrap_or_default();
         let digest = Sha256::digest(&json);
         digest.iter().map(|b| format!("{b:02x}")).collect()

@@ -554,3 +554,29 @@ fn student_init_is_absent_unless_set_and_a_change_when_set() {
     assert_eq!(changes.len(), 1);
     assert_eq!(changes[0].key, "model.student_init");
 }
+
+/// `world.shard_state`: `none` by default and then not written (configs
+/// serialize as before), the stages parse, a bad value names the choices;
+/// memory only: no fingerprint change, no training change.
+#[test]
+fn shard_state_parses_and_is_memory_only() {
+    use swiftbrush_proto::config::ShardState;
+    let c = parse(TEACHER).unwrap();
+    assert_eq!(c.world.shard_state, ShardState::None);
+    assert!(!c.to_yaml().contains("shard_state"), "{}", c.to_yaml());
+    for (yaml, want) in [
+        ("optimizer", ShardState::Optimizer),
+        ("optimizer_and_gradients", ShardState::OptimizerAndGradients),
+        ("none", ShardState::None),
+    ] {
+        let s = parse(&format!("{TEACHER}world:\n  shard_state: {yaml}\n")).unwrap();
+        assert_eq!(s.world.shard_state, want);
+        assert_eq!(s.fingerprint(), c.fingerprint(), "{yaml}");
+        assert_eq!(s.training_changes_from(&c), vec![], "{yaml}");
+        let back = JobConfig::from_yaml_str(&s.to_yaml(), "round trip").unwrap();
+        assert_eq!(back.world.shard_state, want);
+    }
+    let e = err(&format!("{TEACHER}world:\n  shard_state: zero3\n"));
+    assert!(e.contains("world.shard_state"), "{e}");
+    assert!(e.contains("optimizer_and_gradients"), "{e}");
+}

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod plan;
 pub mod sample;
+pub mod shard;
 pub mod threads;
 pub mod torch;
 pub mod toy;

@@ -97,6 +97,16 @@ impl Adam {
     /// One Adam update from the parameters' current gradients. Parameters
     /// without a gradient are left alone (as torch does).
     pub fn step(&mut self) {
+        let params: Vec<Tensor> = self.params.iter().map(Tensor::shallow_clone).collect();
+        let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+        self.step_with(&params, &grads);
+    }
+
+    /// One Adam update of `params` from `grads` (aligned with the moments,
+    /// in name order; an undefined gradient leaves its parameter alone):
+    /// [`Self::step`] on its own parameters, and the sharded optimizer's
+    /// step on a slice of the flattened weights (crate::shard).
+    pub fn step_with(&mut self, params: &[Tensor], grads: &[Tensor]) {
         self.step += 1;
         let c = self.cfg;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -110,13 +120,17 @@ impl Adam {
             // arithmetic, for what it does not take.
             let (mut ps, mut raw, mut ms, mut vs) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
-                let g = p.grad();
+            for (((p, g), m), v) in params
+                .iter()
+                .zip(grads)
+                .zip(&self.exp_avg)
+                .zip(&self.exp_avg_sq)
+            {
                 if !g.defined() {
                     continue;
                 }
                 ps.push(p.shallow_clone());
-                raw.push(g);
+                raw.push(g.shallow_clone());
                 ms.push(m.shallow_clone());
                 vs.push(v.shallow_clone());
             }
@@ -163,6 +177,54 @@ impl Adam {
         for p in &mut self.params {
             p.zero_grad();
         }
+    }
+
+    /// An Adam over given moments and no parameters of its own, stepped by
+    /// [`Self::step_with`]: a rank's shard of another Adam's state
+    /// (crate::shard), named `names`.
+    pub fn over_moments(
+        names: Vec<String>,
+        exp_avg: Vec<Tensor>,
+        exp_avg_sq: Vec<Tensor>,
+        step: i64,
+        cfg: AdamConfig,
+    ) -> Self {
+        Self {
+            cfg,
+            names,
+            params: Vec::new(),
+            exp_avg,
+            exp_avg_sq,
+            step,
+            chunk_bytes: crate::torch::foreach::CHUNK_BYTES,
+        }
+    }
+
+    /// The parameter names, in the moments' (sorted) order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The first and second moments, in name order.
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.exp_avg, &self.exp_avg_sq)
+    }
+
+    /// Frees the moments (each left an empty tensor) while a shard of them
+    /// lives elsewhere (crate::shard); [`Self::reset_moments`] gives back
+    /// zeros of the parameters' shapes, before a checkpoint is loaded in.
+    pub fn release_moments(&mut self) {
+        for m in self.exp_avg.iter_mut().chain(self.exp_avg_sq.iter_mut()) {
+            *m = Tensor::empty([0], (m.kind(), m.device()));
+        }
+    }
+
+    /// Zero moments of the parameters' shapes, and no steps taken.
+    pub fn reset_moments(&mut self) {
+        let zeros = |p: &Tensor| p.zeros_like().detach();
+        self.exp_avg = self.params.iter().map(zeros).collect();
+        self.exp_avg_sq = self.params.iter().map(zeros).collect();
+        self.step = 0;
     }
 
     /// The state as named tensors: `exp_avg.<name>`, `exp_avg_sq.<name>`

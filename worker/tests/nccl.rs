@@ -140,6 +140,69 @@ fn gpu_one_rank_world_reduces_votes_and_aborts() {
     assert!(err.contains("aborted"), "{err}");
 }
 
+/// The all-reduce's two halves on a world of one: the reduce-scatter's
+/// part is the whole buffer's mean (the all-reduce's, bit for bit) and the
+/// all-gather leaves it as it is; odd lengths and bf16 too.
+#[test]
+#[ignore = "needs 1 CUDA GPU: cargo test -p swiftbrush-worker --test nccl -- --ignored"]
+fn gpu_one_rank_reduce_scatter_and_all_gather_equal_the_all_reduce() {
+    require_gpus(1);
+    let id = NcclComm::unique_id().unwrap();
+    let mut comm = NcclComm::new(Device::Cuda(0), 0, 1, &id, options()).unwrap();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let data = Tensor::randn([1001], (kind, Device::Cuda(0)));
+        let reduced = data.copy();
+        comm.all_reduce_mean(std::slice::from_ref(&reduced))
+            .unwrap();
+        assert_eq!(comm.shard_range(1001, 0), 0..1001);
+        let part = comm.reduce_scatter_mean(&data.copy()).unwrap();
+        assert!(
+            part.equal(&reduced),
+            "{kind:?}: reduce-scatter vs all-reduce"
+        );
+        let gathered = part.copy();
+        comm.all_gather(&gathered).unwrap();
+        assert!(gathered.equal(&reduced), "{kind:?}: all-gather changed it");
+    }
+}
+
+/// Two ranks: each rank's reduce-scatter part is its part of the
+/// all-reduce's mean, and the all-gather of the parts is that mean.
+#[test]
+#[ignore = "needs 2 CUDA GPUs: cargo test -p swiftbrush-worker --test nccl -- --ignored"]
+fn gpu_two_ranks_reduce_scatter_and_all_gather_equal_the_all_reduce() {
+    require_gpus(2);
+    let id = NcclComm::unique_id().unwrap();
+    let handles: Vec<_> = (0..2usize)
+        .map(|rank| {
+            let id = id.clone();
+            std::thread::spawn(move || {
+                let device = Device::Cuda(rank);
+                let mut comm = NcclComm::new(device, rank as u64, 2, &id, options()).unwrap();
+                let data = Tensor::arange(1001, (Kind::Float, device)) * (rank as f64 + 1.0);
+                let reduced = data.copy();
+                comm.all_reduce_mean(std::slice::from_ref(&reduced))
+                    .unwrap();
+                let range = comm.shard_range(1001, rank as u64);
+                let part = comm.reduce_scatter_mean(&data.copy()).unwrap();
+                let want = reduced.narrow(0, range.start as i64, range.len() as i64);
+                let same_part = part.equal(&want);
+                let gathered = Tensor::zeros([1001], (Kind::Float, device));
+                gathered
+                    .narrow(0, range.start as i64, range.len() as i64)
+                    .copy_(&part);
+                comm.all_gather(&gathered).unwrap();
+                (same_part, gathered.equal(&reduced))
+            })
+        })
+        .collect();
+    for (rank, h) in handles.into_iter().enumerate() {
+        let (same_part, same_all) = h.join().unwrap();
+        assert!(same_part, "rank {rank}: reduce-scatter part");
+        assert!(same_all, "rank {rank}: all-gather");
+    }
+}
+
 #[test]
 #[ignore = "needs 1 CUDA GPU: cargo test -p swiftbrush-worker --test nccl -- --ignored"]
 fn gpu_a_rank_that_never_joins_times_out() {

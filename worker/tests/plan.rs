@@ -58,7 +58,7 @@ fn resident_parts_take_their_dtypes_and_the_fake_score_form() {
     let mut cfg = config(&dir, "unet");
     cfg.precision.teacher_dtype = swiftbrush_proto::config::Dtype::Bf16;
     let c = resident::count(&cfg, &folder).unwrap();
-    let parts = resident::parts(&cfg, &c);
+    let parts = resident::parts(&cfg, &c, 1);
     let bytes = |name: &str| parts.iter().find(|p| p.name == name).unwrap().bytes;
     assert_eq!(bytes("teacher UNet"), 2 * c.unet);
     assert_eq!(bytes("student"), 4 * c.unet);
@@ -84,4 +84,50 @@ fn sdxl_counts_both_text_encoders() {
         c.unet,
         numel(&dir.join("unet/diffusion_pytorch_model.safetensors"))
     );
+}
+
+/// `world.shard_state`: the student's and DMD2's moments and the EMA count
+/// a rank's slice, ceil(n / W) elements; the gradients stay whole (the
+/// backward fills them), the LoRA adapters' state stays replicated.
+#[test]
+fn sharded_state_counts_a_ranks_slice() {
+    use swiftbrush_proto::config::ShardState;
+    let dir = common::pipeline("sd1");
+    let folder = DiffusersFolder::open(&dir).unwrap();
+    for (fake, fake_moments) in [("unet", true), ("lora", false)] {
+        let mut cfg = config(&dir, fake);
+        let c = resident::count(&cfg, &folder).unwrap();
+        let total = |cfg: &JobConfig, w: u32| -> u64 {
+            resident::parts(cfg, &c, w).iter().map(|p| p.bytes).sum()
+        };
+        let replicated = total(&cfg, 3);
+        for state in [ShardState::Optimizer, ShardState::OptimizerAndGradients] {
+            cfg.world.shard_state = state;
+            let slice = c.unet.div_ceil(3);
+            // Student: m, v and EMA; DMD2's copy: m and v.
+            let shed = 3 * 4 * (c.unet - slice)
+                + if fake_moments {
+                    2 * 4 * (c.unet - slice)
+                } else {
+                    0
+                };
+            assert_eq!(replicated - total(&cfg, 3), shed, "{fake}, {state:?}");
+            assert_eq!(
+                total(&cfg, 1),
+                replicated,
+                "{fake}, {state:?}: a world of one"
+            );
+            let parts = resident::parts(&cfg, &c, 3);
+            let p = parts
+                .iter()
+                .find(|p| p.name == "student EMA (this rank's slice)")
+                .unwrap();
+            assert_eq!(p.elements, slice);
+            assert!(
+                parts
+                    .iter()
+                    .any(|p| p.name == "student gradients" && p.elements == c.unet)
+            );
+        }
+    }
 }

@@ -6,7 +6,9 @@
 //! path, with the bucket and group sizes to choose). Reports the
 //! median time and the bus bandwidth in nccl-tests' convention
 //! (algbw * 2(W-1)/W, the bytes each link carries). Timings live here, never
-//! in pass/fail tests. Each rank checks its first result (the mean of
+//! in pass/fail tests. The all-reduce's two halves, reduce-scatter and
+//! all-gather (world.shard_state), are measured on the same bytes as one
+//! flat buffer and checked the same way. Each rank checks its first result (the mean of
 //! rank-dependent values), so a wrong collective is an error, not a number.
 
 use std::net::{SocketAddr, TcpListener};
@@ -83,6 +85,14 @@ pub struct AllReduceReport {
     pub algbw_gb_s: f64,
     /// algbw * 2(W-1)/W, GB/s.
     pub busbw_gb_s: f64,
+    /// The all-reduce's two halves on the same bytes, as one flat buffer
+    /// (world.shard_state's collectives): median seconds and bus
+    /// bandwidth in nccl-tests' convention (algbw * (W-1)/W, algbw being
+    /// the whole buffer's bytes over the time).
+    pub reduce_scatter_median_s: f64,
+    pub reduce_scatter_busbw_gb_s: f64,
+    pub all_gather_median_s: f64,
+    pub all_gather_busbw_gb_s: f64,
 }
 
 impl AllReduceReport {
@@ -101,7 +111,7 @@ impl AllReduceReport {
             _ => "one flat buffer (the ring)".to_owned(),
         };
         format!(
-            "backend           {}\nworld size        {}\nbuffer            {:.1} MB in {} tensor(s)\nlayout            {}\niterations        {}\nmedian            {:.6} s\nalgorithm bw      {:.3} GB/s\nbus bw            {:.3} GB/s\n",
+            "backend           {}\nworld size        {}\nbuffer            {:.1} MB in {} tensor(s)\nlayout            {}\niterations        {}\nmedian            {:.6} s\nalgorithm bw      {:.3} GB/s\nbus bw            {:.3} GB/s\nreduce-scatter    {:.6} s, bus bw {:.3} GB/s\nall-gather        {:.6} s, bus bw {:.3} GB/s\n",
             self.backend,
             self.world_size,
             self.bytes as f64 / 1e6,
@@ -111,6 +121,10 @@ impl AllReduceReport {
             self.median_s,
             self.algbw_gb_s,
             self.busbw_gb_s,
+            self.reduce_scatter_median_s,
+            self.reduce_scatter_busbw_gb_s,
+            self.all_gather_median_s,
+            self.all_gather_busbw_gb_s,
         )
     }
 }
@@ -183,24 +197,31 @@ pub fn bench_allreduce(spec: &AllReduceSpec) -> Result<AllReduceReport, AllReduc
                 Backend::Nccl => Device::Cuda(rank),
             };
             let sizes = sizes.clone();
-            std::thread::spawn(move || -> Result<Vec<f64>, AllReduceBenchError> {
+            std::thread::spawn(move || -> Result<[Vec<f64>; 3], AllReduceBenchError> {
                 let mut sync = join()?;
                 run_rank(sync.as_mut(), rank, world_size, &sizes, iters, device)
             })
         })
         .collect();
-    let mut times = Vec::new();
+    let mut times = [Vec::new(), Vec::new(), Vec::new()];
     for (rank, h) in handles.into_iter().enumerate() {
         let t = h.join().map_err(|_| AllReduceBenchError::Panicked)??;
         if rank == 0 {
             times = t;
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median_s = times[times.len() / 2];
+    let median = |t: &mut Vec<f64>| {
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let [mut all_reduce, mut reduce_scatter, mut all_gather] = times;
+    let median_s = median(&mut all_reduce);
     let bytes = numel as u64 * 4;
     let algbw = bytes as f64 / median_s / 1e9;
     let w = world_size as f64;
+    let half_busbw = |s: f64| bytes as f64 / s / 1e9 * (w - 1.0) / w;
+    let reduce_scatter_median_s = median(&mut reduce_scatter);
+    let all_gather_median_s = median(&mut all_gather);
     Ok(AllReduceReport {
         backend: backend.name().to_owned(),
         world_size,
@@ -214,6 +235,10 @@ pub fn bench_allreduce(spec: &AllReduceSpec) -> Result<AllReduceReport, AllReduc
         median_s,
         algbw_gb_s: algbw,
         busbw_gb_s: algbw * 2.0 * (w - 1.0) / w,
+        reduce_scatter_median_s,
+        reduce_scatter_busbw_gb_s: half_busbw(reduce_scatter_median_s),
+        all_gather_median_s,
+        all_gather_busbw_gb_s: half_busbw(all_gather_median_s),
     })
 }
 
@@ -286,7 +311,7 @@ fn run_rank(
     sizes: &[i64],
     iters: usize,
     device: Device,
-) -> Result<Vec<f64>, AllReduceBenchError> {
+) -> Result<[Vec<f64>; 3], AllReduceBenchError> {
     let grads: Vec<Tensor> = sizes
         .iter()
         .map(|&n| Tensor::full([n], (rank + 1) as f64, (Kind::Float, device)))
@@ -316,7 +341,69 @@ fn run_rank(
         sync.all_reduce_mean(&grads)?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    Ok(times)
+    let (rs, ag) = run_halves(sync, rank, world_size, sizes.iter().sum(), iters, device)?;
+    Ok([times, rs, ag])
+}
+
+/// The reduce-scatter and the all-gather of one flat buffer of `numel`
+/// float32: each checked once (the rank's part of the mean of 1..=W; the
+/// parts, each rank's filled with its rank + 1, gathered everywhere), then
+/// timed `iters` times.
+fn run_halves(
+    sync: &mut dyn GradientSync,
+    rank: usize,
+    world_size: usize,
+    numel: i64,
+    iters: usize,
+    device: Device,
+) -> Result<(Vec<f64>, Vec<f64>), AllReduceBenchError> {
+    let opts = (Kind::Float, device);
+    let flat = Tensor::full([numel], (rank + 1) as f64, opts);
+    let part = sync.reduce_scatter_mean(&flat)?;
+    let want = (world_size as f64 + 1.0) / 2.0;
+    if part.numel() > 0 {
+        let worst = (part - want).abs().max().double_value(&[]);
+        if worst > 1e-4 {
+            return Err(AllReduceBenchError::WrongResult {
+                rank,
+                got: want + worst,
+                want,
+            });
+        }
+    }
+    // Rank q's part holds q + 1: gathered, element i holds its owner's.
+    let owners = Tensor::zeros([numel], opts);
+    for q in 0..world_size {
+        let r = sync.shard_range(numel as usize, q as u64);
+        let _ = owners
+            .narrow(0, r.start as i64, r.len() as i64)
+            .fill_((q + 1) as f64);
+    }
+    let mine = sync.shard_range(numel as usize, rank as u64);
+    let gathered = Tensor::zeros([numel], opts);
+    gathered
+        .narrow(0, mine.start as i64, mine.len() as i64)
+        .copy_(&owners.narrow(0, mine.start as i64, mine.len() as i64));
+    sync.all_gather(&gathered)?;
+    let worst = (&gathered - &owners).abs().max().double_value(&[]);
+    if worst != 0.0 {
+        return Err(AllReduceBenchError::WrongResult {
+            rank,
+            got: worst,
+            want: 0.0,
+        });
+    }
+    let mut rs = Vec::with_capacity(iters);
+    let mut ag = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        let _ = sync.reduce_scatter_mean(&flat)?;
+        rs.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        sync.all_gather(&gathered)?;
+        ag.push(t0.elapsed().as_secs_f64());
+    }
+    Ok((rs, ag))
 }
 
 #[cfg(test)]
@@ -334,6 +421,11 @@ mod tests {
         let factor = r.busbw_gb_s / r.algbw_gb_s;
         assert!((factor - 4.0 / 3.0).abs() < 1e-9, "{factor}");
         assert!(r.table().contains("bus bw"));
+        // The halves ran, checked, and their bus factor is (W-1)/W.
+        assert!(r.reduce_scatter_median_s > 0.0 && r.all_gather_median_s > 0.0);
+        let f = r.all_gather_busbw_gb_s * r.all_gather_median_s / (r.bytes as f64 / 1e9);
+        assert!((f - 2.0 / 3.0).abs() < 1e-9, "{f}");
+        assert!(r.table().contains("reduce-scatter"), "{}", r.table());
     }
 
     #[test]

@@ -578,6 +578,90 @@ impl NcclComm {
         self.wait_for_stream(WHAT, deadline)
     }
 
+    /// Equal parts of `numel` elements, `rank`'s: NCCL's reduce-scatter
+    /// and all-gather move `ceil(numel / W)` elements per rank (the buffer
+    /// is padded with zeros to W of them), so the last parts may be short
+    /// or empty.
+    fn part(&self, numel: usize, rank: u64) -> std::ops::Range<usize> {
+        let per = numel.div_ceil(self.world_size.max(1) as usize);
+        let start = (per * rank as usize).min(numel);
+        start..(start + per).min(numel)
+    }
+
+    /// `flat` padded with zeros to W equal parts (itself when it divides).
+    fn padded(&self, flat: &Tensor) -> Tensor {
+        let w = self.world_size.max(1) as usize;
+        let numel = flat.numel();
+        let pad = numel.div_ceil(w) * w - numel;
+        let flat = flat.reshape([-1]);
+        if pad == 0 && flat.is_contiguous() {
+            return flat;
+        }
+        let zeros = Tensor::zeros([pad as i64], (flat.kind(), flat.device()));
+        Tensor::cat(&[flat, zeros], 0)
+    }
+
+    /// ncclReduceScatter with ncclAvg: this rank's part of the mean.
+    fn reduce_scatter(&self, flat: &Tensor) -> Result<Tensor, NcclError> {
+        const WHAT: &str = "reduce-scattering gradients";
+        let stream = self.prepare(std::slice::from_ref(flat))?;
+        let deadline = Instant::now() + self.options.timeout;
+        let send = self.padded(flat);
+        let per = send.numel() / self.world_size.max(1) as usize;
+        let recv = Tensor::empty([per as i64], (flat.kind(), flat.device()));
+        let dtype = nccl_dtype(flat.kind()).ok_or(NcclError::UnsupportedKind {
+            index: 0,
+            kind: flat.kind(),
+        })?;
+        let (sp, rp) = (send.data_ptr(), recv.data_ptr());
+        let lib = self.shared.lib;
+        // SAFETY: `send` holds W * `per` and `recv` `per` elements of
+        // `dtype` on this communicator's device, both alive until the
+        // stream has run the collective (waited for below).
+        let rc = self.shared.with_comm(WHAT, |c| unsafe {
+            (lib.reduce_scatter)(sp, rp, per, dtype, NCCL_AVG, c, stream.0)
+        })?;
+        self.after_call("ncclReduceScatter", rc, WHAT, deadline)?;
+        self.wait_for_stream(WHAT, deadline)?;
+        let range = self.part(flat.numel(), self.rank);
+        Ok(recv.narrow(0, 0, range.len() as i64))
+    }
+
+    /// ncclAllGather in place: every rank's part of `flat` to every rank.
+    fn all_gather_parts(&self, flat: &Tensor) -> Result<(), NcclError> {
+        const WHAT: &str = "all-gathering weights";
+        let stream = self.prepare(std::slice::from_ref(flat))?;
+        let deadline = Instant::now() + self.options.timeout;
+        let buf = self.padded(flat);
+        let per = buf.numel() / self.world_size.max(1) as usize;
+        let dtype = nccl_dtype(flat.kind()).ok_or(NcclError::UnsupportedKind {
+            index: 0,
+            kind: flat.kind(),
+        })?;
+        let elt = flat.kind().elt_size_in_bytes();
+        let recv = buf.data_ptr();
+        // In place, as NCCL defines it: this rank's part already lies at
+        // offset rank * per of the receive buffer.
+        let send = (recv as usize + self.rank as usize * per * elt) as *mut std::ffi::c_void;
+        let lib = self.shared.lib;
+        // SAFETY: `buf` holds W * `per` elements of `dtype` on this
+        // communicator's device, alive until the stream has run the
+        // collective (waited for below); `send` lies inside it.
+        let rc = self.shared.with_comm(WHAT, |c| unsafe {
+            (lib.all_gather)(send, recv, per, dtype, c, stream.0)
+        })?;
+        self.after_call("ncclAllGather", rc, WHAT, deadline)?;
+        self.wait_for_stream(WHAT, deadline)?;
+        if buf.data_ptr() != flat.data_ptr() {
+            let n = flat.numel() as i64;
+            tch::no_grad(|| {
+                flat.shallow_clone()
+                    .copy_(&buf.narrow(0, 0, n).view(flat.size().as_slice()))
+            });
+        }
+        Ok(())
+    }
+
     fn all_ranks_ok(&self, ok: bool) -> Result<bool, NcclError> {
         const WHAT: &str = "the all-ranks-finite vote";
         let stream = self.stream()?;
@@ -634,6 +718,18 @@ impl GradientSync for NcclComm {
 
     fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError> {
         Ok(self.sum_small(values)?)
+    }
+
+    fn shard_range(&self, numel: usize, rank: u64) -> std::ops::Range<usize> {
+        self.part(numel, rank)
+    }
+
+    fn reduce_scatter_mean(&mut self, flat: &Tensor) -> Result<Tensor, SyncError> {
+        Ok(self.reduce_scatter(flat)?)
+    }
+
+    fn all_gather(&mut self, flat: &Tensor) -> Result<(), SyncError> {
+        Ok(self.all_gather_parts(flat)?)
     }
 
     fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError> {

@@ -117,6 +117,17 @@ type AllReduceFn = unsafe extern "C" fn(
     RawComm,
     *mut c_void,
 ) -> NcclResult;
+/// ncclReduceScatter(sendbuff, recvbuff, recvcount, datatype, op, comm, stream).
+type ReduceScatterFn = AllReduceFn;
+/// ncclAllGather(sendbuff, recvbuff, sendcount, datatype, comm, stream).
+type AllGatherFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    RawComm,
+    *mut c_void,
+) -> NcclResult;
 type GroupFn = unsafe extern "C" fn() -> NcclResult;
 type GetErrorStringFn = unsafe extern "C" fn(NcclResult) -> *const c_char;
 type GetLastErrorFn = unsafe extern "C" fn(RawComm) -> *const c_char;
@@ -131,6 +142,9 @@ pub struct NcclLib {
     pub comm_get_async_error: CommGetAsyncErrorFn,
     pub comm_abort: CommAbortFn,
     pub all_reduce: AllReduceFn,
+    /// The all-reduce's two halves (world.shard_state).
+    pub reduce_scatter: ReduceScatterFn,
+    pub all_gather: AllGatherFn,
     /// ncclGroupStart / ncclGroupEnd: the collectives queued between them
     /// are launched together, and on a nonblocking communicator the group
     /// is waited for once (ncclGroupEnd returns ncclInProgress).
@@ -192,6 +206,8 @@ impl NcclLib {
             comm_get_async_error: sym!("ncclCommGetAsyncError", CommGetAsyncErrorFn),
             comm_abort: sym!("ncclCommAbort", CommAbortFn),
             all_reduce: sym!("ncclAllReduce", AllReduceFn),
+            reduce_scatter: sym!("ncclReduceScatter", ReduceScatterFn),
+            all_gather: sym!("ncclAllGather", AllGatherFn),
             group_start: sym!("ncclGroupStart", GroupFn),
             group_end: sym!("ncclGroupEnd", GroupFn),
             get_error_string: sym!("ncclGetErrorString", GetErrorStringFn),

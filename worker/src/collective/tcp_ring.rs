@@ -183,16 +183,39 @@ impl TcpRing {
         })
     }
 
-    /// Sums `buf` over all ranks, in place.
+    /// Sums `buf` over all ranks, in place: the reduce-scatter phase then
+    /// the all-gather phase.
     pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), SyncError> {
+        self.reduce_scatter_sum(buf)?;
+        self.all_gather_in_place(buf)
+    }
+
+    /// Chunk `i` of a buffer of `len` elements (W chunks, as even as
+    /// integers allow).
+    fn chunk(&self, len: usize, i: usize) -> (usize, usize) {
+        let w = self.world_size as usize;
+        (len * i / w, len * (i + 1) / w)
+    }
+
+    /// The chunk of a buffer of `len` elements that rank `rank` holds summed
+    /// after [`Self::reduce_scatter_sum`]: (rank + 1) mod W, where the
+    /// ring's W-1 steps end.
+    pub fn owned_range(&self, len: usize, rank: u64) -> std::ops::Range<usize> {
+        let w = self.world_size.max(1);
+        let (a, b) = self.chunk(len, ((rank + 1) % w) as usize);
+        a..b
+    }
+
+    /// The ring's first phase: after W-1 steps this rank holds the full sum
+    /// of its [`Self::owned_range`] of `buf` (the rest of `buf` holds
+    /// partial sums).
+    pub fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<(), SyncError> {
+        let w = self.world_size as usize;
+        let r = self.rank as usize;
+        let bounds: Vec<(usize, usize)> = (0..w).map(|i| self.chunk(buf.len(), i)).collect();
         let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
             return Ok(());
         };
-        let w = self.world_size as usize;
-        let r = self.rank as usize;
-        let bounds: Vec<(usize, usize)> = (0..w)
-            .map(|i| (buf.len() * i / w, buf.len() * (i + 1) / w))
-            .collect();
         let mut incoming = vec![0f32; buf.len().div_ceil(w)];
         // Reduce-scatter: after W-1 steps rank r holds the full sum of
         // chunk (r + 1) mod W.
@@ -205,7 +228,19 @@ impl TcpRing {
                 *x += *y;
             }
         }
-        // All-gather: pass the finished chunks around.
+        Ok(())
+    }
+
+    /// The ring's second phase: every rank's [`Self::owned_range`] of `buf`
+    /// passed around, so all ranks end with the same bytes.
+    pub fn all_gather_in_place(&mut self, buf: &mut [f32]) -> Result<(), SyncError> {
+        let w = self.world_size as usize;
+        let r = self.rank as usize;
+        let bounds: Vec<(usize, usize)> = (0..w).map(|i| self.chunk(buf.len(), i)).collect();
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            return Ok(());
+        };
+        let mut incoming = vec![0f32; buf.len().div_ceil(w)];
         for s in 0..w - 1 {
             let send = bounds[(r + 1 + w - s) % w];
             let recv = bounds[(r + w - s) % w];
@@ -215,6 +250,11 @@ impl TcpRing {
         }
         Ok(())
     }
+}
+
+/// A 1-D tensor's values as host float32 (the ring's wire format).
+fn host_f32(t: &Tensor) -> Result<Vec<f32>, SyncError> {
+    Vec::try_from(&t.to_device(Device::Cpu).to_kind(Kind::Float).reshape([-1])).map_err(err)
 }
 
 /// Connects to the next rank and says who is calling.
@@ -369,6 +409,39 @@ impl GradientSync for TcpRing {
     fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError> {
         self.all_reduce_sum(values)
     }
+
+    fn shard_range(&self, numel: usize, rank: u64) -> std::ops::Range<usize> {
+        self.owned_range(numel, rank)
+    }
+
+    /// The ring's first phase alone; the owned chunk is scaled as
+    /// `all_reduce_mean` scales it, so it is bit for bit that chunk of
+    /// the all-reduce's mean.
+    fn reduce_scatter_mean(&mut self, flat: &Tensor) -> Result<Tensor, SyncError> {
+        let range = self.owned_range(flat.numel(), self.rank);
+        if self.world_size == 1 {
+            return Ok(flat.narrow(0, 0, flat.numel() as i64));
+        }
+        let mut buf = host_f32(flat)?;
+        self.reduce_scatter_sum(&mut buf)?;
+        let inv = 1.0 / self.world_size as f64;
+        let mine = Tensor::from_slice(&buf[range]) * inv;
+        Ok(mine.to_kind(flat.kind()).to_device(flat.device()))
+    }
+
+    /// The ring's second phase alone.
+    fn all_gather(&mut self, flat: &Tensor) -> Result<(), SyncError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let mut buf = host_f32(flat)?;
+        self.all_gather_in_place(&mut buf)?;
+        let gathered = Tensor::from_slice(&buf)
+            .to_kind(flat.kind())
+            .to_device(flat.device());
+        tch::no_grad(|| flat.shallow_clone().copy_(&gathered));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -416,6 +489,49 @@ mod tests {
                     assert!((x - (i as f32 * 0.5 * w as f32 + wsum)).abs() < 1e-3);
                 }
             }
+        }
+    }
+
+    /// The reduce-scatter gives each rank its chunk of the all-reduce's mean
+    /// bit for bit (the same sums in the same order), the chunks tile the
+    /// buffer, and the all-gather of those chunks is the all-reduce.
+    #[test]
+    fn reduce_scatter_then_all_gather_is_the_all_reduce_bit_for_bit() {
+        for w in [2usize, 3, 4] {
+            let results = with_ring(w, move |mut ring| {
+                let r = ring.rank() as f32;
+                let data: Vec<f32> = (0..1001)
+                    .map(|i| (i as f32 * 0.37 + r * 1.3).sin() * 1e3)
+                    .collect();
+                let grad = Tensor::from_slice(&data);
+                ring.all_reduce_mean(std::slice::from_ref(&grad)).unwrap();
+                let flat = Tensor::from_slice(&data);
+                let mine = ring.reduce_scatter_mean(&flat).unwrap();
+                let range = ring.shard_range(1001, ring.rank());
+                let want = grad.narrow(0, range.start as i64, range.len() as i64);
+                let same_chunk = mine.equal(&want);
+                // Every rank puts its chunk of the mean into a buffer of
+                // zeros; the all-gather fills in the others'.
+                let gathered = Tensor::zeros([1001], (Kind::Float, Device::Cpu));
+                gathered
+                    .narrow(0, range.start as i64, range.len() as i64)
+                    .copy_(&mine);
+                ring.all_gather(&gathered).unwrap();
+                (same_chunk, gathered.equal(&grad), range)
+            });
+            let mut covered = 0;
+            for (r, (same_chunk, same_all, range)) in results.iter().enumerate() {
+                assert!(
+                    same_chunk,
+                    "W={w} rank {r}: its chunk is not the all-reduce's"
+                );
+                assert!(
+                    same_all,
+                    "W={w} rank {r}: the all-gather is not the all-reduce"
+                );
+                covered += range.len();
+            }
+            assert_eq!(covered, 1001, "W={w}: the ranks' chunks tile the buffer");
         }
     }
 

@@ -58,7 +58,7 @@ impl StableDiffusionXL {
         self.check_latents(z, prompts.len())?;
         let size = z.size();
         let f = self.vae_scale_factor();
-        let schedule = NoiseSchedule::new(&self.scheduler, self.device)?;
+        let schedule = NoiseSchedule::new(&self.scheduler, self.device())?;
         tch::no_grad(|| {
             let cond = self.encode_prompts(prompts)?;
             let added = AddedConditions {
@@ -69,10 +69,10 @@ impl StableDiffusionXL {
                 unet: &self.unet,
                 added: &added,
             };
-            let z = z.f_to_device(self.device)?.f_to_kind(Kind::Float)?;
+            let z = z.f_to_device(self.device())?.f_to_kind(Kind::Float)?;
             let noises = noises
                 .iter()
-                .map(|e| e.f_to_device(self.device))
+                .map(|e| e.f_to_device(self.device()))
                 .collect::<Result<Vec<_>, _>>()?;
             let x0 = chain.draw(&student, &z, &cond.hidden, &noises, steps, &schedule)?;
             self.decode(&x0)

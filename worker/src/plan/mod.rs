@@ -112,7 +112,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let rank_batch = cfg.train.global_batch / opts.world;
     let counts = resident::count(cfg, &folder)?;
     let shape = crate::trainer::sample_shape(cfg, &folder, counts.unet_config.in_channels)?;
-    let parts = resident::parts(cfg, &counts);
+    let parts = resident::parts(cfg, &counts, opts.world);
     let resident_bytes: u64 = parts.iter().map(|p| p.bytes).sum();
     let optimizer = resident::optimizer_transient(cfg, &counts);
     let sample_bytes = 4 * (shape[0] * shape[1] * shape[2]) as u64;

@@ -121,8 +121,28 @@ pub fn dtype_bytes(d: Dtype) -> u64 {
 /// Every part a worker holds from its first step to its last (trainer/:
 /// `load.rs`, `optimizers.rs`, the EMA, `samples.rs`). Gradients are kept
 /// between steps (zeroed in place), Adam's moments exist from the start.
-pub fn parts(cfg: &JobConfig, c: &Counts) -> Vec<Part> {
+/// With `world.shard_state` in a world of `world` ranks (crate::shard) the
+/// student's and DMD2's fake score's moments and the EMA are the rank's
+/// slice, at most ceil(n / W) elements; the gradients are counted whole
+/// either way: ZeRO-2 frees them after the reduce-scatter, but the next
+/// backward fills them again, and the plan is of the peak.
+pub fn parts(cfg: &JobConfig, c: &Counts, world: u32) -> Vec<Part> {
     let f32 = Dtype::Fp32;
+    let sharded = !cfg.world.shard_state.is_none();
+    let slice = |n: u64| {
+        if sharded {
+            n.div_ceil(u64::from(world.max(1)))
+        } else {
+            n
+        }
+    };
+    let of_slice = |name: &str| {
+        if sharded {
+            format!("{name} (this rank's slice)")
+        } else {
+            name.to_owned()
+        }
+    };
     let mut parts = vec![
         part("teacher UNet", c.unet, cfg.precision.teacher_dtype),
         part("text encoder", c.text_encoder, f32),
@@ -133,21 +153,26 @@ pub fn parts(cfg: &JobConfig, c: &Counts) -> Vec<Part> {
     parts.extend([
         part("student", c.unet, f32),
         part("student gradients", c.unet, f32),
-        part("student Adam exp_avg", c.unet, f32),
-        part("student Adam exp_avg_sq", c.unet, f32),
+        part(&of_slice("student Adam exp_avg"), slice(c.unet), f32),
+        part(&of_slice("student Adam exp_avg_sq"), slice(c.unet), f32),
     ]);
     if cfg.method.ema.enabled {
-        parts.push(part("student EMA", c.unet, f32));
+        parts.push(part(&of_slice("student EMA"), slice(c.unet), f32));
     }
-    let (what, n) = match cfg.method.fake_score.kind {
-        FakeScore::Lora => ("LoRA adapters", c.lora),
-        FakeScore::Unet => ("fake score UNet (DMD2)", c.unet),
+    let (what, n, moments) = match cfg.method.fake_score.kind {
+        // The adapters stay replicated.
+        FakeScore::Lora => ("LoRA adapters", c.lora, c.lora),
+        FakeScore::Unet => ("fake score UNet (DMD2)", c.unet, slice(c.unet)),
+    };
+    let fake_name = |suffix: &str| {
+        let name = format!("{what} {suffix}");
+        if moments < n { of_slice(&name) } else { name }
     };
     parts.extend([
         part(what, n, f32),
         part(&format!("{what} gradients"), n, f32),
-        part(&format!("{what} Adam exp_avg"), n, f32),
-        part(&format!("{what} Adam exp_avg_sq"), n, f32),
+        part(&fake_name("Adam exp_avg"), moments, f32),
+        part(&fake_name("Adam exp_avg_sq"), moments, f32),
     ]);
     parts
 }
@@ -169,5 +194,13 @@ pub fn optimizer_transient(cfg: &JobConfig, c: &Counts) -> u64 {
         FakeScore::Lora => largest_chunk(&c.lora_tensors),
         FakeScore::Unet => largest_chunk(&c.unet_tensors),
     };
-    2 * largest_chunk(&c.unet_tensors).max(fake)
+    let chunks = 2 * largest_chunk(&c.unet_tensors).max(fake);
+    if cfg.world.shard_state.is_none() {
+        return chunks;
+    }
+    // Sharded (crate::shard): the flattened gradients and their
+    // collective's copy (the ring's host buffer, NCCL's padded one), then
+    // the flattened weights for the all-gather: two float32 buffers of a
+    // whole UNet at most.
+    chunks.max(2 * 4 * c.unet)
 }

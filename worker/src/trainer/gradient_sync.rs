@@ -20,6 +20,43 @@ pub trait GradientSync {
     /// counters of the step vote (exact for integers below 2^24).
     fn all_sum(&mut self, values: &mut [f32]) -> Result<(), SyncError>;
 
+    /// The part of a flat buffer of `numel` elements that `rank` receives
+    /// from [`Self::reduce_scatter_mean`] and contributes to
+    /// [`Self::all_gather`]: the ranks' parts are contiguous, disjoint and
+    /// cover `0..numel`. Each backend lays them out as its primitives do
+    /// (the TCP ring: the chunk its reduce-scatter phase leaves on the
+    /// rank; NCCL: equal chunks in rank order); the sharded optimizer
+    /// (crate::shard) takes whatever it is given.
+    fn shard_range(&self, numel: usize, rank: u64) -> std::ops::Range<usize> {
+        even_range(numel, rank, self.world_size())
+    }
+
+    /// Reduce-scatter: `flat` (1-D, the same length and dtype on every
+    /// rank) averaged over the ranks; returns this rank's part of the mean
+    /// (`shard_range(numel, rank())`). `flat`'s contents are undefined
+    /// afterwards. This default all-reduces the whole buffer (right, not
+    /// lean: the backends override it).
+    fn reduce_scatter_mean(&mut self, flat: &Tensor) -> Result<Tensor, SyncError> {
+        self.all_reduce_mean(std::slice::from_ref(flat))?;
+        let range = self.shard_range(flat.numel(), self.rank());
+        Ok(flat.narrow(0, range.start as i64, range.len() as i64))
+    }
+
+    /// All-gather, in place: every rank's own part of `flat` (its
+    /// `shard_range`) copied to every rank, so all ranks end with the
+    /// same `flat`. A world of one has nothing to gather; a backend
+    /// without the primitive refuses a larger world.
+    fn all_gather(&mut self, flat: &Tensor) -> Result<(), SyncError> {
+        let _ = flat;
+        if self.world_size() <= 1 {
+            return Ok(());
+        }
+        Err(SyncError::Collective(
+            "this collective has no all-gather (world.shard_state needs the TCP ring or NCCL)"
+                .to_owned(),
+        ))
+    }
+
     /// True when every rank passes `ok` (one NaN anywhere skips the step
     /// everywhere, so replicas never diverge).
     fn all_ok(&mut self, ok: bool) -> Result<bool, SyncError> {
@@ -72,6 +109,13 @@ pub trait GradientSync {
         };
         Ok((vote, means))
     }
+}
+
+/// Rank `rank`'s part of `numel` elements split as evenly as integers
+/// allow over `world_size` ranks, in rank order.
+pub fn even_range(numel: usize, rank: u64, world_size: u64) -> std::ops::Range<usize> {
+    let (r, w) = (rank as usize, world_size.max(1) as usize);
+    numel * r / w..numel * (r + 1) / w
 }
 
 /// What each rank says after its backward pass. Combined over ranks:

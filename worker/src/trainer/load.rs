@@ -86,6 +86,7 @@ impl Trainer {
             initial: true,
             last_losses: None,
             samples,
+            final_gathered: None,
         })
     }
 }

@@ -10,6 +10,7 @@
 //! | `checkpoint/` | checkpoints: [`Resume`], the `Checkpointer` (cadence, committed/written steps), the format, the upload thread and sinks, tensor bytes |
 //! | `save_restore.rs` | which tensors a checkpoint holds, restore, the loop's checkpoint step |
 //! | `optimizers.rs` | both Adams behind the step vote |
+//! | `sharded_step.rs` | the same steps with `world.shard_state` (crate::shard): slices, the global norm in the vote |
 //! | `grad_scaler.rs` | fp16 dynamic loss scaling, one GradScaler per optimizer |
 //! | `metrics.rs` | rank 0's progress and TensorBoard file per world; [`StepReport`] |
 //! | `world.rs` | what a world plugs in ([`WorldParts`]), [`World`], controls |
@@ -30,6 +31,7 @@ pub mod progress;
 pub mod run;
 mod samples;
 mod save_restore;
+mod sharded_step;
 mod solo;
 pub mod student_init;
 pub mod text;

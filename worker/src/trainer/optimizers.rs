@@ -27,6 +27,10 @@ pub struct Applied {
     /// loss scaling skipped one alone).
     pub student_stepped: bool,
     pub fake_score_stepped: bool,
+    /// `world.shard_state`: some rank asked for a checkpoint at this
+    /// step's boundary (every rank gathers for it after the step). Always
+    /// false unsharded.
+    pub checkpoint: bool,
 }
 
 pub struct Optimizers {
@@ -34,11 +38,14 @@ pub struct Optimizers {
     pub fake_score: Adam,
     /// Max gradient norms (`method.student.grad_clip`,
     /// `method.fake_score.optimizer.grad_clip`).
-    student_clip: f64,
-    fake_score_clip: f64,
+    pub(super) student_clip: f64,
+    pub(super) fake_score_clip: f64,
     /// fp16 dynamic loss scaling (`precision::loss_scaling`); None: the
     /// losses are not scaled.
-    scalers: Option<LossScalers>,
+    pub(super) scalers: Option<LossScalers>,
+    /// `world.shard_state` in a world (sharded_step.rs); None: replicated,
+    /// today's step.
+    pub(super) shard: Option<crate::shard::ShardedState>,
 }
 
 impl Optimizers {
@@ -49,6 +56,7 @@ impl Optimizers {
             student_clip,
             fake_score_clip,
             scalers: None,
+            shard: None,
         }
     }
 
@@ -95,6 +103,9 @@ impl Optimizers {
         losses: &DeviceLosses,
         mut mine: StepVote,
     ) -> Result<Applied, TrainError> {
+        if self.shard.is_some() {
+            return self.apply_sharded(sync, losses, mine);
+        }
         let student_grads = defined_grads(self.student.params());
         let fake_grads = defined_grads(self.fake_score.params());
         sync.all_reduce_mean(&student_grads)?;
@@ -150,6 +161,7 @@ impl Optimizers {
             },
             student_stepped,
             fake_score_stepped,
+            checkpoint: false,
         })
     }
 
@@ -163,6 +175,9 @@ impl Optimizers {
         sync: &mut dyn GradientSync,
         loss: &Tensor,
     ) -> Result<bool, TrainError> {
+        if self.shard.as_ref().is_some_and(|s| s.fake_score.is_some()) {
+            return self.apply_fake_score_sharded(sync, loss);
+        }
         let grads = defined_grads(self.fake_score.params());
         sync.all_reduce_mean(&grads)?;
         let norm = grad_norm(&grads);
@@ -211,6 +226,26 @@ fn scaled_step(
     max_norm: f64,
     finite: bool,
 ) -> bool {
+    let stepped = scaled_step_by(scaler, grads, scaled_norm, max_norm, finite, || {
+        optimizer.step();
+        Ok::<(), std::convert::Infallible>(())
+    });
+    match stepped {
+        Ok(stepped) => stepped,
+        Err(never) => match never {},
+    }
+}
+
+/// [`scaled_step`] with the step itself given (the sharded step's
+/// collectives can fail).
+pub(super) fn scaled_step_by<E>(
+    scaler: &mut GradScaler,
+    grads: &[Tensor],
+    scaled_norm: f64,
+    max_norm: f64,
+    finite: bool,
+    step: impl FnOnce() -> Result<(), E>,
+) -> Result<bool, E> {
     if finite {
         let inv = scaler.inv_scale();
         tch::no_grad(|| {
@@ -218,10 +253,10 @@ fn scaled_step(
                 .unwrap_or_else(|e| panic!("gradient unscale: {e}"));
         });
         scale_to_norm(grads, scaled_norm * inv, max_norm);
-        optimizer.step();
+        step()?;
     }
     scaler.update(!finite);
-    finite
+    Ok(finite)
 }
 
 #[cfg(test)]

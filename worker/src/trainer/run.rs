@@ -90,6 +90,10 @@ pub struct Trainer {
     pub(super) last_losses: Option<VsdLosses>,
     /// The sample step's prompts, noise and VAE (`train.sample_every_steps`).
     pub(super) samples: Option<TrainingSamples>,
+    /// `world.shard_state`: rank 0's copy of the full state gathered at
+    /// `train.max_steps`, for a checkpoint asked for after the last step
+    /// (no step's vote is left to gather every rank for it).
+    pub(super) final_gathered: Option<(u64, crate::shard::Gathered)>,
 }
 
 /// One step's outcome.
@@ -98,6 +102,9 @@ pub struct StepDone {
     pub losses: VsdLosses,
     /// The combined vote of every rank.
     pub vote: StepVote,
+    /// `world.shard_state`: a rank asked for a checkpoint at this step's
+    /// boundary; every rank gathers for it after the step.
+    pub checkpoint: bool,
 }
 
 /// One rank's captions of a step, encoded once for all passes.
@@ -119,12 +126,65 @@ impl Trainer {
         // A step that broke half-way may have left gradients behind.
         self.optimizers.zero_grad();
         self.checkpointer.enter_world();
-        World::new(
+        let world = World::new(
             parts,
             &self.cfg,
             self.networks.sample_shape,
             self.checkpointer.store(),
+        )?;
+        self.enter_sharding(&world)?;
+        Ok(world)
+    }
+
+    /// `world.shard_state`: this rank keeps the optimizer state (and EMA)
+    /// of its slice only, for this world (crate::shard); `none`: nothing.
+    fn enter_sharding(&mut self, world: &World) -> Result<(), TrainError> {
+        let stage = self.cfg.world.shard_state;
+        if stage.is_none() {
+            return Ok(());
+        }
+        if self.optimizers.is_sharded() {
+            // Still sharded for another world without a restore between:
+            // only the initial state can be rebuilt here.
+            self.leave_sharding()?;
+        }
+        let fake = match &self.networks.scores {
+            crate::vsd::ScorePair::Unet(_) => Some(self.networks.scores.fake_parameters()),
+            crate::vsd::ScorePair::Lora(_) => None,
+        };
+        let ema = self.ema.take().map(|e| (e, self.cfg.method.ema.max_decay));
+        self.optimizers.enter_sharding(
+            stage,
+            world.parts.sync.as_ref(),
+            self.networks.student.named_parameters(),
+            ema,
+            fake,
         )
+    }
+
+    /// Back from sharding to the full shapes: zero moments and an EMA of
+    /// the student as it is (the initial state; a checkpoint loaded next
+    /// overwrites them).
+    pub(super) fn leave_sharding(&mut self) -> Result<(), TrainError> {
+        self.final_gathered = None;
+        if let Some(had_ema) = self.optimizers.leave_sharding() {
+            if !self.initial {
+                tracing::debug!("sharded state left; the checkpoint restored next replaces it");
+            }
+            self.ema = had_ema.then(|| {
+                Ema::new(
+                    self.networks.student.named_parameters(),
+                    self.cfg.method.ema.max_decay,
+                )
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of optimizer state, EMA and gradients this rank keeps beside
+    /// the weights (sharded: its slices).
+    pub fn resident_state_bytes(&self) -> usize {
+        self.optimizers.resident_state_bytes(self.ema.as_ref())
     }
 
     /// What the run did since `start_step`.
@@ -153,7 +213,16 @@ impl Trainer {
             self.checkpointer.poll()?;
             match world.parts.control.boundary(step) {
                 Directive::Continue => {}
-                Directive::Checkpoint => self.checkpoint(world)?,
+                Directive::Checkpoint => match self.optimizers.shard_mut() {
+                    // Sharded, every rank gathers: the order waits for this
+                    // step's vote (the other ranks may see it later).
+                    Some(shard) => {
+                        if world.rank() == 0 && self.checkpointer.wants(step) {
+                            shard.request_checkpoint();
+                        }
+                    }
+                    None => self.checkpoint(world)?,
+                },
                 Directive::Stop(reason) => {
                     self.close(world)?;
                     world.metrics.finish();
@@ -173,7 +242,7 @@ impl Trainer {
             if done.vote.preempt {
                 return self.preempted(world);
             }
-            if self.checkpointer.due(step + 1, max_steps) {
+            if self.checkpointer.due(step + 1, max_steps) || done.checkpoint {
                 self.checkpoint(world)?;
                 world.metrics.flush(true);
             }
@@ -194,7 +263,11 @@ impl Trainer {
             match world.parts.control.after_last_step(step) {
                 Directive::Continue => {}
                 Directive::Checkpoint => {
-                    self.checkpoint(world)?;
+                    if self.optimizers.is_sharded() {
+                        self.checkpoint_final_gathered(world)?;
+                    } else {
+                        self.checkpoint(world)?;
+                    }
                     self.idle(world)?;
                 }
                 Directive::Stop(_) => {
@@ -224,7 +297,20 @@ impl Trainer {
     /// report is refused).
     fn preempted(&mut self, world: &mut World) -> Result<WorldEnd, TrainError> {
         let step = self.state.step;
-        if world.rank() == 0 {
+        if self.optimizers.is_sharded() {
+            // Every rank gathers; rank 0 writes.
+            match self.checkpoint(world) {
+                Err(e) if e.breaks_world() => {
+                    return Ok(WorldEnd::Broken {
+                        reason: e.to_string(),
+                    });
+                }
+                other => other?,
+            }
+            if world.rank() == 0 {
+                self.close(world)?;
+            }
+        } else if world.rank() == 0 {
             self.checkpoint(world)?;
             self.close(world)?;
         }
@@ -256,6 +342,7 @@ impl Trainer {
         let t0 = Instant::now();
         panic_fault(world.rank(), step);
         let batch = self.batch(world, step)?;
+        self.optimizers.ready_grads();
         // The losses stay on the device until the vote reads them with the
         // gradient norms: one transfer a step.
         let DeviceStepOutput {
@@ -277,6 +364,7 @@ impl Trainer {
             losses,
             student_stepped,
             fake_score_stepped,
+            checkpoint,
         } = self
             .optimizers
             .apply(world.parts.sync.as_mut(), &device_losses, mine)?;
@@ -329,7 +417,11 @@ impl Trainer {
         };
         world.parts.control.step_done(&report);
         world.metrics.step(&report);
-        Ok(StepDone { losses, vote })
+        Ok(StepDone {
+            losses,
+            vote,
+            checkpoint,
+        })
     }
 
     /// batch: this rank's captions for `step`, encoded once for all passes.
@@ -406,6 +498,7 @@ impl Trainer {
                 self.cfg.method.null_condition_prob,
                 self.device,
             )?;
+            self.optimizers.ready_fake_score_grads();
             let loss = self
                 .networks
                 .step(self.optimizers.loss_scales())
@@ -428,6 +521,11 @@ impl Trainer {
 
     /// EMA of the student.
     fn ema_update(&mut self) {
+        // Sharded, the EMA of the slice moved with the student's step.
+        if let Some(shard) = self.optimizers.shard() {
+            self.state.ema_updates = shard.student.num_ema_updates().unwrap_or(0);
+            return;
+        }
         if let Some(ema) = self.ema.as_mut() {
             ema.update(&self.networks.student.vs.variables());
         }
@@ -442,7 +540,24 @@ impl Trainer {
         let Some(samples) = self.samples.as_ref() else {
             return;
         };
-        if world.rank() != 0 || !samples.due(done, self.cfg.train.max_steps) {
+        if !samples.due(done, self.cfg.train.max_steps) {
+            return;
+        }
+        // Sharded, every rank gathers the EMA weights for rank 0's pictures.
+        let mut gathered_ema = None;
+        if let Some(shard) = self.optimizers.shard() {
+            match shard.student.gather_ema(world.parts.sync.as_mut()) {
+                Ok(Some(named)) => {
+                    gathered_ema = Some(Ema::new(named, self.cfg.method.ema.max_decay));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(step = done, "samples not written: {e}");
+                    return;
+                }
+            }
+        }
+        if world.rank() != 0 {
             return;
         }
         let t0 = Instant::now();
@@ -457,7 +572,7 @@ impl Trainer {
         let written = samples.write(
             done,
             &self.networks.student,
-            self.ema.as_mut(),
+            gathered_ema.as_mut().or(self.ema.as_mut()),
             &draw,
             self.checkpointer.store(),
         );

@@ -14,6 +14,15 @@ use super::TrainError;
 use super::checkpoint::{Resume, Snapshot, TensorGroup};
 use super::run::Trainer;
 use super::world::{Phase, World};
+use crate::shard::Gathered;
+
+/// Shallow handles on named tensors.
+fn copies(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    named
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect()
+}
 
 impl Trainer {
     /// Restores the state at `resume` (the initial state needs a trainer
@@ -21,6 +30,9 @@ impl Trainer {
     /// An upload still in flight from the previous world lands first.
     pub fn restore(&mut self, resume: Resume) -> Result<(), TrainError> {
         self.checkpointer.finish_previous_world();
+        // A checkpoint holds the full state: back to its shapes (the next
+        // world shards it for its own size).
+        self.leave_sharding()?;
         match self.checkpointer.resolve(resume)? {
             Some(m) => self.load_checkpoint(m),
             None if self.initial => Ok(()),
@@ -28,8 +40,25 @@ impl Trainer {
         }
     }
 
-    /// A group's tensors as a checkpoint saves them.
-    fn tensors_of(&self, group: TensorGroup) -> Vec<(String, Tensor)> {
+    /// A group's tensors as a checkpoint saves them (`gathered`: the
+    /// sharded state's, gathered from every rank).
+    fn tensors_of(&self, group: TensorGroup, gathered: Option<&Gathered>) -> Vec<(String, Tensor)> {
+        if let Some(g) = gathered {
+            match group {
+                TensorGroup::Ema => {
+                    if let Some(ema) = &g.student.ema {
+                        return copies(ema);
+                    }
+                }
+                TensorGroup::StudentOptimizer => return copies(&g.student.adam),
+                TensorGroup::FakeScoreOptimizer => {
+                    if let Some(f) = &g.fake_score {
+                        return copies(&f.adam);
+                    }
+                }
+                TensorGroup::Student | TensorGroup::FakeScore => {}
+            }
+        }
         match group {
             TensorGroup::Student => self.networks.student.named_parameters(),
             // Without averaging the EMA weights are the student's own.
@@ -122,17 +151,62 @@ impl Trainer {
     }
 
     /// checkpoint: rank 0 snapshots the state at this boundary and hands
-    /// the upload to its thread (once per step).
+    /// the upload to its thread (once per step). Sharded, every rank calls
+    /// it at the same boundary and the slices are gathered first.
     pub(super) fn checkpoint(&mut self, world: &mut World) -> Result<(), TrainError> {
+        let step = self.state.step;
+        let gathered = match self.optimizers.shard() {
+            Some(shard) => Some(shard.gather(world.parts.sync.as_mut())?),
+            None => None,
+        };
+        if world.rank() != 0 || !self.checkpointer.wants(step) {
+            return Ok(());
+        }
+        self.write_checkpoint(world, gathered.as_ref())?;
+        if let Some(g) = gathered
+            && step >= self.cfg.train.max_steps
+        {
+            self.final_gathered = Some((step, g));
+        }
+        Ok(())
+    }
+
+    /// Sharded, after the last step: rank 0 writes the state it gathered
+    /// at `train.max_steps` (the other ranks no longer vote).
+    pub(super) fn checkpoint_final_gathered(
+        &mut self,
+        world: &mut World,
+    ) -> Result<(), TrainError> {
         let step = self.state.step;
         if world.rank() != 0 || !self.checkpointer.wants(step) {
             return Ok(());
         }
+        match self.final_gathered.take() {
+            Some((at, g)) if at == step => {
+                let written = self.write_checkpoint(world, Some(&g));
+                self.final_gathered = Some((at, g));
+                written
+            }
+            _ => {
+                tracing::warn!(
+                    step,
+                    "a checkpoint was asked for after the last step, but the sharded state was                      not gathered here; none written"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn write_checkpoint(
+        &mut self,
+        world: &mut World,
+        gathered: Option<&Gathered>,
+    ) -> Result<(), TrainError> {
         let started = std::time::Instant::now();
         world.parts.control.phase(Phase::Checkpointing);
         let snap = Snapshot::new(
             &self.state,
-            TensorGroup::ALL.map(|g| (g, self.tensors_of(g))),
+            TensorGroup::ALL.map(|g| (g, self.tensors_of(g, gathered))),
             &self.cfg,
         )?;
         self.checkpointer.submit(snap, world.parts.sink.clone())?;

@@ -19,7 +19,15 @@ use tch::{Device, Tensor};
 pub fn on_two_ranks<T: Send + 'static>(
     f: impl Fn(usize, TcpRing) -> T + Send + Clone + 'static,
 ) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..2)
+    on_ranks(2, f)
+}
+
+/// [`on_two_ranks`] for `n` ranks.
+pub fn on_ranks<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(usize, TcpRing) -> T + Send + Clone + 'static,
+) -> Vec<T> {
+    let listeners: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
@@ -88,9 +96,9 @@ pub fn try_trainer_with<S: GradientSync + 'static>(
     sync: S,
 ) -> Result<SoloTrainer, TrainError> {
     let captions = captions.iter().map(|s| s.to_string()).collect();
+    let plan = (u64::from(cfg.train.global_batch), 0, true);
     let feed =
-        LocalCaptionFeed::from_captions(captions, (2, 0, true), sync.rank(), sync.world_size())
-            .unwrap();
+        LocalCaptionFeed::from_captions(captions, plan, sync.rank(), sync.world_size()).unwrap();
     SoloTrainer::build(cfg, Device::Cpu, feed, sync, Resume::Auto)
 }
 
