@@ -131,8 +131,10 @@ fn in_dir(dir: &Path, args: &[&str]) -> String {
 /// configs/tiny.yaml on the SDXL fixture from the command line: 4 steps
 /// straight equal 2 + 2 resumed, checkpoint file for file; the export with
 /// `--pipeline` carries both encoders and tokenizers, draws what the run
-/// draws, and diffusers' StableDiffusionXLPipeline components draw the same
-/// one-step picture from it (tests/reference/check_export.py pipeline_xl);
+/// draws, and diffusers' stock StableDiffusionXLPipeline call on it
+/// (`pipe(prompt, num_inference_steps=1, guidance_scale=0, latents=z)`, the
+/// exported LCMScheduler) draws the same one-step picture
+/// (tests/reference/check_export.py stock);
 /// `eval clip-score` scores the student.
 #[test]
 fn sdxl_train_resume_export_and_sample_the_student() {
@@ -208,12 +210,13 @@ fn sdxl_train_resume_export_and_sample_the_student() {
     common::reference_python(
         "check_export.py",
         &[
-            "pipeline_xl",
+            "stock",
             s(&d.join("pipe")),
             prompt,
-            s(&first),
+            "0",
             s(&d.join("diffusers.safetensors")),
-            "0.0047",
+            "1",
+            s(&first),
         ],
     );
     let reference = read(&d.join("diffusers.safetensors"), "images");

@@ -9,20 +9,19 @@ build()). Prints one JSON object.
         safetensors `latents` and writes `images` [B,3,H,W] in [0,1] to OUT
   check_export.py stock DIR PROMPT SEED OUT STEPS [LATENTS]
         diffusers' stock call on the exported folder, as a user writes it:
-        StableDiffusionPipeline.from_pretrained(DIR)(PROMPT,
+        StableDiffusionPipeline (or, as DIR's model_index.json names it,
+        StableDiffusionXLPipeline).from_pretrained(DIR)(PROMPT,
         num_inference_steps=STEPS, guidance_scale=0,
         generator=torch.Generator().manual_seed(SEED), output_type="pt"),
         with latents=LATENTS when given; STEPS may be a comma-separated list
         of timesteps (then timesteps=[...]). Writes `images` to OUT and prints
         the scheduler's class and timesteps
-  check_export.py pipeline_xl DIR PROMPT LATENTS OUT A
-        the same with StableDiffusionXLPipeline: the UNet takes encode_prompt's
-        states and pooled embedding and the time ids of the latents' image size
   check_export.py peft UNET_DIR LORA RANK ALPHA TARGETS
         attaches peft LoRA adapters and loads LORA with set_peft_model_state_dict
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -54,14 +53,25 @@ def pipeline(path, prompt, latents_file, out, a):
 
 @torch.no_grad()
 def stock(path, prompt, seed, out, steps, latents_file=None):
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    with open(os.path.join(path, "model_index.json")) as f:
+        family = json.load(f)["_class_name"]
+    if family == "StableDiffusionXLPipeline":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     kwargs = {}
     if "," in steps:
         kwargs["timesteps"] = [int(t) for t in steps.split(",")]
     else:
         kwargs["num_inference_steps"] = int(steps)
     if latents_file:
-        kwargs["latents"] = load_file(latents_file)["latents"]
+        z = load_file(latents_file)["latents"]
+        kwargs["latents"] = z
+        # The picture's size is the noise's (SDXL's time ids read it).
+        kwargs["height"] = z.shape[2] * pipe.vae_scale_factor
+        kwargs["width"] = z.shape[3] * pipe.vae_scale_factor
     images = pipe(
         prompt,
         guidance_scale=0,
@@ -72,26 +82,6 @@ def stock(path, prompt, seed, out, steps, latents_file=None):
     save_file({"images": images.contiguous()}, out)
     timesteps = [int(t) for t in pipe.scheduler.timesteps]
     print(json.dumps({"scheduler": type(pipe.scheduler).__name__, "timesteps": timesteps}))
-def pipeline_xl(path, prompt, latents_file, out, a):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
-    z = load_file(latents_file)["latents"]
-    b = z.shape[0]
-    hidden, _, pooled, _ = pipe.encode_prompt(
-        [prompt] * b, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
-    )
-    size = (z.shape[2] * pipe.vae_scale_factor, z.shape[3] * pipe.vae_scale_factor)
-    ids = pipe._get_add_time_ids(
-        size, (0, 0), size, dtype=hidden.dtype,
-        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-    ).repeat(b, 1)
-    t = torch.full((b,), 999)
-    out_eps = pipe.unet(z, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-    x0 = (z - (1 - a) ** 0.5 * out_eps) / a**0.5
-    img = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
-    save_file({"images": (img / 2 + 0.5).clamp(0, 1).contiguous()}, out)
-    print(json.dumps({"ok": True}))
 
 
 def peft(unet_dir, lora, rank, alpha, targets):
@@ -114,8 +104,6 @@ if __name__ == "__main__":
         pipeline(args[0], args[1], args[2], args[3], float(args[4]))
     elif cmd == "stock":
         stock(*args)
-    elif cmd == "pipeline_xl":
-        pipeline_xl(args[0], args[1], args[2], args[3], float(args[4]))
     elif cmd == "peft":
         peft(*args)
     else:

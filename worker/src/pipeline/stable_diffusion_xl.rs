@@ -31,6 +31,10 @@ pub const SDXL_PIPELINE_CLASS: &str = "StableDiffusionXLPipeline";
 pub enum XlSampler {
     Ddim,
     Euler(EulerOptions),
+    /// LCMScheduler, which `export --pipeline` writes for a student: its
+    /// schedule serves the student's own draw (`sample --student`); the
+    /// teacher's multi-step sampling on it is refused.
+    StudentOnly,
 }
 
 /// A loaded SDXL pipeline (frozen, inference only).
@@ -66,6 +70,7 @@ impl StableDiffusionXL {
             Some("EulerDiscreteScheduler") => XlSampler::Euler(
                 EulerOptions::from_file(&scheduler_file).map_err(load_err("scheduler"))?,
             ),
+            Some("LCMScheduler") => XlSampler::StudentOnly,
             other => {
                 return Err(PipelineError::Load {
                     component: "scheduler",
@@ -269,6 +274,14 @@ impl StableDiffusionXL {
                 })
             };
             let latents = match &self.sampler {
+                XlSampler::StudentOnly => {
+                    return Err(PipelineError::Input(format!(
+                        "{}: LCMScheduler is an exported student's scheduler (draw it with \
+                         sample --student); a teacher's sampling needs EulerDiscreteScheduler \
+                         or DDIMScheduler",
+                        self.folder.root().join("model_index.json").display()
+                    )));
+                }
                 XlSampler::Ddim => {
                     let s = DDIMScheduler::new(&self.scheduler, num_inference_steps, self.device)?;
                     let mut x = latents.f_mul_scalar(s.init_noise_sigma())?;

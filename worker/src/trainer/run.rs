@@ -243,7 +243,11 @@ impl Trainer {
                 return self.preempted(world);
             }
             if self.checkpointer.due(step + 1, max_steps) || done.checkpoint {
-                self.checkpoint(world)?;
+                // Sharded, every rank gathers: a peer lost meanwhile ends
+                // the world, as in the step, not this worker.
+                if let Err(e) = self.checkpoint(world) {
+                    return world_gone_or(e);
+                }
                 world.metrics.flush(true);
             }
             self.sample(world, step + 1);
@@ -264,7 +268,9 @@ impl Trainer {
                 Directive::Continue => {}
                 Directive::Checkpoint => {
                     if self.optimizers.is_sharded() {
-                        self.checkpoint_final_gathered(world)?;
+                        if let Err(e) = self.checkpoint_final_gathered(world) {
+                            return world_gone_or(e);
+                        }
                     } else {
                         self.checkpoint(world)?;
                     }
@@ -299,13 +305,8 @@ impl Trainer {
         let step = self.state.step;
         if self.optimizers.is_sharded() {
             // Every rank gathers; rank 0 writes.
-            match self.checkpoint(world) {
-                Err(e) if e.breaks_world() => {
-                    return Ok(WorldEnd::Broken {
-                        reason: e.to_string(),
-                    });
-                }
-                other => other?,
+            if let Err(e) = self.checkpoint(world) {
+                return world_gone_or(e);
             }
             if world.rank() == 0 {
                 self.close(world)?;
@@ -681,3 +682,15 @@ fn panic_fault(rank: u64, step: u64) {
 
 #[cfg(not(feature = "fault-injection"))]
 fn panic_fault(_rank: u64, _step: u64) {}
+
+/// An error that only means the world is gone (a peer lost mid-collective)
+/// ends the world as [`WorldEnd::Broken`]; any other is the run's.
+fn world_gone_or(e: TrainError) -> Result<WorldEnd, TrainError> {
+    if e.breaks_world() {
+        Ok(WorldEnd::Broken {
+            reason: e.to_string(),
+        })
+    } else {
+        Err(e)
+    }
+}
