@@ -261,3 +261,91 @@ fn doctor_and_config_check_name_the_architecture() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("Stable Diffusion XL"), "{log}");
 }
+
+/// A two-step SDXL student (`method.student_timesteps: [999, 499]`): its
+/// export's LCMScheduler makes diffusers' stock call
+/// `StableDiffusionXLPipeline.from_pretrained(export)(prompt,
+/// num_inference_steps=2, guidance_scale=0, generator=manual_seed(3))` draw
+/// the picture `sample --student --seed 3` draws (measured: max difference
+/// 0 on the CPU; bound 1e-4).
+#[test]
+fn a_few_step_sdxl_student_s_export_draws_like_diffusers_stock_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(d.join("captions.txt"), "a red circle\na photo of a cat\n").unwrap();
+    let tiny =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml")).unwrap();
+    assert!(
+        tiny.contains("\nmethod:\n"),
+        "configs/tiny.yaml has a method section"
+    );
+    let config = d.join("two-step.yaml");
+    std::fs::write(
+        &config,
+        tiny.replace(
+            "\nmethod:\n",
+            "\nmethod:\n  student_timesteps: [999, 499]\n",
+        ),
+    )
+    .unwrap();
+    in_dir(
+        d,
+        &[
+            "train",
+            "--config",
+            s(&config),
+            "--teacher",
+            s(&sdxl()),
+            "--captions",
+            "captions.txt",
+            "--run-dir",
+            "run",
+            "--max-steps",
+            "1",
+        ],
+    );
+    in_dir(
+        d,
+        &["export", "--student", "run", "--out", "pipe", "--pipeline"],
+    );
+    let prompt = "a photo of a cat";
+    std::fs::write(d.join("prompt.txt"), format!("{prompt}\n")).unwrap();
+    in_dir(
+        d,
+        &[
+            "sample",
+            "--student",
+            "pipe",
+            "--prompts",
+            "prompt.txt",
+            "--seed",
+            "3",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--raw-out",
+            "ours.safetensors",
+        ],
+    );
+    let printed = common::reference_python(
+        "check_export.py",
+        &[
+            "stock",
+            s(&d.join("pipe")),
+            prompt,
+            "3",
+            s(&d.join("diffusers.safetensors")),
+            "2",
+        ],
+    );
+    assert!(printed.contains("[999, 499]"), "{printed}");
+    let ours = read(&d.join("ours.safetensors"), "images");
+    let theirs = read(&d.join("diffusers.safetensors"), "images");
+    assert_eq!(ours.size(), theirs.size());
+    let diff = common::tensors::max_abs_diff(&ours, &theirs);
+    assert!(
+        diff <= 1e-4,
+        "the two-step export vs diffusers' stock call: {diff}"
+    );
+}
