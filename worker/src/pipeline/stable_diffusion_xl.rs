@@ -234,6 +234,10 @@ impl StableDiffusionXL {
         if prompts.is_empty() {
             return Err(PipelineError::Input("no prompts to sample".into()));
         }
+        // Refused before any prompt is encoded.
+        if self.sampler == XlSampler::StudentOnly {
+            return Err(self.not_a_teacher_sampler());
+        }
         if !guidance_scale.is_finite() {
             return Err(PipelineError::Input(format!(
                 "guidance scale must be a finite number, got {guidance_scale}"
@@ -274,14 +278,7 @@ impl StableDiffusionXL {
                 })
             };
             let latents = match &self.sampler {
-                XlSampler::StudentOnly => {
-                    return Err(PipelineError::Input(format!(
-                        "{}: LCMScheduler is an exported student's scheduler (draw it with \
-                         sample --student); a teacher's sampling needs EulerDiscreteScheduler \
-                         or DDIMScheduler",
-                        self.folder.root().join("model_index.json").display()
-                    )));
-                }
+                XlSampler::StudentOnly => return Err(self.not_a_teacher_sampler()),
                 XlSampler::Ddim => {
                     let s = DDIMScheduler::new(&self.scheduler, num_inference_steps, self.device)?;
                     let mut x = latents.f_mul_scalar(s.init_noise_sigma())?;
@@ -346,6 +343,15 @@ impl StableDiffusionXL {
             };
             self.decode(&one_step_x0(&student, &z, &cond.hidden, &draw)?)
         })
+    }
+
+    fn not_a_teacher_sampler(&self) -> PipelineError {
+        PipelineError::Input(format!(
+            "{}: LCMScheduler is an exported student's scheduler (draw it with \
+             sample --student); a teacher's sampling needs EulerDiscreteScheduler \
+             or DDIMScheduler",
+            self.folder.root().join("model_index.json").display()
+        ))
     }
 
     /// Latents -> images in [0, 1], float32, as for SD 1/2.
