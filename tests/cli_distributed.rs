@@ -838,7 +838,10 @@ fn local_mode_with_two_workers_ends_where_one_worker_ends() {
 
 /// `train --workers 2` with ZeRO-1 and `--workers 3` with ZeRO-2 (global
 /// batch 6, which both divide) end with the student one unsharded process
-/// ends with, by the data-parallel measure.
+/// ends with, by the data-parallel measure. The ZeRO-2 run also draws the
+/// sample step's pictures, whose EMA weights exist only as the ranks'
+/// slices: its step-4 picture is the one `sample --student` draws from the
+/// step-4 checkpoint's EMA, not the raw student's.
 #[test]
 fn local_mode_sharded_workers_end_where_one_worker_ends() {
     let max_steps = 4;
@@ -854,6 +857,16 @@ fn local_mode_sharded_workers_end_where_one_worker_ends() {
             std::fs::write(path, yaml).unwrap();
         }
         shard_job(d, state);
+        let samples = workers == "3";
+        if samples {
+            let path = d.join("job.yaml");
+            let yaml = std::fs::read_to_string(&path).unwrap().replacen(
+                "train:\n",
+                "train:\n  sample_every_steps: 4\n  sample_prompts: [a red circle, a dog]\n",
+                1,
+            );
+            std::fs::write(path, yaml).unwrap();
+        }
         let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
             .env_clear()
             .env("RUST_LOG", "warn")
@@ -881,7 +894,39 @@ fn local_mode_sharded_workers_end_where_one_worker_ends() {
             "{workers} workers, {state}: the student differs from one process's by {r:e} of \
              its move"
         );
+        if samples {
+            assert_sample_is_the_checkpoints_ema(d, "run", max_steps);
+        }
     }
+}
+
+/// RUN/samples/step-N.png equals `sample --student` of RUN's step-N
+/// checkpoint (its EMA weights), with the run's seed (0).
+fn assert_sample_is_the_checkpoints_ema(d: &Path, run: &str, step: u64) {
+    std::fs::write(d.join("prompts.txt"), "a red circle\na dog\n").unwrap();
+    let sampled = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+        .env_clear()
+        .env("OMP_NUM_THREADS", "1")
+        .current_dir(d)
+        .arg("sample")
+        .args(["--student", &format!("{run}/checkpoints/step-{step:08}")])
+        .args(["--prompts", "prompts.txt", "--seed", "0"])
+        .args(["--batch-size", "8", "--height", "16", "--width", "16"])
+        .args(["--out", "sampled.png"])
+        .output()
+        .expect("spawn swiftbrush sample");
+    assert!(
+        sampled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sampled.stderr)
+    );
+    let picture = d.join(format!("{run}/samples/step-{step:08}.png"));
+    let picture = std::fs::read(&picture).unwrap_or_else(|e| panic!("{}: {e}", picture.display()));
+    assert!(
+        std::fs::read(d.join("sampled.png")).unwrap() == picture,
+        "{run}/samples/step-{step:08}.png is not `sample --student`'s picture of that \
+         checkpoint's EMA"
+    );
 }
 
 /// A local worker that panics (a bug, an allocation failure inside

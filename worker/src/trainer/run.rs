@@ -654,7 +654,9 @@ impl Trainer {
         &self.networks.student
     }
 
-    /// The student's EMA; None with `method.ema.enabled: false`.
+    /// The student's EMA; None with `method.ema.enabled: false`, and while
+    /// `world.shard_state` shards it (each rank keeps its slice; the
+    /// checkpoint and the sample step gather it: `ShardedNet::gather_ema`).
     pub fn ema(&self) -> Option<&Ema> {
         self.ema.as_ref()
     }
