@@ -135,7 +135,8 @@ fn in_dir(dir: &Path, args: &[&str]) -> String {
 /// (`pipe(prompt, num_inference_steps=1, guidance_scale=0, latents=z)`, the
 /// exported LCMScheduler) draws the same one-step picture
 /// (tests/reference/check_export.py stock);
-/// `eval clip-score` scores the student.
+/// `eval clip-score` scores the student and `eval fid` embeds the
+/// pictures `sample --student` draws.
 #[test]
 fn sdxl_train_resume_export_and_sample_the_student() {
     let tmp = tempfile::tempdir().unwrap();
