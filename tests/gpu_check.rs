@@ -19,6 +19,12 @@ fn the_gpu_check_passes_its_dry_run_on_the_cpu() {
             "--device",
             "cpu",
             "--quick",
+            // The test asks every row to run; the budget (the device
+            // tool's 10 minutes on a GPU) only decides which rows a loaded
+            // CPU skips, and a skipped row fails this test. nextest ends a
+            // hung run after 10 minutes.
+            "--budget-s",
+            "3600",
             "--bin",
             env!("CARGO_BIN_EXE_swiftbrush"),
         ])
