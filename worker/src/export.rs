@@ -21,6 +21,8 @@ pub enum ExportError {
     Io { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Torch(#[from] tch::TchError),
 }
 
 /// Which student weights to take.
@@ -351,30 +353,30 @@ pub fn export(
     Ok(written)
 }
 
-fn io(path: &Path, e: std::io::Error) -> ExportError {
+pub(crate) fn io(path: &Path, e: std::io::Error) -> ExportError {
     ExportError::Io {
         path: path.to_owned(),
         reason: e.to_string(),
     }
 }
 
-fn create_dir(p: &Path) -> Result<(), ExportError> {
+pub(crate) fn create_dir(p: &Path) -> Result<(), ExportError> {
     std::fs::create_dir_all(p).map_err(|e| io(p, e))
 }
 
 /// Written to a temporary name first, so an interrupted export never
 /// leaves a truncated weights file under the final name.
-fn write(p: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+pub(crate) fn write(p: &Path, bytes: &[u8]) -> Result<(), ExportError> {
     let tmp = p.with_extension("partial");
     std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, p).map_err(|e| io(p, e))
 }
 
-fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
+pub(crate) fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
     std::fs::copy(from, to).map(|_| ()).map_err(|e| io(from, e))
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<(), ExportError> {
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<(), ExportError> {
     create_dir(to)?;
     for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
         let entry = entry.map_err(|e| io(from, e))?;
