@@ -107,7 +107,10 @@ fn run_extract(
         FormatArg::Diffusers => LoraFormat::Diffusers,
         FormatArg::Kohya => LoraFormat::Kohya,
     };
-    let targets = args.targets.clone().unwrap_or_else(extract::default_targets);
+    let targets = args
+        .targets
+        .clone()
+        .unwrap_or_else(extract::default_targets);
     let (extracted, path) = export_extracted(
         ckpt,
         which,

@@ -2,14 +2,8 @@
 the Rust export tests (run by them; not a fixture builder, so it has no
 build()). Prints one JSON object.
 
-  check_lora_export.py adapters UNET_DIR OUT RANK ALPHA TARGETS SEED
-        peft LoRA adapters on UNET_DIR's UNet (LoraConfig(r=RANK,
-        lora_alpha=ALPHA, target_modules=TARGETS)), A and B drawn from SEED
-        (B nonzero: a trained LoRA, not a fresh one), written to OUT under
-        PEFT's names without prefix (get_peft_model_state_dict), as a LoRA
-        student's checkpoint holds them
-  check_lora_export.py draw PLAN.json
-        one process for many drawings: PLAN = {"teacher": DIR, "prompt": P,
+  check_lora_export.py draw PLANS.json
+        one process for many drawings: PLANS is a list of {"teacher": DIR, "prompt": P,
         "latents": FILE, "a": A, "out": FILE, "draws": [{"name": N, "kind":
         K, ...}]}. Each draw is SwiftBrush's one-step picture (t = 999,
         x0 = (z - sqrt(1-A) eps) / sqrt(A), VAE decode) of the teacher
@@ -21,7 +15,8 @@ build()). Prints one JSON object.
           load_lora  path          pipe.load_lora_weights(path) (diffusers or kohya file)
           unet     path            UNet2DConditionModel.from_pretrained(path)
         Writes every picture [B,3,H,W] in [0,1] to `out` under its name and
-        prints, per draw, the LoRA layers and the LoraConfig diffusers built.
+        prints, per plan, per draw, the LoRA layers (and their scales) and
+        the LoraConfig diffusers built.
 """
 
 import copy
@@ -37,21 +32,7 @@ from safetensors.torch import load_file, save_file
 def lora_config(r, alpha, targets):
     from peft import LoraConfig
 
-    return LoraConfig(r=int(r), lora_alpha=float(alpha), target_modules=targets.split(","), init_lora_weights=False)
-
-
-def adapters(unet_dir, out, rank, alpha, targets, seed):
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(int(seed))
-    unet = UNet2DConditionModel.from_pretrained(unet_dir)
-    # init_lora_weights=False: B is random too, so the adapters change the picture.
-    unet.add_adapter(lora_config(rank, alpha, targets))
-    sd = get_peft_model_state_dict(unet)
-    # Scaled down so the tiny teacher's picture moves but stays a picture.
-    sd = {k: (v * 0.3).contiguous() for k, v in sd.items()}
-    save_file(sd, out)
-    print(json.dumps({"tensors": len(sd)}))
+    return LoraConfig(r=int(r), lora_alpha=float(alpha), target_modules=targets.split(","))
 
 
 def load_pipeline(path):
@@ -92,11 +73,15 @@ def lora_layers(unet):
     return {"layers": len(layers), "scales": scales}
 
 
-def draw(plan_file):
+def draw(plans_file):
+    with open(plans_file) as f:
+        plans = json.load(f)
+    print(json.dumps([draw_plan(plan) for plan in plans]))
+
+
+def draw_plan(plan):
     from peft.utils import set_peft_model_state_dict
 
-    with open(plan_file) as f:
-        plan = json.load(f)
     pipe, xl = load_pipeline(plan["teacher"])
     z = load_file(plan["latents"])["latents"]
     images, report = {}, {}
@@ -126,15 +111,13 @@ def draw(plan_file):
             pipe.unload_lora_weights()
         report[d["name"]] = info
     save_file(images, plan["out"])
-    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "adapters":
-        adapters(*args)
-    elif cmd == "draw":
+    if cmd == "draw":
         draw(*args)
     else:
         raise SystemExit(f"unknown command {cmd}")

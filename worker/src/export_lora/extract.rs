@@ -56,7 +56,10 @@ impl Extracted {
     /// sqrt(Σ||D − BA||² / Σ||D||²).
     pub fn overall_error(&self) -> f64 {
         let (num, den) = self.layers.iter().fold((0.0, 0.0), |(n, d), l| {
-            (n + (l.relative_error * l.change).powi(2), d + l.change.powi(2))
+            (
+                n + (l.relative_error * l.change).powi(2),
+                d + l.change.powi(2),
+            )
         });
         if den == 0.0 { 0.0 } else { (num / den).sqrt() }
     }
@@ -187,13 +190,19 @@ fn factor(
         (b, a)
     };
     let (a, b) = (a.f_to_kind(Kind::Float)?, b.f_to_kind(Kind::Float)?);
-    let recon = b.f_to_kind(Kind::Double)?.f_matmul(&a.f_to_kind(Kind::Double)?)?;
+    let recon = b
+        .f_to_kind(Kind::Double)?
+        .f_matmul(&a.f_to_kind(Kind::Double)?)?;
     let residual = (&flat - recon)
         .f_square()?
         .f_sum(Kind::Double)?
         .double_value(&[])
         .sqrt();
-    let relative_error = if change == 0.0 { 0.0 } else { residual / change };
+    let relative_error = if change == 0.0 {
+        0.0
+    } else {
+        residual / change
+    };
     let (a, b) = if shape.len() == 4 {
         (
             a.f_reshape([rank, shape[1], shape[2], shape[3]])?,

@@ -99,7 +99,7 @@ fn sgm_path(module: &str, l: usize) -> Result<String, ExportError> {
             (format!("middle_block.{}", 2 * num(j)?), "mid", rest)
         }
         ["mid_block", "attentions", "0", rest @ ..] => {
-            (format!("middle_block.1"), "attentions", rest)
+            ("middle_block.1".to_owned(), "mid_attention", rest)
         }
         _ => return Err(unsupported()),
     };
@@ -108,6 +108,7 @@ fn sgm_path(module: &str, l: usize) -> Result<String, ExportError> {
         "attentions" => format!("1.{rest}"),
         "resnets" => format!("0.{}", sgm_resnet_layer(&rest).ok_or_else(unsupported)?),
         "mid" => sgm_resnet_layer(&rest).ok_or_else(unsupported)?.to_owned(),
+        "mid_attention" => rest,
         _ => return Err(unsupported()),
     };
     Ok(format!("{block}.{inner}"))
@@ -195,7 +196,10 @@ mod tests {
                 "down_blocks.1.resnets.0.conv_shortcut",
                 "lora_unet_input_blocks_4_0_skip_connection",
             ),
-            ("mid_block.resnets.1.conv1", "lora_unet_middle_block_2_in_layers_2"),
+            (
+                "mid_block.resnets.1.conv1",
+                "lora_unet_middle_block_2_in_layers_2",
+            ),
             (
                 "mid_block.attentions.0.transformer_blocks.1.attn2.to_k",
                 "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_k",
@@ -204,7 +208,10 @@ mod tests {
                 "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_v",
                 "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_v",
             ),
-            ("up_blocks.0.resnets.0.conv1", "lora_unet_output_blocks_0_0_in_layers_2"),
+            (
+                "up_blocks.0.resnets.0.conv1",
+                "lora_unet_output_blocks_0_0_in_layers_2",
+            ),
         ];
         for (module, want) in cases {
             assert_eq!(xl.key(module).unwrap(), want, "{module}");

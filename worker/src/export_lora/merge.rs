@@ -19,8 +19,7 @@ use crate::trainer::checkpoint::tensor_bytes;
 pub fn unet_weights(folder: &DiffusersFolder) -> Result<HashMap<String, Tensor>, ExportError> {
     let mut out = HashMap::new();
     for file in folder.component("unet")?.weight_files()? {
-        let tensors =
-            read_safetensors(&file).map_err(|e| ExportError::Invalid(e.to_string()))?;
+        let tensors = read_safetensors(&file).map_err(|e| ExportError::Invalid(e.to_string()))?;
         out.extend(tensors);
     }
     Ok(out)

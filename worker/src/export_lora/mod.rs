@@ -201,7 +201,12 @@ pub fn export_lora_student(
     out: &Path,
 ) -> Result<PathBuf, ExportError> {
     let lora = LoraWeights::from_adapters(adapters, spec)?;
-    write_lora(&lora, format, out, &teacher.component("unet")?.config_path()?)
+    write_lora(
+        &lora,
+        format,
+        out,
+        &teacher.component("unet")?.config_path()?,
+    )
 }
 
 /// A LoRA student's adapters folded into the teacher's UNet, written as a
@@ -247,4 +252,51 @@ pub fn export_extracted(
     let unet_config = folder.component("unet")?.config_path()?;
     let path = write_lora(&extracted.lora, format, out, &unet_config)?;
     Ok((extracted, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LoraSpec {
+        LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            target_modules: vec!["to_q".into(), "conv1".into()],
+        }
+    }
+
+    #[test]
+    fn adapters_are_paired_and_checked_against_the_spec() {
+        let z = |s: &[i64]| Tensor::zeros(s, (Kind::Float, tch::Device::Cpu));
+        let mut ok = HashMap::new();
+        ok.insert("a.attn1.to_q.lora_A.weight".to_owned(), z(&[2, 8]));
+        ok.insert("a.attn1.to_q.lora_B.weight".to_owned(), z(&[6, 2]));
+        ok.insert("r.conv1.lora_A.weight".to_owned(), z(&[2, 3, 3, 3]));
+        ok.insert("r.conv1.lora_B.weight".to_owned(), z(&[5, 2, 1, 1]));
+        let lora = LoraWeights::from_adapters(&ok, &spec()).unwrap();
+        assert_eq!(lora.layers.len(), 2);
+        assert_eq!(lora.scale(), 2.0);
+        assert_eq!(lora.layers[1].delta(1.0).unwrap().size(), vec![5, 3, 3, 3]);
+
+        let mut bad = HashMap::new();
+        bad.insert("a.attn1.to_q.lora_A.weight".to_owned(), z(&[3, 8]));
+        bad.insert("a.attn1.to_q.lora_B.weight".to_owned(), z(&[6, 3]));
+        bad.insert("a.attn1.to_k.lora_A.weight".to_owned(), z(&[2, 8]));
+        bad.insert("a.attn1.to_k.lora_B.weight".to_owned(), z(&[6, 2]));
+        bad.insert("r.conv1.lora_A.weight".to_owned(), z(&[2, 3, 3, 3]));
+        bad.insert("stray.weight".to_owned(), z(&[1]));
+        let e = LoraWeights::from_adapters(&bad, &spec())
+            .err()
+            .unwrap()
+            .to_string();
+        for want in [
+            "a.attn1.to_q: rank 3 but the LoRA's rank is 2",
+            "a.attn1.to_k: not one of the LoRA's target modules",
+            "r.conv1.lora_B.weight missing",
+            "stray.weight: not an adapter tensor",
+        ] {
+            assert!(e.contains(want), "{want} not in: {e}");
+        }
+    }
 }
