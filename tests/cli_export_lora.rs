@@ -10,13 +10,18 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
+use swiftbrush_worker::export_lora::merge::unet_weights;
 use swiftbrush_worker::export_lora::{LoraFormat, export_lora_student, export_merged};
 use swiftbrush_worker::lora::{LoraSpec, attach_lora};
-use swiftbrush_worker::pipeline::{DiffusersFolder, StableDiffusion, UNet};
+use swiftbrush_worker::pipeline::{DiffusersFolder, StableDiffusion};
 use tch::{Device, Kind, Tensor};
 
 const PROMPT: &str = "a red circle on a white background";
 const TARGETS: &str = "to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut";
+/// DMD2's LoRA layers (tianweiy/DMD2 main/sdxl/extract_lora_module.py).
+const DMD2_TARGETS: &str = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,\
+                            conv1,conv2,conv_shortcut,downsamplers.0.conv,upsamplers.0.conv,\
+                            time_emb_proj";
 
 fn swiftbrush(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
@@ -124,19 +129,23 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
         .unwrap();
     let ours = sd.sample_one_step(&[PROMPT], &z, 999, 0.0047).unwrap();
 
-    // SDXL: its own adapters, kohya's file in the original UNet's names.
+    // SDXL: adapters on DMD2's LoRA layers (attention blocks, ResNets with
+    // time_emb_proj, down- and upsamplers), kohya's file in the original
+    // UNet's names.
     let teacher_xl = common::fixtures().join("pipelines/sdxl");
     let folder_xl = DiffusersFolder::open(&teacher_xl).unwrap();
-    let mut unet_xl = UNet::load(&folder_xl, Device::Cpu).unwrap();
-    tch::manual_seed(0);
-    let set_xl = attach_lora(&mut unet_xl.model, &spec, Device::Cpu).unwrap();
-    let adapters_xl = drawn_adapters(&set_xl);
+    let spec_xl = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        target_modules: DMD2_TARGETS.split(',').map(str::to_owned).collect(),
+    };
+    let adapters_xl = random_adapters(&unet_weights(&folder_xl).unwrap(), &spec_xl);
     let peft_xl = d.join("peft_xl.safetensors");
     write_tensors(&adapters_xl, &peft_xl);
     let (diffusers_xl, kohya_xl) = (d.join("diffusers_xl"), d.join("kohya_xl"));
     export_lora_student(
         &adapters_xl,
-        &spec,
+        &spec_xl,
         &folder_xl,
         LoraFormat::Diffusers,
         &diffusers_xl,
@@ -144,7 +153,7 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
     .unwrap();
     export_lora_student(
         &adapters_xl,
-        &spec,
+        &spec_xl,
         &folder_xl,
         LoraFormat::Kohya,
         &kohya_xl,
@@ -159,7 +168,7 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
     );
 
     let lora = |name: &str, path: &Path| serde_json::json!({"name": name, "kind": "load_lora", "path": path});
-    let peft_draw = |lora: &Path| serde_json::json!({"name": "peft", "kind": "peft", "lora": lora, "r": 4, "alpha": 8, "targets": TARGETS});
+    let peft_draw = |lora: &Path, targets: &str| serde_json::json!({"name": "peft", "kind": "peft", "lora": lora, "r": 4, "alpha": 8, "targets": targets});
     let latents = common::fixtures().join("golden/sample/sd1/latents0.safetensors");
     let latents_xl = common::fixtures().join("golden/sample_xl/latents.safetensors");
     let mut drawn = draw(
@@ -170,7 +179,7 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
                 &latents,
                 serde_json::json!([
                     {"name": "teacher", "kind": "teacher"},
-                    peft_draw(&peft),
+                    peft_draw(&peft, TARGETS),
                     lora("diffusers", &diffusers),
                     lora("kohya", &kohya),
                     {"name": "merged", "kind": "unet", "path": merged},
@@ -181,7 +190,7 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
                 &latents_xl,
                 serde_json::json!([
                     {"name": "teacher", "kind": "teacher"},
-                    peft_draw(&peft_xl),
+                    peft_draw(&peft_xl, DMD2_TARGETS),
                     lora("diffusers", &diffusers_xl),
                     lora("kohya", &kohya_xl),
                 ]),
@@ -260,6 +269,42 @@ fn drawn_adapters(set: &swiftbrush_worker::lora::LoraSet) -> HashMap<String, Ten
             (name, drawn)
         })
         .collect()
+}
+
+/// Random adapters of `spec` on every Linear or Conv2d weight its targets
+/// name (A Kaiming-scaled, B nonzero), under PEFT's names.
+fn random_adapters(weights: &HashMap<String, Tensor>, spec: &LoraSpec) -> HashMap<String, Tensor> {
+    tch::manual_seed(0);
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut out = HashMap::new();
+    for name in names {
+        let w = &weights[name];
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let hit = spec
+            .target_modules
+            .iter()
+            .any(|t| module.ends_with(&format!(".{t}")));
+        if !hit || !(w.dim() == 2 || w.dim() == 4) {
+            continue;
+        }
+        let size = w.size();
+        let mut a_shape = vec![spec.rank];
+        a_shape.extend_from_slice(&size[1..]);
+        let mut b_shape = vec![size[0], spec.rank];
+        b_shape.extend(std::iter::repeat_n(1, size.len() - 2));
+        let fan_in: i64 = size[1..].iter().product();
+        let opts = (Kind::Float, Device::Cpu);
+        let a = Tensor::randn(&a_shape, opts) / (fan_in as f64).sqrt();
+        out.insert(format!("{module}.lora_A.weight"), a);
+        out.insert(
+            format!("{module}.lora_B.weight"),
+            Tensor::randn(&b_shape, opts) * 0.05,
+        );
+    }
+    out
 }
 
 fn write_tensors(tensors: &HashMap<String, Tensor>, path: &Path) {

@@ -30,12 +30,17 @@ use crate::models::unet_2d_condition::UNet2DConditionConfig;
 pub const FILE: &str = "swiftbrush_lora_kohya.safetensors";
 
 /// How the base UNet's modules are named in kohya keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KohyaNames {
     /// diffusers' module paths (SD 1.x/2.x).
     Diffusers,
-    /// The original UNet's (SDXL), with this many ResNets per down block.
-    Sgm { layers_per_block: usize },
+    /// The original UNet's (SDXL), with this many ResNets per down block;
+    /// `up_attention[i]`: up block i has attentions (its upsampler is then
+    /// the third module of its last output block, else the second).
+    Sgm {
+        layers_per_block: usize,
+        up_attention: Vec<bool>,
+    },
 }
 
 impl KohyaNames {
@@ -53,6 +58,11 @@ impl KohyaNames {
         match per_block.first() {
             Some(&l) if per_block.iter().all(|&x| x == l) && l > 0 => Ok(Self::Sgm {
                 layers_per_block: l as usize,
+                up_attention: config
+                    .up_block_types
+                    .iter()
+                    .map(|t| t.contains("CrossAttn"))
+                    .collect(),
             }),
             _ => Err(ExportError::Invalid(format!(
                 "kohya's SDXL key names number blocks by one layers_per_block; this UNet has \
@@ -65,7 +75,10 @@ impl KohyaNames {
     pub fn key(&self, module: &str) -> Result<String, ExportError> {
         let path = match self {
             Self::Diffusers => module.to_owned(),
-            Self::Sgm { layers_per_block } => sgm_path(module, *layers_per_block)?,
+            Self::Sgm {
+                layers_per_block,
+                up_attention,
+            } => sgm_path(module, *layers_per_block, up_attention)?,
         };
         Ok(format!("lora_unet_{}", path.replace('.', "_")))
     }
@@ -74,17 +87,32 @@ impl KohyaNames {
 /// diffusers' module path -> the original UNet's (SDXL's block layout:
 /// input block 0 is conv_in, each down block is L ResNet(+attention)
 /// blocks and a downsampler, the middle block is ResNet, attention,
-/// ResNet, each up block L + 1 ResNet(+attention) blocks).
-fn sgm_path(module: &str, l: usize) -> Result<String, ExportError> {
+/// ResNet, each up block L + 1 ResNet(+attention) blocks; a down block's
+/// downsampler is the next input block's `op`, an up block's upsampler the
+/// last module of its last output block).
+fn sgm_path(module: &str, l: usize, up_attention: &[bool]) -> Result<String, ExportError> {
     let unsupported = || {
         ExportError::Invalid(format!(
-            "{module}: no SDXL (SGM) kohya name for this layer (only attention projections \
-             and ResNet convolutions are mapped); use --format diffusers"
+            "{module}: no SDXL (SGM) kohya name for this layer (mapped: the attention blocks' \
+             layers, the ResNets' conv1, conv2, conv_shortcut and time_emb_proj, the down- \
+             and upsamplers' conv); use --format diffusers"
         ))
     };
     let parts: Vec<&str> = module.split('.').collect();
     let num = |s: &str| s.parse::<usize>().map_err(|_| unsupported());
     let (block, kind, rest) = match parts.as_slice() {
+        ["down_blocks", i, "downsamplers", "0", "conv"] => {
+            return Ok(format!("input_blocks.{}.0.op", (num(i)? + 1) * (l + 1)));
+        }
+        ["up_blocks", i, "upsamplers", "0", "conv"] => {
+            let i = num(i)?;
+            let at = if *up_attention.get(i).ok_or_else(unsupported)? {
+                2
+            } else {
+                1
+            };
+            return Ok(format!("output_blocks.{}.{at}.conv", i * (l + 1) + l));
+        }
         ["down_blocks", i, kind, j, rest @ ..] => (
             format!("input_blocks.{}", 1 + num(i)? * (l + 1) + num(j)?),
             *kind,
@@ -120,6 +148,7 @@ fn sgm_resnet_layer(name: &str) -> Option<&'static str> {
         "conv1" => "in_layers.2",
         "conv2" => "out_layers.3",
         "conv_shortcut" => "skip_connection",
+        "time_emb_proj" => "emb_layers.1",
         _ => return None,
     })
 }
@@ -182,6 +211,7 @@ mod tests {
         );
         let xl = KohyaNames::Sgm {
             layers_per_block: 2,
+            up_attention: vec![true, true, false],
         };
         let cases = [
             (
@@ -211,6 +241,26 @@ mod tests {
             (
                 "up_blocks.0.resnets.0.conv1",
                 "lora_unet_output_blocks_0_0_in_layers_2",
+            ),
+            (
+                "up_blocks.2.resnets.1.time_emb_proj",
+                "lora_unet_output_blocks_7_0_emb_layers_1",
+            ),
+            (
+                "down_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj",
+                "lora_unet_input_blocks_5_1_transformer_blocks_0_ff_net_0_proj",
+            ),
+            (
+                "down_blocks.1.attentions.0.proj_in",
+                "lora_unet_input_blocks_4_1_proj_in",
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv",
+                "lora_unet_input_blocks_3_0_op",
+            ),
+            (
+                "up_blocks.1.upsamplers.0.conv",
+                "lora_unet_output_blocks_5_2_conv",
             ),
         ];
         for (module, want) in cases {

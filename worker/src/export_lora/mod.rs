@@ -98,6 +98,7 @@ impl LoraWeights {
             }
         }
         let mut layers = Vec::new();
+        let mut untargeted = Vec::new();
         for (module, pair) in pairs {
             let (a, b) = match pair {
                 (Some(a), Some(b)) => (a, b),
@@ -115,10 +116,7 @@ impl LoraWeights {
                 .iter()
                 .any(|t| module == *t || module.ends_with(&format!(".{t}")))
             {
-                problems.push(format!(
-                    "{module}: not one of the LoRA's target modules {:?}",
-                    spec.target_modules
-                ));
+                untargeted.push(module.clone());
             }
             let (sa, sb) = (a.size(), b.size());
             let shapes_fit = match (sa.len(), sb.len()) {
@@ -142,6 +140,17 @@ impl LoraWeights {
                 a: a.shallow_clone(),
                 b: b.shallow_clone(),
             });
+        }
+        if !untargeted.is_empty() {
+            // One line, however many: a wrong spec names every layer.
+            let shown: Vec<&str> = untargeted.iter().take(3).map(String::as_str).collect();
+            problems.push(format!(
+                "{} adapted modules are not among the LoRA's target modules {:?}: {}{}",
+                untargeted.len(),
+                spec.target_modules,
+                shown.join(", "),
+                if untargeted.len() > 3 { ", ..." } else { "" }
+            ));
         }
         if layers.is_empty() && problems.is_empty() {
             problems.push("no adapters".to_owned());
@@ -292,7 +301,7 @@ mod tests {
             .to_string();
         for want in [
             "a.attn1.to_q: rank 3 but the LoRA's rank is 2",
-            "a.attn1.to_k: not one of the LoRA's target modules",
+            "1 adapted modules are not among the LoRA's target modules [\"to_q\", \"conv1\"]: a.attn1.to_k",
             "r.conv1.lora_B.weight missing",
             "stray.weight: not an adapter tensor",
         ] {
