@@ -353,7 +353,7 @@ pub fn export(
     Ok(written)
 }
 
-pub(crate) fn io(path: &Path, e: std::io::Error) -> ExportError {
+fn io(path: &Path, e: std::io::Error) -> ExportError {
     ExportError::Io {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -376,7 +376,7 @@ pub(crate) fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
     std::fs::copy(from, to).map(|_| ()).map_err(|e| io(from, e))
 }
 
-pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<(), ExportError> {
+fn copy_dir(from: &Path, to: &Path) -> Result<(), ExportError> {
     create_dir(to)?;
     for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
         let entry = entry.map_err(|e| io(from, e))?;
