@@ -1,9 +1,11 @@
-//! `swiftbrush export`: a trained student as a diffusers folder.
+//! `swiftbrush export`: a trained student as a diffusers folder, or (with
+//! `--extract-lora`) a full student's difference to its teacher as a LoRA.
 
 use std::path::PathBuf;
 
 use clap::ValueEnum;
 use swiftbrush_worker::export::{ONE_STEP_FILE, StudentCheckpoint, StudentWeights, export};
+use swiftbrush_worker::export_lora::{LoraFormat, export_extracted, extract};
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -14,7 +16,7 @@ pub struct ExportArgs {
     #[arg(long)]
     out: PathBuf,
     /// Also copy the teacher's text encoder, tokenizer, VAE and scheduler.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "extract_lora")]
     pipeline: bool,
     /// `ema` (the averaged weights, the paper's export) or `student`.
     #[arg(long, value_enum, default_value_t = WeightsArg::Ema)]
@@ -22,6 +24,21 @@ pub struct ExportArgs {
     /// The teacher folder, if it moved since training (the run records it).
     #[arg(long)]
     teacher: Option<PathBuf>,
+    /// Write the student's difference to the teacher as a LoRA of this rank
+    /// (truncated SVD per layer; each layer's reconstruction error is
+    /// printed) instead of a UNet folder.
+    #[arg(long, value_name = "RANK")]
+    extract_lora: Option<i64>,
+    /// The LoRA file's layout: `diffusers` (pytorch_lora_weights.safetensors,
+    /// for `pipe.load_lora_weights(OUT)`) or `kohya` (lora_unet_... keys,
+    /// for ComfyUI and A1111; diffusers loads it too).
+    #[arg(long, value_enum, requires = "extract_lora")]
+    format: Option<FormatArg>,
+    /// Layers the extracted LoRA covers, as module-path suffixes (default:
+    /// to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut, the layers a
+    /// LoRA student trains).
+    #[arg(long, value_delimiter = ',', requires = "extract_lora")]
+    targets: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -30,12 +47,21 @@ enum WeightsArg {
     Student,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Diffusers,
+    Kohya,
+}
+
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let ckpt = StudentCheckpoint::open(&args.student)?;
     let which = match args.weights {
         WeightsArg::Ema => StudentWeights::Ema,
         WeightsArg::Student => StudentWeights::Raw,
     };
+    if let Some(rank) = args.extract_lora {
+        return run_extract(&args, &ckpt, which, rank);
+    }
     let written = export(
         &ckpt,
         which,
@@ -66,5 +92,60 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         };
         println!("  {:<40} {what}", path.display());
     }
+    Ok(())
+}
+
+/// `--extract-lora RANK`: writes the LoRA and reports every layer's
+/// relative reconstruction error, then a summary.
+fn run_extract(
+    args: &ExportArgs,
+    ckpt: &StudentCheckpoint,
+    which: StudentWeights,
+    rank: i64,
+) -> anyhow::Result<()> {
+    let format = match args.format.unwrap_or(FormatArg::Diffusers) {
+        FormatArg::Diffusers => LoraFormat::Diffusers,
+        FormatArg::Kohya => LoraFormat::Kohya,
+    };
+    let targets = args
+        .targets
+        .clone()
+        .unwrap_or_else(extract::default_targets);
+    let (extracted, path) = export_extracted(
+        ckpt,
+        which,
+        args.teacher.as_deref(),
+        rank,
+        &targets,
+        format,
+        &args.out,
+    )?;
+    println!(
+        "extracted a rank-{rank} LoRA (alpha {rank}) from step {} ({which:?} weights) minus \
+         the teacher, {} layers:",
+        ckpt.manifest.step,
+        extracted.layers.len()
+    );
+    println!(
+        "  {:<64} {:>5} {:>12} {:>12}",
+        "layer", "kept", "||dW||", "rel. error"
+    );
+    for l in &extracted.layers {
+        println!(
+            "  {:<64} {:>5} {:>12.4e} {:>12.4e}",
+            l.module, l.kept, l.change, l.relative_error
+        );
+    }
+    println!(
+        "relative error: max {:.4e}, overall {:.4e} (sqrt(sum ||dW - BA||^2 / sum ||dW||^2))",
+        extracted.max_error(),
+        extracted.overall_error()
+    );
+    println!(
+        "the targeted layers hold {:.2}% of the student's change (sum of squares over all \
+         UNet tensors; the rest, norms, biases and other layers, stays the teacher's)",
+        100.0 * extracted.targeted_share
+    );
+    println!("wrote {} ({format:?} format)", path.display());
     Ok(())
 }

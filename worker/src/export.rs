@@ -21,6 +21,8 @@ pub enum ExportError {
     Io { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Torch(#[from] tch::TchError),
 }
 
 /// Which student weights to take.
@@ -358,19 +360,19 @@ fn io(path: &Path, e: std::io::Error) -> ExportError {
     }
 }
 
-fn create_dir(p: &Path) -> Result<(), ExportError> {
+pub(crate) fn create_dir(p: &Path) -> Result<(), ExportError> {
     std::fs::create_dir_all(p).map_err(|e| io(p, e))
 }
 
 /// Written to a temporary name first, so an interrupted export never
 /// leaves a truncated weights file under the final name.
-fn write(p: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+pub(crate) fn write(p: &Path, bytes: &[u8]) -> Result<(), ExportError> {
     let tmp = p.with_extension("partial");
     std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, p).map_err(|e| io(p, e))
 }
 
-fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
+pub(crate) fn copy(from: &Path, to: &Path) -> Result<(), ExportError> {
     std::fs::copy(from, to).map(|_| ()).map_err(|e| io(from, e))
 }
 

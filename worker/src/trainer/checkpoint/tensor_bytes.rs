@@ -46,6 +46,15 @@ fn kind(dtype: Dtype) -> Option<Kind> {
 
 /// Serializes tensors (any device) as one safetensors blob, names sorted.
 pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, TensorBytesError> {
+    to_bytes_with_metadata(tensors, None)
+}
+
+/// As [`to_bytes`], with the header's `__metadata__` (string pairs), as
+/// diffusers writes a LoRA's adapter config.
+pub fn to_bytes_with_metadata(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, TensorBytesError> {
     let mut host: Vec<(String, Tensor, Dtype)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let dt = dtype(t.kind()).ok_or_else(|| TensorBytesError::Kind {
@@ -83,7 +92,7 @@ pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>, TensorBytesErro
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, None).map_err(|e| TensorBytesError::Format {
+    safetensors::serialize(views, metadata).map_err(|e| TensorBytesError::Format {
         what: "safetensors".to_owned(),
         reason: e.to_string(),
     })
