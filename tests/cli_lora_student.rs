@@ -68,13 +68,25 @@ fn a_lora_student_trains_resumes_bit_for_bit_samples_and_refuses_a_unet_export()
     let d = tmp.path();
     std::fs::write(d.join("captions.txt"), "a red circle\na photo of a cat\n").unwrap();
     let config = lora_config(d);
-    let teacher = common::fixtures().join("pipelines/sd1").display().to_string();
+    let teacher = common::fixtures()
+        .join("pipelines/sd1")
+        .display()
+        .to_string();
     let train = |run: &str, steps: &str| {
         swiftbrush(
             d,
             &[
-                "train", "--config", &config, "--teacher", &teacher, "--captions",
-                "captions.txt", "--run-dir", run, "--max-steps", steps,
+                "train",
+                "--config",
+                &config,
+                "--teacher",
+                &teacher,
+                "--captions",
+                "captions.txt",
+                "--run-dir",
+                run,
+                "--max-steps",
+                steps,
             ],
         )
     };
@@ -100,7 +112,9 @@ fn a_lora_student_trains_resumes_bit_for_bit_samples_and_refuses_a_unet_export()
     let header = String::from_utf8_lossy(&student[8..8 + n]).into_owned();
     assert!(
         header.contains("\"down_blocks.0.resnets.0.conv1.lora_A.weight\"")
-            && header.contains("\"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight\"")
+            && header.contains(
+                "\"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight\""
+            )
             && header.contains("\"F32\"")
             && !header.contains("\"conv_in.weight\""),
         "student.safetensors holds no adapters by PEFT name: {header}"
@@ -112,9 +126,21 @@ fn a_lora_student_trains_resumes_bit_for_bit_samples_and_refuses_a_unet_export()
     let sampled = swiftbrush(
         d,
         &[
-            "sample", "--student", "resumed/checkpoints/step-00000004", "--prompts",
-            "prompts.txt", "--seed", "0", "--batch-size", "8", "--height", "16", "--width",
-            "16", "--out", "s4.png",
+            "sample",
+            "--student",
+            "resumed/checkpoints/step-00000004",
+            "--prompts",
+            "prompts.txt",
+            "--seed",
+            "0",
+            "--batch-size",
+            "8",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--out",
+            "s4.png",
         ],
     );
     ok("sample --student", &sampled);
@@ -125,11 +151,17 @@ fn a_lora_student_trains_resumes_bit_for_bit_samples_and_refuses_a_unet_export()
     );
 
     let export = swiftbrush(d, &["export", "--student", "resumed", "--out", "exported"]);
-    assert!(!export.status.success(), "a LoRA student exported as a UNet");
+    assert!(
+        !export.status.success(),
+        "a LoRA student exported as a UNet"
+    );
     let err = String::from_utf8_lossy(&export.stderr);
     assert!(
         err.contains("a LoRA student exports as adapters (--lora) or merged (--merge)"),
         "{err}"
     );
-    assert!(!d.join("exported/diffusion_pytorch_model.safetensors").exists());
+    assert!(
+        !d.join("exported/diffusion_pytorch_model.safetensors")
+            .exists()
+    );
 }

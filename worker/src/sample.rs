@@ -490,12 +490,10 @@ pub fn load_model_described(
                         set.load(&tensors)
                             .map_err(|e| SampleError::Input(format!("{what}: {e}")))?;
                     }
-                    None => weights::load_tensors_strict(
-                        pipe.unet_vs_mut(),
-                        tensors,
-                        &[what.into()],
-                    )
-                    .map_err(|e| SampleError::Input(e.to_string()))?,
+                    None => {
+                        weights::load_tensors_strict(pipe.unet_vs_mut(), tensors, &[what.into()])
+                            .map_err(|e| SampleError::Input(e.to_string()))?
+                    }
                 }
                 let what = format!(
                     "student {path} (checkpoint step {}, EMA weights)",

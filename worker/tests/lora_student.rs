@@ -17,7 +17,9 @@ use swiftbrush_worker::diffusion::{OneStepDraw, PredictionType, one_step_x0};
 use swiftbrush_worker::lora::LoraSpec;
 use swiftbrush_worker::models::weights;
 use swiftbrush_worker::pipeline::{DiffusersFolder, UNet};
-use swiftbrush_worker::vsd::{FullFakeScore, ScorePair, Student, TeacherUNet, VsdStep, VsdWeighting};
+use swiftbrush_worker::vsd::{
+    FullFakeScore, ScorePair, Student, TeacherUNet, VsdStep, VsdWeighting,
+};
 use tch::Tensor;
 
 /// golden_vsd_lora_student.py's adapters: the student's on attention keys
@@ -81,13 +83,24 @@ fn check(case: &str, fake: FakeScore, one_pass: bool) {
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
     for (what, got, want) in [
         ("vsd", out.losses.vsd, g["loss_vsd"].double_value(&[0])),
-        ("fake", out.losses.fake_score, g["loss_lora"].double_value(&[0])),
+        (
+            "fake",
+            out.losses.fake_score,
+            g["loss_lora"].double_value(&[0]),
+        ),
     ] {
-        common::report(&format!("{case} {what} loss, relative"), rel(got, want), 1e-4);
+        common::report(
+            &format!("{case} {what} loss, relative"),
+            rel(got, want),
+            1e-4,
+        );
         assert!(rel(got, want) < 1e-4, "{case} {what} loss {got} vs {want}");
     }
     let draw = common::max_abs_diff(&out.x0, &g["x0_hat"]);
-    assert!(draw < 1e-3, "{case}: the student's draw differs by {draw:e}");
+    assert!(
+        draw < 1e-3,
+        "{case}: the student's draw differs by {draw:e}"
+    );
     let compare = |prefix: &str, params: Vec<(String, Tensor)>| {
         assert_eq!(
             params.len(),
@@ -99,7 +112,10 @@ fn check(case: &str, fake: FakeScore, one_pass: bool) {
                 .iter()
                 .map(|(n, _)| g[&format!("{prefix}{n}")].abs().max().double_value(&[])),
         );
-        assert!(scale > 0.0, "{case}: reference {prefix} gradient is all zero");
+        assert!(
+            scale > 0.0,
+            "{case}: reference {prefix} gradient is all zero"
+        );
         let worst = common::nan_max(params.iter().map(|(name, p)| {
             let got = p.grad();
             assert!(got.defined(), "{case}: no gradient for {name}");
@@ -159,7 +175,11 @@ fn a_fresh_lora_students_draw_is_the_teachers() {
     let mut scores = ScorePair::Lora(Box::new(t));
     let student = Student::Lora(scores.attach_student(&student_spec()).unwrap());
     let got = tch::no_grad(|| one_step_x0(&student.net(&scores), &z, &cond, &draw)).unwrap();
-    assert!(got.equal(&want), "differs by {:e}", common::max_abs_diff(&got, &want));
+    assert!(
+        got.equal(&want),
+        "differs by {:e}",
+        common::max_abs_diff(&got, &want)
+    );
 }
 
 fn lora_config(run_dir: &str, max_steps: u64) -> JobConfig {
@@ -213,17 +233,30 @@ fn a_lora_student_shares_one_base_and_resumes_bit_for_bit() {
             .vs
             .variables()
             .into_values()
-            .chain(straight.student().named_parameters().into_iter().map(|(_, t)| t))
+            .chain(
+                straight
+                    .student()
+                    .named_parameters()
+                    .into_iter()
+                    .map(|(_, t)| t),
+            )
             .chain(straight.fake_score_parameters().into_iter().map(|(_, t)| t)),
     );
     assert_eq!(everything.1, one_unet.1 + student_bytes + fake_bytes);
     assert!(
-        straight.student().named_parameters()[0].0.starts_with("down_blocks.")
-            && straight.student().named_parameters()[0].0.contains(".lora_A.weight")
+        straight.student().named_parameters()[0]
+            .0
+            .starts_with("down_blocks.")
+            && straight.student().named_parameters()[0]
+                .0
+                .contains(".lora_A.weight")
     );
     let initial = student(&straight);
     straight.run().unwrap();
-    assert!(!equal(&student(&straight), &initial), "the adapters did not move");
+    assert!(
+        !equal(&student(&straight), &initial),
+        "the adapters did not move"
+    );
 
     let dir = "memory://lora-student-resumed";
     trainer(lora_config(dir, 1)).run().unwrap();
@@ -266,5 +299,8 @@ fn data_parallel_lora_students_average_their_adapters_gradients() {
     assert!(equal(&two[0], &two[1]), "the ranks' adapters differ");
     let r = common::tensors::relative_to_move(&two[0], &student(&one), &initial);
     eprintln!("two ranks vs one: adapters differ by {r:e} of their move");
-    assert!(r <= 2e-2, "two ranks vs one: adapters differ by {r:e} of their move");
+    assert!(
+        r <= 2e-2,
+        "two ranks vs one: adapters differ by {r:e} of their move"
+    );
 }

@@ -126,9 +126,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let y = x.f_linear(&self.weight, self.bias.as_ref())?;
-        self.lora
-            .iter()
-            .try_fold(y, |y, lora| lora.apply(x, y))
+        self.lora.iter().try_fold(y, |y, lora| lora.apply(x, y))
     }
 }
 
@@ -204,9 +202,7 @@ impl Conv2d {
             [1, 1],
             1,
         )?;
-        self.lora
-            .iter()
-            .try_fold(y, |y, lora| lora.apply(x, y))
+        self.lora.iter().try_fold(y, |y, lora| lora.apply(x, y))
     }
 }
 

@@ -30,8 +30,7 @@ use crate::models::unet_2d_condition_config::OneOrMany;
 use crate::pipeline::{DiffusersFolder, UNet};
 use crate::torch::precision::AutocastPlan;
 use crate::vsd::{
-    Student,
-    Conditions, Draws, FakeScore, FakeScoreDraws, ScorePair, Scores, VsdConfig, VsdStep,
+    Conditions, Draws, FakeScore, FakeScoreDraws, ScorePair, Scores, Student, VsdConfig, VsdStep,
     with_generator,
 };
 
@@ -203,8 +202,7 @@ pub fn run(
     // JIT-compiled primitives for these shapes) are the program's, not any
     // tensor's. What the networks' tensors hold is taken out.
     super::memory::trim();
-    let tensors =
-        tensor_bytes(&student_tensors(&student)) + tensor_bytes(&scores_tensors(&scores));
+    let tensors = tensor_bytes(&student_tensors(&student)) + tensor_bytes(&scores_tensors(&scores));
     let baseline = super::memory::resident()?
         .0
         .saturating_sub(tensors)

@@ -64,10 +64,7 @@ pub struct Networks {
 impl Networks {
     /// The SwiftBrush step over these networks, each loss multiplied by
     /// its `loss_scales` before its backward (None: unscaled).
-    pub fn step(
-        &self,
-        loss_scales: Option<LossScales>,
-    ) -> VsdStep<'_, StudentNet<'_>, ScorePair> {
+    pub fn step(&self, loss_scales: Option<LossScales>) -> VsdStep<'_, StudentNet<'_>, ScorePair> {
         VsdStep {
             student: self.student.net(&self.scores),
             scores: &self.scores,

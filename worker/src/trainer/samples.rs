@@ -18,8 +18,8 @@ use super::text::TextConditioner;
 use crate::diffusion::{NoiseSchedule, OneStepDraw, StudentChain, one_step_x0};
 use crate::ema::Ema;
 use crate::image_io::{grid_columns, png_bytes};
-use crate::pipeline::components::{Vae, decode_images};
 use crate::pipeline::DiffusersFolder;
+use crate::pipeline::components::{Vae, decode_images};
 use crate::vsd::{ScorePair, Student, StudentNet, with_generator};
 
 /// Prompts a student pass takes at once: bounds the memory of a long list.

@@ -156,10 +156,7 @@ impl ScorePair {
     /// base, beside the fake score's adapters when it has them: one copy of
     /// the base weights then serves all three roles, each pass selecting
     /// its set (the teacher: none).
-    pub fn attach_student(
-        &mut self,
-        spec: &LoraSpec,
-    ) -> Result<LoraSet, ScoreNetworkError> {
+    pub fn attach_student(&mut self, spec: &LoraSpec) -> Result<LoraSet, ScoreNetworkError> {
         Ok(match self {
             ScorePair::Lora(t) => {
                 let device = t.unet.vs.device();
