@@ -33,12 +33,22 @@ fn ok(what: &str, out: &Output) {
 /// configs/tiny.yaml with a LoRA student (attention and convolution
 /// targets) and the sample step every 2 steps.
 fn lora_config(dir: &Path) -> String {
+    student_config(
+        dir,
+        "lora.yaml",
+        "    kind: lora\n    lora:\n      rank: 4\n      alpha: 4\n      \
+         target_modules: [to_q, to_v, conv1]\n",
+    )
+}
+
+/// configs/tiny.yaml with the sample step on and `method.student` keys
+/// `student` (besides lr) in file `name`.
+fn student_config(dir: &Path, name: &str, student: &str) -> String {
     let tiny = std::fs::read_to_string(CONFIG).unwrap();
     let with = tiny
         .replacen(
             "method:\n",
-            "method:\n  student:\n    lr: 0.001\n    kind: lora\n    lora:\n      rank: 4\n      \
-             alpha: 4\n      target_modules: [to_q, to_v, conv1]\n",
+            &format!("method:\n  student:\n    lr: 0.001\n{student}"),
             1,
         )
         .replacen(
@@ -46,8 +56,8 @@ fn lora_config(dir: &Path) -> String {
             "train:\n  sample_every_steps: 2\n  sample_prompts: [\"a red circle\", \"a cat\"]\n",
             1,
         );
-    assert!(with.contains("kind: lora") && with.contains("sample_every_steps"));
-    let path = dir.join("lora.yaml");
+    assert!(with.contains("lr: 0.001") && with.contains("sample_every_steps"));
+    let path = dir.join(name);
     std::fs::write(&path, with).unwrap();
     path.display().to_string()
 }
@@ -164,4 +174,41 @@ fn a_lora_student_trains_resumes_bit_for_bit_samples_and_refuses_a_unet_export()
         !d.join("exported/diffusion_pytorch_model.safetensors")
             .exists()
     );
+}
+
+/// `swiftbrush plan` counts a LoRA student as its adapters with their
+/// gradients, Adam moments and EMA: no student UNet, so the resident bytes
+/// fall by five float32 UNets less five adapter sets.
+#[test]
+fn plan_counts_a_lora_student_as_adapters_on_the_shared_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let lora = lora_config(d);
+    let teacher = common::fixtures().join("pipelines/sd1").display().to_string();
+    let plan = |config: &str| -> serde_json::Value {
+        let out = swiftbrush(
+            d,
+            &["plan", "--config", config, "--teacher", &teacher, "--no-probe", "--json"],
+        );
+        ok("plan", &out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let full = plan(&student_config(d, "full.yaml", ""));
+    let lora = plan(&lora);
+    let bytes = |p: &serde_json::Value, name: &str| -> Option<u64> {
+        p["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .map(|x| x["bytes"].as_u64().unwrap())
+    };
+    let unet = bytes(&full, "teacher UNet").unwrap();
+    assert_eq!(bytes(&lora, "teacher UNet"), Some(unet), "one base, as the teacher's");
+    assert_eq!(bytes(&full, "student"), Some(unet));
+    assert_eq!(bytes(&lora, "student"), None, "a LoRA student has no UNet of its own");
+    let adapters = bytes(&lora, "student LoRA adapters").unwrap();
+    assert!(adapters > 0 && adapters < unet / 4, "{adapters} of {unet}");
+    let resident = |p: &serde_json::Value| p["resident"].as_u64().unwrap();
+    assert_eq!(resident(&full) - resident(&lora), 5 * unet - 5 * adapters);
 }
