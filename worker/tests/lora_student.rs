@@ -304,3 +304,47 @@ fn data_parallel_lora_students_average_their_adapters_gradients() {
         "two ranks vs one: adapters differ by {r:e} of their move"
     );
 }
+
+/// `train.gradient_checkpointing` with a LoRA student: the recomputed
+/// student pass selects the student's adapters as the first did, so one
+/// chunk over the batch is the plain step bit for bit and chunks of one
+/// row agree to rounding.
+#[test]
+fn gradient_checkpointing_recomputes_a_lora_students_pass() {
+    tch::set_num_threads(1);
+    let g = common::golden("golden/vsd/sd1_lora_student.safetensors");
+    let run = |rows: Option<u32>| {
+        let (scores, student) = roles(FakeScore::Lora, &g);
+        let (draws, text) = inputs(&g);
+        let mut cfg = vsd_config(VsdWeighting::Paper, None);
+        cfg.recompute_rows = rows;
+        let step = VsdStep {
+            student: student.net(&scores),
+            scores: &scores,
+            schedule: &schedule(PredictionType::Epsilon),
+            config: &cfg,
+            loss_scales: None,
+        };
+        let losses = step.run(&text, &draws, None).unwrap().losses;
+        let grads: Vec<(String, Tensor)> = student
+            .named_parameters()
+            .into_iter()
+            .chain(scores.fake_parameters())
+            .map(|(n, p)| (n, p.grad().copy()))
+            .collect();
+        (losses, grads)
+    };
+    let (plain, plain_grads) = run(None);
+    let (whole, whole_grads) = run(Some(2));
+    assert_eq!(plain, whole);
+    assert!(equal(&plain_grads, &whole_grads), "one chunk is not the plain step");
+    let (_, rows_grads) = run(Some(1));
+    let scale = common::nan_max(plain_grads.iter().map(|(_, t)| t.abs().max().double_value(&[])));
+    let worst = common::nan_max(
+        plain_grads
+            .iter()
+            .zip(&rows_grads)
+            .map(|((_, a), (_, b))| common::max_abs_diff(a, b)),
+    );
+    assert!(worst <= 1e-5 * scale, "chunks of one row: {worst:e} of {scale:e}");
+}
