@@ -184,11 +184,22 @@ fn plan_counts_a_lora_student_as_adapters_on_the_shared_base() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let lora = lora_config(d);
-    let teacher = common::fixtures().join("pipelines/sd1").display().to_string();
+    let teacher = common::fixtures()
+        .join("pipelines/sd1")
+        .display()
+        .to_string();
     let plan = |config: &str| -> serde_json::Value {
         let out = swiftbrush(
             d,
-            &["plan", "--config", config, "--teacher", &teacher, "--no-probe", "--json"],
+            &[
+                "plan",
+                "--config",
+                config,
+                "--teacher",
+                &teacher,
+                "--no-probe",
+                "--json",
+            ],
         );
         ok("plan", &out);
         serde_json::from_slice(&out.stdout).unwrap()
@@ -204,9 +215,17 @@ fn plan_counts_a_lora_student_as_adapters_on_the_shared_base() {
             .map(|x| x["bytes"].as_u64().unwrap())
     };
     let unet = bytes(&full, "teacher UNet").unwrap();
-    assert_eq!(bytes(&lora, "teacher UNet"), Some(unet), "one base, as the teacher's");
+    assert_eq!(
+        bytes(&lora, "teacher UNet"),
+        Some(unet),
+        "one base, as the teacher's"
+    );
     assert_eq!(bytes(&full, "student"), Some(unet));
-    assert_eq!(bytes(&lora, "student"), None, "a LoRA student has no UNet of its own");
+    assert_eq!(
+        bytes(&lora, "student"),
+        None,
+        "a LoRA student has no UNet of its own"
+    );
     let adapters = bytes(&lora, "student LoRA adapters").unwrap();
     assert!(adapters > 0 && adapters < unet / 4, "{adapters} of {unet}");
     let resident = |p: &serde_json::Value| p["resident"].as_u64().unwrap();

@@ -636,11 +636,11 @@ fn a_lora_student_refuses_what_it_cannot_have_naming_the_keys() {
         "{TEACHER}method:\n  student:\n    lr: 0.0001\n    lora:\n      rank: 4\n"
     ));
     assert!(e.contains("method.student.lora"), "{e}");
-    let e = err(&format!(
+    let e = err(
         "model:\n  teacher: /models/sd\n  student_init: /models/other\nmethod:\n  student:\n    \
          lr: 0.0001\n    kind: lora\n    lora:\n      rank: 0\n      target_modules: [to_x]\n\
-         world:\n  shard_state: optimizer\n"
-    ));
+         world:\n  shard_state: optimizer\n",
+    );
     for key in [
         "model.student_init",
         "world.shard_state",

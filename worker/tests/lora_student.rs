@@ -337,14 +337,24 @@ fn gradient_checkpointing_recomputes_a_lora_students_pass() {
     let (plain, plain_grads) = run(None);
     let (whole, whole_grads) = run(Some(2));
     assert_eq!(plain, whole);
-    assert!(equal(&plain_grads, &whole_grads), "one chunk is not the plain step");
+    assert!(
+        equal(&plain_grads, &whole_grads),
+        "one chunk is not the plain step"
+    );
     let (_, rows_grads) = run(Some(1));
-    let scale = common::nan_max(plain_grads.iter().map(|(_, t)| t.abs().max().double_value(&[])));
+    let scale = common::nan_max(
+        plain_grads
+            .iter()
+            .map(|(_, t)| t.abs().max().double_value(&[])),
+    );
     let worst = common::nan_max(
         plain_grads
             .iter()
             .zip(&rows_grads)
             .map(|((_, a), (_, b))| common::max_abs_diff(a, b)),
     );
-    assert!(worst <= 1e-5 * scale, "chunks of one row: {worst:e} of {scale:e}");
+    assert!(
+        worst <= 1e-5 * scale,
+        "chunks of one row: {worst:e} of {scale:e}"
+    );
 }

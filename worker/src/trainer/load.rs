@@ -196,7 +196,7 @@ pub(crate) fn score_networks(
         Some(fake) => ScorePair::Unet(Box::new(FullFakeScore::new(teacher, fake))),
     };
     let student = match full_student {
-        Some(unet) => Student::Full(unet),
+        Some(unet) => Student::Full(Box::new(unet)),
         None => Student::Lora(
             scores
                 .attach_student(&LoraSpec::from(&student_lora.unwrap_or_default()))

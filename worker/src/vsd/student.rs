@@ -17,7 +17,7 @@ use crate::pipeline::UNet;
 /// The student's trainable part.
 pub enum Student {
     /// A float32 copy of the teacher, every weight trainable.
-    Full(UNet),
+    Full(Box<UNet>),
     /// Adapters (float32, B zero at the start) on the teacher's base,
     /// which the [`ScorePair`] holds.
     Lora(LoraSet),
@@ -68,7 +68,7 @@ impl Student {
     /// The full student's UNet; None for a LoRA student.
     pub fn unet(&self) -> Option<&UNet> {
         match self {
-            Student::Full(u) => Some(u),
+            Student::Full(u) => Some(u.as_ref()),
             Student::Lora(_) => None,
         }
     }
