@@ -104,7 +104,9 @@ pub struct MethodConfig {
     /// Probability that a fake-score update uses the null condition for the
     /// whole batch (text dropout, SPEC step 6; LoRA only).
     pub null_condition_prob: f64,
-    pub student: OptimizerConfig,
+    /// The student: its optimizer, and what it is (a full copy of the
+    /// teacher, or LoRA adapters on the teacher's base).
+    pub student: StudentConfig,
     /// The LoRA teacher's adapters (`fake_score.kind: lora`).
     pub lora: LoraConfig,
     pub ema: EmaConfig,
@@ -135,7 +137,7 @@ impl Default for MethodConfig {
             vsd_weighting: VsdWeighting::Paper,
             fake_score: FakeScoreConfig::default(),
             null_condition_prob: 0.1,
-            student: OptimizerConfig::with_lr(1e-6),
+            student: StudentConfig::default(),
             lora: LoraConfig::default(),
             ema: EmaConfig::default(),
         }
@@ -194,6 +196,86 @@ impl Default for FakeScoreConfig {
             kind: FakeScore::Lora,
             optimizer: OptimizerConfig::with_lr(1e-3),
             updates_per_step: 1,
+        }
+    }
+}
+
+/// What the student is (`method.student.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StudentKind {
+    /// A full trainable float32 copy of the teacher UNet (SwiftBrush).
+    #[default]
+    Full,
+    /// LoRA adapters (`method.student.lora`) on the teacher's own frozen
+    /// base weights: no second UNet; with a LoRA fake score, one copy of
+    /// the base serves teacher, student and fake score.
+    Lora,
+}
+
+impl StudentKind {
+    pub fn is_full(&self) -> bool {
+        *self == StudentKind::Full
+    }
+}
+
+/// `method.student`: the student's Adam (the keys of [`OptimizerConfig`],
+/// written out: serde's flatten does not combine with deny_unknown_fields)
+/// and its kind. `kind` and `lora` are left out of the serialized config
+/// while unset, so the fingerprints of full-student configs do not move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_adam_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Max global L2 norm of the gradient before the step.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    #[serde(default, skip_serializing_if = "StudentKind::is_full")]
+    pub kind: StudentKind,
+    /// The LoRA student's adapters (`kind: lora`; unset: [`LoraConfig`]'s
+    /// defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
+}
+
+impl Default for StudentConfig {
+    fn default() -> Self {
+        let o = OptimizerConfig::with_lr(1e-6);
+        Self {
+            lr: o.lr,
+            betas: o.betas,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            grad_clip: o.grad_clip,
+            kind: StudentKind::Full,
+            lora: None,
+        }
+    }
+}
+
+impl StudentConfig {
+    /// The student's Adam and clip.
+    pub fn optimizer(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            lr: self.lr,
+            betas: self.betas,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+        }
+    }
+
+    /// The LoRA student's adapters; None for a full student.
+    pub fn lora_adapters(&self) -> Option<LoraConfig> {
+        match self.kind {
+            StudentKind::Full => None,
+            StudentKind::Lora => Some(self.lora.clone().unwrap_or_default()),
         }
     }
 }

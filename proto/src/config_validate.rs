@@ -1,7 +1,9 @@
 //! Range and consistency checks of a parsed [`JobConfig`]. Each problem names
 //! the key path, the offending value and what is allowed.
 
-use crate::config::{Autocast, Dtype, JobConfig, LORA_TARGETS, OptimizerConfig, check};
+use crate::config::{
+    Autocast, Dtype, JobConfig, LORA_TARGETS, LoraConfig, OptimizerConfig, StudentKind, check,
+};
 use crate::config_error::Problem;
 
 pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
@@ -127,26 +129,14 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         m.null_condition_prob.to_string(),
         "0..=1",
     );
-    optimizer(&mut p, "method.student", &m.student);
+    optimizer(&mut p, "method.student", &m.student.optimizer());
+    lora_student(&mut p, c);
     optimizer(
         &mut p,
         "method.fake_score.optimizer",
         &m.fake_score.optimizer,
     );
-    check(
-        &mut p,
-        m.lora.rank >= 1,
-        "method.lora.rank",
-        m.lora.rank.to_string(),
-        "an integer >= 1",
-    );
-    check(
-        &mut p,
-        m.lora.alpha.is_finite() && m.lora.alpha > 0.0,
-        "method.lora.alpha",
-        m.lora.alpha.to_string(),
-        "> 0",
-    );
+    lora_adapters(&mut p, "method.lora", &m.lora);
     check(
         &mut p,
         (1..=64).contains(&m.fake_score.updates_per_step),
@@ -154,22 +144,6 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         m.fake_score.updates_per_step.to_string(),
         "an integer in 1..=64",
     );
-    check(
-        &mut p,
-        !m.lora.target_modules.is_empty(),
-        "method.lora.target_modules",
-        "[]".to_owned(),
-        &format!("a non-empty list of {}", LORA_TARGETS.join(", ")),
-    );
-    for (i, t) in m.lora.target_modules.iter().enumerate() {
-        check(
-            &mut p,
-            LORA_TARGETS.contains(&t.as_str()),
-            &format!("method.lora.target_modules[{i}]"),
-            format!("{t:?}"),
-            &format!("one of {}", LORA_TARGETS.join(", ")),
-        );
-    }
     check(
         &mut p,
         (0.0..1.0).contains(&m.ema.max_decay),
@@ -360,6 +334,73 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
         "fp32 (training never decodes; `swiftbrush sample --dtype` sets the sampling precision)",
     );
     p
+}
+
+/// rank, alpha and targets of a set of adapters under `key`.
+fn lora_adapters(p: &mut Vec<Problem>, key: &str, l: &LoraConfig) {
+    check(
+        p,
+        l.rank >= 1,
+        &format!("{key}.rank"),
+        l.rank.to_string(),
+        "an integer >= 1",
+    );
+    check(
+        p,
+        l.alpha.is_finite() && l.alpha > 0.0,
+        &format!("{key}.alpha"),
+        l.alpha.to_string(),
+        "> 0",
+    );
+    check(
+        p,
+        !l.target_modules.is_empty(),
+        &format!("{key}.target_modules"),
+        "[]".to_owned(),
+        &format!("a non-empty list of {}", LORA_TARGETS.join(", ")),
+    );
+    for (i, t) in l.target_modules.iter().enumerate() {
+        check(
+            p,
+            LORA_TARGETS.contains(&t.as_str()),
+            &format!("{key}.target_modules[{i}]"),
+            format!("{t:?}"),
+            &format!("one of {}", LORA_TARGETS.join(", ")),
+        );
+    }
+}
+
+/// `method.student.kind: lora`: its adapters, and the options a LoRA
+/// student does not have.
+fn lora_student(p: &mut Vec<Problem>, c: &JobConfig) {
+    let s = &c.method.student;
+    if s.kind == StudentKind::Full {
+        check(
+            p,
+            s.lora.is_none(),
+            "method.student.lora",
+            "set with method.student.kind: full".to_owned(),
+            "unset, or method.student.kind: lora (a full student has no adapters)",
+        );
+        return;
+    }
+    if let Some(l) = &s.lora {
+        lora_adapters(p, "method.student.lora", l);
+    }
+    check(
+        p,
+        c.model.student_init.is_none(),
+        "model.student_init",
+        "set with method.student.kind: lora".to_owned(),
+        "unset (a LoRA student starts as the teacher: its adapters' B is zero;          model.student_init gives a full student its weights)",
+    );
+    check(
+        p,
+        c.world.shard_state.is_none(),
+        "world.shard_state",
+        format!("{:?}", c.world.shard_state).to_lowercase(),
+        "none with method.student.kind: lora (a LoRA student's state is its adapters:          small enough to keep whole on every rank)",
+    );
 }
 
 fn optimizer(p: &mut Vec<Problem>, key: &str, o: &OptimizerConfig) {

@@ -580,3 +580,77 @@ fn shard_state_parses_and_is_memory_only() {
     assert!(e.contains("world.shard_state"), "{e}");
     assert!(e.contains("optimizer_and_gradients"), "{e}");
 }
+
+/// A full student's `method.student` serializes as the optimizer it was
+/// before `kind` existed, so the fingerprints of existing runs stay put;
+/// `kind: lora` parses with its own adapters and is a training change.
+#[test]
+fn a_full_student_serializes_as_before_and_a_lora_student_parses() {
+    let full = parse(TEACHER).unwrap();
+    assert_eq!(
+        serde_json::to_value(&full.method.student).unwrap(),
+        serde_json::to_value(full.method.student.optimizer()).unwrap(),
+        "method.student of a full student must serialize as the optimizer alone"
+    );
+    assert_eq!(full.method.student.lora_adapters(), None);
+
+    let lora = parse(&format!(
+        "{TEACHER}method:\n  student:\n    lr: 0.0001\n    kind: lora\n    lora:\n      rank: 16\n      \
+         alpha: 16\n      target_modules: [to_q, conv1]\n"
+    ))
+    .unwrap();
+    let adapters = lora.method.student.lora_adapters().unwrap();
+    assert_eq!((adapters.rank, adapters.target_modules.len()), (16, 2));
+    assert_eq!(lora.method.student.lr, 1e-4);
+    let again = JobConfig::from_yaml_str(&lora.to_yaml(), "resolved").unwrap();
+    assert_eq!(again, lora, "the resolved LoRA student parses back");
+    // Unset adapters: method.lora's defaults.
+    let plain = parse(&format!(
+        "{TEACHER}method:\n  student:\n    lr: 0.0001\n    kind: lora\n"
+    ))
+    .unwrap();
+    assert_eq!(plain.method.student.lora_adapters().unwrap().rank, 64);
+
+    let changes: Vec<String> = lora
+        .training_changes_from(&full)
+        .iter()
+        .map(|c| c.key.clone())
+        .collect();
+    assert!(
+        changes.contains(&"method.student.kind".to_owned()),
+        "{changes:?}"
+    );
+    assert!(
+        changes.contains(&"method.student.lora".to_owned())
+            || changes
+                .iter()
+                .any(|k| k.starts_with("method.student.lora.")),
+        "{changes:?}"
+    );
+    assert_ne!(lora.fingerprint(), full.fingerprint());
+}
+
+#[test]
+fn a_lora_student_refuses_what_it_cannot_have_naming_the_keys() {
+    let e = err(&format!(
+        "{TEACHER}method:\n  student:\n    lr: 0.0001\n    lora:\n      rank: 4\n"
+    ));
+    assert!(e.contains("method.student.lora"), "{e}");
+    let e = err(
+        "model:\n  teacher: /models/sd\n  student_init: /models/other\nmethod:\n  student:\n    \
+         lr: 0.0001\n    kind: lora\n    lora:\n      rank: 0\n      target_modules: [to_x]\n\
+         world:\n  shard_state: optimizer\n",
+    );
+    for key in [
+        "model.student_init",
+        "world.shard_state",
+        "method.student.lora.rank",
+        "method.student.lora.target_modules[0]",
+    ] {
+        assert!(e.contains(key), "{key} not named in: {e}");
+    }
+    let e = err(&format!(
+        "{TEACHER}method:\n  student:\n    lr: 0.0001\n    kind: half\n"
+    ));
+    assert!(e.contains("method.student.kind"), "{e}");
+}

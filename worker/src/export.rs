@@ -241,6 +241,24 @@ impl StudentCheckpoint {
         })
     }
 
+    /// A LoRA student's adapters (rank, alpha, targets: the run's
+    /// config.yaml, `method.student.lora`), whose tensors the checkpoint's
+    /// student and EMA files hold by PEFT name; None for a full student
+    /// (or a run without its config.yaml, written before LoRA students).
+    pub fn student_lora(&self) -> Result<Option<crate::lora::LoraSpec>, ExportError> {
+        let Some(text) = self.store.get_run_file("config.yaml")? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&text);
+        let cfg = swiftbrush_proto::JobConfig::from_yaml_str(&text, "run config.yaml")
+            .map_err(|e| ExportError::Invalid(e.to_string()))?;
+        Ok(cfg
+            .method
+            .student
+            .lora_adapters()
+            .map(|l| crate::lora::LoraSpec::from(&l)))
+    }
+
     /// The teacher folder recorded in the run, unless overridden.
     pub fn teacher(&self, teacher: Option<&Path>) -> Result<DiffusersFolder, ExportError> {
         let dir = teacher
@@ -279,6 +297,14 @@ pub fn export(
     pipeline: bool,
     teacher: Option<&Path>,
 ) -> Result<Vec<PathBuf>, ExportError> {
+    if ckpt.student_lora()?.is_some() {
+        return Err(ExportError::Invalid(format!(
+            "checkpoint step {} is a LoRA student (method.student.kind: lora): its weights \
+             are adapters, not a UNet; a LoRA student exports as adapters (--lora) or merged \
+             (--merge)",
+            ckpt.manifest.step
+        )));
+    }
     let folder = ckpt.teacher(teacher)?;
     let unet_src = folder.component("unet")?;
     // Read before anything is written: a bad run config leaves no half export.

@@ -8,7 +8,8 @@
 //! The LoRA teacher is the frozen teacher plus adapters: one copy of the
 //! base weights serves both, and a shared switch turns the adapters off
 //! for the teacher eps_phi's pass (on, the model is the LoRA teacher
-//! eps_psi). Adapter variables live in
+//! eps_psi). A LoRA student is a second set on the same base
+//! ([`attach_lora_set`]): each pass selects the one set it runs with. Adapter variables live in
 //! their own VarStore under PEFT's names
 //! (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`),
 //! so `set_peft_model_state_dict` loads them and the optimizer sees only them.
@@ -28,7 +29,7 @@ use tch::{Device, Tensor, nn};
 
 use crate::models::attention::Attention;
 use crate::models::layers::{Conv2d, Linear};
-use crate::models::lora_layer::{LoraAdapter, LoraSwitch};
+use crate::models::lora_layer::{AdapterSetId, AdaptersOff, LoraAdapter, LoraSwitch};
 use crate::models::resnet::ResnetBlock2D;
 use crate::models::transformer_2d::Transformer2DModel;
 use crate::models::unet_2d_condition::{
@@ -88,14 +89,30 @@ pub enum LoraError {
     Torch(#[from] tch::TchError),
 }
 
-/// The adapters attached to one UNet: their variables and their switch.
+/// One set of adapters attached to a UNet: their variables, the model's
+/// switch and the set's id on it.
 pub struct LoraSet {
     pub vs: nn::VarStore,
+    /// The switch every adapter set of the model shares.
     pub switch: LoraSwitch,
     pub spec: LoraSpec,
+    /// This set's id on `switch`.
+    pub set: AdapterSetId,
 }
 
 impl LoraSet {
+    /// Until the guard drops, the model runs with this set (and no other)
+    /// on every row.
+    pub fn on(&self) -> AdaptersOff<'_> {
+        self.switch.only(self.set)
+    }
+
+    /// Until the guard drops, this set applies to rows `first..` of each
+    /// batch only; rows before it run the base alone.
+    pub fn on_rows_from(&self, first: i64) -> AdaptersOff<'_> {
+        self.switch.rows_from(self.set, first)
+    }
+
     /// The trainable adapter tensors by PEFT name.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<_> = self.vs.variables().into_iter().collect();
@@ -141,11 +158,26 @@ impl LoraSet {
 }
 
 /// Attaches fresh adapters (A Kaiming-uniform, B zero, fp32) to every
-/// targeted projection of every attention in `unet`, enabled.
+/// targeted projection of every attention in `unet`, enabled: the model's
+/// first adapter set, on a switch of its own.
 pub fn attach_lora(
     unet: &mut UNet2DConditionModel,
     spec: &LoraSpec,
     device: Device,
+) -> Result<LoraSet, LoraError> {
+    attach_lora_set(unet, spec, device, &LoraSwitch::new())
+}
+
+/// Attaches a further adapter set beside the ones already on `unet`
+/// (their `switch`, which selects among them): a LoRA student's and the
+/// fake score's adapters on one base, as peft's `add_adapter`. The new
+/// set is off until a pass selects it ([`LoraSet::on`]) unless it is the
+/// model's first.
+pub fn attach_lora_set(
+    unet: &mut UNet2DConditionModel,
+    spec: &LoraSpec,
+    device: Device,
+    switch: &LoraSwitch,
 ) -> Result<LoraSet, LoraError> {
     if spec.rank < 1 {
         return Err(LoraError::Rank(spec.rank));
@@ -156,14 +188,15 @@ pub fn attach_lora(
         }
     }
     let vs = nn::VarStore::new(device);
-    let switch = LoraSwitch::new();
+    let set = switch.next_set();
+    let switch = (switch, set);
     let scale = spec.alpha / spec.rank as f64;
     let wants = |name: &str| spec.target_modules.iter().any(|t| t == name);
     let mut attached = 0;
     for attn in unet_attentions(unet) {
         for target in ATTENTION_TARGETS.iter().filter(|t| wants(t)) {
             let linear = projection(attn, target);
-            attach_linear(linear, &vs.root(), spec.rank, scale, &switch)?;
+            attach_linear(linear, &vs.root(), spec.rank, scale, switch)?;
             attached += 1;
         }
     }
@@ -175,7 +208,7 @@ pub fn attach_lora(
         ];
         for (name, conv) in convs {
             if let Some(conv) = conv.filter(|_| wants(name)) {
-                attach_conv(conv, &vs.root(), spec.rank, scale, &switch)?;
+                attach_conv(conv, &vs.root(), spec.rank, scale, switch)?;
                 attached += 1;
             }
         }
@@ -185,8 +218,9 @@ pub fn attach_lora(
     }
     Ok(LoraSet {
         vs,
-        switch,
+        switch: switch.0.clone(),
         spec: spec.clone(),
+        set,
     })
 }
 
@@ -204,7 +238,7 @@ fn attach_linear(
     root: &nn::Path,
     rank: i64,
     scale: f64,
-    switch: &LoraSwitch,
+    switch: (&LoraSwitch, AdapterSetId),
 ) -> Result<(), LoraError> {
     let p = adapter_path(root, &linear.path);
     let (fan_in, fan_out) = (linear.in_features(), linear.out_features());
@@ -213,7 +247,7 @@ fn attach_linear(
     let b = p
         .sub("lora_B")
         .f_var("weight", &[fan_out, rank], nn::Init::Const(0.0))?;
-    linear.lora = Some(LoraAdapter::linear(a, b, scale, switch));
+    linear.lora.push(LoraAdapter::linear(a, b, scale, switch));
     Ok(())
 }
 
@@ -222,7 +256,7 @@ fn attach_conv(
     root: &nn::Path,
     rank: i64,
     scale: f64,
-    switch: &LoraSwitch,
+    switch: (&LoraSwitch, AdapterSetId),
 ) -> Result<(), LoraError> {
     let p = adapter_path(root, &conv.path);
     let (c_in, c_out, k) = (conv.in_channels(), conv.out_channels(), conv.kernel_size());
@@ -231,7 +265,7 @@ fn attach_conv(
     let b = p
         .sub("lora_B")
         .f_var("weight", &[c_out, rank, 1, 1], nn::Init::Const(0.0))?;
-    conv.lora = Some(LoraAdapter::conv(
+    conv.lora.push(LoraAdapter::conv(
         a,
         b,
         scale,

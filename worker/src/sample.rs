@@ -477,8 +477,24 @@ pub fn load_model_described(
                 let what = format!("{path}: checkpoint step {} EMA weights", ckpt.manifest.step);
                 let tensors = tensor_bytes::from_bytes(&bytes, &what)
                     .map_err(|e| SampleError::Input(e.to_string()))?;
-                weights::load_tensors_strict(pipe.unet_vs_mut(), tensors, &[what.into()])
-                    .map_err(|e| SampleError::Input(e.to_string()))?;
+                match ckpt.student_lora().map_err(student_error)? {
+                    // A LoRA student: the teacher's UNet with the EMA
+                    // adapters attached, its only set (on in every pass).
+                    Some(spec) => {
+                        let unet = pipe.unet_mut();
+                        let device = unet.vs.device();
+                        let mut set = crate::lora::attach_lora(&mut unet.model, &spec, device)
+                            .map_err(|e| SampleError::Input(format!("{what}: {e}")))?;
+                        // The layers hold the adapters' tensors: they
+                        // outlive the set's store.
+                        set.load(&tensors)
+                            .map_err(|e| SampleError::Input(format!("{what}: {e}")))?;
+                    }
+                    None => {
+                        weights::load_tensors_strict(pipe.unet_vs_mut(), tensors, &[what.into()])
+                            .map_err(|e| SampleError::Input(e.to_string()))?
+                    }
+                }
                 let what = format!(
                     "student {path} (checkpoint step {}, EMA weights)",
                     ckpt.manifest.step

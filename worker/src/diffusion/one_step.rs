@@ -14,6 +14,14 @@ pub trait Denoiser {
     fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, TchError>;
 }
 
+/// A borrowed denoiser is one (the step holds its student by value: a
+/// UNet by reference, or a LoRA student's view of the shared base).
+impl<D: Denoiser + ?Sized> Denoiser for &D {
+    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, TchError> {
+        (**self).predict(x, t, cond)
+    }
+}
+
 /// What the student's one-step draw needs: its timestep, the constant A,
 /// and what the UNet's output means.
 #[derive(Debug, Clone, Copy)]

@@ -85,7 +85,8 @@ pub struct Linear {
     /// The module's state-dict path, e.g.
     /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
     pub path: String,
-    pub lora: Option<LoraAdapter>,
+    /// Its adapters, one per set attached (the switch picks at most one).
+    pub lora: Vec<LoraAdapter>,
 }
 
 impl Linear {
@@ -111,7 +112,7 @@ impl Linear {
             weight,
             bias,
             path: vs.components().collect::<Vec<_>>().join("."),
-            lora: None,
+            lora: Vec::new(),
         })
     }
 
@@ -125,10 +126,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let y = x.f_linear(&self.weight, self.bias.as_ref())?;
-        match &self.lora {
-            Some(lora) => lora.apply(x, y),
-            None => Ok(y),
-        }
+        self.lora.iter().try_fold(y, |y, lora| lora.apply(x, y))
     }
 }
 
@@ -144,7 +142,8 @@ pub struct Conv2d {
     padding: i64,
     /// The module's state-dict path, e.g. `down_blocks.0.resnets.0.conv1`.
     pub path: String,
-    pub lora: Option<LoraAdapter>,
+    /// Its adapters, one per set attached (the switch picks at most one).
+    pub lora: Vec<LoraAdapter>,
 }
 
 impl Conv2d {
@@ -170,7 +169,7 @@ impl Conv2d {
             stride,
             padding,
             path: vs.components().collect::<Vec<_>>().join("."),
-            lora: None,
+            lora: Vec::new(),
         })
     }
 
@@ -203,10 +202,7 @@ impl Conv2d {
             [1, 1],
             1,
         )?;
-        match &self.lora {
-            Some(lora) => lora.apply(x, y),
-            None => Ok(y),
-        }
+        self.lora.iter().try_fold(y, |y, lora| lora.apply(x, y))
     }
 }
 

@@ -2,62 +2,122 @@
 //! [`Linear`](super::layers::Linear) or [`Conv2d`](super::layers::Conv2d)
 //! adds to its output when it carries an adapter ([`LoraAdapter`], PEFT's
 //! LoRA layer), and the switch shared by every adapter of one model that
-//! turns them off, or on for some rows of a batch only ([`LoraSwitch`]).
+//! selects which set of them a pass runs with (none, or one, on every row
+//! or some rows of a batch only: [`LoraSwitch`], peft's `set_adapter`).
 //!
 //! Which layers get adapters, the adapters' variables and their PEFT names
 //! are `crate::lora`'s (`attach_lora`), above the models.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
 use tch::Tensor;
 
-/// Which rows of a batch the adapters of one model apply to, shared by
-/// every adapter of the model: all rows unless a guard is alive. The
-/// frozen teacher's pass holds [`LoraSwitch::off`] (`vsd::TeacherUNet`'s
-/// `Scores::real`); the step's one pass of both scores holds
-/// [`LoraSwitch::rows_from`] (the teacher's rows first, the LoRA
-/// teacher's after). The guards drop back to all rows, so no caller can
-/// forget to turn the adapters back on.
+/// Which adapter set of one model a pass runs with, and on which rows of
+/// its batch; shared by every adapter of the model. A model may carry
+/// several sets (a LoRA student's and the fake score's on one base): each
+/// has an id from [`LoraSwitch::next_set`], and a pass runs with at most
+/// one of them. Passes name their set through a guard
+/// ([`LoraSwitch::only`], [`LoraSwitch::off`]) that puts the previous
+/// selection back when it drops, so no caller can leave a set on for the
+/// next pass. Without any guard alive the model runs with its first set
+/// (id 0) on every row: a model with one set, as `attach_lora` makes it,
+/// is the adapted model.
 #[derive(Debug, Clone)]
-pub struct LoraSwitch(Arc<AtomicI64>);
+pub struct LoraSwitch(Arc<Selection>);
 
-/// The first row adapted while the adapters are off: no batch has it.
-const NO_ROW: i64 = i64::MAX;
+#[derive(Debug)]
+struct Selection {
+    /// The set the pass runs with; [`NO_SET`]: none (the base alone).
+    set: AtomicI64,
+    /// The first row of each batch that set applies to.
+    first_row: AtomicI64,
+    /// The id the next attached set gets.
+    next: AtomicU32,
+}
+
+/// No set is on.
+const NO_SET: i64 = -1;
+
+/// An adapter set's id on its model's switch.
+pub type AdapterSetId = u32;
 
 impl LoraSwitch {
-    /// A new switch, the adapters on for every row.
+    /// A new switch, its first set on for every row.
     pub(crate) fn new() -> Self {
-        Self(Arc::new(AtomicI64::new(0)))
+        Self(Arc::new(Selection {
+            set: AtomicI64::new(0),
+            first_row: AtomicI64::new(0),
+            next: AtomicU32::new(0),
+        }))
     }
 
-    /// The adapters are off until the guard drops (also on panic).
+    /// The id for a new adapter set on this switch's model.
+    pub(crate) fn next_set(&self) -> AdapterSetId {
+        self.0.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Every adapter of the model is off until the guard drops (also on
+    /// panic): the base model alone (the frozen teacher).
     pub fn off(&self) -> AdaptersOff<'_> {
-        self.0.store(NO_ROW, Ordering::Relaxed);
-        AdaptersOff(self)
+        self.select(NO_SET, 0)
     }
 
-    /// Until the guard drops, the adapters apply to rows `first..` of each
-    /// batch only: rows before it are the frozen teacher's.
-    pub fn rows_from(&self, first: i64) -> AdaptersOff<'_> {
-        self.0.store(first.max(0), Ordering::Relaxed);
-        AdaptersOff(self)
+    /// Until the guard drops, the pass runs with set `set` on every row.
+    pub fn only(&self, set: AdapterSetId) -> AdaptersOff<'_> {
+        self.select(i64::from(set), 0)
     }
 
-    /// The first row the adapters apply to (0: every row; past the batch:
-    /// none).
+    /// Until the guard drops, set `set` applies to rows `first..` of each
+    /// batch only: rows before it are the base model's (the frozen
+    /// teacher's).
+    pub fn rows_from(&self, set: AdapterSetId, first: i64) -> AdaptersOff<'_> {
+        self.select(i64::from(set), first.max(0))
+    }
+
+    fn select(&self, set: i64, first_row: i64) -> AdaptersOff<'_> {
+        let previous = (self.set(), self.first_row());
+        self.0.set.store(set, Ordering::Relaxed);
+        self.0.first_row.store(first_row, Ordering::Relaxed);
+        AdaptersOff {
+            switch: self,
+            previous,
+        }
+    }
+
+    fn set(&self) -> i64 {
+        self.0.set.load(Ordering::Relaxed)
+    }
+
+    /// The first row the selected set applies to (0: every row).
     pub fn first_row(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.first_row.load(Ordering::Relaxed)
+    }
+
+    /// The first row set `set` applies to in the current pass: past any
+    /// batch when another set (or none) is selected.
+    fn first_row_of(&self, set: AdapterSetId) -> i64 {
+        if self.set() == i64::from(set) {
+            self.first_row()
+        } else {
+            i64::MAX
+        }
     }
 }
 
-/// While alive, the adapters of one model are off (or on some rows only).
-#[must_use = "the adapters are back on as soon as the guard drops"]
-pub struct AdaptersOff<'a>(&'a LoraSwitch);
+/// While alive, one set of a model's adapters is selected (or none, or one
+/// on some rows only); dropping it restores the selection before it.
+#[must_use = "the selection ends as soon as the guard drops"]
+pub struct AdaptersOff<'a> {
+    switch: &'a LoraSwitch,
+    previous: (i64, i64),
+}
 
 impl Drop for AdaptersOff<'_> {
     fn drop(&mut self) {
-        self.0.0.store(0, Ordering::Relaxed);
+        let (set, first_row) = self.previous;
+        self.switch.0.set.store(set, Ordering::Relaxed);
+        self.switch.0.first_row.store(first_row, Ordering::Relaxed);
     }
 }
 
@@ -72,30 +132,38 @@ pub struct LoraAdapter {
     /// Some((stride, padding)) of the base conv for a conv adapter.
     conv: Option<(i64, i64)>,
     switch: LoraSwitch,
+    /// This adapter's set on `switch`.
+    set: AdapterSetId,
 }
 
 impl LoraAdapter {
     /// An adapter on a [`Linear`](super::layers::Linear): `a` [rank,
     /// in_features], `b` [out_features, rank], switched by `switch`.
-    pub fn linear(a: Tensor, b: Tensor, scale: f64, switch: &LoraSwitch) -> Self {
+    pub fn linear(
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        (switch, set): (&LoraSwitch, AdapterSetId),
+    ) -> Self {
         Self {
             a,
             b,
             scale,
             conv: None,
             switch: switch.clone(),
+            set,
         }
     }
 
     /// An adapter on a [`Conv2d`](super::layers::Conv2d) with the base's
     /// `stride` and `padding`: `a` [rank, in, k, k], `b` [out, rank, 1, 1],
-    /// switched by `switch`.
+    /// set `set` of `switch`.
     pub fn conv(
         a: Tensor,
         b: Tensor,
         scale: f64,
         (stride, padding): (i64, i64),
-        switch: &LoraSwitch,
+        (switch, set): (&LoraSwitch, AdapterSetId),
     ) -> Self {
         Self {
             a,
@@ -103,16 +171,17 @@ impl LoraAdapter {
             scale,
             conv: Some((stride, padding)),
             switch: switch.clone(),
+            set,
         }
     }
 
     /// The base layer's output `y` for input `x` with the update added on
-    /// the rows the switch says (PEFT's `result + lora_B(lora_A(x)) *
+    /// the rows the switch says while its set is selected (PEFT's `result + lora_B(lora_A(x)) *
     /// scaling`, in the base output's dtype). With the adapters on some
     /// rows only, the update is computed on those rows alone.
     pub fn apply(&self, x: &Tensor, y: Tensor) -> Result<Tensor, tch::TchError> {
         let n = x.size()[0];
-        let first = self.switch.first_row();
+        let first = self.switch.first_row_of(self.set);
         if first >= n {
             return Ok(y);
         }

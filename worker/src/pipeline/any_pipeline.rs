@@ -51,6 +51,14 @@ impl AnyPipeline {
         }
     }
 
+    /// The UNet (a LoRA student's adapters are attached to it).
+    pub fn unet_mut(&mut self) -> &mut super::UNet {
+        match self {
+            Self::Sd(p) => &mut p.unet,
+            Self::Xl(p) => &mut p.unet,
+        }
+    }
+
     pub fn vae_scale_factor(&self) -> i64 {
         match self {
             Self::Sd(p) => p.vae_scale_factor(),

@@ -30,7 +30,7 @@ use crate::models::unet_2d_condition_config::OneOrMany;
 use crate::pipeline::{DiffusersFolder, UNet};
 use crate::torch::precision::AutocastPlan;
 use crate::vsd::{
-    Conditions, Draws, FakeScore, FakeScoreDraws, ScorePair, Scores, VsdConfig, VsdStep,
+    Conditions, Draws, FakeScore, FakeScoreDraws, ScorePair, Scores, Student, VsdConfig, VsdStep,
     with_generator,
 };
 
@@ -202,8 +202,7 @@ pub fn run(
     // JIT-compiled primitives for these shapes) are the program's, not any
     // tensor's. What the networks' tensors hold is taken out.
     super::memory::trim();
-    let tensors =
-        tensor_bytes(&student.vs.trainable_variables()) + tensor_bytes(&scores_tensors(&scores));
+    let tensors = tensor_bytes(&student_tensors(&student)) + tensor_bytes(&scores_tensors(&scores));
     let baseline = super::memory::resident()?
         .0
         .saturating_sub(tensors)
@@ -280,8 +279,18 @@ fn scores_tensors(scores: &ScorePair) -> Vec<Tensor> {
     }
 }
 
+/// The student's own tensors: a full student's UNet, or a LoRA
+/// student's adapters (its base is the scores').
+fn student_tensors(student: &Student) -> Vec<Tensor> {
+    student
+        .named_parameters()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect()
+}
+
 struct Nets<'a> {
-    student: &'a UNet,
+    student: &'a Student,
     scores: &'a ScorePair,
     schedule: &'a NoiseSchedule,
     vsd: &'a VsdConfig,
@@ -326,7 +335,7 @@ impl Nets<'_> {
             uncond: Tensor::f_randn([1, self.rows, self.width], opts)?,
         };
         let vsd_step = VsdStep {
-            student: self.student,
+            student: self.student.net(self.scores),
             scores: self.scores,
             schedule: self.schedule,
             config: self.vsd,
@@ -347,7 +356,7 @@ impl Nets<'_> {
         let one_step = self.vsd.one_step(self.schedule.prediction_type());
         let draw = || {
             let _ac = self.student_autocast.as_ref().map(|a| a.enter());
-            one_step_x0(self.student, &z, &cond, &one_step)
+            one_step_x0(&self.student.net(self.scores), &z, &cond, &one_step)
         };
         let (x0, student_no_grad) = measure(|| tch::no_grad(draw).map(drop))?;
         x0?;

@@ -31,6 +31,9 @@ pub struct Counts {
     /// The LoRA adapters' parameters (method.lora on this UNet).
     pub lora: u64,
     pub lora_tensors: Vec<u64>,
+    /// A LoRA student's adapters (`method.student.kind: lora`, on the same
+    /// base); empty for a full student.
+    pub student_lora_tensors: Vec<u64>,
     pub text_encoder: u64,
     /// The VAE, when the run loads it (train.sample_every_steps with a
     /// latent-space teacher).
@@ -50,6 +53,14 @@ pub fn count(cfg: &JobConfig, folder: &DiffusersFolder) -> Result<Counts, PlanEr
         .iter()
         .map(|(_, t)| t.numel() as u64)
         .collect();
+    let student_lora_tensors: Vec<u64> = match cfg.method.student.lora_adapters() {
+        Some(l) => attach_lora(&mut model, &LoraSpec::from(&l), Device::Cpu)?
+            .named_parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as u64)
+            .collect(),
+        None => Vec::new(),
+    };
     let text = CLIPTextConfig::from_file(&folder.component("text_encoder")?.config_path()?)?;
     let samples = cfg.train.sample_every_steps > 0 && !cfg.train.sample_prompts.is_empty();
     let vae = if samples && folder.has("vae") {
@@ -66,6 +77,7 @@ pub fn count(cfg: &JobConfig, folder: &DiffusersFolder) -> Result<Counts, PlanEr
         unet_tensors,
         lora: lora_tensors.iter().sum(),
         lora_tensors,
+        student_lora_tensors,
         text_encoder: text.num_params() as u64 + second_encoder(folder)?,
         vae,
     })
@@ -150,14 +162,29 @@ pub fn parts(cfg: &JobConfig, c: &Counts, world: u32) -> Vec<Part> {
     if let Some(vae) = c.vae {
         parts.push(part("VAE (train.sample_every_steps)", vae, f32));
     }
-    parts.extend([
-        part("student", c.unet, f32),
-        part("student gradients", c.unet, f32),
-        part(&of_slice("student Adam exp_avg"), slice(c.unet), f32),
-        part(&of_slice("student Adam exp_avg_sq"), slice(c.unet), f32),
-    ]);
-    if cfg.method.ema.enabled {
-        parts.push(part(&of_slice("student EMA"), slice(c.unet), f32));
+    if cfg.method.student.lora_adapters().is_some() {
+        // A LoRA student: its adapters on the teacher's base (no copy of
+        // the UNet), replicated (world.shard_state is refused with it).
+        let n: u64 = c.student_lora_tensors.iter().sum();
+        parts.extend([
+            part("student LoRA adapters", n, f32),
+            part("student LoRA gradients", n, f32),
+            part("student LoRA Adam exp_avg", n, f32),
+            part("student LoRA Adam exp_avg_sq", n, f32),
+        ]);
+        if cfg.method.ema.enabled {
+            parts.push(part("student LoRA EMA", n, f32));
+        }
+    } else {
+        parts.extend([
+            part("student", c.unet, f32),
+            part("student gradients", c.unet, f32),
+            part(&of_slice("student Adam exp_avg"), slice(c.unet), f32),
+            part(&of_slice("student Adam exp_avg_sq"), slice(c.unet), f32),
+        ]);
+        if cfg.method.ema.enabled {
+            parts.push(part(&of_slice("student EMA"), slice(c.unet), f32));
+        }
     }
     let (what, n, moments) = match cfg.method.fake_score.kind {
         // The adapters stay replicated.
@@ -194,7 +221,12 @@ pub fn optimizer_transient(cfg: &JobConfig, c: &Counts) -> u64 {
         FakeScore::Lora => largest_chunk(&c.lora_tensors),
         FakeScore::Unet => largest_chunk(&c.unet_tensors),
     };
-    let chunks = 2 * largest_chunk(&c.unet_tensors).max(fake);
+    let student = if c.student_lora_tensors.is_empty() {
+        largest_chunk(&c.unet_tensors)
+    } else {
+        largest_chunk(&c.student_lora_tensors)
+    };
+    let chunks = 2 * student.max(fake);
     if cfg.world.shard_state.is_none() {
         return chunks;
     }

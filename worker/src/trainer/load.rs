@@ -19,7 +19,7 @@ use crate::lora::LoraSpec;
 use crate::models::vae::AutoencoderKLConfig;
 use crate::optim::{Adam, AdamConfig};
 use crate::pipeline::{DiffusersFolder, UNet, teacher_fingerprint};
-use crate::vsd::{FullFakeScore, ScorePair, TeacherUNet, VsdConfig, with_generator};
+use crate::vsd::{FullFakeScore, ScorePair, Student, TeacherUNet, VsdConfig, with_generator};
 
 impl Trainer {
     /// Loads the teacher, builds the fake score and the student, and opens
@@ -43,7 +43,7 @@ impl Trainer {
         let mut optimizers = Optimizers::new(
             Adam::new(
                 networks.student.named_parameters(),
-                AdamConfig::from(&m.student),
+                AdamConfig::from(&m.student.optimizer()),
             ),
             Adam::new(
                 networks.scores.fake_parameters(),
@@ -111,7 +111,14 @@ fn load_networks(
         let teacher = UNet::load(folder, device).map_err(|e| teacher_err(e.into()))?;
         let (scores, mut student) = score_networks(cfg, teacher, teacher_dir)?;
         if let Some(dir) = &cfg.model.student_init {
-            super::student_init::init_student(&mut student, dir)?;
+            let Student::Full(unet) = &mut student else {
+                return Err(TrainError::Invalid(
+                    "model.student_init gives a full student its weights; a LoRA student \
+                     (method.student.kind: lora) starts as the teacher"
+                        .to_owned(),
+                ));
+            };
+            super::student_init::init_student(unet, dir)?;
         }
         let text = TextConditioner::load(folder, device, i64::from(cfg.model.resolution))?;
         Ok::<_, TrainError>((scores, student, text))
@@ -131,7 +138,7 @@ fn load_networks(
         )));
     }
     let vsd = vsd_config(cfg, &schedule, device)?;
-    let sample_shape = sample_shape(cfg, folder, student.config.in_channels)?;
+    let sample_shape = sample_shape(cfg, folder, scores.base().config.in_channels)?;
     Ok(Networks {
         text,
         scores,
@@ -143,20 +150,27 @@ fn load_networks(
 }
 
 /// The score networks and the student from the teacher's UNet as loaded
-/// (float32): the student a copy, DMD2's fake score a float32 copy made
+/// (float32): a full student a copy, DMD2's fake score a float32 copy made
 /// before the teacher takes its storage dtype, the LoRA adapters drawn from
-/// the run's seed. Call it under [`with_generator`]. `swiftbrush plan`'s
+/// the run's seed (a LoRA student's after the fake score's, on the same
+/// base). Call it under [`with_generator`]. `swiftbrush plan`'s
 /// probe builds its networks here too, so it measures the trainer's.
 pub(crate) fn score_networks(
     cfg: &JobConfig,
     mut teacher: UNet,
     teacher_dir: &str,
-) -> Result<(ScorePair, UNet), TrainError> {
+) -> Result<(ScorePair, Student), TrainError> {
     let teacher_err = |source| TrainError::Teacher {
         teacher: teacher_dir.to_owned(),
         source,
     };
-    let student = teacher.duplicate().map_err(|e| teacher_err(e.into()))?;
+    let student_lora = cfg.method.student.lora_adapters();
+    // A LoRA student has no UNet of its own: its adapters go on the
+    // teacher's base below.
+    let full_student = match student_lora {
+        None => Some(teacher.duplicate().map_err(|e| teacher_err(e.into()))?),
+        Some(_) => None,
+    };
     // DMD2's fake score: a float32 copy, made before the teacher takes
     // its storage dtype.
     let fake = match cfg.method.fake_score.kind {
@@ -175,11 +189,19 @@ pub(crate) fn score_networks(
     // Adapters are initialised from the run's seed: a fresh run is
     // reproducible, a resumed one loads them.
     tch::manual_seed(cfg.train.seed as i64);
-    let scores = match fake {
+    let mut scores = match fake {
         None => ScorePair::Lora(Box::new(
             TeacherUNet::new(teacher, &LoraSpec::from(&cfg.method.lora)).map_err(teacher_err)?,
         )),
         Some(fake) => ScorePair::Unet(Box::new(FullFakeScore::new(teacher, fake))),
+    };
+    let student = match full_student {
+        Some(unet) => Student::Full(Box::new(unet)),
+        None => Student::Lora(
+            scores
+                .attach_student(&LoraSpec::from(&student_lora.unwrap_or_default()))
+                .map_err(teacher_err)?,
+        ),
     };
     Ok((scores, student))
 }

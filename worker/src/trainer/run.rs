@@ -31,10 +31,9 @@ use super::text::TextConditioner;
 use super::world::{Directive, Phase, World, WorldEnd, WorldParts};
 use crate::diffusion::NoiseSchedule;
 use crate::ema::Ema;
-use crate::pipeline::UNet;
 use crate::vsd::{
     Conditions, DeviceStepOutput, DrawKey, DrawSpec, Draws, FakeScoreDraws, LossScales, ScorePair,
-    VsdConfig, VsdLosses, VsdStep,
+    Student, StudentNet, VsdConfig, VsdLosses, VsdStep,
 };
 
 /// What a finished run reports.
@@ -54,7 +53,8 @@ pub struct TrainSummary {
 pub struct Networks {
     pub text: TextConditioner,
     pub scores: ScorePair,
-    pub student: UNet,
+    /// A full copy of the teacher, or LoRA adapters on `scores`' base.
+    pub student: Student,
     pub schedule: NoiseSchedule,
     pub vsd: VsdConfig,
     /// Latent shape of one sample: [C, h, w].
@@ -64,9 +64,9 @@ pub struct Networks {
 impl Networks {
     /// The SwiftBrush step over these networks, each loss multiplied by
     /// its `loss_scales` before its backward (None: unscaled).
-    pub fn step(&self, loss_scales: Option<LossScales>) -> VsdStep<'_, UNet, ScorePair> {
+    pub fn step(&self, loss_scales: Option<LossScales>) -> VsdStep<'_, StudentNet<'_>, ScorePair> {
         VsdStep {
-            student: &self.student,
+            student: self.student.net(&self.scores),
             scores: &self.scores,
             schedule: &self.schedule,
             config: &self.vsd,
@@ -528,7 +528,7 @@ impl Trainer {
             return;
         }
         if let Some(ema) = self.ema.as_mut() {
-            ema.update(&self.networks.student.vs.variables());
+            ema.update(&self.networks.student.variables());
         }
         self.state.ema_updates = self.ema.as_ref().map_or(0, Ema::num_updates);
     }
@@ -573,6 +573,7 @@ impl Trainer {
         let written = samples.write(
             done,
             &self.networks.student,
+            &self.networks.scores,
             gathered_ema.as_mut().or(self.ema.as_mut()),
             &draw,
             self.checkpointer.store(),
@@ -650,8 +651,14 @@ impl Trainer {
         &self.optimizers
     }
 
-    pub fn student(&self) -> &UNet {
+    /// The student: a full UNet, or LoRA adapters on the teacher's base.
+    pub fn student(&self) -> &Student {
         &self.networks.student
+    }
+
+    /// The score networks (the teacher's base a LoRA student shares).
+    pub fn scores(&self) -> &ScorePair {
+        &self.networks.scores
     }
 
     /// The student's EMA; None with `method.ema.enabled: false`, and while

@@ -18,9 +18,9 @@ use super::text::TextConditioner;
 use crate::diffusion::{NoiseSchedule, OneStepDraw, StudentChain, one_step_x0};
 use crate::ema::Ema;
 use crate::image_io::{grid_columns, png_bytes};
+use crate::pipeline::DiffusersFolder;
 use crate::pipeline::components::{Vae, decode_images};
-use crate::pipeline::{DiffusersFolder, UNet};
-use crate::vsd::with_generator;
+use crate::vsd::{ScorePair, Student, StudentNet, with_generator};
 
 /// Prompts a student pass takes at once: bounds the memory of a long list.
 const CHUNK: usize = 8;
@@ -94,20 +94,21 @@ impl TrainingSamples {
     pub(super) fn write(
         &self,
         step: u64,
-        student: &UNet,
+        student: &Student,
+        scores: &ScorePair,
         ema: Option<&mut Ema>,
         draw: &StudentDraw,
         store: &RunStore,
     ) -> Result<(String, Vec<u8>), TrainError> {
         let images = match ema {
             Some(ema) => {
-                let variables = student.vs.variables();
+                let variables = student.variables();
                 ema.swap_with(&variables);
-                let images = self.draw(student, draw);
+                let images = self.draw(student.net(scores), draw);
                 ema.swap_with(&variables);
                 images
             }
-            None => self.draw(student, draw),
+            None => self.draw(student.net(scores), draw),
         }?;
         let n = images.size()[0] as usize;
         let png = png_bytes(&images, grid_columns(n))
@@ -117,7 +118,7 @@ impl TrainingSamples {
         Ok((name, png))
     }
 
-    fn draw(&self, student: &UNet, draw: &StudentDraw) -> Result<Tensor, TrainError> {
+    fn draw(&self, student: StudentNet<'_>, draw: &StudentDraw) -> Result<Tensor, TrainError> {
         tch::no_grad(|| {
             let n = self.z.size()[0];
             let mut images = Vec::new();
@@ -126,7 +127,7 @@ impl TrainingSamples {
                 let z = self.z.narrow(0, start, len);
                 let cond = self.cond.narrow(0, start, len);
                 let x0 = match draw {
-                    StudentDraw::OneStep(draw) => one_step_x0(student, &z, &cond, draw)?,
+                    StudentDraw::OneStep(draw) => one_step_x0(&student, &z, &cond, draw)?,
                     StudentDraw::Chain(chain, schedule) => {
                         let noises: Vec<Tensor> = self
                             .noises
@@ -134,7 +135,7 @@ impl TrainingSamples {
                             .map(|e| e.narrow(0, start, len))
                             .collect();
                         chain
-                            .draw(student, &z, &cond, &noises, chain.len(), schedule)
+                            .draw(&student, &z, &cond, &noises, chain.len(), schedule)
                             .map_err(|e| TrainError::Invalid(e.to_string()))?
                     }
                 };

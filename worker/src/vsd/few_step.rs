@@ -104,11 +104,11 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         cond: &Tensor,
     ) -> Result<Tensor, VsdError> {
         let Some(plan) = self.config.student_autocast.as_ref() else {
-            return Ok(chain.x0(self.student, x, steps, cond)?);
+            return Ok(chain.x0(&self.student, x, steps, cond)?);
         };
         let out = {
             let _autocast = plan.enter();
-            chain.output(self.student, x, steps, cond)?
+            chain.output(&self.student, x, steps, cond)?
         };
         Ok(chain.x0_of_output(&out, x, steps)?)
     }

@@ -6,6 +6,7 @@
 //! | `step.rs` | [`VsdStep`]: steps 1-6 as a function of the draws, both losses, both backwards |
 //! | `scores.rs` | [`Scores`]: the real and the fake score the gradient compares |
 //! | `score_networks.rs` | the networks that answer them: [`TeacherUNet`] (teacher + LoRA), [`FullFakeScore`] (DMD2), [`ScorePair`] (either) |
+//! | `student.rs` | [`Student`]: a full copy of the teacher, or LoRA adapters on the teacher's base ([`StudentNet`]: its pass) |
 //! | `draws.rs` | every random draw of a step, a function of (seed, step, sample index) |
 //! | `few_step.rs` | a few-step student's iteration: DMD2's backward simulation before steps 2-6 |
 //! | `micro_batch.rs` | gradient accumulation over a rank's batch |
@@ -29,6 +30,7 @@ mod recompute;
 mod score_networks;
 mod scores;
 mod step;
+mod student;
 
 use tch::{TchError, Tensor};
 
@@ -36,6 +38,7 @@ pub use draws::{ChainDraws, DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice,
 pub use score_networks::{FullFakeScore, ScoreNetworkError, ScorePair, TeacherUNet};
 pub use scores::{FakeScore, Scores};
 pub use step::{DeviceLosses, DeviceStepOutput, StepOutput, VsdStep};
+pub use student::{AdaptedUNet, Student, StudentNet};
 pub use swiftbrush_proto::config::VsdWeighting;
 
 use crate::diffusion::{OneStepDraw, PredictionType, ScheduleError, StudentChain};

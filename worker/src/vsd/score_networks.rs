@@ -13,7 +13,8 @@ use tch::{TchError, Tensor};
 
 use super::{FakeScore, Scores};
 use crate::diffusion::Denoiser;
-use crate::lora::{LoraError, LoraSet, LoraSpec, attach_lora};
+use crate::lora::{LoraError, LoraSet, LoraSpec, attach_lora, attach_lora_set};
+use crate::models::lora_layer::LoraSwitch;
 use crate::pipeline::{UNet, UNetError};
 
 /// Building a score network or loading the fake score's tensors.
@@ -44,11 +45,13 @@ impl TeacherUNet {
 
 impl Scores for TeacherUNet {
     fn real(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        // Every set off: a LoRA student's adapters too.
         let _off = self.lora.switch.off();
         self.unet.predict(x, t, c)
     }
 
     fn fake(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        let _fake = self.lora.on();
         self.unet.predict(x, t, c)
     }
 
@@ -61,7 +64,7 @@ impl Scores for TeacherUNet {
     fn both(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor), TchError> {
         let n = x.size()[0];
         let out = {
-            let _first_half_off = self.lora.switch.rows_from(n);
+            let _first_half_off = self.lora.on_rows_from(n);
             self.unet.predict(
                 &Tensor::f_cat(&[x, x], 0)?,
                 &Tensor::f_cat(&[t, t], 0)?,
@@ -77,6 +80,9 @@ impl Scores for TeacherUNet {
 pub struct FullFakeScore {
     pub teacher: UNet,
     pub fake: UNet,
+    /// The switch of the adapters a LoRA student put on the teacher (None:
+    /// the teacher carries none).
+    teacher_adapters: Option<LoraSwitch>,
 }
 
 impl FullFakeScore {
@@ -84,12 +90,17 @@ impl FullFakeScore {
     /// is cast to a half dtype): it trains.
     pub fn new(mut teacher: UNet, fake: UNet) -> Self {
         teacher.vs.freeze();
-        Self { teacher, fake }
+        Self {
+            teacher,
+            fake,
+            teacher_adapters: None,
+        }
     }
 }
 
 impl Scores for FullFakeScore {
     fn real(&self, x: &Tensor, t: &Tensor, c: &Tensor) -> Result<Tensor, TchError> {
+        let _off = self.teacher_adapters.as_ref().map(LoraSwitch::off);
         self.teacher.predict(x, t, c)
     }
 
@@ -130,6 +141,34 @@ impl ScorePair {
             ScorePair::Lora(t) => Ok(t.lora.load(&tensors)?),
             ScorePair::Unet(t) => Ok(t.fake.load_tensors(tensors, origin)?),
         }
+    }
+
+    /// The frozen teacher's UNet: the base a LoRA student's adapters sit
+    /// on (with a LoRA fake score, the fake score's too).
+    pub fn base(&self) -> &UNet {
+        match self {
+            ScorePair::Lora(t) => &t.unet,
+            ScorePair::Unet(t) => &t.teacher,
+        }
+    }
+
+    /// Attaches a LoRA student's adapters (fresh: B zero) to the teacher's
+    /// base, beside the fake score's adapters when it has them: one copy of
+    /// the base weights then serves all three roles, each pass selecting
+    /// its set (the teacher: none).
+    pub fn attach_student(&mut self, spec: &LoraSpec) -> Result<LoraSet, ScoreNetworkError> {
+        Ok(match self {
+            ScorePair::Lora(t) => {
+                let device = t.unet.vs.device();
+                attach_lora_set(&mut t.unet.model, spec, device, &t.lora.switch)?
+            }
+            ScorePair::Unet(t) => {
+                let device = t.teacher.vs.device();
+                let set = attach_lora(&mut t.teacher.model, spec, device)?;
+                t.teacher_adapters = Some(set.switch.clone());
+                set
+            }
+        })
     }
 
     fn scores(&self) -> &dyn Scores {

@@ -19,7 +19,8 @@ use swiftbrush_proto::config::VsdWeighting;
 
 /// The networks and constants of a step; [`VsdStep::run`] is one iteration.
 pub struct VsdStep<'a, S, F> {
-    pub student: &'a S,
+    /// The student's network (a `&UNet`, or [`super::StudentNet`]).
+    pub student: S,
     pub scores: &'a F,
     pub schedule: &'a NoiseSchedule,
     pub config: &'a VsdConfig,
@@ -163,11 +164,11 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
     pub fn student_x0(&self, z: &Tensor, cond: &Tensor) -> Result<Tensor, VsdError> {
         let one_step = self.config.one_step(self.schedule.prediction_type());
         let Some(plan) = self.config.student_autocast.as_ref() else {
-            return Ok(one_step_x0(self.student, z, cond, &one_step)?);
+            return Ok(one_step_x0(&self.student, z, cond, &one_step)?);
         };
         let out = {
             let _autocast = plan.enter();
-            one_step_output(self.student, z, cond, &one_step)?
+            one_step_output(&self.student, z, cond, &one_step)?
         };
         Ok(x0_of_output(&out, z, &one_step)?)
     }

@@ -111,7 +111,7 @@ pub fn snapshot(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Vec<(Str
 
 /// The student's weights now, sorted by name.
 pub fn student(t: &SoloTrainer) -> Vec<(String, Tensor)> {
-    snapshot(t.student().vs.variables())
+    snapshot(t.student().variables())
 }
 
 /// Same names, bit-identical tensors.
