@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use swiftbrush_worker::export_lora::merge::unet_weights;
-use swiftbrush_worker::export_lora::{LoraFormat, export_lora_student, export_merged};
+use swiftbrush_worker::export_lora::{LoraFormat, export_lora_student};
 use swiftbrush_worker::lora::{LoraSpec, attach_lora};
 use swiftbrush_worker::pipeline::{DiffusersFolder, StableDiffusion};
 use tch::{Device, Kind, Tensor};
@@ -90,38 +90,79 @@ fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
 /// the picture by 0.14 and 0.31 (at least 100x the bound, asserted).
 const LORA_BOUND: f64 = 1e-5;
 
-/// A LoRA student's exports, written by the library functions `export
-/// --lora` and `--merge` call: diffusers loads
-/// each (diffusers' file with its alpha, kohya's through its converter,
-/// the merged UNet as a plain UNet) and draws the picture our own LoRA
-/// UNet draws, as does peft with the adapters under their PEFT names.
+/// A LoRA student's exports (`export --lora`, `--lora --format kohya`,
+/// `--merge --pipeline` of a trained run): diffusers loads each (diffusers'
+/// file with its alpha, kohya's through its converter, the merged UNet as
+/// a plain UNet) and draws the picture our own LoRA UNet draws, as does
+/// peft with the checkpoint's adapters under their PEFT names. SDXL's
+/// files, from random adapters, go through the same library functions.
 #[test]
 fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let teacher = common::fixtures().join("pipelines/sd1");
-    // Our LoRA student: adapters on the teacher by lora.rs, B drawn too
-    // (fresh adapters have B = 0 and change nothing); alpha != rank, so a
-    // file that lost alpha draws another picture.
+    // A LoRA student trained by `swiftbrush train` (alpha != rank, so a
+    // file that lost alpha draws another picture; a large lr so that two
+    // steps move B, zero at the start, well beyond the bound), exported by
+    // `export --lora`, `--lora --format kohya` and `--merge --pipeline`.
+    let tiny =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/tiny.yaml")).unwrap();
+    let config = tiny.replacen(
+        "method:\n",
+        &format!(
+            "method:\n  student:\n    lr: 0.01\n    kind: lora\n    lora:\n      rank: 4\n      \
+             alpha: 8\n      target_modules: [{TARGETS}]\n"
+        ),
+        1,
+    );
+    assert!(config.contains("kind: lora"));
+    std::fs::write(d.join("lora.yaml"), config).unwrap();
+    std::fs::write(d.join("captions.txt"), "a red circle\na photo of a cat\n").unwrap();
+    let teacher_arg = teacher.to_str().unwrap();
+    swiftbrush(
+        d,
+        &[
+            "train",
+            "--config",
+            "lora.yaml",
+            "--teacher",
+            teacher_arg,
+            "--captions",
+            "captions.txt",
+            "--run-dir",
+            "run",
+            "--max-steps",
+            "2",
+        ],
+    );
+    let export = |extra: &[&str]| {
+        let mut args = vec!["export", "--student", "run", "--weights", "student"];
+        args.extend_from_slice(extra);
+        swiftbrush(d, &args)
+    };
+    export(&["--lora", "--out", "diffusers"]);
+    export(&["--lora", "--format", "kohya", "--out", "kohya"]);
+    export(&["--merge", "--pipeline", "--out", "merged"]);
+    let (diffusers, kohya, merged) = (d.join("diffusers"), d.join("kohya"), d.join("merged/unet"));
     let spec = LoraSpec {
         rank: 4,
         alpha: 8.0,
         target_modules: TARGETS.split(',').map(str::to_owned).collect(),
     };
+    let step = d.join("run/checkpoints/step-00000002");
+    let attempt = std::fs::read_dir(&step)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("attempt-"))
+        .unwrap()
+        .path();
+    // The checkpoint's adapters are under PEFT's names: peft loads them as
+    // they are (the reference draw).
+    let peft = attempt.join("student.safetensors");
+    let adapters = read_tensors(&peft);
     let mut sd = StableDiffusion::load(&teacher, Device::Cpu, Kind::Float).unwrap();
-    tch::manual_seed(0);
     let mut set = attach_lora(&mut sd.unet.model, &spec, Device::Cpu).unwrap();
-    let adapters = drawn_adapters(&set);
     set.load(&adapters).unwrap();
-    let peft = d.join("peft.safetensors");
-    write_tensors(&adapters, &peft);
-    let folder = DiffusersFolder::open(&teacher).unwrap();
-    let diffusers = d.join("diffusers");
-    let kohya = d.join("kohya");
-    let merged = d.join("merged");
-    export_lora_student(&adapters, &spec, &folder, LoraFormat::Diffusers, &diffusers).unwrap();
-    export_lora_student(&adapters, &spec, &folder, LoraFormat::Kohya, &kohya).unwrap();
-    export_merged(&adapters, &spec, &folder, &merged).unwrap();
 
     // Our picture: the teacher with the adapters attached by lora.rs.
     let z = read_tensors(&common::fixtures().join("golden/sample/sd1/latents0.safetensors"))
@@ -255,22 +296,6 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
     }
 }
 
-/// The adapters of `set` with B drawn too (fresh adapters have B = 0 and
-/// change nothing).
-fn drawn_adapters(set: &swiftbrush_worker::lora::LoraSet) -> HashMap<String, Tensor> {
-    set.named_parameters()
-        .into_iter()
-        .map(|(name, t)| {
-            let drawn = if name.contains("lora_B") {
-                Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05
-            } else {
-                t.detach().copy()
-            };
-            (name, drawn)
-        })
-        .collect()
-}
-
 /// Random adapters of `spec` on every Linear or Conv2d weight its targets
 /// name (A Kaiming-scaled, B nonzero), under PEFT's names.
 fn random_adapters(weights: &HashMap<String, Tensor>, spec: &LoraSpec) -> HashMap<String, Tensor> {
@@ -371,6 +396,33 @@ fn extracted_lora_of_a_full_student_loads_in_diffusers_with_its_error_reported()
             "2",
         ],
     );
+    // A full student has no adapters to write or fold in: each refusal
+    // names what to do instead, and writes nothing.
+    for (args, says) in [
+        (
+            &["--lora"][..],
+            "export it as a UNet, or as a LoRA of its difference",
+        ),
+        (&["--merge"][..], "export it without --merge"),
+        (
+            &["--format", "kohya"][..],
+            "give it with --lora (a LoRA student) or --extract-lora",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_swiftbrush"))
+            .env_clear()
+            .current_dir(d)
+            .args(["export", "--student", "run", "--out", "refused"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+        assert!(!d.join("refused").exists(), "{args:?} wrote something");
+    }
     let latents = common::fixtures().join("golden/sample/sd1/latents0.safetensors");
     let l = latents.to_str().unwrap();
     swiftbrush(

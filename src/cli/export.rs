@@ -1,11 +1,13 @@
-//! `swiftbrush export`: a trained student as a diffusers folder, or (with
-//! `--extract-lora`) a full student's difference to its teacher as a LoRA.
+//! `swiftbrush export`: a trained student as a diffusers folder; a LoRA
+//! student's adapters as a LoRA file (`--lora`) or folded into the
+//! teacher's UNet (`--merge`); or (with `--extract-lora`) a full student's
+//! difference to its teacher as a LoRA.
 
 use std::path::PathBuf;
 
 use clap::ValueEnum;
 use swiftbrush_worker::export::{ONE_STEP_FILE, StudentCheckpoint, StudentWeights, export};
-use swiftbrush_worker::export_lora::{LoraFormat, export_extracted, extract};
+use swiftbrush_worker::export_lora::{LoraFormat, export_extracted, export_lora_student, extract};
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -16,8 +18,16 @@ pub struct ExportArgs {
     #[arg(long)]
     out: PathBuf,
     /// Also copy the teacher's text encoder, tokenizer, VAE and scheduler.
-    #[arg(long, conflicts_with = "extract_lora")]
+    #[arg(long, conflicts_with_all = ["extract_lora", "lora"])]
     pipeline: bool,
+    /// A LoRA student (`method.student.kind: lora`): write its adapters as a
+    /// LoRA file for the teacher's pipeline (`--format`) instead of a UNet.
+    #[arg(long, conflicts_with_all = ["extract_lora", "merge"])]
+    lora: bool,
+    /// A LoRA student: fold its adapters into the teacher's UNet and write
+    /// that (a UNet folder, or with `--pipeline` a whole pipeline).
+    #[arg(long, conflicts_with = "extract_lora")]
+    merge: bool,
     /// `ema` (the averaged weights, the paper's export) or `student`.
     #[arg(long, value_enum, default_value_t = WeightsArg::Ema)]
     weights: WeightsArg,
@@ -31,8 +41,9 @@ pub struct ExportArgs {
     extract_lora: Option<i64>,
     /// The LoRA file's layout: `diffusers` (pytorch_lora_weights.safetensors,
     /// for `pipe.load_lora_weights(OUT)`) or `kohya` (lora_unet_... keys,
-    /// for ComfyUI and A1111; diffusers loads it too).
-    #[arg(long, value_enum, requires = "extract_lora")]
+    /// for ComfyUI and A1111; diffusers loads it too); with `--lora` or
+    /// `--extract-lora`.
+    #[arg(long, value_enum)]
     format: Option<FormatArg>,
     /// Layers the extracted LoRA covers, as module-path suffixes (default:
     /// to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut, the layers a
@@ -59,14 +70,24 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         WeightsArg::Ema => StudentWeights::Ema,
         WeightsArg::Student => StudentWeights::Raw,
     };
+    if args.format.is_some() && !args.lora && args.extract_lora.is_none() {
+        anyhow::bail!(
+            "--format chooses a LoRA file's layout: give it with --lora (a LoRA student) or \
+             --extract-lora RANK (a full student)"
+        );
+    }
     if let Some(rank) = args.extract_lora {
         return run_extract(&args, &ckpt, which, rank);
+    }
+    if args.lora {
+        return run_lora(&args, &ckpt, which);
     }
     let written = export(
         &ckpt,
         which,
         &args.out,
         args.pipeline,
+        args.merge,
         args.teacher.as_deref(),
     )?;
     println!(
@@ -77,6 +98,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     );
     for (i, path) in written.iter().enumerate() {
         let what = match path.file_name().and_then(|n| n.to_str()) {
+            _ if i == 0 && args.merge => {
+                "the teacher's UNet with the student's adapters folded in (config.json, \
+                 diffusion_pytorch_model.safetensors)"
+            }
             _ if i == 0 => "the student UNet (config.json, diffusion_pytorch_model.safetensors)",
             Some("text_encoder") => "the teacher's text encoder",
             Some("tokenizer") => "the teacher's tokenizer",
@@ -95,6 +120,44 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn lora_format(format: Option<FormatArg>) -> LoraFormat {
+    match format.unwrap_or(FormatArg::Diffusers) {
+        FormatArg::Diffusers => LoraFormat::Diffusers,
+        FormatArg::Kohya => LoraFormat::Kohya,
+    }
+}
+
+/// `--lora`: a LoRA student's adapters (or their EMA) as a LoRA file.
+fn run_lora(
+    args: &ExportArgs,
+    ckpt: &StudentCheckpoint,
+    which: StudentWeights,
+) -> anyhow::Result<()> {
+    let Some(spec) = ckpt.student_lora()? else {
+        anyhow::bail!(
+            "--lora writes a LoRA student's adapters, and checkpoint step {} is a full student \
+             (method.student.kind: full): export it as a UNet, or as a LoRA of its difference to \
+             the teacher with --extract-lora RANK",
+            ckpt.manifest.step
+        );
+    };
+    let format = lora_format(args.format);
+    let adapters = ckpt.student_adapters(which)?;
+    let teacher = ckpt.teacher(args.teacher.as_deref())?;
+    let path = export_lora_student(&adapters, &spec, &teacher, format, &args.out)?;
+    println!(
+        "exported step {} ({which:?} weights) as a rank-{} LoRA (alpha {}, {} adapted layers, \
+         {format:?} format) for the teacher {}:\n  {}",
+        ckpt.manifest.step,
+        spec.rank,
+        spec.alpha,
+        adapters.len() / 2,
+        teacher.root().display(),
+        path.display()
+    );
+    Ok(())
+}
+
 /// `--extract-lora RANK`: writes the LoRA and reports every layer's
 /// relative reconstruction error, then a summary.
 fn run_extract(
@@ -103,10 +166,7 @@ fn run_extract(
     which: StudentWeights,
     rank: i64,
 ) -> anyhow::Result<()> {
-    let format = match args.format.unwrap_or(FormatArg::Diffusers) {
-        FormatArg::Diffusers => LoraFormat::Diffusers,
-        FormatArg::Kohya => LoraFormat::Kohya,
-    };
+    let format = lora_format(args.format);
     let targets = args
         .targets
         .clone()

@@ -259,6 +259,17 @@ impl StudentCheckpoint {
             .map(|l| crate::lora::LoraSpec::from(&l)))
     }
 
+    /// A LoRA student's adapters (or their EMA) by PEFT name, as the
+    /// checkpoint holds them.
+    pub fn student_adapters(
+        &self,
+        which: StudentWeights,
+    ) -> Result<std::collections::HashMap<String, tch::Tensor>, ExportError> {
+        let bytes = self.weights(which)?;
+        crate::trainer::checkpoint::tensor_bytes::from_bytes(&bytes, "the student's adapters")
+            .map_err(|e| ExportError::Invalid(e.to_string()))
+    }
+
     /// The teacher folder recorded in the run, unless overridden.
     pub fn teacher(&self, teacher: Option<&Path>) -> Result<DiffusersFolder, ExportError> {
         let dir = teacher
@@ -290,20 +301,37 @@ fn split_step(path: &str) -> Option<(String, u64)> {
 }
 
 /// Writes the export; returns what it wrote, the UNet folder first.
+///
+/// A LoRA student's UNet is the teacher's with its adapters folded in
+/// (`merge`, `export --merge`); without `merge` it is refused (its
+/// weights are adapters: `export --lora` writes them as a LoRA file).
 pub fn export(
     ckpt: &StudentCheckpoint,
     which: StudentWeights,
     out: &Path,
     pipeline: bool,
+    merge: bool,
     teacher: Option<&Path>,
 ) -> Result<Vec<PathBuf>, ExportError> {
-    if ckpt.student_lora()?.is_some() {
-        return Err(ExportError::Invalid(format!(
-            "checkpoint step {} is a LoRA student (method.student.kind: lora): its weights \
-             are adapters, not a UNet; a LoRA student exports as adapters (--lora) or merged \
-             (--merge)",
-            ckpt.manifest.step
-        )));
+    let lora = ckpt.student_lora()?;
+    match (&lora, merge) {
+        (Some(_), false) => {
+            return Err(ExportError::Invalid(format!(
+                "checkpoint step {} is a LoRA student (method.student.kind: lora): its weights \
+                 are adapters, not a UNet; a LoRA student exports as adapters (--lora) or \
+                 merged (--merge)",
+                ckpt.manifest.step
+            )));
+        }
+        (None, true) => {
+            return Err(ExportError::Invalid(format!(
+                "--merge folds a LoRA student's adapters into the teacher's UNet, and \
+                 checkpoint step {} is a full student (method.student.kind: full), a UNet \
+                 already: export it without --merge",
+                ckpt.manifest.step
+            )));
+        }
+        _ => {}
     }
     let folder = ckpt.teacher(teacher)?;
     let unet_src = folder.component("unet")?;
@@ -320,7 +348,13 @@ pub fn export(
     };
     create_dir(&unet_dir)?;
     copy(&unet_src.config_path()?, &unet_dir.join("config.json"))?;
-    let weights = ckpt.weights(which)?;
+    let weights: bytes::Bytes = match &lora {
+        None => ckpt.weights(which)?,
+        Some(spec) => {
+            crate::export_lora::merged_unet_bytes(&ckpt.student_adapters(which)?, spec, &folder)?
+                .into()
+        }
+    };
     write(
         &unet_dir.join("diffusion_pytorch_model.safetensors"),
         &weights,

@@ -5,12 +5,11 @@
 //! `UNet2DConditionModel.from_pretrained` loads with no LoRA machinery.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use tch::{Kind, Tensor};
 
 use super::LoraWeights;
-use crate::export::{ExportError, copy, create_dir, write};
+use crate::export::ExportError;
 use crate::models::weights::read_safetensors;
 use crate::pipeline::DiffusersFolder;
 use crate::trainer::checkpoint::tensor_bytes;
@@ -60,19 +59,10 @@ pub fn merged(
     Ok(base)
 }
 
-/// Writes the teacher's UNet with the LoRA folded in as a UNet folder at
-/// `out`; returns the folder.
-pub fn write_merged_unet(
-    lora: &LoraWeights,
-    teacher: &DiffusersFolder,
-    out: &Path,
-) -> Result<PathBuf, ExportError> {
-    let config = teacher.component("unet")?.config_path()?;
+/// The teacher's UNet with the LoRA folded in, as one safetensors blob
+/// (diffusion_pytorch_model.safetensors' bytes).
+pub fn merged_bytes(lora: &LoraWeights, teacher: &DiffusersFolder) -> Result<Vec<u8>, ExportError> {
     let weights = merged(lora, unet_weights(teacher)?)?;
     let named: Vec<(String, Tensor)> = weights.into_iter().collect();
-    let bytes = tensor_bytes::to_bytes(&named).map_err(|e| ExportError::Invalid(e.to_string()))?;
-    create_dir(out)?;
-    copy(&config, &out.join("config.json"))?;
-    write(&out.join("diffusion_pytorch_model.safetensors"), &bytes)?;
-    Ok(out.to_owned())
+    tensor_bytes::to_bytes(&named).map_err(|e| ExportError::Invalid(e.to_string()))
 }

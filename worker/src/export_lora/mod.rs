@@ -218,16 +218,16 @@ pub fn export_lora_student(
     )
 }
 
-/// A LoRA student's adapters folded into the teacher's UNet, written as a
-/// UNet folder at `out` (`export --merge`).
-pub fn export_merged(
+/// A LoRA student's adapters folded into the teacher's UNet, as the bytes
+/// of diffusion_pytorch_model.safetensors (`export --merge`, with or
+/// without `--pipeline`).
+pub fn merged_unet_bytes(
     adapters: &HashMap<String, Tensor>,
     spec: &LoraSpec,
     teacher: &crate::pipeline::DiffusersFolder,
-    out: &Path,
-) -> Result<PathBuf, ExportError> {
+) -> Result<Vec<u8>, ExportError> {
     let lora = LoraWeights::from_adapters(adapters, spec)?;
-    merge::write_merged_unet(&lora, teacher, out)
+    merge::merged_bytes(&lora, teacher)
 }
 
 /// A full student's checkpoint weights minus its teacher's, as a rank-`rank`
