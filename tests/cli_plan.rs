@@ -93,6 +93,9 @@ fn plan_reports_parts_and_fits_and_names_bad_flags() {
     assert_eq!(fits[1]["resident_fits"], false);
     let probe = &plan["probe"]["passes"];
     assert!(probe["student_graph"]["per_sample"].as_u64().unwrap() > 0);
+    // The plain step's first step, run on the fresh heap building left (a
+    // run's peak, probe.rs), is measured.
+    assert!(probe["first_step_peak"]["per_sample"].as_u64().unwrap() > 0);
 
     // The table says what is predicted.
     let out = swiftbrush(&["plan", "--config", cfg, "--teacher", TOY]);

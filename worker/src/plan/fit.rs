@@ -192,6 +192,7 @@ mod tests {
             // Not part of the composition (the CPU prediction's alone).
             sequence_peak: lin(0, 1000),
             step_peak: lin(0, 1000),
+            first_step_peak: Some(lin(0, 1000)),
         }
     }
 

@@ -155,6 +155,10 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
             act = act.max(p.passes.sequence_peak.at(m) + inputs(m));
         }
         act = act.max(p.passes.step_peak.at(m) + inputs(m));
+        // A run's peak is its first step's, on a fresh heap (probe.rs).
+        if let Some(first) = p.passes.first_step_peak {
+            act = act.max(first.at(m) + inputs(m));
+        }
         let above = act.max(optimizer);
         Some(CpuPrediction {
             micro_batch: m as u32,

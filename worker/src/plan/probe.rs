@@ -98,6 +98,16 @@ pub struct PassCosts {
     /// trimmed heap. The CPU prediction uses the larger of it and the
     /// composition.
     pub step_peak: Linear,
+    /// The same step run first, on the heap as building the networks left
+    /// it (nothing freed yet: the state a run's first step meets), at the
+    /// step's larger row count, less what it keeps (the gradients, which
+    /// the resident parts count), every byte per sample (one point: a
+    /// process has one fresh heap). glibc grows a fresh heap past what the
+    /// same step needs on a heap already laid out by earlier steps, and a
+    /// run's peak is its first step's. Measured for the plain step only
+    /// (None with recomputation, whose chunk's graph is a fixed part that
+    /// one point cannot separate).
+    pub first_step_peak: Option<Linear>,
 }
 
 /// What the probe measured.
@@ -197,6 +207,21 @@ pub fn run(
         rows,
     };
     let r = i64::from(opts.probe_rows.max(1));
+    // The step with recomputation keeps a chunk's graph whatever the
+    // batch: measured below a chunk it would grow as the plain step does,
+    // so it is measured at a chunk (and two) at least.
+    let step_rows = vsd.recompute_rows.map_or(r, |c| r.max(i64::from(c)));
+    let first_rows = if opts.probe_points >= 2 {
+        2 * step_rows
+    } else {
+        step_rows
+    };
+    // First, before anything else runs: the heap is the one building the
+    // networks left, as the trainer's first step finds it.
+    let first = match vsd.recompute_rows {
+        None => Some(nets.step(first_rows)?),
+        Some(_) => None,
+    };
     nets.sample(r)?;
     // The program after its first step: libtorch's kernel caches (oneDNN's
     // JIT-compiled primitives for these shapes) are the program's, not any
@@ -214,10 +239,6 @@ pub fn run(
         None
     };
     let fit = |f: fn(&Sample) -> u64| Linear::fit(r as u64, f(&one), two.as_ref().map(f));
-    // The step with recomputation keeps a chunk's graph whatever the
-    // batch: measured below a chunk it would grow as the plain step does,
-    // so it is measured at a chunk (and two) at least.
-    let step_rows = vsd.recompute_rows.map_or(r, |c| r.max(i64::from(c)));
     let step_one = nets.step(step_rows)?;
     let step_two = if opts.probe_points >= 2 {
         Some(nets.step(2 * step_rows)?)
@@ -238,6 +259,8 @@ pub fn run(
             fake_backward_peak: fit(|s| s.fake_backward.peak),
             sequence_peak: fit(|s| s.sequence.peak),
             step_peak: Linear::fit(step_rows as u64, step_one.peak, step_two.map(|c| c.peak)),
+            first_step_peak: first
+                .map(|c| Linear::fit(first_rows as u64, c.peak.saturating_sub(c.kept), None)),
         },
         rows: if two.is_some() {
             vec![r as u32, 2 * r as u32]

@@ -143,6 +143,10 @@ impl Plan {
             ] {
                 let _ = writeln!(s, "  {name:<38} {}", linear(l));
             }
+            if let Some(l) = &q.first_step_peak {
+                let name = "the first step, fresh heap (peak)";
+                let _ = writeln!(s, "  {name:<38} {}", linear(l));
+            }
         }
         if let Some(c) = &self.cpu {
             let _ = writeln!(
