@@ -174,6 +174,25 @@ fn a_lora_student_trains_resumes_bit_for_bit_samples_and_refuses_a_unet_export()
         !d.join("exported/diffusion_pytorch_model.safetensors")
             .exists()
     );
+    // Its adapters are a LoRA already: nothing to extract.
+    let extract = swiftbrush(
+        d,
+        &[
+            "export",
+            "--student",
+            "resumed",
+            "--out",
+            "extracted",
+            "--extract-lora",
+            "4",
+        ],
+    );
+    let err = String::from_utf8_lossy(&extract.stderr);
+    assert!(
+        !extract.status.success() && err.contains("it is a LoRA already"),
+        "{err}"
+    );
+    assert!(!d.join("extracted").exists());
 }
 
 /// `swiftbrush plan` counts a LoRA student as its adapters with their

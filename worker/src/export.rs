@@ -224,12 +224,9 @@ impl StudentCheckpoint {
 
     /// The one-step settings of the run (its resolved config.yaml).
     pub fn one_step(&self) -> Result<OneStep, ExportError> {
-        let Some(text) = self.store.get_run_file("config.yaml")? else {
+        let Some(cfg) = self.run_config()? else {
             return Ok(OneStep::default());
         };
-        let text = String::from_utf8_lossy(&text);
-        let cfg = swiftbrush_proto::JobConfig::from_yaml_str(&text, "run config.yaml")
-            .map_err(|e| ExportError::Invalid(e.to_string()))?;
         Ok(OneStep {
             student_timestep: i64::from(cfg.method.student_timestep),
             student_alpha_bar: cfg.method.student_alpha_bar,
@@ -246,17 +243,23 @@ impl StudentCheckpoint {
     /// student and EMA files hold by PEFT name; None for a full student
     /// (or a run without its config.yaml, written before LoRA students).
     pub fn student_lora(&self) -> Result<Option<crate::lora::LoraSpec>, ExportError> {
+        Ok(self.run_config()?.and_then(|cfg| {
+            cfg.method
+                .student
+                .lora_adapters()
+                .map(|l| crate::lora::LoraSpec::from(&l))
+        }))
+    }
+
+    /// The run's resolved config.yaml; None for a run written without one.
+    fn run_config(&self) -> Result<Option<swiftbrush_proto::JobConfig>, ExportError> {
         let Some(text) = self.store.get_run_file("config.yaml")? else {
             return Ok(None);
         };
         let text = String::from_utf8_lossy(&text);
-        let cfg = swiftbrush_proto::JobConfig::from_yaml_str(&text, "run config.yaml")
-            .map_err(|e| ExportError::Invalid(e.to_string()))?;
-        Ok(cfg
-            .method
-            .student
-            .lora_adapters()
-            .map(|l| crate::lora::LoraSpec::from(&l)))
+        swiftbrush_proto::JobConfig::from_yaml_str(&text, "run config.yaml")
+            .map(Some)
+            .map_err(|e| ExportError::Invalid(e.to_string()))
     }
 
     /// A LoRA student's adapters (or their EMA) by PEFT name, as the

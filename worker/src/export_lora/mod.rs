@@ -241,21 +241,20 @@ pub fn export_extracted(
     format: LoraFormat,
     out: &Path,
 ) -> Result<(extract::Extracted, PathBuf), ExportError> {
-    let folder = ckpt.teacher(teacher)?;
-    let bytes = ckpt.weights(which)?;
-    let student =
-        crate::trainer::checkpoint::tensor_bytes::from_bytes(&bytes, "the student's weights")
-            .map_err(|e| ExportError::Invalid(e.to_string()))?;
-    if student
-        .keys()
-        .any(|k| k.ends_with(A_SUFFIX) || k.ends_with(B_SUFFIX))
-    {
+    // Asked as `export` asks it (the run's method.student.kind), before
+    // any weights are read.
+    if ckpt.student_lora()?.is_some() {
         return Err(ExportError::Invalid(
             "this run's student is LoRA adapters, not a full UNet: it is a LoRA already \
              (export it with --lora, or fold it in with --merge)"
                 .to_owned(),
         ));
     }
+    let folder = ckpt.teacher(teacher)?;
+    let bytes = ckpt.weights(which)?;
+    let student =
+        crate::trainer::checkpoint::tensor_bytes::from_bytes(&bytes, "the student's weights")
+            .map_err(|e| ExportError::Invalid(e.to_string()))?;
     let base = merge::unet_weights(&folder)?;
     let extracted = extract::extract(&student, &base, rank, targets)?;
     let unet_config = folder.component("unet")?.config_path()?;
