@@ -38,7 +38,7 @@ pub use draws::{ChainDraws, DrawKey, DrawSpec, Draws, FakeScoreDraws, RankSlice,
 pub use score_networks::{FullFakeScore, ScoreNetworkError, ScorePair, TeacherUNet};
 pub use scores::{FakeScore, Scores};
 pub use step::{DeviceLosses, DeviceStepOutput, StepOutput, VsdStep};
-pub use student::{AdaptedUNet, Student, StudentNet};
+pub use student::{Student, StudentNet};
 pub use swiftbrush_proto::config::VsdWeighting;
 
 use crate::diffusion::{OneStepDraw, PredictionType, ScheduleError, StudentChain};

@@ -96,18 +96,3 @@ impl Denoiser for StudentNet<'_> {
         }
     }
 }
-
-/// A UNet with a set of adapters selected for every pass: a LoRA
-/// student's network outside training (`sample --student`, `eval`), the
-/// teacher's base with the checkpoint's adapters.
-pub struct AdaptedUNet {
-    pub unet: UNet,
-    pub adapters: LoraSet,
-}
-
-impl Denoiser for AdaptedUNet {
-    fn predict(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor, TchError> {
-        let _on = self.adapters.on();
-        self.unet.predict(x, t, cond)
-    }
-}
