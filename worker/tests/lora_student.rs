@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::golden_vsd::{inputs, lora_spec, schedule, vsd_config};
+use common::golden_vsd::{assert_gradients_match, inputs, lora_spec, schedule, vsd_config};
 use common::tiny_run::{self, equal, snapshot, student, trainer};
 use swiftbrush_proto::JobConfig;
 use swiftbrush_proto::config::{FakeScore, LoraConfig, StudentKind};
@@ -101,38 +101,12 @@ fn check(case: &str, fake: FakeScore, one_pass: bool) {
         draw < 1e-3,
         "{case}: the student's draw differs by {draw:e}"
     );
-    let compare = |prefix: &str, params: Vec<(String, Tensor)>| {
-        assert_eq!(
-            params.len(),
-            g.keys().filter(|k| k.starts_with(prefix)).count(),
-            "{case}: {prefix} tensor count"
-        );
-        let scale = common::nan_max(
-            params
-                .iter()
-                .map(|(n, _)| g[&format!("{prefix}{n}")].abs().max().double_value(&[])),
-        );
-        assert!(
-            scale > 0.0,
-            "{case}: reference {prefix} gradient is all zero"
-        );
-        let worst = common::nan_max(params.iter().map(|(name, p)| {
-            let got = p.grad();
-            assert!(got.defined(), "{case}: no gradient for {name}");
-            common::max_abs_diff(&got, &g[&format!("{prefix}{name}")])
-        }));
-        common::report(&format!("{case} {prefix} / max"), worst / scale, 1e-4);
-        assert!(
-            worst <= 1e-4 * scale,
-            "{case} {prefix}: max diff {worst:e}, scale {scale:e}"
-        );
-    };
-    compare("student_grad.", student.named_parameters());
+    assert_gradients_match(case, "student_grad.", student.named_parameters(), &g);
     let prefix = match fake {
         FakeScore::Lora => "lora_grad.",
         FakeScore::Unet => "fake_grad.",
     };
-    compare(prefix, scores.fake_parameters());
+    assert_gradients_match(case, prefix, scores.fake_parameters(), &g);
     for (name, p) in scores.base().vs.variables() {
         assert!(!p.requires_grad(), "base weight {name} is trainable");
     }

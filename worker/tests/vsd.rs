@@ -9,7 +9,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::golden_vsd::{
-    fresh_roles, full_fake_roles, inputs, lora_spec, roles, schedule, vsd_config,
+    assert_gradients_match, fresh_roles, full_fake_roles, inputs, lora_spec, roles, schedule,
+    vsd_config,
 };
 
 use swiftbrush_worker::diffusion::PredictionType;
@@ -119,38 +120,12 @@ fn check_step(
     );
 
     // Gradients: max abs diff <= 1e-4 of the gradient's largest entry.
-    let compare = |prefix: &str, params: Vec<(String, Tensor)>| {
-        assert_eq!(
-            params.len(),
-            g.keys().filter(|k| k.starts_with(prefix)).count(),
-            "{case}: {prefix} tensor count"
-        );
-        let scale = common::nan_max(
-            params
-                .iter()
-                .map(|(n, _)| g[&format!("{prefix}{n}")].abs().max().double_value(&[])),
-        );
-        assert!(
-            scale > 0.0,
-            "{case}: reference {prefix} gradient is all zero"
-        );
-        let worst = common::nan_max(params.iter().map(|(name, p)| {
-            let got = p.grad();
-            assert!(got.defined(), "{case}: no gradient for {name}");
-            common::max_abs_diff(&got, &g[&format!("{prefix}{name}")])
-        }));
-        common::report(&format!("{case} {prefix} / max"), worst / scale, 1e-4);
-        assert!(
-            worst <= 1e-4 * scale,
-            "{case} {prefix}: max diff {worst:e}, scale {scale:e}"
-        );
-    };
-    compare("student_grad.", student.named_parameters());
+    assert_gradients_match(case, "student_grad.", student.named_parameters(), g);
     let (prefix, frozen) = match teachers {
         ScorePair::Lora(t) => ("lora_grad.", &t.unet),
         ScorePair::Unet(t) => ("fake_grad.", &t.teacher),
     };
-    compare(prefix, teachers.fake_parameters());
+    assert_gradients_match(case, prefix, teachers.fake_parameters(), g);
 
     // The frozen teacher gets no gradient.
     for (name, p) in frozen.vs.variables() {

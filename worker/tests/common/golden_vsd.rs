@@ -112,3 +112,39 @@ pub fn inputs(g: &HashMap<String, Tensor>) -> (Draws, Conditions) {
     };
     (draws, text)
 }
+
+/// The trainable tensors' gradients `params` against the golden's under
+/// `prefix` (`student_grad.`, `lora_grad.`, `fake_grad.`): the same
+/// tensors, and max abs diff <= 1e-4 of the reference gradient's largest
+/// entry. Reported for scripts/gpu-check as "{case} {prefix} / max".
+pub fn assert_gradients_match(
+    case: &str,
+    prefix: &str,
+    params: Vec<(String, Tensor)>,
+    g: &HashMap<String, Tensor>,
+) {
+    assert_eq!(
+        params.len(),
+        g.keys().filter(|k| k.starts_with(prefix)).count(),
+        "{case}: {prefix} tensor count"
+    );
+    let scale = super::nan_max(
+        params
+            .iter()
+            .map(|(n, _)| g[&format!("{prefix}{n}")].abs().max().double_value(&[])),
+    );
+    assert!(
+        scale > 0.0,
+        "{case}: reference {prefix} gradient is all zero"
+    );
+    let worst = super::nan_max(params.iter().map(|(name, p)| {
+        let got = p.grad();
+        assert!(got.defined(), "{case}: no gradient for {name}");
+        super::max_abs_diff(&got, &g[&format!("{prefix}{name}")])
+    }));
+    super::report(&format!("{case} {prefix} / max"), worst / scale, 1e-4);
+    assert!(
+        worst <= 1e-4 * scale,
+        "{case} {prefix}: max diff {worst:e}, scale {scale:e}"
+    );
+}
