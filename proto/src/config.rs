@@ -620,6 +620,13 @@ pub struct PrecisionConfig {
     /// The VAE decoder (SPEC: kept in fp32): fp32 only, training never
     /// decodes; `swiftbrush sample --dtype` is the sampling precision.
     pub vae_dtype: Dtype,
+    /// Storage and compute dtype of the frozen text encoder(s) (SDXL: both).
+    /// The diffusers training scripts cast them to the mixed-precision
+    /// dtype; fp32 (the default) keeps today's conditions. Their output is
+    /// cast to float32, so nothing after them changes form. Left out of the
+    /// serialized config when fp32, so existing runs' fingerprints hold.
+    #[serde(skip_serializing_if = "Dtype::is_fp32")]
+    pub text_encoder_dtype: Dtype,
     /// Whether float32 matrix products and convolutions on CUDA may run in
     /// TF32 (a 10-bit mantissa): faster on Ampere and newer, and a change of
     /// the arithmetic (config_changes.rs counts it). Off: fp32 is IEEE fp32
@@ -642,6 +649,7 @@ impl Default for PrecisionConfig {
             student_autocast: false,
             student_dtype: Dtype::Fp32,
             vae_dtype: Dtype::Fp32,
+            text_encoder_dtype: Dtype::Fp32,
             tf32: false,
             cudnn_benchmark: false,
         }
@@ -664,6 +672,10 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
             Dtype::Fp16 => "fp16",
         }
+    }
+
+    pub fn is_fp32(&self) -> bool {
+        *self == Dtype::Fp32
     }
 }
 

@@ -1,7 +1,7 @@
 //! The job-config schema: presets resolve, and each class of bad input is an
 //! error that names the key path.
 
-use swiftbrush_proto::config::{FakeScore, ScorePasses, VsdWeighting};
+use swiftbrush_proto::config::{Dtype, FakeScore, ScorePasses, VsdWeighting};
 use swiftbrush_proto::{ConfigError, JobConfig};
 
 fn parse(yaml: &str) -> Result<JobConfig, ConfigError> {
@@ -653,4 +653,36 @@ fn a_lora_student_refuses_what_it_cannot_have_naming_the_keys() {
         "{TEACHER}method:\n  student:\n    lr: 0.0001\n    kind: half\n"
     ));
     assert!(e.contains("method.student.kind"), "{e}");
+}
+
+#[test]
+fn text_encoder_dtype_is_fp32_unwritten_by_default_and_a_change_when_set() {
+    let plain = parse(TEACHER).unwrap();
+    assert_eq!(plain.precision.text_encoder_dtype, Dtype::Fp32);
+    let json = serde_json::to_string(&plain).unwrap();
+    assert!(
+        !json.contains("text_encoder_dtype"),
+        "fp32, it leaves the serialized config (and so every old fingerprint) as it was"
+    );
+    let fp32 = parse(&format!(
+        "{TEACHER}precision:\n  text_encoder_dtype: fp32\n"
+    ))
+    .unwrap();
+    assert_eq!(fp32.fingerprint(), plain.fingerprint());
+    let bf16 = parse(&format!(
+        "{TEACHER}precision:\n  text_encoder_dtype: bf16\n"
+    ))
+    .unwrap();
+    assert_eq!(bf16.precision.text_encoder_dtype, Dtype::Bf16);
+    assert_ne!(bf16.fingerprint(), plain.fingerprint());
+    let changes: Vec<String> = bf16
+        .training_changes_from(&plain)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(changes, ["precision.text_encoder_dtype: unset -> \"bf16\""]);
+    let e = err(&format!(
+        "{TEACHER}precision:\n  text_encoder_dtype: int8\n"
+    ));
+    assert!(e.contains("precision.text_encoder_dtype"), "{e}");
 }

@@ -17,6 +17,7 @@ use crate::image_io::{ImageError, grid_columns, save_png};
 use crate::models::weights;
 use crate::pipeline::{AnyPipeline, PipelineError, StableDiffusion};
 use crate::torch::device::{DeviceError, parse_device};
+use crate::torch::precision::kind_of;
 use crate::trainer::checkpoint::tensor_bytes;
 
 /// The tensor name `--latents` files hold.
@@ -109,14 +110,6 @@ pub struct SampleReport {
     pub load_seconds: f64,
     /// Wall time of sampling and decoding divided by the number of images.
     pub seconds_per_image: f64,
-}
-
-pub fn kind_of(dtype: Dtype) -> Kind {
-    match dtype {
-        Dtype::Fp32 => Kind::Float,
-        Dtype::Fp16 => Kind::Half,
-        Dtype::Bf16 => Kind::BFloat16,
-    }
 }
 
 /// One prompt a line; blank lines are skipped (a line of spaces is not a

@@ -68,6 +68,12 @@ fn resident_parts_take_their_dtypes_and_the_fake_score_form() {
     let vae = 4 * c.vae.unwrap();
     // teacher 2 + student, grads, m, v, EMA 4 each + copy, grads, m, v 4 each.
     assert_eq!(total, (2 + 20 + 16) * c.unet + 4 * c.text_encoder + vae);
+    // precision.text_encoder_dtype: the encoder in its own dtype.
+    assert_eq!(bytes("text encoder"), 4 * c.text_encoder);
+    cfg.precision.text_encoder_dtype = swiftbrush_proto::config::Dtype::Fp16;
+    let parts = resident::parts(&cfg, &c, 1);
+    let half = parts.iter().find(|p| p.name == "text encoder").unwrap();
+    assert_eq!(half.bytes, 2 * c.text_encoder);
 }
 
 /// SDXL: the resident text encoder is both encoders (the second with its

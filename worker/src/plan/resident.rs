@@ -157,7 +157,11 @@ pub fn parts(cfg: &JobConfig, c: &Counts, world: u32) -> Vec<Part> {
     };
     let mut parts = vec![
         part("teacher UNet", c.unet, cfg.precision.teacher_dtype),
-        part("text encoder", c.text_encoder, f32),
+        part(
+            "text encoder",
+            c.text_encoder,
+            cfg.precision.text_encoder_dtype,
+        ),
     ];
     if let Some(vae) = c.vae {
         parts.push(part("VAE (train.sample_every_steps)", vae, f32));

@@ -227,6 +227,15 @@ pub fn loss_scaling(cfg: &PrecisionConfig) -> bool {
     cfg.student_autocast && cfg.autocast == Autocast::Fp16
 }
 
+/// libtorch's element type for a config dtype.
+pub fn kind_of(dtype: Dtype) -> Kind {
+    match dtype {
+        Dtype::Fp32 => Kind::Float,
+        Dtype::Fp16 => Kind::Half,
+        Dtype::Bf16 => Kind::BFloat16,
+    }
+}
+
 /// One line for logs and `bench vsd-step`: what the step computes in (the
 /// student's weights are float32: the config refuses another
 /// `precision.student_dtype`).

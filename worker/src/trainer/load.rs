@@ -19,6 +19,7 @@ use crate::lora::LoraSpec;
 use crate::models::vae::AutoencoderKLConfig;
 use crate::optim::{Adam, AdamConfig};
 use crate::pipeline::{DiffusersFolder, UNet, teacher_fingerprint};
+use crate::torch::precision::kind_of;
 use crate::vsd::{FullFakeScore, ScorePair, Student, TeacherUNet, VsdConfig, with_generator};
 
 impl Trainer {
@@ -120,7 +121,12 @@ fn load_networks(
             };
             super::student_init::init_student(unet, dir)?;
         }
-        let text = TextConditioner::load(folder, device, i64::from(cfg.model.resolution))?;
+        let text = TextConditioner::load(
+            folder,
+            device,
+            i64::from(cfg.model.resolution),
+            kind_of(cfg.precision.text_encoder_dtype),
+        )?;
         Ok::<_, TrainError>((scores, student, text))
     })?;
 

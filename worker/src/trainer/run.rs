@@ -656,6 +656,11 @@ impl Trainer {
         &self.networks.student
     }
 
+    /// The text encoder(s) the step's conditions come from.
+    pub fn text(&self) -> &TextConditioner {
+        &self.networks.text
+    }
+
     /// The score networks (the teacher's base a LoRA student shares).
     pub fn scores(&self) -> &ScorePair {
         &self.networks.scores

@@ -40,13 +40,25 @@ struct XlText {
 }
 
 impl XlText {
+    /// The packed condition, in float32 whatever the encoders' dtype.
     fn pack(&self, c: &crate::pipeline::XlCondition) -> Result<Tensor, TextError> {
         let b = c.hidden.size()[0];
         Ok(xl_condition::pack(
-            &c.hidden,
-            &c.pooled,
-            &self.time_ids.f_expand([b, 6], false)?,
+            &in_float(&c.hidden)?,
+            &in_float(&c.pooled)?,
+            &in_float(&self.time_ids.f_expand([b, 6], false)?)?,
         )?)
+    }
+}
+
+/// `t` in float32: the conditions leave the encoders in float32 whatever
+/// `precision.text_encoder_dtype` is, so nothing after them changes form.
+/// A float32 tensor is returned as it is.
+fn in_float(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    if t.kind() == Kind::Float {
+        Ok(t.shallow_clone())
+    } else {
+        t.f_to_kind(Kind::Float)
     }
 }
 
@@ -74,21 +86,22 @@ pub struct EncodedCaptions {
 }
 
 impl TextConditioner {
-    /// The folder's encoders in float32. `image_size` (pixels, square) sets
-    /// an SDXL teacher's time ids; SD 1/2 ignore it.
+    /// The folder's encoders in `kind` (`precision.text_encoder_dtype`;
+    /// their conditions come out in float32 whatever it is). `image_size`
+    /// (pixels, square) sets an SDXL teacher's time ids; SD 1/2 ignore it.
     pub fn load(
         folder: &DiffusersFolder,
         device: Device,
         image_size: i64,
+        kind: Kind,
     ) -> Result<Self, TextError> {
         let encoders = if is_sdxl_folder(folder) {
-            let encoders = XlTextEncoders::load(folder, device, Kind::Float)?;
+            let encoders = XlTextEncoders::load(folder, device, kind)?;
             let time_ids = encoders.add_time_ids(1, image_size, image_size)?;
             Encoders::Xl(XlText { encoders, time_ids })
         } else {
             let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)?;
-            let encoder =
-                TextEncoder::load(&folder.component("text_encoder")?, device, Kind::Float)?;
+            let encoder = TextEncoder::load(&folder.component("text_encoder")?, device, kind)?;
             Encoders::Sd { tokenizer, encoder }
         };
         let mut me = Self {
@@ -119,7 +132,7 @@ impl TextConditioner {
             Encoders::Sd { tokenizer, encoder } => (tokenizer, encoder),
         };
         let batch = tokenizer.encode_batch(captions, self.device)?;
-        let cond = tch::no_grad(|| encoder.model.f_forward(&batch.input_ids))?;
+        let cond = tch::no_grad(|| in_float(&encoder.model.f_forward(&batch.input_ids)?))?;
         Ok(EncodedCaptions {
             cond,
             num_truncated: batch.num_truncated(),
