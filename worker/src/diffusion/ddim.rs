@@ -134,6 +134,24 @@ impl DDIMScheduler {
         1.0
     }
 
+    /// diffusers' DDIM sampling loop from `latents` (on the model's device
+    /// and dtype): times init_noise_sigma, then per timestep the model's
+    /// output `predict(x, t)` (guided or not, as the pipeline makes it) and
+    /// one step. The SD and SDXL pipelines' teacher sampling.
+    pub fn sample<E: From<ScheduleError> + From<tch::TchError>>(
+        &self,
+        latents: &Tensor,
+        mut predict: impl FnMut(&Tensor, &Tensor) -> Result<Tensor, E>,
+    ) -> Result<Tensor, E> {
+        let device = latents.device();
+        let mut x = latents.f_mul_scalar(self.init_noise_sigma())?;
+        for &t in self.timesteps() {
+            let output = predict(&x, &Tensor::from(t).f_to_device(device)?)?;
+            x = self.step(&output, t, &x)?.prev_sample;
+        }
+        Ok(x)
+    }
+
     /// One DDIM step (eta = 0) from `sample` at `timestep` to the previous
     /// timestep, which diffusers takes as timestep - T / n whatever the
     /// spacing.

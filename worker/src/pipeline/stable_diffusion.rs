@@ -296,25 +296,21 @@ impl StableDiffusion {
             } else {
                 self.encode_prompts(prompts)?
             };
-            let mut latents = latents
-                .f_to_device(self.device)?
-                .f_to_kind(self.kind)?
-                .f_mul_scalar(scheduler.init_noise_sigma())?;
-            for &t in scheduler.timesteps() {
-                let input = if guided {
-                    Tensor::f_cat(&[&latents, &latents], 0)?
-                } else {
-                    latents.shallow_clone()
-                };
-                let timestep = Tensor::from(t).f_to_device(self.device)?;
-                let output = self.unet.model.f_forward(&input, &timestep, &context)?;
-                let output = if guided {
-                    guide_batched(&output, guidance_scale)?
-                } else {
-                    output
-                };
-                latents = scheduler.step(&output, t, &latents)?.prev_sample;
-            }
+            let latents = latents.f_to_device(self.device)?.f_to_kind(self.kind)?;
+            let latents =
+                scheduler.sample(&latents, |x, timestep| -> Result<_, PipelineError> {
+                    let input = if guided {
+                        Tensor::f_cat(&[x, x], 0)?
+                    } else {
+                        x.shallow_clone()
+                    };
+                    let output = self.unet.model.f_forward(&input, timestep, &context)?;
+                    Ok(if guided {
+                        guide_batched(&output, guidance_scale)?
+                    } else {
+                        output
+                    })
+                })?;
             self.decode(&latents)
         })
     }

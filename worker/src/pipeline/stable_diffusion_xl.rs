@@ -280,13 +280,8 @@ impl StableDiffusionXL {
             let latents = match &self.sampler {
                 XlSampler::StudentOnly => return Err(self.not_a_teacher_sampler()),
                 XlSampler::Ddim => {
-                    let s = DDIMScheduler::new(&self.scheduler, num_inference_steps, self.device)?;
-                    let mut x = latents.f_mul_scalar(s.init_noise_sigma())?;
-                    for &t in s.timesteps() {
-                        let out = pass(&x, &Tensor::from(t).f_to_device(self.device)?)?;
-                        x = s.step(&out, t, &x)?.prev_sample;
-                    }
-                    x
+                    DDIMScheduler::new(&self.scheduler, num_inference_steps, self.device)?
+                        .sample(&latents, pass)?
                 }
                 XlSampler::Euler(_) => {
                     let s = EulerDiscreteScheduler::new(&self.scheduler, num_inference_steps)?;
