@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use swiftbrush_worker::export_lora::merge::unet_weights;
-use swiftbrush_worker::export_lora::{LoraFormat, export_lora_student};
+use swiftbrush_worker::export_lora::{LoraFile, LoraFormat, export_lora_student};
 use swiftbrush_worker::lora::{LoraSpec, attach_lora};
 use swiftbrush_worker::pipeline::{DiffusersFolder, StableDiffusion};
 use tch::{Device, Kind, Tensor};
@@ -90,6 +90,10 @@ fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
 /// the picture by 0.14 and 0.31 (at least 100x the bound, asserted).
 const LORA_BOUND: f64 = 1e-5;
 
+/// The same for the `--dtype fp16` file, whose adapters are rounded to
+/// fp16: measured 1.1e-5 on the sd1 fixture.
+const HALF_LORA_BOUND: f64 = 1e-4;
+
 /// A LoRA student's exports (`export --lora`, `--lora --format kohya`,
 /// `--merge --pipeline` of a trained run): diffusers loads each (diffusers'
 /// file with its alpha, kohya's through its converter, the merged UNet as
@@ -143,6 +147,10 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
     export(&["--lora", "--out", "diffusers"]);
     export(&["--lora", "--format", "kohya", "--out", "kohya"]);
     export(&["--merge", "--pipeline", "--out", "merged"]);
+    // `--dtype fp16`: the same file in half the bytes, alpha included.
+    export(&[
+        "--lora", "--format", "kohya", "--dtype", "fp16", "--out", "kohya16",
+    ]);
     let (diffusers, kohya, merged) = (d.join("diffusers"), d.join("kohya"), d.join("merged/unet"));
     let spec = LoraSpec {
         rank: 4,
@@ -188,7 +196,10 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
         &adapters_xl,
         &spec_xl,
         &folder_xl,
-        LoraFormat::Diffusers,
+        LoraFile {
+            format: LoraFormat::Diffusers,
+            dtype: None,
+        },
         &diffusers_xl,
     )
     .unwrap();
@@ -196,7 +207,10 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
         &adapters_xl,
         &spec_xl,
         &folder_xl,
-        LoraFormat::Kohya,
+        LoraFile {
+            format: LoraFormat::Kohya,
+            dtype: None,
+        },
         &kohya_xl,
     )
     .unwrap();
@@ -224,6 +238,7 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
                     lora("diffusers", &diffusers),
                     lora("kohya", &kohya),
                     {"name": "merged", "kind": "unet", "path": merged},
+                    lora("kohya16", &d.join("kohya16")),
                 ]),
             ),
             (
@@ -242,7 +257,7 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
     let (report, pictures) = drawn.pop().unwrap();
     // Every adapter arrived, at alpha / rank = 2.
     let layers = adapters.len() / 2;
-    for name in ["peft", "diffusers", "kohya"] {
+    for name in ["peft", "diffusers", "kohya", "kohya16"] {
         assert_eq!(report[name]["layers"], layers, "{name}: {report}");
         assert_eq!(
             report[name]["scales"],
@@ -272,6 +287,22 @@ fn lora_student_exports_load_in_diffusers_and_draw_our_picture() {
         eprintln!("{name} vs ours: {g:e} (bound {LORA_BOUND:e})");
         assert!(g <= LORA_BOUND, "{name}: {g:e}");
     }
+    // The fp16 file: kohya's tensors rounded to fp16, bit for bit, and
+    // diffusers draws it as ours within fp16's rounding of the adapters.
+    let file = "swiftbrush_lora_kohya.safetensors";
+    let (full, half) = (
+        read_tensors(&kohya.join(file)),
+        read_tensors(&d.join("kohya16").join(file)),
+    );
+    assert_eq!(full.len(), half.len());
+    for (name, t) in &full {
+        let h = &half[name];
+        assert_eq!(h.kind(), Kind::Half, "{name}");
+        assert!(h.equal(&t.to_kind(Kind::Half)), "{name}");
+    }
+    let g = gap(&ours, &pictures["kohya16"]);
+    eprintln!("kohya16 vs ours: {g:e} (bound {HALF_LORA_BOUND:e})");
+    assert!(g <= HALF_LORA_BOUND, "kohya16: {g:e}");
     // SDXL: diffusers' pictures from our files are peft's with the adapters.
     let layers_xl = adapters_xl.len() / 2;
     for name in ["peft", "diffusers", "kohya"] {

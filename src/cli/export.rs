@@ -6,8 +6,13 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
+use swiftbrush_proto::config::Dtype;
 use swiftbrush_worker::export::{ONE_STEP_FILE, StudentCheckpoint, StudentWeights, export};
-use swiftbrush_worker::export_lora::{LoraFormat, export_extracted, export_lora_student, extract};
+use swiftbrush_worker::export_lora::{
+    LoraFile, LoraFormat, export_extracted, export_lora_student, extract,
+};
+
+use super::dtype_arg::DtypeArg;
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -50,6 +55,12 @@ pub struct ExportArgs {
     /// LoRA student trains).
     #[arg(long, value_delimiter = ',', requires = "extract_lora")]
     targets: Option<Vec<String>>,
+    /// Number format of the written weights (the UNet, or the LoRA file):
+    /// fp16 or bf16 halve the file. Default: as stored (float32; a merged
+    /// UNet in the teacher's dtype). The teacher's components that
+    /// `--pipeline` copies keep theirs.
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -89,6 +100,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         args.pipeline,
         args.merge,
         args.teacher.as_deref(),
+        args.dtype.map(Dtype::from),
     )?;
     println!(
         "exported step {} ({:?} weights) to {}:",
@@ -127,6 +139,13 @@ fn lora_format(format: Option<FormatArg>) -> LoraFormat {
     }
 }
 
+fn lora_file(args: &ExportArgs, format: LoraFormat) -> LoraFile {
+    LoraFile {
+        format,
+        dtype: args.dtype.map(Dtype::from),
+    }
+}
+
 /// `--lora`: a LoRA student's adapters (or their EMA) as a LoRA file.
 fn run_lora(
     args: &ExportArgs,
@@ -144,7 +163,13 @@ fn run_lora(
     let format = lora_format(args.format);
     let adapters = ckpt.student_adapters(which)?;
     let teacher = ckpt.teacher(args.teacher.as_deref())?;
-    let path = export_lora_student(&adapters, &spec, &teacher, format, &args.out)?;
+    let path = export_lora_student(
+        &adapters,
+        &spec,
+        &teacher,
+        lora_file(args, format),
+        &args.out,
+    )?;
     println!(
         "exported step {} ({which:?} weights) as a rank-{} LoRA (alpha {}, {} adapted layers, \
          {format:?} format) for the teacher {}:\n  {}",
@@ -177,7 +202,7 @@ fn run_extract(
         args.teacher.as_deref(),
         rank,
         &targets,
-        format,
+        lora_file(args, format),
         &args.out,
     )?;
     println!(

@@ -5,6 +5,7 @@ mod bench;
 mod bench_coordinator;
 mod cancel;
 mod coordinator;
+mod dtype_arg;
 mod eval;
 mod export;
 mod launch;

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{ArgGroup, Args, ValueEnum};
-use swiftbrush_proto::config::Dtype;
+use clap::{ArgGroup, Args};
+
+use super::dtype_arg::DtypeArg;
 use swiftbrush_worker::sample::{SampleModel, SampleRequest, read_prompts, sample_teacher};
 
 /// DDIM steps and guidance scale of a teacher unless given.
@@ -142,23 +143,6 @@ impl DrawArgs {
             height: self.height,
             width: self.width,
         })
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DtypeArg {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl From<DtypeArg> for Dtype {
-    fn from(d: DtypeArg) -> Self {
-        match d {
-            DtypeArg::Fp32 => Dtype::Fp32,
-            DtypeArg::Fp16 => Dtype::Fp16,
-            DtypeArg::Bf16 => Dtype::Bf16,
-        }
     }
 }
 

@@ -308,6 +308,8 @@ fn split_step(path: &str) -> Option<(String, u64)> {
 /// A LoRA student's UNet is the teacher's with its adapters folded in
 /// (`merge`, `export --merge`); without `merge` it is refused (its
 /// weights are adapters: `export --lora` writes them as a LoRA file).
+/// `dtype` (`export --dtype`) casts the UNet's floating tensors; None
+/// writes them as they are (float32; merged: the teacher's dtype).
 pub fn export(
     ckpt: &StudentCheckpoint,
     which: StudentWeights,
@@ -315,6 +317,7 @@ pub fn export(
     pipeline: bool,
     merge: bool,
     teacher: Option<&Path>,
+    dtype: Option<swiftbrush_proto::config::Dtype>,
 ) -> Result<Vec<PathBuf>, ExportError> {
     let lora = ckpt.student_lora()?;
     match (&lora, merge) {
@@ -344,13 +347,6 @@ pub fn export(
     } else {
         None
     };
-    let unet_dir = if pipeline {
-        out.join("unet")
-    } else {
-        out.to_owned()
-    };
-    create_dir(&unet_dir)?;
-    copy(&unet_src.config_path()?, &unet_dir.join("config.json"))?;
     let weights: bytes::Bytes = match &lora {
         None => ckpt.weights(which)?,
         Some(spec) => {
@@ -358,6 +354,24 @@ pub fn export(
                 .into()
         }
     };
+    // Cast before anything is written: a tensor fp16 cannot hold leaves
+    // no half export.
+    let weights = match dtype {
+        None => weights,
+        Some(dtype) => crate::export_dtype::cast_bytes(
+            &weights,
+            crate::torch::precision::kind_of(dtype),
+            "the student's UNet weights",
+        )?
+        .into(),
+    };
+    let unet_dir = if pipeline {
+        out.join("unet")
+    } else {
+        out.to_owned()
+    };
+    create_dir(&unet_dir)?;
+    copy(&unet_src.config_path()?, &unet_dir.join("config.json"))?;
     write(
         &unet_dir.join("diffusion_pytorch_model.safetensors"),
         &weights,

@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod ema;
 pub mod eval;
 pub mod export;
+pub mod export_dtype;
 pub mod export_lora;
 pub mod export_scheduler;
 pub mod image_io;

@@ -19,12 +19,14 @@ pub const FILE: &str = "pytorch_lora_weights.safetensors";
 /// (`diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY`).
 pub const METADATA_KEY: &str = "lora_adapter_metadata";
 
+/// `lora`'s tensors as they are (`write_lora` casts them to the export's
+/// dtype).
 pub fn write(lora: &LoraWeights, out: &Path) -> Result<PathBuf, ExportError> {
     let mut tensors = Vec::with_capacity(2 * lora.layers.len());
     for layer in &lora.layers {
         let m = &layer.module;
-        tensors.push((format!("unet.{m}.lora_A.weight"), float(&layer.a)?));
-        tensors.push((format!("unet.{m}.lora_B.weight"), float(&layer.b)?));
+        tensors.push((format!("unet.{m}.lora_A.weight"), layer.a.shallow_clone()));
+        tensors.push((format!("unet.{m}.lora_B.weight"), layer.b.shallow_clone()));
     }
     // The exact module paths as targets: PEFT matches them by suffix, and
     // a full path names one module only.
@@ -41,8 +43,4 @@ pub fn write(lora: &LoraWeights, out: &Path) -> Result<PathBuf, ExportError> {
     let path = out.join(FILE);
     write_file(&path, &safetensors_bytes(&tensors, metadata)?)?;
     Ok(path)
-}
-
-fn float(t: &tch::Tensor) -> Result<tch::Tensor, ExportError> {
-    Ok(t.f_to_kind(tch::Kind::Float)?.f_contiguous()?)
 }

@@ -153,16 +153,20 @@ fn sgm_resnet_layer(name: &str) -> Option<&'static str> {
     })
 }
 
+/// `lora`'s tensors as they are (`write_lora` casts them to the export's
+/// dtype), alpha in the same dtype.
 pub fn write(lora: &LoraWeights, out: &Path, unet_config: &Path) -> Result<PathBuf, ExportError> {
     let config = UNet2DConditionConfig::from_file(unet_config)
         .map_err(|e| ExportError::Invalid(format!("{}: {e}", unet_config.display())))?;
     let names = KohyaNames::for_unet(&config)?;
-    let alpha = Tensor::from(lora.alpha as f32);
+    // sd-scripts stores alpha in the file's dtype (its save_dtype).
+    let kind = lora.layers.first().map_or(Kind::Float, |l| l.a.kind());
+    let alpha = Tensor::from(lora.alpha as f32).f_to_kind(kind)?;
     let mut tensors = Vec::with_capacity(3 * lora.layers.len());
     for layer in &lora.layers {
         let stem = names.key(&layer.module)?;
-        tensors.push((format!("{stem}.lora_down.weight"), float(&layer.a)?));
-        tensors.push((format!("{stem}.lora_up.weight"), float(&layer.b)?));
+        tensors.push((format!("{stem}.lora_down.weight"), layer.a.shallow_clone()));
+        tensors.push((format!("{stem}.lora_up.weight"), layer.b.shallow_clone()));
         tensors.push((format!("{stem}.alpha"), alpha.copy()));
     }
     let mut seen = std::collections::HashSet::new();
@@ -191,10 +195,6 @@ pub fn write(lora: &LoraWeights, out: &Path, unet_config: &Path) -> Result<PathB
     let path = out.join(FILE);
     write_file(&path, &safetensors_bytes(&tensors, metadata)?)?;
     Ok(path)
-}
-
-fn float(t: &Tensor) -> Result<Tensor, ExportError> {
-    Ok(t.f_to_kind(Kind::Float)?.f_contiguous()?)
 }
 
 #[cfg(test)]

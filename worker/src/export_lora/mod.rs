@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 use tch::{Kind, Tensor};
 
+use swiftbrush_proto::config::Dtype;
+
 use crate::export::ExportError;
 use crate::lora::LoraSpec;
 
@@ -33,6 +35,21 @@ pub enum LoraFormat {
     Diffusers,
     /// kohya's `lora_unet_...` keys with `.alpha` (ComfyUI, A1111).
     Kohya,
+}
+
+/// A LoRA file as `export` writes it: its layout and its tensors' dtype
+/// (`export --dtype`; float32 unset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraFile {
+    pub format: LoraFormat,
+    pub dtype: Option<Dtype>,
+}
+
+impl LoraFile {
+    fn kind(self) -> Kind {
+        self.dtype
+            .map_or(Kind::Float, crate::torch::precision::kind_of)
+    }
 }
 
 /// One adapted layer: its module path (PEFT's, without `.lora_A.weight`),
@@ -171,25 +188,49 @@ impl LoraWeights {
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
     }
+
+    /// The same adapters with A and B in `kind`, contiguous (the writers
+    /// write them as they are).
+    pub fn in_kind(&self, kind: Kind) -> Result<Self, ExportError> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let name = |m: &str| format!("{}{m}", l.module);
+                Ok(LoraLayer {
+                    module: l.module.clone(),
+                    a: crate::export_dtype::to_kind(&name(A_SUFFIX), &l.a, kind)?,
+                    b: crate::export_dtype::to_kind(&name(B_SUFFIX), &l.b, kind)?,
+                })
+            })
+            .collect::<Result<_, ExportError>>()?;
+        Ok(Self {
+            layers,
+            rank: self.rank,
+            alpha: self.alpha,
+        })
+    }
 }
 
-/// Writes the LoRA in `format` into the folder `out`; returns the file.
+/// Writes the LoRA as `file` says into the folder `out`; returns the file.
 /// `unet_config` is the base UNet's config.json (kohya's SDXL names follow
 /// its block layout).
 pub fn write_lora(
     lora: &LoraWeights,
-    format: LoraFormat,
+    file: LoraFile,
     out: &Path,
     unet_config: &Path,
 ) -> Result<PathBuf, ExportError> {
+    // Every tensor cast (and fp16's range checked) before the folder is made.
+    let lora = lora.in_kind(file.kind())?;
     crate::export::create_dir(out)?;
-    match format {
-        LoraFormat::Diffusers => diffusers_format::write(lora, out),
-        LoraFormat::Kohya => kohya_format::write(lora, out, unet_config),
+    match file.format {
+        LoraFormat::Diffusers => diffusers_format::write(&lora, out),
+        LoraFormat::Kohya => kohya_format::write(&lora, out, unet_config),
     }
 }
 
-/// Serializes named float32 tensors with safetensors metadata.
+/// Serializes named tensors with safetensors metadata.
 fn safetensors_bytes(
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
@@ -199,23 +240,18 @@ fn safetensors_bytes(
 }
 
 /// A LoRA student's adapters (PEFT names, `LoraSet::named_parameters()`'s)
-/// written in `format` into `out`, for the teacher it was trained on.
+/// written as `file` into `out`, for the teacher it was trained on.
 /// `export --lora` calls this with the checkpoint's adapters and the run's
 /// spec.
 pub fn export_lora_student(
     adapters: &HashMap<String, Tensor>,
     spec: &LoraSpec,
     teacher: &crate::pipeline::DiffusersFolder,
-    format: LoraFormat,
+    file: LoraFile,
     out: &Path,
 ) -> Result<PathBuf, ExportError> {
     let lora = LoraWeights::from_adapters(adapters, spec)?;
-    write_lora(
-        &lora,
-        format,
-        out,
-        &teacher.component("unet")?.config_path()?,
-    )
+    write_lora(&lora, file, out, &teacher.component("unet")?.config_path()?)
 }
 
 /// A LoRA student's adapters folded into the teacher's UNet, as the bytes
@@ -231,14 +267,14 @@ pub fn merged_unet_bytes(
 }
 
 /// A full student's checkpoint weights minus its teacher's, as a rank-`rank`
-/// LoRA on `targets` written in `format` into `out` (`export --extract-lora`).
+/// LoRA on `targets` written as `file` into `out` (`export --extract-lora`).
 pub fn export_extracted(
     ckpt: &crate::export::StudentCheckpoint,
     which: crate::export::StudentWeights,
     teacher: Option<&Path>,
     rank: i64,
     targets: &[String],
-    format: LoraFormat,
+    file: LoraFile,
     out: &Path,
 ) -> Result<(extract::Extracted, PathBuf), ExportError> {
     // Asked as `export` asks it (the run's method.student.kind), before
@@ -258,7 +294,7 @@ pub fn export_extracted(
     let base = merge::unet_weights(&folder)?;
     let extracted = extract::extract(&student, &base, rank, targets)?;
     let unet_config = folder.component("unet")?.config_path()?;
-    let path = write_lora(&extracted.lora, format, out, &unet_config)?;
+    let path = write_lora(&extracted.lora, file, out, &unet_config)?;
     Ok((extracted, path))
 }
 
