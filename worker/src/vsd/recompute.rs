@@ -21,7 +21,7 @@
 //! input x_{t_k} of every row is computed once and kept for the step, and
 //! the student's pass drawn and re-run here is its x0 at (x_{t_k}, t_k)
 //! of the same rows: the one-step draw's z becomes that row's chain
-//! input, its t_0 and A that row's t_k and abar.
+//! input, its t_0 and A that row's t_k and the abar step k reads with.
 //!
 //! Every formula is step.rs's: this file only orders the passes. With one
 //! chunk covering the micro-batch the arithmetic is the plain step's, so
