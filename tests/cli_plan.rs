@@ -156,6 +156,45 @@ fn a_folder_of_config_files_plans_as_the_full_folder_does() {
     assert!(bare["probe"].is_null());
 }
 
+/// A few-step student (issue 26) with `train.gradient_checkpointing`: the
+/// probe runs the trainer's own recomputing step, backward simulation
+/// included (every row at the chain's last step, its costliest), and the
+/// plan comes out. The composed columns count the chain's no-grad passes
+/// under the draw's and the forward's peaks and leave out its K - 1 noises
+/// and x_{t_k} (K float32 samples a row): an approximation.
+#[test]
+fn a_checkpointed_few_step_student_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = toy_config_with(
+        tmp.path(),
+        32,
+        4,
+        "  gradient_checkpointing: true\n  recompute_rows: 2\n",
+    );
+    let yaml = std::fs::read_to_string(&cfg).unwrap();
+    let four = yaml.replacen(
+        "method:\n",
+        "method:\n  student_timesteps: [999, 749, 499, 249]\n",
+        1,
+    );
+    assert!(four != yaml);
+    std::fs::write(&cfg, four).unwrap();
+    let plan = json(&[
+        "plan",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--teacher",
+        TOY,
+        "--gpu-memory",
+        "24GB",
+        "--json",
+    ]);
+    assert_eq!(plan["checkpoint_chunk"], 2);
+    let step = &plan["probe"]["passes"]["step_peak"];
+    assert!(step["per_sample"].as_u64().unwrap() > 0, "{step}");
+    assert_eq!(plan["fits"][0]["micro_batch_checkpointing"], 4);
+}
+
 /// The CPU prediction (program + resident + the composed activation peak)
 /// within 15 % of bench vsd-step's measured peak, at micro-batch 8 and 2.
 /// At 64 px the activations are about half of the peak at micro-batch 8,

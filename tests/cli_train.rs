@@ -778,13 +778,26 @@ fn few_step_config(dir: &Path, steps: &str, sampling: bool) -> String {
 /// bit for bit (its chain draws are a function of seed and step), its
 /// sample step draws what `sample --student` draws, and it trains
 /// something else than the one-step student, whose explicit
-/// `student_timesteps: [999]` is today's run bit for bit.
+/// `student_timesteps: [999]` is today's run bit for bit. The resumed
+/// run's second leg trains with `train.gradient_checkpointing` (one chunk
+/// of `recompute_rows` = 4 covers the batch of 2: the plain step's
+/// arithmetic, worker/tests/gradient_checkpointing.rs), so the trainer
+/// runs a checkpointed four-step student to the same bits.
 #[test]
 fn a_four_step_student_resumes_bitwise_and_samples_its_chain() {
     let dir = setup();
     let d = dir.path();
     let four = few_step_config(d, "[999, 749, 499, 249]", false);
     let four_sampling = few_step_config(d, "[999, 749, 499, 249]", true);
+    let base = std::fs::read_to_string(&four_sampling).unwrap();
+    let checkpointing = base.replacen("train:\n", "train:\n  gradient_checkpointing: true\n", 1);
+    assert!(
+        checkpointing != base,
+        "configs/tiny.yaml has no train section"
+    );
+    let four_checkpointing = d.join("steps-4-checkpointing.yaml");
+    std::fs::write(&four_checkpointing, checkpointing).unwrap();
+    let four_checkpointing = four_checkpointing.display().to_string();
     ok(&train_with(
         &four,
         d,
@@ -798,7 +811,7 @@ fn a_four_step_student_resumes_bitwise_and_samples_its_chain() {
         &[],
     ));
     let out = ok(&train_with(
-        &four_sampling,
+        &four_checkpointing,
         d,
         &["--run-dir", "resumed", "--max-steps", "4"],
         &[],

@@ -437,8 +437,10 @@ pub struct TrainConfig {
     /// rows at a time to take the VSD gradient back, and the fake score's
     /// loss runs and backpropagates as many rows at a time. One more
     /// student forward per step; activation memory set by
-    /// `recompute_rows`, not by the batch. Only memory and speed depend on
-    /// it, not the result (to float rounding).
+    /// `recompute_rows`, not by the batch. A few-step student's pass at
+    /// its chain's input is recomputed the same way (the chain itself runs
+    /// once, without gradients). Only memory and speed depend on it, not
+    /// the result (to float rounding).
     pub gradient_checkpointing: bool,
     /// Rows per recomputed chunk under `gradient_checkpointing` (ignored
     /// without it; more than a micro-batch holds is one chunk per

@@ -71,14 +71,6 @@ pub(crate) fn problems(c: &JobConfig) -> Vec<Problem> {
                 ),
             );
         }
-        check(
-            &mut p,
-            steps.len() <= 1 || !c.train.gradient_checkpointing,
-            "train.gradient_checkpointing",
-            "true".to_owned(),
-            "false with a few-step student (method.student_timesteps of more than one \
-             step): its backward simulation is not recomputed in chunks",
-        );
     }
     check(
         &mut p,

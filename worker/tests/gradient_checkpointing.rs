@@ -3,9 +3,11 @@
 //! reference: with one chunk covering the batch the same losses, draw and
 //! gradients bit for bit; in chunks of fewer rows the same to float
 //! rounding; for the LoRA teacher and DMD2's full fake score, with and
-//! without `train.micro_batch`. A probe counts the rows each network runs
-//! with gradients at once: that count, not the batch, sets the activation
-//! memory.
+//! without `train.micro_batch`; and for a four-step student (backward
+//! simulation, vsd/few_step.rs), whose recomputed chunks must see each
+//! row's own chain input and step. A probe counts the rows each network
+//! runs with gradients at once: that count, not the batch, sets the
+//! activation memory.
 
 mod common;
 
@@ -14,14 +16,14 @@ use std::collections::HashMap;
 
 use common::golden_vsd::{full_fake_roles, inputs, lora_spec, roles, schedule, vsd_config};
 
-use swiftbrush_worker::diffusion::{Denoiser, PredictionType};
+use swiftbrush_worker::diffusion::{Denoiser, PredictionType, StudentChain};
 use swiftbrush_worker::pipeline::UNet;
 use swiftbrush_worker::torch::precision::{AutocastPlan, HalfDtype};
 use swiftbrush_worker::vsd::{
-    Conditions, Draws, FakeScore, FakeScoreDraws, ScorePair, Scores, VsdConfig, VsdStep,
-    VsdWeighting,
+    ChainDraws, Conditions, Draws, FakeScore, FakeScoreDraws, ScorePair, Scores, VsdConfig,
+    VsdStep, VsdWeighting,
 };
-use tch::{TchError, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 /// The two fake-score forms, each with its golden case (the LoRA teacher's
 /// with text dropout on, so the null condition's path is chunked too).
@@ -83,12 +85,36 @@ fn draws(g: &HashMap<String, Tensor>, rows: i64) -> (Draws, Conditions) {
     (draws, text)
 }
 
-/// What a step leaves: both losses, the draw, every trainable gradient.
+/// A four-step student's timesteps (DMD2's).
+const FOUR_STEPS: [i64; 4] = [999, 749, 499, 249];
+
+/// Backward simulation's draws for a step of `draws.z`'s rows: every row
+/// at another step k (4 rows: 3, 1, 2, 0, so no two neighbours share a
+/// step or a chain input), and seeded re-noising noise.
+fn with_chain(draws: Draws) -> Draws {
+    let rows = draws.z.size()[0];
+    let k: &[i64] = if rows == 4 { &[3, 1, 2, 0] } else { &[3, 1] };
+    tch::manual_seed(26);
+    let eps = (1..FOUR_STEPS.len())
+        .map(|_| Tensor::randn(draws.z.size(), (Kind::Float, draws.z.device())))
+        .collect();
+    Draws {
+        chain: Some(ChainDraws {
+            k: Tensor::from_slice(k).to_device(draws.z.device()),
+            eps,
+        }),
+        ..draws
+    }
+}
+
+/// What a step leaves: both losses, the draw, every trainable gradient,
+/// and the student's passes (rows, with gradients) in order.
 struct Outcome {
     losses: (f64, f64),
     x0: Tensor,
     student: Vec<(String, Tensor)>,
     fake: Vec<(String, Tensor)>,
+    student_calls: Vec<(i64, bool)>,
 }
 
 /// How a step runs: the micro-batch and the recomputation's chunk (None:
@@ -112,14 +138,23 @@ fn step(form: Form, rows: i64, plan: Plan) -> Outcome {
 }
 
 /// [`step`] with the step's constants `cfg` (`plan.recompute_rows` is
-/// taken from `cfg`).
+/// taken from `cfg`); a few-step `cfg` gets [`with_chain`]'s draws.
 fn step_with(form: Form, rows: i64, plan: Plan, cfg: VsdConfig) -> Outcome {
     tch::set_num_threads(1);
     let g = golden(form);
     let (student, scores) = networks(form, &g);
     let (draws, text) = draws(&g, rows);
+    let draws = if cfg.few_step.is_some() {
+        with_chain(draws)
+    } else {
+        draws
+    };
+    let probe = StudentProbe {
+        unet: &student,
+        calls: Calls::default(),
+    };
     let out = VsdStep {
-        student: &student,
+        student: &probe,
         scores: &scores,
         schedule: &schedule(PredictionType::Epsilon),
         config: &cfg,
@@ -142,6 +177,7 @@ fn step_with(form: Form, rows: i64, plan: Plan, cfg: VsdConfig) -> Outcome {
         x0: out.x0,
         student: grads(student.named_parameters()),
         fake: grads(scores.fake_parameters()),
+        student_calls: probe.calls.take(),
     }
 }
 
@@ -284,6 +320,58 @@ fn chunks_accumulate_the_plain_step() {
             }
         }
     }
+}
+
+/// A four-step student (`method.student_timesteps: [999, 749, 499, 249]`)
+/// with checkpointing: its chain runs once without gradients, and the
+/// student's x0 at each row's (x_{t_k}, t_k) is drawn without gradients
+/// and re-run with them a chunk at a time. One chunk is the plain
+/// few-step step bit for bit; chunks of 1 and 3 (rows at steps 3, 1, 2, 0,
+/// so a chunk fed another row's chain input or step gets another x0) and
+/// chunks within micro-batches the plain step's to float rounding
+/// (measured worst 9.6e-7 of the largest entry, the fake score's). The student runs with gradients on a chunk at a
+/// time; its chain passes (3, 2, 1 rows) and the draw never do.
+#[test]
+fn a_few_step_student_is_recomputed_on_each_rows_chain_input() {
+    let cfg = |recompute_rows: Option<u32>| VsdConfig {
+        few_step: Some(
+            StudentChain::new(&FOUR_STEPS, 0.0047, &schedule(PredictionType::Epsilon)).unwrap(),
+        ),
+        ..config(recompute_rows)
+    };
+    let run = |form: Form, micro: Option<u32>, recompute_rows: Option<u32>| {
+        let plan = Plan {
+            micro,
+            recompute_rows,
+        };
+        step_with(form, 4, plan, cfg(recompute_rows))
+    };
+    let chain = [(3, false), (2, false), (1, false)];
+    let plain = run(Form::Lora, None, None);
+    assert_eq!(plain.student_calls, [&chain[..], &[(4, true)]].concat());
+    let one = run(Form::Lora, None, Some(64));
+    assert_bitwise("four steps, one chunk", &one, &plain);
+    assert_eq!(
+        one.student_calls,
+        [&chain[..], &[(4, false), (4, true)]].concat()
+    );
+    let ones = run(Form::Lora, None, Some(1));
+    assert_close("four steps, chunks of 1", &ones, &plain);
+    assert_eq!(
+        ones.student_calls,
+        [&chain[..], &[(4, false)], &[(1, true); 4]].concat(),
+        "the student with gradients a row at a time"
+    );
+    let threes = run(Form::Lora, None, Some(3));
+    assert_close("four steps, chunks of 3", &threes, &plain);
+    // DMD2's full fake score, in micro-batches of 2 rows.
+    let plain = run(Form::Unet, Some(2), None);
+    let ones = run(Form::Unet, Some(2), Some(1));
+    assert_close(
+        "four steps, DMD2, micro-batch 2, chunks of 1",
+        &ones,
+        &plain,
+    );
 }
 
 /// The further fake-score updates of an iteration (`update_fake_score`)

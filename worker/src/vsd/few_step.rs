@@ -7,6 +7,10 @@
 //! gradients, is the x0_hat that steps 2-6 score. Samples with k = 0 are
 //! the one-step student's draw (the run's A at t_0).
 //!
+//! With `train.gradient_checkpointing` the student's x0 at (x_k, t_k) is
+//! drawn without gradients and re-run with them a chunk of rows at a time
+//! (recompute.rs), on the same x_k, k and caption per row.
+//!
 //! Every formula is `diffusion::few_step`'s or step.rs's; this file only
 //! orders the passes. The one-step student never comes here.
 
@@ -29,14 +33,6 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         draws: &Draws,
         part: MicroBatch,
     ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
-        if self.config.recompute_rows.is_some() {
-            return Err(VsdError::Unsupported(
-                "train.gradient_checkpointing with a few-step student \
-                 (method.student_timesteps of more than one step) is not built: \
-                 its backward simulation is not recomputed in chunks"
-                    .into(),
-            ));
-        }
         let sim = draws.chain.as_ref().ok_or_else(|| {
             VsdError::Unsupported(format!(
                 "a {}-step student's step was given no backward-simulation draws \
@@ -47,7 +43,25 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         // 1. The student's own chain up to each sample's step, then its
         // x0 there with gradients.
         let x_k = tch::no_grad(|| self.chain_input(chain, &draws.z, &text.cond, sim))?;
-        let x0_hat = self.student_x0_at(chain, &x_k, &sim.k, &text.cond)?;
+        // The student's x0 at (x_k, t_k) of the micro-batch (None) or of
+        // rows (start, len) of it: each row with its own chain input, step
+        // index and caption.
+        let at_k = |range: Option<(i64, i64)>| match range {
+            None => self.student_x0_at(chain, &x_k, &sim.k, &text.cond),
+            Some((start, len)) => self.student_x0_at(
+                chain,
+                &x_k.narrow(0, start, len),
+                &sim.k.narrow(0, start, len),
+                &text.cond.narrow(0, start, len),
+            ),
+        };
+        // train.gradient_checkpointing: that pass drawn without gradients
+        // and re-run with them a chunk at a time (recompute.rs); x_k stays
+        // alive for the step, the chain is not run again.
+        if let Some(rows) = self.config.recompute_rows {
+            return self.recomputed_iteration(text, draws, part, rows, at_k);
+        }
+        let x0_hat = at_k(None)?;
 
         // 2-5, and 6 on the detached draw: the plain iteration's.
         let loss_vsd = self.vsd_loss(&x0_hat, text, draws)?;

@@ -16,12 +16,19 @@
 //!   `rows` rows at a time, each chunk's loss scaled by its share
 //!   (accumulation, as `train.micro_batch` does for the whole iteration).
 //!
+//! A few-step student (few_step.rs) is recomputed the same way: its
+//! backward simulation already runs without gradients, so the chain's
+//! input x_{t_k} of every row is computed once and kept for the step, and
+//! the student's pass drawn and re-run here is its x0 at (x_{t_k}, t_k)
+//! of the same rows: the one-step draw's z becomes that row's chain
+//! input, its t_0 and A that row's t_k and the abar step k reads with.
+//!
 //! Every formula is step.rs's: this file only orders the passes. With one
 //! chunk covering the micro-batch the arithmetic is the plain step's, so
 //! the gradients and losses are the same bit for bit wherever libtorch
 //! computes a forward pass the same with and without gradients
-//! (`worker/tests/gradient_checkpointing.rs`); with several, to float
-//! rounding.
+//! (`worker/tests/gradient_checkpointing.rs`, one and four student
+//! steps); with several, to float rounding.
 
 use tch::{Kind, Tensor};
 
@@ -43,8 +50,33 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         part: MicroBatch,
         rows: u32,
     ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
+        self.recomputed_iteration(text, draws, part, rows, |range| match range {
+            None => self.student_x0(&draws.z, &text.cond),
+            Some((start, len)) => self.student_x0(
+                &draws.z.narrow(0, start, len),
+                &text.cond.narrow(0, start, len),
+            ),
+        })
+    }
+
+    /// [`Self::iteration_recomputed`] for any student pass: `student(None)`
+    /// is its x0_hat of the whole micro-batch, `student(Some((start,
+    /// len)))` that of rows `start..start + len`, with gradients when
+    /// called with them. It is the one way this file calls the student,
+    /// and must be the plain step's own pass (`VsdStep::student_x0`, or a
+    /// few-step student's `VsdStep::student_x0_at` on its chain's input),
+    /// `precision.student_autocast` included: the recomputed rows must
+    /// compute what the draw computed for them.
+    pub(super) fn recomputed_iteration(
+        &self,
+        text: &Conditions,
+        draws: &Draws,
+        part: MicroBatch,
+        rows: u32,
+        student: impl Fn(Option<(i64, i64)>) -> Result<Tensor, VsdError>,
+    ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
         // 1. The draw without gradients.
-        let x0_hat = tch::no_grad(|| self.recomputed_student(&draws.z, &text.cond))?;
+        let x0_hat = tch::no_grad(|| student(None))?;
 
         // 2-5 on a leaf in the student's place: the backward of the
         // micro-batch's share of the surrogate stops there, and its .grad
@@ -59,10 +91,7 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         // The student's pass again, with gradients, a chunk at a time.
         let b = draws.z.size()[0];
         for (start, len) in micro_batches(b, Some(rows)) {
-            let x0_rows = self.recomputed_student(
-                &draws.z.narrow(0, start, len),
-                &text.cond.narrow(0, start, len),
-            )?;
+            let x0_rows = student(Some((start, len)))?;
             backward_from(&x0_rows, &upstream.narrow(0, start, len))?;
         }
 
@@ -111,13 +140,6 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
             total = Some(accumulate(total, &loss, share)?);
         }
         total.ok_or(VsdError::EmptyBatch)
-    }
-
-    /// The student's one-step draw of noise `z` under `cond`, the one way
-    /// this file calls the student (with gradients when called with them):
-    /// the plain step's own pass, `precision.student_autocast` included.
-    fn recomputed_student(&self, z: &Tensor, cond: &Tensor) -> Result<Tensor, VsdError> {
-        self.student_x0(z, cond)
     }
 }
 

@@ -181,9 +181,10 @@ impl<S: Denoiser, F: Scores> VsdStep<'_, S, F> {
         draws: &Draws,
         part: MicroBatch,
     ) -> Result<((Tensor, Tensor), Tensor), VsdError> {
+        // A few-step student: backward simulation first (few_step.rs),
+        // recomputed there too under checkpointing.
         // train.gradient_checkpointing: the same steps, activations
         // recomputed a few rows at a time (recompute.rs).
-        // A few-step student: backward simulation first (few_step.rs).
         if let Some(chain) = &self.config.few_step {
             return self.iteration_few_step(chain, text, draws, part);
         }
