@@ -94,7 +94,8 @@ fn sdxl_counts_both_text_encoders() {
 
 /// `world.shard_state`: the student's and DMD2's moments and the EMA count
 /// a rank's slice, ceil(n / W) elements; the gradients stay whole (the
-/// backward fills them), the LoRA adapters' state stays replicated.
+/// backward fills them), the LoRA adapters' state stays replicated. The
+/// checkpoint's gather holds one bounded piece on the device.
 #[test]
 fn sharded_state_counts_a_ranks_slice() {
     use swiftbrush_proto::config::ShardState;
@@ -134,6 +135,23 @@ fn sharded_state_counts_a_ranks_slice() {
                     .iter()
                     .any(|p| p.name == "student gradients" && p.elements == c.unet)
             );
+            // The checkpoint's gather: the tiny UNet is one piece (every
+            // rank's slice, padded to the longest), rank 0's host the
+            // gathered moments and EMA; a large UNet's piece is the cap.
+            let g = resident::gather_transient(&cfg, &c, 3).unwrap();
+            assert_eq!(g.device_piece, 3 * slice * 4, "{fake}, {state:?}");
+            let state_bytes = (3 + if fake_moments { 2 } else { 0 }) * 4 * c.unet;
+            assert_eq!(g.host, state_bytes + g.device_piece);
+            let large = resident::Counts {
+                unet: 1 << 30,
+                ..c.clone()
+            };
+            let cap = swiftbrush_worker::shard::gather::PIECE_BYTES as u64;
+            let piece = resident::gather_transient(&cfg, &large, 3)
+                .unwrap()
+                .device_piece;
+            assert!(piece <= cap && piece > cap - 12, "{piece}");
         }
+        assert!(resident::gather_transient(&config(&dir, fake), &c, 3).is_none());
     }
 }

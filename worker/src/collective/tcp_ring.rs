@@ -445,7 +445,7 @@ impl GradientSync for TcpRing {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// W ranks on loopback, each in a thread running `f`.

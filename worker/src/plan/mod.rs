@@ -115,6 +115,11 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let parts = resident::parts(cfg, &counts, opts.world);
     let resident_bytes: u64 = parts.iter().map(|p| p.bytes).sum();
     let optimizer = resident::optimizer_transient(cfg, &counts);
+    let gather = resident::gather_transient(cfg, &counts, opts.world);
+    // The sharded gather comes between steps, as the optimizer's transient
+    // after the activations: both compete in the same max (0 unsharded).
+    let between_steps =
+        |cpu: bool| optimizer.max(gather.map_or(0, |g| if cpu { g.cpu } else { g.device_piece }));
     let sample_bytes = 4 * (shape[0] * shape[1] * shape[2]) as u64;
     // The step's own inputs: text conditions and the draws.
     let (text_rows, text_width) = text_shape(&folder)?;
@@ -141,7 +146,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let step_peak = |m: u64, f: StepForm| -> Option<(u64, u64)> {
         let p = probe.as_ref()?;
         let act = activation_peak(&p.passes, m, f) + inputs(m);
-        Some((act, act.max(optimizer)))
+        Some((act, act.max(between_steps(false))))
     };
 
     let cpu = probe.as_ref().and_then(|p| {
@@ -159,7 +164,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
         if let Some(first) = p.passes.first_step_peak {
             act = act.max(first.at(m) + inputs(m));
         }
-        let above = act.max(optimizer);
+        let above = act.max(between_steps(true));
         Some(CpuPrediction {
             micro_batch: m as u32,
             baseline: p.baseline,
@@ -224,6 +229,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
         parts,
         resident: resident_bytes,
         optimizer_transient: optimizer,
+        gather_transient: gather,
         probe,
         cpu,
         gpu: gpu_peak,

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::fit::GpuTerms;
 use super::probe::{Linear, Probe};
-use super::resident::Part;
+use super::resident::{GatherTransient, Part};
 
 /// A worker's plan.
 #[derive(Debug, Clone, Serialize)]
@@ -25,6 +25,9 @@ pub struct Plan {
     pub resident: u64,
     /// The optimizer step's temporaries (after the activations are freed).
     pub optimizer_transient: u64,
+    /// `world.shard_state`: the gather of the sharded state for a
+    /// checkpoint (between steps); None unsharded.
+    pub gather_transient: Option<GatherTransient>,
     /// Measured activations (None with --no-probe).
     pub probe: Option<Probe>,
     /// This CPU's peak as `bench vsd-step` reports it (VmHWM), at the
@@ -46,7 +49,8 @@ pub struct CpuPrediction {
     pub baseline: u64,
     pub resident: u64,
     pub activations: u64,
-    /// baseline + resident + max(activations, optimizer transient).
+    /// baseline + resident + max(activations, optimizer transient, the
+    /// sharded gather's transient on a CPU run).
     pub peak: u64,
 }
 
@@ -116,6 +120,16 @@ impl Plan {
             "  optimizer step's transient            {:>34}",
             gib(self.optimizer_transient)
         );
+        if let Some(g) = &self.gather_transient {
+            let _ = writeln!(
+                s,
+                "  checkpoint gather (world.shard_state) {:>34}\n    \
+                 (one piece on the device; rank 0's host memory: {}, {} on a CPU run)",
+                gib(g.device_piece),
+                gib(g.host),
+                gib(g.cpu)
+            );
+        }
         if let Some(p) = &self.probe {
             let q = &p.passes;
             let _ = writeln!(

@@ -240,3 +240,46 @@ pub fn optimizer_transient(cfg: &JobConfig, c: &Counts) -> u64 {
     // whole UNet at most.
     chunks.max(2 * 4 * c.unet)
 }
+
+/// The gather of the sharded state for a checkpoint or the sample step
+/// (`crate::shard::gather`), between steps (no activations alive). None
+/// unsharded.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct GatherTransient {
+    /// One gathered piece on the device, all ranks' parts together:
+    /// `shard::gather::PIECE_BYTES` at most, less when the whole network
+    /// is smaller.
+    pub device_piece: u64,
+    /// Rank 0's copy of the full state in host memory: the student's two
+    /// Adam moments and its EMA, DMD2's fake score's two moments (the
+    /// unsharded run's resident bytes, which sharding only moves here for
+    /// the checkpoint), and the piece's host copy.
+    pub host: u64,
+    /// The same on a CPU run (the device is the host): the state, the
+    /// piece and the TCP ring's copies of it (its host float32 buffer,
+    /// the gathered result, the part it receives).
+    pub cpu: u64,
+}
+
+/// Rank 0's gather transient in a world of `world` ranks.
+pub fn gather_transient(cfg: &JobConfig, c: &Counts, world: u32) -> Option<GatherTransient> {
+    if cfg.world.shard_state.is_none() {
+        return None;
+    }
+    let w = u64::from(world.max(1));
+    // shard::gather: `per` float32 a rank a piece, no more than a slice.
+    let per =
+        (crate::shard::gather::PIECE_BYTES as u64 / (w * 4)).clamp(1, c.unet.div_ceil(w).max(1));
+    let piece = w * per * 4;
+    let student = if cfg.method.ema.enabled { 3 } else { 2 };
+    let fake = match cfg.method.fake_score.kind {
+        FakeScore::Unet => 2,
+        FakeScore::Lora => 0,
+    };
+    let state = (student + fake) * 4 * c.unet;
+    Some(GatherTransient {
+        device_piece: piece,
+        host: state + piece,
+        cpu: state + 3 * piece + per * 4,
+    })
+}

@@ -106,8 +106,9 @@ impl FlatLayout {
         });
     }
 
-    /// A flat buffer as named tensors of the parameters' shapes (copies),
-    /// each name prefixed with `prefix`.
+    /// A flat buffer as named tensors of the parameters' shapes (views of
+    /// `flat`, which they keep alive: no second copy of the state), each
+    /// name prefixed with `prefix`.
     pub fn split(&self, flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
         let mut offset = 0i64;
         self.names
@@ -115,10 +116,7 @@ impl FlatLayout {
             .zip(&self.sizes)
             .zip(&self.numels)
             .map(|((n, size), &k)| {
-                let t = flat
-                    .narrow(0, offset, k as i64)
-                    .view(size.as_slice())
-                    .copy();
+                let t = flat.narrow(0, offset, k as i64).view(size.as_slice());
                 offset += k as i64;
                 (format!("{prefix}{n}"), t)
             })

@@ -13,6 +13,7 @@
 //! world-independent state: a checkpoint gathers every slice first.
 //! `none` never builds any of this.
 
+pub mod gather;
 pub mod layout;
 pub mod net;
 
@@ -38,7 +39,7 @@ pub struct ShardedState {
     checkpoint_requested: bool,
 }
 
-/// The full state gathered from every rank's slices.
+/// The full state gathered from every rank's slices (host tensors).
 pub struct Gathered {
     pub student: GatheredNet,
     pub fake_score: Option<GatheredNet>,
@@ -104,15 +105,23 @@ impl ShardedState {
         }
     }
 
-    /// Every slice gathered (collective: every rank calls it).
-    pub fn gather(&self, sync: &mut dyn GradientSync) -> Result<Gathered, SyncError> {
-        Ok(Gathered {
-            student: self.student.gather_state(sync)?,
-            fake_score: match &self.fake_score {
-                Some(f) => Some(f.gather_state(sync)?),
-                None => None,
-            },
-        })
+    /// Every slice gathered, in bounded pieces, into host memory
+    /// (collective: every rank calls it). Only a rank with `keep` (the one
+    /// that writes the checkpoint) keeps the pieces; the others get None.
+    pub fn gather(
+        &self,
+        sync: &mut dyn GradientSync,
+        keep: bool,
+    ) -> Result<Option<Gathered>, SyncError> {
+        let student = self.student.gather_state(sync, keep)?;
+        let fake_score = match &self.fake_score {
+            Some(f) => f.gather_state(sync, keep)?,
+            None => None,
+        };
+        Ok(student.map(|student| Gathered {
+            student,
+            fake_score,
+        }))
     }
 
     /// Bytes of the slices' moments and EMA this rank keeps.

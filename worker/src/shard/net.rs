@@ -2,7 +2,7 @@
 //! the student's EMA) for the rank's slice of the flattened parameters
 //! only, the sharded step (reduce-scatter the gradients, step the slice,
 //! all-gather the weights) and the gather of the full state for a
-//! checkpoint.
+//! checkpoint (in bounded pieces, to host memory: `gather.rs`).
 
 use std::collections::HashMap;
 
@@ -30,7 +30,8 @@ pub struct ShardedNet {
 }
 
 /// A network's full state gathered from every rank's slice, named as the
-/// unsharded Adam and EMA name it (what a checkpoint holds).
+/// unsharded Adam and EMA name it (what a checkpoint holds), in host
+/// memory.
 pub struct GatheredNet {
     pub adam: Vec<(String, Tensor)>,
     pub ema: Option<Vec<(String, Tensor)>>,
@@ -164,37 +165,58 @@ impl ShardedNet {
         self.ema.as_ref().map(Ema::num_updates)
     }
 
-    /// Every rank's slice of one state tensor, gathered (collective).
-    fn gather(&self, sync: &mut dyn GradientSync, slice: &Tensor) -> Result<Tensor, SyncError> {
-        let flat = self.layout.placed(slice);
-        sync.all_gather(&flat)?;
-        Ok(flat)
+    /// Every rank's slice of one state tensor, gathered piece by piece
+    /// into host memory (collective); None where `keep` is false.
+    fn gather(
+        &self,
+        sync: &mut dyn GradientSync,
+        slice: &Tensor,
+        keep: bool,
+    ) -> Result<Option<Tensor>, SyncError> {
+        super::gather::to_host(
+            sync,
+            slice,
+            self.layout.total(),
+            keep,
+            super::gather::PIECE_BYTES,
+        )
     }
 
-    /// The full Adam state and EMA weights, named as unsharded (a
-    /// collective: every rank calls it; every rank gets them).
-    pub fn gather_state(&self, sync: &mut dyn GradientSync) -> Result<GatheredNet, SyncError> {
+    /// The full Adam state and EMA weights, named as unsharded, in host
+    /// memory (a collective: every rank calls it, in the same order; the
+    /// ranks with `keep` get them, the others None).
+    pub fn gather_state(
+        &self,
+        sync: &mut dyn GradientSync,
+        keep: bool,
+    ) -> Result<Option<GatheredNet>, SyncError> {
         let (m, v) = self.adam.moments();
-        let m = self.layout.split(&self.gather(sync, &m[0])?, "exp_avg.");
-        let v = self.layout.split(&self.gather(sync, &v[0])?, "exp_avg_sq.");
+        let m = self.gather(sync, &m[0], keep)?;
+        let v = self.gather(sync, &v[0], keep)?;
+        let ema = match &self.ema {
+            Some(ema) => self.gather_ema_of(sync, ema, keep)?,
+            None => None,
+        };
+        let (Some(m), Some(v)) = (m, v) else {
+            return Ok(None);
+        };
+        let m = self.layout.split(&m, "exp_avg.");
+        let v = self.layout.split(&v, "exp_avg_sq.");
         let mut adam: Vec<(String, Tensor)> =
             m.into_iter().zip(v).flat_map(|(a, b)| [a, b]).collect();
         adam.push(("step".to_owned(), Tensor::from(self.adam.num_steps())));
-        let ema = match &self.ema {
-            Some(ema) => Some(self.gather_ema_of(sync, ema)?),
-            None => None,
-        };
-        Ok(GatheredNet { adam, ema })
+        Ok(Some(GatheredNet { adam, ema }))
     }
 
-    /// The full EMA weights, named as the network's parameters
-    /// (collective); None without an EMA.
+    /// The full EMA weights, named as the network's parameters, in host
+    /// memory (collective); None without an EMA or without `keep`.
     pub fn gather_ema(
         &self,
         sync: &mut dyn GradientSync,
+        keep: bool,
     ) -> Result<Option<Vec<(String, Tensor)>>, SyncError> {
         match &self.ema {
-            Some(ema) => Ok(Some(self.gather_ema_of(sync, ema)?)),
+            Some(ema) => self.gather_ema_of(sync, ema, keep),
             None => Ok(None),
         }
     }
@@ -203,9 +225,12 @@ impl ShardedNet {
         &self,
         sync: &mut dyn GradientSync,
         ema: &Ema,
-    ) -> Result<Vec<(String, Tensor)>, SyncError> {
+        keep: bool,
+    ) -> Result<Option<Vec<(String, Tensor)>>, SyncError> {
         let slice = ema.tensors().remove(0).1;
-        Ok(self.layout.split(&self.gather(sync, &slice)?, ""))
+        Ok(self
+            .gather(sync, &slice, keep)?
+            .map(|flat| self.layout.split(&flat, "")))
     }
 
     /// Bytes of the slice's moments and EMA.

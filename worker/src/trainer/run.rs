@@ -544,10 +544,12 @@ impl Trainer {
         if !samples.due(done, self.cfg.train.max_steps) {
             return;
         }
-        // Sharded, every rank gathers the EMA weights for rank 0's pictures.
+        // Sharded, every rank gathers the EMA weights for rank 0's pictures
+        // (only rank 0 keeps them, in host memory).
         let mut gathered_ema = None;
         if let Some(shard) = self.optimizers.shard() {
-            match shard.student.gather_ema(world.parts.sync.as_mut()) {
+            let keep = world.rank() == 0;
+            match shard.student.gather_ema(world.parts.sync.as_mut(), keep) {
                 Ok(Some(named)) => {
                     gathered_ema = Some(Ema::new(named, self.cfg.method.ema.max_decay));
                 }

@@ -155,8 +155,11 @@ impl Trainer {
     /// it at the same boundary and the slices are gathered first.
     pub(super) fn checkpoint(&mut self, world: &mut World) -> Result<(), TrainError> {
         let step = self.state.step;
+        // Only rank 0 writes: the other ranks take part in the gather's
+        // collectives and drop its pieces.
+        let keep = world.rank() == 0 && self.checkpointer.wants(step);
         let gathered = match self.optimizers.shard() {
-            Some(shard) => Some(shard.gather(world.parts.sync.as_mut())?),
+            Some(shard) => shard.gather(world.parts.sync.as_mut(), keep)?,
             None => None,
         };
         if world.rank() != 0 || !self.checkpointer.wants(step) {
