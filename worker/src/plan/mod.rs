@@ -125,6 +125,8 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     let (text_rows, text_width) = text_shape(&folder)?;
     let inputs = |m: u64| m * (text_rows * text_width * 4 + 3 * sample_bytes);
 
+    // The micro-batch the CPU prediction is for.
+    let micro = u64::from(cfg.train.micro_batch.unwrap_or(rank_batch).min(rank_batch));
     let probe = match baseline {
         Some(b) => Some(probe::run(
             cfg,
@@ -132,6 +134,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
             &counts.unet_config,
             shape,
             opts,
+            micro,
             b,
         )?),
         None => None,
@@ -150,7 +153,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
     };
 
     let cpu = probe.as_ref().and_then(|p| {
-        let m = u64::from(cfg.train.micro_batch.unwrap_or(rank_batch).min(rank_batch));
+        let m = micro;
         let (mut act, _) = step_peak(m, form(false, opts.gradient_checkpointing))?;
         // The plain step's passes run in order show what the heap cannot
         // reuse between passes (glibc); the trainer's own step, measured
@@ -160,7 +163,7 @@ pub fn plan(cfg: &JobConfig, opts: &PlanOptions) -> Result<Plan, PlanError> {
             act = act.max(p.passes.sequence_peak.at(m) + inputs(m));
         }
         act = act.max(p.passes.step_peak.at(m) + inputs(m));
-        // A run's peak is its first step's, on a fresh heap (probe.rs).
+        // A run's peak is its first steps', on a fresh heap (probe.rs).
         if let Some(first) = p.passes.first_step_peak {
             act = act.max(first.at(m) + inputs(m));
         }

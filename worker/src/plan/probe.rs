@@ -99,14 +99,21 @@ pub struct PassCosts {
     /// composition.
     pub step_peak: Linear,
     /// The same step run first, on the heap as building the networks left
-    /// it (nothing freed yet: the state a run's first step meets), at the
-    /// step's larger row count, less what it keeps (the gradients, which
-    /// the resident parts count), every byte per sample (one point: a
-    /// process has one fresh heap). glibc grows a fresh heap past what the
-    /// same step needs on a heap already laid out by earlier steps, and a
-    /// run's peak is its first step's. Measured for the plain step only
-    /// (None with recomputation, whose chunk's graph is a fixed part that
-    /// one point cannot separate).
+    /// it (nothing freed yet: the state a run's first step meets), less
+    /// what it keeps (the gradients, which the resident parts count),
+    /// every byte per sample (one point: a process has one fresh heap).
+    /// glibc grows a fresh heap past what the same step needs on a heap
+    /// already laid out by earlier steps, and a run's peak is its first
+    /// steps'. The plain step: once, at the step's larger row count. With
+    /// recomputation, whose chunk's graph is a fixed part that one point
+    /// cannot separate: twice in one stretch (as `bench vsd-step`'s
+    /// warm-up and measured steps) at the planned micro-batch, so it is
+    /// exact there only (None past [`FIRST_STEPS_MAX`] chunks). The
+    /// points of [`Self::step_peak`], extrapolated from a chunk and two to
+    /// the micro-batch, moved with the heap's layout from run to run (the
+    /// toy test's recomputing plan: 1240-1453 MiB at 8 rows in six runs,
+    /// the bench 1218-1303 MiB); the first steps at the micro-batch itself
+    /// far less (docs/ARCHITECTURE.md, "Memory plan").
     pub first_step_peak: Option<Linear>,
 }
 
@@ -154,13 +161,15 @@ pub fn baseline() -> Result<u64, PlanError> {
 /// `opts.probe_rows` rows (and with `opts.probe_points` 2, twice as many)
 /// of shape `shape`, after
 /// one unmeasured round (which also allocates the gradients, resident from
-/// a run's first step on).
+/// a run's first step on). `micro_batch` is the CPU prediction's: the
+/// recomputing step's first steps run at it.
 pub fn run(
     cfg: &JobConfig,
     folder: &DiffusersFolder,
     unet_config: &crate::models::unet_2d_condition::UNet2DConditionConfig,
     shape: [i64; 3],
     opts: &PlanOptions,
+    micro_batch: u64,
     baseline: u64,
 ) -> Result<Probe, PlanError> {
     let device = Device::Cpu;
@@ -219,8 +228,28 @@ pub fn run(
     // First, before anything else runs: the heap is the one building the
     // networks left, as the trainer's first step finds it.
     let first = match vsd.recompute_rows {
-        None => Some(nets.step(first_rows)?),
-        Some(_) => None,
+        None => Some((nets.step(first_rows)?, first_rows)),
+        // The recomputing step at the planned micro-batch itself, run
+        // twice in one measured stretch as `bench vsd-step` runs its
+        // warm-up step and its measured one, with no trim between (the
+        // second step, on the heap the first laid out, is the run's peak).
+        // Its chunk's graph is a fixed part that one point cannot
+        // separate, so it is measured at the rows it is used at, not
+        // extrapolated; up to [`FIRST_STEPS_MAX`] times the step's first
+        // point (a larger micro-batch keeps the line through the points).
+        Some(_) => {
+            let m = micro_batch.max(1) as i64;
+            if m <= FIRST_STEPS_MAX * step_rows {
+                let (r, cost) = measure(|| {
+                    nets.run_step(m)?;
+                    nets.run_step(m)
+                })?;
+                r?;
+                Some((cost, m))
+            } else {
+                None
+            }
+        }
     };
     nets.sample(r)?;
     // The program after its first step: libtorch's kernel caches (oneDNN's
@@ -260,7 +289,7 @@ pub fn run(
             sequence_peak: fit(|s| s.sequence.peak),
             step_peak: Linear::fit(step_rows as u64, step_one.peak, step_two.map(|c| c.peak)),
             first_step_peak: first
-                .map(|c| Linear::fit(first_rows as u64, c.peak.saturating_sub(c.kept), None)),
+                .map(|(c, rows)| Linear::fit(rows as u64, c.peak.saturating_sub(c.kept), None)),
         },
         rows: if two.is_some() {
             vec![r as u32, 2 * r as u32]
@@ -269,6 +298,14 @@ pub fn run(
         },
     })
 }
+
+/// The largest micro-batch, in chunks and `--probe-rows` (times the
+/// recomputing step's first point), at which the probe runs the
+/// recomputing step's first steps: two steps at the micro-batch cost what
+/// `bench vsd-step` costs there, and a plan made for GPUs (SD 1.5's 64
+/// rows a step) would spend hours on the CPU for a figure only the CPU
+/// prediction uses.
+pub const FIRST_STEPS_MAX: i64 = 4;
 
 /// Bytes of the tensors and of their gradients.
 fn tensor_bytes(ts: &[Tensor]) -> u64 {
@@ -326,8 +363,15 @@ struct Nets<'a> {
 
 impl Nets<'_> {
     /// The trainer's own step (`VsdStep::run_on_device`, as the config
-    /// runs it) on fresh draws of `n` rows, from a trimmed heap.
+    /// runs it) on fresh draws of `n` rows, measured from a trimmed heap.
     fn step(&self, n: i64) -> Result<Cost, PlanError> {
+        let (r, cost) = measure(|| self.run_step(n))?;
+        r?;
+        Ok(cost)
+    }
+
+    /// The trainer's own step on fresh draws of `n` rows, unmeasured.
+    fn run_step(&self, n: i64) -> Result<(), PlanError> {
         let opts = (Kind::Float, Device::Cpu);
         let [c, h, w] = self.shape;
         let t = Tensor::f_randint_low(20, 981, [n], (Kind::Int64, Device::Cpu))?;
@@ -364,9 +408,10 @@ impl Nets<'_> {
             config: self.vsd,
             loss_scales: None,
         };
-        let (r, cost) = measure(|| vsd_step.run_on_device(&text, &draws, None).map(drop))?;
-        r.map_err(|e| PlanError::Invalid(format!("the probe's step failed: {e}")))?;
-        Ok(cost)
+        vsd_step
+            .run_on_device(&text, &draws, None)
+            .map(drop)
+            .map_err(|e| PlanError::Invalid(format!("the probe's step failed: {e}")))
     }
 
     fn sample(&self, n: i64) -> Result<Sample, PlanError> {
