@@ -251,6 +251,16 @@ impl StudentCheckpoint {
         }))
     }
 
+    /// The dtype the run's text encoder(s) were held in
+    /// (`precision.text_encoder_dtype`; fp32 for a run without a config).
+    pub fn text_encoder_dtype(&self) -> Result<swiftbrush_proto::config::Dtype, ExportError> {
+        Ok(self
+            .run_config()?
+            .map_or(swiftbrush_proto::config::Dtype::Fp32, |cfg| {
+                cfg.precision.text_encoder_dtype
+            }))
+    }
+
     /// The run's resolved config.yaml; None for a run written without one.
     fn run_config(&self) -> Result<Option<swiftbrush_proto::JobConfig>, ExportError> {
         let Some(text) = self.store.get_run_file("config.yaml")? else {

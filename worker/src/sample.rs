@@ -465,7 +465,15 @@ pub fn load_model_described(
             } else {
                 let ckpt = StudentCheckpoint::open(path).map_err(student_error)?;
                 let folder = ckpt.teacher(teacher.as_deref()).map_err(student_error)?;
-                let mut pipe = AnyPipeline::load(folder.root(), device, kind)?;
+                // The conditions the run's own samples were drawn with: its
+                // text encoder dtype, unless --dtype asks for half precision
+                // throughout.
+                let text_kind = match kind {
+                    Kind::Float => kind_of(ckpt.text_encoder_dtype().map_err(student_error)?),
+                    other => other,
+                };
+                let mut pipe =
+                    AnyPipeline::load_with_text_kind(folder.root(), device, kind, text_kind)?;
                 let bytes = ckpt.weights(StudentWeights::Ema).map_err(student_error)?;
                 let what = format!("{path}: checkpoint step {} EMA weights", ckpt.manifest.step);
                 let tensors = tensor_bytes::from_bytes(&bytes, &what)

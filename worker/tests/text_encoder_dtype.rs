@@ -6,7 +6,8 @@
 mod common;
 
 use swiftbrush_proto::config::Dtype;
-use swiftbrush_worker::pipeline::{DiffusersFolder, xl_condition};
+use swiftbrush_worker::pipeline::{AnyPipeline, DiffusersFolder, xl_condition};
+use swiftbrush_worker::sample::{SampleModel, load_model_described};
 use swiftbrush_worker::trainer::text::TextConditioner;
 use tch::{Device, Kind, Tensor};
 
@@ -104,4 +105,33 @@ fn the_trainer_encodes_captions_in_the_configured_dtype() {
         &before,
         &common::tiny_run::student(&trainer)
     ));
+}
+
+/// `sample --student` of such a run encodes its prompts as the run's own
+/// samples were encoded: with the run's text encoder dtype (under the
+/// default `--dtype fp32`), handed on in float32.
+#[test]
+fn sample_student_encodes_as_the_run_did() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut cfg = common::tiny_run::config(run.to_str().unwrap(), 1);
+    cfg.precision.text_encoder_dtype = Dtype::Bf16;
+    let mut trainer = common::tiny_run::trainer(cfg);
+    trainer.run().unwrap();
+    let ours = trainer.text().encode(&prompts()).unwrap().cond;
+    let model = SampleModel::Student {
+        path: run.display().to_string(),
+        teacher: None,
+    };
+    let (pipe, _, _) = load_model_described(&model, Device::Cpu, Kind::Float).unwrap();
+    let AnyPipeline::Sd(sd) = pipe else {
+        panic!("the sd1 fixture is not SDXL")
+    };
+    let drawn = sd.encode_prompts(&prompts()).unwrap();
+    assert_eq!(drawn.kind(), Kind::Float);
+    assert!(
+        drawn.equal(&ours),
+        "sample --student's conditions are not the run's"
+    );
 }

@@ -20,11 +20,26 @@ pub enum AnyPipeline {
 impl AnyPipeline {
     /// Opens the folder and loads it as its family.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, PipelineError> {
+        Self::load_with_text_kind(dir, device, kind, kind)
+    }
+
+    /// [`Self::load`] with the text encoder(s) in `text_kind`, their
+    /// states handed on in `kind`.
+    pub fn load_with_text_kind(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        text_kind: Kind,
+    ) -> Result<Self, PipelineError> {
         let folder = DiffusersFolder::open(dir)?;
         Ok(if is_sdxl_folder(&folder) {
-            Self::Xl(Box::new(StableDiffusionXL::load(dir, device, kind)?))
+            Self::Xl(Box::new(StableDiffusionXL::load_with_text_kind(
+                dir, device, kind, text_kind,
+            )?))
         } else {
-            Self::Sd(Box::new(StableDiffusion::load(dir, device, kind)?))
+            Self::Sd(Box::new(StableDiffusion::load_with_text_kind(
+                dir, device, kind, text_kind,
+            )?))
         })
     }
 

@@ -94,13 +94,26 @@ impl StableDiffusion {
     /// with the text encoder and the UNet in `kind` (the VAE: see
     /// [`Vae::load`]). A `vae` that model_index.json lists must be present.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, PipelineError> {
+        Self::load_with_text_kind(dir, device, kind, kind)
+    }
+
+    /// [`Self::load`] with the text encoder in `text_kind` (a student
+    /// trained with `precision.text_encoder_dtype`); its states are then
+    /// handed on in `kind`, as the trainer hands its conditions on in
+    /// float32.
+    pub fn load_with_text_kind(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        text_kind: Kind,
+    ) -> Result<Self, PipelineError> {
         let folder = DiffusersFolder::open(dir)?;
         let tokenizer = ClipTokenizer::from_dir(&folder.component("tokenizer")?.dir)
             .map_err(load_err("tokenizer"))?;
         let scheduler_dir = folder.component("scheduler")?.dir;
         let scheduler = SchedulerConfig::from_file(&scheduler_dir.join("scheduler_config.json"))
             .map_err(load_err("scheduler"))?;
-        let text_encoder = TextEncoder::load(&folder.component("text_encoder")?, device, kind)
+        let text_encoder = TextEncoder::load(&folder.component("text_encoder")?, device, text_kind)
             .map_err(load_err("text_encoder"))?;
         folder.component("unet")?;
         let unet = UNet::load_as(&folder, device, kind).map_err(load_err("unet"))?;
@@ -231,9 +244,13 @@ impl StableDiffusion {
     /// Last hidden states [B, L, D] for `prompts`, in the pipeline's dtype.
     pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Tensor, PipelineError> {
         let batch = self.tokenizer.encode_batch(prompts, self.device)?;
-        Ok(tch::no_grad(|| {
-            self.text_encoder.model.f_forward(&batch.input_ids)
-        })?)
+        let hidden = tch::no_grad(|| self.text_encoder.model.f_forward(&batch.input_ids))?;
+        // In `kind` whatever the encoder's (a no-op where they agree).
+        if hidden.kind() == self.kind {
+            Ok(hidden)
+        } else {
+            Ok(hidden.f_to_kind(self.kind)?)
+        }
     }
 
     /// Embeddings of `prompts` and of the null condition (the empty

@@ -60,6 +60,18 @@ impl StableDiffusionXL {
     /// Loads every component strictly, on `device`, the text encoders and
     /// the UNet in `kind` (the VAE: see [`Vae::load`]).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, PipelineError> {
+        Self::load_with_text_kind(dir, device, kind, kind)
+    }
+
+    /// [`Self::load`] with both text encoders in `text_kind` (a student
+    /// trained with `precision.text_encoder_dtype`); their outputs and
+    /// the time ids are then handed on in `kind`.
+    pub fn load_with_text_kind(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        text_kind: Kind,
+    ) -> Result<Self, PipelineError> {
         let folder = DiffusersFolder::open(dir)?;
         let scheduler_dir = folder.component("scheduler")?.dir;
         let scheduler_file = scheduler_dir.join("scheduler_config.json");
@@ -83,7 +95,7 @@ impl StableDiffusionXL {
                 });
             }
         };
-        let text = XlTextEncoders::load(&folder, device, kind)?;
+        let text = XlTextEncoders::load(&folder, device, text_kind)?;
         folder.component("unet")?;
         let unet = UNet::load_as(&folder, device, kind).map_err(load_err("unet"))?;
         let vae = Vae::load(&folder.component("vae")?, device, kind).map_err(load_err("vae"))?;
@@ -174,12 +186,30 @@ impl StableDiffusionXL {
         &self,
         prompts: &[S],
     ) -> Result<XlCondition, PipelineError> {
-        Ok(self.text.encode(prompts)?.0)
+        let c = self.text.encode(prompts)?.0;
+        Ok(XlCondition {
+            hidden: self.in_kind(c.hidden)?,
+            pooled: self.in_kind(c.pooled)?,
+        })
+    }
+
+    /// `t` in the pipeline's dtype (a no-op unless the text encoders were
+    /// loaded in another).
+    fn in_kind(&self, t: Tensor) -> Result<Tensor, tch::TchError> {
+        if t.kind() == self.kind {
+            Ok(t)
+        } else {
+            t.f_to_kind(self.kind)
+        }
     }
 
     /// The null condition shaped like `cond` (see [`XlTextEncoders::null_condition`]).
     pub fn null_condition(&self, cond: &XlCondition) -> Result<XlCondition, PipelineError> {
-        self.text.null_condition(cond)
+        let c = self.text.null_condition(cond)?;
+        Ok(XlCondition {
+            hidden: self.in_kind(c.hidden)?,
+            pooled: self.in_kind(c.pooled)?,
+        })
     }
 
     /// diffusers' `_get_add_time_ids` (see [`XlTextEncoders::add_time_ids`]).
@@ -189,7 +219,7 @@ impl StableDiffusionXL {
         height: i64,
         width: i64,
     ) -> Result<Tensor, tch::TchError> {
-        self.text.add_time_ids(batch, height, width)
+        self.in_kind(self.text.add_time_ids(batch, height, width)?)
     }
 
     /// The default image size (height, width): sample_size times the VAE
