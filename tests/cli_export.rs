@@ -333,32 +333,6 @@ fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
     assert_eq!(again.status.code(), Some(1), "{err}");
     assert!(err.contains("already an export"), "{err}");
     assert!(err.contains("run directory"), "{err}");
-    // diffusers on the exported folder, same latents, SPEC's one-step formula.
-    check(&[
-        "pipeline",
-        &d.join("pipe").display().to_string(),
-        prompt,
-        &latents,
-        &d.join("diffusers.safetensors").display().to_string(),
-        "0.0047",
-    ]);
-    let read = |name: &str| {
-        let mut t = tch::Tensor::read_safetensors(d.join(name)).unwrap();
-        t.remove(0).1
-    };
-    let (ours, exported, reference) = (
-        read("run.safetensors"),
-        read("pipe.safetensors"),
-        read("diffusers.safetensors"),
-    );
-    assert_eq!(ours.size(), vec![1, 3, 16, 16]);
-    let diff = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
-    assert!(
-        diff(&ours, &reference) <= 1e-3,
-        "vs diffusers: {}",
-        diff(&ours, &reference)
-    );
-    assert_eq!(diff(&ours, &exported), 0.0);
     // `export --dtype fp16`: the EMA weights rounded to fp16, bit for bit;
     // diffusers loads the folder and draws what `sample --student` draws
     // from it.
@@ -402,14 +376,32 @@ fn student_samples_in_one_step_like_diffusers_from_a_run_and_an_export() {
             "half.safetensors",
         ],
     );
-    check(&[
-        "pipeline",
-        &d.join("half").display().to_string(),
-        prompt,
-        &latents,
-        &d.join("diffusers_half.safetensors").display().to_string(),
-        "0.0047",
-    ]);
+    // diffusers on the exported folders (float32 and fp16, one process),
+    // same latents, SPEC's one-step formula.
+    let dirs = format!("{},{}", d.join("pipe").display(), d.join("half").display());
+    let outs = format!(
+        "{},{}",
+        d.join("diffusers.safetensors").display(),
+        d.join("diffusers_half.safetensors").display()
+    );
+    check(&["pipeline", &dirs, prompt, &latents, &outs, "0.0047"]);
+    let read = |name: &str| {
+        let mut t = tch::Tensor::read_safetensors(d.join(name)).unwrap();
+        t.remove(0).1
+    };
+    let (ours, exported, reference) = (
+        read("run.safetensors"),
+        read("pipe.safetensors"),
+        read("diffusers.safetensors"),
+    );
+    assert_eq!(ours.size(), vec![1, 3, 16, 16]);
+    let diff = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(
+        diff(&ours, &reference) <= 1e-3,
+        "vs diffusers: {}",
+        diff(&ours, &reference)
+    );
+    assert_eq!(diff(&ours, &exported), 0.0);
     let (ours_half, reference_half) =
         (read("half.safetensors"), read("diffusers_half.safetensors"));
     let rounded = diff(&ours, &ours_half);

@@ -6,7 +6,8 @@ build()). Prints one JSON object.
   check_export.py pipeline DIR PROMPT LATENTS OUT A
         loads the pipeline folder, runs SwiftBrush's one-step sampling
         (t = 999, x0 = (z - sqrt(1-A) eps) / sqrt(A), VAE decode) from the
-        safetensors `latents` and writes `images` [B,3,H,W] in [0,1] to OUT
+        safetensors `latents` and writes `images` [B,3,H,W] in [0,1] to OUT;
+        DIR and OUT may be comma-separated lists of the same length
   check_export.py stock DIR PROMPT SEED OUT STEPS [LATENTS]
         diffusers' stock call on the exported folder, as a user writes it:
         StableDiffusionPipeline (or, as DIR's model_index.json names it,
@@ -101,7 +102,10 @@ if __name__ == "__main__":
     if cmd == "unet":
         unet(*args)
     elif cmd == "pipeline":
-        pipeline(args[0], args[1], args[2], args[3], float(args[4]))
+        # DIR and OUT may be comma-separated lists (one process, one import
+        # of torch and diffusers, for several folders).
+        for path, out in zip(args[0].split(","), args[3].split(","), strict=True):
+            pipeline(path, args[1], args[2], out, float(args[4]))
     elif cmd == "stock":
         stock(*args)
     elif cmd == "peft":
