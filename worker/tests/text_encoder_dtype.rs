@@ -109,29 +109,38 @@ fn the_trainer_encodes_captions_in_the_configured_dtype() {
 
 /// `sample --student` of such a run encodes its prompts as the run's own
 /// samples were encoded: with the run's text encoder dtype (under the
-/// default `--dtype fp32`), handed on in float32.
+/// default `--dtype fp32`), handed on in float32; SD and SDXL.
 #[test]
 fn sample_student_encodes_as_the_run_did() {
     tch::set_num_threads(1);
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let mut cfg = common::tiny_run::config(run.to_str().unwrap(), 1);
-    cfg.precision.text_encoder_dtype = Dtype::Bf16;
-    let mut trainer = common::tiny_run::trainer(cfg);
-    trainer.run().unwrap();
-    let ours = trainer.text().encode(&prompts()).unwrap().cond;
-    let model = SampleModel::Student {
-        path: run.display().to_string(),
-        teacher: None,
-    };
-    let (pipe, _, _) = load_model_described(&model, Device::Cpu, Kind::Float).unwrap();
-    let AnyPipeline::Sd(sd) = pipe else {
-        panic!("the sd1 fixture is not SDXL")
-    };
-    let drawn = sd.encode_prompts(&prompts()).unwrap();
-    assert_eq!(drawn.kind(), Kind::Float);
-    assert!(
-        drawn.equal(&ours),
-        "sample --student's conditions are not the run's"
-    );
+    for pipeline in ["sd1", "sdxl"] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let mut cfg = common::tiny_run::config(run.to_str().unwrap(), 1);
+        cfg.model.teacher = Some(common::pipeline(pipeline).display().to_string());
+        cfg.precision.text_encoder_dtype = Dtype::Bf16;
+        let mut trainer = common::tiny_run::trainer(cfg);
+        trainer.run().unwrap();
+        let ours = trainer.text().encode(&prompts()).unwrap().cond;
+        let model = SampleModel::Student {
+            path: run.display().to_string(),
+            teacher: None,
+        };
+        let (pipe, _, _) = load_model_described(&model, Device::Cpu, Kind::Float).unwrap();
+        let (drawn, ours) = match pipe {
+            AnyPipeline::Sd(sd) => (vec![sd.encode_prompts(&prompts()).unwrap()], vec![ours]),
+            AnyPipeline::Xl(xl) => {
+                let c = xl.encode_prompts(&prompts()).unwrap();
+                let (hidden, added) = xl_condition::unpack(&ours, c.pooled.size()[1]).unwrap();
+                (vec![c.hidden, c.pooled], vec![hidden, added.text_embeds])
+            }
+        };
+        for (d, o) in drawn.iter().zip(&ours) {
+            assert_eq!(d.kind(), Kind::Float, "{pipeline}");
+            assert!(
+                d.equal(o),
+                "{pipeline}: sample --student's conditions are not the run's"
+            );
+        }
+    }
 }
