@@ -245,12 +245,8 @@ impl StableDiffusion {
     pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Tensor, PipelineError> {
         let batch = self.tokenizer.encode_batch(prompts, self.device)?;
         let hidden = tch::no_grad(|| self.text_encoder.model.f_forward(&batch.input_ids))?;
-        // In `kind` whatever the encoder's (a no-op where they agree).
-        if hidden.kind() == self.kind {
-            Ok(hidden)
-        } else {
-            Ok(hidden.f_to_kind(self.kind)?)
-        }
+        // In `kind` whatever the encoder's (libtorch's no-op where they agree).
+        Ok(hidden.f_to_kind(self.kind)?)
     }
 
     /// Embeddings of `prompts` and of the null condition (the empty

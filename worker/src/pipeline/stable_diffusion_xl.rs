@@ -188,27 +188,17 @@ impl StableDiffusionXL {
     ) -> Result<XlCondition, PipelineError> {
         let c = self.text.encode(prompts)?.0;
         Ok(XlCondition {
-            hidden: self.in_kind(c.hidden)?,
-            pooled: self.in_kind(c.pooled)?,
+            hidden: c.hidden.f_to_kind(self.kind)?,
+            pooled: c.pooled.f_to_kind(self.kind)?,
         })
-    }
-
-    /// `t` in the pipeline's dtype (a no-op unless the text encoders were
-    /// loaded in another).
-    fn in_kind(&self, t: Tensor) -> Result<Tensor, tch::TchError> {
-        if t.kind() == self.kind {
-            Ok(t)
-        } else {
-            t.f_to_kind(self.kind)
-        }
     }
 
     /// The null condition shaped like `cond` (see [`XlTextEncoders::null_condition`]).
     pub fn null_condition(&self, cond: &XlCondition) -> Result<XlCondition, PipelineError> {
         let c = self.text.null_condition(cond)?;
         Ok(XlCondition {
-            hidden: self.in_kind(c.hidden)?,
-            pooled: self.in_kind(c.pooled)?,
+            hidden: c.hidden.f_to_kind(self.kind)?,
+            pooled: c.pooled.f_to_kind(self.kind)?,
         })
     }
 
@@ -219,7 +209,9 @@ impl StableDiffusionXL {
         height: i64,
         width: i64,
     ) -> Result<Tensor, tch::TchError> {
-        self.in_kind(self.text.add_time_ids(batch, height, width)?)
+        self.text
+            .add_time_ids(batch, height, width)?
+            .f_to_kind(self.kind)
     }
 
     /// The default image size (height, width): sample_size times the VAE

@@ -40,25 +40,19 @@ struct XlText {
 }
 
 impl XlText {
-    /// The packed condition, in float32 whatever the encoders' dtype.
+    /// The packed condition, in float32 whatever the encoders' dtype
+    /// (`precision.text_encoder_dtype`; a cast to the dtype a tensor has
+    /// already is libtorch's no-op, so fp32 encoders give today's tensors).
     fn pack(&self, c: &crate::pipeline::XlCondition) -> Result<Tensor, TextError> {
         let b = c.hidden.size()[0];
         Ok(xl_condition::pack(
-            &in_float(&c.hidden)?,
-            &in_float(&c.pooled)?,
-            &in_float(&self.time_ids.f_expand([b, 6], false)?)?,
+            &c.hidden.f_to_kind(Kind::Float)?,
+            &c.pooled.f_to_kind(Kind::Float)?,
+            &self
+                .time_ids
+                .f_expand([b, 6], false)?
+                .f_to_kind(Kind::Float)?,
         )?)
-    }
-}
-
-/// `t` in float32: the conditions leave the encoders in float32 whatever
-/// `precision.text_encoder_dtype` is, so nothing after them changes form.
-/// A float32 tensor is returned as it is.
-fn in_float(t: &Tensor) -> Result<Tensor, tch::TchError> {
-    if t.kind() == Kind::Float {
-        Ok(t.shallow_clone())
-    } else {
-        t.f_to_kind(Kind::Float)
     }
 }
 
@@ -132,7 +126,13 @@ impl TextConditioner {
             Encoders::Sd { tokenizer, encoder } => (tokenizer, encoder),
         };
         let batch = tokenizer.encode_batch(captions, self.device)?;
-        let cond = tch::no_grad(|| in_float(&encoder.model.f_forward(&batch.input_ids)?))?;
+        // In float32 whatever the encoder's dtype (see `XlText::pack`).
+        let cond = tch::no_grad(|| {
+            encoder
+                .model
+                .f_forward(&batch.input_ids)?
+                .f_to_kind(Kind::Float)
+        })?;
         Ok(EncodedCaptions {
             cond,
             num_truncated: batch.num_truncated(),
