@@ -173,6 +173,10 @@ pub struct StudentCheckpoint {
     pub store: RunStore,
     pub manifest: Manifest,
     pub state: TrainState,
+    /// The run's config.yaml, read and parsed once on first use (None: a
+    /// run written without one): the one-step settings, the LoRA spec and
+    /// the text encoder dtype all come from it.
+    run_config: std::sync::OnceLock<Option<swiftbrush_proto::JobConfig>>,
 }
 
 impl StudentCheckpoint {
@@ -210,6 +214,7 @@ impl StudentCheckpoint {
             store,
             manifest,
             state,
+            run_config: std::sync::OnceLock::new(),
         })
     }
 
@@ -262,14 +267,21 @@ impl StudentCheckpoint {
     }
 
     /// The run's resolved config.yaml; None for a run written without one.
-    fn run_config(&self) -> Result<Option<swiftbrush_proto::JobConfig>, ExportError> {
-        let Some(text) = self.store.get_run_file("config.yaml")? else {
-            return Ok(None);
+    fn run_config(&self) -> Result<Option<&swiftbrush_proto::JobConfig>, ExportError> {
+        if let Some(cfg) = self.run_config.get() {
+            return Ok(cfg.as_ref());
+        }
+        let cfg = match self.store.get_run_file("config.yaml")? {
+            None => None,
+            Some(text) => Some(
+                swiftbrush_proto::JobConfig::from_yaml_str(
+                    &String::from_utf8_lossy(&text),
+                    "run config.yaml",
+                )
+                .map_err(|e| ExportError::Invalid(e.to_string()))?,
+            ),
         };
-        let text = String::from_utf8_lossy(&text);
-        swiftbrush_proto::JobConfig::from_yaml_str(&text, "run config.yaml")
-            .map(Some)
-            .map_err(|e| ExportError::Invalid(e.to_string()))
+        Ok(self.run_config.get_or_init(|| cfg).as_ref())
     }
 
     /// A LoRA student's adapters (or their EMA) by PEFT name, as the
